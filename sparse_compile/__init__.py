@@ -1,0 +1,51 @@
+"""sparse_compile: a torch.compile backend that makes video DiT attention sparse.
+
+    model = torch.compile(model, backend="sparse_video", options={"method": "dense"})
+    print(sparse_compile.report(model))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_compile.options import SparseOptions, available_methods, validate_options
+from sparse_compile.report import Report, SiteReport, report
+from sparse_compile.runtime import ops as _ops  # noqa: F401  (registers the custom ops)
+from sparse_compile.runtime.session import find_session
+
+__version__ = "0.1.0"
+
+
+def _session_of(model: torch.nn.Module):
+    session = find_session(model)
+    if session is None:
+        raise ValueError(
+            "this model has no sparse_video graphs yet: compile it with "
+            "torch.compile(model, backend='sparse_video') and call it once"
+        )
+    return session
+
+
+def set_step(model: torch.nn.Module, step: int | None, branch: int = 0) -> None:
+    """Pin the denoising step (and CFG branch) the next calls belong to, for custom loops.
+
+    ``set_step(model, None)`` returns to automatic tracking from the graph's timestep input.
+    """
+    _session_of(model).set_step(step, branch)
+
+
+def reset(model: torch.nn.Module) -> None:
+    """Start a new generation: clears step tracking and every site's cached state."""
+    _session_of(model).reset()
+
+
+__all__ = [
+    "Report",
+    "SiteReport",
+    "SparseOptions",
+    "available_methods",
+    "report",
+    "reset",
+    "set_step",
+    "validate_options",
+]

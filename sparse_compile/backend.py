@@ -1,0 +1,59 @@
+"""The ``sparse_video`` torch.compile backend.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="sparse_video", options={...})`` needs no import.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+
+from sparse_compile.options import validate_options
+from sparse_compile.passes import rewrite_attention
+from sparse_compile.runtime.session import session_for_parameters
+
+logger = logging.getLogger("sparse_compile")
+
+
+def inductor_config_for_mode(mode: str | None) -> dict[str, Any]:
+    """Inductor config patches of a ``torch.compile`` mode (``None``/"default" -> none).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode is None or mode == "default":
+        return {}
+    from torch._inductor import list_mode_options
+
+    try:
+        return dict(list_mode_options(mode))
+    except KeyError:
+        allowed = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+        raise ValueError(f"sparse_video: unknown mode {mode!r}; allowed: {allowed}") from None
+
+
+def sparse_video(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
+    """Rewrite video attention sites of a Dynamo graph, then compile it with Inductor.
+
+    Args:
+        gm: the graph Dynamo captured.
+        example_inputs: its example inputs (the model's parameters among them).
+        options: see :class:`sparse_compile.options.SparseOptions`.
+        mode: a ``torch.compile`` mode, passed on to Inductor.
+    """
+    opts = validate_options(options)
+    config_patches = inductor_config_for_mode(mode)
+    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
+    rewrite_attention(gm, opts, session)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=config_patches)

@@ -1,0 +1,104 @@
+"""User options of the ``sparse_video`` backend, validated before anything is compiled.
+
+``torch.compile(model, backend="sparse_video", options={...})`` hands the dict to the
+backend on the first call; :func:`validate_options` turns it into a frozen
+:class:`SparseOptions` or raises ``ValueError`` naming the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+TEXT_POSITIONS = ("prefix", "suffix")
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """Validated backend options.
+
+    Attributes:
+        method: attention method run at video self/joint attention sites.
+        dense_steps: the first ``dense_steps`` denoising steps run dense attention.
+        dense_layers: the first ``dense_layers`` video attention sites (graph order) always run dense.
+        min_seq_len: self-attention over fewer tokens than this stays dense.
+        grid: ``(frames, height, width)`` of the video tokens, overriding inference.
+        text_tokens: number of text tokens joined to the video tokens (only with ``grid``).
+        text_position: where those text tokens sit in the sequence (only with ``grid``).
+    """
+
+    method: str = "dense"
+    dense_steps: int = 0
+    dense_layers: int = 0
+    min_seq_len: int = 1024
+    grid: tuple[int, int, int] | None = None
+    text_tokens: int = 0
+    text_position: str = "suffix"
+
+
+def available_methods() -> tuple[str, ...]:
+    """Names accepted by the ``method`` option (the registered attention methods)."""
+    from sparse_compile.methods import METHODS
+
+    return tuple(METHODS)
+
+
+def _require_int(key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"sparse_video option {key!r} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _validate_grid(value: Any) -> tuple[int, int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise ValueError(
+            "sparse_video option 'grid' must be (frames, height, width): three ints >= 1, "
+            f"got {value!r}"
+        )
+    return (value[0], value[1], value[2])
+
+
+def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
+    """Check user options and return them as :class:`SparseOptions`.
+
+    Raises:
+        ValueError: an unknown key, or a value outside what the key allows (the message names both).
+    """
+    options = dict(options or {})
+    allowed_keys = [f.name for f in fields(SparseOptions)]
+    unknown = sorted(set(options) - set(allowed_keys))
+    if unknown:
+        raise ValueError(
+            f"unknown sparse_video option(s) {unknown}; allowed keys: {allowed_keys}"
+        )
+    checked: dict[str, Any] = {}
+    if "method" in options:
+        methods = available_methods()
+        if options["method"] not in methods:
+            raise ValueError(
+                f"sparse_video option 'method' must be one of {list(methods)}, got {options['method']!r}"
+            )
+        checked["method"] = options["method"]
+    for key, minimum in (("dense_steps", 0), ("dense_layers", 0), ("min_seq_len", 1), ("text_tokens", 0)):
+        if key in options:
+            checked[key] = _require_int(key, options[key], minimum)
+    if "grid" in options and options["grid"] is not None:
+        checked["grid"] = _validate_grid(options["grid"])
+    if "text_position" in options:
+        if options["text_position"] not in TEXT_POSITIONS:
+            raise ValueError(
+                f"sparse_video option 'text_position' must be one of {list(TEXT_POSITIONS)}, "
+                f"got {options['text_position']!r}"
+            )
+        checked["text_position"] = options["text_position"]
+    text_keys = {"text_tokens", "text_position"} & set(options)
+    if text_keys and checked.get("grid") is None:
+        raise ValueError(
+            f"sparse_video option(s) {sorted(text_keys)} override the inferred text placement and "
+            "need 'grid' as well: give grid=(frames, height, width) too, or leave them out to infer both"
+        )
+    return SparseOptions(**checked)

@@ -1,0 +1,176 @@
+"""Rewrite a Dynamo graph: video attention sites become ``sparse_compile::attention`` calls.
+
+Sites the analysis cannot prove safe keep their SDPA call; every site, rewritten or not,
+gets a :class:`~sparse_compile.runtime.sites.SiteRecord` with its status and is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from sparse_compile.methods import METHODS
+from sparse_compile.options import SparseOptions
+from sparse_compile.passes.sdpa_sites import find_sdpa_calls
+from sparse_compile.passes.site_plan import SitePlan, plan_site
+from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis, example_value
+from sparse_compile.runtime import ops
+from sparse_compile.runtime.session import Session
+from sparse_compile.runtime.sites import SiteRecord, register_site
+
+logger = logging.getLogger("sparse_compile")
+
+_SINUSOID_OPS = (torch.sin, torch.cos, "sin", "cos")
+
+
+def find_timestep_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph input holding the diffusion timestep, or ``None``.
+
+    Preferred: a placeholder named like ``timestep``. Otherwise the first non-parameter
+    tensor input of rank <= 1 that feeds a sinusoidal embedding (``sin``/``cos``) within a
+    few ops.
+    """
+    candidates = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = example_value(node)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            candidates.append(node)
+    named = [n for n in candidates if re.search(r"timestep", n.name, re.IGNORECASE)]
+    if named:
+        return named[0]
+    for node in candidates:
+        if example_value(node).dim() <= 1 and _reaches_sinusoid(node, hops=8):
+            return node
+    return None
+
+
+def _reaches_sinusoid(node: fx.Node, hops: int) -> bool:
+    frontier = {node}
+    for _ in range(hops):
+        frontier = {user for n in frontier for user in n.users}
+        if any(n.target in _SINUSOID_OPS for n in frontier):
+            return True
+    return False
+
+
+def _insert_step_marker(gm: fx.GraphModule, session: Session) -> fx.Node:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    timestep = find_timestep_input(gm)
+    if timestep is None:
+        session.counts_forwards = True
+        logger.warning(
+            "sparse_compile: no timestep input found in the graph; every forward call counts as one "
+            "denoising step (use sparse_compile.set_step(model, step) in a custom loop)"
+        )
+    with gm.graph.inserting_after(placeholders[-1] if placeholders else None):
+        return gm.graph.call_function(torch.ops.sparse_compile.step_marker.default, (timestep, session.id))
+
+
+def _size_arg(graph: fx.Graph, factors: tuple[Factor, ...]) -> int | fx.Node:
+    """The product of factor sizes: an int when static, else a SymInt node read off the graph."""
+    if all(f.size.is_Integer for f in factors):
+        return math.prod(int(f.size) for f in factors)
+    result: int | fx.Node = 1
+    for f in factors:
+        if f.size.is_Integer:
+            term: int | fx.Node = int(f.size)
+        else:
+            node, dim = f.source
+            term = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+        result = term if result == 1 else graph.call_function(operator.mul, (result, term))
+    return result
+
+
+def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id: int) -> None:
+    call = plan.call
+    graph = gm.graph
+    with graph.inserting_before(call.node):
+        frames, height, width = (_size_arg(graph, (f,)) for f in plan.grid)
+        text = _size_arg(graph, plan.text) if plan.text else 0
+        new = graph.call_function(
+            torch.ops.sparse_compile.attention.default,
+            (
+                call.query,
+                call.key,
+                call.value,
+                call.attn_mask,
+                token,
+                call.scale,
+                frames,
+                height,
+                width,
+                text,
+                plan.text_position == "prefix",
+                site_id,
+            ),
+        )
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in call.node.meta:
+            new.meta[key] = call.node.meta[key]
+    call.node.replace_all_uses_with(new)
+    graph.erase_node(call.node)
+
+
+def _status(plan: SitePlan, layer_index: int | None, opts: SparseOptions) -> str:
+    if plan.dense_reason is not None:
+        return f"dense: {plan.dense_reason}"
+    if not METHODS[opts.method].is_sparse:
+        return f"dense: method={opts.method!r}"
+    if layer_index is not None and layer_index < opts.dense_layers:
+        return f"dense: dense_layers={opts.dense_layers}"
+    return "sparse"
+
+
+def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session) -> list[SiteRecord]:
+    """Rewrite the graph in place; returns one record per SDPA site, in graph order.
+
+    Raises:
+        ValueError: the ``grid`` option does not match a video self-attention site.
+    """
+    ops.register_session(session)
+    analysis = TokenLayoutAnalysis(gm)
+    plans = [plan_site(call, analysis, opts) for call in find_sdpa_calls(gm)]
+    records = []
+    token: fx.Node | None = None
+    for plan in plans:
+        rewritten = plan.dense_reason is None
+        layer_index = session.layer_index(plan.call.module_path) if rewritten else None
+        record = register_site(
+            session=session,
+            module_path=plan.call.module_path,
+            q_shape=plan.q_shape,
+            k_shape=plan.k_shape,
+            kind=plan.kind,
+            grid=plan.grid_hint,
+            text_tokens=plan.text_hint,
+            text_position=plan.text_position,
+            method=opts.method,
+            status=_status(plan, layer_index, opts),
+            layer_index=layer_index,
+            options=opts,
+            attention=METHODS[opts.method](opts) if rewritten else None,
+        )
+        if rewritten:
+            token = token or _insert_step_marker(gm, session)
+            _replace_with_op(gm, plan, token, record.site_id)
+        _log_site(record)
+        records.append(record)
+    gm.graph.lint()
+    gm.recompile()
+    return records
+
+
+def _log_site(record: SiteRecord) -> None:
+    where = f"sparse_compile: {record.module_path} q{list(record.q_shape)} k{list(record.k_shape)} {record.kind}"
+    if record.rewritten:
+        text = f", {record.text_tokens} text tokens ({record.text_position})" if record.text_tokens else ""
+        logger.info("%s grid=%s%s -> method %s, %s", where, record.grid, text, record.method, record.status)
+    else:
+        logger.info("%s stays SDPA (%s)", where, record.status)

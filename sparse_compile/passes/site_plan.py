@@ -1,0 +1,186 @@
+"""Decide, from the graph alone, what each SDPA site is and whether it can be rewritten.
+
+A site is rewritten only when it is provably a video self-attention (or joint video+text
+attention) over a known token grid; everything else keeps its SDPA call and a reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from sparse_compile.options import SparseOptions
+from sparse_compile.passes.sdpa_sites import SdpaCall
+from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value
+
+VIDEO_SELF = "video self-attention"
+JOINT = "joint video+text attention"
+CROSS = "cross-attention"
+SELF = "self-attention"
+OTHER = "attention"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What the pass knows about one SDPA site.
+
+    Attributes:
+        call: the SDPA call.
+        q_shape, k_shape: example shapes ``(B, H, S, D)`` (concrete hints).
+        kind: one of the kind constants of this module.
+        grid: ``(frames, height, width)`` factors of the video tokens, or ``None``.
+        text: factors whose product is the number of text tokens (empty when none).
+        text_position: ``"prefix"``/``"suffix"`` for joint attention, else ``None``.
+        dense_reason: why the site stays dense SDPA; ``None`` when it is rewritten.
+    """
+
+    call: SdpaCall
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    kind: str
+    grid: tuple[Factor, Factor, Factor] | None = None
+    text: Segment = ()
+    text_position: str | None = None
+    dense_reason: str | None = None
+
+    @property
+    def grid_hint(self) -> tuple[int, int, int] | None:
+        return None if self.grid is None else (self.grid[0].hint, self.grid[1].hint, self.grid[2].hint)
+
+    @property
+    def text_hint(self) -> int:
+        return math.prod(f.hint for f in self.text) if self.text else 0
+
+
+def _hints(value: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(s) for s in value.shape)
+
+
+def _unsupported_argument(call: SdpaCall) -> str | None:
+    for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+        if isinstance(getattr(call, name), torch.fx.Node):
+            return f"{name} is not a constant in the graph"
+    if call.dropout_p != 0.0:
+        return f"dropout_p={call.dropout_p} (sparse attention has no dropout)"
+    if call.is_causal:
+        return "is_causal=True (causal attention is not a video pattern)"
+    return None
+
+
+def _mask_problem(call: SdpaCall) -> str | None:
+    if call.attn_mask is None:
+        return None
+    if not isinstance(call.attn_mask, torch.fx.Node):
+        return "attn_mask is not a graph tensor"
+    mask = example_value(call.attn_mask)
+    if not isinstance(mask, torch.Tensor):
+        return "attn_mask is not a tensor"
+    if mask.dtype != torch.bool:
+        return f"float attn_mask ({mask.dtype}); only boolean key-padding masks are carried"
+    return None
+
+
+def split_video_text(layout: DimLayout) -> tuple[Segment, Segment, str | None] | None:
+    """``(video factors, text factors, text position)`` of a sequence layout, if it has that form.
+
+    The video part is the one segment made of three factors (frames, height, width): exactly
+    three, or three besides size-1 factors (a batch of 1 merged in); at most one other segment
+    (text) may precede or follow it.
+    """
+    segments = layout.segments
+    grids = [_grid_factors(seg) for seg in segments]
+    video = [i for i, grid in enumerate(grids) if grid is not None]
+    if len(video) != 1:
+        return None
+    i = video[0]
+    if len(segments) == 1:
+        return grids[0], (), None
+    if len(segments) == 2:
+        return grids[i], segments[1 - i], "prefix" if i == 1 else "suffix"
+    return None
+
+
+def _grid_factors(segment: Segment) -> Segment | None:
+    if len(segment) == 3:
+        return segment
+    non_unit = tuple(f for f in segment if f.hint != 1)
+    return non_unit if len(non_unit) == 3 else None
+
+
+def _constant(n: int) -> Factor:
+    return Factor(sympy.Integer(n), n, None)
+
+
+def _needs_missing_source(factors: Segment) -> bool:
+    return any(not f.size.is_Integer and f.source is None for f in factors)
+
+
+def _grid_from_options(opts: SparseOptions, call: SdpaCall, seq_len: int) -> tuple[tuple[Factor, ...], Segment, str | None]:
+    frames, height, width = opts.grid
+    expected = frames * height * width + opts.text_tokens
+    if expected != seq_len:
+        raise ValueError(
+            f"sparse_video option 'grid'={opts.grid} with text_tokens={opts.text_tokens} gives "
+            f"{expected} tokens, but the self-attention at {call.module_path} has {seq_len}"
+        )
+    text = (_constant(opts.text_tokens),) if opts.text_tokens else ()
+    return (_constant(frames), _constant(height), _constant(width)), text, opts.text_position if text else None
+
+
+def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions) -> SitePlan:
+    """Classify one SDPA call.
+
+    Raises:
+        ValueError: the ``grid`` option does not match a video self-attention sequence.
+    """
+    q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4:
+        shapes = tuple(getattr(q, "shape", ()))
+        return SitePlan(call, tuple(int(s) for s in shapes), (), OTHER, dense_reason="query/key are not 4-D (B, H, S, D)")
+    q_shape, k_shape = _hints(q), _hints(k)
+    dense = lambda kind, reason: SitePlan(call, q_shape, k_shape, kind, dense_reason=reason)  # noqa: E731
+    kind = CROSS if q_shape[2] != k_shape[2] else SELF
+    reason = _unsupported_argument(call) or _mask_problem(call)
+    if reason:
+        return dense(kind, reason)
+    if call.enable_gqa or q_shape[1] != k_shape[1]:
+        return dense(kind, f"grouped-query attention ({q_shape[1]} query heads, {k_shape[1]} key heads)")
+    if any(t.requires_grad for t in (q, k, v)):
+        return dense(kind, "gradient required (training): the sparse op has no backward")
+    if kind == CROSS:
+        return dense(kind, f"cross-attention (key length {k_shape[2]} != query length {q_shape[2]})")
+    if q_shape[2] < opts.min_seq_len:
+        return dense(kind, f"short sequence ({q_shape[2]} tokens < min_seq_len={opts.min_seq_len})")
+    if opts.grid is not None:
+        grid, text, position = _grid_from_options(opts, call, q_shape[2])
+    else:
+        found = _infer_grid(call, analysis)
+        if found is None:
+            return dense(kind, "could not infer the token grid from the graph; pass options grid=(frames, height, width)")
+        grid, text, position = found
+        if _needs_missing_source(grid + text):
+            return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
+    return SitePlan(
+        call, q_shape, k_shape, JOINT if text else VIDEO_SELF, grid=tuple(grid), text=text, text_position=position
+    )
+
+
+def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment, Segment, str | None] | None:
+    q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
+    if q_layouts is None or k_layouts is None:
+        return None
+    found = [split_video_text(lay[-2]) for lay in (q_layouts, k_layouts)]
+    known = [f for f in found if f is not None]
+    if not known:
+        return None
+    if len(known) == 2 and _hint_shape(known[0]) != _hint_shape(known[1]):
+        return None
+    return known[0]
+
+
+def _hint_shape(found: tuple[Segment, Segment, str | None]) -> tuple:
+    video, text, position = found
+    return tuple(f.hint for f in video), math.prod(f.hint for f in text), position

@@ -1,0 +1,121 @@
+"""The custom ops the rewrite inserts into the graph.
+
+``sparse_compile::step_marker`` runs once at the start of every compiled forward: it reads
+the timestep and returns a small CPU token ``[step, branch, generation]`` that every
+``sparse_compile::attention`` call of the graph takes as input (which also orders the
+calls after the marker). The attention op looks its site up by the constant ``site_id``
+and runs the site's method, or dense attention during the dense steps and layers.
+
+Both ops are opaque to Inductor (their bodies run in Python, so their step logic runs on
+every call) and tagged ``cudagraph_unsafe`` so CUDA-graph capture never freezes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.dense import dense_attention
+from sparse_compile.runtime.session import Session, StepInfo
+from sparse_compile.runtime.sites import SITES
+
+_SESSIONS: dict[int, Session] = {}
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+def register_session(session: Session) -> None:
+    """Make a session reachable from its step marker by id."""
+    _SESSIONS[session.id] = session
+
+
+@torch.library.custom_op("sparse_compile::step_marker", mutates_args=(), tags=_TAGS)
+def step_marker(timestep: torch.Tensor | None, session_id: int) -> torch.Tensor:
+    """Advance the session's step tracker; returns the int64 CPU token ``[step, branch, generation]``."""
+    value = None if timestep is None else float(timestep.reshape(-1)[0])
+    info = _SESSIONS[session_id].begin_forward(value)
+    return torch.tensor([info.step, info.branch, info.generation], dtype=torch.int64)
+
+
+@step_marker.register_fake
+def _step_marker_fake(timestep: torch.Tensor | None, session_id: int) -> torch.Tensor:
+    return torch.empty(3, dtype=torch.int64, device="cpu")
+
+
+def attention_output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output ``(B, H, S, Dv)`` laid out as a contiguous ``(B, S, H, Dv)``.
+
+    That is the layout diffusers transposes the result back into, so the transpose and
+    flatten after the op are free views.
+    """
+    batch, heads, seq, _ = query.shape
+    return query.new_empty((batch, seq, heads, value.shape[-1])).transpose(1, 2)
+
+
+@torch.library.custom_op("sparse_compile::attention", mutates_args=(), tags=_TAGS)
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    step_token: torch.Tensor,
+    scale: float | None,
+    frames: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    text_first: bool,
+    site_id: int,
+) -> torch.Tensor:
+    """Attention over ``frames*height*width`` video tokens (+ ``text_tokens`` text tokens).
+
+    Args:
+        query, key, value: ``(B, H, S, D)``; any strides.
+        attn_mask: boolean, broadcastable to ``(B, H, S, S)``, or ``None``.
+        step_token: int64 CPU ``[step, branch, generation]`` from the step marker.
+        site_id: the site record this call belongs to.
+
+    Returns:
+        ``(B, H, S, Dv)`` with the strides of :func:`attention_output_like`.
+    """
+    site = SITES[site_id]
+    step, branch, generation = (int(x) for x in step_token.tolist())
+    options = site.options
+    if step < options.dense_steps or site.attention is None or (
+        site.layer_index is not None and site.layer_index < options.dense_layers
+    ):
+        result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
+    else:
+        call = AttentionCall(
+            query=query,
+            key=key,
+            value=value,
+            attn_mask=attn_mask,
+            scale=scale,
+            layout=TokenLayout(frames, height, width, text_tokens, text_first),
+            step=StepInfo(step, branch, generation),
+            site=site,
+        )
+        result = site.attention.attend(call)
+        result_tensor, density = result.output, result.kept_density
+    site.record_density(step, density)
+    out = attention_output_like(query, value)
+    out.copy_(result_tensor)
+    return out
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    step_token: torch.Tensor,
+    scale: float | None,
+    frames: int,
+    height: int,
+    width: int,
+    text_tokens: int,
+    text_first: bool,
+    site_id: int,
+) -> torch.Tensor:
+    return attention_output_like(query, value)
