@@ -29,7 +29,8 @@ def _session_of(model: torch.nn.Module):
 def set_step(model: torch.nn.Module, step: int | None, branch: int = 0) -> None:
     """Pin the denoising step (and CFG branch) the next calls belong to, for custom loops.
 
-    ``set_step(model, None)`` returns to automatic tracking from the graph's timestep input.
+    ``set_step(model, None)`` returns to automatic tracking from the graph's timestep input,
+    continuing from the pinned step.
     """
     _session_of(model).set_step(step, branch)
 

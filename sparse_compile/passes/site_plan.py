@@ -14,7 +14,7 @@ import torch
 
 from sparse_compile.options import SparseOptions
 from sparse_compile.passes.sdpa_sites import SdpaCall
-from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value
+from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value, size_expr
 
 VIDEO_SELF = "video self-attention"
 JOINT = "joint video+text attention"
@@ -56,7 +56,8 @@ class SitePlan:
 
 
 def _hints(value: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(s) for s in value.shape)
+    """Example sizes, read without specialising symbolic ones (``int()`` would add guards)."""
+    return tuple(size_expr(s)[1] for s in value.shape)
 
 
 def _unsupported_argument(call: SdpaCall) -> str | None:
@@ -138,11 +139,12 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
     """
     q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4:
-        shapes = tuple(getattr(q, "shape", ()))
-        return SitePlan(call, tuple(int(s) for s in shapes), (), OTHER, dense_reason="query/key are not 4-D (B, H, S, D)")
+        shape = _hints(q) if isinstance(q, torch.Tensor) else ()
+        return SitePlan(call, shape, (), OTHER, dense_reason="query/key are not 4-D (B, H, S, D)")
     q_shape, k_shape = _hints(q), _hints(k)
     dense = lambda kind, reason: SitePlan(call, q_shape, k_shape, kind, dense_reason=reason)  # noqa: E731
-    kind = CROSS if q_shape[2] != k_shape[2] else SELF
+    # SymInt comparisons guard the relation (not the sizes), so dynamic shapes stay dynamic.
+    kind = CROSS if bool(q.shape[2] != k.shape[2]) else SELF
     reason = _unsupported_argument(call) or _mask_problem(call)
     if reason:
         return dense(kind, reason)
@@ -152,7 +154,7 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
         return dense(kind, "gradient required (training): the sparse op has no backward")
     if kind == CROSS:
         return dense(kind, f"cross-attention (key length {k_shape[2]} != query length {q_shape[2]})")
-    if q_shape[2] < opts.min_seq_len:
+    if bool(q.shape[2] < opts.min_seq_len):
         return dense(kind, f"short sequence ({q_shape[2]} tokens < min_seq_len={opts.min_seq_len})")
     if opts.grid is not None:
         grid, text, position = _grid_from_options(opts, call, q_shape[2])

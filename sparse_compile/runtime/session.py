@@ -78,7 +78,10 @@ class Session:
             return self._current
 
     def set_step(self, step: int | None, branch: int = 0) -> None:
-        """Pin the step (and CFG branch) of the next calls; ``None`` returns to automatic tracking."""
+        """Pin the step (and CFG branch) of the next calls.
+
+        ``None`` returns to automatic tracking, which continues from the pinned step.
+        """
         if step is None:
             self._manual = None
             return

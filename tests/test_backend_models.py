@@ -1,0 +1,137 @@
+"""The backend on real diffusers video transformers (tiny random-weight configs, fp32, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sparse_compile
+import tiny_models
+
+MODELS = {
+    "wan": tiny_models.wan,
+    "hunyuan": tiny_models.hunyuan,
+    "cogvideox-1.0": lambda **kw: tiny_models.cogvideox(**kw),
+    "cogvideox-1.5": lambda **kw: tiny_models.cogvideox(patch_size_t=2, frames=4, **kw),
+    "ltx": tiny_models.ltx,
+}
+OPTIONS = {"method": "recording", "min_seq_len": 16}
+
+
+def _sample(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_model_matches_eager_and_reports_every_video_site(name, recording_method):
+    torch.manual_seed(0)
+    model, inputs, expected = MODELS[name]()
+    with torch.no_grad():
+        eager = _sample(model(**inputs))
+        compiled = torch.compile(model, backend="sparse_video", options=OPTIONS)
+        out = _sample(compiled(**inputs))
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, eager) <= 1e-5
+
+    rep = sparse_compile.report(compiled)
+    video = [s for s in rep.sites if s.rewritten]
+    assert len(video) == expected.video_sites
+    for site in video:
+        assert site.status == "sparse"
+        assert site.grid == expected.grid
+        assert site.text_tokens == expected.text_tokens
+        assert site.text_position == expected.text_position
+        assert site.density_by_step == {0: 0.5}
+    cross = [s for s in rep.sites if s.kind == "cross-attention"]
+    assert len(cross) == expected.cross_sites
+    assert all(s.status.startswith("dense: ") for s in cross)
+    # The op saw the same grid at run time, once per video site.
+    assert [c.grid for c in recording_method] == [expected.grid] * expected.video_sites
+    assert all(c.text_tokens == expected.text_tokens for c in recording_method)
+    assert all(c.text_first == (expected.text_position == "prefix") for c in recording_method)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan", "cogvideox-1.0"])
+def test_second_resolution_on_the_same_compiled_model(name, recording_method):
+    torch.manual_seed(0)
+    model, inputs, _ = MODELS[name]()
+    compiled = torch.compile(model, backend="sparse_video", options=OPTIONS)
+    _, inputs2, expected2 = MODELS[name](frames=5, height=12, width=8) if name != "cogvideox-1.0" else \
+        MODELS[name](frames=5, height=12, width=8)
+    with torch.no_grad():
+        compiled(**inputs)
+        recording_method.clear()
+        out = _sample(compiled(**inputs2))
+        eager = _sample(model(**inputs2))
+    assert _rel_err(out, eager) <= 1e-5
+    assert [c.grid for c in recording_method] == [expected2.grid] * expected2.video_sites
+
+
+def test_dynamic_shapes_keep_the_grid_symbolic(recording_method):
+    """One dynamic compile serves several resolutions, each with its own grid, no recompile."""
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_models.wan()
+    compiled = torch.compile(model, backend="sparse_video", options=OPTIONS, dynamic=True)
+    grids = []
+    with torch.no_grad():
+        for frames, height, width in [(3, 8, 10), (5, 12, 8), (2, 16, 6)]:
+            _, inp, expected = tiny_models.wan(frames, height, width)
+            recording_method.clear()
+            out = _sample(compiled(**inp))
+            assert _rel_err(out, _sample(model(**inp))) <= 1e-5
+            grids.append(recording_method[0].grid)
+            assert grids[-1] == expected.grid
+    compiled_graphs = {s.q_shape for s in sparse_compile.report(compiled).sites if s.rewritten}
+    assert len(compiled_graphs) == 1, "dynamic=True must not recompile per resolution"
+
+
+def test_backend_name_works_without_importing_the_package():
+    code = (
+        "import sys, torch\n"
+        "f = torch.compile(lambda x: x * 2, backend='sparse_video')\n"
+        "assert 'sparse_compile' not in sys.modules\n"
+        "assert torch.equal(f(torch.ones(3)), torch.full((3,), 2.0))\n"
+        "assert 'sparse_compile' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_before_first_call_says_nothing_was_compiled():
+    model, _, _ = tiny_models.wan()
+    compiled = torch.compile(model, backend="sparse_video")
+    rep = sparse_compile.report(compiled)
+    assert rep.sites == ()
+    assert "no graph compiled yet" in str(rep)
+
+
+def test_report_table_lists_sites_and_statuses(recording_method):
+    model, inputs, _ = tiny_models.wan()
+    compiled = torch.compile(model, backend="sparse_video", options=OPTIONS)
+    with torch.no_grad():
+        compiled(**inputs)
+    text = str(sparse_compile.report(compiled))
+    assert "blocks.0.attn1" in text and "blocks.1.attn2" in text
+    assert "3x4x5" in text
+    assert "cross-attention (key length 7 != query length 60)" in text
+    assert "4 attention sites: 2 sparse, 2 dense" in text
+
+
+def test_two_models_do_not_share_sites(recording_method):
+    model_a, inputs, _ = tiny_models.wan()
+    model_b, _, _ = tiny_models.wan()
+    a = torch.compile(model_a, backend="sparse_video", options=OPTIONS)
+    b = torch.compile(model_b, backend="sparse_video", options=OPTIONS)
+    with torch.no_grad():
+        a(**inputs)
+        a(**inputs)
+        b(**inputs)
+    assert len(sparse_compile.report(a).sites) == 4
+    assert len(sparse_compile.report(b).sites) == 4
+    assert [c.generation for c in recording_method] == [0, 0, 0, 0, 0, 0]
