@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_compile.runtime.session import find_session
+from sparse_compile.runtime.sites import GRAPHS
 
 
 @dataclass(frozen=True)
@@ -77,21 +78,24 @@ def report(model: torch.nn.Module) -> Report:
     session = find_session(model)
     if session is None:
         return Report(sites=())
-    return Report(
-        sites=tuple(
-            SiteReport(
-                module_path=r.module_path,
-                q_shape=r.q_shape,
-                k_shape=r.k_shape,
-                kind=r.kind,
-                grid=r.grid,
-                text_tokens=r.text_tokens,
-                text_position=r.text_position,
-                method=r.method,
-                status=r.status,
-                rewritten=r.rewritten,
-                density_by_step={step: sum(d) / len(d) for step, d in sorted(r.densities.items())},
+    sites = []
+    for graph_id in session.graph_ids:
+        for r in GRAPHS[graph_id].sites:
+            state = session.site_states.get(r.site_id)
+            densities = {} if state is None else state.densities
+            sites.append(
+                SiteReport(
+                    module_path=r.module_path,
+                    q_shape=r.q_shape,
+                    k_shape=r.k_shape,
+                    kind=r.kind,
+                    grid=r.grid,
+                    text_tokens=r.text_tokens,
+                    text_position=r.text_position,
+                    method=r.method,
+                    status=r.status,
+                    rewritten=r.rewritten,
+                    density_by_step={step: sum(d) / len(d) for step, d in sorted(densities.items())},
+                )
             )
-            for r in session.sites
-        )
-    )
+    return Report(sites=tuple(sites))

@@ -11,7 +11,7 @@ import torch
 from sparse_compile.options import SparseOptions
 
 if TYPE_CHECKING:
-    from sparse_compile.runtime.session import StepInfo
+    from sparse_compile.runtime.session import SiteState, StepInfo
     from sparse_compile.runtime.sites import SiteRecord
 
 
@@ -37,6 +37,7 @@ class AttentionCall:
 
     ``query`` is ``(B, H, S, D)``, ``key``/``value`` ``(B, H, S, D)``/``(B, H, S, Dv)``;
     ``attn_mask`` a boolean mask broadcastable to ``(B, H, S, S)`` or ``None``.
+    ``site`` holds the compile-time facts, ``state`` the calling model's cache for this site.
     """
 
     query: torch.Tensor
@@ -47,6 +48,7 @@ class AttentionCall:
     layout: TokenLayout
     step: "StepInfo"
     site: "SiteRecord"
+    state: "SiteState"
 
 
 @dataclass(frozen=True)
@@ -68,4 +70,4 @@ class AttentionMethod(ABC):
 
     @abstractmethod
     def attend(self, call: AttentionCall) -> AttentionResult:
-        """Compute attention for one call; may read and update ``call.site.state``."""
+        """Compute attention for one call; may read and update ``call.state.cache``."""

@@ -19,9 +19,9 @@ from sparse_compile.options import SparseOptions
 from sparse_compile.passes.sdpa_sites import find_sdpa_calls
 from sparse_compile.passes.site_plan import SitePlan, plan_site
 from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis, example_value
-from sparse_compile.runtime import ops
+from sparse_compile.runtime import ops  # noqa: F401  (registers the ops the rewrite inserts)
 from sparse_compile.runtime.session import Session
-from sparse_compile.runtime.sites import SiteRecord, register_site
+from sparse_compile.runtime.sites import SiteRecord, register_graph, register_site
 
 logger = logging.getLogger("sparse_compile")
 
@@ -60,7 +60,15 @@ def _reaches_sinusoid(node: fx.Node, hops: int) -> bool:
     return False
 
 
-def _insert_step_marker(gm: fx.GraphModule, session: Session) -> fx.Node:
+def find_anchor_input(gm: fx.GraphModule) -> fx.Node | None:
+    """The first graph input that is a parameter: at run time it tells which model is calling."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and isinstance(example_value(node), torch.nn.Parameter):
+            return node
+    return None
+
+
+def _insert_step_marker(gm: fx.GraphModule, session: Session, graph_id: int) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     timestep = find_timestep_input(gm)
     if timestep is None:
@@ -70,7 +78,9 @@ def _insert_step_marker(gm: fx.GraphModule, session: Session) -> fx.Node:
             "denoising step (use sparse_compile.set_step(model, step) in a custom loop)"
         )
     with gm.graph.inserting_after(placeholders[-1] if placeholders else None):
-        return gm.graph.call_function(torch.ops.sparse_compile.step_marker.default, (timestep, session.id))
+        return gm.graph.call_function(
+            torch.ops.sparse_compile.step_marker.default, (timestep, find_anchor_input(gm), graph_id)
+        )
 
 
 def _size_arg(graph: fx.Graph, factors: tuple[Factor, ...]) -> int | fx.Node:
@@ -131,37 +141,43 @@ def _status(plan: SitePlan, layer_index: int | None, opts: SparseOptions) -> str
 def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session) -> list[SiteRecord]:
     """Rewrite the graph in place; returns one record per SDPA site, in graph order.
 
+    Args:
+        session: the session of the model being compiled (the one whose parameters are the
+            example inputs); it orders the layers and serves graphs without parameters.
+
     Raises:
         ValueError: the ``grid`` option does not match a video self-attention site.
     """
-    ops.register_session(session)
     analysis = TokenLayoutAnalysis(gm)
     plans = [plan_site(call, analysis, opts) for call in find_sdpa_calls(gm)]
     records = []
-    token: fx.Node | None = None
     for plan in plans:
         rewritten = plan.dense_reason is None
         layer_index = session.layer_index(plan.call.module_path) if rewritten else None
-        record = register_site(
-            session=session,
-            module_path=plan.call.module_path,
-            q_shape=plan.q_shape,
-            k_shape=plan.k_shape,
-            kind=plan.kind,
-            grid=plan.grid_hint,
-            text_tokens=plan.text_hint,
-            text_position=plan.text_position,
-            method=opts.method,
-            status=_status(plan, layer_index, opts),
-            layer_index=layer_index,
-            options=opts,
-            attention=METHODS[opts.method](opts) if rewritten else None,
+        records.append(
+            register_site(
+                module_path=plan.call.module_path,
+                q_shape=plan.q_shape,
+                k_shape=plan.k_shape,
+                kind=plan.kind,
+                grid=plan.grid_hint,
+                text_tokens=plan.text_hint,
+                text_position=plan.text_position,
+                method=opts.method,
+                status=_status(plan, layer_index, opts),
+                layer_index=layer_index,
+                options=opts,
+                attention=METHODS[opts.method](opts) if rewritten else None,
+            )
         )
-        if rewritten:
-            token = token or _insert_step_marker(gm, session)
-            _replace_with_op(gm, plan, token, record.site_id)
+    graph = register_graph(session, records)
+    if any(r.rewritten for r in records):
+        token = _insert_step_marker(gm, session, graph.graph_id)
+        for plan, record in zip(plans, records):
+            if record.rewritten:
+                _replace_with_op(gm, plan, token, record.site_id)
+    for record in records:
         _log_site(record)
-        records.append(record)
     gm.graph.lint()
     gm.recompile()
     return records

@@ -1,10 +1,12 @@
 """The custom ops the rewrite inserts into the graph.
 
-``sparse_compile::step_marker`` runs once at the start of every compiled forward: it reads
-the timestep and returns a small CPU token ``[step, branch, generation]`` that every
-``sparse_compile::attention`` call of the graph takes as input (which also orders the
-calls after the marker). The attention op looks its site up by the constant ``site_id``
-and runs the site's method, or dense attention during the dense steps and layers.
+``sparse_compile::step_marker`` runs once at the start of every compiled forward: it finds
+the calling model's session from one of the model's parameters (the graph's *anchor*
+input; models of one class share graphs), reads the timestep and returns a small CPU token
+``[step, branch, generation, session id]`` that every ``sparse_compile::attention`` call of
+the graph takes as input (which also orders the calls after the marker). The attention op
+looks its site up by the constant ``site_id`` and runs the site's method on that session's
+state, or dense attention during the dense steps and layers.
 
 Both ops are opaque to Inductor (their bodies run in Python, so their step logic runs on
 every call) and tagged ``cudagraph_unsafe`` so CUDA-graph capture never freezes them.
@@ -16,29 +18,35 @@ import torch
 
 from sparse_compile.methods.base import AttentionCall, TokenLayout
 from sparse_compile.methods.dense import dense_attention
-from sparse_compile.runtime.session import Session, StepInfo
-from sparse_compile.runtime.sites import SITES
+from sparse_compile.runtime.session import SESSIONS, StepInfo, session_for_anchor
+from sparse_compile.runtime.sites import GRAPHS, SITES
 
-_SESSIONS: dict[int, Session] = {}
 _TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
-def register_session(session: Session) -> None:
-    """Make a session reachable from its step marker by id."""
-    _SESSIONS[session.id] = session
-
-
 @torch.library.custom_op("sparse_compile::step_marker", mutates_args=(), tags=_TAGS)
-def step_marker(timestep: torch.Tensor | None, session_id: int) -> torch.Tensor:
-    """Advance the session's step tracker; returns the int64 CPU token ``[step, branch, generation]``."""
+def step_marker(timestep: torch.Tensor | None, anchor: torch.Tensor | None, graph_id: int) -> torch.Tensor:
+    """Advance the calling model's step tracker.
+
+    Args:
+        timestep: the graph's timestep input (any shape; its first element is read), or ``None``.
+        anchor: a parameter of the calling model, or ``None`` for graphs without parameters.
+        graph_id: the compiled graph's record.
+
+    Returns:
+        int64 CPU token ``[step, branch, generation, session id]``.
+    """
+    graph = GRAPHS[graph_id]
+    session = graph.compile_session if anchor is None else session_for_anchor(anchor)
+    session.attach_graph(graph_id)
     value = None if timestep is None else float(timestep.reshape(-1)[0])
-    info = _SESSIONS[session_id].begin_forward(value)
-    return torch.tensor([info.step, info.branch, info.generation], dtype=torch.int64)
+    info = session.begin_forward(value)
+    return torch.tensor([info.step, info.branch, info.generation, session.id], dtype=torch.int64)
 
 
 @step_marker.register_fake
-def _step_marker_fake(timestep: torch.Tensor | None, session_id: int) -> torch.Tensor:
-    return torch.empty(3, dtype=torch.int64, device="cpu")
+def _step_marker_fake(timestep: torch.Tensor | None, anchor: torch.Tensor | None, graph_id: int) -> torch.Tensor:
+    return torch.empty(4, dtype=torch.int64, device="cpu")
 
 
 def attention_output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -71,14 +79,15 @@ def sparse_attention(
     Args:
         query, key, value: ``(B, H, S, D)``; any strides.
         attn_mask: boolean, broadcastable to ``(B, H, S, S)``, or ``None``.
-        step_token: int64 CPU ``[step, branch, generation]`` from the step marker.
+        step_token: int64 CPU ``[step, branch, generation, session id]`` from the step marker.
         site_id: the site record this call belongs to.
 
     Returns:
         ``(B, H, S, Dv)`` with the strides of :func:`attention_output_like`.
     """
     site = SITES[site_id]
-    step, branch, generation = (int(x) for x in step_token.tolist())
+    step, branch, generation, session_id = (int(x) for x in step_token.tolist())
+    state = SESSIONS[session_id].state_of(site_id)
     options = site.options
     if step < options.dense_steps or site.attention is None or (
         site.layer_index is not None and site.layer_index < options.dense_layers
@@ -94,10 +103,11 @@ def sparse_attention(
             layout=TokenLayout(frames, height, width, text_tokens, text_first),
             step=StepInfo(step, branch, generation),
             site=site,
+            state=state,
         )
         result = site.attention.attend(call)
         result_tensor, density = result.output, result.kept_density
-    site.record_density(step, density)
+    state.record_density(step, density)
     out = attention_output_like(query, value)
     out.copy_(result_tensor)
     return out

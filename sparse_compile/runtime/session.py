@@ -13,18 +13,32 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-if TYPE_CHECKING:
-    from sparse_compile.runtime.sites import SiteRecord
-
 logger = logging.getLogger("sparse_compile")
 
 _session_ids = itertools.count()
+
+
+@dataclass
+class SiteState:
+    """What one model remembers about one attention site across calls.
+
+    Attributes:
+        densities: step -> kept density of each call in that step (all CFG branches).
+        cache: the method's cached state (centroids, block indices, LSE ...).
+    """
+
+    densities: dict[int, list[float]] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def record_density(self, step: int, density: float) -> None:
+        self.densities.setdefault(step, []).append(density)
 
 
 @dataclass(frozen=True)
@@ -37,11 +51,17 @@ class StepInfo:
 
 
 class Session:
-    """State shared by all graphs compiled for one model."""
+    """Everything one model remembers: step tracking, the graphs it ran, per-site state.
+
+    Models of one class share compiled graphs (their parameters are graph inputs), so a
+    session is found at run time from the parameters the graph is called with, never
+    baked into the graph.
+    """
 
     def __init__(self) -> None:
         self.id = next(_session_ids)
-        self.sites: list[SiteRecord] = []
+        self.graph_ids: list[int] = []
+        self.site_states: dict[int, SiteState] = {}
         self._layer_of_path: dict[str, int] = {}
         self._lock = threading.Lock()
         self._manual: tuple[int, int] | None = None
@@ -52,6 +72,21 @@ class Session:
     @property
     def current(self) -> StepInfo:
         return self._current
+
+    def attach_graph(self, graph_id: int) -> None:
+        """Remember that this model runs (or was compiled into) a graph, for its report."""
+        if graph_id not in self.graph_ids:
+            with self._lock:
+                if graph_id not in self.graph_ids:
+                    self.graph_ids.append(graph_id)
+
+    def state_of(self, site_id: int) -> SiteState:
+        """This model's state for one site, created on first use."""
+        state = self.site_states.get(site_id)
+        if state is None:
+            with self._lock:
+                state = self.site_states.setdefault(site_id, SiteState())
+        return state
 
     def layer_index(self, module_path: str) -> int:
         """Index of a video attention site in first-seen order; stable across recompiles."""
@@ -97,11 +132,17 @@ class Session:
             self._last_timestep = None
             self._manual = None
             self._current = StepInfo(step=-1, branch=0, generation=self._current.generation)
-        for site in self.sites:
-            site.clear_state()
+            self.site_states.clear()
 
 
 _SESSIONS_BY_PARAMETER: WeakIdKeyDictionary = WeakIdKeyDictionary()
+SESSIONS: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
+
+
+def _new_session() -> Session:
+    session = Session()
+    SESSIONS[session.id] = session
+    return session
 
 
 def session_for_parameters(parameters: Iterable[torch.Tensor]) -> Session:
@@ -116,9 +157,18 @@ def session_for_parameters(parameters: Iterable[torch.Tensor]) -> Session:
         if session is not None:
             break
     else:
-        session = Session()
+        session = _new_session()
     for p in parameters:
         _SESSIONS_BY_PARAMETER[p] = session
+    return session
+
+
+def session_for_anchor(anchor: torch.Tensor) -> Session:
+    """The session of the model whose parameter ``anchor`` is, at run time (created if new)."""
+    session = _SESSIONS_BY_PARAMETER.get(anchor)
+    if session is None:
+        session = _new_session()
+        _SESSIONS_BY_PARAMETER[anchor] = session
     return session
 
 

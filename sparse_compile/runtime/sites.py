@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sparse_compile.methods.base import AttentionMethod
@@ -12,13 +12,18 @@ from sparse_compile.options import SparseOptions
 from sparse_compile.runtime.session import Session
 
 _site_ids = itertools.count()
+_graph_ids = itertools.count()
 SITES: dict[int, "SiteRecord"] = {}
+GRAPHS: dict[int, "GraphRecord"] = {}
 _lock = threading.Lock()
 
 
 @dataclass
 class SiteRecord:
-    """One SDPA site of one compiled graph.
+    """One SDPA site of one compiled graph: what the pass found, fixed at compile time.
+
+    Per-model run-time state (densities, caches) lives in the model's
+    :class:`~sparse_compile.runtime.session.Session`.
 
     Attributes:
         site_id: the constant baked into the graph's op call.
@@ -31,12 +36,10 @@ class SiteRecord:
         status: ``"sparse"`` or ``"dense: <reason>"``.
         layer_index: position among the model's video attention sites (``None`` if not rewritten).
         options: the options the graph was compiled with.
-        densities: step -> kept density of each call in that step (all CFG branches).
-        state: per-method cached state (centroids, indices, LSE ...), keyed by the method.
+        attention: the method instance run at this site (``None`` when not rewritten).
     """
 
     site_id: int
-    session: Session
     module_path: str
     q_shape: tuple[int, ...]
     k_shape: tuple[int, ...]
@@ -49,25 +52,34 @@ class SiteRecord:
     layer_index: int | None
     options: SparseOptions
     attention: AttentionMethod | None = None
-    densities: dict[int, list[float]] = field(default_factory=dict)
-    state: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> bool:
         return self.attention is not None
 
-    def record_density(self, step: int, density: float) -> None:
-        self.densities.setdefault(step, []).append(density)
 
-    def clear_state(self) -> None:
-        self.densities.clear()
-        self.state.clear()
+@dataclass
+class GraphRecord:
+    """All SDPA sites of one compiled graph, and the session of the model it was compiled for
+    (the fallback for graphs without parameters, whose callers cannot be told apart)."""
+
+    graph_id: int
+    compile_session: Session
+    sites: list[SiteRecord]
 
 
 def register_site(**fields: Any) -> SiteRecord:
-    """Create a record with a fresh id, add it to its session and to the global table."""
+    """Create a site record with a fresh id and add it to the global table."""
     with _lock:
         record = SiteRecord(site_id=next(_site_ids), **fields)
         SITES[record.site_id] = record
-    record.session.sites.append(record)
     return record
+
+
+def register_graph(compile_session: Session, sites: list[SiteRecord]) -> GraphRecord:
+    """Record a compiled graph's sites; the compiling model's session sees it at once."""
+    with _lock:
+        graph = GraphRecord(graph_id=next(_graph_ids), compile_session=compile_session, sites=sites)
+        GRAPHS[graph.graph_id] = graph
+    compile_session.attach_graph(graph.graph_id)
+    return graph
