@@ -1,0 +1,248 @@
+"""Block-sparse attention on the GPU: correctness on the benchmark shapes, then timings.
+
+One run: for each video-DiT shape (bf16, D=128) and kept density, one random layout of 128x128 blocks
+(random blocks per (head, q block) plus the diagonal) shared by every kernel:
+
+- checks the kernel (NaN-poisoned outputs, sampled q blocks vs the fp32 reference, LSE too, and the
+  whole output vs flex_attention at the same mask);
+- times with ``triton.testing.do_bench`` (median): dense SDPA cuDNN and flash, ``torch.compile``d
+  flex_attention with the same BlockMask (``BlockMask.from_kv_blocks``, kept blocks as full blocks),
+  and this kernel (autotuned; TMA and plain-pointer K/V loads; q/k/v also as transposed (B,S,H,D)).
+
+Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
+
+    PYTHONPATH=. python benchmarks/bench_block_sparse.py [--shapes wan,hunyuan] [--densities 1,0.25,0.125,0.05] [--sweep]
+
+(from the repository root; ``--sweep`` also times every autotune candidate at the first shape).
+"""
+
+import argparse
+import inspect
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from sparse_compile.kernels.block_sparse import (
+    AUTOTUNE_TILES,
+    block_sparse_attention_triton,
+    tma_eligible,
+)
+from sparse_compile.kernels.block_sparse_reference import cdiv, reference_q_blocks
+
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads: int
+    seq: int
+    head_dim: int = 128
+
+
+SHAPES = {
+    "wan": Shape("Wan2.1-1.3B 480p (H=12, S=32760)", 1, 12, 32760),
+    "hunyuan": Shape("HunyuanVideo 720p (H=24, S=118800)", 1, 24, 118800),
+}
+
+
+@dataclass
+class Row:
+    shape: str
+    density: float
+    kernel: str
+    ms: float
+    dense_flops: float
+    cudnn_ms: float | None = None
+    flex_ms: float | None = None
+
+    def cells(self) -> list[str]:
+        tflops = self.dense_flops / (self.ms * 1e-3) / 1e12
+        vs_cudnn = f"{self.ms / (self.cudnn_ms * self.density):.2f}" if self.cudnn_ms else "-"
+        vs_flex = f"{self.flex_ms / self.ms:.2f}x" if self.flex_ms else "-"
+        return [self.shape, f"{self.density:.4f}", self.kernel, f"{self.ms:.3f}", f"{tflops:.0f}", vs_cudnn, vs_flex]
+
+
+HEADER = ["shape", "kept density", "kernel", "ms", "dense-equiv TFLOP/s", "t / (cuDNN-dense x density)", "flex / t"]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def random_layout(
+    heads: int, nq: int, nk: int, density: float, gen: torch.Generator, device: str = "cuda"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (head, q block): the diagonal block plus random others, ``round(density * NK)`` in all.
+
+    Returns counts int32 (1, H, NQ) and indices int32 (1, H, NQ, NK): kept ids ascending first, then
+    the dropped ids (valid block ids, so flex's BlockMask accepts the same tensor).
+    """
+    keep_n = max(1, round(density * nk))
+    scores = torch.rand(heads, nq, nk, generator=gen, device=device)
+    diag = torch.arange(nq, device=device) * nk // nq
+    scores[:, torch.arange(nq, device=device), diag] = 2.0
+    kept = torch.zeros(heads, nq, nk, dtype=torch.bool, device=device)
+    kept.scatter_(-1, scores.topk(keep_n, dim=-1).indices, True)
+    ids = torch.arange(nk, device=device)
+    indices = (torch.sort(torch.where(kept, ids, nk + ids), dim=-1).values % nk).to(torch.int32)
+    counts = torch.full((1, heads, nq), keep_n, dtype=torch.int32, device=device)
+    return counts, indices.unsqueeze(0)
+
+
+def flex_block_mask(counts: torch.Tensor, indices: torch.Tensor, seq: int) -> BlockMask:
+    """The same layout as a flex BlockMask: every kept block a full block, so the compiled kernel never
+    evaluates the mask_mod; the mask_mod (a block-table lookup) keeps the mask honest for eager flex."""
+    nk = indices.shape[-1]
+    valid = torch.arange(nk, device=indices.device) < counts.unsqueeze(-1)
+    table = torch.zeros(indices.shape, dtype=torch.bool, device=indices.device)
+    table.scatter_(-1, indices.long(), valid)  # (1, H, NQ, NK) kept blocks
+
+    def keep(b, h, q_idx, kv_idx):
+        return table[0, h, q_idx // BLOCK, kv_idx // BLOCK]
+
+    kwargs = dict(full_kv_num_blocks=counts, full_kv_indices=indices, BLOCK_SIZE=BLOCK, mask_mod=keep)
+    kwargs["seq_lengths"] = (seq, seq)
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = False  # forward only: skip the transposed (backward) index
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices, **kwargs)
+
+
+def bench_ms(fn, budget_ms: float) -> float:
+    return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 8), rep=budget_ms, return_mode="median")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_kernel(q, k, v, counts, indices, use_tma: bool) -> torch.Tensor:
+    """Run into NaN-poisoned buffers; compare sampled q blocks (first, middle, last) with the reference."""
+    b, h, s, d = q.shape
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
+    block_sparse_attention_triton(
+        q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse, use_tma=use_tma
+    )
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
+    nq = cdiv(s, BLOCK)
+    picks = [0, nq // 2, nq - 1]
+    ref_out, ref_lse = reference_q_blocks(q, k, v, counts, indices, picks, block_q=BLOCK, block_k=BLOCK)
+    rows = torch.cat([torch.arange(p * BLOCK, min((p + 1) * BLOCK, s), device=q.device) for p in picks])
+    err = rel_l2(out[:, :, rows], ref_out)
+    lse_err = (lse[:, :, rows] - ref_lse).abs().max().item()
+    assert err <= 1e-2 and lse_err <= 2e-3, f"kernel mismatch: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
+    return out
+
+
+def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row], log) -> None:
+    b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    bshd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]  # diffusers' layout
+    flops = 4.0 * s * s * d * h * b
+    nq = nk = cdiv(s, BLOCK)
+    budget = 300.0 if s < 60000 else 1500.0
+    flex = torch.compile(flex_attention, dynamic=False)
+    log(f"== {shape.name}: TMA eligible {tma_eligible(k, v)}")
+
+    def timed(kernel: str, density: float, fn, **ref) -> float | None:
+        try:
+            ms = bench_ms(fn, budget)
+        except Exception:  # one failing kernel must not lose the rest of the run
+            log(f"   {kernel}: FAILED\n{traceback.format_exc(limit=3)}")
+            return None
+        rows.append(Row(shape.name, density, kernel, ms, flops, **ref))
+        log(f"   {kernel:34s} density {density:.4f}: {ms:9.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
+        return ms
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn_ms = timed("SDPA cuDNN (dense)", 1.0, lambda: F.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        timed("SDPA flash (dense)", 1.0, lambda: F.scaled_dot_product_attention(q, k, v), cudnn_ms=cudnn_ms)
+
+    for density in densities:
+        counts, indices = random_layout(h, nq, nk, density, gen)
+        real_density = counts[0, 0, 0].item() / nk
+        t0 = time.time()
+        mask = flex_block_mask(counts, indices, s)
+        flex_out = flex(q, k, v, block_mask=mask)
+        log(f"-- density {real_density:.4f}: flex mask + first call {time.time() - t0:.1f} s")
+        flex_ms = timed("flex_attention (compiled)", real_density, lambda: flex(q, k, v, block_mask=mask), cudnn_ms=cudnn_ms)
+        ref = dict(cudnn_ms=cudnn_ms, flex_ms=flex_ms)
+        for use_tma in (True, False):
+            name = f"block_sparse ({'TMA' if use_tma else 'pointer'} K/V, autotuned)"
+            try:
+                out = check_kernel(q, k, v, counts, indices, use_tma)
+                flex_err = rel_l2(out, flex_out)
+                assert flex_err <= 1e-2, f"kernel and flex disagree at the same mask: rel-L2 {flex_err:.2e}"
+            except Exception:  # report, skip timing this variant, keep the run going
+                log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+                continue
+            log(f"   check ok ({name}); rel-L2 vs flex {flex_err:.1e}")
+            fn = lambda: block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, use_tma=use_tma)
+            timed(name, real_density, fn, **ref)
+        fn_bshd = lambda: block_sparse_attention_triton(*bshd, counts, indices, block_q=BLOCK, block_k=BLOCK)
+        timed("block_sparse (q/k/v as (B,S,H,D).T)", real_density, fn_bshd, **ref)
+        if sweep and density == densities[min(1, len(densities) - 1)]:
+            sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
+
+
+def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:
+    """Time every autotune candidate with TMA on and off (what the autotuner chooses between)."""
+    for tile in AUTOTUNE_TILES:
+        for use_tma in (True, False):
+            name = f"  tile {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages} {'TMA' if use_tma else 'ptr'}"
+            fn = lambda: block_sparse_attention_triton(
+                q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, tile=tile, use_tma=use_tma
+            )
+            timed(name, density, fn, **ref)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="wan,hunyuan")
+    parser.add_argument("--densities", default="1.0,0.25,0.125,0.05")
+    parser.add_argument("--sweep", action="store_true", help="also time each autotune candidate (first shape)")
+    args = parser.parse_args()
+    densities = [float(x) for x in args.densities.split(",")]
+    out_dir = os.environ.get("OUT")
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    header = (
+        f"torch {torch.__version__}, triton {triton.__version__}, GPU {torch.cuda.get_device_name()}, "
+        f"python {sys.version.split()[0]}"
+    )
+    log(header)
+    rows: list[Row] = []
+    for i, key in enumerate(args.shapes.split(",")):
+        run_shape(SHAPES[key], densities, args.sweep and i == 0, rows, log)
+        table = markdown(rows)
+        if out_dir:
+            with open(os.path.join(out_dir, "block_sparse.md"), "w") as f:
+                f.write(f"{header}\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
+            with open(os.path.join(out_dir, "block_sparse.log"), "w") as f:
+                f.write("\n".join(log_lines) + "\n")
+    print()
+    print(header)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

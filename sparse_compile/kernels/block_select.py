@@ -1,0 +1,418 @@
+"""Block scoring and selection for block-sparse attention.
+
+Cheap estimates (pooled q . pooled k) and exact block masses (AdaSpa's search pass) of every
+(q block, kv block), and the selections that turn scores into the CSR layout consumed by
+:func:`sparse_compile.kernels.block_sparse.block_sparse_attention`:
+
+- ``counts`` int32 ``(B, H, NQ)``: kept kv blocks per q block;
+- ``indices`` int32 ``(B, H, NQ, MAXK)``: their ids, the first ``count`` ascending, the rest 0.
+
+The exact passes (:func:`attention_lse`, :func:`block_mass_with_lse`) are Triton kernels on CUDA
+(S^2 compute, O(NQ * NK) memory) and the chunked references of :mod:`block_select_reference`
+elsewhere; both are registered as ``sparse_compile::`` custom ops. Pooling and selection are a
+handful of batched torch ops on ``(B, H, NQ, NK)`` tensors (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels.block_select_reference import (
+    attention_lse_reference,
+    block_mass_with_lse_reference,
+    block_sizes,
+    cdiv,
+    check_block,
+    check_qk,
+    default_scale,
+)
+
+LOG2E = 1.4426950408889634
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TRITON_BLOCK_Q = 128
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling and estimated scores (torch ops)
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_pool_blocks(x: Tensor, block: int) -> Tensor:
+    """Mean of each block of ``block`` tokens: ``(B, H, S, D)`` -> fp32 ``(B, H, ceil(S / block), D)``.
+
+    The last block may be partial and is averaged over its real tokens. Sums accumulate in fp32.
+    """
+    check_block("block", block)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
+    b, h, s, d = x.shape
+    n_full, rest = divmod(s, block)
+    parts = []
+    if n_full:
+        full = x[:, :, : n_full * block].unflatten(2, (n_full, block))
+        parts.append(full.sum(dim=3, dtype=torch.float32) / block)
+    if rest:
+        parts.append(x[:, :, n_full * block :].sum(dim=2, keepdim=True, dtype=torch.float32) / rest)
+    if not parts:
+        return x.new_zeros((b, h, 0, d), dtype=torch.float32)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def pooled_block_scores(q_pooled: Tensor, k_pooled: Tensor, kv_sizes: Tensor, scale: float) -> Tensor:
+    """Estimated attention mass per (q block, kv block) from pooled rows, fp32 ``(B, H, NQ, NK)``.
+
+    ``softmax_j(scale * q_pooled_i . k_pooled_j + log(kv_sizes_j))``: blocks (or clusters) of
+    ``kv_sizes`` tokens whose members all look like their mean. ``q_pooled`` ``(B, H, NQ, D)``,
+    ``k_pooled`` ``(B, H, NK, D)``, ``kv_sizes`` broadcastable to ``(B, H, NK)``; empty kv
+    blocks (size 0) get probability 0. Used with centroids and cluster sizes for SVG2 too.
+    """
+    logits = torch.matmul(q_pooled.float(), k_pooled.float().transpose(-1, -2)) * scale
+    log_sizes = kv_sizes.float().log()  # log(0) = -inf: an empty block is never attended
+    return torch.softmax(logits + log_sizes.unsqueeze(-2), dim=-1)
+
+
+def estimate_block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int, scale: float | None = None) -> Tensor:
+    """Estimated attention mass of each (q block, kv block), fp32 ``(B, H, NQ, NK)``; rows sum to 1.
+
+    ``softmax_j(scale * mean(q block i) . mean(k block j) + log(|kv block j|))``.
+    """
+    check_qk(q, k)
+    check_block("block_q", block_q)
+    check_block("block_k", block_k)
+    scale = default_scale(q.shape[-1], scale)
+    sizes = block_sizes(k.shape[2], block_k, q.device)
+    return pooled_block_scores(mean_pool_blocks(q, block_q), mean_pool_blocks(k, block_k), sizes, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection (torch ops, no host sync)
+# ----------------------------------------------------------------------------------------------
+
+
+def keep_mask_to_layout(mask: Tensor, maxk: int | None = None) -> tuple[Tensor, Tensor]:
+    """CSR layout of a boolean keep mask ``(..., NQ, NK)``.
+
+    Returns counts int32 ``(..., NQ)`` and indices int32 ``(..., NQ, MAXK)`` (``MAXK = maxk`` or NK):
+    each row's kept ids ascending, then zeros. ``maxk`` must be at least every row's count (rows
+    with more keep their ``maxk`` lowest ids).
+    """
+    nk = mask.shape[-1]
+    maxk = nk if maxk is None else maxk
+    counts = mask.sum(dim=-1, dtype=torch.int32).clamp_max(maxk)
+    slot = torch.where(mask, mask.cumsum(dim=-1) - 1, maxk).clamp_max(maxk)  # maxk = dummy column
+    ids = torch.arange(nk, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    indices = torch.zeros((*mask.shape[:-1], maxk + 1), dtype=torch.int32, device=mask.device)
+    return counts, indices.scatter_(-1, slot, ids)[..., :maxk]
+
+
+def _with_always_kept(mask: Tensor, always_kept: Tensor | None) -> tuple[Tensor, int]:
+    """``mask`` with the columns ``always_kept`` set, and how many ids ``always_kept`` holds."""
+    if always_kept is None:
+        return mask, 0
+    if always_kept.dim() != 1 or always_kept.dtype.is_floating_point or always_kept.dtype == torch.bool:
+        raise ValueError(f"always_kept must be a 1-D integer tensor, got {always_kept.dtype} {tuple(always_kept.shape)}")
+    return mask.index_fill(-1, always_kept.to(device=mask.device, dtype=torch.long), True), always_kept.numel()
+
+
+def select_topk(scores: Tensor, k: int, always_kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per row the ``k`` highest-scoring blocks plus ``always_kept`` (kv block ids in [0, NK)).
+
+    ``scores`` ``(..., NQ, NK)``. Returns counts int32 ``(..., NQ)`` and indices int32
+    ``(..., NQ, MAXK)``, ``MAXK = min(NK, k + len(always_kept))``, ids ascending without duplicates.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    nk = scores.shape[-1]
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if min(k, nk) > 0:
+        mask.scatter_(-1, scores.topk(min(k, nk), dim=-1).indices, True)
+    mask, n_extra = _with_always_kept(mask, always_kept)
+    return keep_mask_to_layout(mask, min(nk, k + n_extra))
+
+
+def select_top_p(
+    probs: Tensor, top_p: float, min_blocks: int = 1, always_kept: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per row the fewest highest-probability blocks whose cumulative probability reaches ``top_p``.
+
+    A block is kept while the mass of the blocks ranked above it is below ``top_p``; at least
+    ``min(min_blocks, NK)`` per row, plus ``always_kept``. ``probs`` ``(..., NQ, NK)``; returns
+    counts int32 ``(..., NQ)`` and indices int32 ``(..., NQ, NK)`` (ascending, then zeros).
+    """
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must lie in [0, 1], got {top_p}")
+    if min_blocks < 0:
+        raise ValueError(f"min_blocks must be >= 0, got {min_blocks}")
+    nk = probs.shape[-1]
+    values, order = torch.sort(probs.float(), dim=-1, descending=True, stable=True)
+    mass_before = torch.nn.functional.pad(torch.cumsum(values, dim=-1)[..., :-1], (1, 0))
+    n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min(min(min_blocks, nk))
+    kept_rank = torch.arange(nk, device=probs.device) < n_keep
+    mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, order, kept_rank)
+    mask, _ = _with_always_kept(mask, always_kept)
+    return keep_mask_to_layout(mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels: full-attention LSE and exact block mass
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lse_tile(q, k_base, stride_ks, start, s_k, qk_scale, m_i, l_i, dims,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold keys [start, start + BLOCK_N) into the running row max ``m_i`` and sum ``l_i`` (log2 units)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=(cols < s_k)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((cols < s_k)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _attention_lse_kernel(
+    q_ptr, k_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    num_heads, s_q, s_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (BLOCK_M query rows, batch * head): LSE of scale * q . k over all keys."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                mask=(rows < s_q)[:, None], other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    n_full = (s_k // BLOCK_N) * BLOCK_N
+    for start in range(0, n_full, BLOCK_N):
+        m_i, l_i = _lse_tile(q, k_base, stride_ks, start, s_k, qk_scale, m_i, l_i, dims,
+                             BLOCK_N, False, DOT_PRECISION)
+    if n_full < s_k:
+        m_i, l_i = _lse_tile(q, k_base, stride_ks, n_full, s_k, qk_scale, m_i, l_i, dims,
+                             BLOCK_N, True, DOT_PRECISION)
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_i)) / 1.4426950408889634, float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * s_q + rows, lse, mask=rows < s_q)
+
+
+@triton.jit
+def _block_mass_kernel(
+    q_ptr, k_ptr, lse_ptr, out_ptr,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_lb, stride_lh, stride_ls,
+    num_heads, s_q, s_k, num_kv_blocks, qk_scale,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (q block, batch * head): sum of exp(scale * q . k - lse) over each kv block.
+
+    The q block (BLOCK_Q <= BLOCK_M rows) stays in registers; the keys stream through in
+    BLOCK_N tiles, ``SUB = ceil(BLOCK_K / BLOCK_N)`` tiles per kv block, one flat loop.
+    """
+    SUB: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    row0 = qb * BLOCK_Q
+    n_rows = tl.minimum(s_q - row0, BLOCK_Q)
+    local = tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    row_ok = local < n_rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=float("inf"))
+    # log2 units; rows that attend nothing (lse = -inf) and padding rows get +inf: zero mass.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    out_row = out_ptr + (bh.to(tl.int64) * tl.cdiv(s_q, BLOCK_Q) + qb) * num_kv_blocks
+    inv_rows = 1.0 / n_rows.to(tl.float32)
+    total = tl.zeros([], tl.float32)
+    for t in range(0, num_kv_blocks * SUB):
+        kb = t // SUB
+        sub = t % SUB
+        in_block = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = kb * BLOCK_K + in_block
+        col_ok = (in_block < BLOCK_K) & (cols < s_k)
+        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+        p = tl.where(col_ok[None, :], tl.exp2(s), 0.0)
+        total = tl.where(sub == 0, 0.0, total) + tl.sum(tl.sum(p, 1), 0)
+        tl.store(out_row + kb, total * inv_rows, mask=sub == SUB - 1)
+
+
+if isinstance(_block_mass_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
+    patch_interpreter_scalar_index()
+
+
+def _check_triton_inputs(q: Tensor, k: Tensor) -> None:
+    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype among {TRITON_DTYPES}, got {q.dtype} and {k.dtype}")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    """``t`` itself if its last dim is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 dots ("ieee"); 16-bit inputs the tensor cores' native math."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_lse_triton(q: Tensor, k: Tensor, scale: float, block: int = 128, out: Tensor | None = None) -> Tensor:
+    """Triton full-attention LSE, fp32 ``(B, H, S_q)``; ``block`` query rows per program.
+
+    ``out`` (optional) is a contiguous fp32 ``(B, H, S_q)`` buffer that is fully overwritten.
+    Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    check_qk(q, k)
+    _check_triton_inputs(q, k)
+    if block not in (16, 32, 64, 128):
+        raise ValueError(f"block must be 16, 32, 64 or 128 on the Triton path, got {block}")
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    b, h, s_q, d = q.shape
+    if out is None:
+        out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
+    if s_q == 0:
+        return out
+    block_n = 64 if d > 64 else 128
+    _attention_lse_kernel[(cdiv(s_q, block), b * h)](
+        q, k, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        h, s_q, k.shape[2], scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=block, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block == 128 else 4, num_stages=3,
+    )
+    return out
+
+
+def block_mass_triton(
+    q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float, out: Tensor | None = None
+) -> Tensor:
+    """Triton exact block mass, fp32 ``(B, H, NQ, NK)`` (see :func:`block_mass_with_lse`).
+
+    Needs ``block_q <= 128``. ``out`` (optional) is a contiguous fp32 ``(B, H, NQ, NK)`` buffer that
+    is fully overwritten. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    check_qk(q, k)
+    _check_triton_inputs(q, k)
+    check_block("block_q", block_q)
+    check_block("block_k", block_k)
+    if block_q > MAX_TRITON_BLOCK_Q:
+        raise ValueError(f"block_q must be <= {MAX_TRITON_BLOCK_Q} on the Triton path, got {block_q}")
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    b, h, s_q, d = q.shape
+    nq, nk = cdiv(s_q, block_q), cdiv(k.shape[2], block_k)
+    if out is None:
+        out = torch.empty((b, h, nq, nk), dtype=torch.float32, device=q.device)
+    if nq == 0 or nk == 0:
+        return out.zero_()
+    block_m = max(16, triton.next_power_of_2(block_q))
+    block_n = max(16, min(64 if d > 64 else 128, triton.next_power_of_2(block_k)))
+    _block_mass_kernel[(nq, b * h)](
+        q, k, lse, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        h, s_q, k.shape[2], nk, scale * LOG2E,
+        BLOCK_Q=block_q, BLOCK_K=block_k,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block_m == 128 else 4, num_stages=3,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops and public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparse_compile::attention_lse", mutates_args=())
+def _attention_lse_op(q: Tensor, k: Tensor, scale: float, block: int) -> Tensor:
+    if q.is_cuda:
+        return attention_lse_triton(q, k, scale, block)
+    return attention_lse_reference(q, k, scale, block).contiguous()
+
+
+@_attention_lse_op.register_fake
+def _attention_lse_fake(q: Tensor, k: Tensor, scale: float, block: int) -> Tensor:
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_compile::block_mass_with_lse", mutates_args=())
+def _block_mass_op(q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float) -> Tensor:
+    if q.is_cuda and block_q <= MAX_TRITON_BLOCK_Q:
+        return block_mass_triton(q, k, lse, block_q, block_k, scale)
+    return block_mass_with_lse_reference(q, k, lse, block_q, block_k, scale).contiguous()
+
+
+@_block_mass_op.register_fake
+def _block_mass_fake(q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float) -> Tensor:
+    b, h, s_q, _ = q.shape
+    return q.new_empty((b, h, cdiv(s_q, block_q), cdiv(k.shape[2], block_k)), dtype=torch.float32)
+
+
+def attention_lse(q: Tensor, k: Tensor, scale: float | None = None, block: int = 128) -> Tensor:
+    """Full-attention row LSE ``log(sum_t exp(scale * q_r . k_t))``, fp32 ``(B, H, S_q)``.
+
+    q ``(B, H, S_q, D)``, k ``(B, H, S_k, D)``. ``block`` query rows per program / chunk (16, 32,
+    64 or 128 on CUDA). CUDA: Triton kernel (QK^T compute only, O(S_q) memory); else the chunked
+    reference. Op ``sparse_compile::attention_lse``.
+    """
+    check_qk(q, k)
+    check_block("block", block)
+    return torch.ops.sparse_compile.attention_lse(q, k, default_scale(q.shape[-1], scale), block)
+
+
+def block_mass_with_lse(
+    q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float | None = None
+) -> Tensor:
+    """Exact attention mass of every (q block, kv block), fp32 ``(B, H, NQ, NK)``.
+
+    ``mass[i, j] = sum_{r in q block i, t in kv block j} exp(scale * q_r . k_t - lse_r) / |q block i|``;
+    with ``lse`` ``(B, H, S_q)`` the full-attention LSE (:func:`attention_lse`, or one cached from
+    an earlier dense step), every row sums to 1. Rows with LSE ``-inf`` contribute nothing. CUDA
+    with ``block_q <= 128``: one Triton pass over K per q block; else the chunked reference.
+    Op ``sparse_compile::block_mass_with_lse``.
+    """
+    check_qk(q, k)
+    check_block("block_q", block_q)
+    check_block("block_k", block_k)
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    return torch.ops.sparse_compile.block_mass_with_lse(q, k, lse, block_q, block_k, default_scale(q.shape[-1], scale))
+
+
+__all__ = [
+    "attention_lse",
+    "block_mass_with_lse",
+    "estimate_block_scores",
+    "keep_mask_to_layout",
+    "mean_pool_blocks",
+    "pooled_block_scores",
+    "select_top_p",
+    "select_topk",
+]

@@ -1,0 +1,425 @@
+"""Block-sparse attention forward with a fixed block size: Triton kernel, dispatch and custom op.
+
+``block_sparse_attention(q, k, v, kv_block_counts, kv_block_indices, block_q=, block_k=)`` computes
+softmax attention where query block ``i`` (``block_q`` rows) attends only to the ``counts[b, h, i]``
+kv blocks (``block_k`` keys each) listed in ``indices[b, h, i, :count]``. See
+:mod:`sparse_compile.kernels.block_sparse_reference` for the layout format; that module is the
+specification and the CPU path.
+
+Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the PyTorch reference, or the Triton
+kernel under Triton's interpreter when the process started with ``TRITON_INTERPRET=1`` (see
+:func:`interpreter_active`). ``block_sparse_attention_triton`` always runs the kernel.
+
+The kernel keeps one BLOCK_M x D query tile in registers and walks the kept kv blocks of its query
+block, split into BLOCK_N sub-tiles, with an online (base-2) softmax in fp32; the scores of the
+next tile are issued before the softmax of the current one. Only the last, partial kv block of a
+sequence whose length is not a multiple of ``block_k`` is masked, in a second loop. On Hopper the
+K/V tiles are read with TMA (device-side tensor descriptors) when the strides allow it.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels.block_sparse_reference import (
+    block_sparse_attention_reference,
+    cdiv,
+    dense_block_layout,
+    layout_to_dense_mask,
+    validate_inputs,
+)
+
+__all__ = [
+    "AUTOTUNE_TILES",
+    "TileConfig",
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "block_sparse_attention_triton",
+    "interpreter_active",
+    "tma_eligible",
+    "dense_block_layout",
+    "layout_to_dense_mask",
+]
+
+_LOG2E = 1.4426950408889634
+_TMA_ALIGN_BYTES = 16
+
+
+@triton.jit
+def _load_rows(src, start_n, offs_n, offs_d, stride_n, stride_d, S_K, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
+    """Rows [start_n, start_n + BLOCK_N) x D of K or V: ``src`` is a TMA descriptor or the head's base pointer.
+
+    Rows past S_K read as 0 (TMA pads them; pointer loads mask them only when ``MASKED``).
+    """
+    if USE_TMA:
+        tile = src.load([start_n, 0])
+    else:
+        rows = start_n + offs_n
+        ptrs = src + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASKED:
+            tile = tl.load(ptrs, mask=rows[:, None] < S_K, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _tile_start(idx_row, stride_ik, t, valid, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First key of kv tile ``t`` of a q block: tile t is sub-tile t % SUB_N of kept block idx_row[t // SUB_N]."""
+    SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
+    kv_block = tl.load(idx_row + (t // SUB_N) * stride_ik, mask=valid, other=0)
+    return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
+
+
+@triton.jit
+def _online_softmax(qk, m_i, l_i, qk_scale):
+    """Online-softmax step for one scores tile ``qk`` (BLOCK_M x BLOCK_N, unscaled).
+
+    ``m_i`` is the running row max in base-2 scaled units, ``l_i`` the running row sum of 2^(s - m).
+    Returns the tile's probabilities (unnormalised), the factor rescaling the old accumulator, m and l.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+def _block_sparse_fwd(
+    Q, K, V, O, LSE, COUNTS, INDICES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_cb, stride_ch, stride_cq,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    H, S_Q, S_K, qk_scale,
+    HEAD_DIM: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    LAYOUT_BK: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_M query rows of one (batch, head) against the kept kv blocks of their q block.
+
+    Grid: (cdiv(S_Q, BLOCK_M), B * H). O is contiguous (B, H, S_Q, D); LSE contiguous fp32 (B, H, S_Q).
+    ``qk_scale`` is softmax scale * log2(e): scores live in base 2 until the LSE is written.
+    The main loop is software-pipelined: QK^T of tile t+1 is issued before the softmax of tile t, so
+    the tensor cores work on it while the warps do the exponentials.
+    """
+    SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    q_block = pid_m // (LAYOUT_BQ // BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < S_Q, other=0.0)
+    k_src = K + off_b * stride_kb + off_h * stride_kh
+    v_src = V + off_b * stride_vb + off_h * stride_vh
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(k_src, [S_K, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
+        v_src = tl.make_tensor_descriptor(v_src, [S_K, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+
+    count = tl.load(COUNTS + off_b * stride_cb + off_h * stride_ch + q_block * stride_cq)
+    idx_row = INDICES + off_b * stride_ib + off_h * stride_ih + q_block * stride_iq
+    n_tiles = count * SUB_N
+    # Tiles [0, n_full) are whole; with EVEN_K false the kept last kv block (if partial) comes after.
+    if EVEN_K:
+        n_full = n_tiles
+    else:
+        last_block = tl.load(idx_row + (count - 1) * stride_ik, mask=count > 0, other=-1)
+        n_full = n_tiles - (last_block == tl.cdiv(S_K, LAYOUT_BK) - 1).to(tl.int32) * SUB_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Whole tiles, pipelined: the prologue computes the scores of tile 0 (masked load: it may not exist).
+    start_n = _tile_start(idx_row, stride_ik, 0, n_full > 0, LAYOUT_BK, BLOCK_N)
+    k = _load_rows(k_src, start_n, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, True)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    for t in range(1, n_full):
+        start_next = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
+        k = _load_rows(k_src, start_next, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, False)
+        qk_next = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, False)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        qk = qk_next
+        start_n = start_next
+    if n_full > 0:
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, False)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    # The partial last kv block, masked (only when kept and S_K % block_k != 0).
+    for t in range(n_full, n_tiles):
+        start_n = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
+        k = _load_rows(k_src, start_n, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, True)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.where((start_n + offs_n)[None, :] < S_K, qk, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, True)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+
+    empty_row = l_i == 0.0
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    row_ok = offs_m < S_Q
+    o_ptrs = O + pid_bh.to(tl.int64) * S_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * S_Q + offs_m, lse, mask=row_ok)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Kernel tile shape and launch options; BLOCK_M must divide block_q and BLOCK_N divide block_k."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Hopper-minded candidates: 128-row tiles over two warpgroups (8 warps), 64/128-key sub-tiles, 2-4
+# stages (128x128 with 3 stages needs 224 KiB of shared memory at D=128 bf16, just under the limit).
+# At D=128 ptxas overlaps the next tile's QK^T wgmma with the exponentials for 128x64 tiles but not
+# for 128x128 (too few registers), yet 128x128 was still the fastest on the H100 (see
+# benchmarks/results/block_sparse_notes.md). 128x64 and 64x128 with 4 warps spill registers: left out.
+AUTOTUNE_TILES = (
+    TileConfig(128, 128, 8, 2),
+    TileConfig(128, 128, 8, 3),
+    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 64, 8, 3),
+    TileConfig(128, 64, 8, 4),
+    TileConfig(64, 64, 4, 3),
+)
+
+
+def _triton_config(tile: TileConfig) -> triton.Config:
+    meta = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
+    return triton.Config(meta, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
+def _small_block_tile(block_q: int, block_k: int) -> TileConfig:
+    """Tile for layouts whose blocks are smaller than every autotune candidate (and the interpreter default)."""
+    return TileConfig(min(block_q, 64), min(block_k, 64), 4, 2)
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Keep the configs whose tiles fit inside the layout blocks; fall back to one small tile."""
+    block_q, block_k = kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_q and c.kwargs["BLOCK_N"] <= block_k]
+    return kept or [_triton_config(_small_block_tile(block_q, block_k))]
+
+
+_fwd_jit = triton.jit(_block_sparse_fwd)
+_fwd_autotuned = triton.autotune(
+    configs=[_triton_config(t) for t in AUTOTUNE_TILES],
+    key=["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "USE_TMA"],  # the autotuner adds the tensor dtypes
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_fwd_jit)
+
+
+def interpreter_active() -> bool:
+    """Whether this process runs Triton kernels in the CPU interpreter.
+
+    Triton decides at decoration time: ``TRITON_INTERPRET=1`` must be set before ``triton`` is first
+    imported, or its own library functions (``tl.sum``, ``tl.max``, ``tl.cdiv``) stay GPU-only JIT
+    functions that the interpreter cannot call. Both this kernel and those must be interpreted.
+    """
+    return isinstance(_fwd_jit, InterpretedFunction) and isinstance(tl.cdiv, InterpretedFunction)
+
+
+if interpreter_active():
+    patch_interpreter_scalar_index()
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    """Global-memory workspace Triton asks for when a kernel builds tensor descriptors on the device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_eligible(k: Tensor, v: Tensor) -> bool:
+    """Whether K/V may be read through TMA: CUDA sm_90+, unit last stride, 16-byte aligned base and strides."""
+    if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    for t in (k, v):
+        elem = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % _TMA_ALIGN_BYTES:
+            return False
+        if any((s * elem) % _TMA_ALIGN_BYTES or s == 0 for s in t.stride()[:3]):
+            return False
+    return True
+
+
+def _check_out(name: str, buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
+
+
+def block_sparse_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    tile: Optional[TileConfig] = None,
+    use_tma: Optional[bool] = None,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the Triton kernel: compiled on CUDA, or under Triton's interpreter (see :func:`interpreter_active`).
+
+    Shapes as :func:`block_sparse_attention`. ``tile`` fixes the tile/launch config (default: autotuned
+    on CUDA, ``_small_block_tile`` in the interpreter). ``use_tma`` forces TMA K/V loads on or off
+    (default: on when :func:`tma_eligible`). ``out`` (B, H, S_q, D) and ``lse_out`` (B, H, S_q) are
+    optional contiguous output buffers; every element is written. Layout values are not checked.
+    """
+    counts, indices = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    b, h, s_q, d = q.shape
+    s_k = k.shape[2]
+    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    _check_out("out", out, (b, h, s_q, d), q.dtype, q.device)
+    _check_out("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    interpret = interpreter_active()
+    if q.device.type != "cuda" and not interpret:
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported (got {q.device})"
+        )
+    if out.numel() > 0:
+        if use_tma is None:
+            use_tma = not interpret and tma_eligible(k, v)
+        if use_tma and (interpret or not tma_eligible(k, v)):
+            raise ValueError("use_tma=True needs CUDA sm_90+ and 16-byte aligned K/V with unit last stride")
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        args = (
+            q, k, v, out, lse_out, counts, indices,
+            *q.stride(), *k.stride(), *v.stride(), *counts.stride(), *indices.stride(),
+            h, s_q, s_k, scale * _LOG2E,
+        )  # fmt: skip
+        meta = dict(
+            HEAD_DIM=d,
+            LAYOUT_BQ=block_q,
+            LAYOUT_BK=block_k,
+            EVEN_K=s_k % block_k == 0,
+            USE_TMA=use_tma,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        _launch(args, meta, b * h, s_q, interpret, tile or (_small_block_tile(block_q, block_k) if interpret else None))
+    return (out, lse_out) if return_lse else out
+
+
+def _launch(args: tuple, meta: dict, bh: int, s_q: int, interpret: bool, tile: Optional[TileConfig]) -> None:
+    """Launch the interpreted, fixed-tile or autotuned kernel over grid (cdiv(S_q, BLOCK_M), B*H).
+
+    TMA launches install a Triton allocator (process-wide ``triton.set_allocator``) for the on-device
+    descriptors' workspace. The first call per (D, block_q, block_k, TMA, dtype) autotunes, which
+    launches the kernel several times: make it outside CUDA-graph capture.
+    """
+    if tile is not None and (meta["LAYOUT_BQ"] % tile.block_m or meta["LAYOUT_BK"] % tile.block_n):
+        raise ValueError(f"{tile} must tile block_q={meta['LAYOUT_BQ']} and block_k={meta['LAYOUT_BK']}")
+    if interpret:
+        grid = (cdiv(s_q, tile.block_m), bh)
+        _fwd_jit[grid](*args, **meta, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n)
+        return
+    if meta["USE_TMA"]:
+        triton.set_allocator(_tma_scratch)
+    with torch.cuda.device(args[0].device):
+        if tile is None:
+            _fwd_autotuned[lambda m: (cdiv(s_q, m["BLOCK_M"]), bh)](*args, **meta)
+        else:
+            grid = (cdiv(s_q, tile.block_m), bh)
+            _fwd_jit[grid](*args, **meta, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                           num_warps=tile.num_warps, num_stages=tile.num_stages)  # fmt: skip
+
+
+def _dispatch(
+    q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_q: int, block_k: int,
+    scale: Optional[float],
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    if q.device.type == "cuda" or interpreter_active():
+        return block_sparse_attention_triton(
+            q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True
+        )
+    return block_sparse_attention_reference(
+        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True
+    )
+
+
+@torch.library.custom_op("sparse_compile::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    block_q: int,
+    block_k: int,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """Custom op: returns (O contiguous (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
+    return _dispatch(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale)
+
+
+@_block_sparse_attention_op.register_fake
+def _block_sparse_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    block_q: int,
+    block_k: int,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    b, h, s_q, d = q.shape
+    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Block-sparse attention through the ``sparse_compile::block_sparse_attention`` op (torch.compile-safe).
+
+    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, any strides; ``kv_block_counts`` int32
+    ``(B, H, NQ)``, ``kv_block_indices`` int32 ``(B, H, NQ, MAXK)`` (batch/head dims may be 1 or
+    stride 0); ``block_q``/``block_k`` powers of two in [16, 256]; ``scale`` defaults to 1/sqrt(D).
+    Returns O ``(B, H, S_q, D)`` contiguous in q's dtype, plus the fp32 natural-log LSE ``(B, H, S_q)``
+    when ``return_lse``. Rows whose q block keeps nothing give 0 and LSE ``-inf``.
+    """
+    out, lse = torch.ops.sparse_compile.block_sparse_attention(
+        q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,391 @@
+"""Variable-block-size (cluster) sparse attention: Triton kernel, dispatch and custom op.
+
+``varlen_block_sparse_attention(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts,
+kv_cluster_indices)`` is attention where the rows of q cluster ``c`` attend only to the keys of the
+kv clusters it keeps. The layout format is described in
+:mod:`sparse_compile.kernels.varlen_block_sparse_reference`, which is the specification and the
+CPU path.
+
+Kernel design (CUDA):
+
+- *Query side.* Each q cluster is split into BLOCK_M-row tiles. A tile table (cluster id, first
+  row) is built on the device with a handful of torch ops and no host sync: the grid is the upper
+  bound ``ceil(S_q / BLOCK_M) + NQC`` tiles per head, and surplus programs exit at once. Tiles are
+  ordered heaviest first (most kept keys) within each head to shorten the tail of the launch.
+- *Key side.* kv clusters are small (~33 tokens at SVG2's 1000 clusters for S = 32760), so the kept
+  clusters of a q cluster are *packed*: their tokens form one virtual sequence of ``total`` kept
+  keys, read BLOCK_N at a time with per-row gathers. A prep kernel writes, per (b, h, q cluster),
+  the prefix sum of the kept cluster sizes (``prefix[s]``: first virtual position of slot ``s``)
+  and ``delta[s] = kv_start(slot s) - prefix[s]``; a lane at virtual position ``p`` finds its slot
+  by a binary search over ``prefix`` (``ceil(log2 count)`` steps, L1-resident) and reads key
+  ``p + delta[slot]``. Only the last, partial tile of each q cluster is masked.
+- Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
+
+Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.3-2.4x the fixed-block kernel's
+time at equal density on SVG2-like layouts (query padding 1.28x plus the key-side search/gather),
+1.4-1.6x on identical work; benchmarks/results/varlen_notes.md lists the next steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
+
+from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels.varlen_block_sparse_reference import (
+    VarlenLayout,
+    check_varlen_layout_values,
+    validate_varlen_inputs,
+    varlen_block_sparse_attention_reference,
+)
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+_PREP_CHUNK = 128  # kept-cluster slots per step of the prep kernel
+
+
+@dataclass(frozen=True)
+class VarlenConfig:
+    """Tile shape and launch options of the attention kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(s_q: int, num_q_clusters: int, head_dim: int) -> VarlenConfig:
+    """Tile config by mean q-cluster size (H100 sweep, benchmarks/results/varlen_block_sparse.md).
+
+    Each q cluster pads its last tile (~BLOCK_M / 2 rows): with SVG2-sized clusters (~110 rows at
+    Wan 480p) 64-row tiles win (64x128, 4 warps was fastest at every density); 128-row tiles win
+    once clusters are several tiles long (128x128, 8 warps was fastest on 128-row clusters).
+    """
+    mean_rows = s_q / max(num_q_clusters, 1)
+    if mean_rows >= 512 and head_dim <= 128:
+        return VarlenConfig(128, 128, 8, 2)
+    return VarlenConfig(64, 128, 4, 2)
+
+
+@triton.jit
+def _kv_prefix_kernel(
+    counts_ptr, indices_ptr, kv_off_ptr, prefix_ptr, delta_ptr, total_ptr,
+    stride_cb, stride_ch, stride_cq,
+    stride_ib, stride_ih, stride_iq, stride_is,
+    num_heads, num_q_clusters, num_kv_clusters, maxk,
+    CHUNK: tl.constexpr,
+):
+    """One program per (q cluster, batch * head): prefix sums of the kept kv cluster sizes.
+
+    Writes ``prefix[0..count]`` (``prefix[count]`` = kept keys), ``delta[0..count)`` and ``total``;
+    slots past ``count`` are left unwritten (the attention kernel never reads them).
+    """
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    count = tl.load(counts_ptr + b * stride_cb + h * stride_ch + c * stride_cq)
+    idx_row = indices_ptr + b * stride_ib + h * stride_ih + c * stride_iq
+    kv_off = kv_off_ptr + bh.to(tl.int64) * (num_kv_clusters + 1)
+    row = bh.to(tl.int64) * num_q_clusters + c
+    prefix = prefix_ptr + row * (maxk + 1)
+    delta = delta_ptr + row * maxk
+    tl.store(prefix, 0)
+    carry = count * 0
+    for start in range(0, count, CHUNK):
+        slots = start + tl.arange(0, CHUNK)
+        ok = slots < count
+        idx = tl.load(idx_row + slots * stride_is, mask=ok, other=0)
+        first = tl.load(kv_off + idx, mask=ok, other=0)
+        size = tl.load(kv_off + idx + 1, mask=ok, other=0) - first
+        inclusive = tl.cumsum(size, 0) + carry
+        tl.store(prefix + 1 + slots, inclusive, mask=ok)
+        tl.store(delta + slots, first - (inclusive - size), mask=ok)
+        carry += tl.sum(size, 0)
+    tl.store(total_ptr + row, carry)
+
+
+@triton.jit
+def _varlen_tile(
+    q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, start, total, qk_scale,
+    m_i, l_i, acc, dims,
+    BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold kept keys at virtual positions [start, start + BLOCK_N) into (m_i, l_i, acc)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    # Largest slot s < count with prefix[s] <= pos; extra steps past convergence leave it unchanged.
+    lo = tl.zeros([BLOCK_N], tl.int32)
+    hi = lo + count
+    for step in tl.static_range(SEARCH_STEPS):
+        if (1 << step) < count:  # ceil(log2(count)) steps; a uniform branch, so few kept clusters = few steps
+            mid = (lo + hi) >> 1
+            right = tl.load(prefix + mid) <= pos
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+    token = pos + tl.load(delta + lo)
+    if MASKED:
+        token = tl.where(pos < total, token, 0)
+    k = tl.load(k_base + token[:, None] * stride_ks + dims[None, :])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where((pos < total)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + token[:, None] * stride_vs + dims[None, :])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    tile_cluster_ptr, tile_row_ptr, q_off_ptr, counts_ptr, prefix_ptr, delta_ptr,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_cb, stride_ch, stride_cq,
+    num_heads, num_q_clusters, maxk, num_tiles, s_q, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (tile slot, batch * head): BLOCK_M rows of one q cluster over its kept keys.
+
+    O is contiguous (B, H, S_q, D), LSE contiguous fp32 (B, H, S_q). Tile slots whose table entry
+    is ``num_q_clusters`` (the surplus of the upper-bound grid) exit at once.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    table = bh.to(tl.int64) * num_tiles + tile
+    cluster = tl.load(tile_cluster_ptr + table)
+    if cluster < num_q_clusters:
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        rows = tl.load(tile_row_ptr + table) + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.load(q_off_ptr + bh.to(tl.int64) * (num_q_clusters + 1) + cluster + 1)
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        count = tl.load(counts_ptr + b * stride_cb + h * stride_ch + cluster * stride_cq)
+        slot_row = bh.to(tl.int64) * num_q_clusters + cluster
+        prefix = prefix_ptr + slot_row * (maxk + 1)
+        delta = delta_ptr + slot_row * maxk
+        total = tl.load(prefix + count)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        n_full = (total // BLOCK_N) * BLOCK_N
+        for start in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, start,
+                                         total, qk_scale, m_i, l_i, acc, dims,
+                                         BLOCK_N, SEARCH_STEPS, False, DOT_PRECISION)
+        if n_full < total:
+            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, n_full,
+                                         total, qk_scale, m_i, l_i, acc, dims,
+                                         BLOCK_N, SEARCH_STEPS, True, DOT_PRECISION)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        out_rows = bh.to(tl.int64) * s_q + rows
+        tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+
+
+if isinstance(_varlen_fwd_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
+    patch_interpreter_scalar_index()
+
+
+@dataclass(frozen=True)
+class _KvPrefix:
+    """Prep-kernel outputs, per (b*h, q cluster): prefix (.., MAXK+1), delta (.., MAXK), total kept keys."""
+
+    prefix: Tensor
+    delta: Tensor
+    total: Tensor
+
+
+def _flat_offsets(offsets: Tensor) -> Tensor:
+    """Expanded ``(B, H, N + 1)`` offsets as a contiguous int32 ``(B * H, N + 1)``."""
+    return offsets.reshape(-1, offsets.shape[-1]).contiguous()
+
+
+def _kv_prefix(layout: VarlenLayout, kv_off: Tensor) -> _KvPrefix:
+    """Run the prep kernel over every (b, h, q cluster)."""
+    b, h, nqc, maxk = layout.indices.shape
+    device = kv_off.device
+    prefix = torch.empty((b * h, nqc, maxk + 1), dtype=torch.int32, device=device)
+    delta = torch.empty((b * h, nqc, max(maxk, 1)), dtype=torch.int32, device=device)
+    total = torch.empty((b * h, nqc), dtype=torch.int32, device=device)
+    if nqc > 0:
+        _kv_prefix_kernel[(nqc, b * h)](
+            layout.counts, layout.indices, kv_off, prefix, delta, total,
+            *layout.counts.stride(), *layout.indices.stride(),
+            h, nqc, layout.num_kv_clusters, maxk,
+            CHUNK=_PREP_CHUNK,
+        )  # fmt: skip
+    return _KvPrefix(prefix, delta, total)
+
+
+def _tile_table(q_off: Tensor, total: Tensor, block_m: int, num_tiles: int) -> tuple[Tensor, Tensor]:
+    """Tile table of the upper-bound grid: q cluster id and first row per tile slot, int32 ``(B*H, T)``.
+
+    Slot ``t`` of head ``bh`` holds the t-th heaviest tile (most kept keys first); slots past the
+    real tile count hold cluster id ``NQC`` (exit at once). All device ops, no host sync.
+    """
+    nqc = q_off.shape[-1] - 1
+    sizes = q_off[:, 1:] - q_off[:, :-1]
+    tiles = (sizes + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, dim=1)
+    slots = torch.arange(num_tiles, device=q_off.device).expand(q_off.shape[0], num_tiles).contiguous()
+    cluster = torch.searchsorted(tile_end, slots, right=True)  # (BH, T), NQC past the last tile
+    real = cluster < nqc
+    safe = cluster.clamp_max(max(nqc - 1, 0))
+    first_slot = (tile_end - tiles).gather(1, safe)
+    rows = q_off[:, :-1].gather(1, safe) + (slots - first_slot) * block_m
+    work = torch.where(real, total.gather(1, safe), -1)
+    order = torch.argsort(work, dim=1, descending=True, stable=True)
+    return cluster.gather(1, order).int(), rows.gather(1, order).int()
+
+
+def _check_out(name: str, buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
+
+
+def varlen_block_sparse_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    scale: float | None = None,
+    config: VarlenConfig | None = None,
+    out: Tensor | None = None,
+    lse_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
+
+    Shapes as :func:`varlen_block_sparse_attention`; D must be one of ``TRITON_HEAD_DIMS``.
+    ``config`` fixes the tile shape (default :func:`default_config`). ``out`` ``(B, H, S_q, D)`` and
+    ``lse_out`` ``(B, H, S_q)`` fp32 are optional contiguous buffers; every element is written.
+    Layout values are not checked (no host sync): :func:`check_varlen_layout_values` does that.
+    """
+    layout = validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    b, h, s_q, d = q.shape
+    if d not in TRITON_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS} on the Triton path, got {d}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    _check_out("out", out, (b, h, s_q, d), q.dtype, q.device)
+    _check_out("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    nqc, maxk = layout.num_q_clusters, layout.indices.shape[-1]
+    if out.numel() == 0 and lse_out.numel() == 0:
+        return out, lse_out
+    config = config or default_config(s_q, nqc, d)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    q_off = _flat_offsets(layout.q_offsets)
+    kv = _kv_prefix(layout, _flat_offsets(layout.kv_offsets))
+    num_tiles = triton.cdiv(s_q, config.block_m) + nqc
+    tile_cluster, tile_row = _tile_table(q_off, kv.total, config.block_m, num_tiles)
+    _varlen_fwd_kernel[(num_tiles, b * h)](
+        q, k, v, out, lse_out,
+        tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *layout.counts.stride(),
+        h, nqc, maxk, num_tiles, s_q, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        SEARCH_STEPS=max(maxk - 1, 0).bit_length(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse_out
+
+
+@torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
+def _varlen_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Custom op: (O contiguous (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
+    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    if q.is_cuda:
+        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, scale=scale)
+    return varlen_block_sparse_attention_reference(q, k, v, *layout_args, scale=scale, return_lse=True)
+
+
+@_varlen_op.register_fake
+def _varlen_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    b, h, s_q, d = q.shape
+    return q.new_empty((b, h, s_q, d)), q.new_empty((b, h, s_q), dtype=torch.float32)
+
+
+def varlen_block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Cluster-sparse attention through the ``sparse_compile::varlen_block_sparse_attention`` op.
+
+    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, already in cluster order;
+    ``q_cluster_offsets`` int32 ``(B, H, NQC + 1)``, ``kv_cluster_offsets`` int32 ``(B, H, NKC + 1)``,
+    ``kv_cluster_counts`` int32 ``(B, H, NQC)``, ``kv_cluster_indices`` int32 ``(B, H, NQC, MAXK)``
+    (batch/head dims may be 1); ``scale`` defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)``
+    contiguous in q's dtype (cluster order), plus the fp32 natural-log LSE ``(B, H, S_q)`` when
+    ``return_lse``. Shapes are checked here (``ValueError``); layout *values* are checked on the CPU
+    path only (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
+    """
+    validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
+        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale
+    )
+    return (out, lse) if return_lse else out
+
+
+__all__ = [
+    "TRITON_HEAD_DIMS",
+    "VarlenConfig",
+    "check_varlen_layout_values",
+    "default_config",
+    "varlen_block_sparse_attention",
+    "varlen_block_sparse_attention_triton",
+]
