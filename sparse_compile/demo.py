@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Wan transformer, {args.layers} layers, {tokens} video tokens, {args.steps} steps with CFG, "
           f"{device.type} {dtype}, method={args.method!r}")
 
+    denoise(model, latents, text, 1)  # warm-up: kernel selection and library handles
     eager_out, eager_s = denoise(model, latents, text, args.steps)
     inductor = torch.compile(model)
     denoise(inductor, latents, text, 1)  # compile outside the timing
