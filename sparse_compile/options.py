@@ -25,6 +25,7 @@ class SparseOptions:
         grid: ``(frames, height, width)`` of the video tokens, overriding inference.
         text_tokens: number of text tokens joined to the video tokens (only with ``grid``).
         text_position: where those text tokens sit in the sequence (only with ``grid``).
+        method_options: the chosen method's own options as sorted ``(key, value)`` pairs.
     """
 
     method: str = "dense"
@@ -34,6 +35,7 @@ class SparseOptions:
     grid: tuple[int, int, int] | None = None
     text_tokens: int = 0
     text_position: str = "suffix"
+    method_options: tuple[tuple[str, Any], ...] = ()
 
 
 def available_methods() -> tuple[str, ...]:
@@ -69,20 +71,28 @@ def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
         ValueError: an unknown key, or a value outside what the key allows (the message names both).
     """
     options = dict(options or {})
-    allowed_keys = [f.name for f in fields(SparseOptions)]
-    unknown = sorted(set(options) - set(allowed_keys))
-    if unknown:
-        raise ValueError(
-            f"unknown sparse_video option(s) {unknown}; allowed keys: {allowed_keys}"
-        )
-    checked: dict[str, Any] = {}
-    if "method" in options:
-        methods = available_methods()
-        if options["method"] not in methods:
+    from sparse_compile.methods import METHODS
+
+    method = options.get("method", SparseOptions.method)
+    methods = available_methods()
+    if method not in methods:
+        raise ValueError(f"sparse_video option 'method' must be one of {list(methods)}, got {method!r}")
+    core_keys = [f.name for f in fields(SparseOptions) if f.name != "method_options"]
+    spec = METHODS[method].option_spec
+    method_keys = sorted(set(options) - set(core_keys))
+    for key in method_keys:
+        if key not in spec:
+            owners = [name for name, cls in METHODS.items() if key in cls.option_spec]
+            where = f" (an option of method {owners})" if owners else ""
             raise ValueError(
-                f"sparse_video option 'method' must be one of {list(methods)}, got {options['method']!r}"
+                f"unknown sparse_video option {key!r}{where} for method {method!r}; allowed keys: "
+                f"{core_keys + sorted(spec)}"
             )
-        checked["method"] = options["method"]
+        if not spec[key].check(options[key]):
+            raise ValueError(
+                f"sparse_video option {key!r} of method {method!r} must be {spec[key].allowed}, got {options[key]!r}"
+            )
+    checked: dict[str, Any] = {"method": method, "method_options": tuple((k, options[k]) for k in method_keys)}
     for key, minimum in (("dense_steps", 0), ("dense_layers", 0), ("min_seq_len", 1), ("text_tokens", 0)):
         if key in options:
             checked[key] = _require_int(key, options[key], minimum)

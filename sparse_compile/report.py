@@ -95,7 +95,7 @@ def report(model: torch.nn.Module) -> Report:
                     method=r.method,
                     status=r.status,
                     rewritten=r.rewritten,
-                    density_by_step={step: sum(d) / len(d) for step, d in sorted(densities.items())},
+                    density_by_step={step: sum(map(float, d)) / len(d) for step, d in sorted(densities.items())},
                 )
             )
     return Report(sites=tuple(sites))

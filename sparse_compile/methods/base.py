@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -53,20 +53,55 @@ class AttentionCall:
 
 @dataclass(frozen=True)
 class AttentionResult:
-    """Output ``(B, H, S, Dv)`` and the fraction of (query, key) pairs that were computed."""
+    """Output ``(B, H, S, Dv)`` and the fraction of (query, key) pairs that were computed
+    (a float, or a 0-d tensor so the op never waits for the device)."""
 
     output: torch.Tensor
-    kept_density: float
+    kept_density: float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One method-specific option: its default, a check, and the allowed values in words."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    allowed: str
+
+
+def fraction_option(default: float) -> MethodOption:
+    """A float in (0, 1]."""
+    return MethodOption(default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                        "a number in (0, 1]")
+
+
+def int_option(default: int, minimum: int) -> MethodOption:
+    return MethodOption(default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+                        f"an int >= {minimum}")
+
+
+def bool_option(default: bool) -> MethodOption:
+    return MethodOption(default, lambda v: isinstance(v, bool), "True or False")
 
 
 class AttentionMethod(ABC):
-    """A sparse (or dense) attention method, instantiated once per site."""
+    """A sparse (or dense) attention method, instantiated once per site.
+
+    ``option_spec`` declares the method's own option keys; their validated values are in
+    ``self.params`` (defaults filled in).
+    """
 
     name: str
     is_sparse: bool
+    option_spec: ClassVar[dict[str, MethodOption]] = {}
 
     def __init__(self, options: SparseOptions) -> None:
         self.options = options
+        given = dict(options.method_options)
+        self.params: dict[str, Any] = {k: given.get(k, spec.default) for k, spec in self.option_spec.items()}
+
+    def observe_dense(self, call: AttentionCall) -> None:
+        """Called on calls that run dense because of ``dense_steps`` (e.g. to warm caches)."""
 
     @abstractmethod
     def attend(self, call: AttentionCall) -> AttentionResult:

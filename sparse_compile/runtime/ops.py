@@ -89,9 +89,8 @@ def sparse_attention(
     step, branch, generation, session_id = (int(x) for x in step_token.tolist())
     state = SESSIONS[session_id].state_of(site_id)
     options = site.options
-    if step < options.dense_steps or site.attention is None or (
-        site.layer_index is not None and site.layer_index < options.dense_layers
-    ):
+    dense_layer = site.layer_index is not None and site.layer_index < options.dense_layers
+    if site.attention is None or dense_layer:
         result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
     else:
         call = AttentionCall(
@@ -105,8 +104,12 @@ def sparse_attention(
             site=site,
             state=state,
         )
-        result = site.attention.attend(call)
-        result_tensor, density = result.output, result.kept_density
+        if step < options.dense_steps:
+            site.attention.observe_dense(call)
+            result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
+        else:
+            result = site.attention.attend(call)
+            result_tensor, density = result.output, result.kept_density
     state.record_density(step, density)
     out = attention_output_like(query, value)
     out.copy_(result_tensor)

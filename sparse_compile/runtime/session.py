@@ -30,14 +30,15 @@ class SiteState:
     """What one model remembers about one attention site across calls.
 
     Attributes:
-        densities: step -> kept density of each call in that step (all CFG branches).
+        densities: step -> kept density of each call in that step (all CFG branches); a method
+            may report a 0-d device tensor, read only when a report is made (no sync per call).
         cache: the method's cached state (centroids, block indices, LSE ...).
     """
 
-    densities: dict[int, list[float]] = field(default_factory=dict)
+    densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
 
-    def record_density(self, step: int, density: float) -> None:
+    def record_density(self, step: int, density: float | torch.Tensor) -> None:
         self.densities.setdefault(step, []).append(density)
 
 
