@@ -1,0 +1,105 @@
+"""Joint video+text attention for sparse methods: text is always attended and always attends.
+
+A sparse method sees only the video tokens (frame-major ``frames x height x width``) and
+returns their output with its row log-sum-exp; :func:`attend_video_and_text` adds, by LSE
+merging, the video rows' attention to the text keys, and computes the text rows densely over
+every key. A boolean key-padding mask ``(B or 1, H or 1, 1, S)`` is applied to the text keys;
+other masks are not supported by sparse methods (:func:`mask_problem` says why).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sparse_compile.methods.base import AttentionCall, AttentionResult, TokenLayout
+
+VideoAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, "float | torch.Tensor"]]
+"""``(q, k, v)`` video-only ``(B, H, Sv, D)`` -> ``(out (B, H, Sv, Dv), lse (B, H, Sv) fp32, kept density of the Sv x Sv pairs)``."""
+
+_TEXT_ROW_CHUNK = 4096
+
+
+def video_text_slices(layout: TokenLayout) -> tuple[slice, slice]:
+    """``(video, text)`` index ranges along the sequence."""
+    video = layout.video_tokens
+    if layout.text_first:
+        return slice(layout.text_tokens, layout.text_tokens + video), slice(0, layout.text_tokens)
+    return slice(0, video), slice(video, video + layout.text_tokens)
+
+
+def mask_problem(mask: torch.Tensor | None, layout: TokenLayout) -> str | None:
+    """Why a sparse method cannot honour this mask, or ``None`` if it can.
+
+    Supported: no mask, or a key-padding mask (query dim 1) — checked to leave every video
+    key unmasked, since sparse kernels drop keys by block, not by token.
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[2] != 1:
+        return f"attn_mask of shape {tuple(mask.shape)} is not a key-padding mask (B, H, 1, S)"
+    video, _ = video_text_slices(layout)
+    if not bool(mask[..., video].all()):
+        return "attn_mask masks video keys"
+    return None
+
+
+def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Softmax-merge two partial attentions over disjoint key sets ((B, H, S, Dv), LSE (B, H, S))."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    return out_a.float() * w_a + out_b.float() * w_b
+
+
+def attention_over_keys(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of many queries over few keys, with its LSE, chunked over query rows.
+
+    Args:
+        q: ``(B, H, Sq, D)``; k, v: ``(B, H, L, D)``/``(B, H, L, Dv)`` with small ``L``.
+        key_mask: boolean, broadcastable to ``(B, H, 1, L)``, or ``None``.
+
+    Returns:
+        out ``(B, H, Sq, Dv)`` fp32 (0 where every key is masked) and LSE ``(B, H, Sq)`` fp32 (-inf there).
+    """
+    outs, lses = [], []
+    kf, vf = k.float(), v.float()
+    for start in range(0, q.shape[2], _TEXT_ROW_CHUNK):
+        scores = q[:, :, start : start + _TEXT_ROW_CHUNK].float() @ kf.transpose(-1, -2) * scale
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+        outs.append(weights @ vf)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) -> AttentionResult:
+    """Attention of a joint (or video-only) call with a sparse video part.
+
+    Returns the full ``(B, H, S, Dv)`` output and the kept fraction of all ``S x S`` pairs
+    (text rows and columns count as kept).
+    """
+    q, k, v, layout = call.query, call.key, call.value, call.layout
+    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+    video, text = video_text_slices(layout)
+    out_v, lse_v, density_v = video_attention(q[:, :, video], k[:, :, video], v[:, :, video])
+    seq, n_video, n_text = q.shape[2], layout.video_tokens, layout.text_tokens
+    kept_pairs = density_v * n_video * n_video + 2 * n_video * n_text + n_text * n_text
+    if n_text == 0:
+        return AttentionResult(output=out_v, kept_density=kept_pairs / (seq * seq))
+    key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
+    out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, scale)
+    output = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    output[:, :, video] = _merge(out_v, lse_v, out_vt, lse_vt).to(q.dtype)
+    output[:, :, text] = F.scaled_dot_product_attention(
+        q[:, :, text], k, v, attn_mask=call.attn_mask, scale=call.scale
+    )
+    return AttentionResult(output=output, kept_density=kept_pairs / (seq * seq))
