@@ -53,7 +53,8 @@ def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b:
     safe = torch.where(finite, lse, torch.zeros_like(lse))
     w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
     w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    return out_a.float() * w_a + out_b.float() * w_b
+    dtype = torch.promote_types(out_a.dtype, torch.float32)
+    return out_a.to(dtype) * w_a + out_b.to(dtype) * w_b
 
 
 def attention_over_keys(
@@ -66,12 +67,14 @@ def attention_over_keys(
         key_mask: boolean, broadcastable to ``(B, H, 1, L)``, or ``None``.
 
     Returns:
-        out ``(B, H, Sq, Dv)`` fp32 (0 where every key is masked) and LSE ``(B, H, Sq)`` fp32 (-inf there).
+        out ``(B, H, Sq, Dv)`` and LSE ``(B, H, Sq)`` in fp32 (fp64 for fp64 inputs); where every
+        key is masked the output is 0 and the LSE -inf.
     """
     outs, lses = [], []
-    kf, vf = k.float(), v.float()
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    kf, vf = k.to(dtype), v.to(dtype)
     for start in range(0, q.shape[2], _TEXT_ROW_CHUNK):
-        scores = q[:, :, start : start + _TEXT_ROW_CHUNK].float() @ kf.transpose(-1, -2) * scale
+        scores = q[:, :, start : start + _TEXT_ROW_CHUNK].to(dtype) @ kf.transpose(-1, -2) * scale
         if key_mask is not None:
             scores = scores.masked_fill(~key_mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
@@ -94,7 +97,7 @@ def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) 
     seq, n_video, n_text = q.shape[2], layout.video_tokens, layout.text_tokens
     kept_pairs = density_v * n_video * n_video + 2 * n_video * n_text + n_text * n_text
     if n_text == 0:
-        return AttentionResult(output=out_v, kept_density=kept_pairs / (seq * seq))
+        return AttentionResult(output=out_v.to(q.dtype), kept_density=kept_pairs / (seq * seq))
     key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
     out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, scale)
     output = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
