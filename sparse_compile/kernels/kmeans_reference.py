@@ -1,0 +1,177 @@
+"""Batched k-means and cluster permutation in plain PyTorch: the specification of :mod:`kmeans`.
+
+Sparse VideoGen2 clusters, per (batch, head), the ``S`` query (and separately key) vectors of one
+attention call into ``K`` clusters and permutes the tokens so each cluster is contiguous.
+
+Definitions (shared with the Triton path):
+
+- Distance is squared Euclidean. A token's label is ``argmax_k (x . c_k - ||c_k||^2 / 2)``, which
+  is ``argmin_k ||x - c_k||^2``, computed with fp32 accumulation. **Ties go to the lowest cluster
+  index** (identical centroids: the first one takes every token, the others stay empty).
+- One iteration = assignment, then update (centroid = mean of its members). An **empty cluster
+  keeps its previous centroid** and has size 0, so no NaN ever appears. After ``iters``
+  iterations a final assignment pass computes labels and sizes against the returned centroids;
+  ``iters=0`` is only that assignment.
+- Without ``init_centroids`` the initial centroids are ``K`` tokens picked by stratified sampling
+  (:func:`initial_centroids`): the sequence is cut into ``K`` equal segments and one token is
+  drawn from each with a generator seeded by ``seed`` on ``x``'s device (deterministic per device;
+  CPU and CUDA draw different tokens). Distinct segments give distinct tokens, and in video token
+  order (frame-major) they spread over space and time.
+- ``num_clusters`` must lie in ``[1, S]`` (``ValueError`` otherwise): callers clamp it.
+
+Nothing here reads a device value on the host (no sync), and no step allocates O(S * K): the
+assignment works ``chunk_rows`` token rows (over all heads together) at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KMEANS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CHUNK_ROWS = 4096  # token rows (summed over all heads) per assignment chunk of the reference
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Result of :func:`kmeans`.
+
+    ``centroids`` fp32 ``(B, H, K, D)``; ``labels`` int32 ``(B, H, S)``, the cluster of each token
+    (the argmin for ``centroids``); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty).
+    """
+
+    centroids: Tensor
+    labels: Tensor
+    sizes: Tensor
+
+
+def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None) -> None:
+    """Raise ``ValueError`` unless the arguments of :func:`kmeans_reference` are valid (no sync)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
+    if x.dtype not in KMEANS_DTYPES:
+        raise ValueError(f"x must be one of {KMEANS_DTYPES}, got {x.dtype}")
+    b, h, s, d = x.shape
+    for name, value in (("num_clusters", num_clusters), ("iters", iters)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if not 1 <= num_clusters <= s:
+        raise ValueError(f"num_clusters must lie in [1, S={s}], got {num_clusters}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if init_centroids is None:
+        return
+    if tuple(init_centroids.shape) != (b, h, num_clusters, d) or not init_centroids.dtype.is_floating_point:
+        raise ValueError(
+            f"init_centroids must be a floating (B, H, K, D) = {(b, h, num_clusters, d)} tensor, "
+            f"got {init_centroids.dtype} {tuple(init_centroids.shape)}"
+        )
+    if init_centroids.device != x.device:
+        raise ValueError(f"init_centroids must be on x's device {x.device}, got {init_centroids.device}")
+
+
+def initial_centroids(x: Tensor, num_clusters: int, seed: int) -> Tensor:
+    """Stratified seeding: token ``start_i + floor(u_i * len_i)`` of each of ``K`` equal segments.
+
+    ``x`` ``(B, H, S, D)``, ``1 <= num_clusters <= S``; segment ``i`` is
+    ``[floor(i S / K), floor((i + 1) S / K))`` and ``u`` ``(B, H, K)`` is uniform from a generator
+    on ``x``'s device seeded with ``seed``. Returns a new contiguous fp32 ``(B, H, K, D)``.
+    """
+    b, h, s, d = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    u = torch.rand((b, h, num_clusters), generator=gen, device=x.device, dtype=torch.float64)
+    i = torch.arange(num_clusters, device=x.device)
+    start = (i * s) // num_clusters
+    length = ((i + 1) * s) // num_clusters - start
+    index = start + torch.minimum((u * length).long(), length - 1)
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(b, h, num_clusters, d)).float()
+
+
+def assign_reference(x: Tensor, centroids: Tensor, chunk_rows: int = CHUNK_ROWS) -> Tensor:
+    """Label of every token, int32 ``(B, H, S)``: ``argmax_k (x . c_k - ||c_k||^2 / 2)``, lowest k on ties.
+
+    ``x`` ``(B, H, S, D)``, ``centroids`` ``(B, H, K, D)`` (fp32 math). Scores are computed
+    ``max(1, chunk_rows // (B * H))`` tokens per head at a time.
+    """
+    b, h, s, _ = x.shape
+    c = centroids.float()
+    half_norms = 0.5 * c.square().sum(-1).unsqueeze(-2)  # (B, H, 1, K)
+    labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
+    step = max(1, chunk_rows // max(b * h, 1))
+    for s0 in range(0, s, step):
+        scores = torch.matmul(x[:, :, s0 : s0 + step].float(), c.transpose(-1, -2)) - half_norms
+        labels[:, :, s0 : s0 + step] = scores.argmax(-1)  # first maximum: lowest cluster index
+    return labels
+
+
+def cluster_sizes(labels: Tensor, num_clusters: int) -> Tensor:
+    """Tokens per cluster, int32 ``(B, H, K)``, from labels ``(B, H, S)``."""
+    sizes = torch.zeros((*labels.shape[:2], num_clusters), dtype=torch.int32, device=labels.device)
+    return sizes.scatter_add_(2, labels.long(), torch.ones_like(labels, dtype=torch.int32))
+
+
+def update_reference(x: Tensor, labels: Tensor, centroids: Tensor) -> Tensor:
+    """New centroids, fp32 ``(B, H, K, D)``: the mean of each cluster's members (fp32 sums).
+
+    ``x`` ``(B, H, S, D)``, ``labels`` ``(B, H, S)``, ``centroids`` ``(B, H, K, D)`` the previous
+    ones, kept for empty clusters.
+    """
+    b, h, k, d = centroids.shape
+    index = labels.long().unsqueeze(-1).expand(*labels.shape, d)
+    sums = torch.zeros((b, h, k, d), dtype=torch.float32, device=x.device).scatter_add_(2, index, x.float())
+    counts = cluster_sizes(labels, k).unsqueeze(-1)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), centroids.float())
+
+
+def kmeans_reference(
+    x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None = None, *, seed: int = 0
+) -> Clustering:
+    """Lloyd's k-means per (batch, head) with a fixed number of iterations (see the module docstring).
+
+    ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``init_centroids`` ``(B, H, K, D)`` floating
+    (e.g. the previous step's centroids; not modified) or ``None`` for :func:`initial_centroids`.
+    """
+    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
+    if init_centroids is None:
+        centroids = initial_centroids(x, num_clusters, seed)
+    else:
+        centroids = init_centroids.float().clone(memory_format=torch.contiguous_format)
+    labels = assign_reference(x, centroids)
+    for _ in range(iters):
+        centroids = update_reference(x, labels, centroids)
+        labels = assign_reference(x, centroids)
+    return Clustering(centroids, labels, cluster_sizes(labels, num_clusters))
+
+
+def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:
+    """Sum over tokens of ``||x - c_label||^2`` per (batch, head), fp64 ``(B, H)`` (O(S * D) memory)."""
+    picked = torch.gather(centroids, 2, labels.long().unsqueeze(-1).expand(*labels.shape, x.shape[-1]))
+    return (x.double() - picked.double()).square().sum((-2, -1))
+
+
+def check_permutation_inputs(labels: Tensor, sizes: Tensor) -> None:
+    """Raise ``ValueError`` unless labels ``(B, H, S)`` and sizes ``(B, H, K)`` are integer and match."""
+    for name, t in (("labels", labels), ("sizes", sizes)):
+        if t.dim() != 3 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 3-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+    if labels.shape[:2] != sizes.shape[:2] or labels.device != sizes.device:
+        raise ValueError(f"labels {tuple(labels.shape)} and sizes {tuple(sizes.shape)} must share B, H and device")
+
+
+def cluster_permutation_reference(labels: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """Token order grouping each cluster, and the cluster offsets.
+
+    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` (consistent with labels). Returns ``perm``
+    int64 ``(B, H, S)``: token indices sorted by cluster, ascending token index within a cluster;
+    ``offsets`` int32 ``(B, H, K + 1)``: exclusive cumsum of ``sizes`` (cluster ``k`` is
+    ``perm[..., offsets[k]:offsets[k + 1]]``).
+    """
+    check_permutation_inputs(labels, sizes)
+    s = labels.shape[-1]
+    keys = labels.long() * s + torch.arange(s, device=labels.device)  # unique keys: stable by construction
+    perm = torch.argsort(keys, dim=-1)
+    offsets = torch.zeros((*sizes.shape[:2], sizes.shape[-1] + 1), dtype=torch.int32, device=sizes.device)
+    offsets[..., 1:] = torch.cumsum(sizes.long(), dim=-1)
+    return perm, offsets

@@ -1,0 +1,108 @@
+"""``method="radial"``: Radial attention, a static O(n log n) energy-decay block pattern.
+
+The video part of every call runs :func:`~sparse_compile.kernels.block_sparse.block_sparse_attention`
+with the layout of :mod:`sparse_compile.methods.radial_pattern` (see there for the exact rule):
+same and adjacent frames dense, farther frame pairs a spatial band whose half-width halves each
+time the frame distance doubles (scaled by ``decay``), and below one block only every m-th frame
+pair. Text tokens of joint attention are dense (:func:`attend_video_and_text`).
+
+The pattern depends only on the grid, so it is built once per (grid, block, decay, sink, device)
+and shared by all sites, steps, CFG branches and models (module-level LRU cache); a call reads no
+device value on the host. A grid whose pattern keeps every block (e.g. one or two frames) runs
+dense SDPA instead. Calls the block-sparse kernel cannot take (a non key-padding mask, head dim
+outside 16/32/64/128, value head dim != query head dim, dtype other than fp16/bf16/fp32) run
+dense, with the reason logged once per site.
+
+Options:
+    decay: scale of the band half-widths at frame distance >= 2, in (0, 1]; default 0.2 (the
+        published Wan setting; HunyuanVideo used 0.95 without the sink).
+    block: query and key block size of the pattern and kernel (16, 32, 64, 128 or 256; default
+        128 as published).
+    first_frame_sink: every frame attends the whole first frame (default True, as published for
+        Wan).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.block_sparse_reference import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from sparse_compile.methods.base import (
+    AttentionCall,
+    AttentionMethod,
+    AttentionResult,
+    MethodOption,
+    bool_option,
+    fraction_option,
+)
+from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.radial_pattern import RadialLayout, radial_layout
+from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
+
+logger = logging.getLogger("sparse_compile")
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def kernel_problem(call: AttentionCall) -> str | None:
+    """Why the block-sparse kernel cannot run this call's ``(B, H, S, D)`` tensors, or ``None``."""
+    q, v = call.query, call.value
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
+    return None
+
+
+class RadialMethod(AttentionMethod):
+    """Radial attention on the fixed-block kernel; one cached static layout per grid."""
+
+    name = "radial"
+    is_sparse = True
+    option_spec = {
+        "decay": fraction_option(0.2),
+        "block": MethodOption(
+            128, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in BLOCK_SIZES,
+            f"one of {', '.join(map(str, BLOCK_SIZES))}",
+        ),
+        "first_frame_sink": bool_option(True),
+    }
+
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        problem = mask_problem(call.attn_mask, call.layout) or kernel_problem(call)
+        if problem is not None:
+            if not call.state.cache.get("radial_dense_logged"):
+                call.state.cache["radial_dense_logged"] = True
+                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
+            return self._dense(call)
+        layout = self.layout_for(call)
+        if layout.kept_density == 1.0:
+            return self._dense(call)
+        scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
+
+        def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+            """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE ``(B, H, Sv)`` fp32, density)."""
+            out, lse = block_sparse_attention(
+                q, k, v, layout.counts, layout.indices,
+                block_q=layout.block, block_k=layout.block, scale=scale, return_lse=True,
+            )  # fmt: skip
+            return out, lse, layout.kept_density
+
+        return attend_video_and_text(call, video_attention)
+
+    def layout_for(self, call: AttentionCall) -> RadialLayout:
+        """The cached layout of this call's grid on the query's device."""
+        lay = call.layout
+        return radial_layout(
+            lay.frames, lay.height, lay.width, self.params["block"], float(self.params["decay"]),
+            self.params["first_frame_sink"], call.query.device,
+        )  # fmt: skip
+
+    @staticmethod
+    def _dense(call: AttentionCall) -> AttentionResult:
+        return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)

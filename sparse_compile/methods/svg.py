@@ -1,0 +1,185 @@
+"""``method="svg"``: Sparse VideoGen, a spatial or a temporal band per head, chosen online.
+
+Per call, on the video tokens (frame-major ``frames x height x width``):
+
+1. Patterns (:mod:`svg_patterns`, cached per grid, ``block`` and ``density``): *spatial* keeps
+   the frames within ``±n`` of the query's frame, *temporal* the positions within ``±m`` of the
+   query's position across all frames; both keep the first frame (attention sink). Band widths
+   are the widest whose block layout keeps at most ``density`` of the video pairs.
+2. Profiling (:mod:`svg_profile`): ``profile_rows`` sampled query rows, exact against both
+   masked variants; each (batch element, head) takes the pattern with the smaller error. The
+   choice and everything derived from it (a :class:`HeadPlan`) is cached in the site's state per
+   CFG branch (``call.step.branch``) and renewed every ``profile_every`` steps (default 1: every
+   step, as published) and on a new generation or grid.
+3. One block-sparse kernel launch over all heads: temporal heads' q/k/v are gathered into the
+   temporal order (sink first, then position-major), spatial heads' stay frame-major (identity
+   index); each head gets its pattern's layout; output and LSE are gathered back.
+
+Text tokens of joint attention go through :func:`attend_video_and_text` (dense text rows and
+columns); masks other than key padding, head dims or dtypes the block kernel lacks, and
+``D != Dv`` run dense, logged once per site. No step reads a device value on the host.
+
+Not done yet (the fusion step): the layout transform is a standalone ``torch.gather`` of q, k
+and v into the kernel order before the kernel and of the output and LSE back after it, on every
+head (identity for spatial heads): five extra passes over ``(B, H, Sv, D)``-sized tensors per
+call. SVG2-style, it belongs in the neighbouring ops or the kernel's loads and stores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.block_sparse_reference import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from sparse_compile.methods.base import (
+    AttentionCall,
+    AttentionMethod,
+    AttentionResult,
+    MethodOption,
+    fraction_option,
+    int_option,
+)
+from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.svg_patterns import SvgPatterns, build_patterns
+from sparse_compile.methods.svg_profile import classify_heads, sample_rows
+from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
+
+logger = logging.getLogger("sparse_compile")
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True, eq=False)
+class HeadPlan:
+    """One profiling result of a (site, CFG branch) and the per-head kernel inputs derived from it.
+
+    Attributes:
+        head_is_temporal: bool ``(B, H)``.
+        gather: int64 ``(B, H, Sv)``: frame-major token at each kernel-order slot of each head.
+        scatter: int64 ``(B, H, Sv)``: kernel-order slot of each frame-major token (inverse).
+        counts: int32 ``(B, H, NQ)``; indices: int32 ``(B, H, NQ, MAXK)``: each head's layout.
+        density: fp32 0-d: kept fraction of the video pairs, averaged over (batch, head).
+        patterns: the patterns the plan was built from.
+        step, generation: when it was profiled.
+    """
+
+    head_is_temporal: Tensor
+    gather: Tensor
+    scatter: Tensor
+    counts: Tensor
+    indices: Tensor
+    density: Tensor
+    patterns: SvgPatterns
+    step: int
+    generation: int
+
+
+def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int, generation: int) -> HeadPlan:
+    """Per-head gather indices and layouts for a choice ``head_is_temporal`` bool ``(B, H)``."""
+    spatial, temporal = patterns.spatial, patterns.temporal
+    identity = torch.arange(patterns.to_temporal.numel(), device=head_is_temporal.device)
+    is_t = head_is_temporal[..., None]
+    maxk = max(spatial.indices.shape[1], temporal.indices.shape[1])
+    s_idx = F.pad(spatial.indices, (0, maxk - spatial.indices.shape[1]))
+    t_idx = F.pad(temporal.indices, (0, maxk - temporal.indices.shape[1]))
+    return HeadPlan(
+        head_is_temporal=head_is_temporal,
+        gather=torch.where(is_t, patterns.to_temporal, identity),
+        scatter=torch.where(is_t, patterns.from_temporal, identity),
+        counts=torch.where(is_t, temporal.counts, spatial.counts),
+        indices=torch.where(is_t[..., None], t_idx, s_idx),
+        density=torch.where(head_is_temporal, temporal.kept, spatial.kept).mean(),
+        patterns=patterns,
+        step=step,
+        generation=generation,
+    )
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, h, index[b, h, i]]``: ``x`` ``(B, H, S, D)`` or ``(B, H, S)``, ``index`` int64 ``(B, H, S)``."""
+    if x.dim() == 3:
+        return torch.gather(x, 2, index)
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def run_plan(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, scale: float) -> tuple[Tensor, Tensor]:
+    """Block-sparse attention of video tokens ``(B, H, Sv, D)`` under ``plan``.
+
+    Returns ``out (B, H, Sv, D)`` and ``lse`` fp32 ``(B, H, Sv)``, frame-major.
+    """
+    block = plan.patterns.block
+    out, lse = block_sparse_attention(
+        gather_tokens(q, plan.gather), gather_tokens(k, plan.gather), gather_tokens(v, plan.gather),
+        plan.counts, plan.indices, block_q=block, block_k=block, scale=scale, return_lse=True,
+    )
+    return gather_tokens(out, plan.scatter), gather_tokens(lse, plan.scatter)
+
+
+def kernel_problem(q: Tensor, v: Tensor) -> str | None:
+    """Why the block kernel cannot take these inputs, or ``None``."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of the block kernel's {SUPPORTED_DTYPES}"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        dims = f"{q.shape[-1]}/{v.shape[-1]}"
+        return f"head dims {dims} are not one of the block kernel's {SUPPORTED_HEAD_DIMS} for q, k and v"
+    return None
+
+
+class SvgMethod(AttentionMethod):
+    """Sparse VideoGen: per-head spatial or temporal block band, profiled on sampled rows."""
+
+    name = "svg"
+    is_sparse = True
+    option_spec = {
+        "density": fraction_option(0.25),
+        "block": MethodOption(
+            128, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in BLOCK_SIZES, "one of 16, 32, 64, 128"
+        ),
+        "profile_rows": int_option(64, 1),
+        "profile_every": int_option(1, 1),
+    }
+
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        problem = mask_problem(call.attn_mask, call.layout) or kernel_problem(call.query, call.value)
+        if problem is not None:
+            if not call.state.cache.get("svg_dense_logged"):
+                call.state.cache["svg_dense_logged"] = True
+                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
+            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
+
+    def _patterns(self, call: AttentionCall) -> SvgPatterns:
+        lay = call.layout
+        return build_patterns(lay.frames, lay.height, lay.width, self.params["block"], float(self.params["density"]),
+                              call.query.device)
+
+    def _plan(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, scale: float) -> HeadPlan:
+        """The cached plan of this CFG branch, or a fresh profile when it is due or stale."""
+        key = ("svg_plan", call.step.branch)
+        patterns = self._patterns(call)
+        plan: HeadPlan | None = call.state.cache.get(key)
+        step, generation = call.step.step, call.step.generation
+        fresh = (
+            plan is not None
+            and plan.patterns is patterns
+            and plan.head_is_temporal.shape == q.shape[:2]
+            and plan.generation == generation
+            and 0 <= step - plan.step < self.params["profile_every"]
+        )
+        if not fresh:
+            rows = sample_rows(q.shape[2], self.params["profile_rows"], q.device)
+            plan = plan_heads(classify_heads(q, k, v, patterns, rows, scale), patterns, step, generation)
+            call.state.cache[key] = plan
+        return plan
+
+    def _video_attention(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
+        """SVG attention of video tokens ``(B, H, Sv, D)`` -> (out, lse fp32 ``(B, H, Sv)``, kept density)."""
+        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        plan = self._plan(q, k, v, call, scale)
+        out, lse = run_plan(q, k, v, plan, scale)
+        return out, lse, plan.density

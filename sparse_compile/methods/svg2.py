@@ -1,0 +1,147 @@
+"""``method="svg2"``: Sparse VideoGen2, semantic-aware permutation with cached centroids.
+
+Per call, on the video tokens of each (batch element, head):
+
+1. k-means on the queries (``q_clusters``) and, separately, on the keys (``k_clusters``);
+   the first sparse call runs ``kmeans_iters_init`` iterations, later calls warm-start from
+   the centroids cached for this model, site and CFG branch and run ``kmeans_iters_step``.
+   With ``kmeans_during_dense`` the dense warm-up steps already cluster, so the first sparse
+   step starts warm.
+2. Permute tokens so each cluster is contiguous (queries by their clusters, keys and values
+   by theirs).
+3. Score cluster pairs by ``softmax_j(scale * cq_i . ck_j + log |cluster_j|)`` and keep, per
+   query cluster, the key clusters up to cumulative probability ``top_p`` (at least
+   ``min_kc_ratio`` of the key clusters).
+4. Run the variable-block (cluster) kernel and scatter the output back to token order.
+
+Text tokens of joint attention are handled by :func:`attend_video_and_text` (dense text
+rows and columns). No step of the sparse path reads a device value on the host.
+
+Not done yet (issue 4): the gather into cluster order and the scatter back are standalone
+passes over Q/K/V/O, not fused into neighbouring ops or the kernel's loads and stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
+from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
+from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
+from sparse_compile.methods.base import (
+    AttentionCall,
+    AttentionMethod,
+    AttentionResult,
+    MethodOption,
+    bool_option,
+    fraction_option,
+    int_option,
+)
+from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem, video_text_slices
+
+logger = logging.getLogger("sparse_compile")
+
+
+@dataclass(frozen=True)
+class Centroids:
+    """Cached k-means centroids of one site and CFG branch: ``(B, H, K, D)`` fp32 each."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+
+
+def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, perm[b, h, i]]``: ``x`` ``(B, H, S, D)``, ``perm`` ``(B, H, S)`` -> ``(B, H, S, D)``."""
+    return torch.gather(x, 2, perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_tokens`: ``out[b, h, perm[b, h, i]] = x[b, h, i]`` (works for ``(B, H, S)`` too)."""
+    index = perm if x.dim() == 3 else perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
+    return torch.empty_like(x).scatter_(2, index, x)
+
+
+def kept_pair_fraction(
+    q_sizes: torch.Tensor, k_sizes: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, seq: int
+) -> torch.Tensor:
+    """Mean over (batch, head) of the fraction of the ``seq x seq`` pairs a cluster layout keeps (0-d tensor).
+
+    ``q_sizes`` ``(B, H, Kq)``, ``k_sizes`` ``(B, H, Kk)``, ``counts`` ``(B, H, Kq)``, ``indices`` ``(B, H, Kq, M)``.
+    """
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    kept_keys = (torch.gather(k_sizes, 2, indices.flatten(2).long()).view(indices.shape) * valid).sum(-1)
+    return (kept_keys * q_sizes).sum(-1).float().mean() / (seq * seq)
+
+
+class Svg2Method(AttentionMethod):
+    """Sparse VideoGen2 on the cluster (variable-block) kernel."""
+
+    name = "svg2"
+    is_sparse = True
+    option_spec = {
+        "q_clusters": int_option(200, 1),
+        "k_clusters": int_option(1000, 1),
+        "top_p": fraction_option(0.9),
+        "min_kc_ratio": MethodOption(
+            0.1, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]"
+        ),
+        "kmeans_iters_init": int_option(50, 1),
+        "kmeans_iters_step": int_option(2, 0),
+        "kmeans_during_dense": bool_option(True),
+    }
+
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        problem = mask_problem(call.attn_mask, call.layout)
+        if problem is not None:
+            if not call.state.cache.get("svg2_dense_logged"):
+                call.state.cache["svg2_dense_logged"] = True
+                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
+            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
+
+    def observe_dense(self, call: AttentionCall) -> None:
+        """During dense steps, cluster already so the first sparse step starts from warm centroids."""
+        if self.params["kmeans_during_dense"]:
+            video, _ = video_text_slices(call.layout)
+            self._cluster(call.query[:, :, video], call.key[:, :, video], call)
+
+    def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
+        """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache."""
+        key = ("svg2_centroids", call.step.branch)
+        cached: Centroids | None = call.state.cache.get(key)
+        seq, dim = q.shape[2], q.shape[3]
+        n_q, n_k = min(self.params["q_clusters"], seq), min(self.params["k_clusters"], seq)
+        warm = cached is not None and cached.query.shape == (*q.shape[:2], n_q, dim) and cached.key.shape[2] == n_k
+        iters = self.params["kmeans_iters_step"] if warm else self.params["kmeans_iters_init"]
+        q_clusters = kmeans(q, n_q, iters, cached.query if warm else None, seed=0)
+        k_clusters = kmeans(k, n_k, iters, cached.key if warm else None, seed=1)
+        call.state.cache[key] = Centroids(q_clusters.centroids, k_clusters.centroids)
+        return q_clusters, k_clusters
+
+    def _video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+        """Cluster-sparse attention of video tokens ``(B, H, Sv, D)`` -> (out, lse, kept density)."""
+        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        q_clusters, k_clusters = self._cluster(q, k, call)
+        q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes)
+        k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes)
+        probs = pooled_block_scores(q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale)
+        min_blocks = math.ceil(self.params["min_kc_ratio"] * probs.shape[-1])
+        counts, indices = select_top_p(probs, self.params["top_p"], min_blocks=max(min_blocks, 1))
+        out, lse = varlen_block_sparse_attention(
+            gather_tokens(q, q_perm),
+            gather_tokens(k, k_perm),
+            gather_tokens(v, k_perm),
+            q_offsets,
+            k_offsets,
+            counts,
+            indices,
+            scale=scale,
+            return_lse=True,
+        )
+        density = kept_pair_fraction(q_clusters.sizes, k_clusters.sizes, counts, indices, q.shape[2])
+        return scatter_tokens(out, q_perm), scatter_tokens(lse, q_perm), density

@@ -1,0 +1,444 @@
+"""k-means for SVG2: the reference (blobs, monotone objective, warm starts, empty clusters, edge
+cases), the cluster permutation, the Triton kernels under the interpreter (in a subprocess) and
+on the GPU (accuracy against the reference, no host sync, timings)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_compile.kernels import kmeans as km
+from sparse_compile.kernels.kmeans_reference import (
+    assign_reference,
+    cluster_sizes,
+    initial_centroids,
+    kmeans_objective,
+    kmeans_reference,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_tests_in_subprocess (TRITON_INTERPRET=1)")
+FAST = settings(max_examples=25, deadline=None)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def blobs(b, h, k, per, d, seed, contiguous, spread=10.0, noise=0.01, dtype=torch.float32, device="cpu"):
+    """``k`` well-separated blobs of ``per`` tokens per (b, h): x ``(b, h, k * per, d)``, the blob of
+    each token int64 ``(b, h, S)`` and the true centers fp32 ``(b, h, k, d)``. ``contiguous``: each
+    blob is one run of tokens (runs in random order), else the tokens are shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(b, h, k, d, generator=g) * spread
+    base = torch.arange(k).repeat_interleave(per)
+    if contiguous:  # blob runs in a random order
+        ids = torch.stack([torch.randperm(k, generator=g)[base] for _ in range(b * h)])
+    else:
+        ids = torch.stack([base[torch.randperm(k * per, generator=g)] for _ in range(b * h)])
+    ids = ids.view(b, h, k * per)
+    jitter = noise * torch.randn(b, h, k * per, d, generator=g)
+    x = torch.gather(centers, 2, ids.unsqueeze(-1).expand(-1, -1, -1, d)) + jitter
+    return x.to(device=device, dtype=dtype), ids.to(device), centers.to(device)
+
+
+def with_far_cluster(centers, index, value=200.0):
+    """``centers`` ``(B, H, K, D)`` with an extra centroid of all ``value`` inserted at ``index`` (it stays empty)."""
+    far = torch.full((*centers.shape[:2], 1, centers.shape[3]), value, device=centers.device)
+    return torch.cat([centers[:, :, :index], far, centers[:, :, index:]], 2)
+
+
+def member_means(x, ids, k):
+    """Mean of the tokens of each blob, fp32 ``(B, H, k, D)`` (loops: independent of the kernels)."""
+    b, h, _, d = x.shape
+    out = torch.empty(b, h, k, d)
+    for bi in range(b):
+        for hi in range(h):
+            for c in range(k):
+                out[bi, hi, c] = x[bi, hi][ids[bi, hi] == c].float().mean(0)
+    return out
+
+
+def assert_same_partition(labels, ids, k):
+    """Each cluster holds exactly one blob and each blob one cluster (ids up to a permutation)."""
+    for lab, blob in zip(labels.reshape(-1, labels.shape[-1]), ids.reshape(-1, ids.shape[-1])):
+        pairs = torch.unique(lab.long() * k + blob.long())
+        assert pairs.numel() == k and torch.unique(lab).numel() == k
+
+
+def distance_excess(x, centroids, labels, chunk=2048):
+    """Per token ``(||x - c_label||^2 - min_k ||x - c_k||^2, min_k ||x - c_k||^2)`` in fp64, chunked."""
+    c = centroids.double()
+    c_sq = c.square().sum(-1).unsqueeze(-2)
+    chosen, best = [], []
+    for s0 in range(0, x.shape[2], chunk):
+        xs = x[:, :, s0 : s0 + chunk].double()
+        dist = xs.square().sum(-1, keepdim=True) - 2 * xs @ c.transpose(-1, -2) + c_sq
+        best.append(dist.min(-1).values)
+        chosen.append(dist.gather(-1, labels[:, :, s0 : s0 + chunk].long().unsqueeze(-1)).squeeze(-1))
+    best_t = torch.cat(best, -1)
+    return torch.cat(chosen, -1) - best_t, best_t
+
+
+def assert_consistent(x, cl, rtol=1e-5):
+    """Shapes and dtypes; sizes are the label counts and sum to S; no NaN; every label is an argmin
+    up to ``rtol * (max ||x||^2 + max ||c||^2)`` (the rounding of the score ``x . c - ||c||^2 / 2``)."""
+    b, h, s, d = x.shape
+    k = cl.centroids.shape[2]
+    assert cl.centroids.dtype == torch.float32 and cl.labels.dtype == torch.int32 and cl.sizes.dtype == torch.int32
+    assert cl.centroids.shape == (b, h, k, d) and cl.labels.shape == (b, h, s) and cl.sizes.shape == (b, h, k)
+    assert not cl.centroids.isnan().any()
+    assert torch.equal(cl.sizes, cluster_sizes(cl.labels, k))
+    assert (cl.sizes.sum(-1) == s).all()
+    scale = float(x.float().square().sum(-1).max() + cl.centroids.square().sum(-1).max())
+    excess, _ = distance_excess(x, cl.centroids, cl.labels)
+    assert excess.max() <= rtol * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reference_recovers_contiguous_blobs_from_cold_start():
+    x, ids, _ = blobs(2, 2, 7, 12, 8, seed=0, contiguous=True)
+    cl = km.kmeans_reference(x, 7, 3)
+    assert_same_partition(cl.labels, ids, 7)
+    assert_consistent(x, cl)
+    # cluster c's centroid is its blob's mean
+    blob_of = torch.gather(ids, 2, torch.sort(cl.labels.long(), dim=-1, stable=True).indices)[..., ::12]
+    means = member_means(x, ids, 7)
+    assert torch.allclose(cl.centroids, torch.gather(means, 2, blob_of.unsqueeze(-1).expand(-1, -1, -1, 8)), atol=1e-5)
+
+
+def test_objective_never_increases_and_iterations_compose():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 300, 8, generator=g)
+    runs = [km.kmeans_reference(x, 10, n, seed=3) for n in range(9)]
+    objective = torch.stack([kmeans_objective(x, r.centroids, r.labels) for r in runs])  # (iters, B, H)
+    assert (objective[1:] <= objective[:-1] * (1 + 1e-7)).all()
+    assert (objective[-1] < objective[0]).all()  # random data: the iterations do move
+    for r in runs:
+        assert_consistent(x, r)
+    warm = km.kmeans_reference(x, 10, 5, runs[3].centroids)
+    assert torch.equal(warm.centroids, runs[8].centroids) and torch.equal(warm.labels, runs[8].labels)
+
+
+def test_warm_start_from_true_centers_converges_in_one_iteration():
+    x, ids, centers = blobs(1, 3, 6, 15, 16, seed=2, contiguous=False)
+    zero = km.kmeans_reference(x, 6, 0, centers)
+    assert torch.equal(zero.centroids, centers) and torch.equal(zero.labels.long(), ids)
+    one = km.kmeans_reference(x, 6, 1, centers)
+    assert torch.equal(one.labels.long(), ids)
+    assert torch.allclose(one.centroids, member_means(x, ids, 6), atol=1e-5)
+    more = km.kmeans_reference(x, 6, 4, centers)
+    assert torch.equal(more.labels, one.labels) and torch.allclose(more.centroids, one.centroids, atol=1e-6)
+    assert (one.sizes == 15).all()
+
+
+def test_empty_cluster_keeps_its_centroid():
+    x, ids, centers = blobs(2, 1, 4, 10, 8, seed=3, contiguous=False)
+    init = with_far_cluster(centers, 2, 1e3)  # cluster 2 attracts nothing
+    init_copy = init.clone()
+    cl = km.kmeans_reference(x, 5, 3, init)
+    assert torch.equal(init, init_copy)  # the caller's centroids are not modified
+    assert (cl.sizes[..., 2] == 0).all() and (cl.centroids[:, :, 2] == 1e3).all()
+    assert_consistent(x, cl)
+    assert torch.equal(torch.where(cl.labels > 2, cl.labels - 1, cl.labels).long(), ids)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5], ids=["zeros", "identical"])
+def test_identical_points_go_to_the_lowest_cluster(value):
+    x = torch.full((1, 2, 20, 8), value)
+    cl = km.kmeans_reference(x, 4, 3)
+    assert (cl.labels == 0).all()
+    assert torch.equal(cl.sizes, torch.tensor([20, 0, 0, 0], dtype=torch.int32).expand(1, 2, 4))
+    assert (cl.centroids == value).all()
+
+
+def test_single_token_and_one_cluster_per_token():
+    x = torch.randn(1, 2, 1, 8)
+    cl = km.kmeans_reference(x, 1, 2)
+    assert (cl.labels == 0).all() and (cl.sizes == 1).all() and torch.equal(cl.centroids, x)
+    x = torch.randn(2, 1, 9, 4)
+    cl = km.kmeans_reference(x, 9, 2)  # segments of one token: every token seeds its own cluster
+    assert torch.equal(cl.labels, torch.arange(9, dtype=torch.int32).expand(2, 1, 9))
+    assert torch.equal(cl.centroids, x) and (cl.sizes == 1).all()
+
+
+def test_initial_centroids_one_token_per_segment_and_seeded():
+    b, h, s, k = 2, 3, 50, 7
+    x = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1).expand(b, h, s, 4)  # token i is the vector (i, i, i, i)
+    picked = initial_centroids(x, k, seed=5)[..., 0].long()
+    i = torch.arange(k)
+    assert ((picked >= i * s // k) & (picked < (i + 1) * s // k)).all()
+    assert torch.equal(picked, initial_centroids(x, k, seed=5)[..., 0].long())
+    assert not torch.equal(picked, initial_centroids(x, k, seed=6)[..., 0].long())
+    assert torch.unique(picked.view(b * h, k), dim=0).shape[0] > 1  # heads draw independently
+
+
+def test_assignment_chunking_and_strided_input():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 100, 3, 8, generator=g).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D)
+    c = torch.randn(2, 3, 11, 8, generator=g)
+    labels = assign_reference(x, c, chunk_rows=5)
+    assert torch.equal(labels, assign_reference(x.contiguous(), c, chunk_rows=10**6))
+    assert torch.equal(km.kmeans_reference(x, 11, 2).labels, km.kmeans_reference(x.contiguous(), 11, 2).labels)
+
+
+@FAST
+@given(b=st.integers(1, 2), h=st.integers(1, 2), s=st.integers(1, 60), k=st.integers(1, 12),
+       iters=st.integers(0, 3), seed=st.integers(0, 1000))  # fmt: skip
+def test_reference_invariants_on_random_data(b, h, s, k, iters, seed):
+    k = min(k, s)
+    x = torch.randn(b, h, s, 4, generator=torch.Generator().manual_seed(seed)).half()
+    assert_consistent(x, km.kmeans_reference(x, k, iters, seed=seed))
+
+
+def test_cpu_dispatch_is_the_reference():
+    x = torch.randn(1, 2, 40, 16)
+    got, want = km.kmeans(x, 5, 2, seed=1), kmeans_reference(x, 5, 2, seed=1)
+    for field in ("centroids", "labels", "sizes"):
+        assert torch.equal(getattr(got, field), getattr(want, field))
+
+
+def test_validation_errors():
+    x = torch.randn(1, 2, 10, 8)
+    run = km.kmeans
+    for bad_k in (0, 11):
+        with pytest.raises(ValueError, match="num_clusters"):
+            run(x, bad_k, 1)
+    with pytest.raises(ValueError, match="iters"):
+        run(x, 3, -1)
+    with pytest.raises(ValueError, match="iters"):
+        run(x, 3, True)
+    with pytest.raises(ValueError, match="4-D"):
+        run(x[0], 3, 1)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(ValueError, match="must be one of"):
+            run(x.to(dtype), 3, 1)
+    with pytest.raises(ValueError, match="init_centroids"):
+        run(x, 3, 1, torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="init_centroids"):
+        run(x, 3, 1, torch.zeros(1, 2, 3, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="head dim"):
+        km.kmeans_triton(torch.randn(1, 1, 10, 24), 3, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cluster permutation
+# ------------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(b=st.integers(1, 2), h=st.integers(1, 3), s=st.integers(1, 80), k=st.integers(1, 20), seed=st.integers(0, 1000))
+def test_cluster_permutation_groups_tokens_stably(b, h, s, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (b, h, s), generator=g, dtype=torch.int32)  # some clusters empty
+    sizes = cluster_sizes(labels, k)
+    perm, offsets = km.cluster_permutation(labels, sizes)
+    assert perm.dtype == torch.int64 and offsets.dtype == torch.int32 and offsets.shape == (b, h, k + 1)
+    assert torch.equal(perm.sort(-1).values, torch.arange(s).expand(b, h, s))
+    grouped = torch.gather(labels, 2, perm)
+    assert (grouped[..., 1:] >= grouped[..., :-1]).all()
+    same = grouped[..., 1:] == grouped[..., :-1]
+    assert (perm[..., 1:] > perm[..., :-1])[same].all()  # stable: ascending token index within a cluster
+    assert (offsets[..., 0] == 0).all() and (offsets[..., -1] == s).all()
+    assert torch.equal(offsets[..., 1:] - offsets[..., :-1], sizes)
+    starts = torch.gather(grouped, 2, offsets[..., :-1].clamp_max(s - 1).long())
+    assert (starts == torch.arange(k, dtype=torch.int32))[sizes > 0].all()  # cluster c begins at offsets[c]
+    want_perm, want_offsets = km.cluster_permutation_reference(labels, sizes)
+    assert torch.equal(perm, want_perm) and torch.equal(offsets, want_offsets)
+
+
+def test_cluster_permutation_validation():
+    labels = torch.zeros(1, 2, 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="integer"):
+        km.cluster_permutation(labels.float(), torch.zeros(1, 2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="share B, H"):
+        km.cluster_permutation(labels, torch.zeros(1, 1, 3, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (TRITON_INTERPRET must be set before triton's import)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_interpreter_tests_in_subprocess():
+    """Run this file's ``interp_`` tests in a fresh process with TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        pytest.skip("this process already interprets Triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled float and -7-filled integer tensors: unwritten outputs show."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def run_triton(x, k, iters, init=None, config=km.KmeansConfig(32, 16, 4, 1), seed=0):
+    cl = km.kmeans_triton(x, k, iters, init, seed=seed, config=config)
+    assert_consistent(x, cl, rtol=1e-5 if x.dtype == torch.float32 else 1e-3)
+    return cl
+
+
+def assert_same_clustering(got, want, dtype):
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.sizes, want.sizes)
+    assert rel_l2(got.centroids, want.centroids) <= (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+INTERP_CONFIGS = [km.KmeansConfig(32, 16, 4, 1), km.KmeansConfig(16, 32, 4, 1)]
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", INTERP_CONFIGS, ids=["s32k16", "s16k32"])
+def test_interp_cold_start_matches_reference_on_blobs(dtype, config):
+    # contiguous blobs: tiles of one cluster, so the atomics collide; S and K not tile multiples
+    x, ids, _ = blobs(1, 2, 20, 7, 32, seed=5, contiguous=True, dtype=dtype)
+    got = run_triton(x, 20, 3, config=config)
+    assert_same_partition(got.labels, ids, 20)
+    assert_same_clustering(got, km.kmeans_reference(x, 20, 3), dtype)
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_warm_start_with_empty_cluster_on_shuffled_blobs(dtype):
+    x, ids, centers = blobs(2, 1, 24, 10, 16, seed=6, contiguous=False, dtype=dtype)
+    init = with_far_cluster(centers + 0.5 * torch.randn(centers.shape, generator=torch.Generator().manual_seed(0)), 5)
+    got = run_triton(x, 25, 2, init)
+    assert (got.sizes[..., 5] == 0).all() and (got.centroids[:, :, 5] == 200.0).all()
+    assert torch.equal(torch.where(got.labels > 5, got.labels - 1, got.labels).long(), ids)
+    assert_same_clustering(got, km.kmeans_reference(x, 25, 2, init), dtype)
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+def test_interp_random_data_objective_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2, 256, 16, generator=g)
+    init = initial_centroids(x, 32, seed=1)
+    got, want = run_triton(x, 32, 3, init), km.kmeans_reference(x, 32, 3, init)
+    got_obj, want_obj = kmeans_objective(x, got.centroids, got.labels), kmeans_objective(x, want.centroids, want.labels)
+    assert ((got_obj - want_obj).abs() / want_obj).max() <= 1e-5
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+def test_interp_iters_zero_ties_and_edge_shapes():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 40, 2, 16, generator=g).half().transpose(1, 2)  # strided (B, H, S, D) view
+    init = torch.randn(1, 2, 20, 16, generator=g).half().float()  # exact in the dot's fp16: same argmax as fp32
+    got = run_triton(x, 20, 0, init)
+    assert torch.equal(got.centroids, init) and torch.equal(got.labels, assign_reference(x, init))
+    same = run_triton(torch.full((1, 1, 40, 16), 0.5, dtype=torch.float16), 20, 2)  # ties across both K chunks
+    assert (same.labels == 0).all() and same.sizes[0, 0, 0] == 40 and (same.centroids == 0.5).all()
+    one = run_triton(x[:, :, :1], 1, 1)
+    assert (one.labels == 0).all() and torch.equal(one.centroids, x[:, :, :1].float())
+    empty = km.kmeans_triton(torch.randn(0, 2, 10, 16), 3, 1)
+    assert empty.centroids.shape == (0, 2, 3, 16) and empty.labels.shape == (0, 2, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def svg2_tokens(h=12, s=32760, d=128, dtype=torch.bfloat16, seed=0):
+    """Clustered tokens like DiT queries/keys: 3000 latent directions + noise, (1, h, s, d) on CUDA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    modes = torch.randn(h, 3000, d, device="cuda", generator=g)
+    pick = torch.randint(0, 3000, (h, s), device="cuda", generator=g)
+    noise = 0.7 * torch.randn(h, s, d, device="cuda", generator=g)
+    x = torch.gather(modes, 1, pick.unsqueeze(-1).expand(-1, -1, d)) + noise
+    return x.unsqueeze(0).to(dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_reference_objective_bf16():
+    x = svg2_tokens()
+    init = initial_centroids(x, 1000, seed=0)
+    got = km.kmeans_triton(x, 1000, 5, init)
+    want = kmeans_reference(x, 1000, 5, init)
+    assert not got.centroids.isnan().any()
+    assert torch.equal(got.sizes, cluster_sizes(got.labels, 1000)) and (got.sizes.sum(-1) == x.shape[2]).all()
+    got_obj, want_obj = kmeans_objective(x, got.centroids, got.labels), kmeans_objective(x, want.centroids, want.labels)
+    assert ((got_obj - want_obj).abs() / want_obj).max() <= 1e-3, (got_obj, want_obj)
+    # labels are argmins up to the bf16 rounding of the centroids in the dot
+    excess, best = distance_excess(x, got.centroids, got.labels)
+    assert (excess <= 1e-2 * best + 1e-3).all()
+    assert (got.labels == assign_reference(x, got.centroids)).float().mean() >= 0.98
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_small_blobs_match_reference(dtype):
+    x, ids, centers = blobs(2, 3, 100, 30, 64, seed=9, contiguous=False, dtype=dtype, device="cuda")
+    init = with_far_cluster(centers, 7, 500.0)
+    got = km.kmeans(x, 101, 3, init)  # CUDA dispatch: the Triton path
+    want = kmeans_reference(x, 101, 3, init)
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.sizes, want.sizes)
+    assert rel_l2(got.centroids, want.centroids) <= 1e-5
+    assert (got.sizes[..., 7] == 0).all() and (got.centroids[:, :, 7] == 500.0).all()
+    assert torch.equal(torch.where(got.labels > 7, got.labels - 1, got.labels).long(), ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [128, 96], ids=["triton", "reference"])
+def test_gpu_no_host_sync(d):
+    x = svg2_tokens(h=4, s=4096, d=d)
+    warm_up = km.kmeans(x, 300, 3)  # compiles the kernels, initialises the sort
+    km.cluster_permutation(warm_up.labels, warm_up.sizes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cold = km.kmeans(x, 300, 3, seed=1)
+        warm = km.kmeans(x, 300, 2, cold.centroids)
+        perm, offsets = km.cluster_permutation(warm.labels, warm.sizes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(offsets[..., 1:] - offsets[..., :-1], warm.sizes)
+    assert torch.equal(torch.gather(warm.labels, 2, perm).sort(-1).values, torch.gather(warm.labels, 2, perm))
+
+
+@pytest.mark.gpu
+def test_gpu_timing_print():
+    x = svg2_tokens()
+    init = initial_centroids(x, 1000, seed=0)
+    configs = [None, km.KmeansConfig(64, 64, 4, 2), km.KmeansConfig(128, 64, 4, 2), km.KmeansConfig(128, 64, 8, 2),
+               km.KmeansConfig(128, 128, 8, 2), km.KmeansConfig(64, 128, 4, 2)]  # fmt: skip
+    for config in configs:
+        t0 = triton_bench(lambda: km.kmeans_triton(x, 1000, 0, init, config=config))
+        t4 = triton_bench(lambda: km.kmeans_triton(x, 1000, 4, init, config=config))
+        print(f"\nkmeans B*H=12 S=32760 K=1000 D=128 bf16 config={config or km.default_config(128)}: "
+              f"one iteration {(t4 - t0) / 4 * 1e3:.1f} us, assignment-only call {t0 * 1e3:.1f} us")
+    cl = km.kmeans_triton(x, 1000, 2, init)
+    print(f"SVG2 warm step (2 iterations, K=1000): {triton_bench(lambda: km.kmeans(x, 1000, 2, init)) * 1e3:.1f} us; "
+          f"cluster_permutation: {triton_bench(lambda: km.cluster_permutation(cl.labels, cl.sizes)) * 1e3:.1f} us")
+
+
+def triton_bench(fn) -> float:
+    """Median milliseconds of ``fn`` (triton.testing.do_bench)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200)
