@@ -83,6 +83,9 @@ def report(model: torch.nn.Module) -> Report:
         for r in GRAPHS[graph_id].sites:
             state = session.site_states.get(r.site_id)
             densities = {} if state is None else state.densities
+            status = r.status
+            if state is not None and state.fallback_reason is not None:
+                status = f"dense: {state.fallback_reason} (at run time)"
             sites.append(
                 SiteReport(
                     module_path=r.module_path,
@@ -93,7 +96,7 @@ def report(model: torch.nn.Module) -> Report:
                     text_tokens=r.text_tokens,
                     text_position=r.text_position,
                     method=r.method,
-                    status=r.status,
+                    status=status,
                     rewritten=r.rewritten,
                     density_by_step={step: sum(map(float, d)) / len(d) for step, d in sorted(densities.items())},
                 )

@@ -132,3 +132,29 @@ def test_without_a_timestep_each_forward_is_a_step(recording_method, caplog):
     assert "no timestep input found" in caplog.text
     assert [c.step for c in recording_method] == [0, 1, 2]
     assert recording_method[0].grid == (3, 4, 5)
+
+
+class _FullMaskModel(_NoTimestepModel):
+    """Video self-attention with a full (B, 1, S, S) boolean mask, which sparse methods cannot honour."""
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(1, 1, q.shape[2], q.shape[2], dtype=torch.bool, device=x.device)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_run_time_dense_fallback_is_logged_once_and_reported(caplog):
+    model = _FullMaskModel()
+    options = {"method": "svg2", "min_seq_len": 16, "q_clusters": 4, "k_clusters": 4}
+    compiled = torch.compile(model, backend="sparse_video", options=options)
+    x = torch.randn(1, 4, 3, 8, 10)
+    with caplog.at_level(logging.WARNING, logger="sparse_compile"), torch.no_grad():
+        out = compiled(x)
+        compiled(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    reason = "attn_mask of shape (1, 1, 60, 60) is not a key-padding mask (B, H, 1, S)"
+    assert caplog.text.count(f"runs dense: {reason}") == 1
+    (site,) = sparse_compile.report(compiled).rewritten
+    assert site.status == f"dense: {reason} (at run time)"
+    assert site.density_by_step == {0: 1.0, 1: 1.0}

@@ -80,6 +80,12 @@ def int_option(default: int, minimum: int) -> MethodOption:
                         f"an int >= {minimum}")
 
 
+def choice_option(default: int, choices: tuple[int, ...]) -> MethodOption:
+    """One of a few ints (e.g. block sizes)."""
+    return MethodOption(default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in choices,
+                        f"one of {', '.join(map(str, choices))}")
+
+
 def bool_option(default: bool) -> MethodOption:
     return MethodOption(default, lambda v: isinstance(v, bool), "True or False")
 

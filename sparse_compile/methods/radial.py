@@ -24,39 +24,23 @@ Options:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.kernels.block_sparse_reference import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from sparse_compile.methods.base import (
     AttentionCall,
     AttentionMethod,
     AttentionResult,
-    MethodOption,
     bool_option,
+    choice_option,
     fraction_option,
 )
 from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
 from sparse_compile.methods.radial_pattern import RadialLayout, radial_layout
 from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
 
-logger = logging.getLogger("sparse_compile")
-
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-
-
-def kernel_problem(call: AttentionCall) -> str | None:
-    """Why the block-sparse kernel cannot run this call's ``(B, H, S, D)`` tensors, or ``None``."""
-    q, v = call.query, call.value
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not one of {SUPPORTED_DTYPES}"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} is not one of {SUPPORTED_HEAD_DIMS}"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head dim {v.shape[-1]} differs from the query head dim {q.shape[-1]}"
-    return None
 
 
 class RadialMethod(AttentionMethod):
@@ -66,23 +50,17 @@ class RadialMethod(AttentionMethod):
     is_sparse = True
     option_spec = {
         "decay": fraction_option(0.2),
-        "block": MethodOption(
-            128, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in BLOCK_SIZES,
-            f"one of {', '.join(map(str, BLOCK_SIZES))}",
-        ),
+        "block": choice_option(128, BLOCK_SIZES),
         "first_frame_sink": bool_option(True),
     }
 
     def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout) or kernel_problem(call)
+        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
         if problem is not None:
-            if not call.state.cache.get("radial_dense_logged"):
-                call.state.cache["radial_dense_logged"] = True
-                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
-            return self._dense(call)
+            return dense_fallback(call, problem)
         layout = self.layout_for(call)
-        if layout.kept_density == 1.0:
-            return self._dense(call)
+        if layout.kept_density == 1.0:  # short clips: the radial mask keeps every block
+            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
         scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
 
         def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -102,7 +80,3 @@ class RadialMethod(AttentionMethod):
             lay.frames, lay.height, lay.width, self.params["block"], float(self.params["decay"]),
             self.params["first_frame_sink"], call.query.device,
         )  # fmt: skip
-
-    @staticmethod
-    def _dense(call: AttentionCall) -> AttentionResult:
-        return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)

@@ -27,7 +27,6 @@ call. SVG2-style, it belongs in the neighbouring ops or the kernel's loads and s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,21 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.kernels.block_sparse_reference import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from sparse_compile.methods.base import (
     AttentionCall,
     AttentionMethod,
     AttentionResult,
-    MethodOption,
+    choice_option,
     fraction_option,
     int_option,
 )
-from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
 from sparse_compile.methods.svg_patterns import SvgPatterns, build_patterns
 from sparse_compile.methods.svg_profile import classify_heads, sample_rows
 from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
-
-logger = logging.getLogger("sparse_compile")
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -120,16 +116,6 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, scale: float) -> t
     return gather_tokens(out, plan.scatter), gather_tokens(lse, plan.scatter)
 
 
-def kernel_problem(q: Tensor, v: Tensor) -> str | None:
-    """Why the block kernel cannot take these inputs, or ``None``."""
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not one of the block kernel's {SUPPORTED_DTYPES}"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        dims = f"{q.shape[-1]}/{v.shape[-1]}"
-        return f"head dims {dims} are not one of the block kernel's {SUPPORTED_HEAD_DIMS} for q, k and v"
-    return None
-
-
 class SvgMethod(AttentionMethod):
     """Sparse VideoGen: per-head spatial or temporal block band, profiled on sampled rows."""
 
@@ -137,20 +123,15 @@ class SvgMethod(AttentionMethod):
     is_sparse = True
     option_spec = {
         "density": fraction_option(0.25),
-        "block": MethodOption(
-            128, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in BLOCK_SIZES, "one of 16, 32, 64, 128"
-        ),
+        "block": choice_option(128, BLOCK_SIZES),
         "profile_rows": int_option(64, 1),
         "profile_every": int_option(1, 1),
     }
 
     def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout) or kernel_problem(call.query, call.value)
+        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
         if problem is not None:
-            if not call.state.cache.get("svg_dense_logged"):
-                call.state.cache["svg_dense_logged"] = True
-                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
-            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+            return dense_fallback(call, problem)
         return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
 
     def _patterns(self, call: AttentionCall) -> SvgPatterns:

@@ -23,7 +23,6 @@ passes over Q/K/V/O, not fused into neighbouring ops or the kernel's loads and s
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -41,11 +40,8 @@ from sparse_compile.methods.base import (
     fraction_option,
     int_option,
 )
-from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.fallback import dense_fallback
 from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem, video_text_slices
-
-logger = logging.getLogger("sparse_compile")
-
 
 @dataclass(frozen=True)
 class Centroids:
@@ -98,10 +94,7 @@ class Svg2Method(AttentionMethod):
     def attend(self, call: AttentionCall) -> AttentionResult:
         problem = mask_problem(call.attn_mask, call.layout)
         if problem is not None:
-            if not call.state.cache.get("svg2_dense_logged"):
-                call.state.cache["svg2_dense_logged"] = True
-                logger.warning("sparse_compile: %s runs dense: %s", call.site.module_path, problem)
-            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+            return dense_fallback(call, problem)
         return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
 
     def observe_dense(self, call: AttentionCall) -> None:

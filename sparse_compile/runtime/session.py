@@ -33,10 +33,12 @@ class SiteState:
         densities: step -> kept density of each call in that step (all CFG branches); a method
             may report a 0-d device tensor, read only when a report is made (no sync per call).
         cache: the method's cached state (centroids, block indices, LSE ...).
+        fallback_reason: why the method last had to run a call dense at run time, if it did.
     """
 
     densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
+    fallback_reason: str | None = None
 
     def record_density(self, step: int, density: float | torch.Tensor) -> None:
         self.densities.setdefault(step, []).append(density)
