@@ -1,5 +1,6 @@
 """Attention methods selectable with the ``method`` option."""
 
+from sparse_compile.methods.adaspa import AdaSpaMethod
 from sparse_compile.methods.base import AttentionMethod
 from sparse_compile.methods.dense import DenseMethod
 from sparse_compile.methods.radial import RadialMethod
@@ -11,4 +12,5 @@ METHODS: dict[str, type[AttentionMethod]] = {
     Svg2Method.name: Svg2Method,
     RadialMethod.name: RadialMethod,
     SvgMethod.name: SvgMethod,
+    AdaSpaMethod.name: AdaSpaMethod,
 }
