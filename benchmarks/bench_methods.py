@@ -7,7 +7,8 @@ Inputs are *structured*: per head, queries and keys are noisy copies of a few do
 For each shape and method setting: kept density, relative L2 error of the output vs dense,
 and the time of the whole method call in steady state (for SVG2: warm-started k-means,
 selection, permutation, cluster kernel, inverse permutation; for SVG: with its cached head
-profile; for radial: with its cached static layout). For SVG2 also the cluster kernel alone on
+profile; for radial: with its cached static layout; for AdaSpa: between searches, reusing its
+indices). For SVG2 also the cluster kernel alone on
 the same layout and the overhead share (everything but the kernel). One run prints a markdown
 table and writes it to ``$OUT/methods.md`` when ``OUT`` is set.
 
@@ -85,6 +86,8 @@ SETTINGS = [
     {"method": "svg", "density": 0.25},
     {"method": "svg", "density": 0.125},
     {"method": "radial"},
+    {"method": "adaspa", "density": 0.25},
+    {"method": "adaspa", "density": 0.125},
 ]
 
 
