@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 
@@ -11,36 +12,25 @@ import torch.nn.functional as F
 
 import sparse_compile
 import tiny_models
+from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
-from sparse_compile.methods import METHODS
 from sparse_compile.methods import adaspa as adaspa_module
 from sparse_compile.methods.adaspa import AdaSpaMethod
 from sparse_compile.methods.adaspa_search import block_budget, search_layout
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo, find_session
+from sparse_compile.runtime.session import SiteState, find_session
 
 SCALE = 0.25  # 1 / sqrt(16)
-
-
-@pytest.fixture(autouse=True)
-def _register_adaspa(monkeypatch):
-    monkeypatch.setitem(METHODS, AdaSpaMethod.name, AdaSpaMethod)
-
-
-class _Site:
-    module_path = "blocks.0.attn1"
 
 
 def _method(**options) -> AdaSpaMethod:
     return AdaSpaMethod(validate_options({"method": "adaspa", **options}))
 
 
-def _call(q, k, v, layout, state=None, step=0, branch=0, generation=0, mask=None):
-    return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=None, layout=layout,
-                         step=StepInfo(step, branch, generation), site=_Site(), state=state or SiteState())
+_call = functools.partial(method_call, step=0)
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -13,35 +14,24 @@ from hypothesis import strategies as st
 
 import sparse_compile
 import tiny_models
+from method_calls import method_call
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
-from sparse_compile.methods import METHODS
 from sparse_compile.methods import radial as radial_module
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.radial import RadialMethod
 from sparse_compile.methods.radial_pattern import radial_block_mask, radial_layout
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo
+from sparse_compile.runtime.session import SiteState
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def registered(monkeypatch):
-    monkeypatch.setitem(METHODS, RadialMethod.name, RadialMethod)
-
-
-class _Site:
-    module_path = "blocks.0.attn1"
 
 
 def _method(**params) -> RadialMethod:
     return RadialMethod(validate_options({"method": "radial", **params}))
 
 
-def _call(q, k, v, layout, mask=None, state=None):
-    return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=None, layout=layout,
-                         step=StepInfo(step=0, branch=0, generation=0), site=_Site(), state=state or SiteState())
+_call = functools.partial(method_call, step=0)
 
 
 def _qkv(seq, batch=2, heads=2, dim=16):

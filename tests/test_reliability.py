@@ -12,10 +12,10 @@ import torch
 
 import sparse_compile
 import tiny_models
+from method_calls import method_call
 from sparse_compile.methods import METHODS
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo
 
 SMALL = {
     "svg2": {"q_clusters": 4, "k_clusters": 6, "kmeans_iters_init": 3},
@@ -25,15 +25,9 @@ SMALL = {
 }
 
 
-class _Site:
-    module_path = "blocks.0.attn1"
-
-
 def _attend(method_name, q, k, v, layout):
     method = METHODS[method_name](validate_options({"method": method_name, **SMALL[method_name]}))
-    call = AttentionCall(query=q, key=k, value=v, attn_mask=None, scale=None, layout=layout,
-                         step=StepInfo(1, 0, 0), site=_Site(), state=SiteState())
-    return method.attend(call).output
+    return method.attend(method_call(q, k, v, layout)).output
 
 
 def _hostile_inputs():

@@ -12,36 +12,25 @@ from hypothesis import strategies as st
 
 import sparse_compile
 import tiny_models
+from method_calls import method_call
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
-from sparse_compile.methods import METHODS
 from sparse_compile.methods import svg as svg_module
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg import SvgMethod
 from sparse_compile.methods.svg_patterns import build_patterns, temporal_order
 from sparse_compile.methods.svg_profile import classify_heads, pattern_errors, sample_rows
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo, find_session
+from sparse_compile.runtime.session import SiteState, find_session
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _register_svg(monkeypatch):
-    monkeypatch.setitem(METHODS, SvgMethod.name, SvgMethod)
-
-
-class _Site:
-    module_path = "blocks.0.attn1"
 
 
 def _method(**params) -> SvgMethod:
     return SvgMethod(validate_options({"method": "svg", **params}))
 
 
-def _call(q, k, v, layout, state=None, step=1, branch=0, generation=0, mask=None):
-    return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=None, layout=layout,
-                         step=StepInfo(step, branch, generation), site=_Site(), state=state or SiteState())
+_call = method_call
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

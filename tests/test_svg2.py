@@ -10,26 +10,21 @@ import torch.nn.functional as F
 
 import sparse_compile
 import tiny_models
+from method_calls import method_call
 from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo
-
-
-class _Site:
-    module_path = "blocks.0.attn1"
+from sparse_compile.runtime.session import SiteState
 
 
 def _method(**params) -> Svg2Method:
     return Svg2Method(validate_options({"method": "svg2", **params}))
 
 
-def _call(q, k, v, layout, state=None, branch=0, mask=None):
-    return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=None, layout=layout,
-                         step=StepInfo(step=1, branch=branch, generation=0), site=_Site(), state=state or SiteState())
+_call = method_call
 
 
 def _qkv(seq, heads=2, dim=16, batch=1, dtype=torch.float32):
