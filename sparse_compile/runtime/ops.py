@@ -59,6 +59,20 @@ def attention_output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Ten
     return query.new_empty((batch, seq, heads, value.shape[-1])).transpose(1, 2)
 
 
+def _in_output_layout(result: torch.Tensor, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``result`` ``(B, H, S, Dv)`` with the strides of :func:`attention_output_like`; copied only if needed.
+
+    Method outputs are fresh tensors (never views of the op's inputs), so returning one as is is safe.
+    """
+    batch, heads, seq, _ = query.shape
+    dv = value.shape[-1]
+    if result.shape == (batch, heads, seq, dv) and result.stride() == (seq * heads * dv, dv, heads * dv, 1):
+        return result
+    out = attention_output_like(query, value)
+    out.copy_(result)
+    return out
+
+
 @torch.library.custom_op("sparse_compile::attention", mutates_args=(), tags=_TAGS)
 def sparse_attention(
     query: torch.Tensor,
@@ -89,8 +103,7 @@ def sparse_attention(
     step, branch, generation, session_id = (int(x) for x in step_token.tolist())
     state = SESSIONS[session_id].state_of(site_id)
     options = site.options
-    dense_layer = site.layer_index is not None and site.layer_index < options.dense_layers
-    if site.attention is None or dense_layer:
+    if site.layer_index < options.dense_layers:
         result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
     else:
         call = AttentionCall(
@@ -111,9 +124,7 @@ def sparse_attention(
             result = site.attention.attend(call)
             result_tensor, density = result.output, result.kept_density
     state.record_density(step, density)
-    out = attention_output_like(query, value)
-    out.copy_(result_tensor)
-    return out
+    return _in_output_layout(result_tensor, query, value)
 
 
 @sparse_attention.register_fake
