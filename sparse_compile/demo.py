@@ -1,8 +1,9 @@
 """``python -m sparse_compile.demo``: compile a diffusers Wan transformer with the backend.
 
 Runs a short denoising loop (CFG as two calls per step) three ways: eager, Inductor
-(``torch.compile`` default backend) and ``backend="sparse_video"``, then prints what the
-backend rewrote, the time per transformer call and how far its output is from eager.
+(``torch.compile`` default backend) and ``backend="sparse_video"`` (``--method``, SVG2 by
+default), then prints what the backend rewrote, the time per transformer call and how far its
+output is from eager.
 Random weights: this shows the mechanics and the speed, not video quality.
 """
 
@@ -50,7 +51,7 @@ def denoise(model, latents: torch.Tensor, text: torch.Tensor, steps: int) -> tup
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="dense", choices=sparse_compile.available_methods())
+    parser.add_argument("--method", default="svg2", choices=sparse_compile.available_methods())
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dense-steps", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     denoise(inductor, latents, text, 1)  # compile outside the timing
     _, inductor_s = denoise(inductor, latents, text, args.steps)
     options = {"method": args.method, "dense_steps": args.dense_steps, "min_seq_len": 256}
+    if args.method == "svg2":  # cluster counts in proportion to the defaults' ~30k tokens
+        options.update(q_clusters=max(8, tokens // 160), k_clusters=max(16, tokens // 32))
+    print("options:", options)
     sparse = torch.compile(model, backend="sparse_video", options=options)
     denoise(sparse, latents, text, 1)
     sparse_compile.reset(sparse)
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"time per transformer call: eager {eager_s * 1e3:.1f} ms, inductor {inductor_s * 1e3:.1f} ms, "
           f"sparse_video {sparse_s * 1e3:.1f} ms ({inductor_s / sparse_s:.2f}x vs inductor)")
     print(f"final latents vs eager: relative L2 error {rel:.2e}")
+    if device.type == "cpu":
+        print("on the CPU the sparse methods run their PyTorch reference kernels (the specification): "
+              "their speed is only meaningful on a GPU, see benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":
