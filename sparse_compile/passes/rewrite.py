@@ -9,70 +9,26 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import re
 
 import torch
 import torch.fx as fx
 
 from sparse_compile.methods import METHODS
 from sparse_compile.options import SparseOptions
+from sparse_compile.passes.graph_inputs import find_anchor_input, find_timestep_input
 from sparse_compile.passes.sdpa_sites import find_sdpa_calls
 from sparse_compile.passes.site_plan import SitePlan, plan_site
-from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis, example_value
+from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis
 from sparse_compile.runtime import ops  # noqa: F401  (registers the ops the rewrite inserts)
 from sparse_compile.runtime.session import Session
 from sparse_compile.runtime.sites import SiteRecord, register_graph, register_site
 
 logger = logging.getLogger("sparse_compile")
 
-_SINUSOID_OPS = (torch.sin, torch.cos, "sin", "cos")
-
-
-def find_timestep_input(gm: fx.GraphModule) -> fx.Node | None:
-    """The graph input holding the diffusion timestep, or ``None``.
-
-    Preferred: a placeholder named like ``timestep``. Otherwise the first non-parameter
-    tensor input of rank <= 1 that feeds a sinusoidal embedding (``sin``/``cos``) within a
-    few ops.
-    """
-    candidates = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        value = example_value(node)
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-            candidates.append(node)
-    named = [n for n in candidates if re.search(r"timestep", n.name, re.IGNORECASE)]
-    if named:
-        return named[0]
-    for node in candidates:
-        if example_value(node).dim() <= 1 and _reaches_sinusoid(node, hops=8):
-            return node
-    return None
-
-
-def _reaches_sinusoid(node: fx.Node, hops: int) -> bool:
-    frontier = {node}
-    for _ in range(hops):
-        frontier = {user for n in frontier for user in n.users}
-        if any(n.target in _SINUSOID_OPS for n in frontier):
-            return True
-    return False
-
-
-def find_anchor_input(gm: fx.GraphModule) -> fx.Node | None:
-    """The first graph input that is a parameter: at run time it tells which model is calling."""
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and isinstance(example_value(node), torch.nn.Parameter):
-            return node
-    return None
-
-
 def _insert_step_marker(gm: fx.GraphModule, session: Session, graph_id: int) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     timestep = find_timestep_input(gm)
     if timestep is None:
-        session.counts_forwards = True
         logger.warning(
             "sparse_compile: no timestep input found in the graph; every forward call counts as one "
             "denoising step (use sparse_compile.set_step(model, step) in a custom loop)"

@@ -70,7 +70,6 @@ class Session:
         self._manual: tuple[int, int] | None = None
         self._last_timestep: float | None = None
         self._current = StepInfo(step=-1, branch=0, generation=-1)
-        self.counts_forwards = False
 
     @property
     def current(self) -> StepInfo:
