@@ -4,26 +4,17 @@ Triton kernels under the interpreter (in a subprocess) and on the GPU."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import block_select as bs
 from sparse_compile.kernels import block_select_reference as ref
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_tests_in_subprocess (TRITON_INTERPRET=1)")
 FAST = settings(max_examples=25, deadline=None)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def make_qk(b, h, s_q, s_k, d, dtype=torch.float32, seed=0, device="cpu"):
@@ -233,13 +224,7 @@ def test_custom_ops_cpu_and_fakes():
 
 def test_interpreter_tests_in_subprocess():
     """Run this file's ``interp_`` tests in a fresh process with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this process already interprets Triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    run_interpreted(__file__, "interp_")
 
 
 INTERP_CASES = [

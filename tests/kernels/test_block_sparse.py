@@ -7,15 +7,12 @@ GPU cases (``@pytest.mark.gpu``) run the compiled kernel at real sizes.
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from triton_interpreter_support import run_interpreted
 from sparse_compile.kernels.block_sparse import (
     TileConfig,
     block_sparse_attention,
@@ -34,7 +31,6 @@ IN_INTERPRETER = interpreter_active()
 interp_only = pytest.mark.skipif(
     not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process of test_interpreter_suite"
 )
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Junk written past each row's count: kernels and reference must never use it.
 JUNK_INDEX = -12345
 
@@ -250,11 +246,7 @@ def test_triton_entry_needs_cuda_or_interpreter() -> None:
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the child process")
 def test_interpreter_suite() -> None:
     """Run the ``test_interp_*`` cases in a fresh process with TRITON_INTERPRET=1 set before triton loads."""
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "test_interp_"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-3000:]
+    run_interpreted(__file__, "test_interp_")
 
 
 def _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale=None, **kw):

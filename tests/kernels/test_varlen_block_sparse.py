@@ -4,9 +4,6 @@ equivalence, the Triton kernel under the interpreter (in a subprocess) and on th
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
 from sparse_compile.kernels.varlen_block_sparse_reference import (
@@ -25,14 +23,7 @@ from sparse_compile.kernels.varlen_block_sparse_reference import (
     varlen_layout_to_dense_mask,
 )
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRETED, reason="runs in test_interpreter_tests_in_subprocess (TRITON_INTERPRET=1)")
 FAST = settings(max_examples=30, deadline=None)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def random_offsets(b, h, n, seq, g, device="cpu"):
@@ -207,13 +198,7 @@ def test_tile_table_covers_every_row_once():
 
 def test_interpreter_tests_in_subprocess():
     """Run this file's ``interp_`` tests in a fresh process with TRITON_INTERPRET=1."""
-    if INTERPRETED:
-        pytest.skip("this process already interprets Triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interp_"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout[-2000:]
+    run_interpreted(__file__, "interp_")
 
 
 def run_triton_poisoned(q, k, v, layout, config, scale=0.3):
