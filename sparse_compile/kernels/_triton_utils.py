@@ -1,5 +1,6 @@
-"""Tiny Triton helpers shared by the kernel modules (kept dependency-free beyond triton)."""
+"""Tiny helpers shared by the Triton kernel modules: the interpreter fix and output-buffer checks."""
 
+import torch
 import triton.runtime.interpreter as _interpreter
 
 _PATCH_FLAG = "_sparse_compile_scalar_index"
@@ -23,3 +24,9 @@ def patch_interpreter_scalar_index() -> None:
 
     setattr(patched, _PATCH_FLAG, True)
     _interpreter._patch_lang_tensor = patched
+
+
+def check_out_buffer(name: str, buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ``ValueError`` unless a caller-provided output buffer is contiguous with this shape, dtype and device."""
+    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")

@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
 from sparse_compile.kernels.block_sparse_reference import (
     block_sparse_attention_reference,
     cdiv,
@@ -266,11 +266,6 @@ def tma_eligible(k: Tensor, v: Tensor) -> bool:
     return True
 
 
-def _check_out(name: str, buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
-
-
 def block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -299,8 +294,8 @@ def block_sparse_attention_triton(
     s_k = k.shape[2]
     out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    _check_out("out", out, (b, h, s_q, d), q.dtype, q.device)
-    _check_out("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    check_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     interpret = interpreter_active()
     if q.device.type != "cuda" and not interpret:
         raise ValueError(

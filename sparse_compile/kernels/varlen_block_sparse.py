@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
     check_varlen_layout_values,
@@ -257,11 +257,6 @@ def _tile_table(q_off: Tensor, total: Tensor, block_m: int, num_tiles: int) -> t
     return cluster.gather(1, order).int(), rows.gather(1, order).int()
 
 
-def _check_out(name: str, buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
-
-
 def varlen_block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -290,8 +285,8 @@ def varlen_block_sparse_attention_triton(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    _check_out("out", out, (b, h, s_q, d), q.dtype, q.device)
-    _check_out("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    check_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     nqc, maxk = layout.num_q_clusters, layout.indices.shape[-1]
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
