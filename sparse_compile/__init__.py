@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from sparse_compile.options import SparseOptions, available_methods, validate_options
+from sparse_compile.quality import AttentionProbe, AttentionQuality, attention_probe
 from sparse_compile.report import Report, SiteReport, report
 from sparse_compile.runtime import ops as _ops  # noqa: F401  (registers the custom ops)
 from sparse_compile.runtime.session import find_session
@@ -41,6 +42,9 @@ def reset(model: torch.nn.Module) -> None:
 
 
 __all__ = [
+    "AttentionProbe",
+    "AttentionQuality",
+    "attention_probe",
     "Report",
     "SiteReport",
     "SparseOptions",

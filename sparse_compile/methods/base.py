@@ -54,10 +54,16 @@ class AttentionCall:
 @dataclass(frozen=True)
 class AttentionResult:
     """Output ``(B, H, S, Dv)`` and the fraction of (query, key) pairs that were computed
-    (a float, or a 0-d tensor so the op never waits for the device)."""
+    (a float, or a 0-d tensor so the op never waits for the device).
+
+    ``video_lse`` ``(B, H, Sv)`` fp32, given by sparse methods: each video row's log-sum-exp
+    over the keys it attended, so ``exp(video_lse - full_lse)`` is the row's attention recall.
+    ``None`` for dense results (recall 1).
+    """
 
     output: torch.Tensor
     kept_density: float | torch.Tensor
+    video_lse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,20 @@ def mask_problem(mask: torch.Tensor | None, layout: TokenLayout) -> str | None:
     return None
 
 
-def _merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """Softmax-merge two partial attentions over disjoint key sets ((B, H, S, Dv), LSE (B, H, S))."""
+def _merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-merge two partial attentions over disjoint key sets ((B, H, S, Dv), LSE (B, H, S)).
+
+    Returns the merged output and LSE.
+    """
     lse = torch.logaddexp(lse_a, lse_b)
     finite = torch.isfinite(lse)
     safe = torch.where(finite, lse, torch.zeros_like(lse))
     w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
     w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
     dtype = torch.promote_types(out_a.dtype, torch.float32)
-    return out_a.to(dtype) * w_a + out_b.to(dtype) * w_b
+    return out_a.to(dtype) * w_a + out_b.to(dtype) * w_b, lse
 
 
 def attention_over_keys(
@@ -87,8 +92,8 @@ def attention_over_keys(
 def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) -> AttentionResult:
     """Attention of a joint (or video-only) call with a sparse video part.
 
-    Returns the full ``(B, H, S, Dv)`` output and the kept fraction of all ``S x S`` pairs
-    (text rows and columns count as kept).
+    Returns the full ``(B, H, S, Dv)`` output, the kept fraction of all ``S x S`` pairs
+    (text rows and columns count as kept) and the video rows' LSE over the keys they attended.
     """
     q, k, v, layout = call.query, call.key, call.value, call.layout
     scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
@@ -97,12 +102,13 @@ def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) 
     seq, n_video, n_text = q.shape[2], layout.video_tokens, layout.text_tokens
     kept_pairs = density_v * n_video * n_video + 2 * n_video * n_text + n_text * n_text
     if n_text == 0:
-        return AttentionResult(output=out_v.to(q.dtype), kept_density=kept_pairs / (seq * seq))
+        return AttentionResult(output=out_v.to(q.dtype), kept_density=kept_pairs / (seq * seq), video_lse=lse_v)
     key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
     out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, scale)
     output = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    output[:, :, video] = _merge(out_v, lse_v, out_vt, lse_vt).to(q.dtype)
+    merged, lse = _merge(out_v, lse_v, out_vt, lse_vt)
+    output[:, :, video] = merged.to(q.dtype)
     output[:, :, text] = F.scaled_dot_product_attention(
         q[:, :, text], k, v, attn_mask=call.attn_mask, scale=call.scale
     )
-    return AttentionResult(output=output, kept_density=kept_pairs / (seq * seq))
+    return AttentionResult(output=output, kept_density=kept_pairs / (seq * seq), video_lse=lse)

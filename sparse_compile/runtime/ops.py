@@ -101,7 +101,8 @@ def sparse_attention(
     """
     site = SITES[site_id]
     step, branch, generation, session_id = (int(x) for x in step_token.tolist())
-    state = SESSIONS[session_id].state_of(site_id)
+    session = SESSIONS[session_id]
+    state = session.state_of(site_id)
     options = site.options
     if site.layer_index < options.dense_layers:
         result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
@@ -123,6 +124,8 @@ def sparse_attention(
         else:
             result = site.attention.attend(call)
             result_tensor, density = result.output, result.kept_density
+            if session.probe is not None:
+                session.probe(call, result, site.layer_index)
     state.record_density(step, density)
     return _in_output_layout(result_tensor, query, value)
 

@@ -15,12 +15,18 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+if TYPE_CHECKING:
+    from sparse_compile.methods.base import AttentionCall, AttentionResult
+
 logger = logging.getLogger("sparse_compile")
+
+Probe = Callable[["AttentionCall", "AttentionResult", int], None]
+"""Called with every sparse call's inputs, result and layer index (see :mod:`sparse_compile.quality`)."""
 
 _session_ids = itertools.count()
 
@@ -58,7 +64,7 @@ class Session:
 
     Models of one class share compiled graphs (their parameters are graph inputs), so a
     session is found at run time from the parameters the graph is called with, never
-    baked into the graph.
+    baked into the graph. ``probe``, when set, sees every sparse call (for quality measurements).
     """
 
     def __init__(self) -> None:
@@ -70,6 +76,7 @@ class Session:
         self._manual: tuple[int, int] | None = None
         self._last_timestep: float | None = None
         self._current = StepInfo(step=-1, branch=0, generation=-1)
+        self.probe: Probe | None = None
 
     @property
     def current(self) -> StepInfo:

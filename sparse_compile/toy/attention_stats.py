@@ -1,0 +1,75 @@
+"""Q/K/V captured from an eager model's self-attention, and how local its attention is.
+
+:func:`capture_self_attention` records the ``(B, H, S, D)`` inputs of every SDPA call whose
+queries and keys have the same length (self-attention), in call order, by wrapping
+``torch.nn.functional.scaled_dot_product_attention`` during one eager forward.
+:func:`local_attention_mass` tells whether attention is local in the video grid.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CapturedAttention:
+    """One self-attention call: ``(B, H, S, D)`` tensors (detached) and its scale."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float | None
+
+
+@contextmanager
+def capture_self_attention() -> Iterator[list[CapturedAttention]]:
+    """Record every self-attention SDPA call made inside the block (eager code only)."""
+    captured: list[CapturedAttention] = []
+    original: Callable = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:
+            captured.append(CapturedAttention(query.detach(), key.detach(), value.detach(), kwargs.get("scale")))
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = recording
+    try:
+        yield captured
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _grid_coords(index: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return index // (height * width), (index // width) % height, index % width
+
+
+def local_attention_mass(
+    q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], radius: int = 2, rows: int = 256, seed: int = 0
+) -> tuple[float, float]:
+    """Attention mass near the query vs the share of keys near it.
+
+    For ``rows`` sampled query rows of ``q``/``k`` ``(B, H, S, D)`` over a frame-major
+    ``grid`` (frames, height, width), "near" means within one frame and ``radius`` tokens in
+    height and width. Returns ``(mean attention mass on near keys, mean fraction of keys that
+    are near)``; attention that ignores position gives equal numbers, local attention a
+    mass many times the fraction. Memory ``O(rows * S)``.
+    """
+    frames, height, width = grid
+    seq = q.shape[2]
+    pick = torch.randperm(seq, generator=torch.Generator().manual_seed(seed))[:rows].to(q.device)
+    scores = (q[:, :, pick].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    probs = scores.softmax(-1)  # (B, H, rows, S)
+    tq, hq, wq = _grid_coords(pick, height, width)
+    tk, hk, wk = _grid_coords(torch.arange(seq, device=q.device), height, width)
+    near = (
+        ((tq[:, None] - tk[None]).abs() <= 1)
+        & ((hq[:, None] - hk[None]).abs() <= radius)
+        & ((wq[:, None] - wk[None]).abs() <= radius)
+    )  # (rows, S)
+    mass = (probs * near).sum(-1).mean()
+    return float(mass), float(near.float().mean())

@@ -1,0 +1,52 @@
+"""Flow-matching sampling of the toy model: Euler steps, classifier-free guidance as two calls.
+
+The model predicts the velocity ``v = noise - video`` at noise level ``sigma`` (timestep
+``1000 * sigma``); ``x_sigma = (1 - sigma) * video + sigma * noise``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sparse_compile.toy.model import class_embeddings
+
+
+def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU from ``seed`` (identical on every device)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+
+
+def generate(
+    model: Callable[..., object],
+    labels: torch.Tensor,
+    seed: int,
+    frames: int,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float = 4.0,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Videos ``(N, 3, F, H, W)`` (float32, about ``[-1, 1]``) for class ``labels`` ``(N,)`` on the model's device.
+
+    Each step calls the model twice with the same timestep (conditional, then unconditional),
+    like diffusers pipelines with CFG as two calls.
+    """
+    param = next(iter(model.parameters()))
+    device, dtype = param.device, param.dtype
+    x = initial_noise(seed, (labels.shape[0], 3, frames, height, width), device, dtype)
+    cond = class_embeddings(labels.to(device), dtype)
+    uncond = class_embeddings(torch.full_like(labels, -1).to(device), dtype)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((labels.shape[0],), float(sigmas[i]) * 1000, device=device)
+            v_cond = model(hidden_states=x, timestep=t, encoder_hidden_states=cond).sample
+            v_uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond).sample
+            velocity = v_uncond + guidance * (v_cond - v_uncond)
+            x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * velocity
+            if on_step is not None:
+                on_step(i)
+    return x.float()

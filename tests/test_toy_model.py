@@ -1,0 +1,99 @@
+"""The shipped toy video DiT: procedural videos, trained weights with local attention, metrics, training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
+from sparse_compile.toy.frames import frame_strip
+from sparse_compile.toy.metrics import psnr, ssim
+from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
+from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.train import train
+from sparse_compile.toy.videos import NUM_CLASSES, make_videos
+
+
+def test_videos_are_a_pure_function_of_the_seed():
+    labels = torch.arange(NUM_CLASSES)
+    a = make_videos(3, labels, 4, 16, 24)
+    assert a.shape == (NUM_CLASSES, 3, 4, 16, 24)
+    assert torch.equal(a, make_videos(3, labels, 4, 16, 24))
+    assert not torch.equal(a, make_videos(4, labels, 4, 16, 24))
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_videos_move_frame_to_frame():
+    video = make_videos(0, torch.tensor([0]), 4, 32, 48)
+    assert (video[:, :, 1:] - video[:, :, :-1]).abs().mean() > 0.01
+
+
+def test_bad_labels_are_rejected():
+    with pytest.raises(ValueError, match="labels"):
+        make_videos(0, torch.tensor([NUM_CLASSES]), 2, 16, 16)
+
+
+def test_class_embeddings_are_fixed_and_the_unconditional_one_is_zero():
+    e = class_embeddings(torch.tensor([0, 1, -1]))
+    assert torch.equal(e, class_embeddings(torch.tensor([0, 1, -1])))
+    assert not torch.equal(e[0], e[1]) and e[2].abs().sum() == 0
+
+
+def _model_attention(model, frames=4, height=32, width=48):
+    labels = torch.tensor([0])
+    video = make_videos(7, labels, frames, height, width)
+    noisy = 0.5 * video + 0.5 * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture_self_attention() as calls:
+        model(hidden_states=noisy, timestep=torch.tensor([500.0]), encoder_hidden_states=class_embeddings(labels))
+    return calls, (frames, height // 2, width // 2)
+
+
+def test_the_shipped_weights_have_learned_local_attention():
+    """Trained: the first layers put many times their share of attention on nearby tokens; random weights don't."""
+    trained_calls, grid = _model_attention(build_toy_wan())
+    random_calls, _ = _model_attention(build_toy_wan(weights=None))
+    assert len(trained_calls) == CONFIG["num_layers"]
+    ratio = lambda call: (lambda m, s: m / s)(*local_attention_mass(call.query, call.key, grid))  # noqa: E731
+    trained = [ratio(c) for c in trained_calls[:3]]
+    random = [ratio(c) for c in random_calls[:3]]
+    assert min(trained) > 5 and max(random) < 2, (trained, random)
+
+
+def test_generation_is_deterministic_in_the_seed_and_finite():
+    model = build_toy_wan()
+    a = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
+    b = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
+    assert a.shape == (1, 3, 2, 16, 16) and torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_psnr_and_ssim():
+    video = make_videos(0, torch.arange(2), 2, 16, 16)
+    assert torch.isinf(psnr(video, video)).all()
+    assert torch.allclose(ssim(video, video), torch.ones(2))
+    # A uniform error of 0.2 (in [-1, 1] units) has MSE 0.04: PSNR = 10 log10(4 / 0.04) = 20 dB.
+    shifted = torch.full((1, 3, 1, 16, 16), 0.1)
+    assert psnr(shifted, shifted - 0.2).item() == pytest.approx(20.0, abs=1e-4)
+    # Constant frames: SSIM reduces to its luminance term (2 a b + C1) / (a^2 + b^2 + C1) on [0, 1] values.
+    a, b = 0.3, 0.6
+    expected = (2 * a * b + 0.01**2) / (a * a + b * b + 0.01**2)
+    value = ssim(torch.full((1, 3, 1, 16, 16), 2 * a - 1), torch.full((1, 3, 1, 16, 16), 2 * b - 1))
+    assert value.item() == pytest.approx(expected, rel=1e-4)
+    noisy = video + 0.3 * torch.randn(video.shape, generator=torch.Generator().manual_seed(0))
+    assert (ssim(noisy, video) < 0.9).all() and (psnr(noisy, video) < 20).all()
+
+
+def test_frame_strip_has_one_row_per_video_and_one_column_per_frame():
+    videos = {"dense": make_videos(0, torch.tensor([0]), 4, 16, 24), "sparse": make_videos(1, torch.tensor([0]), 4, 16, 24)}
+    image = frame_strip(videos, frames=[0, 2, 3], zoom=2)
+    assert image.size == (3 * 24 * 2, 2 * 16 * 2)
+
+
+def test_training_writes_fp16_weights_that_load_and_a_log(tmp_path):
+    log = train(1.0, tmp_path, sizes=((2, 16, 16, 2),), max_steps=2, locality_size=(2, 16, 16))
+    assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(loss)) for _, _, loss in log["losses"])
+    assert len(log["locality"]) == CONFIG["num_layers"]
+    assert json.loads((tmp_path / "train_log.json").read_text())["steps"] == 2
+    model = build_toy_wan(weights=tmp_path / "toy_wan.safetensors")
+    assert next(model.parameters()).dtype == torch.float32
