@@ -76,12 +76,15 @@ def initial_centroids(x: Tensor, num_clusters: int, seed: int) -> Tensor:
     """Stratified seeding: token ``start_i + floor(u_i * len_i)`` of each of ``K`` equal segments.
 
     ``x`` ``(B, H, S, D)``, ``1 <= num_clusters <= S``; segment ``i`` is
-    ``[floor(i S / K), floor((i + 1) S / K))`` and ``u`` ``(B, H, K)`` is uniform from a generator
-    on ``x``'s device seeded with ``seed``. Returns a new contiguous fp32 ``(B, H, K, D)``.
+    ``[floor(i S / K), floor((i + 1) S / K))`` and ``u`` ``(K,)`` is uniform from a generator on
+    ``x``'s device seeded with ``seed``, the same for every batch element and head: a head's
+    clustering depends on its own tokens only, not on which other heads share the call (heads
+    split across GPUs by context parallelism cluster as on one GPU). Returns a new contiguous
+    fp32 ``(B, H, K, D)``.
     """
     b, h, s, d = x.shape
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    u = torch.rand((b, h, num_clusters), generator=gen, device=x.device, dtype=torch.float64)
+    u = torch.rand((num_clusters,), generator=gen, device=x.device, dtype=torch.float64)
     i = torch.arange(num_clusters, device=x.device)
     start = (i * s) // num_clusters
     length = ((i + 1) * s) // num_clusters - start

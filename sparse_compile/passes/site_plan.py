@@ -60,6 +60,11 @@ def _hints(value: torch.Tensor) -> tuple[int, ...]:
     return tuple(size_expr(s)[1] for s in value.shape)
 
 
+def _op_name(call: SdpaCall) -> str:
+    target = call.node.target
+    return str(getattr(target, "overloadpacket", target))
+
+
 def _unsupported_argument(call: SdpaCall) -> str | None:
     for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
         if isinstance(getattr(call, name), torch.fx.Node):
@@ -89,9 +94,12 @@ def split_video_text(layout: DimLayout) -> tuple[Segment, Segment, str | None] |
 
     The video part is the one segment made of three factors (frames, height, width): exactly
     three, or three besides size-1 factors (a batch of 1 merged in); at most one other segment
-    (text) may precede or follow it.
+    (text) may precede or follow it. A layout holding a rank's piece of a sequence split between
+    ranks, or an all-to-all's rank axis not rejoined with it, is never a grid.
     """
     segments = layout.segments
+    if any(f.origin is not None for seg in segments for f in seg):
+        return None
     grids = [_grid_factors(seg) for seg in segments]
     video = [i for i, grid in enumerate(grids) if grid is not None]
     if len(video) != 1:
@@ -143,6 +151,9 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
         return SitePlan(call, shape, (), OTHER, dense_reason="query/key are not 4-D (B, H, S, D)")
     q_shape, k_shape = _hints(q), _hints(k)
     dense = lambda kind, reason: SitePlan(call, q_shape, k_shape, kind, dense_reason=reason)  # noqa: E731
+    if call.returns_lse:
+        return dense(OTHER, f"{_op_name(call)} also returns the log-sum-exp (diffusers' flash/cuDNN backends; ring "
+                            "attention merges partial attention over KV shards with it): not rewritten")
     # SymInt comparisons guard the relation (not the sizes), so dynamic shapes stay dynamic.
     kind = CROSS if bool(q.shape[2] != k.shape[2]) else SELF
     reason = _unsupported_argument(call) or _mask_problem(call)

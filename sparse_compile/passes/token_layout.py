@@ -6,6 +6,8 @@ before or after it (``cat``). This pass follows those shape operations forward t
 graph and records, for each dimension, a :class:`DimLayout`: a list of concatenated
 *segments*, each the product of ordered *factors* (outer to inner). The sequence dimension of
 a Wan query ends up as one segment ``(T, H, W)``; CogVideoX's as ``[(text,), (T, H, W)]``.
+Under context parallelism the sequence is split between ranks and reassembled by an
+all-to-all before attention; :mod:`sparse_compile.passes.collectives` says how that is followed.
 
 Sizes are sympy expressions (symbolic under dynamic shapes) with a concrete hint; grouping
 decisions use the hints and every grouping is re-checked symbolically, so a layout is only
@@ -14,6 +16,7 @@ reported when it holds for every size the graph's guards admit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -22,6 +25,17 @@ from typing import Any, Callable, Sequence
 import sympy
 import torch
 import torch.fx as fx
+
+from sparse_compile.passes.collectives import (
+    ALL_TO_ALL,
+    WAIT,
+    Piece,
+    PieceAxis,
+    RankAxis,
+    collective_op,
+    equal_all_to_all,
+    exchange,
+)
 
 
 @dataclass(frozen=True)
@@ -33,11 +47,15 @@ class Factor:
         hint: its concrete value in the traced example.
         source: ``(node, dim)`` of a tensor in the graph that has this axis as a whole dimension,
             used to read the size at run time; ``None`` if no tensor node has it (tuple outputs).
+        origin: for context parallelism, a :class:`Piece` of a sequence split between ranks, the
+            :class:`PieceAxis` over such pieces or the :class:`RankAxis` of an all-to-all
+            (see :mod:`sparse_compile.passes.collectives`); ``None`` for a plain axis.
     """
 
     size: sympy.Expr
     hint: int
     source: tuple[fx.Node, int] | None
+    origin: Piece | PieceAxis | RankAxis | None = None
 
 
 Segment = tuple[Factor, ...]
@@ -69,8 +87,7 @@ class DimLayout:
     def with_source(self, node: fx.Node, dim: int) -> "DimLayout":
         """Give unsourced single-factor segments the source ``(node, dim)`` when they span the dim."""
         if len(self.segments) == 1 and len(self.segments[0]) == 1 and self.segments[0][0].source is None:
-            f = self.segments[0][0]
-            return DimLayout.atomic(f.size, f.hint, (node, dim))
+            return DimLayout(((dataclasses.replace(self.segments[0][0], source=(node, dim)),),))
         return self
 
 
@@ -205,8 +222,45 @@ def _split_factors(factors: Segment, out_sizes: list[tuple[sympy.Expr, int]]) ->
     return [tuple(run) for run in runs]
 
 
+def join_pieces(factors: Segment) -> Segment:
+    """``factors`` with each rank axis that gathers a piece, followed by that piece (unit axes
+    between), replaced by the piece's ``whole``: all pieces in rank order are the whole axis
+    (see :mod:`sparse_compile.passes.collectives`)."""
+    out: list[Factor] = []
+    i = 0
+    while i < len(factors):
+        axis = factors[i].origin
+        j = i + 1
+        while j < len(factors) and factors[j].size == 1:  # unit axes (batch, one local head) between
+            j += 1
+        piece = factors[j].origin if j < len(factors) else None
+        if isinstance(axis, RankAxis) and axis.gathers is not None and piece == axis.gathers:
+            out.extend(piece.whole)
+            i = j + 1
+        else:
+            out.append(factors[i])
+            i += 1
+    return tuple(out)
+
+
+def _split_into_pieces(factors: Segment, out_sizes: list[tuple[sympy.Expr, int]]) -> list[Segment] | None:
+    """A split ``whole -> (parts, whole / parts)`` of a merged dim (two or more factors) across
+    factor boundaries: the outer dim indexes ``parts`` equal consecutive pieces of ``whole``, the
+    inner one lies within the piece."""
+    if len(factors) < 2 or len(out_sizes) != 2 or any(hint == 1 for _, hint in out_sizes):
+        return None
+    (parts_expr, parts), (piece_expr, piece_hint) = out_sizes
+    if not parts_expr.is_Integer or not same_size(sympy.Mul(*[f.size for f in factors]), parts_expr * piece_expr):
+        return None
+    return [
+        (Factor(parts_expr, parts, None, PieceAxis(factors, parts)),),
+        (Factor(piece_expr, piece_hint, None, Piece(factors, parts, None)),),
+    ]
+
+
 def reshape_layouts(node: fx.Node, in_layouts: Layouts, in_shape: Sequence, out_shape: Sequence) -> Layouts:
-    """Layouts of a reshape's output: merges concatenate factors, splits follow factor boundaries."""
+    """Layouts of a reshape's output: merges concatenate factors (rejoining sequence pieces
+    gathered by an all-to-all), splits follow factor boundaries or else split into pieces."""
     out_sizes = [size_expr(s) for s in out_shape]
     in_sizes = [size_expr(s) for s in in_shape]
     out: list[DimLayout | None] = [None] * len(out_sizes)
@@ -226,9 +280,11 @@ def reshape_layouts(node: fx.Node, in_layouts: Layouts, in_shape: Sequence, out_
                 continue
             runs = _split_factors(merged, [out_sizes[d] for d in gj])
             if runs is None:
+                runs = _split_into_pieces(join_pieces(merged), [out_sizes[d] for d in gj])
+            if runs is None:
                 continue
             for d, run in zip(gj, runs):
-                out[d] = DimLayout((run,)) if run else None
+                out[d] = DimLayout((join_pieces(run),)).with_source(node, d) if run else None
     return [
         layout if layout is not None else DimLayout.atomic(expr, hint, (node, d))
         for d, (layout, (expr, hint)) in enumerate(zip(out, out_sizes))
@@ -321,6 +377,18 @@ def _index_layouts(node: fx.Node, in_layouts: Layouts, index: Any, out: torch.Te
     return result if len(result) == out.dim() else None
 
 
+def _equal_piece(layout: DimLayout, sizes: list[tuple[sympy.Expr, int]], index: int) -> DimLayout | None:
+    """Piece ``index`` of a one-segment dim split into ``len(sizes) >= 2`` equal pieces, as one
+    :class:`Piece` factor; ``None`` otherwise (unequal pieces keep whole segments or nothing)."""
+    parts = len(sizes)
+    expr, hint = sizes[index]
+    if parts < 2 or len(layout.segments) != 1 or any(h != hint for _, h in sizes):
+        return None
+    if not same_size(layout.size, parts * expr):
+        return None
+    return DimLayout(((Factor(expr, hint, None, Piece(layout.segments[0], parts, index)),),))
+
+
 class TokenLayoutAnalysis:
     """Runs the forward analysis over a graph; :meth:`layouts` answers per node."""
 
@@ -405,6 +473,9 @@ class TokenLayoutAnalysis:
             return self._cat(node, value)
         if node.op == "call_function" and node.target is torch.stack:
             return self._stack(node, value)
+        collective = collective_op(node)
+        if collective is not None:
+            return self._collective(node, collective, value, first)
         return elementwise_layouts(node, value, self._tensor_inputs(node))
 
     def _cat(self, node: fx.Node, value: torch.Tensor) -> Layouts:
@@ -421,6 +492,34 @@ class TokenLayoutAnalysis:
             if joined.hint == hint and same_size(joined.size, expr):
                 result[dim] = joined
         return result
+
+    def _collective(self, node: fx.Node, op: str, value: torch.Tensor, first: tuple[torch.Tensor, Layouts] | None) -> Layouts:
+        """``wait_tensor`` keeps its input's layouts. An equal-split ``all_to_all_single`` over
+        ``n`` ranks scatters the leading ``n``-factor of dim 0 and puts the source-rank axis in its
+        place; the other factors keep their meaning (every rank's block has the same layout),
+        except that a piece selected by a scattered :class:`PieceAxis` becomes this rank's piece.
+        Any other collective's dims are plain."""
+        if first is None or op not in (WAIT, ALL_TO_ALL):
+            return _atomic_layouts(value, node)
+        if op == WAIT:
+            return list(first[1])
+        a2a = equal_all_to_all(node, _hint_of)
+        in_lay = first[1]
+        segments = in_lay[0].segments
+        if a2a is None or len(segments) != 1 or segments[0][0].hint != a2a.parts:
+            expr, hint = size_expr(value.shape[0])
+            return [DimLayout.atomic(expr, hint, (node, 0))] + list(in_lay[1:])
+        lead, rest = segments[0][0], segments[0][1:]
+        others = [f.origin for f in rest] + [f.origin for lay in in_lay[1:] for seg in lay.segments for f in seg]
+        axis, received = exchange(lead.origin, others, a2a)
+
+        def renamed(segment: Segment) -> Segment:
+            return tuple(dataclasses.replace(f, origin=received(f.origin)) for f in segment)
+
+        rank_axis = Factor(sympy.Integer(a2a.parts), a2a.parts, None, axis)
+        return [DimLayout(((rank_axis,) + renamed(rest),))] + [
+            DimLayout(tuple(renamed(seg) for seg in lay.segments)) for lay in in_lay[1:]
+        ]
 
     def _stack(self, node: fx.Node, value: torch.Tensor) -> Layouts:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -453,10 +552,11 @@ class TokenLayoutAnalysis:
         dim = _normalize_dim(dim, in_value.dim())
         outs = []
         offset = 0
-        for v in values:
+        sizes = [size_expr(v.shape[dim]) for v in values]
+        for index, size in enumerate(sizes):
             lay = list(in_lay)
-            lay[dim] = self._piece(in_lay[dim], offset, size_expr(v.shape[dim]))
-            offset += size_expr(v.shape[dim])[1]
+            lay[dim] = _equal_piece(in_lay[dim], sizes, index) or self._piece(in_lay[dim], offset, size)
+            offset += size[1]
             outs.append(lay)
         return tuple(outs)
 

@@ -171,7 +171,17 @@ def test_initial_centroids_one_token_per_segment_and_seeded():
     assert ((picked >= i * s // k) & (picked < (i + 1) * s // k)).all()
     assert torch.equal(picked, initial_centroids(x, k, seed=5)[..., 0].long())
     assert not torch.equal(picked, initial_centroids(x, k, seed=6)[..., 0].long())
-    assert torch.unique(picked.view(b * h, k), dim=0).shape[0] > 1  # heads draw independently
+
+
+
+def test_a_heads_seeding_does_not_depend_on_the_other_heads_in_the_call():
+    """Context parallelism splits heads across GPUs: each head must cluster as it would on one GPU."""
+    x = torch.randn(2, 4, 60, 8)
+    together = initial_centroids(x, 9, seed=3)
+    for head in range(4):
+        alone = initial_centroids(x[:, head : head + 1], 9, seed=3)
+        assert torch.equal(alone, together[:, head : head + 1])
+    assert torch.equal(initial_centroids(x[1:], 9, seed=3), together[1:])
 
 
 def test_assignment_chunking_and_strided_input():
