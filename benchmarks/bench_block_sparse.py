@@ -7,13 +7,19 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   whole output vs flex_attention at the same mask);
 - times with ``triton.testing.do_bench`` (median): dense SDPA cuDNN and flash, ``torch.compile``d
   flex_attention with the same BlockMask (``BlockMask.from_kv_blocks``, kept blocks as full blocks),
-  and this kernel (autotuned; TMA and plain-pointer K/V loads; q/k/v also as transposed (B,S,H,D)).
+  and this kernel (autotuned; TMA and plain-pointer K/V loads; q/k/v also as transposed (B,S,H,D));
+- the cost of folded token permutations (``q_perm`` = ``kv_perm``, the same mask, q/k/v as
+  (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
+  temporal order of the shape's grid on every head, and random permutations (no locality left);
+  each checked first against the kernel on gathered inputs, scattered back. Compare with the
+  "(B,S,H,D).T" row, the same inputs without permutations.
 
 Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
 
-    PYTHONPATH=. python benchmarks/bench_block_sparse.py [--shapes wan,hunyuan] [--densities 1,0.25,0.125,0.05] [--sweep]
+    python benchmarks/bench_block_sparse.py [--shapes wan,hunyuan] [--densities 1,0.25,0.125,0.05] [--sweep]
 
-(from the repository root; ``--sweep`` also times every autotune candidate at the first shape).
+(from the repository root; ``--sweep`` also times every autotune candidate at the first shape, plain and
+permuted).
 """
 
 import argparse
@@ -31,12 +37,15 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from sparse_compile.kernels.block_sparse import (
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from sparse_compile.kernels.block_sparse import (  # noqa: E402
     AUTOTUNE_TILES,
     block_sparse_attention_triton,
     tma_eligible,
 )
-from sparse_compile.kernels.block_sparse_reference import cdiv, reference_q_blocks
+from sparse_compile.kernels.block_sparse_reference import cdiv, reference_q_blocks  # noqa: E402
+from sparse_compile.methods.svg_patterns import temporal_permutation  # noqa: E402
 
 BLOCK = 128
 
@@ -46,13 +55,17 @@ class Shape:
     name: str
     batch: int
     heads: int
-    seq: int
+    grid: tuple[int, int, int]  # frames x height x width of the video tokens
     head_dim: int = 128
+
+    @property
+    def seq(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
 
 
 SHAPES = {
-    "wan": Shape("Wan2.1-1.3B 480p (H=12, S=32760)", 1, 12, 32760),
-    "hunyuan": Shape("HunyuanVideo 720p (H=24, S=118800)", 1, 24, 118800),
+    "wan": Shape("Wan2.1-1.3B 480p (H=12, S=32760)", 1, 12, (21, 30, 52)),
+    "hunyuan": Shape("HunyuanVideo 720p (H=24, S=118800)", 1, 24, (33, 45, 80)),
 }
 
 
@@ -147,6 +160,39 @@ def check_kernel(q, k, v, counts, indices, use_tma: bool) -> torch.Tensor:
     return out
 
 
+def permutations(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """int32 ``(1, H, S)`` token permutations to fold into the kernel: identity, SVG's temporal order, random."""
+    h, s = shape.heads, shape.seq
+    identity = torch.arange(s, dtype=torch.int32, device="cuda")
+    temporal = temporal_permutation(*shape.grid, torch.device("cuda"))
+    random = torch.rand(h, s, generator=gen, device="cuda").argsort(-1).to(torch.int32)
+    return {
+        "identity": identity.expand(1, h, s),
+        "SVG temporal order": temporal.expand(1, h, s),
+        "random": random.unsqueeze(0),
+    }
+
+
+def check_permuted(q, k, v, counts, indices, perm: torch.Tensor) -> None:
+    """Folded permutations into NaN-poisoned token-major buffers == the kernel on gathered inputs, scattered back."""
+    b, h, s, d = q.shape
+    out = torch.full((b, s, h, d), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
+    block_sparse_attention_triton(
+        q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm, out=out, lse_out=lse
+    )
+    assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
+    index = perm.long().expand(b, h, s)
+    rows = index.unsqueeze(-1).expand(b, h, s, d)
+    gathered_out, gathered_lse = block_sparse_attention_triton(
+        *(torch.gather(t, 2, rows) for t in (q, k, v)), counts, indices, block_q=BLOCK, block_k=BLOCK,
+        return_lse=True,
+    )  # fmt: skip
+    err = rel_l2(out.gather(2, rows), gathered_out)
+    lse_err = (lse.gather(2, index) - gathered_lse).abs().max().item()
+    assert err <= 1e-3 and lse_err <= 1e-3, f"folded != gathered: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
+
+
 def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row], log) -> None:
     b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -156,6 +202,7 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
     nq = nk = cdiv(s, BLOCK)
     budget = 300.0 if s < 60000 else 1500.0
     flex = torch.compile(flex_attention, dynamic=False)
+    perms = permutations(shape, gen)
     log(f"== {shape.name}: TMA eligible {tma_eligible(k, v)}")
 
     def timed(kernel: str, density: float, fn, **ref) -> float | None:
@@ -196,8 +243,20 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
             timed(name, real_density, fn, **ref)
         fn_bshd = lambda: block_sparse_attention_triton(*bshd, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed("block_sparse (q/k/v as (B,S,H,D).T)", real_density, fn_bshd, **ref)
+        for perm_name, perm in perms.items():
+            name = f"block_sparse ((B,S,H,D).T, {perm_name} perms)"
+            try:
+                check_permuted(*bshd, counts, indices, perm)
+            except Exception:  # report, skip timing this variant, keep the run going
+                log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+                continue
+            fn_perm = lambda: block_sparse_attention_triton(
+                *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm
+            )
+            timed(name, real_density, fn_perm, **ref)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
+            sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
 
 
 def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:
@@ -209,6 +268,16 @@ def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:
                 q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, tile=tile, use_tma=use_tma
             )
             timed(name, density, fn, **ref)
+
+
+def sweep_tiles_permuted(bshd, counts, indices, perm, density, timed, ref) -> None:
+    """Time every autotune candidate of the permuted variant (pointer gathers; 128x128 spills 8 bytes a tile)."""
+    for tile in AUTOTUNE_TILES:
+        name = f"  tile {tile.block_m}x{tile.block_n} w{tile.num_warps} s{tile.num_stages} permuted"
+        fn = lambda: block_sparse_attention_triton(
+            *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm, tile=tile
+        )
+        timed(name, density, fn, **ref)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from sparse_compile.kernels.kmeans import cluster_permutation
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.base import AttentionCall, TokenLayout
-from sparse_compile.methods.svg2 import Svg2Method, gather_tokens
+from sparse_compile.methods.svg2 import Svg2Method
 from sparse_compile.options import validate_options
 from sparse_compile.runtime.session import SiteState, StepInfo
 
@@ -65,16 +65,16 @@ def make_call(q, k, v, grid, state) -> AttentionCall:
 
 
 def kernel_only_ms(method: Svg2Method, q, k, v, state) -> float:
-    """The cluster kernel alone, on the layout the warm method would use."""
+    """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
     clusters_q, clusters_k = method._cluster(q, k, make_call(q, k, v, (1, 1, q.shape[2]), state))
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes)
     probs = pooled_block_scores(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes, q.shape[-1] ** -0.5)
     min_blocks = max(1, math.ceil(method.params["min_kc_ratio"] * probs.shape[-1]))
     counts, indices = select_top_p(probs, method.params["top_p"], min_blocks=min_blocks)
-    qp, kp, vp = gather_tokens(q, q_perm), gather_tokens(k, k_perm), gather_tokens(v, k_perm)
     return triton.testing.do_bench(
-        lambda: varlen_block_sparse_attention(qp, kp, vp, q_off, k_off, counts, indices, return_lse=True),
+        lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm,
+                                              return_lse=True),
         return_mode="median",
     )
 

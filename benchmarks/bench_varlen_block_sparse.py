@@ -9,14 +9,19 @@ medians (L2 flushed between reps) of
 - the varlen kernel on a layout of 128-token clusters equal to the fixed one (same work: isolates
   the packing/gather cost from the q-padding cost);
 - cuDNN dense SDPA; the selection helpers and the exact search passes (attention_lse,
-  block_mass_with_lse).
+  block_mass_with_lse);
+- the cost of folding SVG2's token permutations into the kernel: on one layout and inputs in
+  ``(B, S, H, D)`` storage (as diffusers passes them), the default config in cluster order (no
+  permutation), with the q permutation, the kv permutation and both folded in (token-order
+  inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back).
 
 Prints a markdown table and writes it to ``$OUT/varlen.md`` when OUT is set.
-Usage: ``python benchmarks/bench_varlen_block_sparse.py``
+Usage: ``python benchmarks/bench_varlen_block_sparse.py [--sections ...]``
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import sys
@@ -260,6 +265,79 @@ def time_selection(q, k, g: torch.Generator) -> list[Row]:
     return rows
 
 
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def random_permutations(seq: int) -> torch.Tensor:
+    """int64 ``(B, H, seq)``: a random permutation per head (what ``cluster_permutation`` returns)."""
+    return torch.rand(B, H, seq, device=DEVICE).argsort(-1)
+
+
+def gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, perm[b, h, i]]`` for ``x`` ``(B, H, S)`` or ``(B, H, S, D)``: SVG2's old gather."""
+    index = perm if x.dim() == 3 else perm.unsqueeze(-1).expand(x.shape)
+    return torch.gather(x, 2, index)
+
+
+def scatter_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_rows`: SVG2's old scatter back to token order."""
+    index = perm if x.dim() == 3 else perm.unsqueeze(-1).expand(x.shape)
+    return torch.empty_like(x).scatter_(2, index, x)
+
+
+@dataclass
+class PermRow:
+    """One row of the permutation section: time and its ratio to the kernel without permutations."""
+
+    name: str
+    density: float
+    ms: float
+    base_ms: float
+
+    def markdown(self) -> str:
+        return f"| {self.name} | {self.density:.3f} | {self.ms:.3f} | {self.ms / self.base_ms:.3f} |"
+
+
+def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[list[PermRow], list[str]]:
+    """Default-config kernel with and without folded permutations, one layout, (B, S, H, D) storage.
+
+    "cluster order" runs on inputs already permuted (each kv cluster a contiguous run of rows);
+    the folded rows read token-order inputs through the permutations. Also checks that folding
+    changes no result.
+    """
+    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
+    layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, density, g))
+    kept = density_of(q, k, v, layout)
+    q_perm, kv_perm = random_permutations(S), random_permutations(S)
+    tq, tk, tv = token_major(q), token_major(k), token_major(v)
+    cq, ck, cv = (token_major(gather_rows(x, perm)) for x, perm in ((tq, q_perm), (tk, kv_perm), (tv, kv_perm)))
+    folded = vb.varlen_block_sparse_attention_triton(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
+    plain = vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout)
+    err = rel_l2(folded[0], scatter_rows(plain[0], q_perm))
+    assert err < 1e-3, f"folded vs cluster-order kernel: rel-L2 {err}"
+
+    def unfolded():
+        out, lse = vb.varlen_block_sparse_attention_triton(
+            gather_rows(tq, q_perm), gather_rows(tk, kv_perm), gather_rows(tv, kv_perm), *layout
+        )
+        return scatter_rows(out, q_perm), scatter_rows(lse, q_perm)
+
+    cases = {
+        "cluster-order inputs, no permutation": lambda: vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout),
+        "q permutation folded": lambda: vb.varlen_block_sparse_attention_triton(tq, ck, cv, *layout, q_perm=q_perm),
+        "kv permutation folded": lambda: vb.varlen_block_sparse_attention_triton(cq, tk, tv, *layout, kv_perm=kv_perm),
+        "q and kv permutations folded (SVG2 now)": lambda: vb.varlen_block_sparse_attention_triton(
+            tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm),
+        "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
+    }  # fmt: skip
+    times = {name: bench_ms(fn) for name, fn in cases.items()}
+    base = times["cluster-order inputs, no permutation"]
+    rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
+    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]
+
+
 def guarded(name: str, fn, *args):
     """Run one section; on failure print the traceback and go on with the others."""
     try:
@@ -270,7 +348,20 @@ def guarded(name: str, fn, *args):
         return None
 
 
+SECTIONS = ("correctness", "attention", "graphs", "selection", "permutation")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="sections to run (default: all)")  # fmt: skip
+    parser.add_argument("--perm-densities", nargs="+", type=float, default=[0.25, 0.125],
+                        help="kept densities of the permutation section")  # fmt: skip
+    return parser.parse_args()
+
+
 def main() -> None:
+    args = parse_args()
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
@@ -282,29 +373,43 @@ def main() -> None:
         "at the same kept density",
         "",
     ]
-    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
-    layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
-    checks = guarded("correctness", check_correctness, q, k, v, layout, fixed_selection(0.125, g)) or ["FAILED"]
-    print("\n".join(checks), flush=True)
+    checks: list[str] = []
+    if "correctness" in args.sections:
+        q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
+        layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
+        checks = guarded("correctness", check_correctness, q, k, v, layout, fixed_selection(0.125, g)) or ["FAILED"]
+        print("\n".join(checks), flush=True)
     dense = guarded("dense", time_dense, q, k, v) or []
     rows: list[Row] = list(dense)
     notes: list[str] = []
-    for density in DENSITIES:
+    for density in DENSITIES if "attention" in args.sections else ():
         result = guarded(f"density {density}", time_density, q, k, v, density, g)
         if result:
             rows += result[0]
             notes += result[1]
         print(f"done density {density}", flush=True)
-    notes += guarded("graphs", time_graphs, q, k, v, g) or []
-    selection = guarded("selection", time_selection, q, k, g) or []
+    if "graphs" in args.sections:
+        notes += guarded("graphs", time_graphs, q, k, v, g) or []
+    selection = (guarded("selection", time_selection, q, k, g) or []) if "selection" in args.sections else []
+    perm_rows: list[PermRow] = []
+    for density in args.perm_densities if "permutation" in args.sections else ():
+        result = guarded(f"permutation fold {density}", time_permutation_fold, q, k, v, density, g)
+        if result:
+            perm_rows += result[0]
+            notes += result[1]
+        print(f"done permutation fold {density}", flush=True)
     table = ["| kernel | layout | kept density | ms | dense-equiv TFLOP/s | ratio to fixed |", "|---|---|---|---|---|---|"]
     table += [r.markdown() for r in rows]
     sel_table = ["| helper | ms | fraction of cuDNN dense |", "|---|---|---|"]
     dense_ms = dense[0].ms if dense else float("nan")
     sel_table += [f"| {r.name} | {r.ms:.3f} | {r.ms / dense_ms:.3f} |" for r in selection]
+    perm_table = ["| varlen default config, (B, S, H, D) storage | kept density | ms | ratio to no permutation |",
+                  "|---|---|---|---|"]  # fmt: skip
+    perm_table += [r.markdown() for r in perm_rows]
     text = "\n".join(header + ["## Correctness at the benchmark shape", *(f"- {c}" for c in checks), "",
                                "## Attention", *table, "", *(f"- {n}" for n in notes), "",
-                               "## Selection and search helpers", *sel_table, ""])  # fmt: skip
+                               "## Selection and search helpers", *sel_table, "",
+                               "## Folded token permutations (SVG2)", *perm_table, ""])  # fmt: skip
     print(text)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "varlen.md"), "w") as f:

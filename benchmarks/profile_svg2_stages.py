@@ -1,73 +1,133 @@
-"""Where SVG2's time goes: each stage of one warm call timed on its own (GPU).
+"""Where SVG2's time goes: each stage of one warm call timed on its own (GPU), with the permutation
+folded into the cluster kernel.
 
-Stages, in call order: k-means of the queries and of the keys (warm, ``kmeans_iters_step``
-iterations), the two cluster permutations, centroid scores + top-p selection, the gathers of
-Q/K/V into cluster order, the cluster kernel, the scatter of O and LSE back, and the kept-density
-computation. Prints a markdown table (ms and share of the sum) and writes it to
-``$OUT/svg2_stages.md`` when ``OUT`` is set.
+Inputs are laid out as the backend's op receives them from diffusers: ``(B, H, S, D)`` views of
+``(B, S, H, D)`` storage. Stages, in call order: k-means of the queries and of the keys (warm,
+``kmeans_iters_step`` iterations), the two cluster permutations (``cluster_permutation``: index
+tensors only), centroid scores + top-p selection, the cluster kernel reading Q/K/V and writing
+O/LSE through the permutations, and the kept-density computation. Then the whole
+``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, and the overhead
+(everything but the kernel) as a fraction of the whole call. Prints a markdown table and writes it
+to ``$OUT/svg2_stages.md`` when ``OUT`` is set.
 
-    PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py
+    PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py [--shape NAME]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench_methods import SHAPES, make_call, structured_qkv
 from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
-from sparse_compile.methods.svg2 import Svg2Method, gather_tokens, kept_pair_fraction, scatter_tokens
+from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
 from sparse_compile.runtime.session import SiteState
 
+KERNEL_STAGE = "cluster kernel, permutations folded"
+CALL = "whole call (Svg2Method._video_attention)"
+DENSE = "cuDNN dense SDPA"
 
-def main() -> None:
-    heads, grid = SHAPES["Wan 480p (H=12, S=32760)"]
-    q, k, v = structured_qkv(heads, grid[0] * grid[1] * grid[2])
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]):
+    """SVG2 with default options after one (cold) call, so its centroid cache is filled; and its state."""
     method = Svg2Method(validate_options({"method": "svg2"}))
     state = SiteState()
-    method.attend(make_call(q, k, v, grid, state))  # cold start fills the centroid cache
+    method.attend(make_call(q, k, v, grid, state))
+    return method, state
+
+
+def stage_calls(method: Svg2Method, q, k, v, state: SiteState) -> dict[str, Callable[[], object]]:
+    """One callable per stage of a warm ``_video_attention`` call on video-only ``(B, H, S, D)`` inputs.
+
+    Each stage runs on the previous stages' real outputs (computed once here), as in the call.
+    """
     p = method.params
     cached = next(iter(state.cache.values()))
     iters = p["kmeans_iters_step"]
     scale = q.shape[-1] ** -0.5
-
     cq = kmeans(q, p["q_clusters"], iters, cached.query, seed=0)
     ck = kmeans(k, p["k_clusters"], iters, cached.key, seed=1)
     q_perm, q_off = cluster_permutation(cq.labels, cq.sizes)
     k_perm, k_off = cluster_permutation(ck.labels, ck.sizes)
-    probs = pooled_block_scores(cq.centroids, ck.centroids, ck.sizes, scale)
-    min_blocks = max(1, math.ceil(p["min_kc_ratio"] * probs.shape[-1]))
-    counts, indices = select_top_p(probs, p["top_p"], min_blocks=min_blocks)
-    qp, kp, vp = gather_tokens(q, q_perm), gather_tokens(k, k_perm), gather_tokens(v, k_perm)
-    out, lse = varlen_block_sparse_attention(qp, kp, vp, q_off, k_off, counts, indices, scale=scale, return_lse=True)
+    min_blocks = max(1, math.ceil(p["min_kc_ratio"] * ck.sizes.shape[-1]))
 
-    stages = {
+    def select():
+        return select_top_p(pooled_block_scores(cq.centroids, ck.centroids, ck.sizes, scale), p["top_p"],
+                            min_blocks=min_blocks)  # fmt: skip
+
+    counts, indices = select()
+    return {
         "k-means queries": lambda: kmeans(q, p["q_clusters"], iters, cached.query, seed=0),
         "k-means keys": lambda: kmeans(k, p["k_clusters"], iters, cached.key, seed=1),
-        "permutations (2)": lambda: (cluster_permutation(cq.labels, cq.sizes), cluster_permutation(ck.labels, ck.sizes)),
-        "scores + top-p": lambda: select_top_p(pooled_block_scores(cq.centroids, ck.centroids, ck.sizes, scale),
-                                               p["top_p"], min_blocks=min_blocks),
-        "gathers Q/K/V": lambda: (gather_tokens(q, q_perm), gather_tokens(k, k_perm), gather_tokens(v, k_perm)),
-        "cluster kernel": lambda: varlen_block_sparse_attention(qp, kp, vp, q_off, k_off, counts, indices,
-                                                                scale=scale, return_lse=True),
-        "scatter O + LSE": lambda: (scatter_tokens(out, q_perm), scatter_tokens(lse, q_perm)),
+        "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes),
+                                                           cluster_permutation(ck.labels, ck.sizes)),
+        "scores + top-p": select,
+        KERNEL_STAGE: lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm,
+                                                            kv_perm=k_perm, scale=scale, return_lse=True),
         "kept density": lambda: kept_pair_fraction(cq.sizes, ck.sizes, counts, indices, q.shape[2]),
-    }
-    times = {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in stages.items()}
-    whole = triton.testing.do_bench(lambda: method.attend(make_call(q, k, v, grid, state)), return_mode="median")
-    total = sum(times.values())
-    rows = [f"{torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", "",
-            "| stage | ms | share of the stage sum |", "|---|---|---|"]
-    rows += [f"| {name} | {ms:.3f} | {ms / total:.1%} |" for name, ms in times.items()]
-    rows += [f"| sum of stages | {total:.3f} | |", f"| whole call (method.attend) | {whole:.3f} | |"]
-    table = "\n".join(rows)
+    }  # fmt: skip
+
+
+def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str, Callable[[], object]]:
+    """The whole warm SVG2 video attention, and cuDNN dense SDPA on the same inputs."""
+
+    def video_attention():
+        return method._video_attention(q, k, v, make_call(q, k, v, grid, state))
+
+    def dense():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return {CALL: video_attention, DENSE: dense}
+
+
+def report(stage_ms: dict[str, float], whole_ms: dict[str, float], header: str) -> str:
+    """Markdown: per-stage ms and share of the whole call, then the whole call, dense, overhead."""
+    call_ms, dense_ms = whole_ms[CALL], whole_ms[DENSE]
+    rows = [header, "", "| stage | ms | share of the whole call |", "|---|---|---|"]
+    rows += [f"| {name} | {ms:.3f} | {ms / call_ms:.1%} |" for name, ms in stage_ms.items()]
+    rows += [
+        f"| sum of stages | {sum(stage_ms.values()):.3f} | {sum(stage_ms.values()) / call_ms:.1%} |",
+        f"| {CALL} | {call_ms:.3f} | 100% |",
+        f"| {DENSE} | {dense_ms:.3f} | speedup of SVG2 over dense: {dense_ms / call_ms:.2f}x |",
+        "",
+        f"overhead (whole call minus the kernel) = {1 - stage_ms[KERNEL_STAGE] / call_ms:.1%} of the whole call",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default=next(iter(SHAPES)))
+    args = parser.parse_args()
+    heads, grid = SHAPES[args.shape]
+    q, k, v = (token_major(x) for x in structured_qkv(heads, math.prod(grid)))
+    method, state = warm_method(q, k, v, grid)
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, return_mode="median")
+
+    stage_ms = {name: bench(fn) for name, fn in stage_calls(method, q, k, v, state).items()}
+    whole_ms = {name: bench(fn) for name, fn in whole_calls(method, q, k, v, grid, state).items()}
+    header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
+              f"{torch.cuda.get_device_name()}")  # fmt: skip
+    table = report(stage_ms, whole_ms, header)
     print(table)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "svg2_stages.md"), "w") as f:

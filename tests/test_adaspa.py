@@ -9,6 +9,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparse_compile
 import tiny_models
@@ -17,6 +19,7 @@ from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
 from sparse_compile.methods import adaspa as adaspa_module
+from sparse_compile.methods import adaspa_search
 from sparse_compile.methods.adaspa import AdaSpaMethod
 from sparse_compile.methods.adaspa_search import block_budget, search_layout
 from sparse_compile.methods.base import TokenLayout
@@ -165,6 +168,44 @@ def test_head_adaptive_split_maximises_the_summed_recall(seed):
             best = max(sum(curves[b, h, kh - 1].item() for h, kh in enumerate(split))
                        for split in itertools.product(range(1, n + 1), repeat=heads) if sum(split) == heads * budget)
             assert got[b].sum().item() == pytest.approx(best, abs=1e-5)
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op returns in new memory (views are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = lambda tree: [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]  # noqa: E731
+        inputs = {t.untyped_storage().data_ptr() for t in tensors((args, kwargs))}
+        self.numels += [t.numel() for t in tensors(out) if t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_the_search_works_a_chunk_of_heads_at_a_time_with_the_same_result(monkeypatch):
+    """With one head per chunk, no tensor the search makes is larger than one head's N x N block pairs
+    or the layout itself (a sort or mask over every head's block pairs would be), and the layout is
+    the one a single chunk gives."""
+    q, k, _ = _tempered_qkv(1, 4, 160, [0.3, 1.0, 2.5, 5.0], seed=12)
+    lse = attention_lse(q, k, SCALE)
+    whole = search_layout(q, k, lse, block=16, density=0.3, head_adaptive=False, scale=SCALE)
+    monkeypatch.setattr(adaspa_search, "_CHUNK_ENTRIES", 10 * 10)  # N = 10 blocks: one head per chunk
+    assert adaspa_search.head_chunks(1, 4, 10) == [slice(h, h + 1) for h in range(4)]
+    with _Allocations() as recorded:
+        chunked = search_layout(q, k, lse, block=16, density=0.3, head_adaptive=False, scale=SCALE)
+    assert max(recorded.numels) <= max(10 * 10, chunked.indices.numel()) < 4 * 10 * 10
+    for name in ("counts", "indices", "head_blocks", "density"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name))
+    torch.testing.assert_close(chunked.recall, whole.recall, atol=1e-6, rtol=0)
+    adaptive = [search_layout(q, k, lse, block=16, density=0.3, head_adaptive=True, scale=SCALE)]
+    monkeypatch.setattr(adaspa_search, "_CHUNK_ENTRIES", 1 << 23)
+    adaptive.append(search_layout(q, k, lse, block=16, density=0.3, head_adaptive=True, scale=SCALE))
+    assert not adaptive[0].head_blocks.eq(3).all()  # the heads got different budgets
+    for name in ("counts", "indices", "head_blocks"):
+        assert torch.equal(getattr(adaptive[0], name), getattr(adaptive[1], name))
 
 
 # ----------------------------------------------------------------------------------------------

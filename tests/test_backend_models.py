@@ -140,3 +140,14 @@ def test_two_models_of_one_class_keep_separate_state(recording_method):
     sparse_compile.reset(a)
     assert sparse_compile.report(a).rewritten[0].density_by_step == {}
     assert sparse_compile.report(b).rewritten[0].density_by_step == {0: 0.5, 1: 0.5}
+
+
+def test_cross_attention_to_as_many_text_tokens_as_video_tokens_is_not_rewritten(recording_method):
+    """Equal query and key lengths do not make self-attention: the keys must be the video tokens too."""
+    model, inputs, _ = tiny_models.wan(frames=1, height=2, width=14)  # 7 video tokens
+    inputs["encoder_hidden_states"] = torch.randn(1, 7, 32)  # 7 text tokens
+    compiled = torch.compile(model, backend="sparse_video", options={"method": "recording", "min_seq_len": 1})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).sample, model(**inputs).sample, rtol=1e-5, atol=1e-5)
+    rewritten = [s.module_path for s in sparse_compile.report(compiled).rewritten]
+    assert rewritten == ["blocks.0.attn1", "blocks.1.attn1"]

@@ -1,4 +1,5 @@
-"""method="svg": spatial/temporal block bands, the temporal layout transform, online head profiling."""
+"""method="svg": spatial/temporal block bands, the temporal layout transform (folded into the kernel),
+online head profiling."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from sparse_compile.kernels.block_sparse_reference import check_layout_values
 from sparse_compile.methods import svg as svg_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg import SvgMethod
-from sparse_compile.methods.svg_patterns import build_patterns, temporal_order
+from sparse_compile.methods.svg_patterns import build_patterns, temporal_order, temporal_permutation
 from sparse_compile.methods.svg_profile import classify_heads, pattern_errors, sample_rows
 from sparse_compile.options import validate_options
+from sparse_compile.runtime.ops import attention_output_like
 from sparse_compile.runtime.session import SiteState, find_session
 
 CPU = torch.device("cpu")
@@ -114,7 +116,8 @@ def test_patterns_are_valid_layouts_of_the_stated_band(grid, block, density):
     frames, height, width = grid
     patterns = build_patterns(frames, height, width, block, density, CPU)
     tokens = frames * height * width
-    to_temporal, from_temporal = patterns.to_temporal, patterns.from_temporal
+    to_temporal, from_temporal = temporal_order(frames, height, width)
+    assert patterns.to_temporal.dtype == torch.int32 and torch.equal(patterns.to_temporal.long(), to_temporal)
     assert torch.equal(torch.sort(to_temporal).values, torch.arange(tokens))
     assert torch.equal(to_temporal[from_temporal], torch.arange(tokens))
     assert torch.equal(from_temporal[to_temporal], torch.arange(tokens))
@@ -224,21 +227,68 @@ HEAD_CHOICES = {
 }
 
 
+def _token_major_qkv(batch: int, heads: int, seq: int, dim: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``(B, H, S, D)`` as views of ``(B, S, H, D)`` storage, as diffusers hands them to attention."""
+    return tuple(torch.randn(batch, seq, heads, dim).transpose(1, 2) for _ in range(3))
+
+
+@pytest.mark.parametrize("storage", ["bhsd", "bshd"])
 @pytest.mark.parametrize("heads", sorted(HEAD_CHOICES))
 @pytest.mark.parametrize("text", [(0, False), (5, True), (5, False)], ids=["video", "text-prefix", "text-suffix"])
-def test_method_equals_dense_attention_under_the_kept_token_mask(monkeypatch, heads, text):
+def test_method_equals_dense_attention_under_the_kept_token_mask(monkeypatch, heads, text, storage):
     choice = HEAD_CHOICES[heads]
     monkeypatch.setattr(svg_module, "classify_heads", lambda *args: choice)
     torch.manual_seed(5)
     layout = TokenLayout(frames=5, height=4, width=6, text_tokens=text[0], text_first=text[1])
     seq = layout.video_tokens + layout.text_tokens
-    q, k, v = (torch.randn(2, 3, seq, 16) for _ in range(3))
+    if storage == "bshd":
+        q, k, v = _token_major_qkv(2, 3, seq, 16)
+    else:
+        q, k, v = (torch.randn(2, 3, seq, 16) for _ in range(3))
     result = _method(block=16, density=0.3).attend(_call(q, k, v, layout))
     mask = _method_mask(layout, 16, 0.3, choice)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert _rel_l2(result.output, expected) <= 1e-4
     assert float(result.kept_density) == pytest.approx(mask.double().mean().item(), rel=1e-6)
     assert float(result.kept_density) < 1.0
+
+
+def test_the_kernel_reads_the_callers_qkv_through_each_heads_permutation(monkeypatch):
+    """The layout transform is folded into the kernel: it gets the caller's q, k, v (no gathered copy),
+    temporal heads' q_perm = kv_perm is the temporal order and spatial heads' the identity, and the
+    output comes back in the op's layout (no copy after the op)."""
+    choice = torch.tensor([[True, False, True]])
+    monkeypatch.setattr(svg_module, "classify_heads", lambda *args: choice)
+    seen = []
+    real_kernel = svg_module.block_sparse_attention
+
+    def spy(q, k, v, *layout, **kwargs):
+        seen.append((q, k, v, kwargs))
+        return real_kernel(q, k, v, *layout, **kwargs)
+
+    monkeypatch.setattr(svg_module, "block_sparse_attention", spy)
+    torch.manual_seed(9)
+    layout = TokenLayout(frames=5, height=4, width=6, text_tokens=0, text_first=False)
+    q, k, v = _token_major_qkv(1, 3, layout.video_tokens, 16)
+    result = _method(block=16, density=0.3).attend(_call(q, k, v, layout))
+    [(got_q, got_k, got_v, kwargs)] = seen
+    for got, passed in ((got_q, q), (got_k, k), (got_v, v)):
+        assert got.data_ptr() == passed.data_ptr() and got.stride() == passed.stride()
+    assert kwargs["q_perm"] is kwargs["kv_perm"]
+    perm = kwargs["q_perm"]
+    to_temporal, _ = temporal_order(5, 4, 6)
+    assert perm.shape == (1, 3, 120) and perm.dtype == torch.int32
+    assert torch.equal(perm[0, 0].long(), to_temporal) and torch.equal(perm[0, 2].long(), to_temporal)
+    assert torch.equal(perm[0, 1].long(), torch.arange(120))
+    assert result.output.stride() == attention_output_like(q, v).stride()
+
+
+def test_the_temporal_permutation_is_built_once_per_grid_and_device():
+    first = temporal_permutation(5, 4, 6, CPU)
+    assert temporal_permutation(5, 4, 6, CPU) is first
+    assert build_patterns(5, 4, 6, 16, 0.3, CPU).to_temporal is build_patterns(5, 4, 6, 32, 0.5, CPU).to_temporal
+    assert first.dtype == torch.int32 and torch.equal(first.long(), temporal_order(5, 4, 6)[0])
+    assert temporal_permutation(4, 5, 6, CPU) is not first
 
 
 @pytest.mark.parametrize("text", [(0, False), (3, True)])
@@ -331,3 +381,28 @@ def test_end_to_end_on_a_wan_transformer_with_cfg_as_two_calls():
     for cache in plans:
         assert set(cache) == {("svg_plan", 0), ("svg_plan", 1)}
         assert cache[("svg_plan", 0)] is not cache[("svg_plan", 1)] and cache[("svg_plan", 1)].step == 1
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_folded_layout_transform_equals_gathering_per_head():
+    """Wan 480p (S = 32760, 12 heads, bf16, (B, S, H, D) storage), half the heads temporal: the method's
+    output and LSE equal the kernel run on q, k, v gathered into each head's kernel order and scattered back."""
+    choice = torch.tensor([[True, False] * 6], device="cuda")
+    layout = TokenLayout(frames=21, height=30, width=52, text_tokens=0, text_first=False)
+    torch.manual_seed(10)
+    q, k, v = (torch.randn(1, layout.video_tokens, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))  # fmt: skip
+    state = SiteState()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(svg_module, "classify_heads", lambda *args: choice)
+        result = _method().attend(_call(q, k, v, layout, state))
+    plan = state.cache[("svg_plan", 0)]
+    index = plan.perm.long()[..., None].expand(-1, -1, -1, 128)
+    gathered = [torch.gather(x, 2, index) for x in (q, k, v)]
+    out, lse = svg_module.block_sparse_attention(*gathered, plan.counts, plan.indices, block_q=128, block_k=128,
+                                                 return_lse=True)  # fmt: skip
+    want_out = torch.empty_like(out).scatter_(2, index, out)
+    want_lse = torch.empty_like(lse).scatter_(2, plan.perm.long(), lse)
+    assert result.output.stride() == attention_output_like(q, v).stride()
+    assert _rel_l2(result.output.float(), want_out.float()) <= 1e-2
+    assert (result.video_lse - want_lse).abs().max().item() <= 1e-2

@@ -1,4 +1,4 @@
-"""Tiny helpers shared by the Triton kernel modules: the interpreter fix and output-buffer checks."""
+"""Tiny helpers shared by the Triton kernel modules: the interpreter fix, output-buffer checks, permutation strides."""
 
 import torch
 import triton.runtime.interpreter as _interpreter
@@ -30,3 +30,28 @@ def check_out_buffer(name: str, buf: torch.Tensor, shape: tuple[int, ...], dtype
     """Raise ``ValueError`` unless a caller-provided output buffer is contiguous with this shape, dtype and device."""
     if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or not buf.is_contiguous():
         raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape {shape} on {device}")
+
+
+def _may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` might share memory: ``False`` once every dim (by increasing stride)
+    steps over the whole span of the smaller ones (true of any permutation of a contiguous tensor)."""
+    span = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def check_strided_out_buffer(
+    name: str, buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
+    """Raise ``ValueError`` unless a caller-provided output buffer has this shape, dtype and device and no
+    overlapping elements (any strides otherwise: kernels write through them)."""
+    if tuple(buf.shape) != shape or buf.dtype != dtype or buf.device != device or _may_overlap(buf):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device} with non-overlapping strides")
+
+
+def permutation_strides(perm: torch.Tensor | None) -> tuple[int, int, int]:
+    """Strides of an expanded ``(B, H, S)`` token permutation; zeros (unused by the kernel) without one."""
+    return (0, 0, 0) if perm is None else perm.stride()

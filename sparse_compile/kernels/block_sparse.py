@@ -1,10 +1,11 @@
 """Block-sparse attention forward with a fixed block size: Triton kernel, dispatch and custom op.
 
-``block_sparse_attention(q, k, v, kv_block_counts, kv_block_indices, block_q=, block_k=)`` computes
-softmax attention where query block ``i`` (``block_q`` rows) attends only to the ``counts[b, h, i]``
-kv blocks (``block_k`` keys each) listed in ``indices[b, h, i, :count]``. See
-:mod:`sparse_compile.kernels.block_sparse_reference` for the layout format; that module is the
-specification and the CPU path.
+``block_sparse_attention(q, k, v, kv_block_counts, kv_block_indices, block_q=, block_k=, q_perm=None,
+kv_perm=None)`` computes softmax attention where query block ``i`` (``block_q`` rows) attends only to
+the ``counts[b, h, i]`` kv blocks (``block_k`` keys each) listed in ``indices[b, h, i, :count]``. See
+:mod:`sparse_compile.kernels.block_sparse_reference` for the layout format and the optional token
+permutations (blocks are runs of rows in the order ``q_perm`` / ``kv_perm`` give, while q, k, v and O
+stay in token order); that module is the specification and the CPU path.
 
 Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the PyTorch reference, or the Triton
 kernel under Triton's interpreter when the process started with ``TRITON_INTERPRET=1`` (see
@@ -15,6 +16,20 @@ block, split into BLOCK_N sub-tiles, with an online (base-2) softmax in fp32; th
 next tile are issued before the softmax of the current one. Only the last, partial kv block of a
 sequence whose length is not a multiple of ``block_k`` is masked, in a second loop. On Hopper the
 K/V tiles are read with TMA (device-side tensor descriptors) when the strides allow it.
+
+- Any strides for q, k, v and O (each a ``(B, H, S, D)`` view), so the ``(B, S, H, D)`` storage of a
+  diffusers attention call is read as is (TMA needs a unit last stride and 16-byte aligned others,
+  which those views have), and O is written token-major by default (:func:`token_major_like`), the
+  layout the backend's op returns without a copy.
+- *Permutations folded into the loads and stores* (``PERMUTE_Q`` / ``PERMUTE_KV``, compile-time flags:
+  without a permutation the kernel is the one above), as in the variable-block kernel. A query tile
+  loads its BLOCK_M entries of ``q_perm`` and gathers those token rows of q, then stores O and LSE
+  to the same token rows. A K/V tile loads its BLOCK_N entries of ``kv_perm`` (contiguous: a kv tile
+  is a run of kernel-order rows) and gathers those token rows of k and v; TMA cannot gather rows,
+  so this variant reads K/V with pointer loads (each row D contiguous elements, so every row load
+  stays coalesced). Q, K, V and O are never copied into kernel order and back: instead of gathers
+  of Q, K and V and scatters of O and LSE the kernel does one int load per q row and two (K, V)
+  per kept key.
 """
 
 import math
@@ -27,12 +42,18 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
+from sparse_compile.kernels._triton_utils import (
+    check_out_buffer,
+    check_strided_out_buffer,
+    patch_interpreter_scalar_index,
+    permutation_strides,
+)
 from sparse_compile.kernels.block_sparse_reference import (
     block_sparse_attention_reference,
     cdiv,
     dense_block_layout,
     layout_to_dense_mask,
+    token_major_like,
     validate_inputs,
 )
 
@@ -44,6 +65,7 @@ __all__ = [
     "block_sparse_attention_triton",
     "interpreter_active",
     "tma_eligible",
+    "token_major_like",
     "dense_block_layout",
     "layout_to_dense_mask",
 ]
@@ -53,16 +75,28 @@ _TMA_ALIGN_BYTES = 16
 
 
 @triton.jit
-def _load_rows(src, start_n, offs_n, offs_d, stride_n, stride_d, S_K, USE_TMA: tl.constexpr, MASKED: tl.constexpr):
-    """Rows [start_n, start_n + BLOCK_N) x D of K or V: ``src`` is a TMA descriptor or the head's base pointer.
+def _load_rows(
+    src, perm, start_n, offs_n, offs_d, stride_n, stride_d, stride_p, S_K,
+    USE_TMA: tl.constexpr, PERMUTE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Kernel-order rows [start_n, start_n + BLOCK_N) x D of K or V.
 
-    Rows past S_K read as 0 (TMA pads them; pointer loads mask them only when ``MASKED``).
+    ``src`` is a TMA descriptor or the head's base pointer. PERMUTE (pointer loads only): kernel-order
+    row ``r`` is token row ``perm[r * stride_p]`` of ``src``. Rows past S_K read as 0 (TMA pads them;
+    pointer loads mask them, and their permutation entries, only when ``MASKED``).
     """
     if USE_TMA:
         tile = src.load([start_n, 0])
     else:
         rows = start_n + offs_n
-        ptrs = src + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+        if PERMUTE:
+            if MASKED:
+                tokens = tl.load(perm + rows * stride_p, mask=rows < S_K, other=0).to(tl.int32)
+            else:
+                tokens = tl.load(perm + rows * stride_p).to(tl.int32)
+        else:
+            tokens = rows
+        ptrs = src + tokens[:, None] * stride_n + offs_d[None, :] * stride_d
         if MASKED:
             tile = tl.load(ptrs, mask=rows[:, None] < S_K, other=0.0)
         else:
@@ -93,10 +127,13 @@ def _online_softmax(qk, m_i, l_i, qk_scale):
 
 
 def _block_sparse_fwd(
-    Q, K, V, O, LSE, COUNTS, INDICES,
+    Q, K, V, O, LSE, COUNTS, INDICES, Q_PERM, KV_PERM,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_qpb, stride_qph, stride_qpm,
+    stride_kpb, stride_kph, stride_kpn,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_ik,
     H, S_Q, S_K, qk_scale,
@@ -105,13 +142,18 @@ def _block_sparse_fwd(
     LAYOUT_BK: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PERMUTE_Q: tl.constexpr,
+    PERMUTE_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One program: BLOCK_M query rows of one (batch, head) against the kept kv blocks of their q block.
 
-    Grid: (cdiv(S_Q, BLOCK_M), B * H). O is contiguous (B, H, S_Q, D); LSE contiguous fp32 (B, H, S_Q).
+    Grid: (cdiv(S_Q, BLOCK_M), B * H). Q, K, V and O have any strides; LSE is contiguous fp32
+    (B, H, S_Q). PERMUTE_Q: kernel-order row ``r`` is token ``Q_PERM[r]`` of Q, O and LSE (rows are
+    gathered and results scattered by token); PERMUTE_KV likewise for K and V, with pointer loads
+    (USE_TMA must be off). Without them Q_PERM / KV_PERM are unused and may be None.
     ``qk_scale`` is softmax scale * log2(e): scores live in base 2 until the LSE is written.
     The main loop is software-pipelined: QK^T of tile t+1 is issued before the softmax of tile t, so
     the tensor cores work on it while the warps do the exponentials.
@@ -125,14 +167,24 @@ def _block_sparse_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S_Q
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < S_Q, other=0.0)
+    if PERMUTE_Q:
+        q_rows = tl.load(Q_PERM + off_b * stride_qpb + off_h * stride_qph + offs_m * stride_qpm, mask=row_ok, other=0)
+        q_rows = q_rows.to(tl.int32)
+    else:
+        q_rows = offs_m
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_src = K + off_b * stride_kb + off_h * stride_kh
     v_src = V + off_b * stride_vb + off_h * stride_vh
     if USE_TMA:
         k_src = tl.make_tensor_descriptor(k_src, [S_K, HEAD_DIM], [stride_kn, 1], [BLOCK_N, HEAD_DIM])
         v_src = tl.make_tensor_descriptor(v_src, [S_K, HEAD_DIM], [stride_vn, 1], [BLOCK_N, HEAD_DIM])
+    if PERMUTE_KV:
+        kv_perm = KV_PERM + off_b * stride_kpb + off_h * stride_kph
+    else:
+        kv_perm = KV_PERM
 
     count = tl.load(COUNTS + off_b * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b * stride_ib + off_h * stride_ih + q_block * stride_iq
@@ -149,39 +201,44 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # Whole tiles, pipelined: the prologue computes the scores of tile 0 (masked load: it may not exist).
     start_n = _tile_start(idx_row, stride_ik, 0, n_full > 0, LAYOUT_BK, BLOCK_N)
-    k = _load_rows(k_src, start_n, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, True)
+    k = _load_rows(k_src, kv_perm, start_n, offs_n, offs_d, stride_kn, stride_kd, stride_kpn, S_K,
+                   USE_TMA, PERMUTE_KV, True)  # fmt: skip
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     for t in range(1, n_full):
         start_next = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
-        k = _load_rows(k_src, start_next, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, False)
+        k = _load_rows(k_src, kv_perm, start_next, offs_n, offs_d, stride_kn, stride_kd, stride_kpn, S_K,
+                       USE_TMA, PERMUTE_KV, False)  # fmt: skip
         qk_next = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
-        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, False)
+        v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
+                       USE_TMA, PERMUTE_KV, False)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         qk = qk_next
         start_n = start_next
     if n_full > 0:
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
-        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, False)
+        v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
+                       USE_TMA, PERMUTE_KV, False)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     # The partial last kv block, masked (only when kept and S_K % block_k != 0).
     for t in range(n_full, n_tiles):
         start_n = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
-        k = _load_rows(k_src, start_n, offs_n, offs_d, stride_kn, stride_kd, S_K, USE_TMA, True)
+        k = _load_rows(k_src, kv_perm, start_n, offs_n, offs_d, stride_kn, stride_kd, stride_kpn, S_K,
+                       USE_TMA, PERMUTE_KV, True)  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where((start_n + offs_n)[None, :] < S_K, qk, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
-        v = _load_rows(v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, S_K, USE_TMA, True)
+        v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
+                       USE_TMA, PERMUTE_KV, True)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
 
     empty_row = l_i == 0.0
     l_safe = tl.where(empty_row, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    row_ok = offs_m < S_Q
-    o_ptrs = O + pid_bh.to(tl.int64) * S_Q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + q_rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * S_Q + offs_m, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * S_Q + q_rows, lse, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -199,6 +256,11 @@ class TileConfig:
 # At D=128 ptxas overlaps the next tile's QK^T wgmma with the exponentials for 128x64 tiles but not
 # for 128x128 (too few registers), yet 128x128 was still the fastest on the H100 (see
 # benchmarks/results/block_sparse_notes.md). 128x64 and 64x128 with 4 warps spill registers: left out.
+# Offline sm_90 compiles (bf16, D=128, ptxas of the Triton wheel) of the strided-output kernel: TMA
+# variants spill nothing; 128x128 with pointer loads keeps one register in local memory across the
+# loops (one store before, one load after); the permuted variant (pointer gathers) spills 2 registers
+# per main-loop tile at 128x128 (48-72 B of stack) and nothing at 128x64 / 64x64. All stay candidates:
+# the autotuner times them (``--sweep`` of benchmarks/bench_block_sparse.py times each).
 AUTOTUNE_TILES = (
     TileConfig(128, 128, 8, 2),
     TileConfig(128, 128, 8, 3),
@@ -229,7 +291,7 @@ def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
 _fwd_jit = triton.jit(_block_sparse_fwd)
 _fwd_autotuned = triton.autotune(
     configs=[_triton_config(t) for t in AUTOTUNE_TILES],
-    key=["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "USE_TMA"],  # the autotuner adds the tensor dtypes
+    key=["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "USE_TMA", "PERMUTE_Q", "PERMUTE_KV"],  # + the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_fwd_jit)
 
@@ -275,6 +337,8 @@ def block_sparse_attention_triton(
     *,
     block_q: int,
     block_k: int,
+    q_perm: Optional[Tensor] = None,
+    kv_perm: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
     tile: Optional[TileConfig] = None,
@@ -284,17 +348,20 @@ def block_sparse_attention_triton(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Run the Triton kernel: compiled on CUDA, or under Triton's interpreter (see :func:`interpreter_active`).
 
-    Shapes as :func:`block_sparse_attention`. ``tile`` fixes the tile/launch config (default: autotuned
-    on CUDA, ``_small_block_tile`` in the interpreter). ``use_tma`` forces TMA K/V loads on or off
-    (default: on when :func:`tma_eligible`). ``out`` (B, H, S_q, D) and ``lse_out`` (B, H, S_q) are
-    optional contiguous output buffers; every element is written. Layout values are not checked.
+    Arguments as :func:`block_sparse_attention`; q, k, v are read through their strides (no copies).
+    ``tile`` fixes the tile/launch config (default: autotuned on CUDA, ``_small_block_tile`` in the
+    interpreter). ``use_tma`` forces TMA K/V loads on or off (default: on when :func:`tma_eligible`
+    and there is no ``kv_perm``; TMA cannot gather permuted rows). ``out`` ``(B, H, S_q, D)`` in q's
+    dtype with any non-overlapping strides (default: a new token-major tensor) and ``lse_out``
+    ``(B, H, S_q)`` contiguous fp32 are optional buffers; every element is written. Layout and
+    permutation values are not checked (no host sync).
     """
-    counts, indices = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
+    out = token_major_like(q) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
     check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     interpret = interpreter_active()
     if q.device.type != "cuda" and not interpret:
@@ -303,13 +370,17 @@ def block_sparse_attention_triton(
         )
     if out.numel() > 0:
         if use_tma is None:
-            use_tma = not interpret and tma_eligible(k, v)
-        if use_tma and (interpret or not tma_eligible(k, v)):
-            raise ValueError("use_tma=True needs CUDA sm_90+ and 16-byte aligned K/V with unit last stride")
+            use_tma = not interpret and lay.kv_perm is None and tma_eligible(k, v)
+        if use_tma and (interpret or lay.kv_perm is not None or not tma_eligible(k, v)):
+            raise ValueError(
+                "use_tma=True needs CUDA sm_90+, 16-byte aligned K/V with unit last stride, and no kv_perm"
+            )
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         args = (
-            q, k, v, out, lse_out, counts, indices,
-            *q.stride(), *k.stride(), *v.stride(), *counts.stride(), *indices.stride(),
+            q, k, v, out, lse_out, lay.counts, lay.indices, lay.q_perm, lay.kv_perm,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *permutation_strides(lay.q_perm), *permutation_strides(lay.kv_perm),
+            *lay.counts.stride(), *lay.indices.stride(),
             h, s_q, s_k, scale * _LOG2E,
         )  # fmt: skip
         meta = dict(
@@ -318,6 +389,8 @@ def block_sparse_attention_triton(
             LAYOUT_BK=block_k,
             EVEN_K=s_k % block_k == 0,
             USE_TMA=use_tma,
+            PERMUTE_Q=lay.q_perm is not None,
+            PERMUTE_KV=lay.kv_perm is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         )
         _launch(args, meta, b * h, s_q, interpret, tile or (_small_block_tile(block_q, block_k) if interpret else None))
@@ -328,7 +401,7 @@ def _launch(args: tuple, meta: dict, bh: int, s_q: int, interpret: bool, tile: O
     """Launch the interpreted, fixed-tile or autotuned kernel over grid (cdiv(S_q, BLOCK_M), B*H).
 
     TMA launches install a Triton allocator (process-wide ``triton.set_allocator``) for the on-device
-    descriptors' workspace. The first call per (D, block_q, block_k, TMA, dtype) autotunes, which
+    descriptors' workspace. The first call per (D, block_q, block_k, TMA, permutations, dtype) autotunes, which
     launches the kernel several times: make it outside CUDA-graph capture.
     """
     if tile is not None and (meta["LAYOUT_BQ"] % tile.block_m or meta["LAYOUT_BK"] % tile.block_n):
@@ -350,15 +423,12 @@ def _launch(args: tuple, meta: dict, bh: int, s_q: int, interpret: bool, tile: O
 
 def _dispatch(
     q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_q: int, block_k: int,
-    scale: Optional[float],
+    scale: Optional[float], q_perm: Optional[Tensor], kv_perm: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    kwargs = dict(block_q=block_q, block_k=block_k, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True)
     if q.device.type == "cuda" or interpreter_active():
-        return block_sparse_attention_triton(
-            q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True
-        )
-    return block_sparse_attention_reference(
-        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True
-    )
+        return block_sparse_attention_triton(q, k, v, counts, indices, **kwargs)
+    return block_sparse_attention_reference(q, k, v, counts, indices, **kwargs)
 
 
 @torch.library.custom_op("sparse_compile::block_sparse_attention", mutates_args=())
@@ -371,9 +441,11 @@ def _block_sparse_attention_op(
     block_q: int,
     block_k: int,
     scale: Optional[float] = None,
+    q_perm: Optional[Tensor] = None,
+    kv_perm: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Custom op: returns (O contiguous (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
-    return _dispatch(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale)
+    """Custom op: returns (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
+    return _dispatch(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale, q_perm, kv_perm)
 
 
 @_block_sparse_attention_op.register_fake
@@ -386,12 +458,12 @@ def _block_sparse_attention_fake(
     block_q: int,
     block_k: int,
     scale: Optional[float] = None,
+    q_perm: Optional[Tensor] = None,
+    kv_perm: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
-    b, h, s_q, d = q.shape
-    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
-    return out, lse
+    validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    b, h, s_q, _ = q.shape
+    return token_major_like(q), q.new_empty((b, h, s_q), dtype=torch.float32)
 
 
 def block_sparse_attention(
@@ -403,18 +475,25 @@ def block_sparse_attention(
     *,
     block_q: int,
     block_k: int,
+    q_perm: Optional[Tensor] = None,
+    kv_perm: Optional[Tensor] = None,
     scale: Optional[float] = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention through the ``sparse_compile::block_sparse_attention`` op (torch.compile-safe).
 
-    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, any strides; ``kv_block_counts`` int32
-    ``(B, H, NQ)``, ``kv_block_indices`` int32 ``(B, H, NQ, MAXK)`` (batch/head dims may be 1 or
-    stride 0); ``block_q``/``block_k`` powers of two in [16, 256]; ``scale`` defaults to 1/sqrt(D).
-    Returns O ``(B, H, S_q, D)`` contiguous in q's dtype, plus the fp32 natural-log LSE ``(B, H, S_q)``
-    when ``return_lse``. Rows whose q block keeps nothing give 0 and LSE ``-inf``.
+    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, any strides: in kernel order, or in
+    token order with the permutations ``q_perm`` ``(B, H, S_q)`` / ``kv_perm`` ``(B, H, S_k)`` (int32
+    or int64; row ``i`` of kernel order is token ``perm[b, h, i]``), which the kernel folds into its
+    loads and stores. ``kv_block_counts`` int32 ``(B, H, NQ)``, ``kv_block_indices`` int32
+    ``(B, H, NQ, MAXK)`` over kernel-order blocks (batch/head dims of the layout and permutations may
+    be 1 or stride 0); ``block_q``/``block_k`` powers of two in [16, 256]; ``scale`` defaults to
+    1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`token_major_like`), in
+    q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)`` when ``return_lse``. Rows whose q
+    block keeps nothing give 0 and LSE ``-inf``. Shapes are checked here (``ValueError``); layout and
+    permutation *values* on the CPU path only.
     """
     out, lse = torch.ops.sparse_compile.block_sparse_attention(
-        q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale
+        q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale, q_perm, kv_perm
     )
     return (out, lse) if return_lse else out

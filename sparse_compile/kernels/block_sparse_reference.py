@@ -9,14 +9,32 @@ A *layout* describes which (block_q x block_k) tiles of the attention matrix are
 
 The batch and head dims of both layout tensors may be 1 or have stride 0 (one pattern shared by
 several heads). Query rows of a block that keeps nothing get output 0 and LSE ``-inf``.
+
+Blocks are runs of consecutive rows in *kernel order*. Optional token permutations, the same as
+the variable-block kernel's (:mod:`~sparse_compile.kernels.varlen_block_sparse_reference`), let
+q, k, v and O stay in token order while the layout is stated in another order:
+
+- ``q_perm`` int32/int64 ``(B or 1, H or 1, S_q)``: row ``i`` of kernel order is token
+  ``q_perm[b, h, i]`` of q, and its output and LSE land in row ``q_perm[b, h, i]`` of O and LSE;
+- ``kv_perm`` int32/int64 ``(B or 1, H or 1, S_k)``: row ``j`` of kernel order is token
+  ``kv_perm[b, h, j]`` of k and v.
+
+Each must be a permutation of ``[0, S)`` per (batch, head); without one, kernel order is token
+order. The result with permutations equals the result without them on the gathered inputs
+``q[b, h, q_perm[b, h]]`` (etc.), scattered back to token order. O is ``(B, H, S_q, D)`` laid out
+*token-major*, as a contiguous ``(B, S_q, H, D)`` (:func:`token_major_like`): the layout of the
+backend op's output, so it is returned without a copy.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from sparse_compile.kernels.varlen_block_sparse_reference import PERMUTATION_DTYPES, token_major_like
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -30,6 +48,23 @@ def cdiv(a: int, b: int) -> int:
 def _check_block_size(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 16 or value > 256 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two in [16, 256], got {value!r}")
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The layout tensors and optional token permutations of one call, expanded (stride 0) to ``(B, H, ...)``.
+
+    Attributes:
+        counts: int32 ``(B, H, NQ)``.
+        indices: int32 ``(B, H, NQ, MAXK)``.
+        q_perm: int32/int64 ``(B, H, S_q)`` or ``None``.
+        kv_perm: int32/int64 ``(B, H, S_k)`` or ``None``.
+    """
+
+    counts: Tensor
+    indices: Tensor
+    q_perm: Tensor | None = None
+    kv_perm: Tensor | None = None
 
 
 def _expand_layout(t: Tensor, name: str, b: int, h: int, tail: tuple[int, ...]) -> Tensor:
@@ -50,11 +85,14 @@ def validate_inputs(
     kv_block_indices: Tensor,
     block_q: int,
     block_k: int,
-) -> tuple[Tensor, Tensor]:
-    """Check shapes, dtypes and devices; return the layout tensors expanded to ``(B, H, NQ[, MAXK])``.
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
+) -> BlockLayout:
+    """Check shapes, dtypes and devices; return the layout and permutations expanded to ``(B, H, ...)``.
 
-    Raises ``ValueError`` with a message naming the offending argument. Index *values* are not
-    checked here (that needs a device sync); :func:`check_layout_values` does it.
+    Raises ``ValueError`` with a message naming the offending argument. Index and permutation
+    *values* are not checked here (that needs a device sync); :func:`check_layout_values` and
+    :func:`check_permutation_values` do it.
     """
     _check_block_size("block_q", block_q)
     _check_block_size("block_k", block_k)
@@ -65,8 +103,9 @@ def validate_inputs(
             raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == kv_block_counts.device == kv_block_indices.device):
-        raise ValueError("q, k, v, kv_block_counts and kv_block_indices must be on one device")
+    perms = [p for p in (q_perm, kv_perm) if p is not None]
+    if any(t.device != q.device for t in (k, v, kv_block_counts, kv_block_indices, *perms)):
+        raise ValueError("q, k, v, kv_block_counts, kv_block_indices and the permutations must be on one device")
     b, h, s_q, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(
@@ -84,7 +123,18 @@ def validate_inputs(
     if kv_block_indices.dim() != 4:
         raise ValueError(f"kv_block_indices must be 4-D (B, H, NQ, MAXK), got shape {tuple(kv_block_indices.shape)}")
     indices = _expand_layout(kv_block_indices, "kv_block_indices", b, h, (nq, kv_block_indices.shape[3]))
-    return counts, indices
+    q_perm = _expand_permutation(q_perm, "q_perm", b, h, s_q)
+    kv_perm = _expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
+    return BlockLayout(counts, indices, q_perm, kv_perm)
+
+
+def _expand_permutation(perm: Tensor | None, name: str, b: int, h: int, seq: int) -> Tensor | None:
+    """``perm`` (int32/int64 ``(B or 1, H or 1, seq)``) expanded to ``(B, H, seq)``; ``None`` stays ``None``."""
+    if perm is None:
+        return None
+    if perm.dtype not in PERMUTATION_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {perm.dtype}")
+    return _expand_layout(perm, name, b, h, (seq,))
 
 
 def check_layout_values(kv_block_counts: Tensor, kv_block_indices: Tensor, num_kv_blocks: int) -> None:
@@ -102,6 +152,18 @@ def check_layout_values(kv_block_counts: Tensor, kv_block_indices: Tensor, num_k
     both_valid = valid[..., 1:]
     if bool((idx[..., 1:] <= idx[..., :-1])[both_valid].any()):
         raise ValueError("kept kv block indices must be strictly ascending")
+
+
+def check_permutation_values(name: str, perm: Tensor | None) -> None:
+    """Raise ``ValueError`` unless ``perm`` ``(B, H, S)`` (or ``None``) permutes ``[0, S)`` in every (batch, head).
+
+    Reads the permutation (a device sync on GPU); meant for tests and the reference path.
+    """
+    if perm is None:
+        return
+    identity = torch.arange(perm.shape[-1], dtype=perm.dtype, device=perm.device).expand_as(perm)
+    if not torch.equal(perm.sort(dim=-1).values, identity):
+        raise ValueError(f"{name} must be a permutation of [0, S) for every (batch, head)")
 
 
 def dense_block_layout(
@@ -132,16 +194,26 @@ def layout_to_dense_mask(
     return rows.repeat_interleave(block_k, dim=-1)[..., :s_k]
 
 
-def _gather_kv_tokens(
-    indices: Tensor, counts: Tensor, block_k: int, s_k: int
-) -> tuple[Tensor, Tensor]:
-    """Token ids ``(B, H, MAXK * block_k)`` of the kept kv blocks of one q block, and their validity mask."""
+def _kept_kv_rows(indices: Tensor, counts: Tensor, block_k: int, s_k: int) -> tuple[Tensor, Tensor]:
+    """Kernel-order kv rows ``(B, H, MAXK * block_k)`` of the kept kv blocks of one q block, and their validity mask."""
     maxk = indices.shape[-1]
     slot_valid = torch.arange(maxk, device=indices.device) < counts.unsqueeze(-1)  # (B, H, MAXK)
-    tokens = indices.long().unsqueeze(-1) * block_k + torch.arange(block_k, device=indices.device)
-    valid = slot_valid.unsqueeze(-1) & (tokens < s_k) & (tokens >= 0)
-    tokens = torch.where(valid, tokens, 0)
-    return tokens.flatten(-2), valid.flatten(-2)
+    rows = indices.long().unsqueeze(-1) * block_k + torch.arange(block_k, device=indices.device)
+    valid = slot_valid.unsqueeze(-1) & (rows < s_k) & (rows >= 0)
+    rows = torch.where(valid, rows, 0)
+    return rows.flatten(-2), valid.flatten(-2)
+
+
+def _token_order(perm: Tensor | None, b: int, h: int, seq: int, device: torch.device) -> Tensor:
+    """Token of every kernel-order row, int64 ``(B, H, seq)``: ``perm``, or the identity without one."""
+    if perm is None:
+        return torch.arange(seq, device=device).expand(b, h, seq)
+    return perm.long()
+
+
+def _rows_of(x: Tensor, tokens: Tensor) -> Tensor:
+    """``x[b, h, tokens[b, h, r]]``: ``x`` ``(B, H, S, D)``, ``tokens`` int64 ``(B, H, R)`` -> ``(B, H, R, D)``."""
+    return torch.gather(x, 2, tokens.unsqueeze(-1).expand(*tokens.shape, x.shape[-1]))
 
 
 def reference_q_blocks(
@@ -155,25 +227,30 @@ def reference_q_blocks(
     block_q: int,
     block_k: int,
     scale: float | None = None,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference output rows of the given query blocks only (fp32 math).
 
-    Returns ``O (B, H, R, D)`` in q's dtype and ``LSE (B, H, R)`` fp32, where the R rows are those of
-    ``q_blocks`` in the order given (the last block may be partial). Memory per block is
-    O(B * H * block_q * MAXK * block_k).
+    Arguments as :func:`block_sparse_attention_reference`. Returns ``O (B, H, R, D)`` in q's dtype
+    and ``LSE (B, H, R)`` fp32, where the R rows are the kernel-order rows of ``q_blocks`` in the
+    order given (the last block may be partial); with ``q_perm`` row ``r`` of block ``i`` is token
+    ``q_perm[b, h, i * block_q + r]``. Memory per block is O(B * H * block_q * MAXK * block_k).
     """
-    counts, indices = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_tokens = _token_order(lay.q_perm, b, h, s_q, q.device)
+    kv_tokens = _token_order(lay.kv_perm, b, h, s_k, q.device)
     outs, lses = [], []
     for qb in q_blocks:
         rows = slice(qb * block_q, min((qb + 1) * block_q, s_q))
-        tokens, valid = _gather_kv_tokens(indices[:, :, qb], counts[:, :, qb], block_k, s_k)
-        gather_idx = tokens.unsqueeze(-1).expand(b, h, tokens.shape[-1], d)
-        k_sel = torch.gather(k, 2, gather_idx).float()
-        v_sel = torch.gather(v, 2, gather_idx).float()
-        scores = torch.matmul(q[:, :, rows].float(), k_sel.transpose(-1, -2)) * scale
+        kv_rows, valid = _kept_kv_rows(lay.indices[:, :, qb], lay.counts[:, :, qb], block_k, s_k)
+        tokens = torch.gather(kv_tokens, 2, kv_rows)
+        k_sel = _rows_of(k, tokens).float()
+        v_sel = _rows_of(v, tokens).float()
+        scores = torch.matmul(_rows_of(q, q_tokens[:, :, rows]).float(), k_sel.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~valid.unsqueeze(-2), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with nothing kept
         finite_lse = torch.where(torch.isinf(lse), 0.0, lse)
@@ -192,23 +269,33 @@ def block_sparse_attention_reference(
     *,
     block_q: int,
     block_k: int,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention in plain PyTorch, one query block at a time (no O(S_q * S_k) buffer).
 
-    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)`` (any strides), layout as in the module docstring.
-    Returns O ``(B, H, S_q, D)`` contiguous in q's dtype, and with ``return_lse`` the fp32 natural-log
-    LSE ``(B, H, S_q)`` of ``scale * q . k`` over the kept keys. The layout values are checked.
+    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)`` (any strides), layout and optional permutations
+    ``q_perm`` / ``kv_perm`` as in the module docstring (values are checked). Returns O
+    ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`token_major_like`), and with ``return_lse``
+    the fp32 natural-log LSE ``(B, H, S_q)`` (contiguous) of ``scale * q . k`` over the kept keys;
+    both in q's row order.
     """
-    counts, indices = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
-    check_layout_values(counts, indices, cdiv(k.shape[2], block_k))
-    nq = cdiv(q.shape[2], block_q)
-    if nq == 0:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    else:
-        out, lse = reference_q_blocks(
-            q, k, v, counts, indices, list(range(nq)), block_q=block_q, block_k=block_k, scale=scale
-        )
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))
+    check_permutation_values("q_perm", lay.q_perm)
+    check_permutation_values("kv_perm", lay.kv_perm)
+    b, h, s_q, d = q.shape
+    out = token_major_like(q)
+    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
+    nq = cdiv(s_q, block_q)
+    if nq > 0:
+        rows_out, rows_lse = reference_q_blocks(
+            q, k, v, lay.counts, lay.indices, list(range(nq)), block_q=block_q, block_k=block_k, scale=scale,
+            q_perm=lay.q_perm, kv_perm=lay.kv_perm,
+        )  # fmt: skip
+        tokens = _token_order(lay.q_perm, b, h, s_q, q.device)
+        out.scatter_(2, tokens.unsqueeze(-1).expand(b, h, s_q, d), rows_out)
+        lse.scatter_(2, tokens, rows_lse)
     return (out, lse) if return_lse else out

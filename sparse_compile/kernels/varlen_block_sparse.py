@@ -1,10 +1,11 @@
 """Variable-block-size (cluster) sparse attention: Triton kernel, dispatch and custom op.
 
 ``varlen_block_sparse_attention(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts,
-kv_cluster_indices)`` is attention where the rows of q cluster ``c`` attend only to the keys of the
-kv clusters it keeps. The layout format is described in
-:mod:`sparse_compile.kernels.varlen_block_sparse_reference`, which is the specification and the
-CPU path.
+kv_cluster_indices, q_perm=None, kv_perm=None)`` is attention where the rows of q cluster ``c``
+attend only to the keys of the kv clusters it keeps. The layout format and the optional token
+permutations (q, k, v and O in token order, the cluster order given by ``q_perm`` / ``kv_perm``)
+are described in :mod:`sparse_compile.kernels.varlen_block_sparse_reference`, which is the
+specification and the CPU path.
 
 Kernel design (CUDA):
 
@@ -19,6 +20,17 @@ Kernel design (CUDA):
   and ``delta[s] = kv_start(slot s) - prefix[s]``; a lane at virtual position ``p`` finds its slot
   by a binary search over ``prefix`` (``ceil(log2 count)`` steps, L1-resident) and reads key
   ``p + delta[slot]``. Only the last, partial tile of each q cluster is masked.
+- *Permutations folded into the loads and stores* (``PERMUTE_Q`` / ``PERMUTE_KV``, compile-time
+  flags: without a permutation the kernel is the one above). A q tile loads its BLOCK_M entries of
+  ``q_perm`` and gathers those token rows of q (each row D contiguous elements, so every row load
+  stays coalesced), then stores O and LSE to the same token rows. On the key side the virtual
+  position resolves to a cluster-order row as above, and one more load, ``kv_perm[row]`` (contiguous
+  within a kv cluster), gives the token row of k and v. So Q, K, V and O are never copied into
+  cluster order and back: instead of gathers of Q, K and V and scatters of O and LSE (each a read
+  and a write of the whole tensor) the kernel does one int load per q row and per kept key.
+- Any strides for q, k, v and O (each a ``(B, H, S, D)`` view; the stride of D specialises to 1
+  in practice), so the ``(B, S, H, D)`` storage of a diffusers attention call is read as is, and O
+  is written token-major by default, the layout the backend's op returns without a copy.
 - Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
 
 Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.3-2.4x the fixed-block kernel's
@@ -37,10 +49,16 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
+from sparse_compile.kernels._triton_utils import (
+    check_out_buffer,
+    check_strided_out_buffer,
+    patch_interpreter_scalar_index,
+    permutation_strides,
+)
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
     check_varlen_layout_values,
+    token_major_like,
     validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
 )
@@ -113,11 +131,15 @@ def _kv_prefix_kernel(
 
 @triton.jit
 def _varlen_tile(
-    q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, start, total, qk_scale,
-    m_i, l_i, acc, dims,
-    BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd, stride_ps,
+    prefix, delta, count, start, total, qk_scale, m_i, l_i, acc, dims,
+    BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, MASKED: tl.constexpr, PERMUTE_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Fold kept keys at virtual positions [start, start + BLOCK_N) into (m_i, l_i, acc)."""
+    """Fold kept keys at virtual positions [start, start + BLOCK_N) into (m_i, l_i, acc).
+
+    PERMUTE_KV: the kv row of cluster-order position ``r`` is token ``kv_perm[r * stride_ps]`` of k / v.
+    """
     pos = start + tl.arange(0, BLOCK_N)
     # Largest slot s < count with prefix[s] <= pos; extra steps past convergence leave it unchanged.
     lo = tl.zeros([BLOCK_N], tl.int32)
@@ -131,7 +153,9 @@ def _varlen_tile(
     token = pos + tl.load(delta + lo)
     if MASKED:
         token = tl.where(pos < total, token, 0)
-    k = tl.load(k_base + token[:, None] * stride_ks + dims[None, :])
+    if PERMUTE_KV:
+        token = tl.load(kv_perm + token * stride_ps).to(tl.int32)
+    k = tl.load(k_base + token[:, None] * stride_ks + dims[None, :] * stride_kd)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((pos < total)[None, :], s, float("-inf"))
@@ -139,27 +163,32 @@ def _varlen_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_base + token[:, None] * stride_vs + dims[None, :])
+    v = tl.load(v_base + token[:, None] * stride_vs + dims[None, :] * stride_vd)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _varlen_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_perm_ptr, kv_perm_ptr,
     tile_cluster_ptr, tile_row_ptr, q_off_ptr, counts_ptr, prefix_ptr, delta_ptr,
-    stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_qpb, stride_qph, stride_qps,
+    stride_kpb, stride_kph, stride_kps,
     stride_cb, stride_ch, stride_cq,
     num_heads, num_q_clusters, maxk, num_tiles, s_q, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    PERMUTE_Q: tl.constexpr, PERMUTE_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (tile slot, batch * head): BLOCK_M rows of one q cluster over its kept keys.
 
-    O is contiguous (B, H, S_q, D), LSE contiguous fp32 (B, H, S_q). Tile slots whose table entry
-    is ``num_q_clusters`` (the surplus of the upper-bound grid) exit at once.
+    q, k, v and O have any strides; LSE is contiguous fp32 (B, H, S_q). PERMUTE_Q: cluster-order
+    row ``r`` is token ``q_perm[r]`` of q, O and LSE (rows are gathered and results scattered by
+    token); PERMUTE_KV likewise for k and v (``kv_perm_ptr`` is unused, and may be None, without).
+    Tile slots whose table entry is ``num_q_clusters`` (the surplus of the upper-bound grid) exit at once.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -170,8 +199,17 @@ def _varlen_fwd_kernel(
         h = (bh % num_heads).to(tl.int64)
         rows = tl.load(tile_row_ptr + table) + tl.arange(0, BLOCK_M)
         row_ok = rows < tl.load(q_off_ptr + bh.to(tl.int64) * (num_q_clusters + 1) + cluster + 1)
+        if PERMUTE_Q:
+            q_tokens = tl.load(q_perm_ptr + b * stride_qpb + h * stride_qph + rows * stride_qps,
+                               mask=row_ok, other=0).to(tl.int32)
+        else:
+            q_tokens = rows
+        if PERMUTE_KV:
+            kv_perm = kv_perm_ptr + b * stride_kpb + h * stride_kph
+        else:
+            kv_perm = kv_perm_ptr
         dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + q_tokens[:, None] * stride_qs + dims[None, :] * stride_qd,
                     mask=row_ok[:, None], other=0.0)
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -185,20 +223,20 @@ def _varlen_fwd_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         n_full = (total // BLOCK_N) * BLOCK_N
         for start in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, start,
-                                         total, qk_scale, m_i, l_i, acc, dims,
-                                         BLOCK_N, SEARCH_STEPS, False, DOT_PRECISION)
+            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd,
+                                         stride_kps, prefix, delta, count, start, total, qk_scale, m_i, l_i, acc,
+                                         dims, BLOCK_N, SEARCH_STEPS, False, PERMUTE_KV, DOT_PRECISION)
         if n_full < total:
-            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, stride_ks, stride_vs, prefix, delta, count, n_full,
-                                         total, qk_scale, m_i, l_i, acc, dims,
-                                         BLOCK_N, SEARCH_STEPS, True, DOT_PRECISION)
+            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd,
+                                         stride_kps, prefix, delta, count, n_full, total, qk_scale, m_i, l_i, acc,
+                                         dims, BLOCK_N, SEARCH_STEPS, True, PERMUTE_KV, DOT_PRECISION)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-        out_rows = bh.to(tl.int64) * s_q + rows
-        tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + dims[None, :], (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
+        o_rows = o_ptr + b * stride_ob + h * stride_oh + q_tokens[:, None] * stride_os
+        tl.store(o_rows + dims[None, :] * stride_od, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
-        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+        tl.store(lse_ptr + bh.to(tl.int64) * s_q + q_tokens, lse, mask=row_ok)
 
 
 if isinstance(_varlen_fwd_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
@@ -266,6 +304,8 @@ def varlen_block_sparse_attention_triton(
     kv_cluster_counts: Tensor,
     kv_cluster_indices: Tensor,
     *,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
     scale: float | None = None,
     config: VarlenConfig | None = None,
     out: Tensor | None = None,
@@ -273,19 +313,22 @@ def varlen_block_sparse_attention_triton(
 ) -> tuple[Tensor, Tensor]:
     """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
 
-    Shapes as :func:`varlen_block_sparse_attention`; D must be one of ``TRITON_HEAD_DIMS``.
-    ``config`` fixes the tile shape (default :func:`default_config`). ``out`` ``(B, H, S_q, D)`` and
-    ``lse_out`` ``(B, H, S_q)`` fp32 are optional contiguous buffers; every element is written.
-    Layout values are not checked (no host sync): :func:`check_varlen_layout_values` does that.
+    Arguments as :func:`varlen_block_sparse_attention`; D must be one of ``TRITON_HEAD_DIMS``; q, k, v
+    are read through their strides (no copies). ``config`` fixes the tile shape (default
+    :func:`default_config`). ``out`` ``(B, H, S_q, D)`` in q's dtype with any non-overlapping strides
+    (default: a new token-major tensor) and ``lse_out`` ``(B, H, S_q)`` contiguous fp32 are optional
+    buffers; every element is written. Layout and permutation values are not checked (no host sync):
+    :func:`check_varlen_layout_values` does that.
     """
-    layout = validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    layout = validate_varlen_inputs(
+        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
+    )
     b, h, s_q, d = q.shape
     if d not in TRITON_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS} on the Triton path, got {d}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty((b, h, s_q, d), dtype=q.dtype, device=q.device) if out is None else out
+    out = token_major_like(q) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
     check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     nqc, maxk = layout.num_q_clusters, layout.indices.shape[-1]
     if out.numel() == 0 and lse_out.numel() == 0:
@@ -297,15 +340,15 @@ def varlen_block_sparse_attention_triton(
     num_tiles = triton.cdiv(s_q, config.block_m) + nqc
     tile_cluster, tile_row = _tile_table(q_off, kv.total, config.block_m, num_tiles)
     _varlen_fwd_kernel[(num_tiles, b * h)](
-        q, k, v, out, lse_out,
+        q, k, v, out, lse_out, layout.q_perm, layout.kv_perm,
         tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *permutation_strides(layout.q_perm), *permutation_strides(layout.kv_perm),
         *layout.counts.stride(),
         h, nqc, maxk, num_tiles, s_q, scale * _LOG2E,
         HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         SEARCH_STEPS=max(maxk - 1, 0).bit_length(),
+        PERMUTE_Q=layout.q_perm is not None, PERMUTE_KV=layout.kv_perm is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -322,12 +365,16 @@ def _varlen_op(
     kv_cluster_counts: Tensor,
     kv_cluster_indices: Tensor,
     scale: float,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Custom op: (O contiguous (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
+    """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     if q.is_cuda:
-        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, scale=scale)
-    return varlen_block_sparse_attention_reference(q, k, v, *layout_args, scale=scale, return_lse=True)
+        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale)
+    return varlen_block_sparse_attention_reference(
+        q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True
+    )
 
 
 @_varlen_op.register_fake
@@ -340,10 +387,14 @@ def _varlen_fake(
     kv_cluster_counts: Tensor,
     kv_cluster_indices: Tensor,
     scale: float,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    b, h, s_q, d = q.shape
-    return q.new_empty((b, h, s_q, d)), q.new_empty((b, h, s_q), dtype=torch.float32)
+    validate_varlen_inputs(
+        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
+    )
+    b, h, s_q, _ = q.shape
+    return token_major_like(q), q.new_empty((b, h, s_q), dtype=torch.float32)
 
 
 def varlen_block_sparse_attention(
@@ -355,24 +406,32 @@ def varlen_block_sparse_attention(
     kv_cluster_counts: Tensor,
     kv_cluster_indices: Tensor,
     *,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cluster-sparse attention through the ``sparse_compile::varlen_block_sparse_attention`` op.
 
-    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, already in cluster order;
-    ``q_cluster_offsets`` int32 ``(B, H, NQC + 1)``, ``kv_cluster_offsets`` int32 ``(B, H, NKC + 1)``,
-    ``kv_cluster_counts`` int32 ``(B, H, NQC)``, ``kv_cluster_indices`` int32 ``(B, H, NQC, MAXK)``
-    (batch/head dims may be 1); ``scale`` defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)``
-    contiguous in q's dtype (cluster order), plus the fp32 natural-log LSE ``(B, H, S_q)`` when
-    ``return_lse``. Shapes are checked here (``ValueError``); layout *values* are checked on the CPU
-    path only (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
+    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``, fp16/bf16/fp32, any strides: in cluster order, or in
+    token order with the permutations ``q_perm`` ``(B, H, S_q)`` / ``kv_perm`` ``(B, H, S_k)`` (int32
+    or int64; row ``i`` of cluster order is token ``perm[b, h, i]``), which the kernel folds into its
+    loads and stores. ``q_cluster_offsets`` int32 ``(B, H, NQC + 1)``, ``kv_cluster_offsets`` int32
+    ``(B, H, NKC + 1)``, ``kv_cluster_counts`` int32 ``(B, H, NQC)``, ``kv_cluster_indices`` int32
+    ``(B, H, NQC, MAXK)`` (batch/head dims of the layout and permutations may be 1); ``scale``
+    defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major
+    (:func:`token_major_like`), in q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)``
+    when ``return_lse``. Shapes are checked here (``ValueError``); layout and permutation *values*
+    on the CPU path only (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
     """
-    validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    validate_varlen_inputs(
+        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
+    )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
-        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale
-    )
+        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale,
+        q_perm, kv_perm,
+    )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -381,6 +440,7 @@ __all__ = [
     "VarlenConfig",
     "check_varlen_layout_values",
     "default_config",
+    "token_major_like",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_triton",
 ]

@@ -49,8 +49,11 @@ Options:
         the budget in every head.
 
 Cost of a search: the block mass is a full ``QK^T`` pass (plus one more for the LSE when none is
-cached), and the ranking sorts ``(B, H, N, N)`` masses (fp32 + int64 order, transient); one host
-read of the largest per-head budget. Steady-state calls read nothing on the host.
+cached), and the ranking sorts the ``(B, H, N, N)`` masses twice, a chunk of heads at a time
+(:mod:`adaspa_search`: the masses, fp32 ``(B, H, N, N)``, are the one full-size temporary); one
+host read of the per-head budgets. Steady-state calls read nothing on the host. The kernel reads
+q, k, v through their strides and writes the output in the op's token-major layout, so neither
+call copies q, k, v or O.
 """
 
 from __future__ import annotations

@@ -26,8 +26,16 @@ AdaSpa as published keeps the heads whose recall at the target density is high (
 and the others denser; the rule above is that idea made exact (no threshold: the split that
 maximises the mean recall at the given mean density).
 
-The layout's ``MAXK`` is the largest ``k_h``, read on the host once per search; nothing else
-syncs.
+The layout's ``MAXK`` is the largest ``k_h``; the ``k_h`` are read on the host once per search
+(``B * H`` ints); nothing else syncs.
+
+Memory: the search runs on chunks of heads (:func:`head_chunks`, at most ``_CHUNK_ENTRIES``
+block pairs each). The normalised masses of all heads, fp32 ``(B, H, N, N)`` (330 MB at 118800
+tokens, 24 heads and ``block`` 64), are the one full-size buffer besides the layout itself; the
+ranking's sort (fp32 values, int64 order) and the layout construction only ever hold one chunk,
+and each chunk's masses are freed once its layout is built. The chunking changes nothing but the
+rounding of the recall gains' sums (ulps): a head's masses are computed by themselves, and the
+stable sort ranks each row alone.
 """
 
 from __future__ import annotations
@@ -38,10 +46,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparse_compile.kernels.block_select import block_mass_with_lse, keep_mask_to_layout
+from sparse_compile.kernels.block_select import block_mass_with_lse
 from sparse_compile.kernels.block_select_reference import block_sizes, cdiv
 
 _TINY = 1e-30
+_CHUNK_ENTRIES = 1 << 23  # (batch, head, q block, key block) entries per chunk of heads: 32 MiB of fp32 masses
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,16 +130,48 @@ def allocate_blocks(gains: Tensor, budget: int) -> Tensor:
     return taken.view(batch, heads, n).sum(dim=-1)
 
 
-def kept_density(mask: Tensor, head_blocks: Tensor, num_video: int, block: int) -> Tensor:
-    """Kept video pairs / ``Sv**2`` of a keep mask, fp64 0-d (mean over batch and heads).
+def kept_density(keeps_last: Tensor, head_blocks: Tensor, num_video: int, block: int) -> Tensor:
+    """Kept video pairs / ``Sv**2`` of a layout, fp64 0-d (mean over batch and heads).
 
-    ``mask`` bool ``(B, H, N, N)`` keeping ``head_blocks`` ``(B, H)`` blocks in every row. A row keeps
-    ``head_blocks * block`` keys, less the padding of the last block when it keeps that one.
+    ``keeps_last`` bool ``(B, H, N)``: whether each row keeps the last key block; every row of a head
+    keeps ``head_blocks`` ``(B, H)`` blocks. A row keeps ``head_blocks * block`` keys, less the
+    padding of the last block when it keeps that one.
     """
-    n = mask.shape[-1]
-    sizes = block_sizes(num_video, block, mask.device)
-    keys = head_blocks.unsqueeze(-1) * block - (n * block - num_video) * mask[..., -1].long()
+    n = keeps_last.shape[-1]
+    sizes = block_sizes(num_video, block, keeps_last.device)
+    keys = head_blocks.unsqueeze(-1) * block - (n * block - num_video) * keeps_last.long()
     return (keys * sizes).sum(dim=-1).double().mean() / (num_video * num_video)
+
+
+def head_chunks(batch: int, heads: int, n_blocks: int) -> list[slice]:
+    """Consecutive head ranges of at most ``_CHUNK_ENTRIES`` block pairs ``(B, h, N, N)`` each (one head at least)."""
+    per_chunk = max(1, min(heads, _CHUNK_ENTRIES // max(1, batch * n_blocks * n_blocks)))
+    return [slice(h, min(h + per_chunk, heads)) for h in range(0, heads, per_chunk)]
+
+
+def normalised_mass(q: Tensor, k: Tensor, lse: Tensor, block: int, scale: float) -> Tensor:
+    """Block masses of ``q``/``k`` ``(B, h, Sv, D)`` with rows divided by their sums, fp32 ``(B, h, N, N)``."""
+    mass = block_mass_with_lse(q, k, lse, block, block, scale)
+    return mass.div_(mass.sum(dim=-1, keepdim=True).clamp_min(_TINY))
+
+
+def kept_blocks(mass: Tensor, head_blocks: Tensor, max_blocks: int) -> tuple[Tensor, Tensor]:
+    """The layout of one chunk of heads: each row's ``head_blocks`` first-ranked key blocks.
+
+    Args:
+        mass: fp32 ``(B, h, N, N)`` normalised masses.
+        head_blocks: int64 ``(B, h)`` blocks per row of each head.
+        max_blocks: ``head_blocks.max()`` (known on the host).
+
+    Returns:
+        ``indices`` int32 ``(B, h, N, max_blocks)``: each row's kept ids ascending, then zeros; and
+        ``keeps_last`` bool ``(B, h, N)``: whether the row keeps the last key block ``N - 1``.
+    """
+    n = mass.shape[-1]
+    top = ranked_masses(mass)[1][..., :max_blocks].to(torch.int32)
+    kept_rank = torch.arange(max_blocks, device=mass.device) < head_blocks[..., None, None]
+    ids = torch.where(kept_rank, top, n).sort(dim=-1).values  # kept ids ascending, then n
+    return torch.where(ids < n, ids, 0), (ids == n - 1).any(dim=-1)
 
 
 def search_layout(
@@ -147,26 +188,30 @@ def search_layout(
         head_adaptive: split the budget between heads by recall; else every head keeps the budget.
         scale: softmax scale of ``q . k``.
     """
-    num_video = q.shape[2]
+    batch, heads, num_video, _ = q.shape
     n = video_blocks(num_video, block)
-    mass = block_mass_with_lse(q, k, lse, block, block, scale)
-    mass = mass / mass.sum(dim=-1, keepdim=True).clamp_min(_TINY)
-    values, order = ranked_masses(mass)
-    gains = recall_gains(values, block_sizes(num_video, block, q.device).float() / num_video)
+    chunks = head_chunks(batch, heads, n)
+    masses = [normalised_mass(q[:, c], k[:, c], lse[:, c], block, scale) for c in chunks]
+    weights = block_sizes(num_video, block, q.device).float() / num_video
+    gains = torch.cat([recall_gains(ranked_masses(mass)[0], weights) for mass in masses], dim=1)
     budget = block_budget(density, n)
     if head_adaptive:
         head_blocks = allocate_blocks(gains, budget)
     else:
-        head_blocks = torch.full(q.shape[:2], budget, dtype=torch.int64, device=q.device)
-    kept_rank = torch.arange(n, device=q.device) < head_blocks[..., None, None]
-    mask = torch.zeros(order.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, kept_rank.expand_as(order))
-    counts, indices = keep_mask_to_layout(mask, int(head_blocks.max()))  # the one host read of a search
+        head_blocks = torch.full((batch, heads), budget, dtype=torch.int64, device=q.device)
+    blocks_on_host = head_blocks.tolist()  # the one host read of a search
+    chunk_max = [max(max(row[c]) for row in blocks_on_host) for c in chunks]
+    indices = torch.zeros((batch, heads, n, max(chunk_max)), dtype=torch.int32, device=q.device)
+    keeps_last = torch.empty((batch, heads, n), dtype=torch.bool, device=q.device)
+    for c, max_blocks in zip(chunks, chunk_max):
+        chunk_indices, chunk_last = kept_blocks(masses.pop(0), head_blocks[:, c], max_blocks)  # frees the masses
+        indices[:, c, :, :max_blocks], keeps_last[:, c] = chunk_indices, chunk_last
     recall = gains.cumsum(dim=-1).gather(-1, head_blocks.unsqueeze(-1) - 1).squeeze(-1)
     return SearchResult(
-        counts=counts,
+        counts=head_blocks.to(torch.int32).unsqueeze(-1).expand(batch, heads, n).contiguous(),
         indices=indices,
         head_blocks=head_blocks,
         recall=recall,
-        density=kept_density(mask, head_blocks, num_video, block),
+        density=kept_density(keeps_last, head_blocks, num_video, block),
         block=block,
     )

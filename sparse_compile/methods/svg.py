@@ -11,18 +11,22 @@ Per call, on the video tokens (frame-major ``frames x height x width``):
    choice and everything derived from it (a :class:`HeadPlan`) is cached in the site's state per
    CFG branch (``call.step.branch``) and renewed every ``profile_every`` steps (default 1: every
    step, as published) and on a new generation or grid.
-3. One block-sparse kernel launch over all heads: temporal heads' q/k/v are gathered into the
-   temporal order (sink first, then position-major), spatial heads' stay frame-major (identity
-   index); each head gets its pattern's layout; output and LSE are gathered back.
+3. One block-sparse kernel launch over all heads, with the layout transform fused into it:
+   each head gets its pattern's layout and a token permutation, the temporal order (sink first,
+   then position-major, :func:`~sparse_compile.methods.svg_patterns.temporal_permutation`) for
+   temporal heads and the identity for spatial heads; the kernel reads q, k, v and writes O and
+   LSE through it (``q_perm`` = ``kv_perm``). q, k, v are never copied into the temporal order
+   and back: the kernel reads the caller's tensors (any strides, e.g. the ``(B, S, H, D)``
+   storage of a diffusers call) and writes O and LSE in frame-major token order, O laid out as a
+   contiguous ``(B, Sv, H, D)``: the layout the backend's op returns without a copy.
 
 Text tokens of joint attention go through :func:`attend_video_and_text` (dense text rows and
 columns); masks other than key padding, head dims or dtypes the block kernel lacks, and
 ``D != Dv`` run dense, logged once per site. No step reads a device value on the host.
 
-Not done yet (the fusion step): the layout transform is a standalone ``torch.gather`` of q, k
-and v into the kernel order before the kernel and of the output and LSE back after it, on every
-head (identity for spatial heads): five extra passes over ``(B, H, Sv, D)``-sized tensors per
-call. SVG2-style, it belongs in the neighbouring ops or the kernel's loads and stores.
+Memory beyond the output and LSE: the profile's scores, O(chunk heads x ``profile_rows`` x Sv)
+(:mod:`svg_profile`, freed before the kernel runs), the plan's permutation, int32 ``(B, H, Sv)``,
+and its layouts, int32 ``(B, H, NQ, MAXK)``.
 """
 
 from __future__ import annotations
@@ -56,8 +60,8 @@ class HeadPlan:
 
     Attributes:
         head_is_temporal: bool ``(B, H)``.
-        gather: int64 ``(B, H, Sv)``: frame-major token at each kernel-order slot of each head.
-        scatter: int64 ``(B, H, Sv)``: kernel-order slot of each frame-major token (inverse).
+        perm: int32 ``(B, H, Sv)``: frame-major token at each kernel-order slot of each head (the
+            kernel's ``q_perm`` and ``kv_perm``).
         counts: int32 ``(B, H, NQ)``; indices: int32 ``(B, H, NQ, MAXK)``: each head's layout.
         density: fp32 0-d: kept fraction of the video pairs, averaged over (batch, head).
         patterns: the patterns the plan was built from.
@@ -65,8 +69,7 @@ class HeadPlan:
     """
 
     head_is_temporal: Tensor
-    gather: Tensor
-    scatter: Tensor
+    perm: Tensor
     counts: Tensor
     indices: Tensor
     density: Tensor
@@ -76,17 +79,16 @@ class HeadPlan:
 
 
 def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int, generation: int) -> HeadPlan:
-    """Per-head gather indices and layouts for a choice ``head_is_temporal`` bool ``(B, H)``."""
+    """Per-head token permutations and layouts for a choice ``head_is_temporal`` bool ``(B, H)``."""
     spatial, temporal = patterns.spatial, patterns.temporal
-    identity = torch.arange(patterns.to_temporal.numel(), device=head_is_temporal.device)
+    identity = torch.arange(patterns.to_temporal.numel(), dtype=torch.int32, device=head_is_temporal.device)
     is_t = head_is_temporal[..., None]
     maxk = max(spatial.indices.shape[1], temporal.indices.shape[1])
     s_idx = F.pad(spatial.indices, (0, maxk - spatial.indices.shape[1]))
     t_idx = F.pad(temporal.indices, (0, maxk - temporal.indices.shape[1]))
     return HeadPlan(
         head_is_temporal=head_is_temporal,
-        gather=torch.where(is_t, patterns.to_temporal, identity),
-        scatter=torch.where(is_t, patterns.from_temporal, identity),
+        perm=torch.where(is_t, patterns.to_temporal, identity),
         counts=torch.where(is_t, temporal.counts, spatial.counts),
         indices=torch.where(is_t[..., None], t_idx, s_idx),
         density=torch.where(head_is_temporal, temporal.kept, spatial.kept).mean(),
@@ -96,24 +98,16 @@ def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int, gener
     )
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, h, index[b, h, i]]``: ``x`` ``(B, H, S, D)`` or ``(B, H, S)``, ``index`` int64 ``(B, H, S)``."""
-    if x.dim() == 3:
-        return torch.gather(x, 2, index)
-    return torch.gather(x, 2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-
-
 def run_plan(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, scale: float) -> tuple[Tensor, Tensor]:
-    """Block-sparse attention of video tokens ``(B, H, Sv, D)`` under ``plan``.
+    """Block-sparse attention of frame-major video tokens ``(B, H, Sv, D)`` (any strides) under ``plan``.
 
-    Returns ``out (B, H, Sv, D)`` and ``lse`` fp32 ``(B, H, Sv)``, frame-major.
+    Returns ``out (B, H, Sv, D)`` token-major and ``lse`` fp32 ``(B, H, Sv)``, both frame-major.
     """
     block = plan.patterns.block
-    out, lse = block_sparse_attention(
-        gather_tokens(q, plan.gather), gather_tokens(k, plan.gather), gather_tokens(v, plan.gather),
-        plan.counts, plan.indices, block_q=block, block_k=block, scale=scale, return_lse=True,
-    )
-    return gather_tokens(out, plan.scatter), gather_tokens(lse, plan.scatter)
+    return block_sparse_attention(
+        q, k, v, plan.counts, plan.indices, block_q=block, block_k=block,
+        q_perm=plan.perm, kv_perm=plan.perm, scale=scale, return_lse=True,
+    )  # fmt: skip
 
 
 class SvgMethod(AttentionMethod):

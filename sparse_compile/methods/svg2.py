@@ -7,18 +7,20 @@ Per call, on the video tokens of each (batch element, head):
    the centroids cached for this model, site and CFG branch and run ``kmeans_iters_step``.
    With ``kmeans_during_dense`` the dense warm-up steps already cluster, so the first sparse
    step starts warm.
-2. Permute tokens so each cluster is contiguous (queries by their clusters, keys and values
-   by theirs).
+2. The cluster permutations: per (batch, head), the token order that makes each cluster
+   contiguous (queries by their clusters, keys and values by theirs), and the cluster offsets.
+   Only these ``(B, H, S)`` index tensors are built; Q, K and V are not reordered.
 3. Score cluster pairs by ``softmax_j(scale * cq_i . ck_j + log |cluster_j|)`` and keep, per
    query cluster, the key clusters up to cumulative probability ``top_p`` (at least
    ``min_kc_ratio`` of the key clusters).
-4. Run the variable-block (cluster) kernel and scatter the output back to token order.
+4. Run the variable-block (cluster) kernel with the permutations folded into its loads and
+   stores: it reads the rows of Q, K and V in token order through the permutations and writes
+   O and its LSE straight to token order (O token-major, the layout the backend's op returns
+   as is). So there is no gather into cluster order and no scatter back: no pass over Q, K, V
+   or O besides k-means' and the kernel's own.
 
 Text tokens of joint attention are handled by :func:`attend_video_and_text` (dense text
 rows and columns). No step of the sparse path reads a device value on the host.
-
-Not done yet (issue 4): the gather into cluster order and the scatter back are standalone
-passes over Q/K/V/O, not fused into neighbouring ops or the kernel's loads and stores.
 """
 
 from __future__ import annotations
@@ -49,17 +51,6 @@ class Centroids:
 
     query: torch.Tensor
     key: torch.Tensor
-
-
-def gather_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, perm[b, h, i]]``: ``x`` ``(B, H, S, D)``, ``perm`` ``(B, H, S)`` -> ``(B, H, S, D)``."""
-    return torch.gather(x, 2, perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-
-
-def scatter_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`gather_tokens`: ``out[b, h, perm[b, h, i]] = x[b, h, i]`` (works for ``(B, H, S)`` too)."""
-    index = perm if x.dim() == 3 else perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
-    return torch.empty_like(x).scatter_(2, index, x)
 
 
 def kept_pair_fraction(
@@ -117,7 +108,10 @@ class Svg2Method(AttentionMethod):
         return q_clusters, k_clusters
 
     def _video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
-        """Cluster-sparse attention of video tokens ``(B, H, Sv, D)`` -> (out, lse, kept density)."""
+        """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
+
+        Returns out ``(B, H, Sv, D)`` token-major, its fp32 LSE ``(B, H, Sv)`` and the kept density.
+        """
         scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
         q_clusters, k_clusters = self._cluster(q, k, call)
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes)
@@ -126,15 +120,7 @@ class Svg2Method(AttentionMethod):
         min_blocks = math.ceil(self.params["min_kc_ratio"] * probs.shape[-1])
         counts, indices = select_top_p(probs, self.params["top_p"], min_blocks=max(min_blocks, 1))
         out, lse = varlen_block_sparse_attention(
-            gather_tokens(q, q_perm),
-            gather_tokens(k, k_perm),
-            gather_tokens(v, k_perm),
-            q_offsets,
-            k_offsets,
-            counts,
-            indices,
-            scale=scale,
-            return_lse=True,
+            q, k, v, q_offsets, k_offsets, counts, indices, q_perm=q_perm, kv_perm=k_perm, scale=scale, return_lse=True
         )
         density = kept_pair_fraction(q_clusters.sizes, k_clusters.sizes, counts, indices, q.shape[2])
-        return scatter_tokens(out, q_perm), scatter_tokens(lse, q_perm), density
+        return out, lse, density

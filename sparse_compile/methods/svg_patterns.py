@@ -14,7 +14,9 @@ tokens in position order, then frames ``1..T-1`` position-major, i.e. frame ``t 
 position ``p`` goes to slot ``F + p*(T-1) + (t-1)``. Plain position-major order (``p*T + t``)
 would scatter the sink over every block (one token in ``T``), forcing either every block or a
 second, LSE-merged sink pass; with the sink moved to the front it is ``ceil(F / block)``
-contiguous key blocks and one layout covers band and sink.
+contiguous key blocks and one layout covers band and sink. The transform is never applied to
+the tensors: the block kernel reads q, k, v and writes O and LSE through the permutation
+(:func:`temporal_permutation`, one cached index per grid and device).
 
 Both layouts are block-granular: query block ``i`` keeps key block ``j`` when ``j`` holds a
 first-frame token, or some query token of ``i`` and some key token of ``j`` are within the band
@@ -71,9 +73,8 @@ class SvgPatterns:
     Attributes:
         spatial: layout in frame-major order.
         temporal: layout in temporal order.
-        to_temporal: int64 ``(Sv,)``: the frame-major token at each temporal-order slot
-            (``x_temporal = x[..., to_temporal, :]``).
-        from_temporal: int64 ``(Sv,)``: the temporal-order slot of each frame-major token (inverse).
+        to_temporal: int32 ``(Sv,)``: the frame-major token at each temporal-order slot
+            (``x_temporal = x[..., to_temporal, :]``; :func:`temporal_permutation`).
         spatial_block: int64 ``(Sv,)``: block of each frame-major token in frame-major order.
         temporal_block: int64 ``(Sv,)``: block of each frame-major token in temporal order.
         block: tokens per block (query and key).
@@ -82,7 +83,6 @@ class SvgPatterns:
     spatial: BlockPattern
     temporal: BlockPattern
     to_temporal: Tensor
-    from_temporal: Tensor
     spatial_block: Tensor
     temporal_block: Tensor
     block: int
@@ -110,6 +110,13 @@ def temporal_order(frames: int, height: int, width: int) -> tuple[Tensor, Tensor
     from_temporal = torch.where(t == 0, p, positions + p * (frames - 1) + t - 1)
     to_temporal = torch.empty_like(from_temporal).scatter_(0, from_temporal, token)
     return to_temporal, from_temporal
+
+
+@functools.lru_cache(maxsize=32)
+def temporal_permutation(frames: int, height: int, width: int, device: torch.device) -> Tensor:
+    """``to_temporal`` of :func:`temporal_order` as int32 ``(Sv,)`` on ``device``: the token permutation the
+    kernel folds into its loads and stores for temporal heads. Built once per grid and device."""
+    return temporal_order(frames, height, width)[0].to(device=device, dtype=torch.int32)
 
 
 def _block_intervals(coord: Tensor, member: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -193,8 +200,7 @@ def build_patterns(
     return SvgPatterns(
         spatial=_to_device(spatial, device),
         temporal=_to_device(temporal, device),
-        to_temporal=to_temporal.to(device),
-        from_temporal=from_temporal.to(device),
+        to_temporal=temporal_permutation(frames, height, width, device),
         spatial_block=(token // block).to(device),
         temporal_block=(from_temporal // block).to(device),
         block=block,

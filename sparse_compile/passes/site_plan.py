@@ -185,13 +185,12 @@ def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment,
     q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
     if q_layouts is None or k_layouts is None:
         return None
-    found = [split_video_text(lay[-2]) for lay in (q_layouts, k_layouts)]
-    known = [f for f in found if f is not None]
-    if not known:
+    q_found, k_found = (split_video_text(lay[-2]) for lay in (q_layouts, k_layouts))
+    # Both sides must be the same video (+ text) sequence: a key of equal length that comes from
+    # elsewhere (cross-attention to as many text tokens as video tokens) is not self-attention.
+    if q_found is None or k_found is None or _hint_shape(q_found) != _hint_shape(k_found):
         return None
-    if len(known) == 2 and _hint_shape(known[0]) != _hint_shape(known[1]):
-        return None
-    return known[0]
+    return q_found
 
 
 def _hint_shape(found: tuple[Segment, Segment, str | None]) -> tuple:

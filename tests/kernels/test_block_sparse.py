@@ -1,43 +1,42 @@
-"""Tests of block-sparse attention: reference vs SDPA, Triton kernel vs reference, custom op.
+"""Tests of block-sparse attention: reference vs SDPA, Triton kernel vs reference, custom op,
+strided (token-major) inputs and output, folded token permutations.
 
 Triton's interpreter must be chosen before triton is first imported (``TRITON_INTERPRET=1``), which
 other test files do first, so the interpreter cases (``test_interp_*``) run in a child pytest process
-started by ``test_interpreter_suite`` with that variable set; in the parent they are skipped.
+started by ``test_interpreter_suite`` with that variable set; in the parent they are skipped. The
+interpreter computes ``tl.dot`` on bf16 wrongly (Triton 3.6), so its cases use fp32 and fp16.
 GPU cases (``@pytest.mark.gpu``) run the compiled kernel at real sizes.
 """
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_interpreter_support import run_interpreted
+from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels.block_sparse import (
     TileConfig,
     block_sparse_attention,
     block_sparse_attention_triton,
     interpreter_active,
     tma_eligible,
+    token_major_like,
 )
 from sparse_compile.kernels.block_sparse_reference import (
     block_sparse_attention_reference,
     cdiv,
+    check_permutation_values,
     dense_block_layout,
     layout_to_dense_mask,
+    reference_q_blocks,
+    validate_inputs,
 )
 
 IN_INTERPRETER = interpreter_active()
-interp_only = pytest.mark.skipif(
-    not IN_INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process of test_interpreter_suite"
-)
 # Junk written past each row's count: kernels and reference must never use it.
 JUNK_INDEX = -12345
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def random_layout(
@@ -83,6 +82,49 @@ def make_qkv(
     return one(s_q), one(s_k), one(s_k)
 
 
+def random_permutation(
+    b: int, h: int, seq: int, gen: torch.Generator, dtype: torch.dtype = torch.int64, device: str = "cpu"
+) -> torch.Tensor:
+    """``(b, h, seq)`` random permutations of ``[0, seq)``, one per (batch, head)."""
+    return torch.rand(b, h, seq, generator=gen).argsort(-1).to(device=device, dtype=dtype)
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage and viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _row_index(perm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``perm`` ``(B or 1, H or 1, R)`` as a gather/scatter index of ``x``'s rows, ``x`` ``(B, H, S, ...)``."""
+    perm = perm.long().expand(*x.shape[:2], perm.shape[-1])
+    return perm.reshape(*perm.shape, *[1] * (x.dim() - 3)).expand(*perm.shape, *x.shape[3:])
+
+
+def gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, perm[b, h, i]]``: kernel order from token order (or any rows, ``perm`` ``(B, H, R)``)."""
+    return torch.gather(x, 2, _row_index(perm, x))
+
+
+def scatter_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_rows`: ``out[b, h, perm[b, h, i]] = x[b, h, i]``."""
+    return torch.empty_like(x).scatter_(2, _row_index(perm, x), x)
+
+
+def assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, tol, scale=None, **perms) -> None:
+    """``got`` = (O, LSE) vs the reference: nothing NaN (poisoned buffers fully written), rel-L2 of O
+    within ``tol``, the same empty rows (O 0, LSE -inf), finite LSEs within 1e-4 (1e-3 beyond fp32)."""
+    out, lse = got
+    ref_out, ref_lse = block_sparse_attention_reference(
+        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True, **perms
+    )
+    assert not out.isnan().any() and not lse.isnan().any(), "unwritten (NaN-poisoned) or NaN outputs"
+    assert rel_l2(out, ref_out) <= tol
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite], ref_lse[finite], rtol=0, atol=1e-3 if tol > 1e-3 else 1e-4)
+    assert (out[~finite] == 0).all()
+
+
 # ---------------------------------------------------------------- reference (CPU, in process)
 
 
@@ -101,7 +143,7 @@ def test_reference_matches_masked_sdpa(s_q: int, s_k: int, block_q: int, block_k
     )
     mask = layout_to_dense_mask(counts, indices, s_q, s_k, block_q, block_k)
     ref_out, ref_lse = masked_sdpa_reference(q, k, v, mask, scale)
-    assert out.shape == (b, h, s_q, d) and out.is_contiguous() and out.dtype == torch.float32
+    assert out.shape == (b, h, s_q, d) and out.stride() == token_major_like(q).stride() and out.dtype == torch.float32
     assert lse.shape == (b, h, s_q) and lse.dtype == torch.float32
     assert not out.isnan().any()
     assert rel_l2(out, ref_out) <= 1e-4
@@ -184,6 +226,96 @@ def test_reference_rejects_bad_layout_values(match: str, row: list[int]) -> None
         block_sparse_attention_reference(q, q, q, counts, indices, block_q=64, block_k=32)
 
 
+def _permutation_problem(seed: int, b: int = 2, h: int = 2, s_q: int = 150, s_k: int = 170, d: int = 16):
+    """Random q, k, v, a layout with empty q blocks and junk past the counts, and random permutations
+    (q_perm int64 per (batch, head); kv_perm int32 shared by the batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(b, h, s_q, s_k, d, torch.float32, gen)
+    counts, indices = random_layout(b, h, cdiv(s_q, 32), cdiv(s_k, 16), 0.4, gen, empty_fraction=0.1)
+    counts[-1, -1, 1] = 0  # at least one q block keeps nothing
+    perms = dict(q_perm=random_permutation(b, h, s_q, gen), kv_perm=random_permutation(1, h, s_k, gen, torch.int32))
+    return q, k, v, counts, indices, perms
+
+
+@pytest.mark.parametrize("which", ["both", "q_perm", "kv_perm"])
+@pytest.mark.parametrize("seed", range(3))
+def test_reference_with_permutations_equals_reference_on_gathered_inputs(seed: int, which: str) -> None:
+    """Folding the permutations in == gathering q/k/v into kernel order, attending, scattering O/LSE back."""
+    q, k, v, counts, indices, perms = _permutation_problem(seed)
+    perms = perms if which == "both" else {which: perms[which]}
+    got = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16, scale=0.3,
+                                           return_lse=True, **perms)  # fmt: skip
+    q_perm, kv_perm = perms.get("q_perm"), perms.get("kv_perm")
+    q_in = q if q_perm is None else gather_rows(q, q_perm)
+    k_in, v_in = (k, v) if kv_perm is None else (gather_rows(k, kv_perm), gather_rows(v, kv_perm))
+    want = block_sparse_attention_reference(q_in, k_in, v_in, counts, indices, block_q=32, block_k=16, scale=0.3,
+                                            return_lse=True)  # fmt: skip
+    if q_perm is not None:
+        want = scatter_rows(want[0], q_perm), scatter_rows(want[1], q_perm)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].stride() == token_major_like(q).stride() and got[1].is_contiguous()
+    assert torch.isneginf(got[1]).any() and torch.isfinite(got[1]).any()  # the case has empty and kept rows
+
+
+def test_reference_identity_permutations_change_nothing() -> None:
+    q, k, v, counts, indices, _ = _permutation_problem(7)
+    identity = lambda s: torch.arange(s).expand(1, 1, s)  # noqa: E731
+    got = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16, q_perm=identity(150),
+                                           kv_perm=identity(170), return_lse=True)  # fmt: skip
+    want = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16, return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_reference_q_blocks_with_permutations_are_the_kernel_order_rows() -> None:
+    """Row r of q block i is token q_perm[i * block_q + r]: the full result's rows at those tokens."""
+    q, k, v, counts, indices, perms = _permutation_problem(8)
+    full_out, full_lse = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16,
+                                                          return_lse=True, **perms)  # fmt: skip
+    out, lse = reference_q_blocks(q, k, v, counts, indices, [4, 1], block_q=32, block_k=16, **perms)
+    tokens = torch.cat([perms["q_perm"][:, :, 128:150], perms["q_perm"][:, :, 32:64]], dim=2)
+    assert torch.equal(out, gather_rows(full_out, tokens)) and torch.equal(lse, gather_rows(full_lse, tokens))
+
+
+def test_permutation_validation_errors() -> None:
+    q, k, v, counts, indices, perms = _permutation_problem(9)
+    run = functools.partial(block_sparse_attention_reference, q, k, v, counts, indices, block_q=32, block_k=16)
+    with pytest.raises(ValueError, match="q_perm must be int32 or int64"):
+        run(q_perm=perms["q_perm"].float())
+    with pytest.raises(ValueError, match="kv_perm must have shape \\(2 or 1, 2 or 1, 170\\)"):
+        run(kv_perm=perms["kv_perm"][..., :-1])
+    with pytest.raises(ValueError, match="q_perm must have shape"):
+        run(q_perm=perms["q_perm"].expand(2, 2, -1).repeat(2, 1, 1))
+    repeated = perms["q_perm"].clone()
+    repeated[1, 0, 5] = repeated[1, 0, 6]
+    with pytest.raises(ValueError, match="q_perm must be a permutation"):
+        run(q_perm=repeated)
+    shifted = validate_inputs(q, k, v, counts, indices, 32, 16, kv_perm=perms["kv_perm"] + 1).kv_perm
+    with pytest.raises(ValueError, match="kv_perm must be a permutation"):
+        check_permutation_values("kv_perm", shifted)
+    with pytest.raises(ValueError, match="kv_perm must have shape"):  # the public op checks shapes too
+        block_sparse_attention(q, k, v, counts, indices, block_q=32, block_k=16, kv_perm=perms["q_perm"])
+
+
+@pytest.mark.parametrize("defect", ["nan", "unwritten", "wrong_row", "lse"])
+def test_reference_check_fails_on_nan_unwritten_or_wrong_outputs(defect: str) -> None:
+    """The check the kernel tests rely on rejects one NaN, one poisoned row, one wrong row or LSE."""
+    q, k, v, counts, indices, perms = _permutation_problem(10)
+    out, lse = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16, return_lse=True,
+                                                **perms)  # fmt: skip
+    row = int(torch.isfinite(lse[0, 0]).nonzero()[0])
+    if defect == "nan":
+        out[0, 0, row, 3] = float("nan")
+    elif defect == "unwritten":
+        out[1, 1, row] = float("nan")
+        lse[1, 1, row] = float("nan")
+    elif defect == "wrong_row":
+        out[0, 1, row] += 10.0
+    else:
+        lse[0, 0, row] += 0.01
+    with pytest.raises(AssertionError):
+        assert_matches_reference(q, k, v, counts, indices, 32, 16, (out, lse), 1e-4, **perms)
+
+
 # ---------------------------------------------------------------- custom op (CPU, in process)
 
 
@@ -232,6 +364,25 @@ def test_fake_output_strides_match_real() -> None:
         assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
 
 
+def test_custom_op_with_permutations_opcheck_and_fake_strides() -> None:
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, counts, indices = _op_inputs(gen)
+    perms = (random_permutation(1, 2, 100, gen), random_permutation(1, 1, 90, gen, torch.int32))
+    op = torch.ops.sparse_compile.block_sparse_attention.default
+    torch.library.opcheck(op, (q, k, v, counts, indices, 64, 32, 0.25, *perms))
+    real = op(q, k, v, counts, indices, 64, 32, None, *perms)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) for t in (q, k, v, counts, indices)), 64, 32, None,
+                  *(mode.from_tensor(p) for p in perms))  # fmt: skip
+    assert [f.stride() for f in fake] == [r.stride() for r in real]
+    assert real[0].stride() == token_major_like(q).stride()
+    want = block_sparse_attention_reference(q, k, v, counts, indices, block_q=64, block_k=32, q_perm=perms[0],
+                                            kv_perm=perms[1], return_lse=True)  # fmt: skip
+    assert torch.equal(real[0], want[0]) and torch.equal(real[1], want[1])
+
+
 @pytest.mark.skipif(IN_INTERPRETER, reason="only meaningful without the interpreter")
 def test_triton_entry_needs_cuda_or_interpreter() -> None:
     q = torch.randn(1, 1, 64, 16)
@@ -249,33 +400,32 @@ def test_interpreter_suite() -> None:
     run_interpreted(__file__, "test_interp_")
 
 
-def _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale=None, **kw):
-    """Kernel into NaN-poisoned output buffers; returns (out, lse)."""
-    b, h, s_q, d = q.shape
-    out = torch.full((b, h, s_q, d), float("nan"), dtype=q.dtype, device=q.device)
+def _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale=None, out=None, **kw):
+    """Kernel into NaN-poisoned output buffers (``out`` token-major, the op's layout, unless given);
+    returns (out, lse), which must be the buffers themselves."""
+    b, h, s_q, _ = q.shape
+    out = (token_major_like(q) if out is None else out).fill_(float("nan"))
     lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    block_sparse_attention_triton(
-        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, out=out, lse_out=lse, **kw
-    )
+    got = block_sparse_attention_triton(
+        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, out=out, lse_out=lse,
+        return_lse=True, **kw,
+    )  # fmt: skip
+    assert got[0] is out and got[1] is lse
     return out, lse
 
 
-def _check_against_reference(q, k, v, counts, indices, block_q, block_k, tol, scale=None, **kw) -> None:
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale, **kw)
-    ref_out, ref_lse = block_sparse_attention_reference(
-        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, return_lse=True
-    )
-    assert not out.isnan().any() and not lse.isnan().any(), "unwritten (NaN-poisoned) or NaN outputs"
-    assert rel_l2(out, ref_out) <= tol
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    assert torch.allclose(lse[finite], ref_lse[finite], rtol=0, atol=1e-3 if tol > 1e-3 else 1e-4)
-    empty = torch.isneginf(ref_lse)
-    assert (out[empty] == 0).all()
+def _check_against_reference(q, k, v, counts, indices, block_q, block_k, tol, scale=None, out=None, **kw) -> None:
+    """The kernel (poisoned outputs, ``kw`` passed on: tile, use_tma, q_perm, kv_perm) vs the reference."""
+    got = _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale, out, **kw)
+    perms = {name: kw[name] for name in ("q_perm", "kv_perm") if name in kw}
+    assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, tol, scale, **perms)
 
 
-@interp_only
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
+DTYPE_TOLERANCES = [(torch.float32, 1e-4), (torch.float16, 1e-2)]
+
+
+@interp
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOLERANCES)
 @pytest.mark.parametrize(
     "s_q,s_k,block_q,block_k,tile",
     [
@@ -292,7 +442,7 @@ def test_interp_kernel_matches_reference(s_q, s_k, block_q, block_k, tile, dtype
     _check_against_reference(q, k, v, counts, indices, block_q, block_k, tol, tile=tile)
 
 
-@interp_only
+@interp
 def test_interp_dense_layout_equals_sdpa() -> None:
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(1, 2, 200, 150, 64, torch.float32, gen)
@@ -301,7 +451,7 @@ def test_interp_dense_layout_equals_sdpa() -> None:
     assert rel_l2(out, F.scaled_dot_product_attention(q, k, v)) <= 1e-4
 
 
-@interp_only
+@interp
 def test_interp_noncontiguous_inputs_and_broadcast_layout() -> None:
     gen = torch.Generator().manual_seed(12)
     q, k, v = make_qkv(2, 3, 150, 170, 32, torch.float16, gen, bshd=True)
@@ -311,24 +461,91 @@ def test_interp_noncontiguous_inputs_and_broadcast_layout() -> None:
     _check_against_reference(q, k, v, counts, indices, 64, 32, 1e-2, scale=0.2)
 
 
-@interp_only
+@interp
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOLERANCES)
+def test_interp_token_major_inputs_give_the_op_layout_without_copies(dtype, tol) -> None:
+    """q, k, v as (B, S, H, D) storage: read in place; O comes back token-major (the op's layout),
+    into a new tensor by default or into any non-overlapping buffer (here a contiguous one)."""
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = make_qkv(2, 3, 150, 170, 32, dtype, gen, bshd=True)
+    counts, indices = random_layout(2, 3, cdiv(150, 32), cdiv(170, 32), 0.5, gen, empty_fraction=0.1)
+    out, lse = block_sparse_attention_triton(q, k, v, counts, indices, block_q=32, block_k=32, return_lse=True)
+    assert out.stride() == (150 * 3 * 32, 32, 3 * 32, 1) and lse.is_contiguous()
+    assert_matches_reference(q, k, v, counts, indices, 32, 32, (out, lse), tol)
+    contiguous = torch.empty(2, 3, 150, 32, dtype=dtype)
+    _check_against_reference(q, k, v, counts, indices, 32, 32, tol, out=contiguous)
+
+
+@interp
+def test_interp_strided_head_dim_inputs() -> None:
+    """Any strides: a head dim with stride 2 (k) and views into a wider tensor (q, v) are read as they are."""
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = make_qkv(1, 2, 100, 90, 32, torch.float32, gen)
+    k = k[..., ::2]
+    q, v = q[..., :16], v[..., 16:]
+    counts, indices = random_layout(1, 2, cdiv(100, 32), cdiv(90, 16), 0.5, gen)
+    _check_against_reference(q, k, v, counts, indices, 32, 16, 1e-4)
+
+
+PERMUTATION_CASES = [
+    # (b, h, s_q, s_k, d, block_q, block_k, tile)
+    (1, 2, 200, 200, 32, 64, 64, None),  # one tile per layout block, partial last blocks
+    (2, 1, 256, 200, 16, 64, 64, TileConfig(32, 32)),  # 2x2 sub-tiles, partial last kv block (masked loop)
+    (1, 2, 130, 256, 32, 32, 128, TileConfig(32, 64)),  # wide kv blocks, even S_k
+]
+
+
+@interp
+@pytest.mark.parametrize("which", ["both", "q_perm", "kv_perm"])
+@pytest.mark.parametrize("dtype,tol", DTYPE_TOLERANCES)
+@pytest.mark.parametrize("case", PERMUTATION_CASES, ids=range(len(PERMUTATION_CASES)))
+def test_interp_folded_permutations_on_token_major_inputs_match_reference(case, dtype, tol, which) -> None:
+    """q, k, v in (B, S, H, D) storage and token order; the kernel gathers rows through the
+    permutations and writes O (token-major) and LSE in token order, as the reference does."""
+    b, h, s_q, s_k, d, block_q, block_k, tile = case
+    gen = torch.Generator().manual_seed(s_q * s_k + d)
+    q, k, v = make_qkv(b, h, s_q, s_k, d, dtype, gen, bshd=True)
+    counts, indices = random_layout(b, h, cdiv(s_q, block_q), cdiv(s_k, block_k), 0.5, gen, empty_fraction=0.15)
+    perms = dict(q_perm=random_permutation(b, h, s_q, gen),  # int64 per (batch, head)
+                 kv_perm=random_permutation(1, h, s_k, gen, torch.int32))  # int32, shared by the batch  # fmt: skip
+    perms = perms if which == "both" else {which: perms[which]}
+    _check_against_reference(q, k, v, counts, indices, block_q, block_k, tol, tile=tile, **perms)
+
+
+@interp
+def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs() -> None:
+    """The fold changes where rows are read and written, not what is computed."""
+    gen = torch.Generator().manual_seed(17)
+    q, k, v = make_qkv(2, 2, 150, 170, 32, torch.float16, gen)
+    counts, indices = random_layout(2, 2, cdiv(150, 32), cdiv(170, 32), 0.5, gen, empty_fraction=0.1)
+    q_perm, kv_perm = random_permutation(2, 2, 150, gen), random_permutation(2, 2, 170, gen)
+    tile = TileConfig(32, 32)
+    folded = _run_kernel_poisoned(q, k, v, counts, indices, 32, 32, q_perm=q_perm, kv_perm=kv_perm, tile=tile)
+    gathered = _run_kernel_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts,
+                                    indices, 32, 32, tile=tile)  # fmt: skip
+    assert torch.equal(folded[0], scatter_rows(gathered[0], q_perm))
+    assert torch.equal(folded[1], scatter_rows(gathered[1], q_perm))
+
+
+@interp
 def test_interp_all_rows_empty() -> None:
     gen = torch.Generator().manual_seed(13)
     q, k, v = make_qkv(1, 1, 100, 100, 16, torch.float32, gen)
     counts = torch.zeros(1, 1, 2, dtype=torch.int32)
     indices = torch.full((1, 1, 2, 0), 0, dtype=torch.int32)  # MAXK = 0
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, 64, 64)
+    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, 64, 64, q_perm=random_permutation(1, 1, 100, gen))
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-@interp_only
+@interp
 def test_interp_custom_op_uses_kernel() -> None:
     gen = torch.Generator().manual_seed(14)
     q, k, v = make_qkv(1, 2, 128, 128, 32, torch.float16, gen)
     counts, indices = random_layout(1, 2, 2, 2, 0.7, gen)
-    out = block_sparse_attention(q, k, v, counts, indices, block_q=64, block_k=64)
-    kernel = block_sparse_attention_triton(q, k, v, counts, indices, block_q=64, block_k=64)
-    assert torch.equal(out, kernel)
+    perms = dict(q_perm=random_permutation(1, 2, 128, gen), kv_perm=random_permutation(1, 1, 128, gen, torch.int32))
+    out = block_sparse_attention(q, k, v, counts, indices, block_q=64, block_k=64, **perms)
+    kernel = block_sparse_attention_triton(q, k, v, counts, indices, block_q=64, block_k=64, **perms)
+    assert torch.equal(out, kernel) and out.stride() == kernel.stride() == token_major_like(q).stride()
 
 
 # ---------------------------------------------------------------- GPU (compiled kernel)
@@ -402,3 +619,90 @@ def test_gpu_custom_op_compiled() -> None:
     ref = block_sparse_attention_reference(q, k, v, counts, indices, block_q=128, block_k=128) * 2.0
     assert rel_l2(out, ref) <= 1e-2
     assert tma_eligible(k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+
+
+WAN_SEQ = 32760
+"""Wan 2.1 480p: 21 x 30 x 52 video tokens."""
+
+
+def _wan_problem(seed: int, block: int) -> tuple:
+    """bf16 q, k, v ``(1, 12, 32760, 128)`` as views of ``(1, S, H, D)`` storage and a 25% layout with empty rows."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(1, 12, WAN_SEQ, WAN_SEQ, 128, torch.bfloat16, gen, "cuda", bshd=True)
+    n = cdiv(WAN_SEQ, block)
+    counts, indices = random_layout(1, 12, n, n, 0.25, gen, "cuda", empty_fraction=0.02)
+    return q, k, v, counts, indices
+
+
+def _svg_like_permutation(device: str) -> torch.Tensor:
+    """int32 ``(1, 12, S)``: SVG's temporal order of the Wan 480p grid for even heads, the identity for odd ones."""
+    from sparse_compile.methods.svg_patterns import temporal_permutation
+
+    temporal = temporal_permutation(21, 30, 52, torch.device(device))
+    identity = torch.arange(WAN_SEQ, dtype=torch.int32, device=device)
+    return torch.stack([temporal if h % 2 == 0 else identity for h in range(12)]).unsqueeze(0)
+
+
+@gpu
+@pytest.mark.parametrize("use_tma", [True, False, None], ids=["tma", "pointer", "auto"])
+def test_gpu_token_major_inputs_and_output_wan_480p(use_tma: bool | None) -> None:
+    """q, k, v in (B, S, H, D) storage are read in place (TMA still eligible on Hopper) and O is written
+    token-major into a poisoned buffer: every element written, sampled rows equal masked fp64 SDPA,
+    and the whole output equals the kernel's on contiguous copies of the inputs."""
+    if use_tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    q, k, v, counts, indices = _wan_problem(31, 128)
+    assert tma_eligible(k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, 128, 128, use_tma=use_tma)
+    assert out.stride() == token_major_like(q).stride()
+    assert not out.isnan().any() and not lse.isnan().any()
+    nq = cdiv(WAN_SEQ, 128)
+    _sdpa_sampled_check(q, k, v, counts, indices, out, lse, 128, 128, [0, nq // 2, nq - 1], 1e-2)
+    contiguous = [x.contiguous() for x in (q, k, v)]
+    want_out, want_lse = block_sparse_attention_triton(*contiguous, counts, indices, block_q=128, block_k=128,
+                                                       use_tma=use_tma, return_lse=True)  # fmt: skip
+    assert rel_l2(out, want_out) <= 1e-3
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - want_lse[finite]).abs().max() <= 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["random", "svg_temporal"])
+@pytest.mark.parametrize("block", [128, 64])
+def test_gpu_folded_permutations_wan_480p(kind: str, block: int) -> None:
+    """Token-order q, k, v ((B, S, H, D) storage) with q_perm / kv_perm: the same result as the kernel on
+    inputs gathered into kernel order and scattered back, and as the reference on sampled q blocks."""
+    q, k, v, counts, indices = _wan_problem(32 + block, block)
+    gen = torch.Generator().manual_seed(33)
+    if kind == "random":
+        q_perm = random_permutation(1, 12, WAN_SEQ, gen, device="cuda")  # int64
+        kv_perm = random_permutation(1, 12, WAN_SEQ, gen, torch.int32, "cuda")
+    else:
+        q_perm = kv_perm = _svg_like_permutation("cuda")
+    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, block, block, q_perm=q_perm, kv_perm=kv_perm)
+    assert not out.isnan().any() and not lse.isnan().any()
+    gathered_out, gathered_lse = block_sparse_attention_triton(
+        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts, indices, block_q=block,
+        block_k=block, return_lse=True,
+    )  # fmt: skip
+    gathered_lse = scatter_rows(gathered_lse, q_perm)
+    assert rel_l2(out, scatter_rows(gathered_out, q_perm)) <= 1e-3
+    finite = torch.isfinite(gathered_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - gathered_lse[finite]).abs().max() <= 1e-3
+    nq = cdiv(WAN_SEQ, block)
+    picks = [0, nq // 2, nq - 1]
+    ref_out, ref_lse = reference_q_blocks(q, k, v, counts, indices, picks, block_q=block, block_k=block,
+                                          q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
+    tokens = torch.cat([q_perm[:, :, p * block : (p + 1) * block] for p in picks], dim=2)
+    assert rel_l2(gather_rows(out, tokens), ref_out) <= 1e-2
+    finite = torch.isfinite(ref_lse)
+    got_lse = gather_rows(lse, tokens)
+    assert torch.equal(finite, torch.isfinite(got_lse)) and (got_lse[finite] - ref_lse[finite]).abs().max() <= 2e-3
+
+
+@gpu
+def test_gpu_tma_cannot_read_permuted_kv() -> None:
+    q, k, v, counts, indices = _wan_problem(34, 128)
+    kv_perm = _svg_like_permutation("cuda")
+    with pytest.raises(ValueError, match="no kv_perm"):
+        block_sparse_attention_triton(q, k, v, counts, indices, block_q=128, block_k=128, kv_perm=kv_perm, use_tma=True)

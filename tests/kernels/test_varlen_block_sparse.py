@@ -1,5 +1,6 @@
 """Variable-block-size (cluster) sparse attention: reference vs masked dense attention, fixed-block
-equivalence, the Triton kernel under the interpreter (in a subprocess) and on the GPU."""
+equivalence, folded token permutations, the Triton kernel under the interpreter (in a subprocess)
+and on the GPU."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from sparse_compile.kernels.block_sparse_reference import block_sparse_attention
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
     check_varlen_layout_values,
+    token_major_like,
     validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
     varlen_kept_pairs,
@@ -53,6 +55,32 @@ def random_problem(b, h, s_q, s_k, d, nqc, nkc, density, seed, dtype=torch.float
     return q, k, v, layout
 
 
+def random_permutations(b, h, seq, g, dtype=torch.int64, device="cpu"):
+    """(b, h, seq) random permutations of [0, seq), one per (batch, head)."""
+    return torch.rand(b, h, seq, generator=g).argsort(-1).to(device=device, dtype=dtype)
+
+
+def token_major(x):
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage and viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def row_index(perm, x):
+    """``perm`` ``(B or 1, H or 1, S)`` as a gather/scatter index of ``x``'s rows: ``x``'s shape ``(B, H, S, ...)``."""
+    perm = perm.long().expand(*x.shape[:3])
+    return perm.reshape(*perm.shape, *[1] * (x.dim() - 3)).expand(x.shape)
+
+
+def gather_rows(x, perm):
+    """``x[b, h, perm[b, h, i]]``: cluster order from token order."""
+    return torch.gather(x, 2, row_index(perm, x))
+
+
+def scatter_rows(x, perm):
+    """Inverse of :func:`gather_rows`: ``out[b, h, perm[b, h, i]] = x[b, h, i]``."""
+    return torch.empty_like(x).scatter_(2, row_index(perm, x), x)
+
+
 def masked_dense(q, k, v, mask, scale):
     """fp64 attention with a boolean mask; rows with nothing kept give 0 / -inf."""
     s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
@@ -82,7 +110,7 @@ def test_reference_matches_masked_dense(b, h, s_q, s_k, nqc, nkc, density, seed)
     out, lse = varlen_block_sparse_attention_reference(q, k, v, *layout, scale=0.3, return_lse=True)
     mask = varlen_layout_to_dense_mask(expanded(q, k, v, layout), s_q, s_k)
     want_out, want_lse = masked_dense(q, k, v, mask, 0.3)
-    assert out.is_contiguous() and lse.dtype == torch.float32
+    assert out.stride() == token_major_like(q).stride() and lse.is_contiguous() and lse.dtype == torch.float32
     assert torch.allclose(out.double(), want_out, atol=1e-5)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
     finite = torch.isfinite(want_lse)
@@ -133,6 +161,56 @@ def test_kept_pairs_matches_dense_mask():
     assert torch.equal(varlen_kept_pairs(lay), varlen_layout_to_dense_mask(lay, 40, 33).sum((-1, -2)))
 
 
+@FAST
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 3), s_q=st.integers(1, 50), s_k=st.integers(1, 50),
+    nqc=st.integers(1, 6), nkc=st.integers(1, 9), density=st.sampled_from([0.0, 0.3, 1.0]),
+    shared=st.booleans(), seed=st.integers(0, 10_000),
+)  # fmt: skip
+def test_reference_with_permutations_equals_reference_on_gathered_inputs(
+    b, h, s_q, s_k, nqc, nkc, density, shared, seed
+):
+    """Folding the permutations in == gathering q/k/v into cluster order, attending, scattering O/LSE back."""
+    q, k, v, layout = random_problem(b, h, s_q, s_k, 8, nqc, nkc, density, seed)
+    g = torch.Generator().manual_seed(seed)
+    q_perm = random_permutations(b, h, s_q, g)
+    kv_perm = random_permutations(1 if shared else b, h, s_k, g, dtype=torch.int32)  # int32, shared by the batch
+    got = varlen_block_sparse_attention_reference(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, scale=0.3,
+                                                  return_lse=True)  # fmt: skip
+    on_gathered = varlen_block_sparse_attention_reference(
+        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout, scale=0.3, return_lse=True
+    )
+    assert torch.equal(got[0], scatter_rows(on_gathered[0], q_perm))
+    assert torch.equal(got[1], scatter_rows(on_gathered[1], q_perm))
+
+
+def test_reference_identity_permutations_change_nothing():
+    q, k, v, layout = random_problem(2, 2, 40, 30, 8, 4, 6, 0.5, seed=12)
+    identity = lambda s: torch.arange(s).expand(1, 1, s)  # noqa: E731
+    got = varlen_block_sparse_attention_reference(q, k, v, *layout, q_perm=identity(40), kv_perm=identity(30),
+                                                  return_lse=True)  # fmt: skip
+    want = varlen_block_sparse_attention_reference(q, k, v, *layout, return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_permutation_validation_errors():
+    q, k, v, layout = random_problem(2, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
+    run = varlen_block_sparse_attention_reference
+    good_q, good_kv = torch.arange(20).expand(2, 2, 20), torch.arange(16).expand(1, 2, 16)
+    with pytest.raises(ValueError, match="q_perm must be int32 or int64"):
+        run(q, k, v, *layout, q_perm=good_q.float())
+    with pytest.raises(ValueError, match="kv_perm must have 16 entries"):
+        run(q, k, v, *layout, kv_perm=torch.arange(20).expand(1, 2, 20))
+    with pytest.raises(ValueError, match="kv_perm must have batch/head dims"):
+        run(q, k, v, *layout, kv_perm=good_kv.expand(3, 2, 16))
+    repeated = good_q.clone()
+    repeated[1, 0, 5] = 4
+    with pytest.raises(ValueError, match="q_perm must be a permutation"):
+        run(q, k, v, *layout, q_perm=repeated)
+    with pytest.raises(ValueError, match="kv_perm must be a permutation"):
+        check_varlen_layout_values(validate_varlen_inputs(q, k, v, *layout, kv_perm=good_kv + 1), 20, 16)
+
+
 def test_validation_errors():
     q, k, v, (q_off, kv_off, counts, indices) = random_problem(1, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
     run = varlen_block_sparse_attention_reference
@@ -170,6 +248,23 @@ def test_public_op_cpu_and_fake():
     assert [f.stride() for f in fake] == [out.stride(), lse.stride()]
 
 
+def test_public_op_with_permutations_cpu_and_fake():
+    q, k, v, layout = random_problem(2, 2, 30, 20, 16, 3, 4, 0.6, seed=4)
+    g = torch.Generator().manual_seed(4)
+    perms = dict(q_perm=random_permutations(2, 2, 30, g), kv_perm=random_permutations(1, 2, 20, g, torch.int32))
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    out, lse = vb.varlen_block_sparse_attention(q, k, v, *layout, **perms, return_lse=True)
+    want = varlen_block_sparse_attention_reference(q, k, v, *layout, **perms, return_lse=True)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert out.stride() == token_major_like(q).stride()
+    op = torch.ops.sparse_compile.varlen_block_sparse_attention
+    torch.library.opcheck(op, (q, k, v, *layout, 0.25, perms["q_perm"], perms["kv_perm"]))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) for t in (q, k, v, *layout)), 0.25,
+                  *(mode.from_tensor(p) for p in perms.values()))  # fmt: skip
+    assert [f.stride() for f in fake] == [out.stride(), lse.stride()]
+
+
 def test_tile_table_covers_every_row_once():
     g = torch.Generator().manual_seed(0)
     q_off = random_offsets(3, 1, 9, 200, g).view(3, 10)
@@ -201,18 +296,24 @@ def test_interpreter_tests_in_subprocess():
     run_interpreted(__file__, "interp_")
 
 
-def run_triton_poisoned(q, k, v, layout, config, scale=0.3):
+def run_triton_poisoned(q, k, v, layout, config, scale=0.3, out=None, **perms):
+    """The kernel into NaN-filled buffers (``out`` contiguous unless given); every element must be written."""
     b, h, s_q, d = q.shape
-    out = torch.full((b, h, s_q, d), float("nan"), dtype=q.dtype)
+    out = torch.empty((b, h, s_q, d), dtype=q.dtype) if out is None else out
+    out.fill_(float("nan"))
     lse = torch.full((b, h, s_q), float("nan"))
-    got = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, scale=scale, config=config, out=out, lse_out=lse)
+    got = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **perms, scale=scale, config=config, out=out,
+                                                  lse_out=lse)  # fmt: skip
     assert got[0] is out and got[1] is lse
     assert not out.isnan().any() and not lse.isnan().any()
     return out, lse
 
 
-def assert_matches_reference(q, k, v, layout, got, scale=0.3, tol=None):
-    want_out, want_lse = varlen_block_sparse_attention_reference(q, k, v, *layout, scale=scale, return_lse=True)
+def assert_matches_reference(q, k, v, layout, got, scale=0.3, tol=None, **perms):
+    """``got`` (O, LSE) vs the reference: rel-L2 of O within ``tol``, the same empty rows, LSE within 1e-4."""
+    want_out, want_lse = varlen_block_sparse_attention_reference(
+        q, k, v, *layout, **perms, scale=scale, return_lse=True
+    )
     tol = tol or (1e-5 if q.dtype == torch.float32 else 2e-3)
     assert rel_l2(got[0], want_out) < tol
     assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want_lse))
@@ -238,6 +339,58 @@ def test_interp_matches_reference(case, dtype):
     b, h, s_q, s_k, d, nqc, nkc, density, config = case
     q, k, v, layout = random_problem(b, h, s_q, s_k, d, nqc, nkc, density, seed=s_q + s_k, dtype=dtype, padding=-7)
     assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, config))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", INTERP_CASES, ids=range(len(INTERP_CASES)))
+def test_interp_folded_permutations_on_token_major_inputs_match_reference(case, dtype):
+    """q, k, v in (B, S, H, D) storage and token order; the kernel gathers rows through the
+    permutations and writes O (token-major) and LSE in token order, as the reference does."""
+    b, h, s_q, s_k, d, nqc, nkc, density, config = case
+    q, k, v, layout = random_problem(b, h, s_q, s_k, d, nqc, nkc, density, seed=s_q * s_k, dtype=dtype, padding=-7)
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    g = torch.Generator().manual_seed(s_q)
+    perms = dict(q_perm=random_permutations(b, h, s_q, g),  # int64, as cluster_permutation returns
+                 kv_perm=random_permutations(1, h, s_k, g, torch.int32))  # int32, shared by the batch  # fmt: skip
+    got = run_triton_poisoned(q, k, v, layout, config, out=token_major_like(q), **perms)
+    assert_matches_reference(q, k, v, layout, got, **perms)
+
+
+@interp
+def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs():
+    """The fold changes where rows are read and written, not what is computed."""
+    q, k, v, layout = random_problem(2, 2, 100, 90, 32, 4, 30, 0.4, seed=21, dtype=torch.float16)
+    g = torch.Generator().manual_seed(21)
+    q_perm, kv_perm = random_permutations(2, 2, 100, g), random_permutations(2, 2, 90, g)
+    config = vb.VarlenConfig(16, 16, 4, 1)
+    folded = run_triton_poisoned(q, k, v, layout, config, q_perm=q_perm, kv_perm=kv_perm)
+    gathered = run_triton_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), layout,
+                                   config)  # fmt: skip
+    assert torch.equal(folded[0], scatter_rows(gathered[0], q_perm))
+    assert torch.equal(folded[1], scatter_rows(gathered[1], q_perm))
+
+
+@interp
+def test_interp_folded_permutations_with_empty_clusters_strided_head_dim_and_broadcast_layout():
+    q, k, v, _ = random_problem(2, 2, 48, 40, 32, 1, 1, 1.0, seed=9, dtype=torch.float32)
+    k = k[..., ::2]  # head-dim stride 2: read through the strides, not copied
+    q, v = q[..., :16], v[..., 16:]
+    q_off = torch.tensor([[[0, 0, 20, 20, 48]]], dtype=torch.int32)
+    kv_off = torch.tensor([[[0, 3, 3, 4, 40]]], dtype=torch.int32)
+    counts = torch.tensor([[[2, 1, 3, 0]], [[0, 1, 1, 4]]], dtype=torch.int32)  # (B, 1, NQC)
+    indices = torch.tensor([[[[1, 3, 99, 99], [0, 0, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]],
+                            [[[5, 5, 5, 5], [1, 0, 0, 0], [2, 0, 0, 0], [0, 1, 2, 3]]]], dtype=torch.int32)  # fmt: skip
+    layout = (q_off, kv_off, counts, indices)
+    g = torch.Generator().manual_seed(9)
+    perms = dict(q_perm=random_permutations(1, 1, 48, g), kv_perm=random_permutations(2, 1, 40, g))
+    got = run_triton_poisoned(q, k, v, layout, vb.VarlenConfig(16, 16, 4, 1), **perms)
+    empty = torch.isneginf(got[1])
+    # rows that attend nothing: batch 0's q cluster 3 (keeps no kv cluster, 28 rows) and batch 1's q
+    # cluster 1 (keeps only the empty kv cluster 1, 20 rows), in both heads
+    assert int(empty.sum()) == 2 * 28 + 2 * 20
+    assert (got[0][empty] == 0).all()
+    assert_matches_reference(q, k, v, layout, got, **perms)
 
 
 @interp
@@ -306,3 +459,35 @@ def test_gpu_fixed_size_clusters_equal_block_sparse_kernel():
     varlen = vb.varlen_block_sparse_attention(q, k, v, off, off, counts, indices, return_lse=True)
     assert rel_l2(varlen[0], fixed[0]) < 1e-2
     assert (varlen[1] - fixed[1]).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_folded_permutations_on_token_major_inputs_bf16():
+    """Wan 480p, q/k/v in (B, S, H, D) storage and token order with random permutations: the same
+    result as the kernel on inputs gathered into cluster order (every head), and as the reference."""
+    q, k, v, layout = wan_problem(12, 0.2, seed=3)
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    g = torch.Generator().manual_seed(3)
+    q_perm = random_permutations(1, 12, q.shape[2], g, device="cuda")
+    kv_perm = random_permutations(1, 12, k.shape[2], g, dtype=torch.int32, device="cuda")
+    out = token_major_like(q).fill_(float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"), device="cuda")
+    vb.varlen_block_sparse_attention_triton(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    gathered_out, gathered_lse = vb.varlen_block_sparse_attention_triton(
+        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout
+    )
+    gathered_lse = scatter_rows(gathered_lse, q_perm)
+    assert rel_l2(out, scatter_rows(gathered_out, q_perm)) < 1e-3
+    finite = torch.isfinite(gathered_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - gathered_lse[finite]).abs().max() < 1e-3
+    for head in (0, 11):
+        sl = slice(head, head + 1)
+        want_out, want_lse = varlen_block_sparse_attention_reference(
+            q[:, sl], k[:, sl], v[:, sl], *(t[:, sl] for t in layout), q_perm=q_perm[:, sl], kv_perm=kv_perm[:, sl],
+            return_lse=True,
+        )  # fmt: skip
+        assert rel_l2(out[:, sl], want_out) < 1e-2
+        finite = torch.isfinite(want_lse)
+        assert torch.equal(finite, torch.isfinite(lse[:, sl]))
+        assert (lse[:, sl][finite] - want_lse[finite]).abs().max() < 1e-2

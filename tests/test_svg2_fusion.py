@@ -1,0 +1,191 @@
+"""SVG2 with the cluster permutation folded into the kernel: Q, K, V and O are never reordered.
+
+CPU: the method hands the kernel the token-order tensors and the permutations and gets a
+token-major output back; a model compiled with the backend calls the attention op on its
+q/k/v with no gather, index or scatter in Inductor's code (and the check sees one when a gather
+is put in front of the op). GPU: one warm SVG2 call at Wan 480p launches no kernel on Q/K/V/O
+sized data besides k-means' and the attention kernel (profiler).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.autograd import DeviceType
+
+import tiny_models
+from method_calls import method_call
+from sparse_compile.methods import svg2 as svg2_module
+from sparse_compile.methods.base import TokenLayout
+from sparse_compile.methods.svg2 import Svg2Method
+from sparse_compile.options import validate_options
+from sparse_compile.passes import rewrite as rewrite_module
+from sparse_compile.runtime.ops import attention_output_like
+
+ATTENTION_OP = torch.ops.sparse_compile.attention.default
+
+
+def _svg2(**params) -> Svg2Method:
+    return Svg2Method(validate_options({"method": "svg2", **params}))
+
+
+def token_major_qkv(batch: int, heads: int, seq: int, dim: int, device="cpu", dtype=torch.float32):
+    """q, k, v ``(B, H, S, D)`` as views of ``(B, S, H, D)`` storage, as diffusers hands them to attention."""
+    return tuple(torch.randn(batch, seq, heads, dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# The method hands the kernel token-order tensors and permutations
+# ------------------------------------------------------------------------------------------------
+
+
+def test_kernel_gets_the_token_order_tensors_and_both_permutations(monkeypatch):
+    seen = []
+    real_kernel = svg2_module.varlen_block_sparse_attention
+
+    def spy(q, k, v, *layout, **kwargs):
+        seen.append((q, k, v, kwargs))
+        return real_kernel(q, k, v, *layout, **kwargs)
+
+    monkeypatch.setattr(svg2_module, "varlen_block_sparse_attention", spy)
+    torch.manual_seed(0)
+    layout = TokenLayout(frames=2, height=4, width=5, text_tokens=0, text_first=False)
+    q, k, v = token_major_qkv(1, 2, layout.video_tokens, 16)
+    result = _svg2(q_clusters=4, k_clusters=6).attend(method_call(q, k, v, layout))
+    [(got_q, got_k, got_v, kwargs)] = seen
+    for got, given in ((got_q, q), (got_k, k), (got_v, v)):  # the caller's storage, not a reordered copy
+        assert got.data_ptr() == given.data_ptr() and got.stride() == given.stride()
+    for name in ("q_perm", "kv_perm"):
+        perm = kwargs[name]
+        assert perm.shape == (1, 2, 40)
+        assert torch.equal(perm.sort(-1).values, torch.arange(40).expand(1, 2, 40))
+    assert result.output.stride() == attention_output_like(q, v).stride()  # the op returns it without a copy
+
+
+# ------------------------------------------------------------------------------------------------
+# Inductor's code for a compiled model: the op gets q/k/v with no gather in front of it
+# ------------------------------------------------------------------------------------------------
+
+_GATHER_WORDS = re.compile(r"gather|scatter|index|take")
+
+
+def gather_like_ops(code: str) -> list[str]:
+    """Gather-, index- or scatter-like ops in Inductor's output code.
+
+    Looks at the generated kernels' names (``cpp_fused_<ops>_N`` / ``triton_..._fused_<ops>_N``,
+    named after the ATen ops fused into them) and at every ``aten.<op>`` the code names
+    (extern kernels, fallbacks and the ``Original ATen`` provenance comments).
+    """
+    names = re.findall(r"\b\w*fused_\w+", code) + re.findall(r"\baten\.(\w+)", code)
+    return sorted({name for name in names if _GATHER_WORDS.search(name)})
+
+
+def _compiled_wan_code() -> tuple[str, int]:
+    """Inductor's code for one call of a tiny Wan compiled with SVG2, and its number of video sites."""
+    torch.manual_seed(0)
+    model, inputs, expected = tiny_models.wan(frames=3, height=8, width=10)
+    options = {"method": "svg2", "min_seq_len": 16, "q_clusters": 4, "k_clusters": 8, "kmeans_iters_init": 3}
+    compiled = torch.compile(model, backend="sparse_video", options=options)
+    with torch.no_grad():
+        _, codes = run_and_get_code(lambda: compiled(**inputs))
+    return "\n".join(codes), expected.video_sites
+
+
+def test_compiled_model_calls_the_attention_op_on_ungathered_qkv():
+    code, video_sites = _compiled_wan_code()
+    assert code.count("torch.ops.sparse_compile.attention.default(") == video_sites
+    assert gather_like_ops(code) == []
+
+
+def _insert_query_gather(real_replace):
+    """A rewrite step that also reverses the query's tokens with ``index_select`` in front of the op."""
+
+    def replace(gm: torch.fx.GraphModule, plan, token, site_id: int) -> None:
+        real_replace(gm, plan, token, site_id)
+        op = next(n for n in gm.graph.nodes if n.target is ATTENTION_OP and n.args[-1] == site_id)
+        frames, height, width = op.args[6:9]
+        with gm.graph.inserting_before(op):
+            order = gm.graph.call_function(torch.arange, (frames * height * width - 1, -1, -1))
+            op.update_arg(0, gm.graph.call_function(torch.index_select, (op.args[0], 2, order)))
+
+    return replace
+
+
+def test_the_code_check_sees_a_gather_in_front_of_the_op(monkeypatch):
+    monkeypatch.setattr(rewrite_module, "_replace_with_op", _insert_query_gather(rewrite_module._replace_with_op))
+    code, video_sites = _compiled_wan_code()
+    assert code.count("torch.ops.sparse_compile.attention.default(") == video_sites
+    assert any("index" in name for name in gather_like_ops(code)), gather_like_ops(code)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: profiler over one warm SVG2 call
+# ------------------------------------------------------------------------------------------------
+
+ALLOWED_FULL_SIZE_KERNELS = ("_varlen_fwd_kernel", "_kv_prefix_kernel", "_assign_kernel", "_finalize_kernel")
+"""Triton kernels that may be launched by an op holding full-size tensors: the attention op's own
+(prep and attention) and k-means' (which reads Q and K once per iteration)."""
+
+
+def _numel(shape) -> int:
+    """Elements of a profiler input shape; the largest member's for a tensor list (``[[...], ...]``)."""
+    if shape and isinstance(shape[0], list):
+        return max((_numel(s) for s in shape), default=0)
+    return math.prod(shape) if shape else 0
+
+
+def ops_on_full_tensors(events, full_numel: int) -> list:
+    """Host-side ops (profiler ``FunctionEvent``s) with a tensor input of at least ``full_numel`` elements."""
+    return [
+        e for e in events if e.device_type == DeviceType.CPU and any(_numel(s) >= full_numel for s in e.input_shapes)
+    ]
+
+
+def full_size_launches(events, full_numel: int) -> list[tuple[str, str]]:
+    """``(op, kernel)`` for every device kernel launched by an op with a tensor input of ``>= full_numel``
+    elements (the profiler attributes each kernel to the innermost op active at its launch)."""
+    return [(e.name, kernel.name) for e in ops_on_full_tensors(events, full_numel) for kernel in e.kernels]
+
+
+def test_full_size_ops_found_in_a_cpu_profile():
+    q = torch.randn(1, 2, 64, 8)
+    perm = torch.randperm(64).view(1, 1, 64, 1).expand(1, 2, 64, 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.gather(q, 2, perm)
+        torch.cat([q[:, :, :4], q[:, :, :4]])
+        q[:, :, :4].clone()
+    names = [e.name for e in ops_on_full_tensors(prof.events(), q.numel())]
+    assert "aten::gather" in names and "aten::cat" not in names and "aten::clone" not in names
+    assert full_size_launches(prof.events(), q.numel()) == []  # no device kernels on the CPU
+
+
+@pytest.mark.gpu
+def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo():
+    """Criterion: every kernel launched by an op that takes a tensor of at least a quarter of Q's size
+    is the attention op's own or k-means'. A gather/index/scatter/copy of Q, K, V or O (torch.gather,
+    indexing, .contiguous(), the op's relayout copy of O) is an ATen op with such an input and fails
+    this; the small ops of clustering, selection and the tile table act on labels, centroids and
+    cluster tables (at most ~1/20 of Q here) and pass. Names alone would not do: the tile table
+    itself uses torch.gather, on (B*H, tiles) int tensors."""
+    torch.manual_seed(0)
+    layout = TokenLayout(frames=21, height=30, width=52, text_tokens=0, text_first=False)  # S = 32760
+    q, k, v = token_major_qkv(1, 12, layout.video_tokens, 128, device="cuda", dtype=torch.bfloat16)
+    method = _svg2()
+    cold = method_call(q, k, v, layout)
+    method.attend(cold)  # cold start: 50 k-means iterations and the seeding gather, not profiled
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        result = method.attend(method_call(q, k, v, layout, cold.state))
+        torch.cuda.synchronize()
+    launches = full_size_launches(prof.events(), q.numel() // 4)
+    attention = [kernel for _, kernel in launches if "_varlen_fwd_kernel" in kernel]
+    assert len(attention) == 1, launches  # the attention kernel is seen (attribution works) exactly once
+    offenders = [(op, kernel) for op, kernel in launches if not any(a in kernel for a in ALLOWED_FULL_SIZE_KERNELS)]
+    assert offenders == [], offenders
+    assert result.output.stride() == attention_output_like(q, v).stride()  # the op returns it without a copy
+    assert torch.isfinite(result.output).all()
