@@ -30,3 +30,16 @@ def method_call(
     """One call of ``(B, H, S, D)`` tensors over ``layout``; a fresh site state unless one is given."""
     return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=scale, layout=layout,
                          step=StepInfo(step, branch, generation), site=StubSite(), state=state or SiteState())
+
+
+def record_kernel_calls(monkeypatch, module, name: str) -> list[tuple]:
+    """Wrap ``module.name`` (a kernel a method calls) so each call's ``(q, k, v, kwargs)`` is recorded."""
+    seen: list[tuple] = []
+    real_kernel = getattr(module, name)
+
+    def spy(q, k, v, *layout, **kwargs):
+        seen.append((q, k, v, kwargs))
+        return real_kernel(q, k, v, *layout, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import sparse_compile
 import tiny_models
-from method_calls import method_call
+from method_calls import method_call, record_kernel_calls
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
 from sparse_compile.methods import svg as svg_module
@@ -259,14 +259,7 @@ def test_the_kernel_reads_the_callers_qkv_through_each_heads_permutation(monkeyp
     output comes back in the op's layout (no copy after the op)."""
     choice = torch.tensor([[True, False, True]])
     monkeypatch.setattr(svg_module, "classify_heads", lambda *args: choice)
-    seen = []
-    real_kernel = svg_module.block_sparse_attention
-
-    def spy(q, k, v, *layout, **kwargs):
-        seen.append((q, k, v, kwargs))
-        return real_kernel(q, k, v, *layout, **kwargs)
-
-    monkeypatch.setattr(svg_module, "block_sparse_attention", spy)
+    seen = record_kernel_calls(monkeypatch, svg_module, "block_sparse_attention")
     torch.manual_seed(9)
     layout = TokenLayout(frames=5, height=4, width=6, text_tokens=0, text_first=False)
     q, k, v = _token_major_qkv(1, 3, layout.video_tokens, 16)

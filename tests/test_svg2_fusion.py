@@ -18,7 +18,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.autograd import DeviceType
 
 import tiny_models
-from method_calls import method_call
+from method_calls import method_call, record_kernel_calls
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
@@ -44,14 +44,7 @@ def token_major_qkv(batch: int, heads: int, seq: int, dim: int, device="cpu", dt
 
 
 def test_kernel_gets_the_token_order_tensors_and_both_permutations(monkeypatch):
-    seen = []
-    real_kernel = svg2_module.varlen_block_sparse_attention
-
-    def spy(q, k, v, *layout, **kwargs):
-        seen.append((q, k, v, kwargs))
-        return real_kernel(q, k, v, *layout, **kwargs)
-
-    monkeypatch.setattr(svg2_module, "varlen_block_sparse_attention", spy)
+    seen = record_kernel_calls(monkeypatch, svg2_module, "varlen_block_sparse_attention")
     torch.manual_seed(0)
     layout = TokenLayout(frames=2, height=4, width=5, text_tokens=0, text_first=False)
     q, k, v = token_major_qkv(1, 2, layout.video_tokens, 16)
