@@ -52,13 +52,13 @@ B, H, S, D = 1, 12, 32760, 128
 NQC, NKC = 300, 1000
 FIXED_BLOCK = 128
 DENSITIES = (0.25, 0.125, 0.05)
-CONFIGS = (
-    vb.VarlenConfig(64, 64, 4, 2),
-    vb.VarlenConfig(64, 64, 4, 3),
-    vb.VarlenConfig(64, 128, 4, 2),
-    vb.VarlenConfig(128, 64, 8, 2),
-    vb.VarlenConfig(128, 64, 8, 3),
-    vb.VarlenConfig(128, 128, 8, 2),
+CONFIGS = (  # 64x64 tiles were 25-35% slower than 64x128 in the first sweep (results/varlen_notes.md)
+    vb.VarlenConfig(64, 128, 4, 2, window=0),
+    vb.VarlenConfig(64, 128, 4, 2, window=8),
+    vb.VarlenConfig(64, 128, 4, 2, window=16),
+    vb.VarlenConfig(64, 128, 4, 3, window=8),
+    vb.VarlenConfig(128, 128, 8, 2, window=8),
+    vb.VarlenConfig(128, 128, 8, 3, window=8),
 )
 DENSE_FLOP = 4 * S * S * D * H * B
 
@@ -75,6 +75,10 @@ class Row:
         tflops = DENSE_FLOP / (self.ms * 1e-3) / 1e12 if self.density > 0 else float("nan")
         ratio = f"{self.ms / self.fixed_ms:.2f}" if self.fixed_ms else ""
         return f"| {self.name} | {self.layout} | {self.density:.3f} | {self.ms:.3f} | {tflops:.0f} | {ratio} |"
+
+
+def config_name(cfg: vb.VarlenConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} window {cfg.window}"
 
 
 def bench_ms(fn) -> float:
@@ -194,16 +198,15 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     rows = [Row(f"fixed-block kernel {FIXED_BLOCK}x{FIXED_BLOCK} (autotuned)", "random blocks", fixed_density, fixed_ms)]
     for cfg in CONFIGS:
         ms = bench_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
-        rows.append(Row(f"varlen {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
-                        f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))  # fmt: skip
+        rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
     default = vb.default_config(S, NQC, D)
     ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
     same = fixed_as_varlen(*fixed_layout)
-    for cfg in (vb.VarlenConfig(128, 64, 8, 3), vb.VarlenConfig(128, 128, 8, 2)):
+    for cfg in (vb.VarlenConfig(128, 128, 8, 2, window=0), vb.VarlenConfig(128, 128, 8, 2), vb.VarlenConfig(128, 128, 8, 3)):
         ms = bench_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg))
-        rows.append(Row(f"varlen {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+        rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
     notes = [
         f"density {density}: kept {kept:.4f}; q-padding factor (computed/kept pairs) "
@@ -226,7 +229,7 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     block_m = vb.default_config(S, NQC, D).block_m
 
     def prep():
-        kv = vb._kv_prefix(layout, vb._flat_offsets(layout.kv_offsets))
+        kv = vb._kv_prefix(layout, vb._flat_offsets(layout.kv_offsets), S, vb.default_config(S, NQC, D).block_n)
         vb._tile_table(flat_q, kv.total, block_m, triton.cdiv(S, block_m) + NQC)
 
     def attend():

@@ -16,10 +16,13 @@ Kernel design (CUDA):
 - *Key side.* kv clusters are small (~33 tokens at SVG2's 1000 clusters for S = 32760), so the kept
   clusters of a q cluster are *packed*: their tokens form one virtual sequence of ``total`` kept
   keys, read BLOCK_N at a time with per-row gathers. A prep kernel writes, per (b, h, q cluster),
-  the prefix sum of the kept cluster sizes (``prefix[s]``: first virtual position of slot ``s``)
-  and ``delta[s] = kv_start(slot s) - prefix[s]``; a lane at virtual position ``p`` finds its slot
-  by a binary search over ``prefix`` (``ceil(log2 count)`` steps, L1-resident) and reads key
-  ``p + delta[slot]``. Only the last, partial tile of each q cluster is masked.
+  the prefix sum of the kept cluster sizes (``prefix[s]``: first virtual position of slot ``s``),
+  ``delta[s] = kv_start(slot s) - prefix[s]``, and per kv tile ``j`` the slot holding position
+  ``j * BLOCK_N`` (``tile_slot``). A tile's lanes then lie in slots ``[tile_slot[j], tile_slot[j+1]]``:
+  when that span is at most ``window`` slots (the usual case) each lane counts the slot boundaries
+  below it with ``window`` independent scalar loads; otherwise it binary-searches the span. A lane
+  at virtual position ``p`` in slot ``s`` reads key ``p + delta[s]``. Only the last, partial tile
+  of each q cluster is masked.
 - *Permutations folded into the loads and stores* (``PERMUTE_Q`` / ``PERMUTE_KV``, compile-time
   flags: without a permutation the kernel is the one above). A q tile loads its BLOCK_M entries of
   ``q_perm`` and gathers those token rows of q (each row D contiguous elements, so every row load
@@ -33,9 +36,9 @@ Kernel design (CUDA):
   is written token-major by default, the layout the backend's op returns without a copy.
 - Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
 
-Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.3-2.4x the fixed-block kernel's
-time at equal density on SVG2-like layouts (query padding 1.28x plus the key-side search/gather),
-1.4-1.6x on identical work; benchmarks/results/varlen_notes.md lists the next steps.
+Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.15-2.26x the fixed-block kernel's
+time at equal density on SVG2-like layouts (query padding 1.56 at 128-row tiles, plus the key-side
+lookup and gathers); 1.25-1.28x on identical work (128-token clusters, one-step search).
 """
 
 from __future__ import annotations
@@ -76,33 +79,49 @@ class VarlenConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    window: int = 8  # kept kv clusters a kv tile resolves by one compare (0: bounded binary search only)
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.window & (self.window - 1):
+            raise ValueError(f"VarlenConfig.window must be 0 or a power of two, got {self.window}")
 
 
-def default_config(s_q: int, num_q_clusters: int, head_dim: int) -> VarlenConfig:
-    """Tile config by mean q-cluster size (H100 sweep, benchmarks/results/varlen_block_sparse.md).
+def default_config(
+    s_q: int, num_q_clusters: int, head_dim: int, element_size: int = 2, s_k: int = 0, num_kv_clusters: int = 1
+) -> VarlenConfig:
+    """Tile config by mean cluster sizes and element size (H100 sweeps, benchmarks/results/varlen_block_sparse.md).
 
-    Each q cluster pads its last tile (~BLOCK_M / 2 rows): with SVG2-sized clusters (~110 rows at
-    Wan 480p) 64-row tiles win (64x128, 4 warps was fastest at every density); 128-row tiles win
-    once clusters are several tiles long (128x128, 8 warps was fastest on 128-row clusters).
+    Each q cluster pads its last tile (~BLOCK_M / 2 rows), yet 128-row tiles amortise the per-tile
+    kv lookup over twice the rows: on SVG2-like layouts with ~110-row clusters (Wan 480p, 300 q
+    clusters) 128x128 tiles, 8 warps, 3 stages were fastest at every density despite 1.56x padding
+    against 1.28x for 64-row tiles. Below ~96 rows per cluster (unmeasured) and for fp32 inputs
+    (twice the shared memory per tile) 64-row tiles. The slot window pays off when kv tiles span
+    several small kv clusters (33-token clusters: 20% faster than the binary search alone); with
+    kv clusters of a tile or more the one-step search was 13-16% faster than the window.
     """
     mean_rows = s_q / max(num_q_clusters, 1)
-    if mean_rows >= 512 and head_dim <= 128:
-        return VarlenConfig(128, 128, 8, 2)
-    return VarlenConfig(64, 128, 4, 2)
+    window = 0 if s_k / max(num_kv_clusters, 1) >= 128 else 8
+    if head_dim <= 128 and element_size <= 2 and mean_rows >= 96:
+        return VarlenConfig(128, 128, 8, 3, window)
+    if head_dim <= 128 and mean_rows >= 512:
+        return VarlenConfig(128, 128, 8, 2, window)
+    return VarlenConfig(64, 128, 4, 2, window)
 
 
 @triton.jit
 def _kv_prefix_kernel(
-    counts_ptr, indices_ptr, kv_off_ptr, prefix_ptr, delta_ptr, total_ptr,
+    counts_ptr, indices_ptr, kv_off_ptr, prefix_ptr, delta_ptr, total_ptr, tile_slot_ptr,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_is,
-    num_heads, num_q_clusters, num_kv_clusters, maxk,
-    CHUNK: tl.constexpr,
+    num_heads, num_q_clusters, num_kv_clusters, maxk, max_tiles,
+    CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
-    """One program per (q cluster, batch * head): prefix sums of the kept kv cluster sizes.
+    """One program per (q cluster, batch * head): prefix sums of the kept kv cluster sizes and the tile slots.
 
-    Writes ``prefix[0..count]`` (``prefix[count]`` = kept keys), ``delta[0..count)`` and ``total``;
-    slots past ``count`` are left unwritten (the attention kernel never reads them).
+    Writes ``prefix[0..count]`` (``prefix[count]`` = kept keys), ``delta[0..count)``, ``total`` and
+    ``tile_slot[0..n_tiles]`` (``n_tiles = ceil(total / BLOCK_N)``): the slot holding virtual
+    position ``j * BLOCK_N``, i.e. the largest ``s < count`` with ``prefix[s] <= j * BLOCK_N``
+    (``count - 1`` for ``j = n_tiles``). Entries past those are left unwritten (never read).
     """
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -114,6 +133,7 @@ def _kv_prefix_kernel(
     row = bh.to(tl.int64) * num_q_clusters + c
     prefix = prefix_ptr + row * (maxk + 1)
     delta = delta_ptr + row * maxk
+    tile_slot = tile_slot_ptr + row * (max_tiles + 1)
     tl.store(prefix, 0)
     carry = count * 0
     for start in range(0, count, CHUNK):
@@ -127,38 +147,89 @@ def _kv_prefix_kernel(
         tl.store(delta + slots, first - (inclusive - size), mask=ok)
         carry += tl.sum(size, 0)
     tl.store(total_ptr + row, carry)
+    tl.debug_barrier()  # the prefix written above is read back below by other threads of this program
+    n_tiles = tl.cdiv(carry, BLOCK_N)
+    for start in range(0, n_tiles + 1, CHUNK):
+        tiles = start + tl.arange(0, CHUNK)
+        pos = tiles * BLOCK_N
+        lo = tl.zeros([CHUNK], tl.int32)
+        hi = lo + count
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) >> 1
+            right = (tl.load(prefix + mid, mask=mid < hi, other=0) <= pos) & (mid < hi)
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right | (mid >= hi), hi, mid)
+        tl.store(tile_slot + tiles, lo, mask=tiles <= n_tiles)
 
 
 @triton.jit
-def _varlen_tile(
-    q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd, stride_ps,
-    prefix, delta, count, start, total, qk_scale, m_i, l_i, acc, dims,
-    BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, MASKED: tl.constexpr, PERMUTE_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Fold kept keys at virtual positions [start, start + BLOCK_N) into (m_i, l_i, acc).
+def _tile_slots(pos, prefix, tile_slot, start,
+                BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Slot of each virtual position ``pos`` (BLOCK_N of them, from ``start``): the largest ``s`` with ``prefix[s] <= pos``.
+
+    The slots of a tile lie in ``[s0, s1]``, the table entries of this tile and the next one. When
+    that span holds at most WINDOW slots every lane counts the boundaries below it in one vector
+    compare (one round of loads); otherwise a binary search over the span, ``ceil(log2(span))``
+    steps (a uniform branch).
+    """
+    j = start // BLOCK_N
+    s0 = tl.load(tile_slot + j)
+    s1 = tl.load(tile_slot + j + 1)
+    if WINDOW > 0:
+        if s1 - s0 <= WINDOW:
+            slot = tl.zeros([BLOCK_N], tl.int32) + s0
+            for ahead in tl.static_range(1, WINDOW + 1):  # independent scalar loads, one add per lane each
+                bound = tl.load(prefix + s0 + ahead, mask=ahead <= s1 - s0, other=2147483647)
+                slot += (bound <= pos).to(tl.int32)
+        else:
+            slot = _search_span(pos, prefix, s0, s1, BLOCK_N, SEARCH_STEPS)
+    else:
+        slot = _search_span(pos, prefix, s0, s1, BLOCK_N, SEARCH_STEPS)
+    return slot
+
+
+@triton.jit
+def _search_span(pos, prefix, s0, s1, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Binary search of each lane's slot in ``[s0, s1]`` (``prefix[s0] <= pos``): ``ceil(log2(s1 + 1 - s0))`` steps."""
+    slot = tl.zeros([BLOCK_N], tl.int32) + s0
+    hi = slot * 0 + s1 + 1
+    for step in tl.static_range(SEARCH_STEPS):
+        if (1 << step) < s1 + 1 - s0:  # a uniform branch: narrow spans take few steps
+            mid = (slot + hi) >> 1
+            right = tl.load(prefix + mid) <= pos
+            slot = tl.where(right, mid, slot)
+            hi = tl.where(right, hi, mid)
+    return slot
+
+
+@triton.jit
+def _tile_tokens(start, total, prefix, delta, tile_slot, kv_perm, stride_ps,
+                 BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SEARCH_STEPS: tl.constexpr, PERMUTE_KV: tl.constexpr):
+    """k / v rows of the kept keys at virtual positions [start, start + BLOCK_N); row 0 past ``total``.
 
     PERMUTE_KV: the kv row of cluster-order position ``r`` is token ``kv_perm[r * stride_ps]`` of k / v.
     """
     pos = start + tl.arange(0, BLOCK_N)
-    # Largest slot s < count with prefix[s] <= pos; extra steps past convergence leave it unchanged.
-    lo = tl.zeros([BLOCK_N], tl.int32)
-    hi = lo + count
-    for step in tl.static_range(SEARCH_STEPS):
-        if (1 << step) < count:  # ceil(log2(count)) steps; a uniform branch, so few kept clusters = few steps
-            mid = (lo + hi) >> 1
-            right = tl.load(prefix + mid) <= pos
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right, hi, mid)
-    token = pos + tl.load(delta + lo)
-    if MASKED:
-        token = tl.where(pos < total, token, 0)
+    slot = _tile_slots(pos, prefix, tile_slot, start, BLOCK_N, WINDOW, SEARCH_STEPS)
+    token = tl.where(pos < total, pos + tl.load(delta + slot), 0)
     if PERMUTE_KV:
         token = tl.load(kv_perm + token * stride_ps).to(tl.int32)
+    return token
+
+
+@triton.jit
+def _attend_tile(
+    q, k_base, v_base, token, stride_ks, stride_kd, stride_vs, stride_vd, start, total, qk_scale, m_i, l_i, acc, dims,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold the BLOCK_N keys at k / v rows ``token`` (virtual positions [start, start + BLOCK_N)) into (m_i, l_i, acc).
+
+    MASKED: positions from ``total`` on are not keys.
+    """
     k = tl.load(k_base + token[:, None] * stride_ks + dims[None, :] * stride_kd)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
-        s = tl.where((pos < total)[None, :], s, float("-inf"))
+        s = tl.where((start + tl.arange(0, BLOCK_N) < total)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -171,7 +242,7 @@ def _varlen_tile(
 @triton.jit
 def _varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_perm_ptr, kv_perm_ptr,
-    tile_cluster_ptr, tile_row_ptr, q_off_ptr, counts_ptr, prefix_ptr, delta_ptr,
+    tile_cluster_ptr, tile_row_ptr, q_off_ptr, counts_ptr, prefix_ptr, delta_ptr, tile_slot_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -179,8 +250,9 @@ def _varlen_fwd_kernel(
     stride_qpb, stride_qph, stride_qps,
     stride_kpb, stride_kph, stride_kps,
     stride_cb, stride_ch, stride_cq,
-    num_heads, num_q_clusters, maxk, num_tiles, s_q, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    num_heads, num_q_clusters, maxk, max_kv_tiles, num_tiles, s_q, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
     PERMUTE_Q: tl.constexpr, PERMUTE_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (tile slot, batch * head): BLOCK_M rows of one q cluster over its kept keys.
@@ -217,19 +289,22 @@ def _varlen_fwd_kernel(
         slot_row = bh.to(tl.int64) * num_q_clusters + cluster
         prefix = prefix_ptr + slot_row * (maxk + 1)
         delta = delta_ptr + slot_row * maxk
+        tile_slot = tile_slot_ptr + slot_row * (max_kv_tiles + 1)
         total = tl.load(prefix + count)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         n_full = (total // BLOCK_N) * BLOCK_N
         for start in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd,
-                                         stride_kps, prefix, delta, count, start, total, qk_scale, m_i, l_i, acc,
-                                         dims, BLOCK_N, SEARCH_STEPS, False, PERMUTE_KV, DOT_PRECISION)
+            token = _tile_tokens(start, total, prefix, delta, tile_slot, kv_perm, stride_kps,
+                                 BLOCK_N, WINDOW, SEARCH_STEPS, PERMUTE_KV)
+            m_i, l_i, acc = _attend_tile(q, k_base, v_base, token, stride_ks, stride_kd, stride_vs, stride_vd,
+                                         start, total, qk_scale, m_i, l_i, acc, dims, BLOCK_N, False, DOT_PRECISION)
         if n_full < total:
-            m_i, l_i, acc = _varlen_tile(q, k_base, v_base, kv_perm, stride_ks, stride_kd, stride_vs, stride_vd,
-                                         stride_kps, prefix, delta, count, n_full, total, qk_scale, m_i, l_i, acc,
-                                         dims, BLOCK_N, SEARCH_STEPS, True, PERMUTE_KV, DOT_PRECISION)
+            token = _tile_tokens(n_full, total, prefix, delta, tile_slot, kv_perm, stride_kps,
+                                 BLOCK_N, WINDOW, SEARCH_STEPS, PERMUTE_KV)
+            m_i, l_i, acc = _attend_tile(q, k_base, v_base, token, stride_ks, stride_kd, stride_vs, stride_vd,
+                                         n_full, total, qk_scale, m_i, l_i, acc, dims, BLOCK_N, True, DOT_PRECISION)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
@@ -245,11 +320,17 @@ if isinstance(_varlen_fwd_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 be
 
 @dataclass(frozen=True)
 class _KvPrefix:
-    """Prep-kernel outputs, per (b*h, q cluster): prefix (.., MAXK+1), delta (.., MAXK), total kept keys."""
+    """Prep-kernel outputs, per (b*h, q cluster): prefix (.., MAXK+1), delta (.., MAXK), total kept keys,
+    tile_slot (.., max_tiles + 1): the slot of the first key of each BLOCK_N-key tile, and the last slot."""
 
     prefix: Tensor
     delta: Tensor
     total: Tensor
+    tile_slot: Tensor
+
+    @property
+    def max_tiles(self) -> int:
+        return self.tile_slot.shape[-1] - 1
 
 
 def _flat_offsets(offsets: Tensor) -> Tensor:
@@ -257,21 +338,28 @@ def _flat_offsets(offsets: Tensor) -> Tensor:
     return offsets.reshape(-1, offsets.shape[-1]).contiguous()
 
 
-def _kv_prefix(layout: VarlenLayout, kv_off: Tensor) -> _KvPrefix:
-    """Run the prep kernel over every (b, h, q cluster)."""
+def _search_steps(maxk: int) -> int:
+    """Binary-search steps that resolve a slot among ``maxk`` kept clusters: ``ceil(log2(maxk))``."""
+    return max(maxk - 1, 0).bit_length()
+
+
+def _kv_prefix(layout: VarlenLayout, kv_off: Tensor, s_k: int, block_n: int) -> _KvPrefix:
+    """Run the prep kernel over every (b, h, q cluster) for kv tiles of ``block_n`` keys."""
     b, h, nqc, maxk = layout.indices.shape
     device = kv_off.device
+    max_tiles = triton.cdiv(s_k, block_n)  # kept clusters are distinct: at most S_k kept keys
     prefix = torch.empty((b * h, nqc, maxk + 1), dtype=torch.int32, device=device)
     delta = torch.empty((b * h, nqc, max(maxk, 1)), dtype=torch.int32, device=device)
     total = torch.empty((b * h, nqc), dtype=torch.int32, device=device)
+    tile_slot = torch.empty((b * h, nqc, max_tiles + 1), dtype=torch.int32, device=device)
     if nqc > 0:
         _kv_prefix_kernel[(nqc, b * h)](
-            layout.counts, layout.indices, kv_off, prefix, delta, total,
+            layout.counts, layout.indices, kv_off, prefix, delta, total, tile_slot,
             *layout.counts.stride(), *layout.indices.stride(),
-            h, nqc, layout.num_kv_clusters, maxk,
-            CHUNK=_PREP_CHUNK,
+            h, nqc, layout.num_kv_clusters, maxk, max_tiles,
+            CHUNK=_PREP_CHUNK, BLOCK_N=block_n, SEARCH_STEPS=_search_steps(maxk),
         )  # fmt: skip
-    return _KvPrefix(prefix, delta, total)
+    return _KvPrefix(prefix, delta, total, tile_slot)
 
 
 def _tile_table(q_off: Tensor, total: Tensor, block_m: int, num_tiles: int) -> tuple[Tensor, Tensor]:
@@ -333,21 +421,20 @@ def varlen_block_sparse_attention_triton(
     nqc, maxk = layout.num_q_clusters, layout.indices.shape[-1]
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
-    config = config or default_config(s_q, nqc, d)
+    config = config or default_config(s_q, nqc, d, q.element_size(), k.shape[2], layout.num_kv_clusters)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_off = _flat_offsets(layout.q_offsets)
-    kv = _kv_prefix(layout, _flat_offsets(layout.kv_offsets))
+    kv = _kv_prefix(layout, _flat_offsets(layout.kv_offsets), k.shape[2], config.block_n)
     num_tiles = triton.cdiv(s_q, config.block_m) + nqc
     tile_cluster, tile_row = _tile_table(q_off, kv.total, config.block_m, num_tiles)
     _varlen_fwd_kernel[(num_tiles, b * h)](
         q, k, v, out, lse_out, layout.q_perm, layout.kv_perm,
-        tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta,
+        tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta, kv.tile_slot,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *permutation_strides(layout.q_perm), *permutation_strides(layout.kv_perm),
         *layout.counts.stride(),
-        h, nqc, maxk, num_tiles, s_q, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        SEARCH_STEPS=max(maxk - 1, 0).bit_length(),
+        h, nqc, maxk, kv.max_tiles, num_tiles, s_q, scale * _LOG2E,
+        HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, WINDOW=config.window, SEARCH_STEPS=_search_steps(maxk),
         PERMUTE_Q=layout.q_perm is not None, PERMUTE_KV=layout.kv_perm is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,

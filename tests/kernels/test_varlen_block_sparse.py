@@ -333,6 +333,22 @@ INTERP_CASES = [
 
 
 @interp
+@pytest.mark.parametrize("window", [0, 2, 16])
+def test_interp_every_slot_lookup_matches_reference(window):
+    """A kv tile resolves its keys' clusters by one compare over at most ``window`` kept clusters, else by
+    a binary search over its span (``window=0``: always): tiles spanning 1, a few and many clusters
+    (sizes 0 to 40 in 16-key tiles) give the reference's result on every path."""
+    q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=window, dtype=torch.float32, padding=-7)
+    config = vb.VarlenConfig(16, 16, 4, 1, window=window)
+    assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, config))
+
+
+def test_config_window_must_be_zero_or_a_power_of_two():
+    with pytest.raises(ValueError, match="window"):
+        vb.VarlenConfig(64, 128, 4, 2, window=6)
+
+
+@interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", INTERP_CASES, ids=range(len(INTERP_CASES)))
 def test_interp_matches_reference(case, dtype):
