@@ -26,7 +26,7 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
+from sparse_compile.kernels.block_select import select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods import METHODS
@@ -69,9 +69,9 @@ def kernel_only_ms(method: Svg2Method, q, k, v, state) -> float:
     clusters_q, clusters_k = method._cluster(q, k, make_call(q, k, v, (1, 1, q.shape[2]), state))
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes)
-    probs = pooled_block_scores(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes, q.shape[-1] ** -0.5)
-    min_blocks = max(1, math.ceil(method.params["min_kc_ratio"] * probs.shape[-1]))
-    counts, indices = select_top_p(probs, method.params["top_p"], min_blocks=min_blocks)
+    min_blocks = max(1, math.ceil(method.params["min_kc_ratio"] * clusters_k.sizes.shape[-1]))
+    counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
+                                               q.shape[-1] ** -0.5, method.params["top_p"], min_blocks)  # fmt: skip
     return triton.testing.do_bench(
         lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm,
                                               return_lse=True),

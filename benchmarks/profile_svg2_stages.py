@@ -4,11 +4,13 @@ folded into the cluster kernel.
 Inputs are laid out as the backend's op receives them from diffusers: ``(B, H, S, D)`` views of
 ``(B, S, H, D)`` storage. Stages, in call order: k-means of the queries and of the keys (warm,
 ``kmeans_iters_step`` iterations), the two cluster permutations (``cluster_permutation``: index
-tensors only), centroid scores + top-p selection, the cluster kernel reading Q/K/V and writing
-O/LSE through the permutations, and the kept-density computation. Then the whole
-``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, and the overhead
-(everything but the kernel) as a fraction of the whole call. Prints a markdown table and writes it
-to ``$OUT/svg2_stages.md`` when ``OUT`` is set.
+tensors only), centroid scores + top-p selection + kept key tokens (``select_top_p_clusters``: the
+centroid matmul and the fused Triton kernel), the cluster kernel reading Q/K/V and writing O/LSE
+through the permutations, and the kept-density reduction. Then the whole
+``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, the overhead
+(everything but the kernel) as a fraction of the whole call, and the selection stage as the torch
+ops it replaced (``select_top_p_clusters_torch``). Prints a markdown table and writes it to
+``$OUT/svg2_stages.md`` when ``OUT`` is set.
 
     PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py [--shape NAME]
 """
@@ -27,13 +29,15 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench_methods import SHAPES, make_call, structured_qkv
-from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
+from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
 from sparse_compile.runtime.session import SiteState
 
+SELECT_STAGE = "scores + top-p + kept tokens (fused kernel)"
+UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_clusters_torch)"
 KERNEL_STAGE = "cluster kernel, permutations folded"
 CALL = "whole call (Svg2Method._video_attention)"
 DENSE = "cuDNN dense SDPA"
@@ -52,8 +56,11 @@ def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[i
     return method, state
 
 
-def stage_calls(method: Svg2Method, q, k, v, state: SiteState) -> dict[str, Callable[[], object]]:
-    """One callable per stage of a warm ``_video_attention`` call on video-only ``(B, H, S, D)`` inputs.
+def stage_calls(
+    method: Svg2Method, q, k, v, state: SiteState
+) -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
+    """One callable per stage of a warm ``_video_attention`` call on video-only ``(B, H, S, D)`` inputs,
+    and the selection stage as unfused torch ops.
 
     Each stage runs on the previous stages' real outputs (computed once here), as in the call.
     """
@@ -68,20 +75,23 @@ def stage_calls(method: Svg2Method, q, k, v, state: SiteState) -> dict[str, Call
     min_blocks = max(1, math.ceil(p["min_kc_ratio"] * ck.sizes.shape[-1]))
 
     def select():
-        return select_top_p(pooled_block_scores(cq.centroids, ck.centroids, ck.sizes, scale), p["top_p"],
-                            min_blocks=min_blocks)  # fmt: skip
+        return select_top_p_clusters(cq.centroids, ck.centroids, ck.sizes, scale, p["top_p"], min_blocks)
 
-    counts, indices = select()
-    return {
+    def select_unfused():
+        return select_top_p_clusters_torch(cq.centroids, ck.centroids, ck.sizes, scale, p["top_p"], min_blocks)
+
+    counts, indices, kept_tokens = select()
+    stages = {
         "k-means queries": lambda: kmeans(q, p["q_clusters"], iters, cached.query, seed=0),
         "k-means keys": lambda: kmeans(k, p["k_clusters"], iters, cached.key, seed=1),
         "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes),
                                                            cluster_permutation(ck.labels, ck.sizes)),
-        "scores + top-p": select,
+        SELECT_STAGE: select,
         KERNEL_STAGE: lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm,
                                                             kv_perm=k_perm, scale=scale, return_lse=True),
-        "kept density": lambda: kept_pair_fraction(cq.sizes, ck.sizes, counts, indices, q.shape[2]),
+        "kept density": lambda: kept_pair_fraction(cq.sizes, kept_tokens, q.shape[2]),
     }  # fmt: skip
+    return stages, select_unfused
 
 
 def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str, Callable[[], object]]:
@@ -97,8 +107,9 @@ def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str
     return {CALL: video_attention, DENSE: dense}
 
 
-def report(stage_ms: dict[str, float], whole_ms: dict[str, float], header: str) -> str:
-    """Markdown: per-stage ms and share of the whole call, then the whole call, dense, overhead."""
+def report(stage_ms: dict[str, float], whole_ms: dict[str, float], unfused_select_ms: float, header: str) -> str:
+    """Markdown: per-stage ms and share of the whole call, then the whole call, dense, overhead, and the
+    selection stage unfused."""
     call_ms, dense_ms = whole_ms[CALL], whole_ms[DENSE]
     rows = [header, "", "| stage | ms | share of the whole call |", "|---|---|---|"]
     rows += [f"| {name} | {ms:.3f} | {ms / call_ms:.1%} |" for name, ms in stage_ms.items()]
@@ -108,6 +119,8 @@ def report(stage_ms: dict[str, float], whole_ms: dict[str, float], header: str) 
         f"| {DENSE} | {dense_ms:.3f} | speedup of SVG2 over dense: {dense_ms / call_ms:.2f}x |",
         "",
         f"overhead (whole call minus the kernel) = {1 - stage_ms[KERNEL_STAGE] / call_ms:.1%} of the whole call",
+        "",
+        f"{UNFUSED_SELECT}: {unfused_select_ms:.3f} ms, {unfused_select_ms / stage_ms[SELECT_STAGE]:.1f}x the fused stage",
     ]
     return "\n".join(rows)
 
@@ -123,11 +136,13 @@ def main() -> None:
     def bench(fn) -> float:
         return triton.testing.do_bench(fn, return_mode="median")
 
-    stage_ms = {name: bench(fn) for name, fn in stage_calls(method, q, k, v, state).items()}
+    stages, select_unfused = stage_calls(method, q, k, v, state)
+    stage_ms = {name: bench(fn) for name, fn in stages.items()}
+    unfused_select_ms = bench(select_unfused)
     whole_ms = {name: bench(fn) for name, fn in whole_calls(method, q, k, v, grid, state).items()}
     header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
               f"{torch.cuda.get_device_name()}")  # fmt: skip
-    table = report(stage_ms, whole_ms, header)
+    table = report(stage_ms, whole_ms, unfused_select_ms, header)
     print(table)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "svg2_stages.md"), "w") as f:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import sparse_compile
 import tiny_models
 from method_calls import method_call
-from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
+from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_scores, select_top_p
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
@@ -123,7 +123,9 @@ def test_kept_pair_fraction_counts_cluster_sizes():
     k_sizes = torch.tensor([[[2, 2]]])
     counts = torch.tensor([[[1, 2]]], dtype=torch.int32)
     indices = torch.tensor([[[[1, 0], [0, 1]]]], dtype=torch.int32)
-    assert kept_pair_fraction(q_sizes, k_sizes, counts, indices, seq=4).item() == pytest.approx((3 * 2 + 1 * 4) / 16)
+    kept_tokens = kept_kv_tokens(k_sizes, counts, indices)
+    assert kept_tokens.tolist() == [[[2, 4]]]
+    assert kept_pair_fraction(q_sizes, kept_tokens, seq=4).item() == pytest.approx((3 * 2 + 1 * 4) / 16)
 
 
 @pytest.mark.parametrize("options, message", [

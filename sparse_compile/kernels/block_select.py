@@ -11,9 +11,18 @@ The exact passes (:func:`attention_lse`, :func:`block_mass_with_lse`) are Triton
 (S^2 compute, O(NQ * NK) memory) and the chunked references of :mod:`block_select_reference`
 elsewhere; both are registered as ``sparse_compile::`` custom ops. Pooling and selection are a
 handful of batched torch ops on ``(B, H, NQ, NK)`` tensors (no host sync).
+
+SVG2's cluster-pair selection, :func:`select_top_p_clusters` (centroid scores, top-p selection,
+CSR layout and kept key tokens), is those torch ops on CPU (:func:`select_top_p_clusters_torch`,
+the specification) and on CUDA one cuBLAS matmul plus one fused Triton kernel
+(:func:`select_top_p_clusters_triton`): one program per row holds the row's probabilities in
+registers, finds the top-p threshold by a binary search over their values (no sort) and writes
+its CSR row.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -21,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
 from sparse_compile.kernels.block_select_reference import (
     attention_lse_reference,
     block_mass_with_lse_reference,
@@ -36,6 +45,7 @@ LOG2E = 1.4426950408889634
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_BLOCK_Q = 128
+MAX_TRITON_CLUSTERS = 8192  # key clusters a row of the fused selection kernel holds in registers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +146,14 @@ def select_topk(scores: Tensor, k: int, always_kept: Tensor | None = None) -> tu
     return keep_mask_to_layout(mask, min(nk, k + n_extra))
 
 
+def _check_top_p(top_p: float, min_blocks: int) -> None:
+    """Raise ``ValueError`` unless ``top_p`` lies in [0, 1] and ``min_blocks >= 0``."""
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must lie in [0, 1], got {top_p}")
+    if min_blocks < 0:
+        raise ValueError(f"min_blocks must be >= 0, got {min_blocks}")
+
+
 def select_top_p(
     probs: Tensor, top_p: float, min_blocks: int = 1, always_kept: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -145,10 +163,7 @@ def select_top_p(
     ``min(min_blocks, NK)`` per row, plus ``always_kept``. ``probs`` ``(..., NQ, NK)``; returns
     counts int32 ``(..., NQ)`` and indices int32 ``(..., NQ, NK)`` (ascending, then zeros).
     """
-    if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must lie in [0, 1], got {top_p}")
-    if min_blocks < 0:
-        raise ValueError(f"min_blocks must be >= 0, got {min_blocks}")
+    _check_top_p(top_p, min_blocks)
     nk = probs.shape[-1]
     values, order = torch.sort(probs.float(), dim=-1, descending=True, stable=True)
     mass_before = torch.nn.functional.pad(torch.cumsum(values, dim=-1)[..., :-1], (1, 0))
@@ -157,6 +172,62 @@ def select_top_p(
     mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, order, kept_rank)
     mask, _ = _with_always_kept(mask, always_kept)
     return keep_mask_to_layout(mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# SVG2 cluster pairs: scores, top-p selection and kept key tokens (torch ops, the specification)
+# ----------------------------------------------------------------------------------------------
+
+
+class ClusterSelection(NamedTuple):
+    """Top-p key clusters of every query cluster, as a CSR layout, and the key tokens they hold.
+
+    ``counts`` int32 ``(B, H, NQ)``; ``indices`` int32 ``(B, H, NQ, NK)``, the kept key-cluster
+    ids ascending, then zeros; ``kept_tokens`` int32 ``(B, H, NQ)``, the summed sizes of the
+    kept key clusters.
+    """
+
+    counts: Tensor
+    indices: Tensor
+    kept_tokens: Tensor
+
+
+def kept_kv_tokens(kv_sizes: Tensor, counts: Tensor, indices: Tensor) -> Tensor:
+    """Tokens in the kept kv blocks (or clusters) of every row of a CSR layout, int32 ``(B, H, NQ)``.
+
+    ``kv_sizes`` integer ``(B, H, NK)``, ``counts`` ``(B, H, NQ)``, ``indices`` ``(B, H, NQ, M)``.
+    """
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    sizes = torch.gather(kv_sizes, 2, indices.flatten(2).long()).view(indices.shape)
+    return (sizes * valid).sum(-1, dtype=torch.int32)
+
+
+def _check_cluster_inputs(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor) -> None:
+    """Raise ``ValueError`` unless centroids ``(B, H, NQ, D)``, ``(B, H, NK >= 1, D)`` and integer sizes ``(B, H, NK)`` match."""
+    check_qk(q_centroids, k_centroids)
+    if k_centroids.shape[2] == 0:
+        raise ValueError("k_centroids must hold at least one cluster")
+    if k_sizes.shape != k_centroids.shape[:3] or k_sizes.dtype.is_floating_point or k_sizes.dtype == torch.bool:
+        raise ValueError(
+            f"k_sizes must be an integer tensor of shape {tuple(k_centroids.shape[:3])}, "
+            f"got {k_sizes.dtype} {tuple(k_sizes.shape)}"
+        )
+    if k_sizes.device != k_centroids.device:
+        raise ValueError(f"k_sizes must be on {k_centroids.device}, got {k_sizes.device}")
+
+
+def select_top_p_clusters_torch(
+    q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, scale: float, top_p: float, min_blocks: int = 1
+) -> ClusterSelection:
+    """:func:`select_top_p_clusters` as batched torch ops: the specification and the CPU path.
+
+    :func:`pooled_block_scores` of the centroids and sizes, :func:`select_top_p` of those
+    probabilities, and :func:`kept_kv_tokens` of the layout.
+    """
+    _check_cluster_inputs(q_centroids, k_centroids, k_sizes)
+    probs = pooled_block_scores(q_centroids, k_centroids, k_sizes, scale)
+    counts, indices = select_top_p(probs, top_p, min_blocks)
+    return ClusterSelection(counts, indices, kept_kv_tokens(k_sizes, counts, indices))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +331,106 @@ def _block_mass_kernel(
         tl.store(out_row + kb, total * inv_rows, mask=sub == SUB - 1)
 
 
+@triton.jit
+def _cluster_probs(logits, sizes, scale):
+    """``softmax(scale * logits + log(sizes))`` of one row; clusters (and padding) of size 0 get 0."""
+    x = tl.where(sizes > 0, logits * scale + tl.log(tl.maximum(sizes, 1).to(tl.float32)), float("-inf"))
+    e = tl.exp(x - tl.max(x, 0))
+    return tl.math.div_rn(e, tl.sum(e, 0))
+
+
+@triton.jit
+def _is_kept(above, probs, top_p, min_blocks):
+    """Whether top-p keeps a block ranked right below the blocks flagged ``above``, and how many those are.
+
+    Kept iff their mass is below ``top_p`` or fewer than ``min_blocks`` of them; a reduction over the row.
+    """
+    n_above = tl.sum(above.to(tl.int32), 0)
+    return (tl.sum(tl.where(above, probs, 0.0), 0) < top_p) | (n_above < min_blocks), n_above
+
+
+@triton.jit
+def _threshold_bits(bits, probs, num_k, top_p, min_blocks):
+    """fp32 bits ``P`` of the lowest probability top-p keeps (``0x3F800001``, above the bits of 1.0,
+    when it keeps nothing): every block above ``P`` is kept, and some of those tied at ``P``.
+
+    ``bits`` are the row's probability bits (-1 for padding; non-negative fp32 bits order like the
+    floats). "Keep the block of bits ``t``" (:func:`_is_kept` of the blocks above ``t``) only turns
+    true as ``t`` grows: binary search for the smallest such ``t`` over ``[lo, hi]`` (``hi`` kept,
+    ``lo - 1`` not), stopping once that range holds at most one block: that block's bits (kept
+    like ``hi``, the blocks above both being the same), so ~log2(num_k) steps rather than 31.
+    """
+    lo = tl.zeros([], tl.int32)
+    hi = tl.full([], 0x3F800001, tl.int32)
+    n_from_lo = tl.zeros([], tl.int32) + num_k  # blocks with bits >= lo
+    n_above_hi = tl.zeros([], tl.int32)  # blocks with bits > hi
+    while (lo < hi) & (n_from_lo - n_above_hi > 1):
+        mid = (lo + hi) >> 1
+        kept, n_above = _is_kept(bits > mid, probs, top_p, min_blocks)
+        hi = tl.where(kept, mid, hi)
+        n_above_hi = tl.where(kept, n_above, n_above_hi)
+        lo = tl.where(kept, lo, mid + 1)
+        n_from_lo = tl.where(kept, n_from_lo, n_above)
+    only = tl.min(tl.where(bits >= lo, bits, 0x7FFFFFFF), 0)  # the one block in [lo, hi], if one
+    keeps_any = (top_p > 0) | (min_blocks > 0)  # the initial hi is kept (by nothing above it) iff this
+    return tl.where((n_from_lo - n_above_hi == 1) & keeps_any, only, hi)
+
+
+@triton.jit
+def _last_kept_tie(bits, ids, p_bits, probs, top_p, min_blocks, NK_PAD: tl.constexpr, LOG2_NK_PAD: tl.constexpr):
+    """Largest id ``J`` such that the blocks tied at probability bits ``p_bits`` with ids <= ``J`` are kept.
+
+    Ties rank by id, so the block with id ``j`` sits right below the blocks above ``p_bits`` and the
+    ties with smaller ids; binary search over ``j`` (``p_bits`` itself is kept: ``J`` >= its first id).
+    """
+    lo = tl.zeros([], tl.int32)
+    hi = tl.full([], NK_PAD, tl.int32)
+    for _ in range(LOG2_NK_PAD):
+        mid = (lo + hi) >> 1
+        kept, _ = _is_kept((bits > p_bits) | ((bits == p_bits) & (ids < mid)), probs, top_p, min_blocks)
+        lo = tl.where(kept, mid, lo)
+        hi = tl.where(kept, hi, mid)
+    return lo
+
+
+@triton.jit
+def _select_top_p_clusters_kernel(
+    logits_ptr, sizes_ptr, counts_ptr, indices_ptr, kept_tokens_ptr,
+    stride_sb, stride_sh, stride_sk,
+    num_heads, num_q, num_k, scale, top_p, min_blocks,
+    NK_PAD: tl.constexpr, LOG2_NK_PAD: tl.constexpr,
+):
+    """One program per (batch * head, query cluster) row: top-p key clusters as a CSR row.
+
+    The row's ``num_k <= NK_PAD`` probabilities stay in registers; no sort: top-p keeps every
+    cluster above a probability threshold (:func:`_threshold_bits`) and, among clusters tied at it,
+    those up to an id (:func:`_last_kept_tie`, searched only when there are ties). A cumsum over the
+    kept flags gives their slots in the ascending CSR row.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    bh = row // num_q
+    b = bh // num_heads
+    h = bh % num_heads
+    ids = tl.arange(0, NK_PAD)
+    valid = ids < num_k
+    sizes = tl.load(sizes_ptr + b * stride_sb + h * stride_sh + ids * stride_sk, mask=valid, other=0).to(tl.int32)
+    logits = tl.load(logits_ptr + row * num_k + ids, mask=valid, other=0.0)
+    probs = _cluster_probs(logits, sizes, scale)
+    bits = tl.where(valid, probs.to(tl.int32, bitcast=True), -1)
+    p_bits = _threshold_bits(bits, probs, num_k, top_p, min_blocks)
+    last_tie = tl.full([], NK_PAD, tl.int32)
+    if tl.sum((bits == p_bits).to(tl.int32), 0) > 1:
+        last_tie = _last_kept_tie(bits, ids, p_bits, probs, top_p, min_blocks, NK_PAD, LOG2_NK_PAD)
+    kept = (bits > p_bits) | ((bits == p_bits) & (ids <= last_tie))
+    n_keep = tl.sum(kept.to(tl.int32), 0)
+    slots = tl.cumsum(kept.to(tl.int32), 0) - 1
+    out_row = indices_ptr + row * num_k
+    tl.store(out_row + slots, ids, mask=kept)
+    tl.store(out_row + ids, tl.zeros_like(ids), mask=valid & (ids >= n_keep))
+    tl.store(counts_ptr + row, n_keep)
+    tl.store(kept_tokens_ptr + row, tl.sum(tl.where(kept, sizes, 0), 0))
+
+
 if isinstance(_block_mass_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
     patch_interpreter_scalar_index()
 
@@ -345,6 +516,62 @@ def block_mass_triton(
     return out
 
 
+def _new_selection(b: int, h: int, nq: int, nk: int, device: torch.device) -> ClusterSelection:
+    """Uninitialised :class:`ClusterSelection` buffers."""
+    counts = torch.empty((b, h, nq), dtype=torch.int32, device=device)
+    indices = torch.empty((b, h, nq, nk), dtype=torch.int32, device=device)
+    return ClusterSelection(counts, indices, torch.empty_like(counts))
+
+
+def _check_selection_buffers(out: ClusterSelection, b: int, h: int, nq: int, nk: int, device: torch.device) -> None:
+    """Raise ``ValueError`` unless ``out`` holds contiguous int32 buffers of a selection's shapes on ``device``."""
+    for name, buf, shape in (("counts", out.counts, (b, h, nq)), ("indices", out.indices, (b, h, nq, nk)),
+                             ("kept_tokens", out.kept_tokens, (b, h, nq))):  # fmt: skip
+        check_out_buffer(f"out.{name}", buf, shape, torch.int32, device)
+
+
+def _selection_warps(nk_pad: int) -> int:
+    """Warps per row program: 4 up to 2048 clusters, then one per 512 (fastest on an H100 at 12 x 200 rows)."""
+    return 4 if nk_pad <= 2048 else nk_pad // 512
+
+
+def select_top_p_clusters_triton(
+    q_centroids: Tensor,
+    k_centroids: Tensor,
+    k_sizes: Tensor,
+    scale: float,
+    top_p: float,
+    min_blocks: int = 1,
+    out: ClusterSelection | None = None,
+) -> ClusterSelection:
+    """:func:`select_top_p_clusters` as a cuBLAS matmul (the centroid dots) and one Triton kernel.
+
+    Needs ``NK <= MAX_TRITON_CLUSTERS``. ``out`` (optional) holds contiguous int32 buffers of
+    the result's shapes, fully overwritten. Runs on CUDA, or on CPU tensors under
+    ``TRITON_INTERPRET=1``.
+    """
+    _check_cluster_inputs(q_centroids, k_centroids, k_sizes)
+    _check_top_p(top_p, min_blocks)
+    b, h, nq, _ = q_centroids.shape
+    nk = k_centroids.shape[2]
+    if nk > MAX_TRITON_CLUSTERS:
+        raise ValueError(f"at most {MAX_TRITON_CLUSTERS} key clusters on the Triton path, got {nk}")
+    if out is None:
+        out = _new_selection(b, h, nq, nk, q_centroids.device)
+    _check_selection_buffers(out, b, h, nq, nk, q_centroids.device)
+    if out.counts.numel() == 0:
+        return out
+    logits = torch.matmul(q_centroids.float(), k_centroids.float().transpose(-1, -2))  # contiguous (B, H, NQ, NK)
+    nk_pad = triton.next_power_of_2(nk)
+    _select_top_p_clusters_kernel[(b * h * nq,)](
+        logits, k_sizes, out.counts, out.indices, out.kept_tokens,
+        k_sizes.stride(0), k_sizes.stride(1), k_sizes.stride(2),
+        h, nq, nk, float(scale), float(top_p), min(min_blocks, nk),
+        NK_PAD=nk_pad, LOG2_NK_PAD=nk_pad.bit_length() - 1, num_warps=_selection_warps(nk_pad),
+    )  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops and public entry points
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +633,36 @@ def block_mass_with_lse(
     return torch.ops.sparse_compile.block_mass_with_lse(q, k, lse, block_q, block_k, default_scale(q.shape[-1], scale))
 
 
+def select_top_p_clusters(
+    q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, scale: float, top_p: float, min_blocks: int = 1
+) -> ClusterSelection:
+    """SVG2's cluster pairs: per query cluster, the top-p key clusters and the key tokens they hold.
+
+    Per row (batch, head, query cluster i): ``probs = softmax_j(scale * cq_i . ck_j + log(size_j))``
+    (size 0: probability 0), then :func:`select_top_p` of ``probs`` with ``top_p`` and
+    ``min_blocks``. ``q_centroids`` ``(B, H, NQ, D)`` and ``k_centroids`` ``(B, H, NK, D)`` (fp32),
+    ``k_sizes`` integer ``(B, H, NK)``, each row with a cluster of positive size. Returns a
+    :class:`ClusterSelection`. CUDA with ``NK <= MAX_TRITON_CLUSTERS``: the fused Triton path
+    (:func:`select_top_p_clusters_triton`), else the torch ops (:func:`select_top_p_clusters_torch`);
+    neither syncs with the host. The paths round the probabilities and sum them in different
+    orders, so a row whose cumulative mass lands within rounding of ``top_p`` (or whose last kept
+    and first dropped blocks are within rounding of a tie) may differ by that one block.
+    """
+    if q_centroids.is_cuda and k_centroids.shape[2] <= MAX_TRITON_CLUSTERS:
+        return select_top_p_clusters_triton(q_centroids, k_centroids, k_sizes, scale, top_p, min_blocks)
+    return select_top_p_clusters_torch(q_centroids, k_centroids, k_sizes, scale, top_p, min_blocks)
+
+
 __all__ = [
+    "ClusterSelection",
     "attention_lse",
     "block_mass_with_lse",
     "estimate_block_scores",
     "keep_mask_to_layout",
+    "kept_kv_tokens",
     "mean_pool_blocks",
     "pooled_block_scores",
     "select_top_p",
+    "select_top_p_clusters",
     "select_topk",
 ]

@@ -290,6 +290,8 @@ def cluster_permutation(labels: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
     and ``offsets`` int32 ``(B, H, K + 1)`` (exclusive cumsum of ``sizes``: 0, ..., S).
     """
     check_permutation_inputs(labels, sizes)
+    if sizes.shape[-1] <= torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix-sort passes
+        labels = labels.to(torch.int16)
     perm = torch.sort(labels, dim=-1, stable=True).indices
     offsets = F.pad(torch.cumsum(sizes, dim=-1, dtype=torch.int32), (1, 0))
     return perm, offsets

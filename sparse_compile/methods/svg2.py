@@ -12,7 +12,8 @@ Per call, on the video tokens of each (batch element, head):
    Only these ``(B, H, S)`` index tensors are built; Q, K and V are not reordered.
 3. Score cluster pairs by ``softmax_j(scale * cq_i . ck_j + log |cluster_j|)`` and keep, per
    query cluster, the key clusters up to cumulative probability ``top_p`` (at least
-   ``min_kc_ratio`` of the key clusters).
+   ``min_kc_ratio`` of the key clusters), with the key tokens each query cluster keeps
+   (:func:`select_top_p_clusters`: on CUDA one fused kernel after the centroid matmul).
 4. Run the variable-block (cluster) kernel with the permutations folded into its loads and
    stores: it reads the rows of Q, K and V in token order through the permutations and writes
    O and its LSE straight to token order (O token-major, the layout the backend's op returns
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_compile.kernels.block_select import pooled_block_scores, select_top_p
+from sparse_compile.kernels.block_select import select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.base import (
@@ -53,16 +54,13 @@ class Centroids:
     key: torch.Tensor
 
 
-def kept_pair_fraction(
-    q_sizes: torch.Tensor, k_sizes: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, seq: int
-) -> torch.Tensor:
+def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
     """Mean over (batch, head) of the fraction of the ``seq x seq`` pairs a cluster layout keeps (0-d tensor).
 
-    ``q_sizes`` ``(B, H, Kq)``, ``k_sizes`` ``(B, H, Kk)``, ``counts`` ``(B, H, Kq)``, ``indices`` ``(B, H, Kq, M)``.
+    ``q_sizes`` ``(B, H, Kq)`` integer; ``kept_tokens`` ``(B, H, Kq)`` integer, the key tokens each
+    query cluster keeps (:attr:`ClusterSelection.kept_tokens`). Sums in int64.
     """
-    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
-    kept_keys = (torch.gather(k_sizes, 2, indices.flatten(2).long()).view(indices.shape) * valid).sum(-1)
-    return (kept_keys * q_sizes).sum(-1).float().mean() / (seq * seq)
+    return (kept_tokens.long() * q_sizes).sum(-1).float().mean() / (seq * seq)
 
 
 class Svg2Method(AttentionMethod):
@@ -116,11 +114,13 @@ class Svg2Method(AttentionMethod):
         q_clusters, k_clusters = self._cluster(q, k, call)
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes)
         k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes)
-        probs = pooled_block_scores(q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale)
-        min_blocks = math.ceil(self.params["min_kc_ratio"] * probs.shape[-1])
-        counts, indices = select_top_p(probs, self.params["top_p"], min_blocks=max(min_blocks, 1))
-        out, lse = varlen_block_sparse_attention(
-            q, k, v, q_offsets, k_offsets, counts, indices, q_perm=q_perm, kv_perm=k_perm, scale=scale, return_lse=True
+        min_blocks = max(math.ceil(self.params["min_kc_ratio"] * k_clusters.sizes.shape[-1]), 1)
+        selection = select_top_p_clusters(
+            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.params["top_p"], min_blocks
         )
-        density = kept_pair_fraction(q_clusters.sizes, k_clusters.sizes, counts, indices, q.shape[2])
+        out, lse = varlen_block_sparse_attention(
+            q, k, v, q_offsets, k_offsets, selection.counts, selection.indices,
+            q_perm=q_perm, kv_perm=k_perm, scale=scale, return_lse=True,
+        )  # fmt: skip
+        density = kept_pair_fraction(q_clusters.sizes, selection.kept_tokens, q.shape[2])
         return out, lse, density

@@ -1,5 +1,6 @@
 """Block scoring / selection helpers: references vs naive dense math, fast paths vs references,
-Triton kernels under the interpreter (in a subprocess) and on the GPU."""
+Triton kernels under the interpreter (in a subprocess) and on the GPU; SVG2's fused cluster-pair
+selection vs its torch specification."""
 
 from __future__ import annotations
 
@@ -203,6 +204,134 @@ def test_selection_rejects_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
+# SVG2 cluster pairs: select_top_p_clusters (fused Triton path vs the torch ops that specify it)
+# ------------------------------------------------------------------------------------------------
+
+
+def cluster_inputs(b, h, nq, nk, d, seed, zero_sizes=True, spread=2.0, device="cpu"):
+    """Random fp32 centroids (keys scaled by ``spread``: the larger, the more peaked the rows) and int32
+    cluster sizes in [1, 50); with ``zero_sizes`` about one cluster in five is empty, never cluster 0."""
+    g = torch.Generator().manual_seed(seed)
+    q_centroids = torch.randn(b, h, nq, d, generator=g)
+    k_centroids = torch.randn(b, h, nk, d, generator=g) * spread
+    sizes = torch.randint(1, 50, (b, h, nk), generator=g, dtype=torch.int32)
+    if zero_sizes:
+        sizes[(torch.rand(b, h, nk, generator=g) < 0.2) & (torch.arange(nk) > 0)] = 0
+    return q_centroids.to(device), k_centroids.to(device), sizes.to(device)
+
+
+def exact_cluster_probs(q_centroids, k_centroids, sizes, scale):
+    """``softmax_j(scale * cq_i . ck_j + log(size_j))`` in fp64, ``(B, H, NQ, NK)``."""
+    logits = torch.matmul(q_centroids.double(), k_centroids.double().transpose(-1, -2)) * scale
+    return torch.softmax(logits + sizes.double().log().unsqueeze(-2), -1)
+
+
+def ambiguous_rows(probs, top_p, min_blocks, tol=1e-5):
+    """Rows ``(B, H, NQ)`` of exact probabilities ``probs`` whose selection fp32 rounding may change.
+
+    Either the mass before some rank r >= 1 lies within ``tol`` of ``top_p`` (summed in another order
+    it may fall on the other side), or the last kept and the first dropped rank are a near tie
+    (relative gap in (0, ``tol``); exact ties break to the lower id on every path).
+    """
+    nk = probs.shape[-1]
+    values = probs.sort(-1, descending=True).values
+    mass_before = torch.nn.functional.pad(values.cumsum(-1)[..., :-1], (1, 0))
+    near_top_p = ((mass_before[..., 1:] - top_p).abs() < tol).any(-1)
+    n = (mass_before < top_p).sum(-1, keepdim=True).clamp_min(min(min_blocks, nk))
+    last = values.gather(-1, (n - 1).clamp_min(0)).squeeze(-1)
+    first_dropped = values.gather(-1, n.clamp_max(nk - 1)).squeeze(-1)
+    gap = last - first_dropped
+    near_tie = ((n > 0) & (n < nk)).squeeze(-1) & (gap > 0) & (gap < tol * last)
+    return near_top_p | near_tie
+
+
+def assert_selection_matches_reference(got, want, probs, sizes, top_p, min_blocks, max_ambiguous=0.05):
+    """``got`` equals ``want`` in every row but the (rare) :func:`ambiguous_rows`; every row of ``got`` is
+    a CSR row that reaches ``top_p`` with at least ``min_blocks`` clusters, its kept tokens their sizes."""
+    ambiguous = ambiguous_rows(probs, top_p, min_blocks)
+    assert ambiguous.float().mean() <= max_ambiguous
+    exact = ~ambiguous
+    for name, g, w in zip(got._fields, got, want):
+        assert g.dtype == torch.int32 and g.shape == w.shape, name
+        assert torch.equal(g[exact], w[exact]), name
+    counts, indices = got.counts.cpu(), got.indices.cpu()
+    assert_csr(counts, indices)
+    assert (indices >= 0).all() and (indices < probs.shape[-1]).all()
+    assert torch.equal(got.kept_tokens, bs.kept_kv_tokens(sizes, got.counts, got.indices))
+    mask = layout_to_mask(counts, indices, probs.shape[-1])
+    assert ((probs.cpu() * mask).sum(-1) >= top_p - 1e-5).all()
+    assert (counts >= min(min_blocks, probs.shape[-1])).all()
+
+
+def poisoned_selection(b, h, nq, nk):
+    """Output buffers filled with -7, so that an element the kernel leaves unwritten shows."""
+    counts = torch.full((b, h, nq), -7, dtype=torch.int32)
+    return bs.ClusterSelection(counts, torch.full((b, h, nq, nk), -7, dtype=torch.int32), counts.clone())
+
+
+# Query centroid 0: probabilities proportional to the sizes [1, 5, 2, 0, 2], i.e. [0.1, 0.5, 0.2, 0, 0.2];
+# ranked: id 1, then the exact tie 2 before 4 (lower id first), then 0, then the empty cluster 3.
+WORKED_EXAMPLE_SIZES = [1, 5, 2, 0, 2]
+WORKED_EXAMPLE = [
+    # (top_p, min_blocks, kept ids, kept key tokens)
+    (0.6, 1, [1, 2], 7),  # mass before id 4 is 0.7 >= 0.6
+    (0.75, 1, [1, 2, 4], 9),
+    (0.95, 1, [0, 1, 2, 4], 10),  # the empty cluster has probability 0: never needed for top-p
+    (0.0, 2, [1, 2], 7),  # top_p 0: exactly min_blocks
+    (0.0, 0, [], 0),
+    (0.3, 9, [0, 1, 2, 3, 4], 10),  # min_blocks above NK: every cluster
+]
+
+
+def check_worked_example(select) -> None:
+    """``select(q_centroids, k_centroids, k_sizes, scale, top_p, min_blocks)`` on :data:`WORKED_EXAMPLE`."""
+    q_centroids = torch.zeros(1, 1, 1, 16)
+    k_centroids = torch.randn(1, 1, 5, 16, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[WORKED_EXAMPLE_SIZES]], dtype=torch.int32)
+    for top_p, min_blocks, ids, tokens in WORKED_EXAMPLE:
+        got = select(q_centroids, k_centroids, sizes, 0.3, top_p, min_blocks)
+        assert got.counts.tolist() == [[[len(ids)]]], (top_p, min_blocks)
+        assert got.indices.tolist() == [[[ids + [0] * (5 - len(ids))]]], (top_p, min_blocks)
+        assert got.kept_tokens.tolist() == [[[tokens]]], (top_p, min_blocks)
+
+
+def test_select_top_p_clusters_worked_example():
+    check_worked_example(bs.select_top_p_clusters)  # CPU: the torch ops
+
+
+def test_select_top_p_clusters_on_cpu_is_scores_then_select_top_p():
+    q_centroids, k_centroids, sizes = cluster_inputs(2, 3, 7, 40, 16, seed=5)
+    got = bs.select_top_p_clusters(q_centroids, k_centroids, sizes, 0.25, 0.8, 4)
+    counts, indices = bs.select_top_p(bs.pooled_block_scores(q_centroids, k_centroids, sizes, 0.25), 0.8, 4)
+    assert torch.equal(got.counts, counts) and torch.equal(got.indices, indices)
+    assert torch.equal(got.kept_tokens, bs.kept_kv_tokens(sizes, counts, indices))
+
+
+def test_kept_kv_tokens_sums_the_sizes_of_the_kept_clusters():
+    sizes = torch.tensor([[[4, 0, 9, 2]]], dtype=torch.int32)
+    counts = torch.tensor([[[2, 0, 4]]], dtype=torch.int32)
+    indices = torch.tensor([[[[0, 2, 0, 0], [0, 0, 0, 0], [0, 1, 2, 3]]]], dtype=torch.int32)
+    assert bs.kept_kv_tokens(sizes, counts, indices).tolist() == [[[13, 0, 15]]]
+
+
+def test_select_top_p_clusters_rejects_bad_arguments():
+    q_centroids, k_centroids, sizes = cluster_inputs(1, 2, 3, 6, 16, seed=0)
+    with pytest.raises(ValueError, match="top_p"):
+        bs.select_top_p_clusters(q_centroids, k_centroids, sizes, 0.1, 1.5)
+    with pytest.raises(ValueError, match="min_blocks"):
+        bs.select_top_p_clusters(q_centroids, k_centroids, sizes, 0.1, 0.5, -1)
+    with pytest.raises(ValueError, match="k_sizes"):
+        bs.select_top_p_clusters(q_centroids, k_centroids, sizes.float(), 0.1, 0.5)
+    with pytest.raises(ValueError, match="k_sizes"):
+        bs.select_top_p_clusters(q_centroids, k_centroids, sizes[..., :5], 0.1, 0.5)
+    with pytest.raises(ValueError, match="at least one cluster"):
+        bs.select_top_p_clusters(q_centroids, k_centroids[:, :, :0], sizes[..., :0], 0.1, 0.5)
+    with pytest.raises(ValueError, match="out.indices"):
+        out = poisoned_selection(1, 2, 3, 5)
+        bs.select_top_p_clusters_triton(q_centroids, k_centroids, sizes, 0.1, 0.5, out=out)
+
+
+# ------------------------------------------------------------------------------------------------
 # Custom ops (CPU path = reference)
 # ------------------------------------------------------------------------------------------------
 
@@ -271,6 +400,58 @@ def test_interp_block_mass_non_contiguous_inputs():
     assert rel_l2(got, ref.block_mass_with_lse_reference(q, k, lse, 32, 32, 0.3)) < 1e-5
 
 
+CLUSTER_CASES = [
+    # (NK, top_p, min_blocks, some empty clusters, key spread)
+    pytest.param(37, 0.9, 2, True, 2.0, id="min_blocks-below-the-top-p-count"),
+    pytest.param(37, 0.6, 30, True, 2.0, id="min_blocks-above-the-top-p-count"),
+    pytest.param(32, 0.8, 1, True, 2.0, id="NK-a-power-of-two"),
+    pytest.param(37, 0.0, 3, True, 2.0, id="top_p-0-keeps-min_blocks"),
+    # every probability well above rounding, so that the mass before the last rank is clearly below 1
+    pytest.param(37, 1.0, 0, False, 0.5, id="top_p-1-keeps-every-cluster"),
+    pytest.param(5, 0.5, 9, True, 2.0, id="min_blocks-above-NK"),
+    pytest.param(1, 0.5, 0, False, 2.0, id="one-cluster"),
+]
+
+
+@interp
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("nk, top_p, min_blocks, zero_sizes, spread", CLUSTER_CASES)
+def test_interp_select_top_p_clusters_matches_torch(nk, top_p, min_blocks, zero_sizes, spread, seed):
+    q_centroids, k_centroids, sizes = cluster_inputs(1, 2, 5, nk, 16, seed=100 * nk + seed, zero_sizes=zero_sizes,
+                                                     spread=spread)  # fmt: skip
+    out = poisoned_selection(1, 2, 5, nk)
+    got = bs.select_top_p_clusters_triton(q_centroids, k_centroids, sizes, 0.25, top_p, min_blocks, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    want = bs.select_top_p_clusters_torch(q_centroids, k_centroids, sizes, 0.25, top_p, min_blocks)
+    probs = exact_cluster_probs(q_centroids, k_centroids, sizes, 0.25)
+    assert_selection_matches_reference(got, want, probs, sizes, top_p, min_blocks, max_ambiguous=0.2)
+    if top_p == 0.0:
+        assert (got.counts == min(min_blocks, nk)).all()
+    if top_p == 1.0 or min_blocks >= nk:
+        assert (got.counts == nk).all()
+
+
+@interp
+@pytest.mark.parametrize("top_p, min_blocks", [(0.5, 1), (0.9, 4), (0.2, 30)])
+def test_interp_select_top_p_clusters_breaks_exact_ties_by_lower_id(top_p, min_blocks):
+    """Key clusters repeating 3 centroids with sizes 0 or 10: rows of a few exactly equal probabilities and zeros."""
+    g = torch.Generator().manual_seed(min_blocks)
+    q_centroids = torch.randn(1, 2, 5, 16, generator=g)
+    pattern = torch.randint(0, 3, (40,), generator=g)
+    k_centroids = torch.randn(1, 2, 3, 16, generator=g)[:, :, pattern]
+    sizes = 10 * torch.randint(0, 2, (1, 2, 40), generator=g, dtype=torch.int32)
+    sizes[..., 0] = 10
+    got = bs.select_top_p_clusters_triton(q_centroids, k_centroids, sizes, 0.25, top_p, min_blocks)
+    want = bs.select_top_p_clusters_torch(q_centroids, k_centroids, sizes, 0.25, top_p, min_blocks)
+    probs = exact_cluster_probs(q_centroids, k_centroids, sizes, 0.25)
+    assert_selection_matches_reference(got, want, probs, sizes, top_p, min_blocks, max_ambiguous=0.2)
+
+
+@interp
+def test_interp_select_top_p_clusters_worked_example():
+    check_worked_example(bs.select_top_p_clusters_triton)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
@@ -300,3 +481,31 @@ def test_gpu_selection_matches_cpu():
     assert_csr(counts.cpu(), indices.cpu())
     mask = layout_to_mask(counts.cpu(), indices.cpu(), scores.shape[-1])
     assert ((scores.cpu() * mask).sum(-1) >= 0.9 - 1e-4).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nk, top_p", [(1000, 0.5), (1000, 0.9), (1000, 0.95), (3000, 0.8)])
+def test_gpu_select_top_p_clusters_matches_torch(nk, top_p):
+    """SVG2's shape (12 heads, 200 x 1000 clusters, D = 128, min_kc_ratio 0.1) and a longer row.
+
+    Near top_p = 1 the boundary ranks hold tiny probabilities, so more rows are ambiguous (up to 10% here).
+    """
+    q_centroids, k_centroids, sizes = cluster_inputs(1, 12, 200, nk, 128, seed=nk, device="cuda")
+    scale, min_blocks = 128**-0.5, nk // 10
+    got = bs.select_top_p_clusters(q_centroids, k_centroids, sizes, scale, top_p, min_blocks)  # CUDA: Triton
+    want = bs.select_top_p_clusters_torch(q_centroids, k_centroids, sizes, scale, top_p, min_blocks)
+    probs = exact_cluster_probs(q_centroids, k_centroids, sizes, scale)
+    assert_selection_matches_reference(got, want, probs, sizes, top_p, min_blocks, max_ambiguous=0.1)
+
+
+@pytest.mark.gpu
+def test_gpu_select_top_p_clusters_no_host_sync():
+    q_centroids, k_centroids, sizes = cluster_inputs(1, 12, 200, 1000, 128, seed=3, device="cuda")
+    bs.select_top_p_clusters(q_centroids, k_centroids, sizes, 0.1, 0.9, 100)  # compiles the kernel
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = bs.select_top_p_clusters(q_centroids, k_centroids, sizes, 0.1, 0.9, 100)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (got.counts >= 100).all()
