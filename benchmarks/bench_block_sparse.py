@@ -190,7 +190,8 @@ def check_permuted(q, k, v, counts, indices, perm: torch.Tensor) -> None:
     )  # fmt: skip
     err = rel_l2(out.gather(2, rows), gathered_out)
     lse_err = (lse.gather(2, index) - gathered_lse).abs().max().item()
-    assert err <= 1e-3 and lse_err <= 1e-3, f"folded != gathered: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
+    # the two calls may autotune to different tiles (another summation order): the bf16 bound, not bit equality
+    assert err <= 1e-2 and lse_err <= 1e-3, f"folded != gathered: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
 
 
 def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row], log) -> None:
