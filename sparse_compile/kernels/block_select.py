@@ -40,6 +40,7 @@ from sparse_compile.kernels.block_select_reference import (
     check_qk,
     default_scale,
 )
+from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
 
 LOG2E = 1.4426950408889634
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -190,16 +191,6 @@ class ClusterSelection(NamedTuple):
     counts: Tensor
     indices: Tensor
     kept_tokens: Tensor
-
-
-def kept_kv_tokens(kv_sizes: Tensor, counts: Tensor, indices: Tensor) -> Tensor:
-    """Tokens in the kept kv blocks (or clusters) of every row of a CSR layout, int32 ``(B, H, NQ)``.
-
-    ``kv_sizes`` integer ``(B, H, NK)``, ``counts`` ``(B, H, NQ)``, ``indices`` ``(B, H, NQ, M)``.
-    """
-    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
-    sizes = torch.gather(kv_sizes, 2, indices.flatten(2).long()).view(indices.shape)
-    return (sizes * valid).sum(-1, dtype=torch.int32)
 
 
 def _check_cluster_inputs(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor) -> None:

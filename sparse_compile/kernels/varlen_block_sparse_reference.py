@@ -192,14 +192,23 @@ def varlen_layout_to_dense_mask(layout: VarlenLayout, s_q: int, s_k: int) -> Ten
     return torch.gather(rows, 3, kv_ids.unsqueeze(2).expand(*rows.shape[:3], s_k))
 
 
+def kept_kv_tokens(kv_sizes: Tensor, counts: Tensor, indices: Tensor) -> Tensor:
+    """Tokens in the kept kv blocks (or clusters) of every row of a CSR layout, int32 ``(B, H, NQ)``.
+
+    ``kv_sizes`` integer ``(B, H, NK)``, ``counts`` ``(B, H, NQ)``, ``indices`` ``(B, H, NQ, M)``;
+    index slots past a row's count are ignored, whatever they hold.
+    """
+    b, h, nq, m = indices.shape
+    padded_sizes = torch.nn.functional.pad(kv_sizes.long(), (0, 1))  # ignored slots read the extra 0
+    valid = torch.arange(m, device=indices.device) < counts.unsqueeze(-1)
+    ids = torch.where(valid, indices.long(), kv_sizes.shape[-1]).reshape(b, h, nq * m)
+    return torch.gather(padded_sizes, 2, ids).reshape(b, h, nq, m).sum(-1, dtype=torch.int32)
+
+
 def varlen_kept_keys(layout: VarlenLayout) -> Tensor:
     """Kept key tokens per q cluster, int64 ``(B, H, NQC)``: total size of the kv clusters it keeps."""
-    b, h, nqc, maxk = layout.indices.shape
-    kv_sizes = (layout.kv_offsets[..., 1:] - layout.kv_offsets[..., :-1]).long()
-    kv_sizes = torch.nn.functional.pad(kv_sizes, (0, 1))  # invalid slots read the extra 0
-    valid = torch.arange(maxk, device=kv_sizes.device) < layout.counts.unsqueeze(-1)
-    ids = torch.where(valid, layout.indices.long(), layout.num_kv_clusters).reshape(b, h, nqc * maxk)
-    return torch.gather(kv_sizes, 2, ids).reshape(b, h, nqc, maxk).sum(-1)
+    kv_sizes = layout.kv_offsets[..., 1:] - layout.kv_offsets[..., :-1]
+    return kept_kv_tokens(kv_sizes, layout.counts, layout.indices).long()
 
 
 def varlen_kept_pairs(layout: VarlenLayout) -> Tensor:
