@@ -1,4 +1,5 @@
-"""Building the ``AttentionCall`` a method receives, for tests that drive methods directly."""
+"""For tests that drive methods directly: the ``AttentionCall`` a method receives, its inputs in
+diffusers' layout, and the kernel calls it makes."""
 
 from __future__ import annotations
 
@@ -43,3 +44,17 @@ def record_kernel_calls(monkeypatch, module, name: str) -> list[tuple]:
 
     monkeypatch.setattr(module, name, spy)
     return seen
+
+
+def token_major_qkv(batch: int, heads: int, seq: int, dim: int, device="cpu", dtype=torch.float32):
+    """q, k, v ``(B, H, S, D)`` as views of ``(B, S, H, D)`` storage, as diffusers hands them to attention."""
+    return tuple(torch.randn(batch, seq, heads, dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
+
+
+def assert_kernel_read_callers_qkv(recorded: tuple, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """One :func:`record_kernel_calls` entry got the caller's q, k, v themselves (same storage and
+    strides: no reordered copy); returns that call's keyword arguments."""
+    got_q, got_k, got_v, kwargs = recorded
+    for got, given in ((got_q, q), (got_k, k), (got_v, v)):
+        assert got.data_ptr() == given.data_ptr() and got.stride() == given.stride()
+    return kwargs

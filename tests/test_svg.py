@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import sparse_compile
 import tiny_models
-from method_calls import method_call, record_kernel_calls
+from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
 from sparse_compile.kernels.block_sparse import layout_to_dense_mask
 from sparse_compile.kernels.block_sparse_reference import check_layout_values
 from sparse_compile.methods import svg as svg_module
@@ -227,11 +227,6 @@ HEAD_CHOICES = {
 }
 
 
-def _token_major_qkv(batch: int, heads: int, seq: int, dim: int) -> tuple[torch.Tensor, ...]:
-    """q, k, v ``(B, H, S, D)`` as views of ``(B, S, H, D)`` storage, as diffusers hands them to attention."""
-    return tuple(torch.randn(batch, seq, heads, dim).transpose(1, 2) for _ in range(3))
-
-
 @pytest.mark.parametrize("storage", ["bhsd", "bshd"])
 @pytest.mark.parametrize("heads", sorted(HEAD_CHOICES))
 @pytest.mark.parametrize("text", [(0, False), (5, True), (5, False)], ids=["video", "text-prefix", "text-suffix"])
@@ -242,7 +237,7 @@ def test_method_equals_dense_attention_under_the_kept_token_mask(monkeypatch, he
     layout = TokenLayout(frames=5, height=4, width=6, text_tokens=text[0], text_first=text[1])
     seq = layout.video_tokens + layout.text_tokens
     if storage == "bshd":
-        q, k, v = _token_major_qkv(2, 3, seq, 16)
+        q, k, v = token_major_qkv(2, 3, seq, 16)
     else:
         q, k, v = (torch.randn(2, 3, seq, 16) for _ in range(3))
     result = _method(block=16, density=0.3).attend(_call(q, k, v, layout))
@@ -262,11 +257,10 @@ def test_the_kernel_reads_the_callers_qkv_through_each_heads_permutation(monkeyp
     seen = record_kernel_calls(monkeypatch, svg_module, "block_sparse_attention")
     torch.manual_seed(9)
     layout = TokenLayout(frames=5, height=4, width=6, text_tokens=0, text_first=False)
-    q, k, v = _token_major_qkv(1, 3, layout.video_tokens, 16)
+    q, k, v = token_major_qkv(1, 3, layout.video_tokens, 16)
     result = _method(block=16, density=0.3).attend(_call(q, k, v, layout))
-    [(got_q, got_k, got_v, kwargs)] = seen
-    for got, passed in ((got_q, q), (got_k, k), (got_v, v)):
-        assert got.data_ptr() == passed.data_ptr() and got.stride() == passed.stride()
+    [recorded] = seen
+    kwargs = assert_kernel_read_callers_qkv(recorded, q, k, v)
     assert kwargs["q_perm"] is kwargs["kv_perm"]
     perm = kwargs["q_perm"]
     to_temporal, _ = temporal_order(5, 4, 6)

@@ -18,7 +18,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.autograd import DeviceType
 
 import tiny_models
-from method_calls import method_call, record_kernel_calls
+from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
@@ -33,11 +33,6 @@ def _svg2(**params) -> Svg2Method:
     return Svg2Method(validate_options({"method": "svg2", **params}))
 
 
-def token_major_qkv(batch: int, heads: int, seq: int, dim: int, device="cpu", dtype=torch.float32):
-    """q, k, v ``(B, H, S, D)`` as views of ``(B, S, H, D)`` storage, as diffusers hands them to attention."""
-    return tuple(torch.randn(batch, seq, heads, dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
-
-
 # ------------------------------------------------------------------------------------------------
 # The method hands the kernel token-order tensors and permutations
 # ------------------------------------------------------------------------------------------------
@@ -49,9 +44,8 @@ def test_kernel_gets_the_token_order_tensors_and_both_permutations(monkeypatch):
     layout = TokenLayout(frames=2, height=4, width=5, text_tokens=0, text_first=False)
     q, k, v = token_major_qkv(1, 2, layout.video_tokens, 16)
     result = _svg2(q_clusters=4, k_clusters=6).attend(method_call(q, k, v, layout))
-    [(got_q, got_k, got_v, kwargs)] = seen
-    for got, given in ((got_q, q), (got_k, k), (got_v, v)):  # the caller's storage, not a reordered copy
-        assert got.data_ptr() == given.data_ptr() and got.stride() == given.stride()
+    [recorded] = seen
+    kwargs = assert_kernel_read_callers_qkv(recorded, q, k, v)
     for name in ("q_perm", "kv_perm"):
         perm = kwargs[name]
         assert perm.shape == (1, 2, 40)
