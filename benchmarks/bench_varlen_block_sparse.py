@@ -199,7 +199,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     for cfg in CONFIGS:
         ms = bench_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
-    default = vb.default_config(S, NQC, D)
+    default = vb.default_config(S, NQC, D, DTYPE.itemsize, S, NKC)
     ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
@@ -226,11 +226,11 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     raw = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
     layout = validate_varlen_inputs(q, k, v, *raw)
     flat_q = vb._flat_offsets(layout.q_offsets)
-    block_m = vb.default_config(S, NQC, D).block_m
+    config = vb.default_config(S, NQC, D, DTYPE.itemsize, S, NKC)
 
     def prep():
-        kv = vb._kv_prefix(layout, vb._flat_offsets(layout.kv_offsets), S, vb.default_config(S, NQC, D).block_n)
-        vb._tile_table(flat_q, kv.total, block_m, triton.cdiv(S, block_m) + NQC)
+        kv = vb._kv_prefix(layout, vb._flat_offsets(layout.kv_offsets), S, config.block_n)
+        vb._tile_table(flat_q, kv.total, config.block_m, triton.cdiv(S, config.block_m) + NQC)
 
     def attend():
         return vb.varlen_block_sparse_attention(q, k, v, *raw)

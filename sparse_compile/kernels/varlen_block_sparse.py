@@ -87,7 +87,7 @@ class VarlenConfig:
 
 
 def default_config(
-    s_q: int, num_q_clusters: int, head_dim: int, element_size: int = 2, s_k: int = 0, num_kv_clusters: int = 1
+    s_q: int, num_q_clusters: int, head_dim: int, element_size: int, s_k: int, num_kv_clusters: int
 ) -> VarlenConfig:
     """Tile config by mean cluster sizes and element size (H100 sweeps, benchmarks/results/varlen_block_sparse.md).
 
