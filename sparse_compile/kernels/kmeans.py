@@ -3,7 +3,7 @@
 ``kmeans(x, num_clusters, iters, init_centroids=None, *, seed=0)`` clusters the ``S`` vectors of
 every (batch, head) of ``x`` ``(B, H, S, D)``; ``cluster_permutation(labels, sizes)`` orders the
 tokens cluster by cluster. The definitions (distance, ties to the lowest index, empty clusters,
-the final assignment pass, seeding, ``num_clusters`` in ``[1, S]``) are those of
+the last pass and its labels, seeding, ``num_clusters`` in ``[1, S]``) are those of
 :mod:`sparse_compile.kernels.kmeans_reference`, which is the specification and the path for CPU
 tensors and for head dims outside ``TRITON_HEAD_DIMS``. Neither path reads a device value on the
 host: a call is a fixed sequence of launches.
@@ -19,10 +19,13 @@ Kernel design (CUDA), per iteration two launches:
 - *Finalize* (``_finalize_kernel``) over the ``B*H*K`` centroid rows: mean where the count is
   positive, else the old centroid; writes the fp32 centroid, its copy in x's dtype for the next
   dot and ``||c||^2 / 2`` (of that copy, so the argmax is exact for the centroids the dot sees),
-  and zeroes the sums and counts for the next iteration (no memset launches).
+  and, before another iteration, zeroes the sums and counts (no memset launches); after the last
+  one the counts stay: they are the sizes of the returned labels.
 
-A call is ``2 * iters + 2`` launches (a finalize that only casts the initial centroids, the
-iterations, a last assignment that only counts) plus the seeding gather on a cold start.
+A call is ``2 * iters + 1`` launches (a finalize that only casts the initial centroids, then the
+iterations; ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start.
+There is no assignment after the last update (the reference's definition): each iteration is one
+pass over x.
 
 Why this split, for the SVG2 shape on an H100 (B*H = 12, S = 32760, K = 1000, D = 128, bf16):
 the assignment is 2 * B*H * S * K * D = 101 GFLOP per iteration, ~0.15-0.2 ms on bf16 tensor
@@ -30,10 +33,10 @@ cores; everything else is memory traffic of a few MB. Fusing the update into the
 epilogue saves a second read of x (100 MB, ~35 us) and the per-iteration segmented sort of the
 labels that a sort-then-reduce update needs (flash-kmeans' "sorted" update); its cost is
 B*H * S * D relaxed fp32 atomics (50 M, issued as 16-byte vector atomics on sm_90), spread over
-K * D addresses per head, which overlap with other programs' dots. The tile shape defaults to
-flash-kmeans' H100 tuning for D = 128, K <= 1024 (64 x 64, 4 warps); compiled for sm_90 that is
-wgmma m64n64k16, 116 registers, no spills. Not yet timed here: ``tests/kernels/test_kmeans.py``
-prints the per-iteration time and a tile sweep on the GPU.
+K * D addresses per head, which overlap with other programs' dots. The tile shape is 64 x 64, 4
+warps, 2 stages (:data:`DEFAULT_CONFIG`; compiled for sm_90 a 64 x 64 tile is wgmma m64n64k16, no
+spills). Measured on an H100 (``benchmarks/bench_kmeans.py``): one assignment pass 0.30 ms at
+K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.35 ms (queries).
 
 Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
 run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
@@ -76,9 +79,14 @@ class KmeansConfig:
     num_stages: int
 
 
-def default_config(head_dim: int) -> KmeansConfig:
-    """flash-kmeans' H100 tuning for K <= 1024: 64 tokens x 64 centroids, 4 warps; 2 stages below D = 128."""
-    return KmeansConfig(64, 64, 4, 1 if head_dim >= 128 else 2)
+DEFAULT_CONFIG = KmeansConfig(64, 64, 4, 2)
+"""64 tokens x 64 centroids, 4 warps, 2 stages, for every head dim (only D = 128 measured).
+
+H100 sweep at the SVG2 shape (``benchmarks/bench_kmeans.py``, B*H = 12, S = 32760, D = 128, bf16):
+the warm step (2 iterations) of the keys (K = 1000) took 0.66 ms against 0.74 ms with 1 stage
+(flash-kmeans' tuning for D = 128) and 0.71-1.00 ms with 128-token or 128-centroid tiles; for the
+queries (K = 200) all 64 x 64 variants were within 2% (0.34 ms).
+"""
 
 
 @triton.jit
@@ -151,13 +159,14 @@ def _assign_kernel(
 @triton.jit
 def _finalize_kernel(
     c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, total_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, RESET: tl.constexpr,
+    WRITE_LOW: tl.constexpr,
 ):
     """One program per BLOCK_R centroid rows of the flat ``(B*H*K, D)`` buffers.
 
     FROM_SUMS: ``c = sums / count`` where count > 0 (else c is kept), written back to ``c``, and
-    sums / counts zeroed. Always: ``low = c`` in the dot dtype (stored if WRITE_LOW, i.e. when it
-    is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
+    with RESET sums / counts zeroed for the next assignment. Always: ``low = c`` in the dot dtype
+    (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
@@ -170,8 +179,9 @@ def _finalize_kernel(
         sums = tl.load(sums_ptr + offs, mask=tile_ok, other=0.0)
         c = tl.where((count > 0)[:, None], sums / tl.maximum(count, 1).to(tl.float32)[:, None], c)
         tl.store(c_ptr + offs, c, mask=tile_ok)
-        tl.store(sums_ptr + offs, tl.zeros_like(sums), mask=tile_ok)
-        tl.store(counts_ptr + rows, tl.zeros_like(count), mask=row_ok)
+        if RESET:
+            tl.store(sums_ptr + offs, tl.zeros_like(sums), mask=tile_ok)
+            tl.store(counts_ptr + rows, tl.zeros_like(count), mask=row_ok)
     low = c.to(low_ptr.dtype.element_ty)
     if WRITE_LOW:
         tl.store(low_ptr + offs, low, mask=tile_ok)
@@ -205,13 +215,13 @@ def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
     return _Workspace(centroids, low, half_norms, counts, sums)
 
 
-def _finalize(ws: _Workspace, from_sums: bool) -> None:
-    """Launch ``_finalize_kernel`` over every centroid row."""
+def _finalize(ws: _Workspace, from_sums: bool, reset: bool) -> None:
+    """Launch ``_finalize_kernel`` over every centroid row (``reset``: zero the sums and counts)."""
     b, h, k, d = ws.centroids.shape
     block_r = _FINALIZE_ELEMENTS // d
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
         ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, b * h * k,
-        HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, WRITE_LOW=ws.low is not ws.centroids,
+        HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, RESET=reset, WRITE_LOW=ws.low is not ws.centroids,
     )  # fmt: skip
 
 
@@ -240,7 +250,7 @@ def kmeans_triton(
     """k-means with the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Arguments and result as :func:`kmeans`; D must be one of ``TRITON_HEAD_DIMS``. ``config``
-    fixes the assignment tile (default :func:`default_config`). ``init_centroids`` is not modified.
+    fixes the assignment tile (default :data:`DEFAULT_CONFIG`). ``init_centroids`` is not modified.
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids)
     b, h, s, d = x.shape
@@ -249,31 +259,32 @@ def kmeans_triton(
     if b * h == 0:  # nothing to launch over
         return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    config = config or default_config(d)
+    config = config or DEFAULT_CONFIG
     if init_centroids is None:
         centroids = initial_centroids(x, num_clusters, seed)
     else:
         centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device).copy_(init_centroids)
     ws = _workspace(x, centroids, iters)
     labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
-    _finalize(ws, from_sums=False)
-    for _ in range(iters):
+    _finalize(ws, from_sums=False, reset=False)
+    if iters == 0:
+        _assign(x, ws, labels, config, accumulate=False)
+    for i in range(iters):
         _assign(x, ws, labels, config, accumulate=True)
-        _finalize(ws, from_sums=True)
-    _assign(x, ws, labels, config, accumulate=False)
+        _finalize(ws, from_sums=True, reset=i < iters - 1)
     return Clustering(ws.centroids, labels, ws.counts)
 
 
 def kmeans(
     x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None = None, *, seed: int = 0
 ) -> Clustering:
-    """Lloyd's k-means of each (batch, head)'s tokens, ``iters`` iterations, then a final assignment.
+    """Lloyd's k-means of each (batch, head)'s tokens, ``iters`` iterations (one pass over x each).
 
     ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``1 <= num_clusters <= S`` (else
     ``ValueError``); ``init_centroids`` ``(B, H, K, D)`` (fp32, e.g. the previous step's; not
     modified) or ``None`` for the seeded stratified initialisation. Returns :class:`Clustering`:
-    centroids fp32 ``(B, H, K, D)``, labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``.
-    CUDA tensors with D in ``TRITON_HEAD_DIMS`` run the Triton kernels, anything else the
+    centroids fp32 ``(B, H, K, D)`` (each the mean of its cluster's tokens, for ``iters >= 1``),
+    labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``. CUDA tensors with D in ``TRITON_HEAD_DIMS`` run the Triton kernels, anything else the
     reference; neither syncs with the host.
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids)
@@ -303,7 +314,7 @@ __all__ = [
     "KmeansConfig",
     "cluster_permutation",
     "cluster_permutation_reference",
-    "default_config",
+    "DEFAULT_CONFIG",
     "kmeans",
     "kmeans_objective",
     "kmeans_reference",

@@ -9,9 +9,12 @@ Definitions (shared with the Triton path):
   is ``argmin_k ||x - c_k||^2``, computed with fp32 accumulation. **Ties go to the lowest cluster
   index** (identical centroids: the first one takes every token, the others stay empty).
 - One iteration = assignment, then update (centroid = mean of its members). An **empty cluster
-  keeps its previous centroid** and has size 0, so no NaN ever appears. After ``iters``
-  iterations a final assignment pass computes labels and sizes against the returned centroids;
-  ``iters=0`` is only that assignment.
+  keeps its previous centroid** and has size 0, so no NaN ever appears. The result is the last
+  iteration's labels and sizes with the centroids updated from them, so every returned centroid
+  is the mean of exactly the tokens labelled with it (what SVG2's cluster-pair scores need), and
+  ``iters`` iterations cost ``iters`` passes over the tokens (there is no extra assignment pass:
+  a token's label is its argmin for the centroids *before* the last update). ``iters=0`` is one
+  assignment against the initial centroids, which are returned unchanged.
 - Without ``init_centroids`` the initial centroids are ``K`` tokens picked by stratified sampling
   (:func:`initial_centroids`): the sequence is cut into ``K`` equal segments and one token is
   drawn from each with a generator seeded by ``seed`` on ``x``'s device (deterministic per device;
@@ -38,8 +41,9 @@ CHUNK_ROWS = 4096  # token rows (summed over all heads) per assignment chunk of 
 class Clustering:
     """Result of :func:`kmeans`.
 
-    ``centroids`` fp32 ``(B, H, K, D)``; ``labels`` int32 ``(B, H, S)``, the cluster of each token
-    (the argmin for ``centroids``); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty).
+    ``centroids`` fp32 ``(B, H, K, D)``, the mean of each cluster's tokens (an empty cluster's
+    previous centroid); ``labels`` int32 ``(B, H, S)``, the cluster of each token (its argmin for
+    the centroids of the last assignment); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty).
     """
 
     centroids: Tensor
@@ -142,9 +146,10 @@ def kmeans_reference(
     else:
         centroids = init_centroids.float().clone(memory_format=torch.contiguous_format)
     labels = assign_reference(x, centroids)
-    for _ in range(iters):
+    for i in range(iters):
+        if i > 0:
+            labels = assign_reference(x, centroids)
         centroids = update_reference(x, labels, centroids)
-        labels = assign_reference(x, centroids)
     return Clustering(centroids, labels, cluster_sizes(labels, num_clusters))
 
 

@@ -1,0 +1,95 @@
+"""k-means assignment tiles for SVG2's two clusterings, Wan 480p shape (GPU).
+
+On the structured synthetic queries and keys of ``bench_methods.py`` (H=12, S=32760, D=128, bf16,
+``(B, S, H, D)`` storage as diffusers passes them), warm-started from 50 cold iterations as in
+steady state, for each assignment tile config and for the query (``q_clusters`` = 200) and key
+(``k_clusters`` = 1000) clusterings, ``triton.testing.do_bench`` medians of
+
+- one assignment pass alone (``iters=0``: labels and sizes, no update);
+- SVG2's warm step (``iters=2``: two passes, each assignment + fused update, then finalize),
+
+with the assignment's TFLOP/s (2 * B*H * S * K * D per pass) and the labels checked equal to the
+reference's on two sampled heads (the 16-bit rounding of the centroids allows ~0.1% to differ).
+Prints a markdown table and writes it to ``$OUT/kmeans.md`` when OUT is set.
+
+    python benchmarks/bench_kmeans.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from bench_methods import structured_qkv  # noqa: E402
+from sparse_compile.kernels import kmeans as km  # noqa: E402
+from sparse_compile.kernels.kmeans_reference import assign_reference  # noqa: E402
+
+HEADS, SEQ, DIM = 12, 32760, 128
+CLUSTERINGS = {"queries, 200 clusters": 200, "keys, 1000 clusters": 1000}
+CONFIGS = (
+    km.KmeansConfig(64, 64, 4, 1),
+    km.KmeansConfig(64, 64, 4, 2),
+    km.KmeansConfig(64, 128, 4, 2),
+    km.KmeansConfig(128, 64, 4, 2),
+    km.KmeansConfig(128, 64, 8, 2),
+    km.KmeansConfig(128, 128, 8, 2),
+    km.KmeansConfig(128, 128, 8, 3),
+)
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def label_agreement(x: torch.Tensor, init: torch.Tensor, config: km.KmeansConfig) -> float:
+    """Fraction of labels of one Triton assignment pass equal to the reference's, heads 0 and last."""
+    got = km.kmeans_triton(x, init.shape[2], 0, init, config=config).labels
+    heads = [0, x.shape[1] - 1]
+    want = assign_reference(x[:, heads], init[:, heads])
+    return float((got[:, heads] == want).float().mean())
+
+
+def main() -> None:
+    q, k, _ = (token_major(t) for t in structured_qkv(HEADS, SEQ, DIM))
+    inputs = {"queries, 200 clusters": q, "keys, 1000 clusters": k}
+    lines = [
+        f"# k-means assignment tiles, Wan 480p (B=1, H={HEADS}, S={SEQ}, D={DIM}) bf16, (B, S, H, D) storage",
+        f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+        f"default config {km.DEFAULT_CONFIG}",
+        "",
+        "| clustering | config (BLOCK_S, BLOCK_K, warps, stages) | one assignment pass ms | TFLOP/s | "
+        "warm step (2 iterations) ms | labels equal to the reference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, clusters in CLUSTERINGS.items():
+        x = inputs[name]
+        init = km.kmeans(x, clusters, 50, seed=0).centroids  # steady state: warm centroids
+        flop = 2 * HEADS * SEQ * clusters * DIM
+        for cfg in CONFIGS:
+            one = bench_ms(lambda: km.kmeans_triton(x, clusters, 0, init, config=cfg))
+            step = bench_ms(lambda: km.kmeans_triton(x, clusters, 2, init, config=cfg))
+            agree = label_agreement(x, init, cfg)
+            lines.append(f"| {name} | {cfg.block_s}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages} | {one:.3f} | "
+                         f"{flop / one / 1e9:.0f} | {step:.3f} | {agree:.4f} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kmeans.md"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
