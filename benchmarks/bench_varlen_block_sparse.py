@@ -52,13 +52,13 @@ B, H, S, D = 1, 12, 32760, 128
 NQC, NKC = 300, 1000
 FIXED_BLOCK = 128
 DENSITIES = (0.25, 0.125, 0.05)
-CONFIGS = (  # 64x64 tiles were 25-35% slower than 64x128 in the first sweep (results/varlen_notes.md)
-    vb.VarlenConfig(64, 128, 4, 2, window=0),
+CONFIGS = (  # 64x64 tiles were 25-35% slower than 64x128, windows 0 and 16 slower than 8 (results/varlen_notes.md)
     vb.VarlenConfig(64, 128, 4, 2, window=8),
-    vb.VarlenConfig(64, 128, 4, 2, window=16),
-    vb.VarlenConfig(64, 128, 4, 3, window=8),
     vb.VarlenConfig(128, 128, 8, 2, window=8),
     vb.VarlenConfig(128, 128, 8, 3, window=8),
+    vb.VarlenConfig(128, 128, 8, 2, window=8, tail_block_m=64),
+    vb.VarlenConfig(128, 128, 8, 3, window=8, tail_block_m=64),
+    vb.VarlenConfig(128, 128, 8, 3, window=8, tail_block_m=64, tail_num_warps=8),
 )
 DENSE_FLOP = 4 * S * S * D * H * B
 
@@ -78,7 +78,8 @@ class Row:
 
 
 def config_name(cfg: vb.VarlenConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} window {cfg.window}"
+    tail = f" + {cfg.tail_block_m}-row tails w{cfg.tail_num_warps}" if cfg.tail_block_m else ""
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} window {cfg.window}{tail}"
 
 
 def bench_ms(fn) -> float:
@@ -135,12 +136,15 @@ def density_of(q, k, v, layout) -> float:
     return float(varlen_kept_pairs(validate_varlen_inputs(q, k, v, *layout)).sum()) / (B * H * S * S)
 
 
-def q_padding_factor(q, k, v, layout, block_m: int) -> float:
-    """Computed (padded) query-key pairs over kept pairs for BLOCK_M-row query tiles."""
+def q_padding_factor(q, k, v, layout, block_m: int, tail_block_m: int = 0) -> float:
+    """Computed (padded) query-key pairs over kept pairs for BLOCK_M-row query tiles (and, with
+    ``tail_block_m``, each cluster's remainder of at most that many rows in a tile of that size)."""
     expanded = validate_varlen_inputs(q, k, v, *layout)
     q_sizes = (expanded.q_offsets[..., 1:] - expanded.q_offsets[..., :-1]).long()
     kept = varlen_kept_keys(expanded)
-    padded = (q_sizes + block_m - 1) // block_m * block_m
+    remainder = q_sizes % block_m
+    tail = torch.where((remainder > 0) & (remainder <= tail_block_m), remainder, 0)
+    padded = (q_sizes - tail + block_m - 1) // block_m * block_m + torch.where(tail > 0, tail_block_m, 0)
     return float((padded * kept).sum() / (q_sizes * kept).sum())
 
 
@@ -210,7 +214,8 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
     notes = [
         f"density {density}: kept {kept:.4f}; q-padding factor (computed/kept pairs) "
-        f"BLOCK_M=64: {q_padding_factor(q, k, v, layout, 64):.3f}, BLOCK_M=128: {q_padding_factor(q, k, v, layout, 128):.3f}; "
+        f"BLOCK_M=64: {q_padding_factor(q, k, v, layout, 64):.3f}, BLOCK_M=128: {q_padding_factor(q, k, v, layout, 128):.3f}, "
+        f"BLOCK_M=128 with 64-row tails: {q_padding_factor(q, k, v, layout, 128, 64):.3f}; "
         f"mean kept kv clusters per q cluster {float(layout[2].float().mean()):.1f}"
     ]
     return rows, notes

@@ -13,6 +13,8 @@ Kernel design (CUDA):
   row) is built on the device with a handful of torch ops and no host sync: the grid is the upper
   bound ``ceil(S_q / BLOCK_M) + NQC`` tiles per head, and surplus programs exit at once. Tiles are
   ordered heaviest first (most kept keys) within each head to shorten the tail of the launch.
+  Optionally (``VarlenConfig.tail_block_m``) a cluster's last rows, when they fill at most a
+  smaller tile, run in a second launch of such tiles: less padding for the same kv work.
 - *Key side.* kv clusters are small (~33 tokens at SVG2's 1000 clusters for S = 32760), so the kept
   clusters of a q cluster are *packed*: their tokens form one virtual sequence of ``total`` kept
   keys, read BLOCK_N at a time with per-row gathers. A prep kernel writes, per (b, h, q cluster),
@@ -73,17 +75,29 @@ _PREP_CHUNK = 128  # kept-cluster slots per step of the prep kernel
 
 @dataclass(frozen=True)
 class VarlenConfig:
-    """Tile shape and launch options of the attention kernel."""
+    """Tile shape and launch options of the attention kernel.
+
+    ``tail_block_m`` > 0 splits off the last rows of each q cluster when they fill at most that many
+    (``size % block_m`` in ``(0, tail_block_m]``): a second launch runs them in ``tail_block_m``-row
+    tiles with ``tail_num_warps`` warps, so a 130-row cluster computes 128 + 32 rows, not 256.
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     window: int = 8  # kept kv clusters a kv tile resolves by one compare (0: bounded binary search only)
+    tail_block_m: int = 0  # 0: no tail launch
+    tail_num_warps: int = 4
 
     def __post_init__(self) -> None:
         if self.window < 0 or self.window & (self.window - 1):
             raise ValueError(f"VarlenConfig.window must be 0 or a power of two, got {self.window}")
+        tail = self.tail_block_m
+        if tail and (tail < 16 or tail & (tail - 1) or tail >= self.block_m):
+            raise ValueError(
+                f"VarlenConfig.tail_block_m must be 0 or a power of two in [16, block_m={self.block_m}), got {tail}"
+            )
 
 
 def default_config(
@@ -94,15 +108,18 @@ def default_config(
     Each q cluster pads its last tile (~BLOCK_M / 2 rows), yet 128-row tiles amortise the per-tile
     kv lookup over twice the rows: on SVG2-like layouts with ~110-row clusters (Wan 480p, 300 q
     clusters) 128x128 tiles, 8 warps, 3 stages were fastest at every density despite 1.56x padding
-    against 1.28x for 64-row tiles. Below ~96 rows per cluster (unmeasured) and for fp32 inputs
-    (twice the shared memory per tile) 64-row tiles. The slot window pays off when kv tiles span
-    several small kv clusters (33-token clusters: 20% faster than the binary search alone); with
-    kv clusters of a tile or more the one-step search was 13-16% faster than the window.
+    against 1.28x for 64-row tiles. Remainders of at most 64 rows go to 64-row tiles (4 warps) in
+    a second launch: on SVG2's own Wan layout (200 q clusters) the kernel took 4.08 ms instead of
+    4.48 ms, on the synthetic 300-cluster layouts -2% to +2%. Below ~96 rows per cluster (unmeasured)
+    and for fp32 inputs (twice the shared memory per tile) 64-row tiles. The slot window pays off when
+    kv tiles span several small kv clusters (33-token clusters: 20% faster than the binary search
+    alone); with kv clusters of a tile or more the one-step search was 13-16% faster than the window.
+    More stages (4, 5) were 2% slower than 3.
     """
     mean_rows = s_q / max(num_q_clusters, 1)
     window = 0 if s_k / max(num_kv_clusters, 1) >= 128 else 8
     if head_dim <= 128 and element_size <= 2 and mean_rows >= 96:
-        return VarlenConfig(128, 128, 8, 3, window)
+        return VarlenConfig(128, 128, 8, 3, window, tail_block_m=64)
     if head_dim <= 128 and mean_rows >= 512:
         return VarlenConfig(128, 128, 8, 2, window)
     return VarlenConfig(64, 128, 4, 2, window)
@@ -362,25 +379,36 @@ def _kv_prefix(layout: VarlenLayout, kv_off: Tensor, s_k: int, block_n: int) -> 
     return _KvPrefix(prefix, delta, total, tile_slot)
 
 
-def _tile_table(q_off: Tensor, total: Tensor, block_m: int, num_tiles: int) -> tuple[Tensor, Tensor]:
+def _split_rows(q_off: Tensor, config: VarlenConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Each q cluster's rows for the main launch and for the tail launch: ``(first row, row count)``,
+    int32 ``(B*H, NQC)`` each. The tail is ``size % block_m`` when that is in ``(0, tail_block_m]``, else
+    empty (so every main launch's tiles but a cluster's last are full, and that one ends at the cluster's end).
+    """
+    first, sizes = q_off[:, :-1], q_off[:, 1:] - q_off[:, :-1]
+    remainder = sizes % config.block_m
+    tail = torch.where((remainder > 0) & (remainder <= config.tail_block_m), remainder, 0)
+    return (first, sizes - tail), (first + sizes - tail, tail)
+
+
+def _tile_table(first_row: Tensor, rows: Tensor, total: Tensor, block_m: int, num_tiles: int) -> tuple[Tensor, Tensor]:
     """Tile table of the upper-bound grid: q cluster id and first row per tile slot, int32 ``(B*H, T)``.
 
-    Slot ``t`` of head ``bh`` holds the t-th heaviest tile (most kept keys first); slots past the
-    real tile count hold cluster id ``NQC`` (exit at once). All device ops, no host sync.
+    Cluster ``c`` of head ``bh`` covers ``rows[bh, c]`` rows from ``first_row[bh, c]`` in
+    ``ceil(rows / block_m)`` tiles. Slot ``t`` holds the t-th heaviest tile (most kept keys first);
+    slots past the real tile count hold cluster id ``NQC`` (exit at once). All device ops, no host sync.
     """
-    nqc = q_off.shape[-1] - 1
-    sizes = q_off[:, 1:] - q_off[:, :-1]
-    tiles = (sizes + block_m - 1) // block_m
+    nqc = rows.shape[-1]
+    tiles = (rows + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, dim=1)
-    slots = torch.arange(num_tiles, device=q_off.device).expand(q_off.shape[0], num_tiles).contiguous()
+    slots = torch.arange(num_tiles, device=rows.device).expand(rows.shape[0], num_tiles).contiguous()
     cluster = torch.searchsorted(tile_end, slots, right=True)  # (BH, T), NQC past the last tile
     real = cluster < nqc
     safe = cluster.clamp_max(max(nqc - 1, 0))
     first_slot = (tile_end - tiles).gather(1, safe)
-    rows = q_off[:, :-1].gather(1, safe) + (slots - first_slot) * block_m
+    tile_rows = first_row.gather(1, safe) + (slots - first_slot) * block_m
     work = torch.where(real, total.gather(1, safe), -1)
     order = torch.argsort(work, dim=1, descending=True, stable=True)
-    return cluster.gather(1, order).int(), rows.gather(1, order).int()
+    return cluster.gather(1, order).int(), tile_rows.gather(1, order).int()
 
 
 def varlen_block_sparse_attention_triton(
@@ -425,20 +453,25 @@ def varlen_block_sparse_attention_triton(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv = _kv_prefix(layout, _flat_offsets(layout.kv_offsets), k.shape[2], config.block_n)
-    num_tiles = triton.cdiv(s_q, config.block_m) + nqc
-    tile_cluster, tile_row = _tile_table(q_off, kv.total, config.block_m, num_tiles)
-    _varlen_fwd_kernel[(num_tiles, b * h)](
-        q, k, v, out, lse_out, layout.q_perm, layout.kv_perm,
-        tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta, kv.tile_slot,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *permutation_strides(layout.q_perm), *permutation_strides(layout.kv_perm),
-        *layout.counts.stride(),
-        h, nqc, maxk, kv.max_tiles, num_tiles, s_q, scale * _LOG2E,
-        HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=config.block_n, WINDOW=config.window, SEARCH_STEPS=_search_steps(maxk),
-        PERMUTE_Q=layout.q_perm is not None, PERMUTE_KV=layout.kv_perm is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    main, tail = _split_rows(q_off, config)
+    launches = [(main, config.block_m, config.num_warps, triton.cdiv(s_q, config.block_m) + nqc)]
+    if config.tail_block_m:
+        launches.append((tail, config.tail_block_m, config.tail_num_warps, nqc))  # at most one tail tile per cluster
+    for (first_row, rows), block_m, num_warps, num_tiles in launches:
+        tile_cluster, tile_row = _tile_table(first_row, rows, kv.total, block_m, num_tiles)
+        _varlen_fwd_kernel[(num_tiles, b * h)](
+            q, k, v, out, lse_out, layout.q_perm, layout.kv_perm,
+            tile_cluster, tile_row, q_off, layout.counts, kv.prefix, kv.delta, kv.tile_slot,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *permutation_strides(layout.q_perm), *permutation_strides(layout.kv_perm),
+            *layout.counts.stride(),
+            h, nqc, maxk, kv.max_tiles, num_tiles, s_q, scale * _LOG2E,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=config.block_n, WINDOW=config.window,
+            SEARCH_STEPS=_search_steps(maxk),
+            PERMUTE_Q=layout.q_perm is not None, PERMUTE_KV=layout.kv_perm is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
     return out, lse_out
 
 

@@ -265,25 +265,42 @@ def test_public_op_with_permutations_cpu_and_fake():
     assert [f.stride() for f in fake] == [out.stride(), lse.stride()]
 
 
-def test_tile_table_covers_every_row_once():
+@pytest.mark.parametrize("tail_block_m", [0, 16], ids=["one launch", "tail launch"])
+def test_tile_tables_cover_every_row_once(tail_block_m):
+    """The main launch's tiles (and the tail launch's, if any) cover each row of each q cluster exactly
+    once, within its cluster, heaviest first; a tail launch takes a cluster's last ``size % 32`` rows
+    exactly when they are at most ``tail_block_m``, so no main tile is then cut short."""
     g = torch.Generator().manual_seed(0)
     q_off = random_offsets(3, 1, 9, 200, g).view(3, 10)
     total = torch.randint(0, 50, (3, 9), generator=g, dtype=torch.int32)
-    block_m = 16
-    num_tiles = math.ceil(200 / block_m) + 9
-    cluster, rows = vb._tile_table(q_off, total, block_m, num_tiles)
+    config = vb.VarlenConfig(32, 16, 4, 1, tail_block_m=tail_block_m)
+    main, tail = vb._split_rows(q_off, config)
+    tables = [(vb._tile_table(*main, total, 32, math.ceil(200 / 32) + 9), 32)]
+    if tail_block_m:
+        tables.append((vb._tile_table(*tail, total, tail_block_m, 9), tail_block_m))
+    sizes = q_off[:, 1:] - q_off[:, :-1]
+    remainder = sizes % 32
+    assert torch.equal(tail[1], torch.where((remainder > 0) & (remainder <= tail_block_m), remainder, 0))
     for bh in range(3):
         covered = torch.zeros(200, dtype=torch.long)
-        works = []
-        for c, r in zip(cluster[bh].tolist(), rows[bh].tolist()):
-            if c == 9:
-                continue
-            end = int(q_off[bh, c + 1])
-            assert int(q_off[bh, c]) <= r < end
-            covered[r : min(r + block_m, end)] += 1
-            works.append(int(total[bh, c]))
+        for (cluster, rows), block_m in tables:
+            works = []
+            for c, r in zip(cluster[bh].tolist(), rows[bh].tolist()):
+                if c == 9:
+                    continue
+                end = int(q_off[bh, c + 1])
+                assert int(q_off[bh, c]) <= r < end
+                covered[r : min(r + block_m, end)] += 1
+                works.append(int(total[bh, c]))
+            assert works == sorted(works, reverse=True)
         assert (covered == 1).all()
-        assert works == sorted(works, reverse=True)
+
+
+def test_config_tail_block_m_must_be_a_smaller_power_of_two():
+    for bad in (8, 48, 128, 256):
+        with pytest.raises(ValueError, match="tail_block_m"):
+            vb.VarlenConfig(128, 128, 8, 3, tail_block_m=bad)
+    assert vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64).tail_block_m == 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,6 +346,7 @@ INTERP_CASES = [
     (2, 1, 130, 200, 16, 3, 60, 0.3, vb.VarlenConfig(32, 16, 4, 1)),
     (1, 1, 64, 64, 64, 6, 5, 0.6, vb.VarlenConfig(16, 64, 4, 1)),
     (1, 2, 40, 256, 16, 9, 80, 0.5, vb.VarlenConfig(16, 32, 4, 1)),
+    (2, 2, 150, 120, 32, 5, 20, 0.5, vb.VarlenConfig(32, 16, 4, 1, tail_block_m=16)),  # tails in a second launch
 ]
 
 
@@ -446,7 +464,8 @@ def wan_problem(h, density, seed, nqc=300, nkc=1000):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, vb.VarlenConfig(128, 64, 8, 3), vb.VarlenConfig(64, 128, 4, 2)])
+@pytest.mark.parametrize("config", [None, vb.VarlenConfig(128, 64, 8, 3), vb.VarlenConfig(64, 128, 4, 2),
+                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64)])
 def test_gpu_matches_reference_bf16(config):
     q, k, v, layout = wan_problem(2, 0.2, seed=1)
     b, h, s, d = q.shape
