@@ -38,9 +38,10 @@ Kernel design (CUDA):
   is written token-major by default, the layout the backend's op returns without a copy.
 - Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
 
-Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.15-2.26x the fixed-block kernel's
-time at equal density on SVG2-like layouts (query padding 1.56 at 128-row tiles, plus the key-side
-lookup and gathers); 1.25-1.28x on identical work (128-token clusters, one-step search).
+Measured on an H100 (benchmarks/results/varlen_block_sparse.md): 2.1-2.4x the fixed-block kernel's
+time at equal density on SVG2-like layouts (query padding 1.28 with the 64-row tail launch, plus the
+key-side lookup and gathers, whose first loads Triton's pipeliner leaves synchronous:
+results/varlen_notes.md); 1.26-1.30x on identical work (128-token clusters, one-step search).
 """
 
 from __future__ import annotations
