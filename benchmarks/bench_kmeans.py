@@ -27,7 +27,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from bench_methods import structured_qkv  # noqa: E402
+from bench_methods import structured_qkv, token_major  # noqa: E402
 from sparse_compile.kernels import kmeans as km  # noqa: E402
 from sparse_compile.kernels.kmeans_reference import assign_reference  # noqa: E402
 
@@ -42,11 +42,6 @@ CONFIGS = (
     km.KmeansConfig(128, 128, 8, 2),
     km.KmeansConfig(128, 128, 8, 3),
 )
-
-
-def token_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def bench_ms(fn) -> float:

@@ -45,6 +45,11 @@ class _Site:
     module_path = "bench"
 
 
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def structured_qkv(heads: int, seq: int, dim: int = 128, centres: int = 48, seed: int = 0):
     """q, k, v ``(1, heads, seq, dim)`` bf16 with queries and keys near shared per-head centres."""
     g = torch.Generator(device="cuda").manual_seed(seed)

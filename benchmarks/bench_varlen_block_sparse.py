@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from bench_methods import token_major  # noqa: E402
 from sparse_compile.kernels import block_select as bs  # noqa: E402
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
@@ -271,11 +272,6 @@ def time_selection(q, k, g: torch.Generator) -> list[Row]:
         ms = bench_ms(lambda: bs.block_mass_with_lse(q, k, lse, block, block))
         rows.append(Row(f"block_mass_with_lse, block {block}", "-", 1.0, ms))
     return rows
-
-
-def token_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def random_permutations(seq: int) -> torch.Tensor:

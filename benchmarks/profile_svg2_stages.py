@@ -28,7 +28,7 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_methods import SHAPES, make_call, structured_qkv
+from bench_methods import SHAPES, make_call, structured_qkv, token_major
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
@@ -41,11 +41,6 @@ UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_cluste
 KERNEL_STAGE = "cluster kernel, permutations folded"
 CALL = "whole call (Svg2Method._video_attention)"
 DENSE = "cuDNN dense SDPA"
-
-
-def token_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]):
