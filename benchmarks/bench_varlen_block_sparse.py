@@ -139,13 +139,15 @@ def density_of(q, k, v, layout) -> float:
 
 def q_padding_factor(q, k, v, layout, block_m: int, tail_block_m: int = 0) -> float:
     """Computed (padded) query-key pairs over kept pairs for BLOCK_M-row query tiles (and, with
-    ``tail_block_m``, each cluster's remainder of at most that many rows in a tile of that size)."""
+    ``tail_block_m``, each cluster's remainder of at most that many rows in a tile of that size),
+    with the kernel's own split of the rows between the two launches."""
     expanded = validate_varlen_inputs(q, k, v, *layout)
-    q_sizes = (expanded.q_offsets[..., 1:] - expanded.q_offsets[..., :-1]).long()
-    kept = varlen_kept_keys(expanded)
-    remainder = q_sizes % block_m
-    tail = torch.where((remainder > 0) & (remainder <= tail_block_m), remainder, 0)
-    padded = (q_sizes - tail + block_m - 1) // block_m * block_m + torch.where(tail > 0, tail_block_m, 0)
+    config = vb.VarlenConfig(block_m, 128, 4, 1, tail_block_m=tail_block_m)
+    (_, main_rows), (_, tail_rows) = vb._split_rows(vb._flat_offsets(expanded.q_offsets), config)
+    main_rows, tail_rows = main_rows.long(), tail_rows.long()
+    kept = varlen_kept_keys(expanded).reshape(main_rows.shape)
+    q_sizes = main_rows + tail_rows
+    padded = (main_rows + block_m - 1) // block_m * block_m + torch.where(tail_rows > 0, tail_block_m, 0)
     return float((padded * kept).sum() / (q_sizes * kept).sum())
 
 
