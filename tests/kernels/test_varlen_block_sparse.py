@@ -351,19 +351,44 @@ INTERP_CASES = [
 
 
 @interp
-@pytest.mark.parametrize("window", [0, 2, 16])
-def test_interp_every_slot_lookup_matches_reference(window):
-    """A kv tile resolves its keys' clusters by one compare over at most ``window`` kept clusters, else by
-    a binary search over its span (``window=0``: always): tiles spanning 1, a few and many clusters
-    (sizes 0 to 40 in 16-key tiles) give the reference's result on every path."""
-    q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=window, dtype=torch.float32, padding=-7)
-    config = vb.VarlenConfig(16, 16, 4, 1, window=window)
-    assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, config))
+def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order():
+    """The prep kernel lists, per q cluster, the k/v token row of every kept key: the kept kv clusters'
+    cluster-order rows in the order of the indices, mapped through ``kv_perm``; ``total`` counts them.
+    Clusters of 0 to 40 keys, so one list crosses many clusters and some contribute nothing."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=3, dtype=torch.float32, padding=-7)
+    kv_perm = random_permutations(1, 2, 300, g)
+    expanded_layout = validate_varlen_inputs(q, k, v, *layout, None, kv_perm)
+    kv_off = vb._flat_offsets(expanded_layout.kv_offsets)
+    buffer = torch.full((2 * 3 * 300,), -1, dtype=torch.int32)
+    kept = vb._kept_rows(expanded_layout, kv_off, 300, 0, 2, buffer)
+    for bh in range(2):
+        for c in range(3):
+            count = int(expanded_layout.counts[0, bh, c])
+            clusters = expanded_layout.indices[0, bh, c, :count].tolist()
+            want = torch.cat([torch.arange(int(kv_off[bh, i]), int(kv_off[bh, i + 1])) for i in clusters]
+                             or [torch.zeros(0, dtype=torch.long)])  # fmt: skip
+            want = kv_perm[0, bh, want]
+            assert int(kept.total[bh, c]) == want.numel()
+            assert torch.equal(kept.rows[bh, c, : want.numel()].long(), want)
 
 
-def test_config_window_must_be_zero_or_a_power_of_two():
-    with pytest.raises(ValueError, match="window"):
-        vb.VarlenConfig(64, 128, 4, 2, window=6)
+@interp
+def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatch):
+    """When the kept rows of all (batch, head) pairs exceed the budget the pairs run in groups that
+    share one buffer; every group gives the reference's result (3 groups of 2 pairs, then 6 of 1)."""
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 12, 0.5, seed=5, dtype=torch.float32)
+    for per_group in (2, 1):
+        monkeypatch.setattr(vb, "ROWS_BUDGET_BYTES", per_group * 4 * 90 * 4)
+        assert vb._group_size(6, 4, 90) == per_group
+        assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, vb.VarlenConfig(16, 16, 4, 1)))
+
+
+def test_group_size_spreads_pairs_evenly_within_the_budget(monkeypatch):
+    monkeypatch.setattr(vb, "ROWS_BUDGET_BYTES", 10 * 4)  # 10 (pair, q cluster, key) rows
+    assert vb._group_size(24, 1, 1) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
+    assert vb._group_size(24, 1, 11) == 1  # not even one fits: one pair per group
+    assert vb._group_size(5, 1, 2) == 5
 
 
 @interp
