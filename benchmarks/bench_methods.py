@@ -72,8 +72,8 @@ def make_call(q, k, v, grid, state) -> AttentionCall:
 def kernel_only_ms(method: Svg2Method, q, k, v, state) -> float:
     """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
     clusters_q, clusters_k = method._cluster(q, k, make_call(q, k, v, (1, 1, q.shape[2]), state))
-    q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes)
-    k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes)
+    q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
+    k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
     min_blocks = max(1, math.ceil(method.params["min_kc_ratio"] * clusters_k.sizes.shape[-1]))
     counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
                                                q.shape[-1] ** -0.5, method.params["top_p"], min_blocks)  # fmt: skip

@@ -65,8 +65,8 @@ def stage_calls(
     scale = q.shape[-1] ** -0.5
     cq = kmeans(q, p["q_clusters"], iters, cached.query, seed=0)
     ck = kmeans(k, p["k_clusters"], iters, cached.key, seed=1)
-    q_perm, q_off = cluster_permutation(cq.labels, cq.sizes)
-    k_perm, k_off = cluster_permutation(ck.labels, ck.sizes)
+    q_perm, q_off = cluster_permutation(cq.labels, cq.sizes, cq.ranks)
+    k_perm, k_off = cluster_permutation(ck.labels, ck.sizes, ck.ranks)
     min_blocks = max(1, math.ceil(p["min_kc_ratio"] * ck.sizes.shape[-1]))
 
     def select():
@@ -79,8 +79,8 @@ def stage_calls(
     stages = {
         "k-means queries": lambda: kmeans(q, p["q_clusters"], iters, cached.query, seed=0),
         "k-means keys": lambda: kmeans(k, p["k_clusters"], iters, cached.key, seed=1),
-        "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes),
-                                                           cluster_permutation(ck.labels, ck.sizes)),
+        "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes, cq.ranks),
+                                                           cluster_permutation(ck.labels, ck.sizes, ck.ranks)),
         SELECT_STAGE: select,
         KERNEL_STAGE: lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm,
                                                             kv_perm=k_perm, scale=scale, return_lse=True),

@@ -1,8 +1,8 @@
 """Batched k-means for Sparse VideoGen2 (Triton) and the cluster permutation.
 
 ``kmeans(x, num_clusters, iters, init_centroids=None, *, seed=0)`` clusters the ``S`` vectors of
-every (batch, head) of ``x`` ``(B, H, S, D)``; ``cluster_permutation(labels, sizes)`` orders the
-tokens cluster by cluster. The definitions (distance, ties to the lowest index, empty clusters,
+every (batch, head) of ``x`` ``(B, H, S, D)``; ``cluster_permutation(labels, sizes, ranks)`` orders
+the tokens cluster by cluster. The definitions (distance, ties to the lowest index, empty clusters,
 the last pass and its labels, seeding, ``num_clusters`` in ``[1, S]``) are those of
 :mod:`sparse_compile.kernels.kmeans_reference`, which is the specification and the path for CPU
 tensors and for head dims outside ``TRITON_HEAD_DIMS``. Neither path reads a device value on the
@@ -15,7 +15,7 @@ Kernel design (CUDA), per iteration two launches:
   chunks, ``score = x . c^T - ||c||^2 / 2`` on the tensor cores (centroids pre-cast to x's dtype,
   fp32 accumulation; fp32 inputs use exact fp32 dots) with a running max / argmax. The epilogue
   writes the labels and, still holding the tile, adds each token into its cluster's fp32 sum and
-  count with relaxed ``atomic_add``.
+  count with relaxed ``atomic_add``; the count's old value is the token's rank in its cluster.
 - *Finalize* (``_finalize_kernel``) over the ``B*H*K`` centroid rows: mean where the count is
   positive, else the old centroid; writes the fp32 centroid, its copy in x's dtype for the next
   dot and ``||c||^2 / 2`` (of that copy, so the argmax is exact for the centroids the dot sees),
@@ -38,9 +38,14 @@ warps, 2 stages (:data:`DEFAULT_CONFIG`; compiled for sm_90 a 64 x 64 tile is wg
 spills). Measured on an H100 (``benchmarks/bench_kmeans.py``): one assignment pass 0.30 ms at
 K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.35 ms (queries).
 
+The cluster permutation is then a counting sort with no sort at all: a token's place is its
+cluster's offset plus its rank (one scatter), 5 small elementwise launches instead of a segmented
+radix sort of the labels.
+
 Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
 run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
-may differ from the fp32 reference: ~0.05% of labels on random data, objective within 1e-4).
+may differ from the fp32 reference: ~0.05% of labels on random data, objective within 1e-4); the
+order of tokens within a cluster (their ranks) also varies from run to run.
 """
 
 from __future__ import annotations
@@ -48,7 +53,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -59,7 +63,8 @@ from sparse_compile.kernels.kmeans_reference import (
     Clustering,
     check_kmeans_inputs,
     check_permutation_inputs,
-    cluster_permutation_reference,
+    cluster_offsets,
+    cluster_ranks_reference,
     initial_centroids,
     kmeans_objective,
     kmeans_reference,
@@ -116,16 +121,16 @@ def _score_chunk(
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, hn_ptr, labels_ptr, counts_ptr, sums_ptr,
+    x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_S tokens, batch * head): labels, counts and (ACCUMULATE) member sums.
+    """One program per (BLOCK_S tokens, batch * head): labels, ranks, counts and (ACCUMULATE) member sums.
 
-    Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels
-    int32 ``(B*H, S)`` are written, counts int32 ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are
+    Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels and
+    ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32 ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are
     added to (``sums_ptr`` is not touched unless ACCUMULATE).
     """
     pid = tl.program_id(0)
@@ -150,7 +155,8 @@ def _assign_kernel(
                                       HEAD_DIM, BLOCK_K, True, DOT_PRECISION)
     tl.store(labels_ptr + bh * seq_len + rows, best_idx, mask=row_ok)
     cluster = bh * num_clusters + best_idx
-    tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
+    rank = tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
+    tl.store(ranks_ptr + bh * seq_len + rows, rank, mask=row_ok)
     if ACCUMULATE:
         tl.atomic_add(sums_ptr + cluster[:, None] * HEAD_DIM + dims[None, :], x.to(tl.float32),
                       mask=tl.broadcast_to(row_ok[:, None], (BLOCK_S, HEAD_DIM)), sem="relaxed")
@@ -225,11 +231,11 @@ def _finalize(ws: _Workspace, from_sums: bool, reset: bool) -> None:
     )  # fmt: skip
 
 
-def _assign(x: Tensor, ws: _Workspace, labels: Tensor, config: KmeansConfig, accumulate: bool) -> None:
+def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: KmeansConfig, accumulate: bool) -> None:
     """Launch ``_assign_kernel`` over every (token tile, batch * head)."""
     b, h, s, d = x.shape
     _assign_kernel[(triton.cdiv(s, config.block_s), b * h)](
-        x, ws.low, ws.half_norms, labels, ws.counts, ws.sums,
+        x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2],
         HEAD_DIM=d, BLOCK_S=config.block_s, BLOCK_K=config.block_k, ACCUMULATE=accumulate,
@@ -266,13 +272,14 @@ def kmeans_triton(
         centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device).copy_(init_centroids)
     ws = _workspace(x, centroids, iters)
     labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
+    ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     _finalize(ws, from_sums=False, reset=False)
     if iters == 0:
-        _assign(x, ws, labels, config, accumulate=False)
+        _assign(x, ws, labels, ranks, config, accumulate=False)
     for i in range(iters):
-        _assign(x, ws, labels, config, accumulate=True)
+        _assign(x, ws, labels, ranks, config, accumulate=True)
         _finalize(ws, from_sums=True, reset=i < iters - 1)
-    return Clustering(ws.centroids, labels, ws.counts)
+    return Clustering(ws.centroids, labels, ws.counts, ranks)
 
 
 def kmeans(
@@ -284,8 +291,9 @@ def kmeans(
     ``ValueError``); ``init_centroids`` ``(B, H, K, D)`` (fp32, e.g. the previous step's; not
     modified) or ``None`` for the seeded stratified initialisation. Returns :class:`Clustering`:
     centroids fp32 ``(B, H, K, D)`` (each the mean of its cluster's tokens, for ``iters >= 1``),
-    labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``. CUDA tensors with D in ``TRITON_HEAD_DIMS`` run the Triton kernels, anything else the
-    reference; neither syncs with the host.
+    labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``, ranks int32 ``(B, H, S)`` (for
+    :func:`cluster_permutation`). CUDA tensors with D in ``TRITON_HEAD_DIMS`` run the Triton kernels,
+    anything else the reference; neither syncs with the host.
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids)
     if x.is_cuda and x.shape[-1] in TRITON_HEAD_DIMS:
@@ -293,19 +301,19 @@ def kmeans(
     return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
 
 
-def cluster_permutation(labels: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Token order grouping each cluster (stable), and the cluster offsets; no host sync.
+def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Token order grouping each cluster, and the cluster offsets; no host sync.
 
-    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` integer, as returned by :func:`kmeans`.
-    Returns ``perm`` int64 ``(B, H, S)`` (token indices sorted by cluster, ascending within one)
-    and ``offsets`` int32 ``(B, H, K + 1)`` (exclusive cumsum of ``sizes``: 0, ..., S).
+    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` and ``ranks`` ``(B, H, S)`` integer, as returned by
+    :func:`kmeans` (a cluster's ranks are ``0 .. size - 1``). Returns ``perm`` int64 ``(B, H, S)``,
+    token ``t`` at place ``offsets[labels[t]] + ranks[t]`` (so with the reference's stable ranks the
+    tokens of a cluster ascend), and ``offsets`` int32 ``(B, H, K + 1)`` (:func:`cluster_offsets`).
     """
-    check_permutation_inputs(labels, sizes)
-    if sizes.shape[-1] <= torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix-sort passes
-        labels = labels.to(torch.int16)
-    perm = torch.sort(labels, dim=-1, stable=True).indices
-    offsets = F.pad(torch.cumsum(sizes, dim=-1, dtype=torch.int32), (1, 0))
-    return perm, offsets
+    check_permutation_inputs(labels, sizes, ranks)
+    offsets = cluster_offsets(sizes)
+    place = offsets.gather(-1, labels.long()).long() + ranks
+    tokens = torch.arange(labels.shape[-1], device=labels.device).expand(labels.shape)
+    return torch.empty(labels.shape, dtype=torch.int64, device=labels.device).scatter_(-1, place, tokens), offsets
 
 
 __all__ = [
@@ -313,7 +321,7 @@ __all__ = [
     "Clustering",
     "KmeansConfig",
     "cluster_permutation",
-    "cluster_permutation_reference",
+    "cluster_ranks_reference",
     "DEFAULT_CONFIG",
     "kmeans",
     "kmeans_objective",

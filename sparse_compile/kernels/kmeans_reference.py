@@ -20,6 +20,9 @@ Definitions (shared with the Triton path):
   drawn from each with a generator seeded by ``seed`` on ``x``'s device (deterministic per device;
   CPU and CUDA draw different tokens). Distinct segments give distinct tokens, and in video token
   order (frame-major) they spread over space and time.
+- Each token also gets a **rank** within its cluster (``Clustering.ranks``), its place in the cluster
+  order. The reference ranks in token order (stable); the Triton path takes them from the atomic
+  counter that counts the cluster's size, so within a cluster the order varies from run to run.
 - ``num_clusters`` must lie in ``[1, S]`` (``ValueError`` otherwise): callers clamp it.
 
 Nothing here reads a device value on the host (no sync), and no step allocates O(S * K): the
@@ -31,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 KMEANS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,12 +47,16 @@ class Clustering:
 
     ``centroids`` fp32 ``(B, H, K, D)``, the mean of each cluster's tokens (an empty cluster's
     previous centroid); ``labels`` int32 ``(B, H, S)``, the cluster of each token (its argmin for
-    the centroids of the last assignment); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty).
+    the centroids of the last assignment); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty);
+    ``ranks`` int32 ``(B, H, S)``, each token's place within its cluster (a cluster's ranks are
+    ``0 .. size - 1`` in some order: token order in the reference, :func:`cluster_ranks_reference`;
+    arrival order on the Triton path), which :func:`sparse_compile.kernels.kmeans.cluster_permutation` uses.
     """
 
     centroids: Tensor
     labels: Tensor
     sizes: Tensor
+    ranks: Tensor
 
 
 def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None) -> None:
@@ -150,7 +158,8 @@ def kmeans_reference(
         if i > 0:
             labels = assign_reference(x, centroids)
         centroids = update_reference(x, labels, centroids)
-    return Clustering(centroids, labels, cluster_sizes(labels, num_clusters))
+    sizes = cluster_sizes(labels, num_clusters)
+    return Clustering(centroids, labels, sizes, cluster_ranks_reference(labels, sizes))
 
 
 def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:
@@ -159,27 +168,31 @@ def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:
     return (x.double() - picked.double()).square().sum((-2, -1))
 
 
-def check_permutation_inputs(labels: Tensor, sizes: Tensor) -> None:
-    """Raise ``ValueError`` unless labels ``(B, H, S)`` and sizes ``(B, H, K)`` are integer and match."""
-    for name, t in (("labels", labels), ("sizes", sizes)):
+def check_permutation_inputs(labels: Tensor, sizes: Tensor, ranks: Tensor) -> None:
+    """Raise ``ValueError`` unless labels / ranks ``(B, H, S)`` and sizes ``(B, H, K)`` are integer and match."""
+    for name, t in (("labels", labels), ("sizes", sizes), ("ranks", ranks)):
         if t.dim() != 3 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise ValueError(f"{name} must be a 3-D integer tensor, got {t.dtype} {tuple(t.shape)}")
     if labels.shape[:2] != sizes.shape[:2] or labels.device != sizes.device:
         raise ValueError(f"labels {tuple(labels.shape)} and sizes {tuple(sizes.shape)} must share B, H and device")
+    if ranks.shape != labels.shape or ranks.device != labels.device:
+        raise ValueError(f"ranks {tuple(ranks.shape)} must have the shape and device of labels {tuple(labels.shape)}")
 
 
-def cluster_permutation_reference(labels: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
-    """Token order grouping each cluster, and the cluster offsets.
+def cluster_offsets(sizes: Tensor) -> Tensor:
+    """int32 ``(B, H, K + 1)``: the exclusive cumsum of ``sizes`` ``(B, H, K)`` (0, ..., S); cluster ``k``
+    occupies ``[offsets[k], offsets[k + 1])`` of the cluster order."""
+    return F.pad(torch.cumsum(sizes, dim=-1, dtype=torch.int32), (1, 0))
 
-    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` (consistent with labels). Returns ``perm``
-    int64 ``(B, H, S)``: token indices sorted by cluster, ascending token index within a cluster;
-    ``offsets`` int32 ``(B, H, K + 1)``: exclusive cumsum of ``sizes`` (cluster ``k`` is
-    ``perm[..., offsets[k]:offsets[k + 1]]``).
+
+def cluster_ranks_reference(labels: Tensor, sizes: Tensor) -> Tensor:
+    """Stable ranks, int32 ``(B, H, S)``: the number of earlier tokens (in token order) with the same label.
+
+    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` consistent with them. With these ranks the cluster
+    permutation orders each cluster's tokens by token index.
     """
-    check_permutation_inputs(labels, sizes)
     s = labels.shape[-1]
     keys = labels.long() * s + torch.arange(s, device=labels.device)  # unique keys: stable by construction
-    perm = torch.argsort(keys, dim=-1)
-    offsets = torch.zeros((*sizes.shape[:2], sizes.shape[-1] + 1), dtype=torch.int32, device=sizes.device)
-    offsets[..., 1:] = torch.cumsum(sizes.long(), dim=-1)
-    return perm, offsets
+    order = torch.argsort(keys, dim=-1)
+    place = torch.empty_like(order).scatter_(-1, order, torch.arange(s, device=labels.device).expand_as(order))
+    return (place - cluster_offsets(sizes).gather(-1, labels.long())).to(torch.int32)

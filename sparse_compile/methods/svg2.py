@@ -112,8 +112,8 @@ class Svg2Method(AttentionMethod):
         """
         scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
         q_clusters, k_clusters = self._cluster(q, k, call)
-        q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes)
-        k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes)
+        q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
+        k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
         min_blocks = max(math.ceil(self.params["min_kc_ratio"] * k_clusters.sizes.shape[-1]), 1)
         selection = select_top_p_clusters(
             q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.params["top_p"], min_blocks

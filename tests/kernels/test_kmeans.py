@@ -77,8 +77,17 @@ def distance_excess(x, centroids, labels, chunk=2048):
     return torch.cat(chosen, -1) - best_t, best_t
 
 
+def assert_ranks_number_each_cluster(labels, ranks, sizes):
+    """Within every cluster the ranks are 0 .. size - 1, each once (any order)."""
+    assert ranks.dtype == torch.int32 and ranks.shape == labels.shape
+    assert (ranks >= 0).all() and (ranks.long() < sizes.gather(-1, labels.long())).all()
+    keys = (labels.long() * labels.shape[-1] + ranks.long()).sort(-1).values
+    assert (keys[..., 1:] != keys[..., :-1]).all()  # no (label, rank) pair twice: with the bound, each rank once
+
+
 def assert_consistent(x, cl, iters, rtol=1e-5):
-    """Shapes and dtypes; sizes are the label counts and sum to S; no NaN. With ``iters >= 1`` every
+    """Shapes and dtypes; sizes are the label counts and sum to S; ranks number each cluster; no NaN.
+    With ``iters >= 1`` every
     non-empty cluster's centroid is the mean of its tokens (up to ``rtol * max |x|``); with
     ``iters = 0`` every label is an argmin for the returned (initial) centroids up to
     ``rtol * (max ||x||^2 + max ||c||^2)`` (the rounding of the score ``x . c - ||c||^2 / 2``)."""
@@ -89,6 +98,7 @@ def assert_consistent(x, cl, iters, rtol=1e-5):
     assert not cl.centroids.isnan().any()
     assert torch.equal(cl.sizes, cluster_sizes(cl.labels, k))
     assert (cl.sizes.sum(-1) == s).all()
+    assert_ranks_number_each_cluster(cl.labels, cl.ranks, cl.sizes)
     if iters == 0:
         scale = float(x.float().square().sum(-1).max() + cl.centroids.square().sum(-1).max())
         excess, _ = distance_excess(x, cl.centroids, cl.labels)
@@ -250,11 +260,13 @@ def test_validation_errors():
 
 @FAST
 @given(b=st.integers(1, 2), h=st.integers(1, 3), s=st.integers(1, 80), k=st.integers(1, 20), seed=st.integers(0, 1000))
-def test_cluster_permutation_groups_tokens_stably(b, h, s, k, seed):
+def test_cluster_permutation_with_stable_ranks_groups_tokens_stably(b, h, s, k, seed):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, k, (b, h, s), generator=g, dtype=torch.int32)  # some clusters empty
     sizes = cluster_sizes(labels, k)
-    perm, offsets = km.cluster_permutation(labels, sizes)
+    ranks = km.cluster_ranks_reference(labels, sizes)
+    assert_ranks_number_each_cluster(labels, ranks, sizes)
+    perm, offsets = km.cluster_permutation(labels, sizes, ranks)
     assert perm.dtype == torch.int64 and offsets.dtype == torch.int32 and offsets.shape == (b, h, k + 1)
     assert torch.equal(perm.sort(-1).values, torch.arange(s).expand(b, h, s))
     grouped = torch.gather(labels, 2, perm)
@@ -265,16 +277,30 @@ def test_cluster_permutation_groups_tokens_stably(b, h, s, k, seed):
     assert torch.equal(offsets[..., 1:] - offsets[..., :-1], sizes)
     starts = torch.gather(grouped, 2, offsets[..., :-1].clamp_max(s - 1).long())
     assert (starts == torch.arange(k, dtype=torch.int32))[sizes > 0].all()  # cluster c begins at offsets[c]
-    want_perm, want_offsets = km.cluster_permutation_reference(labels, sizes)
-    assert torch.equal(perm, want_perm) and torch.equal(offsets, want_offsets)
+
+
+def test_cluster_permutation_places_each_token_at_its_clusters_offset_plus_its_rank():
+    """Any ranks that number each cluster give a permutation with the cluster contiguous and the token
+    of rank r at offsets[label] + r: here every cluster in reverse token order."""
+    labels = torch.tensor([[[2, 0, 2, 2, 0, 3]]], dtype=torch.int32)
+    sizes = cluster_sizes(labels, 4)  # 2, 0, 3, 1
+    stable = km.cluster_ranks_reference(labels, sizes)
+    assert stable.tolist() == [[[0, 0, 1, 2, 1, 0]]]
+    reverse = (sizes.gather(-1, labels.long()) - 1 - stable).int()
+    perm, offsets = km.cluster_permutation(labels, sizes, reverse)
+    assert offsets.tolist() == [[[0, 2, 2, 5, 6]]]
+    assert perm.tolist() == [[[4, 1, 3, 2, 0, 5]]]
 
 
 def test_cluster_permutation_validation():
     labels = torch.zeros(1, 2, 5, dtype=torch.int32)
+    sizes = torch.zeros(1, 2, 3, dtype=torch.int32)
     with pytest.raises(ValueError, match="integer"):
-        km.cluster_permutation(labels.float(), torch.zeros(1, 2, 3, dtype=torch.int32))
+        km.cluster_permutation(labels.float(), sizes, labels)
     with pytest.raises(ValueError, match="share B, H"):
-        km.cluster_permutation(labels, torch.zeros(1, 1, 3, dtype=torch.int32))
+        km.cluster_permutation(labels, torch.zeros(1, 1, 3, dtype=torch.int32), labels)
+    with pytest.raises(ValueError, match="ranks"):
+        km.cluster_permutation(labels, sizes, labels[..., :4])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -414,13 +440,13 @@ def test_gpu_small_blobs_match_reference(dtype):
 def test_gpu_no_host_sync(d):
     x = svg2_tokens(h=4, s=4096, d=d)
     warm_up = km.kmeans(x, 300, 3)  # compiles the kernels, initialises the sort
-    km.cluster_permutation(warm_up.labels, warm_up.sizes)
+    km.cluster_permutation(warm_up.labels, warm_up.sizes, warm_up.ranks)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         cold = km.kmeans(x, 300, 3, seed=1)
         warm = km.kmeans(x, 300, 2, cold.centroids)
-        perm, offsets = km.cluster_permutation(warm.labels, warm.sizes)
+        perm, offsets = km.cluster_permutation(warm.labels, warm.sizes, warm.ranks)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(offsets[..., 1:] - offsets[..., :-1], warm.sizes)
