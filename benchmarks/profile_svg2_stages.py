@@ -9,7 +9,9 @@ centroid matmul and the fused Triton kernel), the cluster kernel reading Q/K/V a
 through the permutations, and the kept-density reduction. Then the whole
 ``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, the overhead
 (everything but the kernel) as a fraction of the whole call, and the selection stage as the torch
-ops it replaced (``select_top_p_clusters_torch``). Prints a markdown table and writes it to
+ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
+(GPU time: the small stages are launch-bound when timed alone, but inside a model the CPU queues
+them while the GPU runs the previous layer). Prints a markdown table and writes it to
 ``$OUT/svg2_stages.md`` when ``OUT`` is set.
 
     PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py [--shape NAME]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -102,20 +105,55 @@ def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str
     return {CALL: video_attention, DENSE: dense}
 
 
-def report(stage_ms: dict[str, float], whole_ms: dict[str, float], unfused_select_ms: float, header: str) -> str:
-    """Markdown: per-stage ms and share of the whole call, then the whole call, dense, overhead, and the
-    selection stage unfused."""
-    call_ms, dense_ms = whole_ms[CALL], whole_ms[DENSE]
-    rows = [header, "", "| stage | ms | share of the whole call |", "|---|---|---|"]
-    rows += [f"| {name} | {ms:.3f} | {ms / call_ms:.1%} |" for name, ms in stage_ms.items()]
+@dataclass(frozen=True)
+class Timing:
+    """One callable timed two ways: ``eager`` (do_bench of the Python call: what a caller that waits for
+    it sees, launch cost included) and ``gpu`` (do_bench of a CUDA-graph replay of one call: the GPU
+    time, what the call costs inside a model whose CPU runs ahead of the GPU); ``gpu`` is None when the
+    call could not be captured (``note`` says why)."""
+
+    eager: float
+    gpu: float | None
+    note: str = ""
+
+
+def time_both(fn: Callable[[], object]) -> Timing:
+    """:class:`Timing` of ``fn`` (median ms)."""
+    eager = triton.testing.do_bench(fn, return_mode="median")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as error:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
+        torch.cuda.synchronize()
+        return Timing(eager, None, f"not capturable: {type(error).__name__}: {str(error).splitlines()[0]}")
+    return Timing(eager, triton.testing.do_bench(graph.replay, return_mode="median"))
+
+
+def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: Timing, header: str) -> str:
+    """Markdown: per-stage eager and GPU ms with the GPU share of the whole call, then the whole call,
+    dense, speedups and overhead both ways, and the selection stage unfused."""
+    call, dense = whole[CALL], whole[DENSE]
+
+    def gpu(t: Timing) -> str:
+        return f"{t.gpu:.3f}" if t.gpu is not None else t.note
+
+    def share(t: Timing) -> str:
+        return f"{t.gpu / call.gpu:.1%}" if t.gpu is not None and call.gpu else "-"
+
+    rows = [header, "", "| stage | eager ms | GPU ms (graph replay) | GPU share of the whole call |", "|---|---|---|---|"]
+    rows += [f"| {name} | {t.eager:.3f} | {gpu(t)} | {share(t)} |" for name, t in stages.items()]
+    gpu_sum = sum(t.gpu for t in stages.values() if t.gpu is not None)
     rows += [
-        f"| sum of stages | {sum(stage_ms.values()):.3f} | {sum(stage_ms.values()) / call_ms:.1%} |",
-        f"| {CALL} | {call_ms:.3f} | 100% |",
-        f"| {DENSE} | {dense_ms:.3f} | speedup of SVG2 over dense: {dense_ms / call_ms:.2f}x |",
+        f"| sum of stages | {sum(t.eager for t in stages.values()):.3f} | {gpu_sum:.3f} | |",
+        f"| {CALL} | {call.eager:.3f} | {gpu(call)} | 100% |",
+        f"| {DENSE} | {dense.eager:.3f} | {gpu(dense)} | |",
         "",
-        f"overhead (whole call minus the kernel) = {1 - stage_ms[KERNEL_STAGE] / call_ms:.1%} of the whole call",
-        "",
-        f"{UNFUSED_SELECT}: {unfused_select_ms:.3f} ms, {unfused_select_ms / stage_ms[SELECT_STAGE]:.1f}x the fused stage",
+        f"- speedup of SVG2 over cuDNN dense: {dense.eager / call.eager:.2f}x eager"
+        + (f", {dense.gpu / call.gpu:.2f}x GPU time" if call.gpu and dense.gpu else ""),
+        f"- overhead (whole call minus the kernel), eager: {1 - stages[KERNEL_STAGE].eager / call.eager:.1%} of the whole call"
+        + (f"; GPU time: {1 - stages[KERNEL_STAGE].gpu / call.gpu:.1%}" if call.gpu and stages[KERNEL_STAGE].gpu else ""),
+        f"- {UNFUSED_SELECT}: {unfused_select.eager:.3f} ms eager, {unfused_select.eager / stages[SELECT_STAGE].eager:.1f}x the fused stage",
     ]
     return "\n".join(rows)
 
@@ -127,17 +165,13 @@ def main() -> None:
     heads, grid = SHAPES[args.shape]
     q, k, v = (token_major(x) for x in structured_qkv(heads, math.prod(grid)))
     method, state = warm_method(q, k, v, grid)
-
-    def bench(fn) -> float:
-        return triton.testing.do_bench(fn, return_mode="median")
-
     stages, select_unfused = stage_calls(method, q, k, v, state)
-    stage_ms = {name: bench(fn) for name, fn in stages.items()}
-    unfused_select_ms = bench(select_unfused)
-    whole_ms = {name: bench(fn) for name, fn in whole_calls(method, q, k, v, grid, state).items()}
+    stage_times = {name: time_both(fn) for name, fn in stages.items()}
+    unfused_select = time_both(select_unfused)
+    whole = {name: time_both(fn) for name, fn in whole_calls(method, q, k, v, grid, state).items()}
     header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
               f"{torch.cuda.get_device_name()}")  # fmt: skip
-    table = report(stage_ms, whole_ms, unfused_select_ms, header)
+    table = report(stage_times, whole, unfused_select, header)
     print(table)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "svg2_stages.md"), "w") as f:
