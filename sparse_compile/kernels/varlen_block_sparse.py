@@ -72,8 +72,8 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 ROWS_BUDGET_BYTES = 512 << 20
 """Largest kept-rows buffer one launch group may use; more (batch, head) pairs run in several groups."""
 _LOG2E = 1.4426950408889634
-_PREP_CHUNK = 128  # kept-cluster slots per step of the prefix pass of the prep kernel
-_ROWS_CHUNK = 1024  # kept keys per step of the rows pass of the prep kernel
+_PREP_SLOTS = 32  # kept clusters per step of the prep kernel
+_PREP_KEYS = 64  # keys of each of them per inner step
 
 
 @dataclass(frozen=True)
@@ -122,21 +122,20 @@ def default_config(s_q: int, num_q_clusters: int, head_dim: int, element_size: i
 
 @triton.jit
 def _kept_rows_kernel(
-    counts_ptr, indices_ptr, kv_off_ptr, kv_perm_ptr, prefix_ptr, delta_ptr, total_ptr, rows_ptr,
+    counts_ptr, indices_ptr, kv_off_ptr, kv_perm_ptr, total_ptr, rows_ptr,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_is,
     stride_kpb, stride_kph, stride_kps,
-    bh_start, num_heads, num_q_clusters, num_kv_clusters, maxk, s_k,
-    CHUNK: tl.constexpr, ROWS_CHUNK: tl.constexpr, SEARCH_STEPS: tl.constexpr, PERMUTE_KV: tl.constexpr,
+    bh_start, num_heads, num_q_clusters, num_kv_clusters, s_k,
+    SLOTS: tl.constexpr, KEYS: tl.constexpr, PERMUTE_KV: tl.constexpr,
 ):
     """One program per (q cluster, batch * head of the group): the k/v token row of each kept key.
 
-    The kept clusters' keys, in slot order, form positions ``0 .. total - 1``. First the prefix sums
-    of the kept cluster sizes (``prefix[s]``: first position of slot ``s``, into scratch) and
-    ``delta[s] = kv_start(slot s) - prefix[s]``; then each position ``p`` finds its slot by binary
-    search (the largest ``s`` with ``prefix[s] <= p``) and writes row ``p + delta[s]`` (through
-    ``kv_perm`` with PERMUTE_KV) to ``rows[p]``. Also writes ``total``. Rows past ``total`` are left
-    unwritten (never read).
+    The kept clusters' keys, in slot order, form positions ``0 .. total - 1``. SLOTS kept clusters at a
+    time: their first positions are a running exclusive cumsum of their sizes, and a (SLOTS, KEYS)
+    tile writes key ``j`` of slot ``s`` (cluster-order row ``kv_start(s) + j``, through ``kv_perm``
+    with PERMUTE_KV) to ``rows[first position of s + j]``, KEYS keys of every slot per step. Also
+    writes ``total``. Rows past ``total`` are left unwritten (never read).
     """
     c = tl.program_id(0)
     local = tl.program_id(1)
@@ -147,37 +146,25 @@ def _kept_rows_kernel(
     idx_row = indices_ptr + b * stride_ib + h * stride_ih + c * stride_iq
     kv_off = kv_off_ptr + bh.to(tl.int64) * (num_kv_clusters + 1)
     row = local.to(tl.int64) * num_q_clusters + c
-    prefix = prefix_ptr + row * (maxk + 1)
-    delta = delta_ptr + row * maxk
-    tl.store(prefix, 0)
+    rows = rows_ptr + row * s_k
     carry = count * 0
-    for start in range(0, count, CHUNK):
-        slots = start + tl.arange(0, CHUNK)
+    for start in range(0, count, SLOTS):
+        slots = start + tl.arange(0, SLOTS)
         ok = slots < count
         idx = tl.load(idx_row + slots * stride_is, mask=ok, other=0)
         first = tl.load(kv_off + idx, mask=ok, other=0)
         size = tl.load(kv_off + idx + 1, mask=ok, other=0) - first
-        inclusive = tl.cumsum(size, 0) + carry
-        tl.store(prefix + 1 + slots, inclusive, mask=ok)
-        tl.store(delta + slots, first - (inclusive - size), mask=ok)
+        place = tl.cumsum(size, 0) - size + carry
+        for j0 in range(0, tl.max(size, 0), KEYS):
+            j = j0 + tl.arange(0, KEYS)
+            key = j[None, :] < size[:, None]
+            token = first[:, None] + j[None, :]
+            if PERMUTE_KV:
+                token = tl.load(kv_perm_ptr + b * stride_kpb + h * stride_kph + token * stride_kps,
+                                mask=key, other=0).to(tl.int32)
+            tl.store(rows + place[:, None] + j[None, :], token, mask=key)
         carry += tl.sum(size, 0)
     tl.store(total_ptr + row, carry)
-    tl.debug_barrier()  # the prefix written above is read back below by other threads of this program
-    rows = rows_ptr + row * s_k
-    for start in range(0, carry, ROWS_CHUNK):
-        pos = start + tl.arange(0, ROWS_CHUNK)
-        lo = tl.zeros([ROWS_CHUNK], tl.int32)
-        hi = lo + count
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) >> 1
-            right = (tl.load(prefix + mid, mask=mid < hi, other=0) <= pos) & (mid < hi)
-            lo = tl.where(right, mid, lo)
-            hi = tl.where(right | (mid >= hi), hi, mid)
-        ok = pos < carry
-        token = pos + tl.load(delta + lo, mask=ok, other=0)
-        if PERMUTE_KV:
-            token = tl.load(kv_perm_ptr + b * stride_kpb + h * stride_kph + token * stride_kps, mask=ok, other=0)
-        tl.store(rows + pos, token.to(tl.int32), mask=ok)
 
 
 @triton.jit
@@ -286,11 +273,6 @@ def _flat_offsets(offsets: Tensor) -> Tensor:
     return offsets.reshape(-1, offsets.shape[-1]).contiguous()
 
 
-def _search_steps(maxk: int) -> int:
-    """Binary-search steps that find a slot among ``maxk`` kept clusters: ``ceil(log2(maxk))``."""
-    return max(maxk - 1, 0).bit_length()
-
-
 def _group_size(num_bh: int, num_q_clusters: int, s_k: int) -> int:
     """(batch, head) pairs per launch group: as many as fit :data:`ROWS_BUDGET_BYTES` of kept rows
     (at least one), spread evenly over the fewest groups."""
@@ -302,21 +284,16 @@ def _group_size(num_bh: int, num_q_clusters: int, s_k: int) -> int:
 def _kept_rows(layout: VarlenLayout, kv_off: Tensor, s_k: int, bh_start: int, group: int, rows: Tensor) -> _KeptRows:
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
     writing into ``rows`` (a buffer of at least ``group * NQC * S_k`` int32)."""
-    _, h, nqc, maxk = layout.indices.shape
-    device = kv_off.device
+    _, h, nqc, _ = layout.indices.shape
     rows = rows[: group * nqc * s_k].view(group, nqc, s_k)
-    total = torch.empty((group, nqc), dtype=torch.int32, device=device)
-    prefix = torch.empty((group, nqc, maxk + 1), dtype=torch.int32, device=device)
-    delta = torch.empty((group, nqc, max(maxk, 1)), dtype=torch.int32, device=device)
-    if nqc == 0:
-        return _KeptRows(rows, total)
-    _kept_rows_kernel[(nqc, group)](
-        layout.counts, layout.indices, kv_off, layout.kv_perm, prefix, delta, total, rows,
-        *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
-        bh_start, h, nqc, layout.num_kv_clusters, maxk, s_k,
-        CHUNK=_PREP_CHUNK, ROWS_CHUNK=_ROWS_CHUNK, SEARCH_STEPS=_search_steps(maxk),
-        PERMUTE_KV=layout.kv_perm is not None,
-    )  # fmt: skip
+    total = torch.empty((group, nqc), dtype=torch.int32, device=kv_off.device)
+    if nqc > 0:
+        _kept_rows_kernel[(nqc, group)](
+            layout.counts, layout.indices, kv_off, layout.kv_perm, total, rows,
+            *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
+            bh_start, h, nqc, layout.num_kv_clusters, s_k,
+            SLOTS=_PREP_SLOTS, KEYS=_PREP_KEYS, PERMUTE_KV=layout.kv_perm is not None,
+        )  # fmt: skip
     return _KeptRows(rows, total)
 
 

@@ -351,10 +351,14 @@ INTERP_CASES = [
 
 
 @interp
-def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order():
+@pytest.mark.parametrize("slots, keys", [(32, 64), (4, 2)], ids=["default steps", "many small steps"])
+def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch, slots, keys):
     """The prep kernel lists, per q cluster, the k/v token row of every kept key: the kept kv clusters'
     cluster-order rows in the order of the indices, mapped through ``kv_perm``; ``total`` counts them.
-    Clusters of 0 to 40 keys, so one list crosses many clusters and some contribute nothing."""
+    Clusters of 0 to 40 keys, so one list crosses many clusters and some contribute nothing; with
+    4 slots and 2 keys per step every list takes several slot steps and most clusters several key steps."""
+    monkeypatch.setattr(vb, "_PREP_SLOTS", slots)
+    monkeypatch.setattr(vb, "_PREP_KEYS", keys)
     g = torch.Generator().manual_seed(3)
     q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=3, dtype=torch.float32, padding=-7)
     kv_perm = random_permutations(1, 2, 300, g)
