@@ -18,8 +18,8 @@ table and writes it to ``$OUT/methods.md`` when ``OUT`` is set.
 from __future__ import annotations
 
 import argparse
-import math
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -43,6 +43,16 @@ SHAPES = {
 
 class _Site:
     module_path = "bench"
+
+
+def graph_replay_ms(fn: Callable[[], object]) -> float:
+    """GPU time of ``fn`` without its Python launch cost: median ms (``do_bench``) of a CUDA-graph replay
+    of one call, captured after one eager warm-up call. Raises if the call cannot be captured (a host sync)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
 def token_major(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +84,7 @@ def kernel_only_ms(method: Svg2Method, q, k, v, state) -> float:
     clusters_q, clusters_k = method._cluster(q, k, make_call(q, k, v, (1, 1, q.shape[2]), state))
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
-    min_blocks = max(1, math.ceil(method.params["min_kc_ratio"] * clusters_k.sizes.shape[-1]))
+    min_blocks = method.min_kept_key_clusters(clusters_k.sizes.shape[-1])
     counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
                                                q.shape[-1] ** -0.5, method.params["top_p"], min_blocks)  # fmt: skip
     return triton.testing.do_bench(

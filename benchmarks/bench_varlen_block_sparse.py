@@ -1,7 +1,7 @@
 """Varlen (cluster) block-sparse attention vs the fixed-block kernel vs cuDNN dense, Wan 480p shape.
 
 One run: correctness checks at the benchmark shapes (sampled heads), then ``triton.testing.do_bench``
-medians (L2 flushed between reps; the varlen op's as CUDA-graph replays, see :func:`graph_ms`) of
+medians (L2 flushed between reps) of
 
 - the varlen kernel on SVG2-like layouts (300 q clusters, 1000 kv clusters, log-normal sizes, a
   per-q-cluster kept fraction varying around the target density) for several tile configs;
@@ -14,6 +14,11 @@ medians (L2 flushed between reps; the varlen op's as CUDA-graph replays, see :fu
   ``(B, S, H, D)`` storage (as diffusers passes them), the default config in cluster order (no
   permutation), with the q permutation, the kv permutation and both folded in (token-order
   inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back).
+
+The varlen op is timed as CUDA-graph replays (``graph_replay_ms``): eagerly it is a dozen small torch ops
+and three Triton launches, and at 5% density its eager call is launch-bound (about 2 ms against
+1 ms of kernels), which no model sees once the GPU is busy with the previous layer; the public op
+is also timed eagerly beside it.
 
 Prints a markdown table and writes it to ``$OUT/varlen.md`` when OUT is set.
 Usage: ``python benchmarks/bench_varlen_block_sparse.py [--sections ...]``
@@ -35,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from bench_methods import graph_replay_ms  # noqa: E402
 from bench_methods import token_major  # noqa: E402
 from sparse_compile.kernels import block_select as bs  # noqa: E402
 from sparse_compile.kernels import block_select_reference as bs_ref
@@ -84,20 +90,6 @@ def config_name(cfg: vb.VarlenConfig) -> str:
 
 def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def graph_ms(fn) -> float:
-    """GPU time of ``fn`` without its Python launch cost: ``bench_ms`` of a CUDA-graph replay of one call.
-
-    The varlen op is a dozen small torch ops and three Triton launches; at 5% density its eager
-    call is launch-bound (about 2 ms against 1 ms of kernels), which no model sees once the GPU
-    is busy with the previous layer, so kernel comparisons use the replay.
-    """
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench_ms(graph.replay)
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -217,10 +209,10 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     fixed_ms = bench_ms(lambda: block_sparse_attention(q, k, v, *fixed_layout, block_q=FIXED_BLOCK, block_k=FIXED_BLOCK))
     rows = [Row(f"fixed-block kernel {FIXED_BLOCK}x{FIXED_BLOCK} (autotuned)", "random blocks", fixed_density, fixed_ms)]
     for cfg in CONFIGS:
-        ms = graph_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
     default = vb.default_config(S, NQC, D, DTYPE.itemsize)
-    ms = graph_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
+    ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
     eager_ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
@@ -228,7 +220,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
                     kept, eager_ms, fixed_ms))  # fmt: skip
     same = fixed_as_varlen(*fixed_layout)
     for cfg in (vb.VarlenConfig(128, 128, 8, 3), vb.VarlenConfig(128, 128, 8, 4)):
-        ms = graph_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg))
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
     notes = [
@@ -356,7 +348,7 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
             tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm),
         "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
     }  # fmt: skip
-    times = {name: graph_ms(fn) for name, fn in cases.items()}
+    times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]
     rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
     return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]

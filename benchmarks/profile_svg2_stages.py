@@ -31,7 +31,7 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_methods import SHAPES, make_call, structured_qkv, token_major
+from bench_methods import SHAPES, graph_replay_ms, make_call, structured_qkv, token_major
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
@@ -70,7 +70,7 @@ def stage_calls(
     ck = kmeans(k, p["k_clusters"], iters, cached.key, seed=1)
     q_perm, q_off = cluster_permutation(cq.labels, cq.sizes, cq.ranks)
     k_perm, k_off = cluster_permutation(ck.labels, ck.sizes, ck.ranks)
-    min_blocks = max(1, math.ceil(p["min_kc_ratio"] * ck.sizes.shape[-1]))
+    min_blocks = method.min_kept_key_clusters(ck.sizes.shape[-1])
 
     def select():
         return select_top_p_clusters(cq.centroids, ck.centroids, ck.sizes, scale, p["top_p"], min_blocks)
@@ -121,13 +121,11 @@ def time_both(fn: Callable[[], object]) -> Timing:
     """:class:`Timing` of ``fn`` (median ms)."""
     eager = triton.testing.do_bench(fn, return_mode="median")
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        gpu = graph_replay_ms(fn)
     except Exception as error:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
         torch.cuda.synchronize()
         return Timing(eager, None, f"not capturable: {type(error).__name__}: {str(error).splitlines()[0]}")
-    return Timing(eager, triton.testing.do_bench(graph.replay, return_mode="median"))
+    return Timing(eager, gpu)
 
 
 def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: Timing, header: str) -> str:

@@ -92,6 +92,10 @@ class Svg2Method(AttentionMethod):
             video, _ = video_text_slices(call.layout)
             self._cluster(call.query[:, :, video], call.key[:, :, video], call)
 
+    def min_kept_key_clusters(self, num_key_clusters: int) -> int:
+        """The floor of key clusters each query cluster keeps: ``ceil(min_kc_ratio * num_key_clusters)``, at least 1."""
+        return max(math.ceil(self.params["min_kc_ratio"] * num_key_clusters), 1)
+
     def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
         """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache."""
         key = ("svg2_centroids", call.step.branch)
@@ -114,7 +118,7 @@ class Svg2Method(AttentionMethod):
         q_clusters, k_clusters = self._cluster(q, k, call)
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
         k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
-        min_blocks = max(math.ceil(self.params["min_kc_ratio"] * k_clusters.sizes.shape[-1]), 1)
+        min_blocks = self.min_kept_key_clusters(k_clusters.sizes.shape[-1])
         selection = select_top_p_clusters(
             q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.params["top_p"], min_blocks
         )
