@@ -10,11 +10,11 @@ specification and the CPU path.
 Kernel design (CUDA):
 
 - *Query side.* Each q cluster is split into BLOCK_M-row tiles. A tile table (cluster id, first
-  row) is built on the device with a handful of torch ops and no host sync: the grid is the upper
-  bound ``ceil(S_q / BLOCK_M) + NQC`` tiles per head, and surplus programs exit at once. Tiles are
-  ordered heaviest first (most kept keys) within each head to shorten the tail of the launch.
-  Optionally (``VarlenConfig.tail_block_m``) a cluster's last rows, when they fill at most a
-  smaller tile, run in a second launch of such tiles: less padding for the same kv work.
+  row per program; :mod:`sparse_compile.kernels.varlen_tiles`, one small Triton launch, no host
+  sync) maps the upper-bound grid of ``ceil(S_q / BLOCK_M) + NQC`` tiles per head onto them, heaviest
+  first (most kept keys) within each head to shorten the tail of the launch; surplus programs exit
+  at once. Optionally (``VarlenConfig.tail_block_m``) a cluster's last rows, when they fill at most
+  a smaller tile, run in a second launch of such tiles: less padding for the same kv work.
 - *Key side: the kept rows, materialised.* kv clusters are small (~33 tokens at SVG2's 1000
   clusters for S = 32760), so the kept clusters of a q cluster are *packed*: their tokens form one
   sequence of ``total`` kept keys, read BLOCK_N at a time. A prep kernel (one program per q
@@ -67,6 +67,7 @@ from sparse_compile.kernels.varlen_block_sparse_reference import (
     validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
 )
+from sparse_compile.kernels.varlen_tiles import tile_tables
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 ROWS_BUDGET_BYTES = 512 << 20
@@ -297,38 +298,6 @@ def _kept_rows(layout: VarlenLayout, kv_off: Tensor, s_k: int, bh_start: int, gr
     return _KeptRows(rows, total)
 
 
-def _split_rows(q_off: Tensor, config: VarlenConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Each q cluster's rows for the main launch and for the tail launch: ``(first row, row count)``,
-    int32 ``(B*H, NQC)`` each. The tail is ``size % block_m`` when that is in ``(0, tail_block_m]``, else
-    empty (so every main launch's tiles but a cluster's last are full, and that one ends at the cluster's end).
-    """
-    first, sizes = q_off[:, :-1], q_off[:, 1:] - q_off[:, :-1]
-    remainder = sizes % config.block_m
-    tail = torch.where((remainder > 0) & (remainder <= config.tail_block_m), remainder, 0)
-    return (first, sizes - tail), (first + sizes - tail, tail)
-
-
-def _tile_table(first_row: Tensor, rows: Tensor, total: Tensor, block_m: int, num_tiles: int) -> tuple[Tensor, Tensor]:
-    """Tile table of the upper-bound grid: q cluster id and first row per tile slot, int32 ``(G, T)``.
-
-    Cluster ``c`` of pair ``g`` covers ``rows[g, c]`` rows from ``first_row[g, c]`` in
-    ``ceil(rows / block_m)`` tiles. Slot ``t`` holds the t-th heaviest tile (most kept keys first);
-    slots past the real tile count hold cluster id ``NQC`` (exit at once). All device ops, no host sync.
-    """
-    nqc = rows.shape[-1]
-    tiles = (rows + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, dim=1)
-    slots = torch.arange(num_tiles, device=rows.device).expand(rows.shape[0], num_tiles).contiguous()
-    cluster = torch.searchsorted(tile_end, slots, right=True)  # (G, T), NQC past the last tile
-    real = cluster < nqc
-    safe = cluster.clamp_max(max(nqc - 1, 0))
-    first_slot = (tile_end - tiles).gather(1, safe)
-    tile_rows = first_row.gather(1, safe) + (slots - first_slot) * block_m
-    work = torch.where(real, total.gather(1, safe), -1)
-    order = torch.argsort(work, dim=1, descending=True, stable=True)
-    return cluster.gather(1, order).int(), tile_rows.gather(1, order).int()
-
-
 def varlen_block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -372,18 +341,17 @@ def varlen_block_sparse_attention_triton(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
-    main, tail = _split_rows(q_off, config)
-    launches = [(main, config.block_m, config.num_warps, triton.cdiv(s_q, config.block_m) + nqc)]
-    if config.tail_block_m:
-        launches.append((tail, config.tail_block_m, config.tail_num_warps, nqc))  # at most one tail tile per cluster
     group = _group_size(b * h, nqc, s_k)
     rows_buffer = torch.empty(group * nqc * s_k, dtype=torch.int32, device=q.device)
     for bh_start in range(0, b * h, group):
         size = min(group, b * h - bh_start)
         kept = _kept_rows(layout, kv_off, s_k, bh_start, size, rows_buffer)
-        pairs = slice(bh_start, bh_start + size)
-        for (first_row, rows), block_m, num_warps, num_tiles in launches:
-            tile_cluster, tile_row = _tile_table(first_row[pairs], rows[pairs], kept.total, block_m, num_tiles)
+        main, tail = tile_tables(q_off, kept.total, bh_start, s_q, config.block_m, config.tail_block_m)
+        launches = [(main, config.block_m, config.num_warps)]
+        if tail is not None:
+            launches.append((tail, config.tail_block_m, config.tail_num_warps))
+        for (tile_cluster, tile_row), block_m, num_warps in launches:
+            num_tiles = tile_cluster.shape[1]
             _varlen_fwd_kernel[(num_tiles, size)](
                 q, k, v, out, lse_out, layout.q_perm,
                 tile_cluster, tile_row, q_off, kept.total, kept.rows,

@@ -265,37 +265,6 @@ def test_public_op_with_permutations_cpu_and_fake():
     assert [f.stride() for f in fake] == [out.stride(), lse.stride()]
 
 
-@pytest.mark.parametrize("tail_block_m", [0, 16], ids=["one launch", "tail launch"])
-def test_tile_tables_cover_every_row_once(tail_block_m):
-    """The main launch's tiles (and the tail launch's, if any) cover each row of each q cluster exactly
-    once, within its cluster, heaviest first; a tail launch takes a cluster's last ``size % 32`` rows
-    exactly when they are at most ``tail_block_m``, so no main tile is then cut short."""
-    g = torch.Generator().manual_seed(0)
-    q_off = random_offsets(3, 1, 9, 200, g).view(3, 10)
-    total = torch.randint(0, 50, (3, 9), generator=g, dtype=torch.int32)
-    config = vb.VarlenConfig(32, 16, 4, 1, tail_block_m=tail_block_m)
-    main, tail = vb._split_rows(q_off, config)
-    tables = [(vb._tile_table(*main, total, 32, math.ceil(200 / 32) + 9), 32)]
-    if tail_block_m:
-        tables.append((vb._tile_table(*tail, total, tail_block_m, 9), tail_block_m))
-    sizes = q_off[:, 1:] - q_off[:, :-1]
-    remainder = sizes % 32
-    assert torch.equal(tail[1], torch.where((remainder > 0) & (remainder <= tail_block_m), remainder, 0))
-    for bh in range(3):
-        covered = torch.zeros(200, dtype=torch.long)
-        for (cluster, rows), block_m in tables:
-            works = []
-            for c, r in zip(cluster[bh].tolist(), rows[bh].tolist()):
-                if c == 9:
-                    continue
-                end = int(q_off[bh, c + 1])
-                assert int(q_off[bh, c]) <= r < end
-                covered[r : min(r + block_m, end)] += 1
-                works.append(int(total[bh, c]))
-            assert works == sorted(works, reverse=True)
-        assert (covered == 1).all()
-
-
 def test_config_tail_block_m_must_be_a_smaller_power_of_two():
     for bad in (8, 48, 128, 256):
         with pytest.raises(ValueError, match="tail_block_m"):
