@@ -19,11 +19,13 @@ Kernel design (CUDA), per iteration two launches:
 - *Finalize* (``_finalize_kernel``) over the ``B*H*K`` centroid rows: mean where the count is
   positive, else the old centroid; writes the fp32 centroid, its copy in x's dtype for the next
   dot and ``||c||^2 / 2`` (of that copy, so the argmax is exact for the centroids the dot sees),
-  and, before another iteration, zeroes the sums and counts (no memset launches); after the last
+  and, before another iteration, zeroes the sums and counts; after the last
   one the counts stay: they are the sizes of the returned labels.
 
-A call is ``2 * iters + 1`` launches (a finalize that only casts the initial centroids, then the
-iterations; ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start.
+A call is ``2 * iters + 1`` launches (a first finalize that copies the initial centroids, in any
+float dtype, into the fp32 buffer and zeroes the counts and sums, then the iterations;
+``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
+is written by a kernel before it is read, none is filled by a separate memset or copy.
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x.
 
@@ -39,8 +41,8 @@ spills). Measured on an H100 (``benchmarks/bench_kmeans.py``): one assignment pa
 K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.35 ms (queries).
 
 The cluster permutation is then a counting sort with no sort at all: a token's place is its
-cluster's offset plus its rank (one scatter), 5 small elementwise launches instead of a segmented
-radix sort of the labels.
+cluster's offset plus its rank. It is the offsets' cumsum and one Triton scatter (3 launches; the
+same as torch ops took 7 launches, and a segmented radix sort of the labels before that).
 
 Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
 run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
@@ -64,6 +66,7 @@ from sparse_compile.kernels.kmeans_reference import (
     check_kmeans_inputs,
     check_permutation_inputs,
     cluster_offsets,
+    cluster_permutation_reference,
     cluster_ranks_reference,
     initial_centroids,
     kmeans_objective,
@@ -72,6 +75,7 @@ from sparse_compile.kernels.kmeans_reference import (
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _FINALIZE_ELEMENTS = 4096  # centroid elements per finalize program
+_PERMUTATION_TOKENS = 1024  # tokens per program of the permutation scatter
 
 
 @dataclass(frozen=True)
@@ -124,14 +128,16 @@ def _assign_kernel(
     x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, num_clusters,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
     ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (BLOCK_S tokens, batch * head): labels, ranks, counts and (ACCUMULATE) member sums.
 
     Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels and
-    ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32 ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are
-    added to (``sums_ptr`` is not touched unless ACCUMULATE).
+    ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32
+    ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are added to (``sums_ptr`` is not touched unless
+    ACCUMULATE). Centroids stream in BLOCK_K chunks, the last ``K % BLOCK_K`` in one masked chunk of
+    TAIL_K (a power of two, at least that remainder).
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -152,7 +158,7 @@ def _assign_kernel(
                                       HEAD_DIM, BLOCK_K, False, DOT_PRECISION)
     if k_full < num_clusters:
         best, best_idx = _score_chunk(x, c_base, hn_base, k_full, num_clusters, best, best_idx, dims,
-                                      HEAD_DIM, BLOCK_K, True, DOT_PRECISION)
+                                      HEAD_DIM, TAIL_K, True, DOT_PRECISION)
     tl.store(labels_ptr + bh * seq_len + rows, best_idx, mask=row_ok)
     cluster = bh * num_clusters + best_idx
     rank = tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
@@ -164,14 +170,15 @@ def _assign_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, total_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, RESET: tl.constexpr,
-    WRITE_LOW: tl.constexpr,
+    src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, total_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, ZERO_COUNTS: tl.constexpr,
+    ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr,
 ):
     """One program per BLOCK_R centroid rows of the flat ``(B*H*K, D)`` buffers.
 
-    FROM_SUMS: ``c = sums / count`` where count > 0 (else c is kept), written back to ``c``, and
-    with RESET sums / counts zeroed for the next assignment. Always: ``low = c`` in the dot dtype
+    ``c = src`` (the initial centroids, any float dtype, or ``c`` itself), then with FROM_SUMS
+    ``c = sums / count`` where count > 0; written to ``c`` in fp32. ZERO_COUNTS / ZERO_SUMS then zero
+    the counts / sums for the next assignment (after reading them). Always: ``low = c`` in the dot dtype
     (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -179,20 +186,37 @@ def _finalize_kernel(
     dims = tl.arange(0, HEAD_DIM)
     offs = rows[:, None] * HEAD_DIM + dims[None, :]
     tile_ok = tl.broadcast_to(row_ok[:, None], (BLOCK_R, HEAD_DIM))
-    c = tl.load(c_ptr + offs, mask=tile_ok, other=0.0)
+    c = tl.load(src_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
     if FROM_SUMS:
         count = tl.load(counts_ptr + rows, mask=row_ok, other=0)
         sums = tl.load(sums_ptr + offs, mask=tile_ok, other=0.0)
         c = tl.where((count > 0)[:, None], sums / tl.maximum(count, 1).to(tl.float32)[:, None], c)
-        tl.store(c_ptr + offs, c, mask=tile_ok)
-        if RESET:
-            tl.store(sums_ptr + offs, tl.zeros_like(sums), mask=tile_ok)
-            tl.store(counts_ptr + rows, tl.zeros_like(count), mask=row_ok)
+    tl.store(c_ptr + offs, c, mask=tile_ok)
+    if ZERO_COUNTS:
+        tl.store(counts_ptr + rows, tl.zeros([BLOCK_R], tl.int32), mask=row_ok)
+    if ZERO_SUMS:
+        tl.store(sums_ptr + offs, tl.zeros([BLOCK_R, HEAD_DIM], tl.float32), mask=tile_ok)
     low = c.to(low_ptr.dtype.element_ty)
     if WRITE_LOW:
         tl.store(low_ptr + offs, low, mask=tile_ok)
     low_f = low.to(tl.float32)
     tl.store(hn_ptr + rows, 0.5 * tl.sum(low_f * low_f, 1), mask=row_ok)
+
+
+@triton.jit
+def _permutation_kernel(labels_ptr, ranks_ptr, offsets_ptr, perm_ptr, seq_len, num_clusters, BLOCK: tl.constexpr):
+    """One program per (BLOCK tokens, batch * head): ``perm[offsets[label] + rank] = token``.
+
+    labels, ranks contiguous ``(B*H, S)`` (any integer dtype), offsets int32 ``(B*H, K + 1)``, perm
+    int64 ``(B*H, S)``.
+    """
+    bh = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = tokens < seq_len
+    label = tl.load(labels_ptr + bh * seq_len + tokens, mask=ok, other=0)
+    rank = tl.load(ranks_ptr + bh * seq_len + tokens, mask=ok, other=0)
+    place = tl.load(offsets_ptr + bh * (num_clusters + 1) + label, mask=ok, other=0) + rank
+    tl.store(perm_ptr + bh * seq_len + place, tokens.to(tl.int64), mask=ok)
 
 
 if isinstance(_assign_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
@@ -201,9 +225,10 @@ if isinstance(_assign_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before
 
 @dataclass(frozen=True)
 class _Workspace:
-    """Device buffers of one call: fp32 ``centroids``, ``low`` (their copy in x's dtype, or the same
-    tensor for fp32 x) ``(B, H, K, D)``, ``half_norms`` fp32 and ``counts`` int32 ``(B, H, K)``,
-    ``sums`` fp32 ``(B, H, K, D)`` (``counts`` itself when no iteration accumulates)."""
+    """Device buffers of one call, all written before they are read: fp32 ``centroids``, ``low``
+    (their copy in x's dtype, or the same tensor for fp32 x) ``(B, H, K, D)``, ``half_norms`` fp32 and
+    ``counts`` int32 ``(B, H, K)``, ``sums`` fp32 ``(B, H, K, D)`` (``counts`` itself when no iteration
+    accumulates: then never read or written)."""
 
     centroids: Tensor
     low: Tensor
@@ -215,20 +240,30 @@ class _Workspace:
 def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
     b, h, k, d = centroids.shape
     low = centroids if x.dtype == torch.float32 else torch.empty((b, h, k, d), dtype=x.dtype, device=x.device)
-    counts = torch.zeros((b, h, k), dtype=torch.int32, device=x.device)
-    sums = torch.zeros((b, h, k, d), dtype=torch.float32, device=x.device) if iters > 0 else counts
+    counts = torch.empty((b, h, k), dtype=torch.int32, device=x.device)
+    sums = torch.empty((b, h, k, d), dtype=torch.float32, device=x.device) if iters > 0 else counts
     half_norms = torch.empty((b, h, k), dtype=torch.float32, device=x.device)
     return _Workspace(centroids, low, half_norms, counts, sums)
 
 
-def _finalize(ws: _Workspace, from_sums: bool, reset: bool) -> None:
-    """Launch ``_finalize_kernel`` over every centroid row (``reset``: zero the sums and counts)."""
+def _finalize(ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool) -> None:
+    """Launch ``_finalize_kernel`` over every centroid row: centroids from ``src`` (contiguous
+    ``(B, H, K, D)``, ``ws.centroids`` itself after an iteration) or the sums, counts zeroed unless this
+    is the last finalize (``from_sums`` without ``zero_sums``), sums zeroed with ``zero_sums``."""
     b, h, k, d = ws.centroids.shape
     block_r = _FINALIZE_ELEMENTS // d
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
-        ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, b * h * k,
-        HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, RESET=reset, WRITE_LOW=ws.low is not ws.centroids,
+        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts,
+        b * h * k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
+        ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids,
     )  # fmt: skip
+
+
+def _tail_chunk(num_clusters: int, block_k: int) -> int:
+    """Width of the assignment's last, masked centroid chunk: the remainder ``K % block_k`` rounded up to a
+    power of two of at least 16 (the dot's minimum), not ``block_k``: K = 200 in 64-wide chunks computes
+    3 * 64 + 16 columns, not 4 * 64."""
+    return min(block_k, max(16, triton.next_power_of_2(num_clusters % block_k)))
 
 
 def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: KmeansConfig, accumulate: bool) -> None:
@@ -238,7 +273,8 @@ def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: Km
         x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2],
-        HEAD_DIM=d, BLOCK_S=config.block_s, BLOCK_K=config.block_k, ACCUMULATE=accumulate,
+        HEAD_DIM=d, BLOCK_S=config.block_s, BLOCK_K=config.block_k,
+        TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_k), ACCUMULATE=accumulate,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -267,18 +303,19 @@ def kmeans_triton(
     x = x if x.stride(-1) == 1 else x.contiguous()
     config = config or DEFAULT_CONFIG
     if init_centroids is None:
-        centroids = initial_centroids(x, num_clusters, seed)
+        src = centroids = initial_centroids(x, num_clusters, seed)
     else:
-        centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device).copy_(init_centroids)
+        src = init_centroids.contiguous()
+        centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device)
     ws = _workspace(x, centroids, iters)
     labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
-    _finalize(ws, from_sums=False, reset=False)
+    _finalize(ws, src, from_sums=False, zero_sums=iters > 0)
     if iters == 0:
         _assign(x, ws, labels, ranks, config, accumulate=False)
     for i in range(iters):
         _assign(x, ws, labels, ranks, config, accumulate=True)
-        _finalize(ws, from_sums=True, reset=i < iters - 1)
+        _finalize(ws, ws.centroids, from_sums=True, zero_sums=i < iters - 1)
     return Clustering(ws.centroids, labels, ws.counts, ranks)
 
 
@@ -301,6 +338,21 @@ def kmeans(
     return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
 
 
+def cluster_permutation_triton(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`cluster_permutation` as the offsets' cumsum and one Triton scatter (CUDA, or CPU tensors
+    under ``TRITON_INTERPRET=1``); ``S < 2**31``."""
+    check_permutation_inputs(labels, sizes, ranks)
+    offsets = cluster_offsets(sizes)
+    b, h, s = labels.shape
+    perm = torch.empty((b, h, s), dtype=torch.int64, device=labels.device)
+    if perm.numel():
+        labels, ranks = labels.contiguous(), ranks.contiguous()
+        _permutation_kernel[(triton.cdiv(s, _PERMUTATION_TOKENS), b * h)](
+            labels, ranks, offsets, perm, s, sizes.shape[-1], BLOCK=_PERMUTATION_TOKENS
+        )
+    return perm, offsets
+
+
 def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
     """Token order grouping each cluster, and the cluster offsets; no host sync.
 
@@ -308,12 +360,11 @@ def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[T
     :func:`kmeans` (a cluster's ranks are ``0 .. size - 1``). Returns ``perm`` int64 ``(B, H, S)``,
     token ``t`` at place ``offsets[labels[t]] + ranks[t]`` (so with the reference's stable ranks the
     tokens of a cluster ascend), and ``offsets`` int32 ``(B, H, K + 1)`` (:func:`cluster_offsets`).
+    CUDA tensors take :func:`cluster_permutation_triton`, others :func:`cluster_permutation_reference`.
     """
-    check_permutation_inputs(labels, sizes, ranks)
-    offsets = cluster_offsets(sizes)
-    place = offsets.gather(-1, labels.long()).long() + ranks
-    tokens = torch.arange(labels.shape[-1], device=labels.device).expand(labels.shape)
-    return torch.empty(labels.shape, dtype=torch.int64, device=labels.device).scatter_(-1, place, tokens), offsets
+    if labels.is_cuda:
+        return cluster_permutation_triton(labels, sizes, ranks)
+    return cluster_permutation_reference(labels, sizes, ranks)
 
 
 __all__ = [
@@ -321,6 +372,8 @@ __all__ = [
     "Clustering",
     "KmeansConfig",
     "cluster_permutation",
+    "cluster_permutation_reference",
+    "cluster_permutation_triton",
     "cluster_ranks_reference",
     "DEFAULT_CONFIG",
     "kmeans",

@@ -185,6 +185,20 @@ def cluster_offsets(sizes: Tensor) -> Tensor:
     return F.pad(torch.cumsum(sizes, dim=-1, dtype=torch.int32), (1, 0))
 
 
+def cluster_permutation_reference(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
+    """Token order grouping each cluster, and the cluster offsets, in torch ops (the specification).
+
+    ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` and ``ranks`` ``(B, H, S)`` integer (a cluster's
+    ranks are ``0 .. size - 1``). Returns ``perm`` int64 ``(B, H, S)``, token ``t`` at place
+    ``offsets[labels[t]] + ranks[t]``, and ``offsets`` int32 ``(B, H, K + 1)`` (:func:`cluster_offsets`).
+    """
+    check_permutation_inputs(labels, sizes, ranks)
+    offsets = cluster_offsets(sizes)
+    place = offsets.gather(-1, labels.long()).long() + ranks
+    tokens = torch.arange(labels.shape[-1], device=labels.device).expand(labels.shape)
+    return torch.empty(labels.shape, dtype=torch.int64, device=labels.device).scatter_(-1, place, tokens), offsets
+
+
 def cluster_ranks_reference(labels: Tensor, sizes: Tensor) -> Tensor:
     """Stable ranks, int32 ``(B, H, S)``: the number of earlier tokens (in token order) with the same label.
 

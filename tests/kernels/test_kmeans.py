@@ -336,13 +336,13 @@ def assert_same_clustering(got, want, dtype):
     assert rel_l2(got.centroids, want.centroids) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
-INTERP_CONFIGS = [km.KmeansConfig(32, 16, 4, 1), km.KmeansConfig(16, 32, 4, 1)]
+INTERP_CONFIGS = [km.KmeansConfig(32, 16, 4, 1), km.KmeansConfig(16, 32, 4, 1), km.KmeansConfig(16, 64, 4, 1)]
 
 
 @interp
 @pytest.mark.usefixtures("poisoned_empty")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", INTERP_CONFIGS, ids=["s32k16", "s16k32"])
+@pytest.mark.parametrize("config", INTERP_CONFIGS, ids=["s32k16", "s16k32", "s16k64 (32-wide last chunk)"])
 def test_interp_cold_start_matches_reference_on_blobs(dtype, config):
     # contiguous blobs: tiles of one cluster, so the atomics collide; S and K not tile multiples
     x, ids, _ = blobs(1, 2, 20, 7, 32, seed=5, contiguous=True, dtype=dtype)
@@ -388,6 +388,22 @@ def test_interp_iters_zero_ties_and_edge_shapes():
     assert (one.labels == 0).all() and torch.equal(one.centroids, x[:, :, :1].float())
     empty = km.kmeans_triton(torch.randn(0, 2, 10, 16), 3, 1)
     assert empty.centroids.shape == (0, 2, 3, 16) and empty.labels.shape == (0, 2, 10)
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("s, k", [(80, 20), (1500, 7), (3, 5)], ids=["small", "two programs", "empty clusters"])
+def test_interp_triton_permutation_equals_the_reference(s, k):
+    """Same permutation and offsets as the torch specification, with stable and with reversed ranks,
+    int32 and int64 labels, over more tokens than one program handles."""
+    g = torch.Generator().manual_seed(s)
+    labels = torch.randint(0, k, (2, 3, s), generator=g, dtype=torch.int32)
+    sizes = cluster_sizes(labels, k)
+    stable = km.cluster_ranks_reference(labels, sizes)
+    reverse = (sizes.gather(-1, labels.long()) - 1 - stable).int()
+    for lab, ranks in ((labels, stable), (labels.long(), reverse)):
+        got, want = km.cluster_permutation_triton(lab, sizes, ranks), km.cluster_permutation_reference(lab, sizes, ranks)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 # ------------------------------------------------------------------------------------------------
