@@ -52,6 +52,7 @@ from sparse_compile.kernels.varlen_block_sparse_reference import (
     varlen_kept_keys,
     varlen_kept_pairs,
 )
+from sparse_compile.kernels.varlen_tiles import split_rows, tile_tables
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -147,8 +148,7 @@ def q_padding_factor(q, k, v, layout, block_m: int, tail_block_m: int = 0) -> fl
     ``tail_block_m``, each cluster's remainder of at most that many rows in a tile of that size),
     with the kernel's own split of the rows between the two launches."""
     expanded = validate_varlen_inputs(q, k, v, *layout)
-    config = vb.VarlenConfig(block_m, 128, 4, 1, tail_block_m=tail_block_m)
-    (_, main_rows), (_, tail_rows) = vb._split_rows(vb._flat_offsets(expanded.q_offsets), config)
+    _, main_rows, tail_rows = split_rows(vb._flat_offsets(expanded.q_offsets), block_m, tail_block_m)
     main_rows, tail_rows = main_rows.long(), tail_rows.long()
     kept = varlen_kept_keys(expanded).reshape(main_rows.shape)
     q_sizes = main_rows + tail_rows
@@ -244,11 +244,10 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     flat_q = vb._flat_offsets(layout.q_offsets)
     config = vb.default_config(S, NQC, D, DTYPE.itemsize)
     rows_buffer = torch.empty(B * H * NQC * S, dtype=torch.int32, device=DEVICE)
-    (first_row, rows), _ = vb._split_rows(flat_q, config)
 
     def prep():
         kept = vb._kept_rows(layout, vb._flat_offsets(layout.kv_offsets), S, 0, B * H, rows_buffer)
-        vb._tile_table(first_row, rows, kept.total, config.block_m, triton.cdiv(S, config.block_m) + NQC)
+        tile_tables(flat_q, kept.total, 0, S, config.block_m, config.tail_block_m)
 
     def attend():
         return vb.varlen_block_sparse_attention(q, k, v, *raw)
@@ -264,7 +263,7 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     return [
         f"CUDA-graph capture of the whole varlen op (density 0.125): OK (no host sync); replay == eager: "
         f"{torch.equal(captured, eager_out)}; replay {bench_ms(graphs[0].replay):.3f} ms, eager {bench_ms(attend):.3f} ms",
-        f"varlen prep (kept-rows kernel + tile table): GPU time (graph replay) {bench_ms(graphs[1].replay):.3f} ms, "
+        f"varlen prep (kept-rows kernel + tile tables): GPU time (graph replay) {bench_ms(graphs[1].replay):.3f} ms, "
         f"eager (launch-bound) {eager_prep:.3f} ms",
     ]
 

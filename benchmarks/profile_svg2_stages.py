@@ -11,8 +11,9 @@ through the permutations, and the kept-density reduction. Then the whole
 (everything but the kernel) as a fraction of the whole call, and the selection stage as the torch
 ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
 (GPU time: the small stages are launch-bound when timed alone, but inside a model the CPU queues
-them while the GPU runs the previous layer). Prints a markdown table and writes it to
-``$OUT/svg2_stages.md`` when ``OUT`` is set.
+them while the GPU runs the previous layer). Last, every GPU kernel one warm call launches, with its
+GPU time from ``torch.profiler`` (the profiler's per-kernel times add a little to each). Prints
+markdown tables and writes them to ``$OUT/svg2_stages.md`` when ``OUT`` is set.
 
     PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py [--shape NAME]
 """
@@ -156,6 +157,28 @@ def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: 
     return "\n".join(rows)
 
 
+def launch_table(call: Callable[[], object], reps: int = 10) -> str:
+    """Markdown: each GPU kernel of one ``call`` (by name, truncated), launches and microseconds per call,
+    from ``torch.profiler`` over ``reps`` calls after warm-up; with the kernel count and summed time."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:80], []).append(e.device_time)
+    rows = [f"GPU kernels of one warm call: {len(kernels) / reps:.0f} launches, "
+            f"{sum(e.device_time for e in kernels) / reps / 1000:.3f} ms summed", "",
+            "| kernel | launches per call | us per call |", "|---|---|---|"]  # fmt: skip
+    for name, times in sorted(by_name.items(), key=lambda item: -sum(item[1])):
+        rows.append(f"| `{name}` | {len(times) / reps:.0f} | {sum(times) / reps:.1f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default=next(iter(SHAPES)))
@@ -166,10 +189,11 @@ def main() -> None:
     stages, select_unfused = stage_calls(method, q, k, v, state)
     stage_times = {name: time_both(fn) for name, fn in stages.items()}
     unfused_select = time_both(select_unfused)
-    whole = {name: time_both(fn) for name, fn in whole_calls(method, q, k, v, grid, state).items()}
+    calls = whole_calls(method, q, k, v, grid, state)
+    whole = {name: time_both(fn) for name, fn in calls.items()}
     header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
               f"{torch.cuda.get_device_name()}")  # fmt: skip
-    table = report(stage_times, whole, unfused_select, header)
+    table = report(stage_times, whole, unfused_select, header) + "\n\n" + launch_table(calls[CALL])
     print(table)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "svg2_stages.md"), "w") as f:
