@@ -39,8 +39,8 @@ Kernel design (CUDA):
 Measured on an H100 (benchmarks/results/varlen_block_sparse.md, varlen_notes.md): the kept rows
 made the attention kernel 10-16% faster than the previous per-tile slot lookup (SVG2's Wan layout
 4.05 -> 3.57 ms, HunyuanVideo's 60.8 -> 51.2 ms); against the fixed-block kernel at equal density
-it is still ~2x on SVG2-like layouts (query padding 1.2-1.3 plus the gathered k/v loads) and
-1.14-1.27x on identical work (128-token clusters).
+the whole op is still 1.9x on SVG2-like layouts (query padding 1.28 plus the gathered k/v loads)
+and 1.15-1.28x on identical work (128-token clusters).
 """
 
 from __future__ import annotations
