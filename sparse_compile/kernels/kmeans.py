@@ -38,7 +38,7 @@ B*H * S * D relaxed fp32 atomics (50 M, issued as 16-byte vector atomics on sm_9
 K * D addresses per head, which overlap with other programs' dots. The tile shape is 64 x 64, 4
 warps, 2 stages (:data:`DEFAULT_CONFIG`; compiled for sm_90 a 64 x 64 tile is wgmma m64n64k16, no
 spills). Measured on an H100 (``benchmarks/bench_kmeans.py``): one assignment pass 0.30 ms at
-K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.35 ms (queries).
+K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.34 ms (queries).
 
 The cluster permutation is then a counting sort with no sort at all: a token's place is its
 cluster's offset plus its rank. It is the offsets' cumsum and one Triton scatter (3 launches; the

@@ -28,6 +28,9 @@ from triton.runtime.interpreter import InterpretedFunction
 from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
 
 _FILL = 128  # empty slots written per step
+MAX_TRITON_Q_CLUSTERS = 8192
+"""Most q clusters the Triton tables sort in one program (one int64 key per cluster in registers);
+more take the torch tables, which give the same result."""
 
 
 def main_slots(s_q: int, num_q_clusters: int, block_m: int) -> int:
@@ -144,10 +147,13 @@ def tile_tables(
     """:func:`tile_tables_reference` for pairs ``bh_start .. bh_start + G - 1`` in one Triton launch.
 
     ``q_offsets`` contiguous int32 ``(BH, NQC + 1)`` of every pair (rows from ``bh_start`` are read),
-    ``total`` contiguous int32 ``(G, NQC)``. CUDA, or CPU tensors under ``TRITON_INTERPRET=1``;
-    ``NQC < 2**31``, kept keys per cluster ``< 2**31``. Rows of empty slots are left unwritten.
+    ``total`` contiguous int32 ``(G, NQC)``. CUDA, or CPU tensors under ``TRITON_INTERPRET=1``; kept
+    keys per cluster ``< 2**31``. Rows of empty slots are left unwritten. Above
+    :data:`MAX_TRITON_Q_CLUSTERS` q clusters this is :func:`tile_tables_reference` on the same device.
     """
     group, nqc = total.shape
+    if nqc > MAX_TRITON_Q_CLUSTERS:
+        return tile_tables_reference(q_offsets[bh_start : bh_start + group], total, s_q, block_m, tail_block_m)
     slots = main_slots(s_q, nqc, block_m)
     device = total.device
     main = (torch.empty((group, slots), dtype=torch.int32, device=device),

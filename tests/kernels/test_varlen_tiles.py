@@ -79,5 +79,15 @@ def test_interp_triton_tables_equal_the_reference(pairs, nqc, s_q, block_m, tail
         assert torch.equal(got_table[1][real], want_table[1][real])
 
 
+def test_more_q_clusters_than_one_program_sorts_take_the_torch_tables(monkeypatch):
+    """Past ``MAX_TRITON_Q_CLUSTERS`` (here lowered to 4) the tables come from the specification, for the
+    group's own rows of the offsets; on a CPU tensor no Triton launch is attempted."""
+    monkeypatch.setattr(vt, "MAX_TRITON_Q_CLUSTERS", 4)
+    q_off, total = random_group(3, 9, 200, 4, seed=1)
+    got = vt.tile_tables(q_off, total[1:].contiguous(), 1, 200, 32, 16)
+    want = vt.tile_tables_reference(q_off[1:], total[1:].contiguous(), 200, 32, 16)
+    assert all(torch.equal(g, w) for got_table, want_table in zip(got, want) for g, w in zip(got_table, want_table))
+
+
 def test_triton_tables_under_the_interpreter():
     run_interpreted(__file__, "interp_")
