@@ -27,7 +27,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from bench_methods import structured_qkv, token_major  # noqa: E402
+from bench_methods import print_and_save, structured_qkv, token_major  # noqa: E402
 from sparse_compile.kernels import kmeans as km  # noqa: E402
 from sparse_compile.kernels.kmeans_reference import assign_reference  # noqa: E402
 
@@ -79,11 +79,7 @@ def main() -> None:
             lines.append(f"| {name} | {cfg.block_s}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages} | {one:.3f} | "
                          f"{flop / one / 1e9:.0f} | {step:.3f} | {agree:.4f} |")  # fmt: skip
             print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kmeans.md"), "w") as f:
-            f.write(text + "\n")
+    print_and_save("\n".join(lines), "kmeans.md")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,15 @@ def graph_replay_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
+def print_and_save(text: str, filename: str) -> None:
+    """Print a result table and, when the ``OUT`` environment variable names a folder, write it to
+    ``$OUT/filename`` (ending in one newline)."""
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], filename), "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+
 def token_major(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
@@ -137,11 +146,7 @@ def main() -> None:
             rows.append(f"| {name} | {label} | {float(result.kept_density):.3f} | {rel:.3e} | {dense_ms:.2f} | "
                         f"{ms:.2f} | {dense_ms / ms:.2f}x {extra}")
             print(rows[-1], flush=True)
-    table = "\n".join(rows)
-    print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "methods.md"), "w") as f:
-            f.write(table + "\n")
+    print_and_save("\n".join(rows), "methods.md")
 
 
 if __name__ == "__main__":

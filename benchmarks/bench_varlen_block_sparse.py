@@ -40,8 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from bench_methods import graph_replay_ms  # noqa: E402
-from bench_methods import token_major  # noqa: E402
+from bench_methods import graph_replay_ms, print_and_save, token_major  # noqa: E402
 from sparse_compile.kernels import block_select as bs  # noqa: E402
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
@@ -425,10 +424,7 @@ def main() -> None:
                                "## Attention", *table, "", *(f"- {n}" for n in notes), "",
                                "## Selection and search helpers", *sel_table, "",
                                "## Folded token permutations (SVG2)", *perm_table, ""])  # fmt: skip
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "varlen.md"), "w") as f:
-            f.write(text)
+    print_and_save(text, "varlen.md")
 
 
 if __name__ == "__main__":

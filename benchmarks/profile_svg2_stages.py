@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +31,7 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_methods import SHAPES, graph_replay_ms, make_call, structured_qkv, token_major
+from bench_methods import SHAPES, graph_replay_ms, make_call, print_and_save, structured_qkv, token_major
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
@@ -194,10 +193,7 @@ def main() -> None:
     header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
               f"{torch.cuda.get_device_name()}")  # fmt: skip
     table = report(stage_times, whole, unfused_select, header) + "\n\n" + launch_table(calls[CALL])
-    print(table)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "svg2_stages.md"), "w") as f:
-            f.write(table + "\n")
+    print_and_save(table, "svg2_stages.md")
 
 
 if __name__ == "__main__":
