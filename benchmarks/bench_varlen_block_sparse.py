@@ -210,7 +210,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     for cfg in CONFIGS:
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
-    default = vb.default_config(S, NQC, D, DTYPE.itemsize)
+    default = vb.default_config(S, NQC, D, DTYPE.itemsize, vb.max_shared_memory(torch.device(DEVICE)))
     ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
@@ -241,7 +241,7 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     raw = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
     layout = validate_varlen_inputs(q, k, v, *raw)
     flat_q = vb._flat_offsets(layout.q_offsets)
-    config = vb.default_config(S, NQC, D, DTYPE.itemsize)
+    config = vb.default_config(S, NQC, D, DTYPE.itemsize, vb.max_shared_memory(torch.device(DEVICE)))
     rows_buffer = torch.empty(B * H * NQC * S, dtype=torch.int32, device=DEVICE)
 
     def prep():

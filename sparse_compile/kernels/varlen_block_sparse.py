@@ -36,11 +36,15 @@ Kernel design (CUDA):
   is written token-major by default, the layout the backend's op returns without a copy.
 - Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
 
+- Software pipelining: on Hopper, 5 stages, so that the K/V gathers of a tile are issued two tiles
+  ahead (:func:`default_config` says why 3 or 4 stages leave their latency exposed).
+
 Measured on an H100 (benchmarks/results/varlen_block_sparse.md, varlen_notes.md): the kept rows
 made the attention kernel 10-16% faster than the previous per-tile slot lookup (SVG2's Wan layout
-4.05 -> 3.57 ms, HunyuanVideo's 60.8 -> 51.2 ms); against the fixed-block kernel at equal density
-the whole op is still 1.9x on SVG2-like layouts (query padding 1.28 plus the gathered k/v loads)
-and 1.15-1.28x on identical work (128-token clusters).
+4.05 -> 3.57 ms, HunyuanVideo's 60.8 -> 51.2 ms), the deeper pipeline another 12-13% (SVG2's Wan
+layout 3.13 -> 2.76 ms); against the fixed-block kernel at equal density the whole op was 1.9x on
+SVG2-like layouts with 3 stages (query padding 1.28 plus the gathered k/v loads) and 1.15-1.28x on
+identical work (128-token clusters).
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class VarlenConfig:
 
     ``tail_block_m`` > 0 splits off the last rows of each q cluster when they fill at most that many
     (``size % block_m`` in ``(0, tail_block_m]``): a second launch runs them in ``tail_block_m``-row
-    tiles with ``tail_num_warps`` warps, so a 130-row cluster computes 128 + 32 rows, not 256.
+    tiles with ``tail_num_warps`` warps, ``tail_block_n``-key tiles and ``tail_num_stages`` stages
+    (0: the main launch's), so a 130-row cluster computes 128 + 32 rows, not 256.
     """
 
     block_m: int
@@ -92,6 +97,8 @@ class VarlenConfig:
     num_stages: int
     tail_block_m: int = 0  # 0: no tail launch
     tail_num_warps: int = 4
+    tail_block_n: int = 0
+    tail_num_stages: int = 0
 
     def __post_init__(self) -> None:
         tail = self.tail_block_m
@@ -99,25 +106,55 @@ class VarlenConfig:
             raise ValueError(
                 f"VarlenConfig.tail_block_m must be 0 or a power of two in [16, block_m={self.block_m}), got {tail}"
             )
+        tail_n = self.tail_block_n
+        if tail_n and (tail_n < 16 or tail_n & (tail_n - 1)):
+            raise ValueError(f"VarlenConfig.tail_block_n must be 0 or a power of two >= 16, got {tail_n}")
+        if self.tail_num_stages < 0:
+            raise ValueError(f"VarlenConfig.tail_num_stages must be >= 0, got {self.tail_num_stages}")
 
 
-def default_config(s_q: int, num_q_clusters: int, head_dim: int, element_size: int) -> VarlenConfig:
-    """Tile config by mean q cluster size and element size (H100 sweeps, benchmarks/results/varlen_block_sparse.md).
+DEEP_PIPELINE_SHARED_BYTES = 230400
+"""Shared memory of the 5-stage 128x128 tile at D = 128, 16-bit (sm_90 compile): Hopper's 227 KiB per block
+holds it, an A100's 163 KiB does not."""
+
+
+def max_shared_memory(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of a CUDA device, in bytes (``None`` for other devices)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def default_config(
+    s_q: int, num_q_clusters: int, head_dim: int, element_size: int, shared_memory: int | None = None
+) -> VarlenConfig:
+    """Tile config by mean q cluster size, element size and the device's shared memory per block
+    (``shared_memory`` bytes, :func:`max_shared_memory`; ``None``: assume the smallest pipeline).
+    H100 sweeps: benchmarks/results/varlen_block_sparse.md and varlen_notes.md.
 
     Each q cluster pads its last tile (~BLOCK_M / 2 rows), yet 128-row tiles amortise the per-tile
     work over twice the rows: on SVG2-like layouts with ~110-row clusters (Wan 480p, 300 q
-    clusters) 128x128 tiles, 8 warps, 3 stages were fastest at every density despite 1.56x padding
-    against 1.28x for 64-row tiles. Remainders of at most 64 rows go to 64-row tiles (4 warps) in
-    a second launch: on SVG2's own Wan layout (200 q clusters) the kernel took 4.08 ms instead of
-    4.48 ms, on the synthetic 300-cluster layouts -2% to +2%. Below ~96 rows per cluster (unmeasured)
-    and for fp32 inputs (twice the shared memory per tile) 64-row tiles. With the kept rows
-    materialised, 4 stages measured the same as 3 and 2 stages 40-70% slower.
+    clusters) 128x128 tiles, 8 warps were fastest at every density despite 1.56x padding against
+    1.28x for 64-row tiles. Remainders of at most 64 rows go to 64-row tiles (4 warps, 64 keys at a
+    time) in a second launch: on SVG2's own Wan layout (200 q clusters) the kernel took 4.08 ms
+    instead of 4.48 ms. Below ~96 rows per cluster (unmeasured) and for fp32 inputs (twice the shared
+    memory per tile) 64-row tiles.
+
+    Stages: the K/V gathers of a tile are waited for at the top of its iteration. With 3 or 4 stages
+    Triton's pipeliner issues them one tile ahead, at the end of the previous iteration, so their
+    latency is exposed (Nsight Compute: the wait and the CTA barrier held ~35% of the samples of
+    SVG2's Wan kernel); with 5 they go two tiles ahead. That took SVG2's Wan kernel stage from 3.13
+    to 2.76 ms and HunyuanVideo's from 52.0 to 45.3 ms, and needs :data:`DEEP_PIPELINE_SHARED_BYTES`
+    for the 128x128 tile (Hopper); elsewhere 3 stages (164 KiB).
     """
     mean_rows = s_q / max(num_q_clusters, 1)
+    deep = shared_memory is not None and shared_memory >= DEEP_PIPELINE_SHARED_BYTES
+    stages = 5 if deep else 3
     if head_dim <= 128 and element_size <= 2 and mean_rows >= 96:
-        return VarlenConfig(128, 128, 8, 3, tail_block_m=64)
+        return VarlenConfig(128, 128, 8, stages, tail_block_m=64, tail_block_n=64)
     if head_dim <= 128 and mean_rows >= 512:
-        return VarlenConfig(128, 128, 8, 3)
+        return VarlenConfig(128, 128, 8, stages)
     return VarlenConfig(64, 128, 4, 3)
 
 
@@ -337,7 +374,7 @@ def varlen_block_sparse_attention_triton(
     nqc = layout.num_q_clusters
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
-    config = config or default_config(s_q, nqc, d, q.element_size())
+    config = config or default_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
@@ -347,19 +384,20 @@ def varlen_block_sparse_attention_triton(
         size = min(group, b * h - bh_start)
         kept = _kept_rows(layout, kv_off, s_k, bh_start, size, rows_buffer)
         main, tail = tile_tables(q_off, kept.total, bh_start, s_q, config.block_m, config.tail_block_m)
-        launches = [(main, config.block_m, config.num_warps)]
+        launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
         if tail is not None:
-            launches.append((tail, config.tail_block_m, config.tail_num_warps))
-        for (tile_cluster, tile_row), block_m, num_warps in launches:
+            launches.append((tail, config.tail_block_m, config.tail_block_n or config.block_n, config.tail_num_warps,
+                             config.tail_num_stages or config.num_stages))
+        for (tile_cluster, tile_row), block_m, block_n, num_warps, num_stages in launches:
             num_tiles = tile_cluster.shape[1]
             _varlen_fwd_kernel[(num_tiles, size)](
                 q, k, v, out, lse_out, layout.q_perm,
                 tile_cluster, tile_row, q_off, kept.total, kept.rows,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
                 bh_start, h, nqc, num_tiles, s_q, s_k, scale * _LOG2E,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=config.block_n, PERMUTE_Q=layout.q_perm is not None,
+                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                num_warps=num_warps, num_stages=config.num_stages,
+                num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
     return out, lse_out
 
@@ -449,6 +487,7 @@ __all__ = [
     "VarlenConfig",
     "check_varlen_layout_values",
     "default_config",
+    "max_shared_memory",
     "token_major_like",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_triton",

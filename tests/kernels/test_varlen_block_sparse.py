@@ -272,6 +272,24 @@ def test_config_tail_block_m_must_be_a_smaller_power_of_two():
     assert vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64).tail_block_m == 64
 
 
+def test_default_config_pipelines_deeper_only_where_shared_memory_allows():
+    hopper = vb.default_config(32760, 200, 128, 2, shared_memory=232448)  # 227 KiB per block
+    ampere = vb.default_config(32760, 200, 128, 2, shared_memory=166912)  # 163 KiB
+    assert (hopper.block_m, hopper.block_n, hopper.num_stages, hopper.tail_block_m) == (128, 128, 5, 64)
+    assert (ampere.block_m, ampere.block_n, ampere.num_stages, ampere.tail_block_m) == (128, 128, 3, 64)
+    assert vb.default_config(32760, 200, 128, 2, shared_memory=None).num_stages == 3
+    assert vb.default_config(32760, 200, 128, 4, shared_memory=232448) == vb.VarlenConfig(64, 128, 4, 3)  # fp32
+    assert vb.max_shared_memory(torch.device("cpu")) is None
+
+
+def test_config_tail_tile_keys_and_stages_are_checked():
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match="tail_block_n"):
+            vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=bad)
+    with pytest.raises(ValueError, match="tail_num_stages"):
+        vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_num_stages=-1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton kernel under the interpreter (TRITON_INTERPRET must be set before triton's import)
 # ------------------------------------------------------------------------------------------------
@@ -316,6 +334,7 @@ INTERP_CASES = [
     (1, 1, 64, 64, 64, 6, 5, 0.6, vb.VarlenConfig(16, 64, 4, 1)),
     (1, 2, 40, 256, 16, 9, 80, 0.5, vb.VarlenConfig(16, 32, 4, 1)),
     (2, 2, 150, 120, 32, 5, 20, 0.5, vb.VarlenConfig(32, 16, 4, 1, tail_block_m=16)),  # tails in a second launch
+    (1, 2, 150, 120, 32, 5, 20, 0.5, vb.VarlenConfig(32, 32, 4, 1, tail_block_m=16, tail_block_n=16)),  # own key tile
 ]
 
 
@@ -463,7 +482,8 @@ def wan_problem(h, density, seed, nqc=300, nkc=1000):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [None, vb.VarlenConfig(128, 64, 8, 3), vb.VarlenConfig(64, 128, 4, 2),
-                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64)])
+                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
+                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=64)])
 def test_gpu_matches_reference_bf16(config):
     q, k, v, layout = wan_problem(2, 0.2, seed=1)
     b, h, s, d = q.shape
