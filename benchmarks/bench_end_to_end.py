@@ -30,6 +30,12 @@ tokens), ``wan14b-stack`` (Wan2.1-14B blocks, 720p 81 frames: 75600 tokens), ``h
 ``--tiny`` shrinks every model, grid and schedule so a whole run takes about two minutes of CPU
 time (the sparse methods then run their PyTorch reference kernels: a smoke test, not a speed number).
 
+A ``--methods`` entry may carry option overrides after ``@``: ``svg2@top_p=0.3`` is SVG2 with
+``top_p`` 0.3 (values are JSON: numbers, ``true``/``false``, quoted strings), ``svg2@top_p=0.3@k_clusters=500``
+sets two. With random weights the attention is nearly uniform, so SVG2's top-p keeps about ``top_p``
+of the pairs (0.88 at 0.9); a lower ``top_p`` measures the model at the kept densities that trained
+weights give at 0.9.
+
 Results go to ``--out``: ``end_to_end.json`` (every measurement, the environment and the
 command line; rewritten after each variant, so a run stopped by ``--max-seconds`` or a kill keeps
 what it measured) and ``end_to_end.md``. ``--resume`` merges an earlier run's JSON and skips the
@@ -385,16 +391,38 @@ def kept_density(compiled: torch.nn.Module, dense_steps: int) -> dict[str, Any]:
 # Variants
 
 
+def split_variant(variant: str) -> tuple[str, dict[str, Any]]:
+    """``"svg2@top_p=0.3@k_clusters=500"`` -> ``("svg2", {"top_p": 0.3, "k_clusters": 500})`` (values parsed as JSON).
+
+    Raises ``ValueError`` for an override that is not ``key=value`` or whose value is not JSON.
+    """
+    base, *pairs = variant.split("@")
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"method variant {variant!r}: override {pair!r} is not key=value")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"method variant {variant!r}: value of {key!r} is not JSON ({error})") from None
+    return base, overrides
+
+
 def backend_options(method: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    """``torch.compile`` options of a variant (``None``: Inductor), validated up front."""
-    if method == INDUCTOR:
+    """``torch.compile`` options of a variant (``None``: Inductor), validated up front.
+
+    ``method`` is a name of :data:`ALL_METHODS`, optionally with ``@key=value`` overrides (:func:`split_variant`),
+    which apply last."""
+    base, overrides = split_variant(method)
+    if base == INDUCTOR:
         return None
-    options: dict[str, Any] = {"method": "dense" if method == BACKEND_DENSE else method,
-                               "dense_steps": args.dense_steps}
+    options: dict[str, Any] = {"method": "dense" if base == BACKEND_DENSE else base, "dense_steps": args.dense_steps}
     if args.tiny:
         options["min_seq_len"] = TINY_MIN_SEQ_LEN
-        options.update(TINY_METHOD_OPTIONS.get(method, {}))
-    options.update(args.method_options.get(method, {}))
+        options.update(TINY_METHOD_OPTIONS.get(base, {}))
+    options.update(args.method_options.get(base, {}))
+    options.update(overrides)
     sparse_compile.validate_options(options)
     return options
 
@@ -680,7 +708,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(FULL_MODELS), help=f"comma-separated, of {list(FULL_MODELS)}")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {list(ALL_METHODS)} ('dense' is Inductor, "
-                             f"'{BACKEND_DENSE}' the backend's own dense op)")
+                             f"'{BACKEND_DENSE}' the backend's own dense op); a backend method may carry "
+                             "option overrides, e.g. svg2@top_p=0.3")
     parser.add_argument("--calls", type=int, default=None, help="calls timed per steady phase (default 4; --tiny 2)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps extrapolated to (default 50; --tiny 6)")
@@ -702,10 +731,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, tiny if args.tiny else full)
     args.models = [m for m in args.models.split(",") if m]
     args.methods = [m for m in args.methods.split(",") if m]
-    for name, allowed in (("models", FULL_MODELS), ("methods", ALL_METHODS)):
-        unknown = [x for x in getattr(args, name) if x not in allowed]
-        if unknown:
-            parser.error(f"unknown {name} {unknown}; allowed: {list(allowed)}")
+    unknown_models = [m for m in args.models if m not in FULL_MODELS]
+    if unknown_models:
+        parser.error(f"unknown models {unknown_models}; allowed: {list(FULL_MODELS)}")
+    for method in args.methods:
+        try:
+            base, overrides = split_variant(method)
+        except ValueError as error:
+            parser.error(str(error))
+        if base not in ALL_METHODS or (base == INDUCTOR and overrides):
+            parser.error(f"unknown method {method!r}; allowed: {list(ALL_METHODS)}, the sparse ones optionally "
+                         "with @key=value overrides")
     unknown = sorted(set(args.method_options) - set(ALL_METHODS) - {INDUCTOR})
     if unknown or not all(isinstance(v, dict) for v in args.method_options.values()):
         parser.error(f"--method-options must map methods of {list(ALL_METHODS[1:])} to option dicts, "

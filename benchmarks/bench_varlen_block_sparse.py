@@ -65,6 +65,7 @@ CONFIGS = (  # 64x64 tiles were 25-35% slower than 64x128 (results/varlen_notes.
     vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
     vb.VarlenConfig(128, 128, 8, 4, tail_block_m=64),
     vb.VarlenConfig(128, 64, 8, 3, tail_block_m=64),
+    vb.VarlenConfig(128, 128, 8, 5, tail_block_m=64, tail_block_n=64),
 )
 DENSE_FLOP = 4 * S * S * D * H * B
 
@@ -84,7 +85,9 @@ class Row:
 
 
 def config_name(cfg: vb.VarlenConfig) -> str:
-    tail = f" + {cfg.tail_block_m}-row tails w{cfg.tail_num_warps}" if cfg.tail_block_m else ""
+    tail_keys = f" x{cfg.tail_block_n}" if cfg.tail_block_n else ""
+    tail_stages = f" s{cfg.tail_num_stages}" if cfg.tail_num_stages else ""
+    tail = f" + {cfg.tail_block_m}-row tails{tail_keys} w{cfg.tail_num_warps}{tail_stages}" if cfg.tail_block_m else ""
     return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{tail}"
 
 
@@ -218,7 +221,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     rows.append(Row("varlen public op, eager (with its Python launch cost)", f"{NQC}q/{NKC}kv clusters",
                     kept, eager_ms, fixed_ms))  # fmt: skip
     same = fixed_as_varlen(*fixed_layout)
-    for cfg in (vb.VarlenConfig(128, 128, 8, 3), vb.VarlenConfig(128, 128, 8, 4)):
+    for cfg in (vb.VarlenConfig(128, 128, 8, 3), vb.VarlenConfig(128, 128, 8, 5)):
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
