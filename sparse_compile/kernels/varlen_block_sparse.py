@@ -35,7 +35,6 @@ Kernel design (CUDA):
   in practice), so the ``(B, S, H, D)`` storage of a diffusers attention call is read as is, and O
   is written token-major by default, the layout the backend's op returns without a copy.
 - Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
-
 - Software pipelining: on Hopper, 5 stages, so that the K/V gathers of a tile are issued two tiles
   ahead (:func:`default_config` says why 3 or 4 stages leave their latency exposed).
 
@@ -116,6 +115,8 @@ class VarlenConfig:
 DEEP_PIPELINE_SHARED_BYTES = 230400
 """Shared memory of the 5-stage 128x128 tile at D = 128, 16-bit (sm_90 compile): Hopper's 227 KiB per block
 holds it, an A100's 163 KiB does not."""
+WIDE_FP32_TILE_SHARED_BYTES = 197120
+"""Shared memory of the 3-stage 64x128 tile at D = 128, fp32 (sm_90 compile); without it fp32 takes 64x64 (115 KB)."""
 
 
 def max_shared_memory(device: torch.device) -> int | None:
@@ -138,24 +139,29 @@ def default_config(
     clusters) 128x128 tiles, 8 warps were fastest at every density despite 1.56x padding against
     1.28x for 64-row tiles. Remainders of at most 64 rows go to 64-row tiles (4 warps, 64 keys at a
     time) in a second launch: on SVG2's own Wan layout (200 q clusters) the kernel took 4.08 ms
-    instead of 4.48 ms. Below ~96 rows per cluster (unmeasured) and for fp32 inputs (twice the shared
-    memory per tile) 64-row tiles.
+    instead of 4.48 ms. Below ~96 rows per cluster (unmeasured) 64-row tiles; fp32 inputs (twice the
+    shared memory per tile: 128x128 at 3 stages would need 257 KiB) take 64x128 tiles where the device
+    has :data:`WIDE_FP32_TILE_SHARED_BYTES`, else 64x64.
 
     Stages: the K/V gathers of a tile are waited for at the top of its iteration. With 3 or 4 stages
     Triton's pipeliner issues them one tile ahead, at the end of the previous iteration, so their
     latency is exposed (Nsight Compute: the wait and the CTA barrier held ~35% of the samples of
     SVG2's Wan kernel); with 5 they go two tiles ahead. That took SVG2's Wan kernel stage from 3.13
     to 2.76 ms and HunyuanVideo's from 52.0 to 45.3 ms, and needs :data:`DEEP_PIPELINE_SHARED_BYTES`
-    for the 128x128 tile (Hopper); elsewhere 3 stages (164 KiB).
+    for the 128x128 tile (Hopper); elsewhere 3 stages (164 KiB). Shared-memory needs are those of
+    D = 128, scaled by ``head_dim / 128`` for smaller heads.
     """
     mean_rows = s_q / max(num_q_clusters, 1)
-    deep = shared_memory is not None and shared_memory >= DEEP_PIPELINE_SHARED_BYTES
-    stages = 5 if deep else 3
-    if head_dim <= 128 and element_size <= 2 and mean_rows >= 96:
+
+    def fits(bytes_at_d128: int) -> bool:
+        return shared_memory is not None and shared_memory >= bytes_at_d128 * head_dim // 128
+
+    if element_size <= 2 and mean_rows >= 96:
+        stages = 5 if fits(DEEP_PIPELINE_SHARED_BYTES) else 3
         return VarlenConfig(128, 128, 8, stages, tail_block_m=64, tail_block_n=64)
-    if head_dim <= 128 and mean_rows >= 512:
-        return VarlenConfig(128, 128, 8, stages)
-    return VarlenConfig(64, 128, 4, 3)
+    if element_size <= 2:
+        return VarlenConfig(64, 128, 4, 3)
+    return VarlenConfig(64, 128 if fits(WIDE_FP32_TILE_SHARED_BYTES) else 64, 4, 3)
 
 
 @triton.jit

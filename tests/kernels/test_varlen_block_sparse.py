@@ -278,7 +278,15 @@ def test_default_config_pipelines_deeper_only_where_shared_memory_allows():
     assert (hopper.block_m, hopper.block_n, hopper.num_stages, hopper.tail_block_m) == (128, 128, 5, 64)
     assert (ampere.block_m, ampere.block_n, ampere.num_stages, ampere.tail_block_m) == (128, 128, 3, 64)
     assert vb.default_config(32760, 200, 128, 2, shared_memory=None).num_stages == 3
-    assert vb.default_config(32760, 200, 128, 4, shared_memory=232448) == vb.VarlenConfig(64, 128, 4, 3)  # fp32
+    assert vb.default_config(32760, 200, 64, 2, shared_memory=166912).num_stages == 5  # half the bytes at D = 64
+
+
+def test_default_config_fits_fp32_tiles_in_shared_memory():
+    # fp32 never takes the 128x128 tile (3 stages need 257 KiB), however large the clusters
+    for q_clusters in (200, 20):
+        assert vb.default_config(118800, q_clusters, 128, 4, shared_memory=232448) == vb.VarlenConfig(64, 128, 4, 3)
+        assert vb.default_config(118800, q_clusters, 128, 4, shared_memory=166912) == vb.VarlenConfig(64, 64, 4, 3)
+    assert vb.default_config(118800, 200, 128, 4, shared_memory=None) == vb.VarlenConfig(64, 64, 4, 3)
     assert vb.max_shared_memory(torch.device("cpu")) is None
 
 
@@ -496,6 +504,18 @@ def test_gpu_matches_reference_bf16(config):
     finite = torch.isfinite(want_lse)
     assert torch.equal(finite, torch.isfinite(lse))
     assert (lse[finite] - want_lse[finite]).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_with_large_q_clusters_runs_on_the_default_tile():
+    """fp32 inputs whose q clusters average 1000 rows: the default tile fits the device's shared memory
+    (a 128x128 tile would need 257 KiB) and matches the reference."""
+    q, k, v, layout = random_problem(1, 2, 4000, 4000, 128, 4, 40, 0.3, seed=4, dtype=torch.float32, device="cuda")
+    out, lse = vb.varlen_block_sparse_attention_triton(q, k, v, *layout)
+    want_out, want_lse = varlen_block_sparse_attention_reference(q, k, v, *layout, return_lse=True)
+    assert rel_l2(out, want_out) < 1e-4
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - want_lse[finite]).abs().max() < 1e-4
 
 
 @pytest.mark.gpu
