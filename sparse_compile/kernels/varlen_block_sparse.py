@@ -48,6 +48,7 @@ identical work (128-token clusters).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -123,7 +124,12 @@ def max_shared_memory(device: torch.device) -> int | None:
     """Opt-in shared memory per block of a CUDA device, in bytes (``None`` for other devices)."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_max_shared_memory(index: int) -> int:
+    """The driver's answer for CUDA device ``index``, asked once (every call of the op needs it)."""
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
