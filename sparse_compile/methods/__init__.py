@@ -1,6 +1,7 @@
 """Attention methods selectable with the ``method`` option."""
 
 from sparse_compile.methods.adaspa import AdaSpaMethod
+from sparse_compile.methods.auto import AutoMethod
 from sparse_compile.methods.base import AttentionMethod
 from sparse_compile.methods.dense import DenseMethod
 from sparse_compile.methods.radial import RadialMethod
@@ -13,4 +14,5 @@ METHODS: dict[str, type[AttentionMethod]] = {
     RadialMethod.name: RadialMethod,
     SvgMethod.name: SvgMethod,
     AdaSpaMethod.name: AdaSpaMethod,
+    AutoMethod.name: AutoMethod,
 }

@@ -1,0 +1,258 @@
+"""``method="auto"``: per site and head, the cheapest pattern that keeps a recall target.
+
+**Choosing.** For one (site, CFG branch), the exact block masses of the video tokens (a row-LSE
+pass and a block-mass pass, like an AdaSpa search) give every candidate's exact recall per head;
+:mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
+kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks), and heads
+past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.auto_cost`)
+run every block. When the whole call would be no faster than dense SDPA it runs dense SDPA.
+
+**When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
+first call of a generation (or of a new grid or shape). Every ``recheck_every`` steps after a
+choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled query rows (a
+``rows x Sv`` product per head); the site chooses anew when a head falls more than
+``_RECHECK_MARGIN`` below ``recall``.
+
+**Running.** All heads of a call share one block-sparse launch over their per-head layouts.
+Text tokens of joint attention are dense (:func:`attend_video_and_text`). Calls the block kernels
+cannot take run dense through :func:`dense_fallback`, with the reason reported.
+
+Options:
+    recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
+        default 0.95.
+    block: query and key block size, one of 32, 64, 128; default 64.
+    recheck_every: steps between sampled-row recall checks (int >= 1); default 10.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sparse_compile.kernels.block_select import attention_lse
+from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.methods.adaspa_search import head_chunks, normalised_mass
+from sparse_compile.methods.auto_choice import GUARD, choice_names, choose_heads, masks_to_layout
+from sparse_compile.methods.auto_cost import kernel_costs
+from sparse_compile.methods.auto_patterns import static_candidates
+from sparse_compile.methods.base import (
+    AttentionCall,
+    AttentionMethod,
+    AttentionResult,
+    choice_option,
+    fraction_option,
+    int_option,
+)
+from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
+from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem, video_text_slices
+
+BLOCK_SIZES = (32, 64, 128)
+_CHECK_ROWS = 64
+_RECHECK_MARGIN = 0.03
+_CHECK_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of heads in a recall check
+
+
+@dataclass(frozen=True, eq=False)
+class Choice:
+    """What one (site, CFG branch) runs until it chooses again.
+
+    Attributes:
+        generation, grid, shape: the generation, ``(frames, height, width)`` and video
+            ``(B, H, Sv)`` it was chosen for.
+        step: the step it was chosen at.
+        counts, indices: the kernel layout, int32 ``(B, H, N)`` and ``(B, H, N, MAXK)``.
+        head_labels: the chosen candidate of each (batch element, head), ``B`` tuples of ``H``.
+        recall: fp32 ``(B, H)``: each head's exact recall at the choice.
+        density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
+        dense: the whole call runs dense SDPA (the cost model says sparse would not be faster).
+    """
+
+    generation: int
+    grid: tuple[int, int, int]
+    shape: tuple[int, int, int]
+    step: int
+    counts: Tensor
+    indices: Tensor
+    head_labels: tuple[tuple[str, ...], ...]
+    recall: Tensor
+    density: Tensor
+    dense: bool
+
+
+@dataclass
+class HeadRuns:
+    """How often each head of a site ran sparse, dense by the guard, or dense by warm-up (per head index)."""
+
+    sparse: list[int] = field(default_factory=list)
+    guard: list[int] = field(default_factory=list)
+    warmup: list[int] = field(default_factory=list)
+
+    def add(self, heads: int, sparse: list[int], guard: list[int], warmup: list[int]) -> None:
+        for counter, added in ((self.sparse, sparse), (self.guard, guard), (self.warmup, warmup)):
+            counter.extend([0] * (heads - len(counter)))
+            for h, value in enumerate(added):
+                counter[h] += value
+
+
+def sampled_recall(q: Tensor, k: Tensor, counts: Tensor, indices: Tensor, block: int, scale: float,
+                   rows: Tensor) -> Tensor:
+    """Exact recall of a block layout on query ``rows``: fp32 ``(B, H)``.
+
+    q, k ``(B, H, Sv, D)``; counts/indices the kernel layout; rows int64 ``(R,)``. The recall of a
+    row is the share of its full softmax mass on the keys its block keeps.
+    """
+    batch, heads, num_video, _ = q.shape
+    n = counts.shape[-1]
+    key_block = torch.arange(num_video, device=q.device) // block
+    row_block = rows // block
+    per_chunk = max(1, _CHECK_CHUNK_ENTRIES // (batch * rows.numel() * num_video))
+    recalls = []
+    for start in range(0, heads, per_chunk):
+        hs = slice(start, min(start + per_chunk, heads))
+        scores = (q[:, hs, rows].float() @ k[:, hs].float().transpose(-1, -2)) * scale
+        probs = scores.softmax(dim=-1)
+        slots = indices[:, hs][:, :, row_block].long()
+        valid = torch.arange(slots.shape[-1], device=q.device) < counts[:, hs][:, :, row_block].unsqueeze(-1)
+        kept = torch.zeros(*slots.shape[:-1], n + 1, dtype=torch.bool, device=q.device)
+        kept.scatter_(-1, torch.where(valid, slots, n), True)
+        recalls.append((probs * kept[..., key_block]).sum(dim=-1).mean(dim=-1))
+    return torch.cat(recalls, dim=1)
+
+
+def check_rows(num_video: int, step: int) -> Tensor:
+    """``_CHECK_ROWS`` evenly spaced video rows, shifted by the step (deterministic): int64 ``(R,)``."""
+    count = min(_CHECK_ROWS, num_video)
+    spacing = num_video // count
+    return torch.arange(count) * spacing + (step * 7919) % spacing
+
+
+class AutoMethod(AttentionMethod):
+    """Per head the cheapest candidate pattern reaching ``recall``; dense where sparse cannot win."""
+
+    name = "auto"
+    is_sparse = True
+    option_spec = {
+        "recall": fraction_option(0.95),
+        "block": choice_option(64, BLOCK_SIZES),
+        "recheck_every": int_option(10, 1),
+    }
+
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
+        if problem is not None:
+            return dense_fallback(call, problem)
+        video, _ = video_text_slices(call.layout)
+        choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call)
+        self._count_runs(call, choice)
+        if choice.dense:
+            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
+
+    def observe_dense(self, call: AttentionCall) -> None:
+        """Count the warm-up calls; at the last dense step, choose for the first sparse step."""
+        batch, heads = call.query.shape[:2]
+        self._runs(call).add(heads, [], [], [batch] * heads)
+        if call.step.step != self.options.dense_steps - 1:
+            return
+        if mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value):
+            return
+        video, _ = video_text_slices(call.layout)
+        self._store(call, self._choose(call.query[:, :, video], call.key[:, :, video], call))
+
+    def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
+        """This branch's choice, made anew when missing, stale, or failing its recall check."""
+        choice: Choice | None = call.state.cache.get(self._key(call))
+        step = call.step.step
+        if choice is not None and not self._matches(choice, q, call):
+            choice = None
+        if choice is not None and self._due_for_check(choice, step) and not choice.dense:
+            rows = check_rows(q.shape[2], step).to(q.device)
+            params = self.params
+            measured = sampled_recall(q, k, choice.counts, choice.indices, params["block"], self._scale(call), rows)
+            if bool((measured < params["recall"] - _RECHECK_MARGIN).any()):
+                choice = None
+        if choice is None:
+            choice = self._choose(q, k, call)
+            self._store(call, choice)
+        return choice
+
+    def _due_for_check(self, choice: Choice, step: int) -> bool:
+        since = step - choice.step
+        return since > 0 and since % self.params["recheck_every"] == 0
+
+    def _choose(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
+        """Score every candidate on exact block masses and build the per-head layout."""
+        batch, heads, num_video, head_dim = q.shape
+        block, target, scale = self.params["block"], float(self.params["recall"]), self._scale(call)
+        lay = call.layout
+        candidates = static_candidates(lay.frames, lay.height, lay.width, block, q.device)
+        costs = kernel_costs(q.device, q.dtype, head_dim, block)
+        lse = attention_lse(q, k, scale)
+        choices = [
+            choose_heads(normalised_mass(q[:, c], k[:, c], lse[:, c], block, scale), candidates, target,
+                         costs.break_even_density)
+            for c in head_chunks(batch, heads, candidates.block_sizes.numel())
+        ]  # fmt: skip
+        masks = torch.cat([c.masks for c in choices], dim=1)
+        kept_pairs = torch.cat([c.kept_pairs for c in choices], dim=1)
+        counts, indices = masks_to_layout(masks)
+        names = choice_names(candidates)
+        labels = torch.cat([c.labels for c in choices], dim=1).tolist()
+        dense_pairs = batch * heads * float(num_video) ** 2
+        return Choice(
+            generation=call.step.generation,
+            grid=(lay.frames, lay.height, lay.width),
+            shape=(batch, heads, num_video),
+            step=call.step.step,
+            counts=counts,
+            indices=indices,
+            head_labels=tuple(tuple(names[i] for i in row) for row in labels),
+            recall=torch.cat([c.recall for c in choices], dim=1),
+            density=kept_pairs.sum() / dense_pairs,
+            dense=not costs.sparse_wins(float(kept_pairs.sum()), dense_pairs),
+        )
+
+    def _video_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, choice: Choice, call: AttentionCall
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Video tokens ``(B, H, Sv, D)`` -> (out, LSE fp32 ``(B, H, Sv)``, kept density 0-d)."""
+        block = self.params["block"]
+        out, lse = block_sparse_attention(
+            q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=self._scale(call),
+            return_lse=True,
+        )  # fmt: skip
+        return out, lse, choice.density
+
+    def _count_runs(self, call: AttentionCall, choice: Choice) -> None:
+        heads = call.query.shape[1]
+        guard = [sum(choice.dense or row[h] == GUARD for row in choice.head_labels) for h in range(heads)]
+        sparse = [len(choice.head_labels) - g for g in guard]
+        self._runs(call).add(heads, sparse, guard, [])
+
+    @staticmethod
+    def _runs(call: AttentionCall) -> HeadRuns:
+        return call.state.cache.setdefault("auto_head_runs", HeadRuns())
+
+    @staticmethod
+    def _key(call: AttentionCall) -> tuple[str, int]:
+        return ("auto", call.step.branch)
+
+    def _store(self, call: AttentionCall, choice: Choice) -> None:
+        call.state.cache[self._key(call)] = choice
+
+    @staticmethod
+    def _matches(choice: Choice, q: Tensor, call: AttentionCall) -> bool:
+        lay = call.layout
+        return (
+            choice.generation == call.step.generation
+            and choice.grid == (lay.frames, lay.height, lay.width)
+            and choice.shape == tuple(q.shape[:3])
+            and choice.counts.device == q.device
+        )
+
+    @staticmethod
+    def _scale(call: AttentionCall) -> float:
+        return call.scale if call.scale is not None else call.query.shape[-1] ** -0.5

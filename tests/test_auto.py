@@ -1,0 +1,185 @@
+"""``method="auto"``: exact candidate recalls, the break-even guard, and per-head choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_compile.kernels.block_select import attention_lse
+from sparse_compile.methods.adaspa_search import normalised_mass
+from sparse_compile.methods.auto import AutoMethod, check_rows, sampled_recall
+from sparse_compile.methods.auto_choice import GUARD, TOP_P, candidate_recall, choose_heads, masks_to_layout, top_p_blocks
+from sparse_compile.methods.auto_cost import NOMINAL_COSTS
+from sparse_compile.methods.auto_patterns import static_candidates
+from sparse_compile.methods.base import TokenLayout
+from sparse_compile.options import validate_options
+from sparse_compile.runtime.session import SiteState
+from tests.method_calls import method_call
+
+FRAMES, HEIGHT, WIDTH, BLOCK, DIM = 8, 8, 16, 32, 32
+POSITIONS = HEIGHT * WIDTH
+SEQ = FRAMES * POSITIONS
+LAYOUT = TokenLayout(FRAMES, HEIGHT, WIDTH, 0, False)
+SHARPNESS = 9.5  # feature length: same-group logits ~ 16 above the rest at scale 1/sqrt(32)
+
+
+def _one_hot_features(groups: torch.Tensor) -> torch.Tensor:
+    """``(SEQ, DIM)`` features equal within a group and orthogonal between groups."""
+    return torch.nn.functional.one_hot(groups, DIM).float() * SHARPNESS
+
+
+def synthetic_heads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(1, 3, SEQ, DIM)``: head 0 attends its own frame, head 1 the same position group
+    (32 raster positions) in every frame, head 2 every key alike."""
+    token = torch.arange(SEQ)
+    frame, position = token // POSITIONS, token % POSITIONS
+    spatial = _one_hot_features(frame)
+    temporal = _one_hot_features(position // BLOCK)
+    uniform = torch.zeros(SEQ, DIM)
+    qk = torch.stack([spatial, temporal, uniform]).unsqueeze(0)
+    v = torch.randn(1, 3, SEQ, DIM, generator=torch.Generator().manual_seed(0))
+    return qk, qk.clone(), v
+
+
+def _token_mask(block_mask: torch.Tensor) -> torch.Tensor:
+    """Block keep-mask ``(..., N, N)`` -> token keep-mask ``(..., SEQ, SEQ)``."""
+    blocks = torch.arange(SEQ) // BLOCK
+    return block_mask[..., blocks, :][..., blocks]
+
+
+def _exact_recall(q: torch.Tensor, k: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of the softmax mass on kept keys, ``(B, H)``, from full attention."""
+    probs = (q @ k.transpose(-1, -2) * DIM**-0.5).softmax(dim=-1)
+    return (probs * token_mask).sum(dim=-1).mean(dim=-1)
+
+
+def _masses(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    scale = DIM**-0.5
+    return normalised_mass(q, k, attention_lse(q, k, scale), BLOCK, scale)
+
+
+def test_every_candidates_recall_equals_the_exact_recall_of_full_attention():
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 3, SEQ, DIM, generator=gen) * 2 for _ in range(2))
+    candidates = static_candidates(FRAMES, HEIGHT, WIDTH, BLOCK, torch.device("cpu"))
+    estimated = candidate_recall(_masses(q, k), candidates)
+    for c, name in enumerate(candidates.names):
+        exact = _exact_recall(q, k, _token_mask(candidates.masks[c]))
+        torch.testing.assert_close(estimated[..., c], exact, atol=0.02, rtol=0, msg=name)
+
+
+def test_top_p_blocks_reach_the_target_in_every_row_and_report_their_exact_recall():
+    gen = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 2, SEQ, DIM, generator=gen) * 2 for _ in range(2))
+    mass = _masses(q, k)
+    sizes = static_candidates(FRAMES, HEIGHT, WIDTH, BLOCK, torch.device("cpu")).block_sizes
+    masks, recall = top_p_blocks(mass, 0.9, sizes.float() / SEQ)
+    assert bool(((mass * masks).sum(dim=-1) >= 0.9 - 1e-5).all())
+    torch.testing.assert_close(recall, _exact_recall(q, k, _token_mask(masks)), atol=0.02, rtol=0)
+    assert bool((masks.sum(dim=-1) < mass.shape[-1]).any()), "random attention still leaves blocks out"
+
+
+def test_auto_chooses_spatial_temporal_and_dense_per_head():
+    q, k, _ = synthetic_heads()
+    candidates = static_candidates(FRAMES, HEIGHT, WIDTH, BLOCK, torch.device("cpu"))
+    choice = choose_heads(_masses(q, k), candidates, 0.95, NOMINAL_COSTS.break_even_density)
+    names = (*candidates.names, TOP_P, GUARD)
+    assert [names[i] for i in choice.labels[0].tolist()] == ["spatial 0", "temporal 0", GUARD]
+    assert bool((choice.recall >= 0.95).all())
+    assert bool(choice.masks[0, 2].all()), "a guarded head computes every block"
+
+
+def test_the_guard_sends_a_uniform_head_dense():
+    q = torch.zeros(1, 1, SEQ, DIM)
+    candidates = static_candidates(FRAMES, HEIGHT, WIDTH, BLOCK, torch.device("cpu"))
+    choice = choose_heads(_masses(q, q), candidates, 0.95, NOMINAL_COSTS.break_even_density)
+    assert choice.labels.tolist() == [[len(candidates.names) + 1]]
+    assert float(choice.kept_pairs) == SEQ**2
+
+
+def test_layout_lists_each_rows_kept_blocks_ascending():
+    masks = torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(3)) < 0.3
+    masks |= torch.eye(10, dtype=torch.bool)
+    counts, indices = masks_to_layout(masks)
+    for b, h, i in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(10)).tolist():
+        kept = masks[b, h, i].nonzero().flatten().tolist()
+        assert counts[b, h, i] == len(kept)
+        assert indices[b, h, i, : len(kept)].tolist() == kept
+        assert not indices[b, h, i, len(kept):].any()
+
+
+def test_sampled_recall_is_exact_on_the_sampled_rows():
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, SEQ, DIM, generator=gen) * 2 for _ in range(2))
+    masks = torch.rand(1, 2, SEQ // BLOCK, SEQ // BLOCK, generator=gen) < 0.4
+    counts, indices = masks_to_layout(masks)
+    rows = check_rows(SEQ, step=3)
+    exact = _exact_recall(q[:, :, rows], k, _token_mask(masks)[:, :, rows])
+    torch.testing.assert_close(sampled_recall(q, k, counts, indices, BLOCK, DIM**-0.5, rows), exact)
+
+
+def _auto(**options) -> AutoMethod:
+    return AutoMethod(validate_options({"method": "auto", "block": BLOCK, **options}))
+
+
+def test_auto_computes_the_chosen_layout_exactly_and_keeps_the_recall():
+    q, k, v = synthetic_heads()
+    state = SiteState()
+    result = _auto().attend(method_call(q, k, v, LAYOUT, state))
+    choice = state.cache[("auto", 0)]
+    n = SEQ // BLOCK
+    kept = torch.arange(n) < choice.counts.unsqueeze(-1).long()
+    block_mask = torch.zeros(1, 3, n, n + 1, dtype=torch.bool)
+    block_mask.scatter_(-1, torch.where(kept, choice.indices.long(), n), True)
+    token_mask = _token_mask(block_mask[..., :n])
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
+    torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
+    assert float(_exact_recall(q, k, token_mask).min()) >= 0.95
+    assert 0 < float(result.kept_density) < 1
+
+
+def test_auto_runs_dense_sdpa_when_no_head_can_win():
+    q = torch.zeros(1, 2, SEQ, DIM)
+    v = torch.randn(1, 2, SEQ, DIM)
+    result = _auto().attend(method_call(q, q, v, LAYOUT))
+    assert result.kept_density == 1.0 and result.video_lse is None
+    torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, q, v))
+
+
+def test_a_choice_is_reused_until_its_recall_check_fails():
+    q, k, v = synthetic_heads()
+    method, state = _auto(recheck_every=2), SiteState()
+    method.attend(method_call(q, k, v, LAYOUT, state, step=0))
+    first = state.cache[("auto", 0)]
+    method.attend(method_call(q, k, v, LAYOUT, state, step=2))
+    assert state.cache[("auto", 0)] is first, "recall still holds at the check"
+    swapped = q[:, [1, 0, 2]]  # the spatial and temporal heads trade places
+    method.attend(method_call(swapped, swapped, v, LAYOUT, state, step=3))
+    assert state.cache[("auto", 0)] is first, "no check between scheduled steps"
+    method.attend(method_call(swapped, swapped, v, LAYOUT, state, step=4))
+    assert state.cache[("auto", 0)].head_labels[0][:2] == ("temporal 0", "spatial 0")
+
+
+def test_a_new_generation_chooses_again():
+    q, k, v = synthetic_heads()
+    method, state = _auto(), SiteState()
+    method.attend(method_call(q, k, v, LAYOUT, state, generation=0))
+    first = state.cache[("auto", 0)]
+    method.attend(method_call(q, k, v, LAYOUT, state, generation=1))
+    assert state.cache[("auto", 0)] is not first
+
+
+def test_head_runs_count_sparse_guard_and_warmup_calls():
+    q, k, v = synthetic_heads()
+    method = AutoMethod(validate_options({"method": "auto", "block": BLOCK, "dense_steps": 1}))
+    state = SiteState()
+    method.observe_dense(method_call(q, k, v, LAYOUT, state, step=0))
+    method.attend(method_call(q, k, v, LAYOUT, state, step=1))
+    runs = state.cache["auto_head_runs"]
+    assert (runs.sparse, runs.guard, runs.warmup) == ([1, 1, 0], [0, 0, 1], [1, 1, 1])
+
+
+@pytest.mark.parametrize("option, value", [("recall", 0.0), ("recall", 1.5), ("block", 48), ("recheck_every", 0)])
+def test_bad_options_name_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        validate_options({"method": "auto", option: value})
