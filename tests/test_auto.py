@@ -122,20 +122,47 @@ def _auto(**options) -> AutoMethod:
     return AutoMethod(validate_options({"method": "auto", "block": BLOCK, **options}))
 
 
+def _layout_token_mask(choice, heads: int) -> torch.Tensor:
+    """Token keep-mask ``(B, heads, SEQ, SEQ)`` of a choice: its layout on sparse heads, all keys on dense ones."""
+    n = SEQ // BLOCK
+    device = choice.counts.device
+    kept = torch.arange(choice.indices.shape[-1], device=device) < choice.counts.unsqueeze(-1).long()
+    sparse = torch.zeros(*choice.counts.shape, n + 1, dtype=torch.bool, device=device)
+    sparse.scatter_(-1, torch.where(kept, choice.indices.long(), n), True)
+    block_mask = torch.ones(sparse.shape[0], heads, n, n, dtype=torch.bool, device=device)
+    block_mask[:, choice.sparse_heads] = sparse[..., :n]
+    blocks = torch.arange(SEQ, device=device) // BLOCK
+    return block_mask[..., blocks, :][..., blocks]
+
+
 def test_auto_computes_the_chosen_layout_exactly_and_keeps_the_recall():
     q, k, v = synthetic_heads()
     state = SiteState()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))
     choice = state.cache[("auto", 0)]
-    n = SEQ // BLOCK
-    kept = torch.arange(n) < choice.counts.unsqueeze(-1).long()
-    block_mask = torch.zeros(1, 3, n, n + 1, dtype=torch.bool)
-    block_mask.scatter_(-1, torch.where(kept, choice.indices.long(), n), True)
-    token_mask = _token_mask(block_mask[..., :n])
+    assert choice.sparse_heads.tolist() == [0, 1] and choice.dense_heads.tolist() == [2]
+    token_mask = _layout_token_mask(choice, 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
     torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
     assert float(_exact_recall(q, k, token_mask).min()) >= 0.95
     assert 0 < float(result.kept_density) < 1
+    assert bool(torch.isinf(result.video_lse[:, 2]).all()), "the dense head reads as recall 1"
+
+
+def test_joint_attention_keeps_text_dense_and_honours_the_key_padding_mask():
+    q, k, v = synthetic_heads()
+    text = 16
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.cat([t, torch.randn(1, 3, text, DIM, generator=gen)], dim=2) for t in (q, k, v))
+    padding = torch.ones(1, 1, 1, SEQ + text, dtype=torch.bool)
+    padding[..., -4:] = False
+    state = SiteState()
+    layout = TokenLayout(FRAMES, HEIGHT, WIDTH, text, False)
+    result = _auto().attend(method_call(q, k, v, layout, state, mask=padding))
+    token_mask = torch.ones(1, 3, SEQ + text, SEQ + text, dtype=torch.bool)
+    token_mask[..., :SEQ, :SEQ] = _layout_token_mask(state.cache[("auto", 0)], 3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask & padding)
+    torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_runs_dense_sdpa_when_no_head_can_win():
@@ -183,3 +210,27 @@ def test_head_runs_count_sparse_guard_and_warmup_calls():
 def test_bad_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         validate_options({"method": "auto", option: value})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_the_gpu_matches_masked_sdpa_on_its_layout_in_bf16():
+    q, k, v = (t.cuda().bfloat16() for t in synthetic_heads())
+    state = SiteState()
+    result = _auto().attend(method_call(q, k, v, LAYOUT, state))
+    choice = state.cache[("auto", 0)]
+    assert choice.head_labels[0] == ("spatial 0", "temporal 0", GUARD)
+    token_mask = _layout_token_mask(choice, 3)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=token_mask)
+    error = (result.output.float() - expected).norm() / expected.norm()
+    assert torch.isfinite(result.output).all() and float(error) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_measured_cost_model_is_positive_and_puts_break_even_below_dense():
+    from sparse_compile.methods.auto_cost import kernel_costs
+
+    costs = kernel_costs(torch.device("cuda"), torch.bfloat16, 128, 64)
+    assert costs.pair_time > 0 and costs.dense_pair_time > 0 and costs.launch >= 0
+    assert 0.3 < costs.break_even_density < 1.2

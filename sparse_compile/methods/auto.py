@@ -13,9 +13,11 @@ choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled q
 ``rows x Sv`` product per head); the site chooses anew when a head falls more than
 ``_RECHECK_MARGIN`` below ``recall``.
 
-**Running.** All heads of a call share one block-sparse launch over their per-head layouts.
-Text tokens of joint attention are dense (:func:`attend_video_and_text`). Calls the block kernels
-cannot take run dense through :func:`dense_fallback`, with the reason reported.
+**Running.** The sparse heads of a call share one block-sparse launch over their per-head
+layouts; heads the guard sent dense (in any batch element) run dense SDPA together, and their
+video rows report the LSE ``+inf`` (recall 1). Text tokens of joint attention are dense
+(:func:`attend_video_and_text`). Calls the block kernels cannot take run dense through
+:func:`dense_fallback`, with the reason reported.
 
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
@@ -26,7 +28,7 @@ Options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -63,10 +65,12 @@ class Choice:
         generation, grid, shape: the generation, ``(frames, height, width)`` and video
             ``(B, H, Sv)`` it was chosen for.
         step: the step it was chosen at.
-        counts, indices: the kernel layout, int32 ``(B, H, N)`` and ``(B, H, N, MAXK)``.
+        sparse_heads, dense_heads: int64 ``(Hs,)`` / ``(Hd,)`` head indices on the call's device.
+        counts, indices: the sparse heads' kernel layout, int32 ``(B, Hs, N)`` and ``(B, Hs, N, MAXK)``.
         head_labels: the chosen candidate of each (batch element, head), ``B`` tuples of ``H``.
         recall: fp32 ``(B, H)``: each head's exact recall at the choice.
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
+        sparse_density: fp64 0-d: the same over the sparse heads only.
         dense: the whole call runs dense SDPA (the cost model says sparse would not be faster).
     """
 
@@ -74,11 +78,14 @@ class Choice:
     grid: tuple[int, int, int]
     shape: tuple[int, int, int]
     step: int
+    sparse_heads: Tensor
+    dense_heads: Tensor
     counts: Tensor
     indices: Tensor
     head_labels: tuple[tuple[str, ...], ...]
     recall: Tensor
     density: Tensor
+    sparse_density: Tensor
     dense: bool
 
 
@@ -95,6 +102,15 @@ class HeadRuns:
             counter.extend([0] * (heads - len(counter)))
             for h, value in enumerate(added):
                 counter[h] += value
+
+
+def _heads_of(call: AttentionCall, heads: Tensor) -> AttentionCall:
+    """The call restricted to ``heads`` (int64 indices): q, k, v and a per-head mask copied."""
+    mask = call.attn_mask
+    if mask is not None and mask.shape[1] > 1:
+        mask = mask.index_select(1, heads)
+    return replace(call, query=call.query.index_select(1, heads), key=call.key.index_select(1, heads),
+                   value=call.value.index_select(1, heads), attn_mask=mask)
 
 
 def sampled_recall(q: Tensor, k: Tensor, counts: Tensor, indices: Tensor, block: int, scale: float,
@@ -149,7 +165,25 @@ class AutoMethod(AttentionMethod):
         self._count_runs(call, choice)
         if choice.dense:
             return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
-        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
+        if choice.dense_heads.numel() == 0:
+            return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
+        return self._split_heads(call, choice)
+
+    def _split_heads(self, call: AttentionCall, choice: Choice) -> AttentionResult:
+        """The sparse heads through the kernel, the guarded ones through dense SDPA, stitched by head."""
+        heads = call.query.shape[1]
+        sparse = attend_video_and_text(
+            _heads_of(call, choice.sparse_heads), lambda q, k, v: self._video_attention(q, k, v, choice, call)
+        )
+        dense = _heads_of(call, choice.dense_heads)
+        output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
+        output[:, choice.sparse_heads] = sparse.output
+        output[:, choice.dense_heads] = dense_attention(dense.query, dense.key, dense.value, dense.attn_mask, dense.scale)
+        video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
+        video_lse[:, choice.sparse_heads] = sparse.video_lse
+        n_sparse = choice.sparse_heads.numel()
+        kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
+        return AttentionResult(output=output, kept_density=kept, video_lse=video_lse)
 
     def observe_dense(self, call: AttentionCall) -> None:
         """Count the warm-up calls; at the last dense step, choose for the first sparse step."""
@@ -170,8 +204,9 @@ class AutoMethod(AttentionMethod):
             choice = None
         if choice is not None and self._due_for_check(choice, step) and not choice.dense:
             rows = check_rows(q.shape[2], step).to(q.device)
-            params = self.params
-            measured = sampled_recall(q, k, choice.counts, choice.indices, params["block"], self._scale(call), rows)
+            params, heads = self.params, choice.sparse_heads
+            measured = sampled_recall(q.index_select(1, heads), k.index_select(1, heads), choice.counts,
+                                      choice.indices, params["block"], self._scale(call), rows)  # fmt: skip
             if bool((measured < params["recall"] - _RECHECK_MARGIN).any()):
                 choice = None
         if choice is None:
@@ -196,23 +231,30 @@ class AutoMethod(AttentionMethod):
                          costs.break_even_density)
             for c in head_chunks(batch, heads, candidates.block_sizes.numel())
         ]  # fmt: skip
-        masks = torch.cat([c.masks for c in choices], dim=1)
-        kept_pairs = torch.cat([c.kept_pairs for c in choices], dim=1)
-        counts, indices = masks_to_layout(masks)
         names = choice_names(candidates)
         labels = torch.cat([c.labels for c in choices], dim=1).tolist()
-        dense_pairs = batch * heads * float(num_video) ** 2
+        guarded = [any(names[row[h]] == GUARD for row in labels) for h in range(heads)]
+        sparse_heads = torch.tensor([h for h in range(heads) if not guarded[h]], dtype=torch.int64, device=q.device)
+        dense_heads = torch.tensor([h for h in range(heads) if guarded[h]], dtype=torch.int64, device=q.device)
+        masks = torch.cat([c.masks for c in choices], dim=1)[:, sparse_heads]
+        sparse_pairs = float(torch.cat([c.kept_pairs for c in choices], dim=1)[:, sparse_heads].sum())
+        head_pairs = batch * float(num_video) ** 2
+        counts, indices = masks_to_layout(masks) if sparse_heads.numel() else (None, None)
         return Choice(
             generation=call.step.generation,
             grid=(lay.frames, lay.height, lay.width),
             shape=(batch, heads, num_video),
             step=call.step.step,
+            sparse_heads=sparse_heads,
+            dense_heads=dense_heads,
             counts=counts,
             indices=indices,
             head_labels=tuple(tuple(names[i] for i in row) for row in labels),
             recall=torch.cat([c.recall for c in choices], dim=1),
-            density=kept_pairs.sum() / dense_pairs,
-            dense=not costs.sparse_wins(float(kept_pairs.sum()), dense_pairs),
+            density=torch.tensor((sparse_pairs + head_pairs * dense_heads.numel()) / (head_pairs * heads),
+                                 dtype=torch.float64),
+            sparse_density=torch.tensor(sparse_pairs / (head_pairs * max(1, sparse_heads.numel())), dtype=torch.float64),
+            dense=counts is None or not costs.sparse_wins(sparse_pairs, head_pairs * sparse_heads.numel()),
         )
 
     def _video_attention(
@@ -224,13 +266,13 @@ class AutoMethod(AttentionMethod):
             q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=self._scale(call),
             return_lse=True,
         )  # fmt: skip
-        return out, lse, choice.density
+        return out, lse, choice.sparse_density
 
     def _count_runs(self, call: AttentionCall, choice: Choice) -> None:
-        heads = call.query.shape[1]
-        guard = [sum(choice.dense or row[h] == GUARD for row in choice.head_labels) for h in range(heads)]
-        sparse = [len(choice.head_labels) - g for g in guard]
-        self._runs(call).add(heads, sparse, guard, [])
+        batch, heads = call.query.shape[:2]
+        dense_heads = set(choice.dense_heads.tolist())
+        guard = [batch if choice.dense or h in dense_heads else 0 for h in range(heads)]
+        self._runs(call).add(heads, [batch - g for g in guard], guard, [])
 
     @staticmethod
     def _runs(call: AttentionCall) -> HeadRuns:
@@ -250,7 +292,7 @@ class AutoMethod(AttentionMethod):
             choice.generation == call.step.generation
             and choice.grid == (lay.frames, lay.height, lay.width)
             and choice.shape == tuple(q.shape[:3])
-            and choice.counts.device == q.device
+            and choice.sparse_heads.device == q.device
         )
 
     @staticmethod
