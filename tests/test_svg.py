@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import sparse_compile
 import tiny_models
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
-from sparse_compile.kernels.block_sparse import check_layout_values, layout_to_dense_mask
+from sparse_compile.kernels.block_sparse import check_layout_values
+from sparse_compile.kernels.block_sparse_reference import layout_to_dense_mask
 from sparse_compile.kernels.common import attention_output_like
 from sparse_compile.methods import svg as svg_module
 from sparse_compile.methods.base import TokenLayout

@@ -39,15 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.kernels.block_sparse_reference import (
-    BlockLayout,
-    block_sparse_attention_reference,
-    dense_block_layout,
-    layout_to_dense_mask,
-)
+from sparse_compile.kernels.block_sparse_reference import BlockLayout, block_sparse_attention_reference
 from sparse_compile.kernels.common import (
     LOG2E,
-    PERMUTATION_DTYPES,
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     attention_output_like,
@@ -57,6 +51,8 @@ from sparse_compile.kernels.common import (
     check_strided_out_buffer,
     default_scale,
     dot_precision,
+    expand_batch_head,
+    expand_permutation,
     interpreter_active,
     online_softmax_step,
     permutation_strides,
@@ -74,8 +70,6 @@ __all__ = [
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
-    "dense_block_layout",
-    "layout_to_dense_mask",
     "tma_eligible",
     "validate_inputs",
 ]
@@ -91,25 +85,6 @@ _TMA_ALIGN_BYTES = 16
 def _check_block_size(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 16 or value > 256 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two in [16, 256], got {value!r}")
-
-
-def _expand_layout(t: Tensor, name: str, b: int, h: int, tail: tuple[int, ...]) -> Tensor:
-    """Return ``t`` viewed as ``(b, h, *tail)``; batch/head dims of size 1 are broadcast with stride 0."""
-    if t.dim() != 2 + len(tail):
-        raise ValueError(f"{name} must have {2 + len(tail)} dims (B, H, ...), got shape {tuple(t.shape)}")
-    if tuple(t.shape[2:]) != tail or t.shape[0] not in (1, b) or t.shape[1] not in (1, h):
-        want = f"({b} or 1, {h} or 1, {', '.join(map(str, tail))})"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    return t.expand(b, h, *tail)
-
-
-def _expand_permutation(perm: Tensor | None, name: str, b: int, h: int, seq: int) -> Tensor | None:
-    """``perm`` (int32/int64 ``(B or 1, H or 1, seq)``) expanded to ``(B, H, seq)``; ``None`` stays ``None``."""
-    if perm is None:
-        return None
-    if perm.dtype not in PERMUTATION_DTYPES:
-        raise ValueError(f"{name} must be int32 or int64, got {perm.dtype}")
-    return _expand_layout(perm, name, b, h, (seq,))
 
 
 def validate_inputs(
@@ -150,16 +125,13 @@ def validate_inputs(
         raise ValueError("k and v must hold at least one key (S_k > 0)")
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
-    for name, t in (("kv_block_counts", kv_block_counts), ("kv_block_indices", kv_block_indices)):
-        if t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32, got {t.dtype}")
     nq = cdiv(s_q, block_q)
-    counts = _expand_layout(kv_block_counts, "kv_block_counts", b, h, (nq,))
+    counts = expand_batch_head(kv_block_counts, "kv_block_counts", b, h, (nq,), (torch.int32,))
     if kv_block_indices.dim() != 4:
         raise ValueError(f"kv_block_indices must be 4-D (B, H, NQ, MAXK), got shape {tuple(kv_block_indices.shape)}")
-    indices = _expand_layout(kv_block_indices, "kv_block_indices", b, h, (nq, kv_block_indices.shape[3]))
-    q_perm = _expand_permutation(q_perm, "q_perm", b, h, s_q)
-    kv_perm = _expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
+    indices = expand_batch_head(kv_block_indices, "kv_block_indices", b, h, (nq, None), (torch.int32,))
+    q_perm = expand_permutation(q_perm, "q_perm", b, h, s_q)
+    kv_perm = expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
     return BlockLayout(counts, indices, q_perm, kv_perm)
 
 

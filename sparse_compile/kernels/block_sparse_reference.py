@@ -75,19 +75,6 @@ def expand_layout(
     )
 
 
-def dense_block_layout(
-    batch: int, heads: int, s_q: int, s_k: int, block_q: int, block_k: int, device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """Layout keeping every kv block (density 1.0): counts ``(B, H, NQ)`` = NK, indices ``(B, H, NQ, NK)`` = 0..NK-1.
-
-    Both tensors are stride-0 expansions of one row (no O(B*H*NQ*NK) memory).
-    """
-    nq, nk = cdiv(s_q, block_q), cdiv(s_k, block_k)
-    counts = torch.full((1, 1, 1), nk, dtype=torch.int32, device=device).expand(batch, heads, nq)
-    indices = torch.arange(nk, dtype=torch.int32, device=device).view(1, 1, 1, nk).expand(batch, heads, nq, nk)
-    return counts, indices
-
-
 def layout_to_dense_mask(
     kv_block_counts: Tensor, kv_block_indices: Tensor, s_q: int, s_k: int, block_q: int, block_k: int
 ) -> Tensor:

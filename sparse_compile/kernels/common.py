@@ -86,6 +86,30 @@ def permutation_strides(perm: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if perm is None else perm.stride()
 
 
+def expand_batch_head(
+    t: Tensor, name: str, b: int, h: int, tail: tuple[int | None, ...], dtypes: tuple[torch.dtype, ...]
+) -> Tensor:
+    """``t`` viewed as ``(b, h, *tail)``, its batch/head dims of size 1 broadcast with stride 0.
+
+    ``t`` must be one of ``dtypes`` with shape ``(b or 1, h or 1, *tail)`` (``None`` in ``tail``: any
+    size); else ``ValueError`` naming ``name``.
+    """
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {t.dtype}")
+    if t.dim() != 2 + len(tail):
+        raise ValueError(f"{name} must have {2 + len(tail)} dims (B, H, ...), got shape {tuple(t.shape)}")
+    tail_ok = all(want is None or size == want for size, want in zip(t.shape[2:], tail))
+    if not tail_ok or t.shape[0] not in (1, b) or t.shape[1] not in (1, h):
+        want = ", ".join("*" if n is None else str(n) for n in tail)
+        raise ValueError(f"{name} must have shape ({b} or 1, {h} or 1, {want}), got {tuple(t.shape)}")
+    return t.expand(b, h, *t.shape[2:])
+
+
+def expand_permutation(perm: Tensor | None, name: str, b: int, h: int, seq: int) -> Tensor | None:
+    """A token permutation (int32/int64 ``(B or 1, H or 1, seq)``) expanded to ``(B, H, seq)``; ``None`` stays ``None``."""
+    return None if perm is None else expand_batch_head(perm, name, b, h, (seq,), PERMUTATION_DTYPES)
+
+
 def token_order(perm: Tensor | None, b: int, h: int, seq: int, device: torch.device) -> Tensor:
     """Token of every kernel-order row, int64 ``(B, H, seq)``: ``perm``, or the identity without one."""
     if perm is None:

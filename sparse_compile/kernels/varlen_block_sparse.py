@@ -50,7 +50,6 @@ from torch import Tensor
 
 from sparse_compile.kernels.common import (
     LOG2E,
-    PERMUTATION_DTYPES,
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     attention_output_like,
@@ -59,6 +58,8 @@ from sparse_compile.kernels.common import (
     check_strided_out_buffer,
     default_scale,
     dot_precision,
+    expand_batch_head,
+    expand_permutation,
     online_softmax_step,
     permutation_strides,
 )
@@ -82,29 +83,6 @@ ROWS_BUDGET_BYTES = 512 << 20
 # ------------------------------------------------------------------------------------------------
 # Input checks
 # ------------------------------------------------------------------------------------------------
-
-
-def _expand(
-    t: Tensor, name: str, b: int, h: int, tail_dims: int, dtypes: tuple[torch.dtype, ...] = (torch.int32,)
-) -> Tensor:
-    """``t`` (one of ``dtypes``, ``(B or 1, H or 1, *tail)``) expanded to ``(B, H, *tail)``."""
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {t.dtype}")
-    if t.dim() != 2 + tail_dims:
-        raise ValueError(f"{name} must have {2 + tail_dims} dims (B, H, ...), got shape {tuple(t.shape)}")
-    if t.shape[0] not in (1, b) or t.shape[1] not in (1, h):
-        raise ValueError(f"{name} must have batch/head dims ({b} or 1, {h} or 1), got shape {tuple(t.shape)}")
-    return t.expand(b, h, *t.shape[2:])
-
-
-def _expand_permutation(perm: Tensor | None, name: str, b: int, h: int, seq: int) -> Tensor | None:
-    """``perm`` (int32/int64 ``(B or 1, H or 1, seq)``) expanded to ``(B, H, seq)``; ``None`` stays ``None``."""
-    if perm is None:
-        return None
-    expanded = _expand(perm, name, b, h, 1, PERMUTATION_DTYPES)
-    if expanded.shape[-1] != seq:
-        raise ValueError(f"{name} must have {seq} entries per head (the sequence length), got {perm.shape[-1]}")
-    return expanded
 
 
 def validate_varlen_inputs(
@@ -136,19 +114,19 @@ def validate_varlen_inputs(
     layout = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     if any(t.device != q.device for t in (k, v, *layout, *(p for p in (q_perm, kv_perm) if p is not None))):
         raise ValueError("q, k, v, the four layout tensors and the permutations must be on one device")
-    q_off = _expand(q_cluster_offsets, "q_cluster_offsets", b, h, 1)
-    kv_off = _expand(kv_cluster_offsets, "kv_cluster_offsets", b, h, 1)
+    q_off = expand_batch_head(q_cluster_offsets, "q_cluster_offsets", b, h, (None,), (torch.int32,))
+    kv_off = expand_batch_head(kv_cluster_offsets, "kv_cluster_offsets", b, h, (None,), (torch.int32,))
     if q_off.shape[-1] < 1 or kv_off.shape[-1] < 1:
         raise ValueError("cluster offsets need at least one entry (NC + 1 >= 1)")
     nqc = q_off.shape[-1] - 1
-    counts = _expand(kv_cluster_counts, "kv_cluster_counts", b, h, 1)
+    counts = expand_batch_head(kv_cluster_counts, "kv_cluster_counts", b, h, (None,), (torch.int32,))
     if counts.shape[-1] != nqc:
         raise ValueError(f"kv_cluster_counts must have NQC = {nqc} entries per head, got {counts.shape[-1]}")
-    indices = _expand(kv_cluster_indices, "kv_cluster_indices", b, h, 2)
+    indices = expand_batch_head(kv_cluster_indices, "kv_cluster_indices", b, h, (None, None), (torch.int32,))
     if indices.shape[2] != nqc:
         raise ValueError(f"kv_cluster_indices must be (B, H, NQC={nqc}, MAXK), got {tuple(kv_cluster_indices.shape)}")
-    q_perm = _expand_permutation(q_perm, "q_perm", b, h, q.shape[2])
-    kv_perm = _expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
+    q_perm = expand_permutation(q_perm, "q_perm", b, h, q.shape[2])
+    kv_perm = expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
     return VarlenLayout(q_off, kv_off, counts, indices, q_perm, kv_perm)
 
 

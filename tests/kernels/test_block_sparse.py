@@ -24,7 +24,6 @@ from sparse_compile.kernels.block_sparse import (
 )
 from sparse_compile.kernels.block_sparse_reference import (
     block_sparse_attention_reference,
-    dense_block_layout,
     layout_to_dense_mask,
     reference_q_blocks,
 )
@@ -34,6 +33,16 @@ from sparse_compile.kernels.tile_configs import TileConfig
 IN_INTERPRETER = interpreter_active()
 # Junk written past each row's count: kernels and reference must never use it.
 JUNK_INDEX = -12345
+
+
+def dense_block_layout(
+    batch: int, heads: int, s_q: int, s_k: int, block_q: int, block_k: int, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout keeping every kv block: counts ``(B, H, NQ)`` = NK, indices ``(B, H, NQ, NK)`` = 0..NK-1 (stride 0)."""
+    nq, nk = cdiv(s_q, block_q), cdiv(s_k, block_k)
+    counts = torch.full((1, 1, 1), nk, dtype=torch.int32, device=device).expand(batch, heads, nq)
+    indices = torch.arange(nk, dtype=torch.int32, device=device).view(1, 1, 1, nk).expand(batch, heads, nq, nk)
+    return counts, indices
 
 
 def random_layout(
