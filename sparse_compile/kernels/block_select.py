@@ -42,6 +42,7 @@ from sparse_compile.kernels.common import (
     check_out_buffer,
     default_scale,
     dot_precision,
+    online_softmax_step,
 )
 from sparse_compile.kernels.tile_configs import attention_lse_config, block_mass_config, top_p_selection_warps
 from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
@@ -207,8 +208,7 @@ def _lse_tile(q, k_base, stride_ks, start, s_k, qk_scale, m_i, l_i, dims,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((cols < s_k)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+    _, _, m_new, l_i = online_softmax_step(s, m_i, l_i, qk_scale, True)
     return m_new, l_i
 
 

@@ -5,7 +5,8 @@
 - Small math: :func:`cdiv`, :data:`LOG2E`, :func:`default_scale`, :func:`dot_precision`.
 - The output layout of the attention kernels and the backend's op (:func:`attention_output_like`),
   checks of caller-provided output buffers, permutation strides and orders.
-- :func:`online_softmax_step`, the jitted base-2 online-softmax update of the attention kernels.
+- :func:`online_softmax_step`, the jitted base-2 online-softmax update of the attention kernels and
+  of the full-attention LSE pass.
 - :func:`interpreter_active`, and the fix that lets Triton's CPU interpreter run these kernels.
 """
 
