@@ -39,12 +39,10 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from sparse_compile.kernels.block_sparse import (  # noqa: E402
-    AUTOTUNE_TILES,
-    block_sparse_attention_triton,
-    tma_eligible,
-)
-from sparse_compile.kernels.block_sparse_reference import cdiv, reference_q_blocks  # noqa: E402
+from sparse_compile.kernels.block_sparse import block_sparse_attention_triton, tma_eligible  # noqa: E402
+from sparse_compile.kernels.block_sparse_reference import reference_q_blocks  # noqa: E402
+from sparse_compile.kernels.common import cdiv  # noqa: E402
+from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES  # noqa: E402
 from sparse_compile.methods.svg_patterns import temporal_permutation  # noqa: E402
 
 BLOCK = 128

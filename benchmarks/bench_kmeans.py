@@ -30,17 +30,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bench_methods import print_and_save, structured_qkv, token_major  # noqa: E402
 from sparse_compile.kernels import kmeans as km  # noqa: E402
 from sparse_compile.kernels.kmeans_reference import assign_reference  # noqa: E402
+from sparse_compile.kernels.tile_configs import KMEANS_TILE, TileConfig  # noqa: E402
 
 HEADS, SEQ, DIM = 12, 32760, 128
 CLUSTERINGS = {"queries, 200 clusters": 200, "keys, 1000 clusters": 1000}
 CONFIGS = (
-    km.KmeansConfig(64, 64, 4, 1),
-    km.KmeansConfig(64, 64, 4, 2),
-    km.KmeansConfig(64, 128, 4, 2),
-    km.KmeansConfig(128, 64, 4, 2),
-    km.KmeansConfig(128, 64, 8, 2),
-    km.KmeansConfig(128, 128, 8, 2),
-    km.KmeansConfig(128, 128, 8, 3),
+    TileConfig(64, 64, 4, 1),
+    TileConfig(64, 64, 4, 2),
+    TileConfig(64, 128, 4, 2),
+    TileConfig(128, 64, 4, 2),
+    TileConfig(128, 64, 8, 2),
+    TileConfig(128, 128, 8, 2),
+    TileConfig(128, 128, 8, 3),
 )
 
 
@@ -48,7 +49,7 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def label_agreement(x: torch.Tensor, init: torch.Tensor, config: km.KmeansConfig) -> float:
+def label_agreement(x: torch.Tensor, init: torch.Tensor, config: TileConfig) -> float:
     """Fraction of labels of one Triton assignment pass equal to the reference's, heads 0 and last."""
     got = km.kmeans_triton(x, init.shape[2], 0, init, config=config).labels
     heads = [0, x.shape[1] - 1]
@@ -62,7 +63,7 @@ def main() -> None:
     lines = [
         f"# k-means assignment tiles, Wan 480p (B=1, H={HEADS}, S={SEQ}, D={DIM}) bf16, (B, S, H, D) storage",
         f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
-        f"default config {km.DEFAULT_CONFIG}",
+        f"default config {KMEANS_TILE}",
         "",
         "| clustering | config (BLOCK_S, BLOCK_K, warps, stages) | one assignment pass ms | TFLOP/s | "
         "warm step (2 iterations) ms | labels equal to the reference |",

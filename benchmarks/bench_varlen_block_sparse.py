@@ -45,8 +45,9 @@ from sparse_compile.kernels import block_select as bs  # noqa: E402
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.tile_configs import max_shared_memory, varlen_config
+from sparse_compile.kernels.varlen_block_sparse import validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
-    validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
     varlen_kept_keys,
     varlen_kept_pairs,
@@ -130,7 +131,8 @@ def fixed_selection(density: float, g: torch.Generator):
     """Fixed 128 x 128 block layout keeping round(density * NK) random kv blocks per q block."""
     n = math.ceil(S / FIXED_BLOCK)
     scores = torch.rand(B, H, n, n, generator=g).to(DEVICE)
-    return bs.select_topk(scores, max(1, round(density * n)))
+    kept = scores.topk(max(1, round(density * n)), dim=-1).indices
+    return bs.keep_mask_to_layout(torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, kept, True))
 
 
 def fixed_as_varlen(counts: torch.Tensor, indices: torch.Tensor):
@@ -213,7 +215,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
     for cfg in CONFIGS:
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
-    default = vb.default_config(S, NQC, D, DTYPE.itemsize, vb.max_shared_memory(torch.device(DEVICE)))
+    default = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
     ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
@@ -244,7 +246,7 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     raw = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
     layout = validate_varlen_inputs(q, k, v, *raw)
     flat_q = vb._flat_offsets(layout.q_offsets)
-    config = vb.default_config(S, NQC, D, DTYPE.itemsize, vb.max_shared_memory(torch.device(DEVICE)))
+    config = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
     rows_buffer = torch.empty(B * H * NQC * S, dtype=torch.int32, device=DEVICE)
 
     def prep():
@@ -272,9 +274,6 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
 
 def time_selection(q, k, g: torch.Generator) -> list[Row]:
     rows = []
-    for block in (64, 128):
-        ms = bench_ms(lambda: bs.select_top_p(bs.estimate_block_scores(q, k, block, block), 0.9))
-        rows.append(Row(f"estimate_block_scores + select_top_p(0.9), block {block}", "-", 1.0, ms))
     centroids_q, centroids_k = torch.randn(B, H, NQC, D, device=DEVICE), torch.randn(B, H, NKC, D, device=DEVICE)
     sizes = torch.randint(1, 64, (B, H, NKC), device=DEVICE)
     ms = bench_ms(lambda: bs.select_top_p(bs.pooled_block_scores(centroids_q, centroids_k, sizes, D**-0.5), 0.9))

@@ -16,8 +16,8 @@ import sparse_compile
 import tiny_models
 from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.kernels.block_sparse import layout_to_dense_mask
-from sparse_compile.kernels.block_sparse_reference import check_layout_values
+from sparse_compile.kernels.block_sparse import check_layout_values
+from sparse_compile.kernels.block_sparse_reference import layout_to_dense_mask
 from sparse_compile.methods import adaspa as adaspa_module
 from sparse_compile.methods import adaspa_search
 from sparse_compile.methods.adaspa import AdaSpaMethod

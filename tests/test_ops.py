@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sparse_compile.runtime.ops import _in_output_layout, attention_output_like
+from sparse_compile.kernels.common import attention_output_like
+from sparse_compile.runtime.ops import _in_output_layout
 
 
 def test_a_result_already_in_the_output_layout_is_returned_without_a_copy():

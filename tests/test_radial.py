@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import sparse_compile
 import tiny_models
 from method_calls import method_call
-from sparse_compile.kernels.block_sparse import layout_to_dense_mask
-from sparse_compile.kernels.block_sparse_reference import check_layout_values
+from sparse_compile.kernels.block_sparse import check_layout_values
+from sparse_compile.kernels.block_sparse_reference import layout_to_dense_mask
 from sparse_compile.methods import radial as radial_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.radial import RadialMethod

@@ -14,15 +14,15 @@ from hypothesis import strategies as st
 import sparse_compile
 import tiny_models
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
-from sparse_compile.kernels.block_sparse import layout_to_dense_mask
-from sparse_compile.kernels.block_sparse_reference import check_layout_values
+from sparse_compile.kernels.block_sparse import check_layout_values
+from sparse_compile.kernels.block_sparse_reference import layout_to_dense_mask
+from sparse_compile.kernels.common import attention_output_like
 from sparse_compile.methods import svg as svg_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg import SvgMethod
 from sparse_compile.methods.svg_patterns import build_patterns, temporal_order, temporal_permutation
 from sparse_compile.methods.svg_profile import classify_heads, pattern_errors, sample_rows
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.ops import attention_output_like
 from sparse_compile.runtime.session import SiteState, find_session
 
 CPU = torch.device("cpu")

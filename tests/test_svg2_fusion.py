@@ -19,13 +19,13 @@ from torch.autograd import DeviceType
 
 import tiny_models
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
-from sparse_compile.kernels.varlen_block_sparse import default_config as varlen_default_config
+from sparse_compile.kernels.common import attention_output_like
+from sparse_compile.kernels.tile_configs import varlen_config as varlen_default_config
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
 from sparse_compile.options import validate_options
 from sparse_compile.passes import rewrite as rewrite_module
-from sparse_compile.runtime.ops import attention_output_like
 
 ATTENTION_OP = torch.ops.sparse_compile.attention.default
 

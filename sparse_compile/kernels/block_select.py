@@ -1,8 +1,8 @@
 """Block scoring and selection for block-sparse attention.
 
-Cheap estimates (pooled q . pooled k) and exact block masses (AdaSpa's search pass) of every
-(q block, kv block), and the selections that turn scores into the CSR layout consumed by
-:func:`sparse_compile.kernels.block_sparse.block_sparse_attention`:
+Estimated masses from pooled rows (:func:`pooled_block_scores`, SVG2's centroids) and exact block
+masses (AdaSpa's search pass) of every (q block, kv block), and the selections that turn scores into
+the CSR layout consumed by :func:`sparse_compile.kernels.block_sparse.block_sparse_attention`:
 
 - ``counts`` int32 ``(B, H, NQ)``: kept kv blocks per q block;
 - ``indices`` int32 ``(B, H, NQ, MAXK)``: their ids, the first ``count`` ascending, the rest 0.
@@ -10,7 +10,8 @@ Cheap estimates (pooled q . pooled k) and exact block masses (AdaSpa's search pa
 The exact passes (:func:`attention_lse`, :func:`block_mass_with_lse`) are Triton kernels on CUDA
 (S^2 compute, O(NQ * NK) memory) and the chunked references of :mod:`block_select_reference`
 elsewhere; both are registered as ``sparse_compile::`` custom ops. Pooling and selection are a
-handful of batched torch ops on ``(B, H, NQ, NK)`` tensors (no host sync).
+handful of batched torch ops on ``(B, H, NQ, NK)`` tensors (no host sync). Inputs are checked here;
+the references assume valid inputs.
 
 SVG2's cluster-pair selection, :func:`select_top_p_clusters` (centroid scores, top-p selection,
 CSR layout and kept key tokens), is those torch ops on CPU (:func:`select_top_p_clusters_torch`,
@@ -28,51 +29,61 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import check_out_buffer, patch_interpreter_scalar_index
 from sparse_compile.kernels.block_select_reference import (
     attention_lse_reference,
     block_mass_with_lse_reference,
-    block_sizes,
-    cdiv,
-    check_block,
-    check_qk,
-    default_scale,
 )
+from sparse_compile.kernels.common import (
+    LOG2E,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    cdiv,
+    check_out_buffer,
+    default_scale,
+    dot_precision,
+    online_softmax_step,
+)
+from sparse_compile.kernels.tile_configs import attention_lse_config, block_mass_config, top_p_selection_warps
 from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
 
-LOG2E = 1.4426950408889634
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_BLOCK_Q = 128
 MAX_TRITON_CLUSTERS = 8192  # key clusters a row of the fused selection kernel holds in registers
 
 
 # ----------------------------------------------------------------------------------------------
-# Pooling and estimated scores (torch ops)
+# Input checks
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_pool_blocks(x: Tensor, block: int) -> Tensor:
-    """Mean of each block of ``block`` tokens: ``(B, H, S, D)`` -> fp32 ``(B, H, ceil(S / block), D)``.
+def check_block(name: str, block: int) -> None:
+    """Raise ``ValueError`` unless ``block`` is a positive int."""
+    if not isinstance(block, int) or isinstance(block, bool) or block <= 0:
+        raise ValueError(f"{name} must be a positive int, got {block!r}")
 
-    The last block may be partial and is averaged over its real tokens. Sums accumulate in fp32.
-    """
-    check_block("block", block)
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
-    b, h, s, d = x.shape
-    n_full, rest = divmod(s, block)
-    parts = []
-    if n_full:
-        full = x[:, :, : n_full * block].unflatten(2, (n_full, block))
-        parts.append(full.sum(dim=3, dtype=torch.float32) / block)
-    if rest:
-        parts.append(x[:, :, n_full * block :].sum(dim=2, keepdim=True, dtype=torch.float32) / rest)
-    if not parts:
-        return x.new_zeros((b, h, 0, d), dtype=torch.float32)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+def check_qk(q: Tensor, k: Tensor) -> None:
+    """Raise ``ValueError`` unless q ``(B, H, S_q, D)`` and k ``(B, H, S_k, D)`` match and are floating."""
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share B, H and D")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+
+
+def _check_lse(q: Tensor, lse: Tensor) -> None:
+    """Raise ``ValueError`` unless ``lse`` is fp32 ``(B, H, S_q)`` of q ``(B, H, S_q, D)``."""
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Estimated scores from pooled rows (torch ops)
+# ----------------------------------------------------------------------------------------------
 
 
 def pooled_block_scores(q_pooled: Tensor, k_pooled: Tensor, kv_sizes: Tensor, scale: float) -> Tensor:
@@ -86,19 +97,6 @@ def pooled_block_scores(q_pooled: Tensor, k_pooled: Tensor, kv_sizes: Tensor, sc
     logits = torch.matmul(q_pooled.float(), k_pooled.float().transpose(-1, -2)) * scale
     log_sizes = kv_sizes.float().log()  # log(0) = -inf: an empty block is never attended
     return torch.softmax(logits + log_sizes.unsqueeze(-2), dim=-1)
-
-
-def estimate_block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int, scale: float | None = None) -> Tensor:
-    """Estimated attention mass of each (q block, kv block), fp32 ``(B, H, NQ, NK)``; rows sum to 1.
-
-    ``softmax_j(scale * mean(q block i) . mean(k block j) + log(|kv block j|))``.
-    """
-    check_qk(q, k)
-    check_block("block_q", block_q)
-    check_block("block_k", block_k)
-    scale = default_scale(q.shape[-1], scale)
-    sizes = block_sizes(k.shape[2], block_k, q.device)
-    return pooled_block_scores(mean_pool_blocks(q, block_q), mean_pool_blocks(k, block_k), sizes, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,31 +120,6 @@ def keep_mask_to_layout(mask: Tensor, maxk: int | None = None) -> tuple[Tensor, 
     return counts, indices.scatter_(-1, slot, ids)[..., :maxk]
 
 
-def _with_always_kept(mask: Tensor, always_kept: Tensor | None) -> tuple[Tensor, int]:
-    """``mask`` with the columns ``always_kept`` set, and how many ids ``always_kept`` holds."""
-    if always_kept is None:
-        return mask, 0
-    if always_kept.dim() != 1 or always_kept.dtype.is_floating_point or always_kept.dtype == torch.bool:
-        raise ValueError(f"always_kept must be a 1-D integer tensor, got {always_kept.dtype} {tuple(always_kept.shape)}")
-    return mask.index_fill(-1, always_kept.to(device=mask.device, dtype=torch.long), True), always_kept.numel()
-
-
-def select_topk(scores: Tensor, k: int, always_kept: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per row the ``k`` highest-scoring blocks plus ``always_kept`` (kv block ids in [0, NK)).
-
-    ``scores`` ``(..., NQ, NK)``. Returns counts int32 ``(..., NQ)`` and indices int32
-    ``(..., NQ, MAXK)``, ``MAXK = min(NK, k + len(always_kept))``, ids ascending without duplicates.
-    """
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    nk = scores.shape[-1]
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if min(k, nk) > 0:
-        mask.scatter_(-1, scores.topk(min(k, nk), dim=-1).indices, True)
-    mask, n_extra = _with_always_kept(mask, always_kept)
-    return keep_mask_to_layout(mask, min(nk, k + n_extra))
-
-
 def _check_top_p(top_p: float, min_blocks: int) -> None:
     """Raise ``ValueError`` unless ``top_p`` lies in [0, 1] and ``min_blocks >= 0``."""
     if not 0.0 <= top_p <= 1.0:
@@ -155,13 +128,11 @@ def _check_top_p(top_p: float, min_blocks: int) -> None:
         raise ValueError(f"min_blocks must be >= 0, got {min_blocks}")
 
 
-def select_top_p(
-    probs: Tensor, top_p: float, min_blocks: int = 1, always_kept: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def select_top_p(probs: Tensor, top_p: float, min_blocks: int = 1) -> tuple[Tensor, Tensor]:
     """Per row the fewest highest-probability blocks whose cumulative probability reaches ``top_p``.
 
     A block is kept while the mass of the blocks ranked above it is below ``top_p``; at least
-    ``min(min_blocks, NK)`` per row, plus ``always_kept``. ``probs`` ``(..., NQ, NK)``; returns
+    ``min(min_blocks, NK)`` per row. ``probs`` ``(..., NQ, NK)``; returns
     counts int32 ``(..., NQ)`` and indices int32 ``(..., NQ, NK)`` (ascending, then zeros).
     """
     _check_top_p(top_p, min_blocks)
@@ -171,7 +142,6 @@ def select_top_p(
     n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min(min(min_blocks, nk))
     kept_rank = torch.arange(nk, device=probs.device) < n_keep
     mask = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, order, kept_rank)
-    mask, _ = _with_always_kept(mask, always_kept)
     return keep_mask_to_layout(mask)
 
 
@@ -238,8 +208,7 @@ def _lse_tile(q, k_base, stride_ks, start, s_k, qk_scale, m_i, l_i, dims,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((cols < s_k)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+    _, _, m_new, l_i = online_softmax_step(s, m_i, l_i, qk_scale, True)
     return m_new, l_i
 
 
@@ -422,25 +391,21 @@ def _select_top_p_clusters_kernel(
     tl.store(kept_tokens_ptr + row, tl.sum(tl.where(kept, sizes, 0), 0))
 
 
-if isinstance(_block_mass_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
-    patch_interpreter_scalar_index()
+# ----------------------------------------------------------------------------------------------
+# Launches
+# ----------------------------------------------------------------------------------------------
 
 
 def _check_triton_inputs(q: Tensor, k: Tensor) -> None:
-    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype:
-        raise ValueError(f"q and k must share a dtype among {TRITON_DTYPES}, got {q.dtype} and {k.dtype}")
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS}, got {q.shape[-1]}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype among {SUPPORTED_DTYPES}, got {q.dtype} and {k.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
     """``t`` itself if its last dim is contiguous, else a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get true fp32 dots ("ieee"); 16-bit inputs the tensor cores' native math."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def attention_lse_triton(q: Tensor, k: Tensor, scale: float, block: int = 128, out: Tensor | None = None) -> Tensor:
@@ -459,14 +424,14 @@ def attention_lse_triton(q: Tensor, k: Tensor, scale: float, block: int = 128, o
         out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device)
     if s_q == 0:
         return out
-    block_n = 64 if d > 64 else 128
-    _attention_lse_kernel[(cdiv(s_q, block), b * h)](
+    tile = attention_lse_config(block, d)
+    _attention_lse_kernel[(cdiv(s_q, tile.block_m), b * h)](
         q, k, out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         h, s_q, k.shape[2], scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=8 if block == 128 else 4, num_stages=3,
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 
@@ -492,8 +457,7 @@ def block_mass_triton(
         out = torch.empty((b, h, nq, nk), dtype=torch.float32, device=q.device)
     if nq == 0 or nk == 0:
         return out.zero_()
-    block_m = max(16, triton.next_power_of_2(block_q))
-    block_n = max(16, min(64 if d > 64 else 128, triton.next_power_of_2(block_k)))
+    tile = block_mass_config(block_q, block_k, d)
     _block_mass_kernel[(nq, b * h)](
         q, k, lse, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -501,8 +465,8 @@ def block_mass_triton(
         lse.stride(0), lse.stride(1), lse.stride(2),
         h, s_q, k.shape[2], nk, scale * LOG2E,
         BLOCK_Q=block_q, BLOCK_K=block_k,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=8 if block_m == 128 else 4, num_stages=3,
+        HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )
     return out
 
@@ -519,11 +483,6 @@ def _check_selection_buffers(out: ClusterSelection, b: int, h: int, nq: int, nk:
     for name, buf, shape in (("counts", out.counts, (b, h, nq)), ("indices", out.indices, (b, h, nq, nk)),
                              ("kept_tokens", out.kept_tokens, (b, h, nq))):  # fmt: skip
         check_out_buffer(f"out.{name}", buf, shape, torch.int32, device)
-
-
-def _selection_warps(nk_pad: int) -> int:
-    """Warps per row program: 4 up to 2048 clusters, then one per 512 (fastest on an H100 at 12 x 200 rows)."""
-    return 4 if nk_pad <= 2048 else nk_pad // 512
 
 
 def select_top_p_clusters_triton(
@@ -558,7 +517,7 @@ def select_top_p_clusters_triton(
         logits, k_sizes, out.counts, out.indices, out.kept_tokens,
         k_sizes.stride(0), k_sizes.stride(1), k_sizes.stride(2),
         h, nq, nk, float(scale), float(top_p), min(min_blocks, nk),
-        NK_PAD=nk_pad, LOG2_NK_PAD=nk_pad.bit_length() - 1, num_warps=_selection_warps(nk_pad),
+        NK_PAD=nk_pad, LOG2_NK_PAD=nk_pad.bit_length() - 1, num_warps=top_p_selection_warps(nk_pad),
     )  # fmt: skip
     return out
 
@@ -619,8 +578,7 @@ def block_mass_with_lse(
     check_qk(q, k)
     check_block("block_q", block_q)
     check_block("block_k", block_k)
-    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be fp32 of shape {tuple(q.shape[:3])}, got {lse.dtype} {tuple(lse.shape)}")
+    _check_lse(q, lse)
     return torch.ops.sparse_compile.block_mass_with_lse(q, k, lse, block_q, block_k, default_scale(q.shape[-1], scale))
 
 
@@ -648,12 +606,11 @@ __all__ = [
     "ClusterSelection",
     "attention_lse",
     "block_mass_with_lse",
-    "estimate_block_scores",
+    "check_block",
+    "check_qk",
     "keep_mask_to_layout",
     "kept_kv_tokens",
-    "mean_pool_blocks",
     "pooled_block_scores",
     "select_top_p",
     "select_top_p_clusters",
-    "select_topk",
 ]

@@ -19,7 +19,7 @@ K/V tiles are read with TMA (device-side tensor descriptors) when the strides al
 
 - Any strides for q, k, v and O (each a ``(B, H, S, D)`` view), so the ``(B, S, H, D)`` storage of a
   diffusers attention call is read as is (TMA needs a unit last stride and 16-byte aligned others,
-  which those views have), and O is written token-major by default (:func:`token_major_like`), the
+  which those views have), and O is written token-major by default (:func:`attention_output_like`), the
   layout the backend's op returns without a copy.
 - *Permutations folded into the loads and stores* (``PERMUTE_Q`` / ``PERMUTE_KV``, compile-time flags:
   without a permutation the kernel is the one above), as in the variable-block kernel. A query tile
@@ -32,46 +32,130 @@ K/V tiles are read with TMA (device-side tensor descriptors) when the strides al
   per kept key.
 """
 
-import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import (
+from sparse_compile.kernels.block_sparse_reference import BlockLayout, block_sparse_attention_reference
+from sparse_compile.kernels.common import (
+    LOG2E,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    attention_output_like,
+    cdiv,
     check_out_buffer,
+    check_permutation_values,
     check_strided_out_buffer,
-    patch_interpreter_scalar_index,
+    default_scale,
+    dot_precision,
+    expand_batch_head,
+    expand_permutation,
+    interpreter_active,
+    online_softmax_step,
     permutation_strides,
 )
-from sparse_compile.kernels.block_sparse_reference import (
-    block_sparse_attention_reference,
-    cdiv,
-    dense_block_layout,
-    layout_to_dense_mask,
-    token_major_like,
-    validate_inputs,
+from sparse_compile.kernels.tile_configs import (
+    AUTOTUNE_TILES,
+    TileConfig,
+    block_sparse_tiles,
+    interpreter_block_sparse_tile,
 )
 
 __all__ = [
-    "AUTOTUNE_TILES",
-    "TileConfig",
+    "BlockLayout",
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
-    "interpreter_active",
+    "check_layout_values",
     "tma_eligible",
-    "token_major_like",
-    "dense_block_layout",
-    "layout_to_dense_mask",
+    "validate_inputs",
 ]
 
-_LOG2E = 1.4426950408889634
 _TMA_ALIGN_BYTES = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_block_size(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 16 or value > 256 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [16, 256], got {value!r}")
+
+
+def validate_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    block_q: int,
+    block_k: int,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
+) -> BlockLayout:
+    """Check shapes, dtypes and devices; return the layout and permutations expanded to ``(B, H, ...)``.
+
+    Raises ``ValueError`` with a message naming the offending argument. Index and permutation
+    *values* are not checked here (that needs a device sync); :func:`check_layout_values` and
+    :func:`~sparse_compile.kernels.common.check_permutation_values` do it.
+    """
+    _check_block_size("block_q", block_q)
+    _check_block_size("block_k", block_k)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    perms = [p for p in (q_perm, kv_perm) if p is not None]
+    if any(t.device != q.device for t in (k, v, kv_block_counts, kv_block_indices, *perms)):
+        raise ValueError("q, k, v, kv_block_counts, kv_block_indices and the permutations must be on one device")
+    b, h, s_q, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(
+            f"k and v must have shape (B, H, S_k, D) = ({b}, {h}, S_k, {d}); got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one key (S_k > 0)")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    nq = cdiv(s_q, block_q)
+    counts = expand_batch_head(kv_block_counts, "kv_block_counts", b, h, (nq,), (torch.int32,))
+    if kv_block_indices.dim() != 4:
+        raise ValueError(f"kv_block_indices must be 4-D (B, H, NQ, MAXK), got shape {tuple(kv_block_indices.shape)}")
+    indices = expand_batch_head(kv_block_indices, "kv_block_indices", b, h, (nq, None), (torch.int32,))
+    q_perm = expand_permutation(q_perm, "q_perm", b, h, s_q)
+    kv_perm = expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
+    return BlockLayout(counts, indices, q_perm, kv_perm)
+
+
+def check_layout_values(kv_block_counts: Tensor, kv_block_indices: Tensor, num_kv_blocks: int) -> None:
+    """Raise ``ValueError`` unless every count is in [0, MAXK] and the valid indices are ascending in [0, NK).
+
+    Reads the layout (a device sync on GPU); the CPU path and tests call it.
+    """
+    maxk = kv_block_indices.shape[-1]
+    if bool((kv_block_counts < 0).any()) or bool((kv_block_counts > maxk).any()):
+        raise ValueError(f"kv_block_counts must lie in [0, MAXK={maxk}]")
+    valid = torch.arange(maxk, device=kv_block_indices.device) < kv_block_counts.unsqueeze(-1)
+    idx = kv_block_indices.long()
+    if bool(((idx < 0) | (idx >= num_kv_blocks))[valid].any()):
+        raise ValueError(f"kept kv block indices must lie in [0, NK={num_kv_blocks})")
+    both_valid = valid[..., 1:]
+    if bool((idx[..., 1:] <= idx[..., :-1])[both_valid].any()):
+        raise ValueError("kept kv block indices must be strictly ascending")
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------
+
 
 
 @triton.jit
@@ -110,20 +194,6 @@ def _tile_start(idx_row, stride_ik, t, valid, LAYOUT_BK: tl.constexpr, BLOCK_N: 
     SUB_N: tl.constexpr = LAYOUT_BK // BLOCK_N
     kv_block = tl.load(idx_row + (t // SUB_N) * stride_ik, mask=valid, other=0)
     return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
-
-
-@triton.jit
-def _online_softmax(qk, m_i, l_i, qk_scale):
-    """Online-softmax step for one scores tile ``qk`` (BLOCK_M x BLOCK_N, unscaled).
-
-    ``m_i`` is the running row max in base-2 scaled units, ``l_i`` the running row sum of 2^(s - m).
-    Returns the tile's probabilities (unnormalised), the factor rescaling the old accumulator, m and l.
-    """
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_i
 
 
 def _block_sparse_fwd(
@@ -209,14 +279,14 @@ def _block_sparse_fwd(
         k = _load_rows(k_src, kv_perm, start_next, offs_n, offs_d, stride_kn, stride_kd, stride_kpn, S_K,
                        USE_TMA, PERMUTE_KV, False)  # fmt: skip
         qk_next = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        p, alpha, m_i, l_i = online_softmax_step(qk, m_i, l_i, qk_scale, False)
         v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
                        USE_TMA, PERMUTE_KV, False)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         qk = qk_next
         start_n = start_next
     if n_full > 0:
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        p, alpha, m_i, l_i = online_softmax_step(qk, m_i, l_i, qk_scale, False)
         v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
                        USE_TMA, PERMUTE_KV, False)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -227,7 +297,7 @@ def _block_sparse_fwd(
                        USE_TMA, PERMUTE_KV, True)  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where((start_n + offs_n)[None, :] < S_K, qk, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale)
+        p, alpha, m_i, l_i = online_softmax_step(qk, m_i, l_i, qk_scale, False)
         v = _load_rows(v_src, kv_perm, start_n, offs_n, offs_d, stride_vn, stride_vd, stride_kpn, S_K,
                        USE_TMA, PERMUTE_KV, True)  # fmt: skip
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -241,51 +311,16 @@ def _block_sparse_fwd(
     tl.store(LSE + pid_bh.to(tl.int64) * S_Q + q_rows, lse, mask=row_ok)
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Kernel tile shape and launch options; BLOCK_M must divide block_q and BLOCK_N divide block_k."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-# Hopper-minded candidates: 128-row tiles over two warpgroups (8 warps), 64/128-key sub-tiles, 2-4
-# stages (128x128 with 3 stages needs 224 KiB of shared memory at D=128 bf16, just under the limit).
-# At D=128 ptxas overlaps the next tile's QK^T wgmma with the exponentials for 128x64 tiles but not
-# for 128x128 (too few registers), yet 128x128 was still the fastest on the H100 (see
-# benchmarks/results/block_sparse_notes.md). 128x64 and 64x128 with 4 warps spill registers: left out.
-# Offline sm_90 compiles (bf16, D=128, ptxas of the Triton wheel) of the strided-output kernel: TMA
-# variants spill nothing; 128x128 with pointer loads keeps one register in local memory across the
-# loops (one store before, one load after); the permuted variant (pointer gathers) spills 2 registers
-# per main-loop tile at 128x128 (48-72 B of stack) and nothing at 128x64 / 64x64. All stay candidates:
-# the autotuner times them (``--sweep`` of benchmarks/bench_block_sparse.py times each).
-AUTOTUNE_TILES = (
-    TileConfig(128, 128, 8, 2),
-    TileConfig(128, 128, 8, 3),
-    TileConfig(128, 64, 8, 2),
-    TileConfig(128, 64, 8, 3),
-    TileConfig(128, 64, 8, 4),
-    TileConfig(64, 64, 4, 3),
-)
-
-
 def _triton_config(tile: TileConfig) -> triton.Config:
     meta = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
     return triton.Config(meta, num_warps=tile.num_warps, num_stages=tile.num_stages)
 
 
-def _small_block_tile(block_q: int, block_k: int) -> TileConfig:
-    """Tile for layouts whose blocks are smaller than every autotune candidate (and the interpreter default)."""
-    return TileConfig(min(block_q, 64), min(block_k, 64), 4, 2)
-
-
 def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep the configs whose tiles fit inside the layout blocks; fall back to one small tile."""
-    block_q, block_k = kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_q and c.kwargs["BLOCK_N"] <= block_k]
-    return kept or [_triton_config(_small_block_tile(block_q, block_k))]
+    """The candidates of this layout's blocks (:func:`~sparse_compile.kernels.tile_configs.block_sparse_tiles`)."""
+    tiles = block_sparse_tiles(kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"])
+    kept = [c for c in configs if TileConfig(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in tiles]
+    return kept or [_triton_config(t) for t in tiles]
 
 
 _fwd_jit = triton.jit(_block_sparse_fwd)
@@ -294,20 +329,6 @@ _fwd_autotuned = triton.autotune(
     key=["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "USE_TMA", "PERMUTE_Q", "PERMUTE_KV"],  # + the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_fwd_jit)
-
-
-def interpreter_active() -> bool:
-    """Whether this process runs Triton kernels in the CPU interpreter.
-
-    Triton decides at decoration time: ``TRITON_INTERPRET=1`` must be set before ``triton`` is first
-    imported, or its own library functions (``tl.sum``, ``tl.max``, ``tl.cdiv``) stay GPU-only JIT
-    functions that the interpreter cannot call. Both this kernel and those must be interpreted.
-    """
-    return isinstance(_fwd_jit, InterpretedFunction) and isinstance(tl.cdiv, InterpretedFunction)
-
-
-if interpreter_active():
-    patch_interpreter_scalar_index()
 
 
 def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
@@ -349,9 +370,9 @@ def block_sparse_attention_triton(
     """Run the Triton kernel: compiled on CUDA, or under Triton's interpreter (see :func:`interpreter_active`).
 
     Arguments as :func:`block_sparse_attention`; q, k, v are read through their strides (no copies).
-    ``tile`` fixes the tile/launch config (default: autotuned on CUDA, ``_small_block_tile`` in the
-    interpreter). ``use_tma`` forces TMA K/V loads on or off (default: on when :func:`tma_eligible`
-    and there is no ``kv_perm``; TMA cannot gather permuted rows). ``out`` ``(B, H, S_q, D)`` in q's
+    ``tile`` fixes the tile/launch config (default: :mod:`~sparse_compile.kernels.tile_configs`'s, autotuned
+    on CUDA). ``use_tma`` forces TMA K/V loads on or off (default: on when :func:`tma_eligible` and
+    there is no ``kv_perm``; TMA cannot gather permuted rows). ``out`` ``(B, H, S_q, D)`` in q's
     dtype with any non-overlapping strides (default: a new token-major tensor) and ``lse_out``
     ``(B, H, S_q)`` contiguous fp32 are optional buffers; every element is written. Layout and
     permutation values are not checked (no host sync).
@@ -359,7 +380,7 @@ def block_sparse_attention_triton(
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    out = token_major_like(q) if out is None else out
+    out = attention_output_like(q, v) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
     check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
@@ -375,13 +396,13 @@ def block_sparse_attention_triton(
             raise ValueError(
                 "use_tma=True needs CUDA sm_90+, 16-byte aligned K/V with unit last stride, and no kv_perm"
             )
-        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        scale = default_scale(d, scale)
         args = (
             q, k, v, out, lse_out, lay.counts, lay.indices, lay.q_perm, lay.kv_perm,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *permutation_strides(lay.q_perm), *permutation_strides(lay.kv_perm),
             *lay.counts.stride(), *lay.indices.stride(),
-            h, s_q, s_k, scale * _LOG2E,
+            h, s_q, s_k, scale * LOG2E,
         )  # fmt: skip
         meta = dict(
             HEAD_DIM=d,
@@ -391,9 +412,11 @@ def block_sparse_attention_triton(
             USE_TMA=use_tma,
             PERMUTE_Q=lay.q_perm is not None,
             PERMUTE_KV=lay.kv_perm is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dot_precision(q.dtype),
         )
-        _launch(args, meta, b * h, s_q, interpret, tile or (_small_block_tile(block_q, block_k) if interpret else None))
+        if tile is None and interpret:
+            tile = interpreter_block_sparse_tile(block_q, block_k)
+        _launch(args, meta, b * h, s_q, interpret, tile)
     return (out, lse_out) if return_lse else out
 
 
@@ -425,9 +448,14 @@ def _dispatch(
     q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_q: int, block_k: int,
     scale: Optional[float], q_perm: Optional[Tensor], kv_perm: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The op's body: the Triton kernel (CUDA or the interpreter), else the reference after checking the values."""
     kwargs = dict(block_q=block_q, block_k=block_k, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True)
     if q.device.type == "cuda" or interpreter_active():
         return block_sparse_attention_triton(q, k, v, counts, indices, **kwargs)
+    lay = validate_inputs(q, k, v, counts, indices, block_q, block_k, q_perm, kv_perm)
+    check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))
+    check_permutation_values("q_perm", lay.q_perm)
+    check_permutation_values("kv_perm", lay.kv_perm)
     return block_sparse_attention_reference(q, k, v, counts, indices, **kwargs)
 
 
@@ -463,7 +491,7 @@ def _block_sparse_attention_fake(
 ) -> tuple[Tensor, Tensor]:
     validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, _ = q.shape
-    return token_major_like(q), q.new_empty((b, h, s_q), dtype=torch.float32)
+    return attention_output_like(q, v), q.new_empty((b, h, s_q), dtype=torch.float32)
 
 
 def block_sparse_attention(
@@ -488,7 +516,7 @@ def block_sparse_attention(
     loads and stores. ``kv_block_counts`` int32 ``(B, H, NQ)``, ``kv_block_indices`` int32
     ``(B, H, NQ, MAXK)`` over kernel-order blocks (batch/head dims of the layout and permutations may
     be 1 or stride 0); ``block_q``/``block_k`` powers of two in [16, 256]; ``scale`` defaults to
-    1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`token_major_like`), in
+    1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`attention_output_like`), in
     q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)`` when ``return_lse``. Rows whose q
     block keeps nothing give 0 and LSE ``-inf``. Shapes are checked here (``ValueError``); layout and
     permutation *values* on the CPU path only.

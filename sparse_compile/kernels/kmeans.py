@@ -5,8 +5,8 @@ every (batch, head) of ``x`` ``(B, H, S, D)``; ``cluster_permutation(labels, siz
 the tokens cluster by cluster. The definitions (distance, ties to the lowest index, empty clusters,
 the last pass and its labels, seeding, ``num_clusters`` in ``[1, S]``) are those of
 :mod:`sparse_compile.kernels.kmeans_reference`, which is the specification and the path for CPU
-tensors and for head dims outside ``TRITON_HEAD_DIMS``. Neither path reads a device value on the
-host: a call is a fixed sequence of launches.
+tensors and for head dims outside ``SUPPORTED_HEAD_DIMS``; inputs are checked here. Neither path
+reads a device value on the host: a call is a fixed sequence of launches.
 
 Kernel design (CUDA), per iteration two launches:
 
@@ -27,27 +27,18 @@ float dtype, into the fp32 buffer and zeroes the counts and sums, then the itera
 ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
 is written by a kernel before it is read, none is filled by a separate memset or copy.
 There is no assignment after the last update (the reference's definition): each iteration is one
-pass over x.
+pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
+per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomics spread over
+``K * D`` addresses per head. The assignment tile is
+:data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`.
 
-Why this split, for the SVG2 shape on an H100 (B*H = 12, S = 32760, K = 1000, D = 128, bf16):
-the assignment is 2 * B*H * S * K * D = 101 GFLOP per iteration, ~0.15-0.2 ms on bf16 tensor
-cores; everything else is memory traffic of a few MB. Fusing the update into the assignment's
-epilogue saves a second read of x (100 MB, ~35 us) and the per-iteration segmented sort of the
-labels that a sort-then-reduce update needs (flash-kmeans' "sorted" update); its cost is
-B*H * S * D relaxed fp32 atomics (50 M, issued as 16-byte vector atomics on sm_90), spread over
-K * D addresses per head, which overlap with other programs' dots. The tile shape is 64 x 64, 4
-warps, 2 stages (:data:`DEFAULT_CONFIG`; compiled for sm_90 a 64 x 64 tile is wgmma m64n64k16, no
-spills). Measured on an H100 (``benchmarks/bench_kmeans.py``): one assignment pass 0.30 ms at
-K = 1000 (340 TFLOP/s), 0.12 ms at K = 200; SVG2's warm step 0.66 ms (keys) and 0.34 ms (queries).
-
-The cluster permutation is then a counting sort with no sort at all: a token's place is its
-cluster's offset plus its rank. It is the offsets' cumsum and one Triton scatter (3 launches; the
-same as torch ops took 7 launches, and a segmented radix sort of the labels before that).
+The cluster permutation is then a counting sort: a token's place is its cluster's offset plus its
+rank, computed as the offsets' cumsum and one Triton scatter.
 
 Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
 run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
-may differ from the fp32 reference: ~0.05% of labels on random data, objective within 1e-4); the
-order of tokens within a cluster (their ranks) also varies from run to run.
+may differ from the fp32 reference); the order of tokens within a cluster (their ranks) also varies
+from run to run.
 """
 
 from __future__ import annotations
@@ -58,13 +49,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot_precision
 from sparse_compile.kernels.kmeans_reference import (
     Clustering,
-    check_kmeans_inputs,
-    check_permutation_inputs,
     cluster_offsets,
     cluster_permutation_reference,
     cluster_ranks_reference,
@@ -72,30 +60,48 @@ from sparse_compile.kernels.kmeans_reference import (
     kmeans_objective,
     kmeans_reference,
 )
-
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
-_FINALIZE_ELEMENTS = 4096  # centroid elements per finalize program
-_PERMUTATION_TOKENS = 1024  # tokens per program of the permutation scatter
-
-
-@dataclass(frozen=True)
-class KmeansConfig:
-    """Tile shape and launch options of the assignment kernel (block sizes: powers of two >= 16)."""
-
-    block_s: int
-    block_k: int
-    num_warps: int
-    num_stages: int
+from sparse_compile.kernels.tile_configs import (
+    KMEANS_FINALIZE_ELEMENTS,
+    KMEANS_TILE,
+    PERMUTATION_TOKENS,
+    TileConfig,
+)
 
 
-DEFAULT_CONFIG = KmeansConfig(64, 64, 4, 2)
-"""64 tokens x 64 centroids, 4 warps, 2 stages, for every head dim (only D = 128 measured).
+def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None) -> None:
+    """Raise ``ValueError`` unless the arguments of :func:`kmeans` are valid (no sync)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
+    b, h, s, d = x.shape
+    for name, value in (("num_clusters", num_clusters), ("iters", iters)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if not 1 <= num_clusters <= s:
+        raise ValueError(f"num_clusters must lie in [1, S={s}], got {num_clusters}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if init_centroids is None:
+        return
+    if tuple(init_centroids.shape) != (b, h, num_clusters, d) or not init_centroids.dtype.is_floating_point:
+        raise ValueError(
+            f"init_centroids must be a floating (B, H, K, D) = {(b, h, num_clusters, d)} tensor, "
+            f"got {init_centroids.dtype} {tuple(init_centroids.shape)}"
+        )
+    if init_centroids.device != x.device:
+        raise ValueError(f"init_centroids must be on x's device {x.device}, got {init_centroids.device}")
 
-H100 sweep at the SVG2 shape (``benchmarks/bench_kmeans.py``, B*H = 12, S = 32760, D = 128, bf16):
-the warm step (2 iterations) of the keys (K = 1000) took 0.66 ms against 0.74 ms with 1 stage
-(flash-kmeans' tuning for D = 128) and 0.71-1.00 ms with 128-token or 128-centroid tiles; for the
-queries (K = 200) all 64 x 64 variants were within 2% (0.34 ms).
-"""
+
+def check_permutation_inputs(labels: Tensor, sizes: Tensor, ranks: Tensor) -> None:
+    """Raise ``ValueError`` unless labels / ranks ``(B, H, S)`` and sizes ``(B, H, K)`` are integer and match."""
+    for name, t in (("labels", labels), ("sizes", sizes), ("ranks", ranks)):
+        if t.dim() != 3 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 3-D integer tensor, got {t.dtype} {tuple(t.shape)}")
+    if labels.shape[:2] != sizes.shape[:2] or labels.device != sizes.device:
+        raise ValueError(f"labels {tuple(labels.shape)} and sizes {tuple(sizes.shape)} must share B, H and device")
+    if ranks.shape != labels.shape or ranks.device != labels.device:
+        raise ValueError(f"ranks {tuple(ranks.shape)} must have the shape and device of labels {tuple(labels.shape)}")
 
 
 @triton.jit
@@ -219,10 +225,6 @@ def _permutation_kernel(labels_ptr, ranks_ptr, offsets_ptr, perm_ptr, seq_len, n
     tl.store(perm_ptr + bh * seq_len + place, tokens.to(tl.int64), mask=ok)
 
 
-if isinstance(_assign_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
-    patch_interpreter_scalar_index()
-
-
 @dataclass(frozen=True)
 class _Workspace:
     """Device buffers of one call, all written before they are read: fp32 ``centroids``, ``low``
@@ -251,7 +253,7 @@ def _finalize(ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool) -> 
     ``(B, H, K, D)``, ``ws.centroids`` itself after an iteration) or the sums, counts zeroed unless this
     is the last finalize (``from_sums`` without ``zero_sums``), sums zeroed with ``zero_sums``."""
     b, h, k, d = ws.centroids.shape
-    block_r = _FINALIZE_ELEMENTS // d
+    block_r = KMEANS_FINALIZE_ELEMENTS // d
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
         src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts,
         b * h * k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
@@ -266,16 +268,17 @@ def _tail_chunk(num_clusters: int, block_k: int) -> int:
     return min(block_k, max(16, triton.next_power_of_2(num_clusters % block_k)))
 
 
-def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: KmeansConfig, accumulate: bool) -> None:
-    """Launch ``_assign_kernel`` over every (token tile, batch * head)."""
+def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: TileConfig, accumulate: bool) -> None:
+    """Launch ``_assign_kernel`` over every (token tile, batch * head): ``config.block_m`` tokens x
+    ``config.block_n`` centroids per step."""
     b, h, s, d = x.shape
-    _assign_kernel[(triton.cdiv(s, config.block_s), b * h)](
+    _assign_kernel[(triton.cdiv(s, config.block_m), b * h)](
         x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2],
-        HEAD_DIM=d, BLOCK_S=config.block_s, BLOCK_K=config.block_k,
-        TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_k), ACCUMULATE=accumulate,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n,
+        TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_n), ACCUMULATE=accumulate,
+        DOT_PRECISION=dot_precision(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
@@ -287,21 +290,22 @@ def kmeans_triton(
     init_centroids: Tensor | None = None,
     *,
     seed: int = 0,
-    config: KmeansConfig | None = None,
+    config: TileConfig | None = None,
 ) -> Clustering:
     """k-means with the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Arguments and result as :func:`kmeans`; D must be one of ``TRITON_HEAD_DIMS``. ``config``
-    fixes the assignment tile (default :data:`DEFAULT_CONFIG`). ``init_centroids`` is not modified.
+    Arguments and result as :func:`kmeans`; D must be one of ``SUPPORTED_HEAD_DIMS``. ``config``
+    fixes the assignment tile (``block_m`` tokens x ``block_n`` centroids; default
+    :data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`). ``init_centroids`` is not modified.
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids)
     b, h, s, d = x.shape
-    if d not in TRITON_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS} on the Triton path, got {d}")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
     if b * h == 0:  # nothing to launch over
         return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    config = config or DEFAULT_CONFIG
+    config = config or KMEANS_TILE
     if init_centroids is None:
         src = centroids = initial_centroids(x, num_clusters, seed)
     else:
@@ -329,12 +333,12 @@ def kmeans(
     modified) or ``None`` for the seeded stratified initialisation. Returns :class:`Clustering`:
     centroids fp32 ``(B, H, K, D)`` (each the mean of its cluster's tokens, for ``iters >= 1``),
     labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``, ranks int32 ``(B, H, S)`` (for
-    :func:`cluster_permutation`). CUDA tensors with D in ``TRITON_HEAD_DIMS`` run the Triton kernels,
+    :func:`cluster_permutation`). CUDA tensors with D in ``SUPPORTED_HEAD_DIMS`` run the Triton kernels,
     anything else the reference; neither syncs with the host.
     """
-    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
-    if x.is_cuda and x.shape[-1] in TRITON_HEAD_DIMS:
+    if x.is_cuda and x.shape[-1] in SUPPORTED_HEAD_DIMS:
         return kmeans_triton(x, num_clusters, iters, init_centroids, seed=seed)
+    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
     return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
 
 
@@ -347,8 +351,8 @@ def cluster_permutation_triton(labels: Tensor, sizes: Tensor, ranks: Tensor) -> 
     perm = torch.empty((b, h, s), dtype=torch.int64, device=labels.device)
     if perm.numel():
         labels, ranks = labels.contiguous(), ranks.contiguous()
-        _permutation_kernel[(triton.cdiv(s, _PERMUTATION_TOKENS), b * h)](
-            labels, ranks, offsets, perm, s, sizes.shape[-1], BLOCK=_PERMUTATION_TOKENS
+        _permutation_kernel[(triton.cdiv(s, PERMUTATION_TOKENS), b * h)](
+            labels, ranks, offsets, perm, s, sizes.shape[-1], BLOCK=PERMUTATION_TOKENS
         )
     return perm, offsets
 
@@ -364,18 +368,18 @@ def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[T
     """
     if labels.is_cuda:
         return cluster_permutation_triton(labels, sizes, ranks)
+    check_permutation_inputs(labels, sizes, ranks)
     return cluster_permutation_reference(labels, sizes, ranks)
 
 
 __all__ = [
-    "TRITON_HEAD_DIMS",
     "Clustering",
-    "KmeansConfig",
+    "check_kmeans_inputs",
+    "check_permutation_inputs",
     "cluster_permutation",
     "cluster_permutation_reference",
     "cluster_permutation_triton",
     "cluster_ranks_reference",
-    "DEFAULT_CONFIG",
     "kmeans",
     "kmeans_objective",
     "kmeans_reference",

@@ -23,7 +23,8 @@ Definitions (shared with the Triton path):
 - Each token also gets a **rank** within its cluster (``Clustering.ranks``), its place in the cluster
   order. The reference ranks in token order (stable); the Triton path takes them from the atomic
   counter that counts the cluster's size, so within a cluster the order varies from run to run.
-- ``num_clusters`` must lie in ``[1, S]`` (``ValueError`` otherwise): callers clamp it.
+- ``num_clusters`` must lie in ``[1, S]``: callers clamp it (:func:`sparse_compile.kernels.kmeans.kmeans`
+  raises ``ValueError`` otherwise). These functions assume valid inputs; the op module checks them.
 
 Nothing here reads a device value on the host (no sync), and no step allocates O(S * K): the
 assignment works ``chunk_rows`` token rows (over all heads together) at a time.
@@ -37,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KMEANS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_ROWS = 4096  # token rows (summed over all heads) per assignment chunk of the reference
 
 
@@ -57,31 +57,6 @@ class Clustering:
     labels: Tensor
     sizes: Tensor
     ranks: Tensor
-
-
-def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None) -> None:
-    """Raise ``ValueError`` unless the arguments of :func:`kmeans_reference` are valid (no sync)."""
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
-    if x.dtype not in KMEANS_DTYPES:
-        raise ValueError(f"x must be one of {KMEANS_DTYPES}, got {x.dtype}")
-    b, h, s, d = x.shape
-    for name, value in (("num_clusters", num_clusters), ("iters", iters)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an int, got {value!r}")
-    if not 1 <= num_clusters <= s:
-        raise ValueError(f"num_clusters must lie in [1, S={s}], got {num_clusters}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    if init_centroids is None:
-        return
-    if tuple(init_centroids.shape) != (b, h, num_clusters, d) or not init_centroids.dtype.is_floating_point:
-        raise ValueError(
-            f"init_centroids must be a floating (B, H, K, D) = {(b, h, num_clusters, d)} tensor, "
-            f"got {init_centroids.dtype} {tuple(init_centroids.shape)}"
-        )
-    if init_centroids.device != x.device:
-        raise ValueError(f"init_centroids must be on x's device {x.device}, got {init_centroids.device}")
 
 
 def initial_centroids(x: Tensor, num_clusters: int, seed: int) -> Tensor:
@@ -148,7 +123,6 @@ def kmeans_reference(
     ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``init_centroids`` ``(B, H, K, D)`` floating
     (e.g. the previous step's centroids; not modified) or ``None`` for :func:`initial_centroids`.
     """
-    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
     if init_centroids is None:
         centroids = initial_centroids(x, num_clusters, seed)
     else:
@@ -168,17 +142,6 @@ def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:
     return (x.double() - picked.double()).square().sum((-2, -1))
 
 
-def check_permutation_inputs(labels: Tensor, sizes: Tensor, ranks: Tensor) -> None:
-    """Raise ``ValueError`` unless labels / ranks ``(B, H, S)`` and sizes ``(B, H, K)`` are integer and match."""
-    for name, t in (("labels", labels), ("sizes", sizes), ("ranks", ranks)):
-        if t.dim() != 3 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be a 3-D integer tensor, got {t.dtype} {tuple(t.shape)}")
-    if labels.shape[:2] != sizes.shape[:2] or labels.device != sizes.device:
-        raise ValueError(f"labels {tuple(labels.shape)} and sizes {tuple(sizes.shape)} must share B, H and device")
-    if ranks.shape != labels.shape or ranks.device != labels.device:
-        raise ValueError(f"ranks {tuple(ranks.shape)} must have the shape and device of labels {tuple(labels.shape)}")
-
-
 def cluster_offsets(sizes: Tensor) -> Tensor:
     """int32 ``(B, H, K + 1)``: the exclusive cumsum of ``sizes`` ``(B, H, K)`` (0, ..., S); cluster ``k``
     occupies ``[offsets[k], offsets[k + 1])`` of the cluster order."""
@@ -192,7 +155,6 @@ def cluster_permutation_reference(labels: Tensor, sizes: Tensor, ranks: Tensor) 
     ranks are ``0 .. size - 1``). Returns ``perm`` int64 ``(B, H, S)``, token ``t`` at place
     ``offsets[labels[t]] + ranks[t]``, and ``offsets`` int32 ``(B, H, K + 1)`` (:func:`cluster_offsets`).
     """
-    check_permutation_inputs(labels, sizes, ranks)
     offsets = cluster_offsets(sizes)
     place = offsets.gather(-1, labels.long()).long() + ranks
     tokens = torch.arange(labels.shape[-1], device=labels.device).expand(labels.shape)

@@ -15,8 +15,8 @@ Kernel design (CUDA):
   first (most kept keys) within each head to shorten the tail of the launch; surplus programs exit
   at once. Optionally (``VarlenConfig.tail_block_m``) a cluster's last rows, when they fill at most
   a smaller tile, run in a second launch of such tiles: less padding for the same kv work.
-- *Key side: the kept rows, materialised.* kv clusters are small (~33 tokens at SVG2's 1000
-  clusters for S = 32760), so the kept clusters of a q cluster are *packed*: their tokens form one
+- *Key side: the kept rows, materialised.* kv clusters are small (S_k / NKC tokens, tens for
+  SVG2's cluster counts), so the kept clusters of a q cluster are *packed*: their tokens form one
   sequence of ``total`` kept keys, read BLOCK_N at a time. A prep kernel (one program per q
   cluster) writes that sequence as the k/v token row of every kept key (``kv_perm`` applied), so
   the attention loop loads BLOCK_N row numbers with one contiguous vector load, then gathers those
@@ -34,140 +34,130 @@ Kernel design (CUDA):
 - Any strides for q, k, v and O (each a ``(B, H, S, D)`` view; the stride of D specialises to 1
   in practice), so the ``(B, S, H, D)`` storage of a diffusers attention call is read as is, and O
   is written token-major by default, the layout the backend's op returns without a copy.
-- Online base-2 softmax in fp32; empty clusters give 0 and LSE ``-inf``.
-- Software pipelining: on Hopper, 5 stages, so that the K/V gathers of a tile are issued two tiles
-  ahead (:func:`default_config` says why 3 or 4 stages leave their latency exposed).
-
-Measured on an H100 (benchmarks/results/varlen_block_sparse.md, varlen_notes.md): the kept rows
-made the attention kernel 10-16% faster than the previous per-tile slot lookup (SVG2's Wan layout
-4.05 -> 3.57 ms, HunyuanVideo's 60.8 -> 51.2 ms), the deeper pipeline another 12-13% (SVG2's Wan
-layout 3.13 -> 2.76 ms); against the fixed-block kernel at equal density the whole op was 1.9x on
-SVG2-like layouts with 3 stages (query padding 1.28 plus the gathered k/v loads) and 1.15-1.28x on
-identical work (128-token clusters).
+- Online base-2 softmax in fp32 (:func:`~sparse_compile.kernels.common.online_softmax_step`);
+  empty clusters give 0 and LSE ``-inf``.
+- Tile shapes, warps and pipeline stages: :func:`~sparse_compile.kernels.tile_configs.varlen_config`.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import (
+from sparse_compile.kernels.common import (
+    LOG2E,
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    attention_output_like,
     check_out_buffer,
+    check_permutation_values,
     check_strided_out_buffer,
-    patch_interpreter_scalar_index,
+    default_scale,
+    dot_precision,
+    expand_batch_head,
+    expand_permutation,
+    online_softmax_step,
     permutation_strides,
+)
+from sparse_compile.kernels.tile_configs import (
+    KEPT_ROWS_KEYS,
+    KEPT_ROWS_SLOTS,
+    VarlenConfig,
+    max_shared_memory,
+    varlen_config,
 )
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
-    check_varlen_layout_values,
-    token_major_like,
-    validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
 )
 from sparse_compile.kernels.varlen_tiles import tile_tables
 
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
 ROWS_BUDGET_BYTES = 512 << 20
 """Largest kept-rows buffer one launch group may use; more (batch, head) pairs run in several groups."""
-_LOG2E = 1.4426950408889634
-_PREP_SLOTS = 32  # kept clusters per step of the prep kernel
-_PREP_KEYS = 64  # keys of each of them per inner step
 
 
-@dataclass(frozen=True)
-class VarlenConfig:
-    """Tile shape and launch options of the attention kernel.
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
 
-    ``tail_block_m`` > 0 splits off the last rows of each q cluster when they fill at most that many
-    (``size % block_m`` in ``(0, tail_block_m]``): a second launch runs them in ``tail_block_m``-row
-    tiles with ``tail_num_warps`` warps, ``tail_block_n``-key tiles and ``tail_num_stages`` stages
-    (0: the main launch's), so a 130-row cluster computes 128 + 32 rows, not 256.
+
+def validate_varlen_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
+) -> VarlenLayout:
+    """Check shapes, dtypes and devices (no device sync); return the layout expanded to ``(B, H, ...)``.
+
+    Raises ``ValueError`` naming the offending argument. :func:`check_varlen_layout_values` checks
+    the values.
     """
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    tail_block_m: int = 0  # 0: no tail launch
-    tail_num_warps: int = 4
-    tail_block_n: int = 0
-    tail_num_stages: int = 0
-
-    def __post_init__(self) -> None:
-        tail = self.tail_block_m
-        if tail and (tail < 16 or tail & (tail - 1) or tail >= self.block_m):
-            raise ValueError(
-                f"VarlenConfig.tail_block_m must be 0 or a power of two in [16, block_m={self.block_m}), got {tail}"
-            )
-        tail_n = self.tail_block_n
-        if tail_n and (tail_n < 16 or tail_n & (tail_n - 1)):
-            raise ValueError(f"VarlenConfig.tail_block_n must be 0 or a power of two >= 16, got {tail_n}")
-        if self.tail_num_stages < 0:
-            raise ValueError(f"VarlenConfig.tail_num_stages must be >= 0, got {self.tail_num_stages}")
-
-
-DEEP_PIPELINE_SHARED_BYTES = 230400
-"""Shared memory of the 5-stage 128x128 tile at D = 128, 16-bit (sm_90 compile): Hopper's 227 KiB per block
-holds it, an A100's 163 KiB does not."""
-WIDE_FP32_TILE_SHARED_BYTES = 197120
-"""Shared memory of the 3-stage 64x128 tile at D = 128, fp32 (sm_90 compile); without it fp32 takes 64x64 (115 KB)."""
-
-
-def max_shared_memory(device: torch.device) -> int | None:
-    """Opt-in shared memory per block of a CUDA device, in bytes (``None`` for other devices)."""
-    if device.type != "cuda":
-        return None
-    return _cuda_max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES}, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, _, d = q.shape
+    if k.shape != v.shape or tuple(k.shape[:2]) != (b, h) or k.shape[3] != d:
+        raise ValueError(f"k and v must have shape ({b}, {h}, S_k, {d}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    layout = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    if any(t.device != q.device for t in (k, v, *layout, *(p for p in (q_perm, kv_perm) if p is not None))):
+        raise ValueError("q, k, v, the four layout tensors and the permutations must be on one device")
+    q_off = expand_batch_head(q_cluster_offsets, "q_cluster_offsets", b, h, (None,), (torch.int32,))
+    kv_off = expand_batch_head(kv_cluster_offsets, "kv_cluster_offsets", b, h, (None,), (torch.int32,))
+    if q_off.shape[-1] < 1 or kv_off.shape[-1] < 1:
+        raise ValueError("cluster offsets need at least one entry (NC + 1 >= 1)")
+    nqc = q_off.shape[-1] - 1
+    counts = expand_batch_head(kv_cluster_counts, "kv_cluster_counts", b, h, (None,), (torch.int32,))
+    if counts.shape[-1] != nqc:
+        raise ValueError(f"kv_cluster_counts must have NQC = {nqc} entries per head, got {counts.shape[-1]}")
+    indices = expand_batch_head(kv_cluster_indices, "kv_cluster_indices", b, h, (None, None), (torch.int32,))
+    if indices.shape[2] != nqc:
+        raise ValueError(f"kv_cluster_indices must be (B, H, NQC={nqc}, MAXK), got {tuple(kv_cluster_indices.shape)}")
+    q_perm = expand_permutation(q_perm, "q_perm", b, h, q.shape[2])
+    kv_perm = expand_permutation(kv_perm, "kv_perm", b, h, k.shape[2])
+    return VarlenLayout(q_off, kv_off, counts, indices, q_perm, kv_perm)
 
 
-@functools.cache
-def _cuda_max_shared_memory(index: int) -> int:
-    """The driver's answer for CUDA device ``index``, asked once (every call of the op needs it)."""
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def _check_offsets(name: str, offsets: Tensor, seq_len: int) -> None:
+    if bool((offsets[..., 0] != 0).any()) or bool((offsets[..., -1] != seq_len).any()):
+        raise ValueError(f"{name} must start at 0 and end at the sequence length {seq_len}")
+    if bool((offsets[..., 1:] < offsets[..., :-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
 
 
-def default_config(
-    s_q: int, num_q_clusters: int, head_dim: int, element_size: int, shared_memory: int | None = None
-) -> VarlenConfig:
-    """Tile config by mean q cluster size, element size and the device's shared memory per block
-    (``shared_memory`` bytes, :func:`max_shared_memory`; ``None``: assume the smallest pipeline).
-    H100 sweeps: benchmarks/results/varlen_block_sparse.md and varlen_notes.md.
+def check_varlen_layout_values(layout: VarlenLayout, s_q: int, s_k: int) -> None:
+    """Raise ``ValueError`` unless offsets, counts and indices are consistent (reads them: a device sync)."""
+    _check_offsets("q_cluster_offsets", layout.q_offsets, s_q)
+    _check_offsets("kv_cluster_offsets", layout.kv_offsets, s_k)
+    maxk = layout.indices.shape[-1]
+    counts = layout.counts
+    if bool((counts < 0).any()) or bool((counts > maxk).any()):
+        raise ValueError(f"kv_cluster_counts must lie in [0, MAXK={maxk}]")
+    valid = torch.arange(maxk, device=counts.device) < counts.unsqueeze(-1)
+    idx = layout.indices
+    if bool(((idx < 0) | (idx >= layout.num_kv_clusters))[valid].any()):
+        raise ValueError(f"kept kv cluster ids must lie in [0, NKC={layout.num_kv_clusters})")
+    if bool((idx[..., 1:] <= idx[..., :-1])[valid[..., 1:]].any()):
+        raise ValueError("kept kv cluster ids must be strictly ascending")
+    check_permutation_values("q_perm", layout.q_perm)
+    check_permutation_values("kv_perm", layout.kv_perm)
 
-    Each q cluster pads its last tile (~BLOCK_M / 2 rows), yet 128-row tiles amortise the per-tile
-    work over twice the rows: on SVG2-like layouts with ~110-row clusters (Wan 480p, 300 q
-    clusters) 128x128 tiles, 8 warps were fastest at every density despite 1.56x padding against
-    1.28x for 64-row tiles. Remainders of at most 64 rows go to 64-row tiles (4 warps, 64 keys at a
-    time) in a second launch: on SVG2's own Wan layout (200 q clusters) the kernel took 4.08 ms
-    instead of 4.48 ms. Below ~96 rows per cluster (unmeasured) 64-row tiles; fp32 inputs (twice the
-    shared memory per tile: 128x128 at 3 stages would need 257 KiB) take 64x128 tiles where the device
-    has :data:`WIDE_FP32_TILE_SHARED_BYTES`, else 64x64.
 
-    Stages: the K/V gathers of a tile are waited for at the top of its iteration. With 3 or 4 stages
-    Triton's pipeliner issues them one tile ahead, at the end of the previous iteration, so their
-    latency is exposed (Nsight Compute: the wait and the CTA barrier held ~35% of the samples of
-    SVG2's Wan kernel); with 5 they go two tiles ahead. That took SVG2's Wan kernel stage from 3.13
-    to 2.76 ms and HunyuanVideo's from 52.0 to 45.3 ms, and needs :data:`DEEP_PIPELINE_SHARED_BYTES`
-    for the 128x128 tile (Hopper); elsewhere 3 stages (164 KiB). Shared-memory needs are those of
-    D = 128, scaled by ``head_dim / 128`` for smaller heads.
-    """
-    mean_rows = s_q / max(num_q_clusters, 1)
-
-    def fits(bytes_at_d128: int) -> bool:
-        return shared_memory is not None and shared_memory >= bytes_at_d128 * head_dim // 128
-
-    if element_size <= 2 and mean_rows >= 96:
-        stages = 5 if fits(DEEP_PIPELINE_SHARED_BYTES) else 3
-        return VarlenConfig(128, 128, 8, stages, tail_block_m=64, tail_block_n=64)
-    if element_size <= 2:
-        return VarlenConfig(64, 128, 4, 3)
-    return VarlenConfig(64, 128 if fits(WIDE_FP32_TILE_SHARED_BYTES) else 64, 4, 3)
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -230,10 +220,7 @@ def _attend_tile(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where((start + tl.arange(0, BLOCK_N) < total)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, qk_scale, True)
     v = tl.load(v_base + token[:, None] * stride_vs + dims[None, :] * stride_vd)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -304,8 +291,9 @@ def _varlen_fwd_kernel(
         tl.store(lse_ptr + bh.to(tl.int64) * s_q + q_tokens, lse, mask=row_ok)
 
 
-if isinstance(_varlen_fwd_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
-    patch_interpreter_scalar_index()
+# ------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -342,7 +330,7 @@ def _kept_rows(layout: VarlenLayout, kv_off: Tensor, s_k: int, bh_start: int, gr
             layout.counts, layout.indices, kv_off, layout.kv_perm, total, rows,
             *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
             bh_start, h, nqc, layout.num_kv_clusters, s_k,
-            SLOTS=_PREP_SLOTS, KEYS=_PREP_KEYS, PERMUTE_KV=layout.kv_perm is not None,
+            SLOTS=KEPT_ROWS_SLOTS, KEYS=KEPT_ROWS_KEYS, PERMUTE_KV=layout.kv_perm is not None,
         )  # fmt: skip
     return _KeptRows(rows, total)
 
@@ -365,9 +353,9 @@ def varlen_block_sparse_attention_triton(
 ) -> tuple[Tensor, Tensor]:
     """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
 
-    Arguments as :func:`varlen_block_sparse_attention`; D must be one of ``TRITON_HEAD_DIMS``; q, k, v
-    are read through their strides (no copies). ``config`` fixes the tile shape (default
-    :func:`default_config`). ``out`` ``(B, H, S_q, D)`` in q's dtype with any non-overlapping strides
+    Arguments as :func:`varlen_block_sparse_attention`; D must be one of ``SUPPORTED_HEAD_DIMS``; q, k,
+    v are read through their strides (no copies). ``config`` fixes the tile shape (default
+    :func:`~sparse_compile.kernels.tile_configs.varlen_config`). ``out`` ``(B, H, S_q, D)`` in q's dtype with any non-overlapping strides
     (default: a new token-major tensor) and ``lse_out`` ``(B, H, S_q)`` contiguous fp32 are optional
     buffers; every element is written. Layout and permutation values are not checked (no host sync):
     :func:`check_varlen_layout_values` does that.
@@ -377,17 +365,17 @@ def varlen_block_sparse_attention_triton(
     )
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    if d not in TRITON_HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {TRITON_HEAD_DIMS} on the Triton path, got {d}")
-    out = token_major_like(q) if out is None else out
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
+    out = attention_output_like(q, v) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
     check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     nqc = layout.num_q_clusters
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
-    config = config or default_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
+    scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
     group = _group_size(b * h, nqc, s_k)
@@ -406,9 +394,9 @@ def varlen_block_sparse_attention_triton(
                 q, k, v, out, lse_out, layout.q_perm,
                 tile_cluster, tile_row, q_off, kept.total, kept.rows,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
-                bh_start, h, nqc, num_tiles, s_q, s_k, scale * _LOG2E,
+                bh_start, h, nqc, num_tiles, s_q, s_k, scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                DOT_PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
     return out, lse_out
@@ -431,6 +419,8 @@ def _varlen_op(
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     if q.is_cuda:
         return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale)
+    layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
+    check_varlen_layout_values(layout, q.shape[2], k.shape[2])
     return varlen_block_sparse_attention_reference(
         q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True
     )
@@ -453,7 +443,7 @@ def _varlen_fake(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
     )
     b, h, s_q, _ = q.shape
-    return token_major_like(q), q.new_empty((b, h, s_q), dtype=torch.float32)
+    return attention_output_like(q, v), q.new_empty((b, h, s_q), dtype=torch.float32)
 
 
 def varlen_block_sparse_attention(
@@ -479,14 +469,11 @@ def varlen_block_sparse_attention(
     ``(B, H, NKC + 1)``, ``kv_cluster_counts`` int32 ``(B, H, NQC)``, ``kv_cluster_indices`` int32
     ``(B, H, NQC, MAXK)`` (batch/head dims of the layout and permutations may be 1); ``scale``
     defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major
-    (:func:`token_major_like`), in q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)``
-    when ``return_lse``. Shapes are checked here (``ValueError``); layout and permutation *values*
+    (:func:`attention_output_like`), in q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)``
+    when ``return_lse``. Shapes are checked by the op (``ValueError``); layout and permutation *values*
     on the CPU path only (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
     """
-    validate_varlen_inputs(
-        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
-    )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = default_scale(q.shape[-1], scale)
     out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale,
         q_perm, kv_perm,
@@ -495,12 +482,9 @@ def varlen_block_sparse_attention(
 
 
 __all__ = [
-    "TRITON_HEAD_DIMS",
-    "VarlenConfig",
+    "ROWS_BUDGET_BYTES",
     "check_varlen_layout_values",
-    "default_config",
-    "max_shared_memory",
-    "token_major_like",
+    "validate_varlen_inputs",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_triton",
 ]

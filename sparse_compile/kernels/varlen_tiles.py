@@ -13,8 +13,6 @@ start first and the launch's last wave is short.
 :func:`tile_tables_reference` (torch ops) is the specification; :func:`tile_tables` computes the same
 tables with one Triton program per (batch, head): a sort of the clusters by kept keys (the tiles of a
 cluster share its work, so sorting clusters sorts tiles), a cumsum of their tile counts, then stores.
-It replaced ~40 small torch launches per call (cumsum, searchsorted, gathers, a radix argsort per
-table), about 0.2 ms of GPU time at SVG2's Wan 480p shape.
 """
 
 from __future__ import annotations
@@ -23,11 +21,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.interpreter import InterpretedFunction
 
-from sparse_compile.kernels._triton_utils import patch_interpreter_scalar_index
+from sparse_compile.kernels.common import cdiv
+from sparse_compile.kernels.tile_configs import TILE_TABLE_FILL, tile_table_warps
 
-_FILL = 128  # empty slots written per step
 MAX_TRITON_Q_CLUSTERS = 8192
 """Most q clusters the Triton tables sort in one program (one int64 key per cluster in registers);
 more take the torch tables, which give the same result."""
@@ -35,7 +32,7 @@ more take the torch tables, which give the same result."""
 
 def main_slots(s_q: int, num_q_clusters: int, block_m: int) -> int:
     """Slots of the main launch per (batch, head): ``cdiv(S_q, block_m) + NQC``, a bound on its tiles."""
-    return triton.cdiv(s_q, block_m) + num_q_clusters
+    return cdiv(s_q, block_m) + num_q_clusters
 
 
 def split_rows(q_offsets: Tensor, block_m: int, tail_block_m: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -137,10 +134,6 @@ def _tile_tables_kernel(
         _fill_empty(tail_cluster, tl.sum(has_tail, 0), num_q_clusters, num_q_clusters, FILL)
 
 
-if isinstance(_tile_tables_kernel, InterpretedFunction):  # TRITON_INTERPRET=1 before triton's import
-    patch_interpreter_scalar_index()
-
-
 def tile_tables(
     q_offsets: Tensor, total: Tensor, bh_start: int, s_q: int, block_m: int, tail_block_m: int
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
@@ -167,6 +160,6 @@ def tile_tables(
     nqc_pad = max(triton.next_power_of_2(nqc), 16)
     _tile_tables_kernel[(group,)](
         q_offsets, total, *main, *(tail or main), bh_start, nqc, slots,
-        BLOCK_M=block_m, TAIL_M=tail_block_m, NQC_PAD=nqc_pad, FILL=_FILL, num_warps=4 if nqc_pad <= 2048 else 8,
+        BLOCK_M=block_m, TAIL_M=tail_block_m, NQC_PAD=nqc_pad, FILL=TILE_TABLE_FILL, num_warps=tile_table_warps(nqc_pad),
     )  # fmt: skip
     return main, tail

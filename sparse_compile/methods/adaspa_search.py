@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.block_select import block_mass_with_lse
-from sparse_compile.kernels.block_select_reference import block_sizes, cdiv
+from sparse_compile.kernels.block_select_reference import block_sizes
+from sparse_compile.kernels.common import cdiv
 
 _TINY = 1e-30
 _CHUNK_ENTRIES = 1 << 23  # (batch, head, q block, key block) entries per chunk of heads: 32 MiB of fp32 masses

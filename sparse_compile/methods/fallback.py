@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from sparse_compile.kernels.block_sparse_reference import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from sparse_compile.methods.base import AttentionCall, AttentionResult
 from sparse_compile.methods.dense import dense_attention
 

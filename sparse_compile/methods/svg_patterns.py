@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compile.kernels.block_select import keep_mask_to_layout
-from sparse_compile.kernels.block_sparse_reference import cdiv
+from sparse_compile.kernels.common import cdiv
 
 _EMPTY = 1 << 40  # interval bound of a block without tokens of a class: farther than any band reaches
 _DENSITY_SLACK = 1e-9

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sparse_compile.kernels.common import attention_output_like
 from sparse_compile.methods.base import AttentionCall, TokenLayout
 from sparse_compile.methods.dense import dense_attention
 from sparse_compile.runtime.session import SESSIONS, StepInfo, session_for_anchor
@@ -47,16 +48,6 @@ def step_marker(timestep: torch.Tensor | None, anchor: torch.Tensor | None, grap
 @step_marker.register_fake
 def _step_marker_fake(timestep: torch.Tensor | None, anchor: torch.Tensor | None, graph_id: int) -> torch.Tensor:
     return torch.empty(4, dtype=torch.int64, device="cpu")
-
-
-def attention_output_like(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output ``(B, H, S, Dv)`` laid out as a contiguous ``(B, S, H, Dv)``.
-
-    That is the layout diffusers transposes the result back into, so the transpose and
-    flatten after the op are free views.
-    """
-    batch, heads, seq, _ = query.shape
-    return query.new_empty((batch, seq, heads, value.shape[-1])).transpose(1, 2)
 
 
 def _in_output_layout(result: torch.Tensor, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

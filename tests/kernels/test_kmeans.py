@@ -18,6 +18,7 @@ from sparse_compile.kernels.kmeans_reference import (
     kmeans_objective,
     kmeans_reference,
 )
+from sparse_compile.kernels.tile_configs import TileConfig
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -325,7 +326,7 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def run_triton(x, k, iters, init=None, config=km.KmeansConfig(32, 16, 4, 1), seed=0):
+def run_triton(x, k, iters, init=None, config=TileConfig(32, 16, 4, 1), seed=0):
     cl = km.kmeans_triton(x, k, iters, init, seed=seed, config=config)
     assert_consistent(x, cl, iters, rtol=1e-5 if x.dtype == torch.float32 or iters > 0 else 1e-3)
     return cl
@@ -336,7 +337,7 @@ def assert_same_clustering(got, want, dtype):
     assert rel_l2(got.centroids, want.centroids) <= (1e-4 if dtype == torch.float32 else 1e-2)
 
 
-INTERP_CONFIGS = [km.KmeansConfig(32, 16, 4, 1), km.KmeansConfig(16, 32, 4, 1), km.KmeansConfig(16, 64, 4, 1)]
+INTERP_CONFIGS = [TileConfig(32, 16, 4, 1), TileConfig(16, 32, 4, 1), TileConfig(16, 64, 4, 1)]
 
 
 @interp

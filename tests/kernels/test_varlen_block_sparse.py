@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
+from sparse_compile.kernels.common import attention_output_like
+from sparse_compile.kernels.tile_configs import VarlenConfig
+from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values, validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
-    check_varlen_layout_values,
-    token_major_like,
-    validate_varlen_inputs,
     varlen_block_sparse_attention_reference,
     varlen_kept_pairs,
     varlen_layout_to_dense_mask,
@@ -110,7 +110,7 @@ def test_reference_matches_masked_dense(b, h, s_q, s_k, nqc, nkc, density, seed)
     out, lse = varlen_block_sparse_attention_reference(q, k, v, *layout, scale=0.3, return_lse=True)
     mask = varlen_layout_to_dense_mask(expanded(q, k, v, layout), s_q, s_k)
     want_out, want_lse = masked_dense(q, k, v, mask, 0.3)
-    assert out.stride() == token_major_like(q).stride() and lse.is_contiguous() and lse.dtype == torch.float32
+    assert out.stride() == attention_output_like(q, v).stride() and lse.is_contiguous() and lse.dtype == torch.float32
     assert torch.allclose(out.double(), want_out, atol=1e-5)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
     finite = torch.isfinite(want_lse)
@@ -193,15 +193,15 @@ def test_reference_identity_permutations_change_nothing():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_permutation_validation_errors():
+def test_op_rejects_bad_permutations():
     q, k, v, layout = random_problem(2, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
-    run = varlen_block_sparse_attention_reference
+    run = vb.varlen_block_sparse_attention
     good_q, good_kv = torch.arange(20).expand(2, 2, 20), torch.arange(16).expand(1, 2, 16)
     with pytest.raises(ValueError, match="q_perm must be int32 or int64"):
         run(q, k, v, *layout, q_perm=good_q.float())
-    with pytest.raises(ValueError, match="kv_perm must have 16 entries"):
+    with pytest.raises(ValueError, match="kv_perm must have shape \\(2 or 1, 2 or 1, 16\\)"):
         run(q, k, v, *layout, kv_perm=torch.arange(20).expand(1, 2, 20))
-    with pytest.raises(ValueError, match="kv_perm must have batch/head dims"):
+    with pytest.raises(ValueError, match="kv_perm must have shape"):
         run(q, k, v, *layout, kv_perm=good_kv.expand(3, 2, 16))
     repeated = good_q.clone()
     repeated[1, 0, 5] = 4
@@ -211,9 +211,9 @@ def test_permutation_validation_errors():
         check_varlen_layout_values(validate_varlen_inputs(q, k, v, *layout, kv_perm=good_kv + 1), 20, 16)
 
 
-def test_validation_errors():
+def test_op_rejects_bad_layouts():
     q, k, v, (q_off, kv_off, counts, indices) = random_problem(1, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
-    run = varlen_block_sparse_attention_reference
+    run = vb.varlen_block_sparse_attention
     with pytest.raises(ValueError, match="int32"):
         run(q, k, v, q_off.long(), kv_off, counts, indices)
     with pytest.raises(ValueError, match="share a dtype"):
@@ -222,7 +222,7 @@ def test_validation_errors():
         run(q, k[:, :, :-1], v, q_off, kv_off, counts, indices)
     with pytest.raises(ValueError, match="kv_cluster_counts"):
         run(q, k, v, q_off, kv_off, counts[..., :2], indices)
-    with pytest.raises(ValueError, match="batch/head"):
+    with pytest.raises(ValueError, match="q_cluster_offsets must have shape"):
         run(q, k, v, q_off.expand(3, 2, -1), kv_off, counts, indices)
     bad_end = q_off.clone()
     bad_end[..., -1] = 19
@@ -256,46 +256,13 @@ def test_public_op_with_permutations_cpu_and_fake():
     out, lse = vb.varlen_block_sparse_attention(q, k, v, *layout, **perms, return_lse=True)
     want = varlen_block_sparse_attention_reference(q, k, v, *layout, **perms, return_lse=True)
     assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
-    assert out.stride() == token_major_like(q).stride()
+    assert out.stride() == attention_output_like(q, v).stride()
     op = torch.ops.sparse_compile.varlen_block_sparse_attention
     torch.library.opcheck(op, (q, k, v, *layout, 0.25, perms["q_perm"], perms["kv_perm"]))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(t) for t in (q, k, v, *layout)), 0.25,
                   *(mode.from_tensor(p) for p in perms.values()))  # fmt: skip
     assert [f.stride() for f in fake] == [out.stride(), lse.stride()]
-
-
-def test_config_tail_block_m_must_be_a_smaller_power_of_two():
-    for bad in (8, 48, 128, 256):
-        with pytest.raises(ValueError, match="tail_block_m"):
-            vb.VarlenConfig(128, 128, 8, 3, tail_block_m=bad)
-    assert vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64).tail_block_m == 64
-
-
-def test_default_config_pipelines_deeper_only_where_shared_memory_allows():
-    hopper = vb.default_config(32760, 200, 128, 2, shared_memory=232448)  # 227 KiB per block
-    ampere = vb.default_config(32760, 200, 128, 2, shared_memory=166912)  # 163 KiB
-    assert (hopper.block_m, hopper.block_n, hopper.num_stages, hopper.tail_block_m) == (128, 128, 5, 64)
-    assert (ampere.block_m, ampere.block_n, ampere.num_stages, ampere.tail_block_m) == (128, 128, 3, 64)
-    assert vb.default_config(32760, 200, 128, 2, shared_memory=None).num_stages == 3
-    assert vb.default_config(32760, 200, 64, 2, shared_memory=166912).num_stages == 5  # half the bytes at D = 64
-
-
-def test_default_config_fits_fp32_tiles_in_shared_memory():
-    # fp32 never takes the 128x128 tile (3 stages need 257 KiB), however large the clusters
-    for q_clusters in (200, 20):
-        assert vb.default_config(118800, q_clusters, 128, 4, shared_memory=232448) == vb.VarlenConfig(64, 128, 4, 3)
-        assert vb.default_config(118800, q_clusters, 128, 4, shared_memory=166912) == vb.VarlenConfig(64, 64, 4, 3)
-    assert vb.default_config(118800, 200, 128, 4, shared_memory=None) == vb.VarlenConfig(64, 64, 4, 3)
-    assert vb.max_shared_memory(torch.device("cpu")) is None
-
-
-def test_config_tail_tile_keys_and_stages_are_checked():
-    for bad in (8, 48):
-        with pytest.raises(ValueError, match="tail_block_n"):
-            vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=bad)
-    with pytest.raises(ValueError, match="tail_num_stages"):
-        vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_num_stages=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,12 +304,12 @@ def assert_matches_reference(q, k, v, layout, got, scale=0.3, tol=None, **perms)
 INTERP_CASES = [
     # (b, h, s_q, s_k, d, nqc, nkc, density, config): tiny kv clusters packed into one tile, q
     # clusters spanning several tiles, empty clusters, padding garbage past the counts
-    (1, 2, 100, 90, 32, 4, 30, 0.4, vb.VarlenConfig(16, 16, 4, 1)),
-    (2, 1, 130, 200, 16, 3, 60, 0.3, vb.VarlenConfig(32, 16, 4, 1)),
-    (1, 1, 64, 64, 64, 6, 5, 0.6, vb.VarlenConfig(16, 64, 4, 1)),
-    (1, 2, 40, 256, 16, 9, 80, 0.5, vb.VarlenConfig(16, 32, 4, 1)),
-    (2, 2, 150, 120, 32, 5, 20, 0.5, vb.VarlenConfig(32, 16, 4, 1, tail_block_m=16)),  # tails in a second launch
-    (1, 2, 150, 120, 32, 5, 20, 0.5, vb.VarlenConfig(32, 32, 4, 1, tail_block_m=16, tail_block_n=16)),  # own key tile
+    (1, 2, 100, 90, 32, 4, 30, 0.4, VarlenConfig(16, 16, 4, 1)),
+    (2, 1, 130, 200, 16, 3, 60, 0.3, VarlenConfig(32, 16, 4, 1)),
+    (1, 1, 64, 64, 64, 6, 5, 0.6, VarlenConfig(16, 64, 4, 1)),
+    (1, 2, 40, 256, 16, 9, 80, 0.5, VarlenConfig(16, 32, 4, 1)),
+    (2, 2, 150, 120, 32, 5, 20, 0.5, VarlenConfig(32, 16, 4, 1, tail_block_m=16)),  # tails in a second launch
+    (1, 2, 150, 120, 32, 5, 20, 0.5, VarlenConfig(32, 32, 4, 1, tail_block_m=16, tail_block_n=16)),  # own key tile
 ]
 
 
@@ -353,8 +320,8 @@ def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch
     cluster-order rows in the order of the indices, mapped through ``kv_perm``; ``total`` counts them.
     Clusters of 0 to 40 keys, so one list crosses many clusters and some contribute nothing; with
     4 slots and 2 keys per step every list takes several slot steps and most clusters several key steps."""
-    monkeypatch.setattr(vb, "_PREP_SLOTS", slots)
-    monkeypatch.setattr(vb, "_PREP_KEYS", keys)
+    monkeypatch.setattr(vb, "KEPT_ROWS_SLOTS", slots)
+    monkeypatch.setattr(vb, "KEPT_ROWS_KEYS", keys)
     g = torch.Generator().manual_seed(3)
     q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=3, dtype=torch.float32, padding=-7)
     kv_perm = random_permutations(1, 2, 300, g)
@@ -381,7 +348,7 @@ def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatc
     for per_group in (2, 1):
         monkeypatch.setattr(vb, "ROWS_BUDGET_BYTES", per_group * 4 * 90 * 4)
         assert vb._group_size(6, 4, 90) == per_group
-        assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, vb.VarlenConfig(16, 16, 4, 1)))
+        assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1)))
 
 
 def test_group_size_spreads_pairs_evenly_within_the_budget(monkeypatch):
@@ -412,7 +379,7 @@ def test_interp_folded_permutations_on_token_major_inputs_match_reference(case, 
     g = torch.Generator().manual_seed(s_q)
     perms = dict(q_perm=random_permutations(b, h, s_q, g),  # int64, as cluster_permutation returns
                  kv_perm=random_permutations(1, h, s_k, g, torch.int32))  # int32, shared by the batch  # fmt: skip
-    got = run_triton_poisoned(q, k, v, layout, config, out=token_major_like(q), **perms)
+    got = run_triton_poisoned(q, k, v, layout, config, out=attention_output_like(q, v), **perms)
     assert_matches_reference(q, k, v, layout, got, **perms)
 
 
@@ -422,7 +389,7 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs():
     q, k, v, layout = random_problem(2, 2, 100, 90, 32, 4, 30, 0.4, seed=21, dtype=torch.float16)
     g = torch.Generator().manual_seed(21)
     q_perm, kv_perm = random_permutations(2, 2, 100, g), random_permutations(2, 2, 90, g)
-    config = vb.VarlenConfig(16, 16, 4, 1)
+    config = VarlenConfig(16, 16, 4, 1)
     folded = run_triton_poisoned(q, k, v, layout, config, q_perm=q_perm, kv_perm=kv_perm)
     gathered = run_triton_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), layout,
                                    config)  # fmt: skip
@@ -443,7 +410,7 @@ def test_interp_folded_permutations_with_empty_clusters_strided_head_dim_and_bro
     layout = (q_off, kv_off, counts, indices)
     g = torch.Generator().manual_seed(9)
     perms = dict(q_perm=random_permutations(1, 1, 48, g), kv_perm=random_permutations(2, 1, 40, g))
-    got = run_triton_poisoned(q, k, v, layout, vb.VarlenConfig(16, 16, 4, 1), **perms)
+    got = run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1), **perms)
     empty = torch.isneginf(got[1])
     # rows that attend nothing: batch 0's q cluster 3 (keeps no kv cluster, 28 rows) and batch 1's q
     # cluster 1 (keeps only the empty kv cluster 1, 20 rows), in both heads
@@ -461,7 +428,7 @@ def test_interp_empty_clusters_nothing_kept_and_broadcast_layout():
     indices = torch.tensor([[[[1, 3, 99, 99], [0, 0, 0, 0], [0, 1, 2, 0], [0, 0, 0, 0]]],
                             [[[5, 5, 5, 5], [0, 1, 2, 3], [2, 0, 0, 0], [0, 1, 2, 3]]]], dtype=torch.int32)  # fmt: skip
     layout = (q_off, kv_off, counts, indices)
-    got = run_triton_poisoned(q, k, v, layout, vb.VarlenConfig(16, 16, 4, 1))
+    got = run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1))
     assert torch.isneginf(got[1][0, :, 20:]).all() and (got[0][0, :, 20:] == 0).all()
     assert_matches_reference(q, k, v, layout, got)
 
@@ -474,7 +441,7 @@ def test_interp_non_contiguous_inputs_and_density_one():
     kv_off = random_offsets(1, 2, 7, 64, g)
     counts = torch.full((1, 2, 5), 7, dtype=torch.int32)
     indices = torch.arange(7, dtype=torch.int32).expand(1, 2, 5, 7)
-    out, _ = run_triton_poisoned(q, k, v, (q_off, kv_off, counts, indices), vb.VarlenConfig(16, 32, 4, 1), scale=None)
+    out, _ = run_triton_poisoned(q, k, v, (q_off, kv_off, counts, indices), VarlenConfig(16, 32, 4, 1), scale=None)
     assert rel_l2(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) < 2e-3
 
 
@@ -489,9 +456,9 @@ def wan_problem(h, density, seed, nqc=300, nkc=1000):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, vb.VarlenConfig(128, 64, 8, 3), vb.VarlenConfig(64, 128, 4, 2),
-                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
-                                    vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=64)])
+@pytest.mark.parametrize("config", [None, VarlenConfig(128, 64, 8, 3), VarlenConfig(64, 128, 4, 2),
+                                    VarlenConfig(128, 128, 8, 3, tail_block_m=64),
+                                    VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=64)])
 def test_gpu_matches_reference_bf16(config):
     q, k, v, layout = wan_problem(2, 0.2, seed=1)
     b, h, s, d = q.shape
@@ -543,7 +510,7 @@ def test_gpu_folded_permutations_on_token_major_inputs_bf16():
     g = torch.Generator().manual_seed(3)
     q_perm = random_permutations(1, 12, q.shape[2], g, device="cuda")
     kv_perm = random_permutations(1, 12, k.shape[2], g, dtype=torch.int32, device="cuda")
-    out = token_major_like(q).fill_(float("nan"))
+    out = attention_output_like(q, v).fill_(float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device="cuda")
     vb.varlen_block_sparse_attention_triton(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
     assert not out.isnan().any() and not lse.isnan().any()
