@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_compile.kernels.block_select_reference import block_sizes
 from sparse_compile.methods.radial_pattern import radial_block_mask
 
 SPATIAL_WIDTHS = (0, 1, 2)
@@ -41,12 +42,6 @@ class Candidates:
     names: tuple[str, ...]
     masks: Tensor
     block_sizes: Tensor
-
-
-def block_sizes(num_tokens: int, block: int, device: torch.device) -> Tensor:
-    """Tokens in each of the ``ceil(num_tokens / block)`` blocks, int64 ``(N,)``."""
-    starts = torch.arange(0, num_tokens, block, device=device)
-    return (num_tokens - starts).clamp(max=block)
 
 
 def _coordinate_sets(coord: Tensor, values: int, block: int) -> Tensor:
