@@ -1,6 +1,6 @@
 """sparse_compile: a torch.compile backend that makes video DiT attention sparse.
 
-    model = torch.compile(model, backend="sparse_video", options={"method": "dense"})
+    model = torch.compile(model, backend="sparse_video", options={"method": "svg2"})
     print(sparse_compile.report(model))
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sparse_compile import methods as _methods  # noqa: F401  (registers the attention methods)
 from sparse_compile.options import SparseOptions, available_methods, validate_options
 from sparse_compile.quality import AttentionProbe, AttentionQuality, attention_probe
 from sparse_compile.report import Report, SiteReport, report
@@ -28,10 +29,13 @@ def _session_of(model: torch.nn.Module):
 
 
 def set_step(model: torch.nn.Module, step: int | None, branch: int = 0) -> None:
-    """Pin the denoising step (and CFG branch) the next calls belong to, for custom loops.
+    """Pin the denoising step (and CFG branch: 0 or 1) the next calls belong to, for custom loops.
 
-    ``set_step(model, None)`` returns to automatic tracking from the graph's timestep input,
-    continuing from the pinned step.
+    A pinned step lower than the current one starts a new generation. ``set_step(model, None)``
+    returns to automatic tracking from the graph's timestep input, continuing from the pinned step.
+
+    Raises:
+        ValueError: ``step`` is not an int >= 0 or ``None``, or ``branch`` is not 0 or 1.
     """
     _session_of(model).set_step(step, branch)
 

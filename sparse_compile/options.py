@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from sparse_compile.registry import METHODS, MethodConfig
+
 TEXT_POSITIONS = ("prefix", "suffix")
 
 
@@ -25,7 +27,7 @@ class SparseOptions:
         grid: ``(frames, height, width)`` of the video tokens, overriding inference.
         text_tokens: number of text tokens joined to the video tokens (only with ``grid``).
         text_position: where those text tokens sit in the sequence (only with ``grid``).
-        method_options: the chosen method's own options as sorted ``(key, value)`` pairs.
+        method_config: the chosen method's own options (its typed config; ``None``: its defaults).
     """
 
     method: str = "dense"
@@ -35,13 +37,11 @@ class SparseOptions:
     grid: tuple[int, int, int] | None = None
     text_tokens: int = 0
     text_position: str = "suffix"
-    method_options: tuple[tuple[str, Any], ...] = ()
+    method_config: MethodConfig | None = None
 
 
 def available_methods() -> tuple[str, ...]:
     """Names accepted by the ``method`` option (the registered attention methods)."""
-    from sparse_compile.methods import METHODS
-
     return tuple(METHODS)
 
 
@@ -71,28 +71,22 @@ def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
         ValueError: an unknown key, or a value outside what the key allows (the message names both).
     """
     options = dict(options or {})
-    from sparse_compile.methods import METHODS
-
     method = options.get("method", SparseOptions.method)
     methods = available_methods()
     if method not in methods:
         raise ValueError(f"sparse_video option 'method' must be one of {list(methods)}, got {method!r}")
-    core_keys = [f.name for f in fields(SparseOptions) if f.name != "method_options"]
-    spec = METHODS[method].option_spec
+    core_keys = [f.name for f in fields(SparseOptions) if f.name != "method_config"]
+    config_type: type[MethodConfig] = METHODS[method].config_type
     method_keys = sorted(set(options) - set(core_keys))
     for key in method_keys:
-        if key not in spec:
-            owners = [name for name, cls in METHODS.items() if key in cls.option_spec]
+        if key not in config_type.keys():
+            owners = [name for name, cls in METHODS.items() if key in cls.config_type.keys()]
             where = f" (an option of method {owners})" if owners else ""
             raise ValueError(
                 f"unknown sparse_video option {key!r}{where} for method {method!r}; allowed keys: "
-                f"{core_keys + sorted(spec)}"
+                f"{core_keys + sorted(config_type.keys())}"
             )
-        if not spec[key].check(options[key]):
-            raise ValueError(
-                f"sparse_video option {key!r} of method {method!r} must be {spec[key].allowed}, got {options[key]!r}"
-            )
-    checked: dict[str, Any] = {"method": method, "method_options": tuple((k, options[k]) for k in method_keys)}
+    checked: dict[str, Any] = {"method": method, "method_config": config_type(**{k: options[k] for k in method_keys})}
     for key, minimum in (("dense_steps", 0), ("dense_layers", 0), ("min_seq_len", 1), ("text_tokens", 0)):
         if key in options:
             checked[key] = _require_int(key, options[key], minimum)

@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.methods.base import AttentionCall, AttentionResult
-from sparse_compile.methods.dense import dense_attention
+from sparse_compile.methods.call import AttentionCall, AttentionResult
+from sparse_compile.methods.exact import dense_attention
 from sparse_compile.methods.text_tokens import attention_over_keys, video_text_slices
 from sparse_compile.runtime.session import find_session
 
@@ -51,8 +51,7 @@ def full_video_lse(call: AttentionCall) -> torch.Tensor:
     Video keys via :func:`attention_lse` (O(S) memory); text keys, under the call's key-padding
     mask if any, via :func:`attention_over_keys`.
     """
-    layout = call.layout
-    scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
+    layout, scale = call.layout, call.softmax_scale
     video, text = video_text_slices(layout)
     q_video = call.query[:, :, video]
     lse = attention_lse(q_video, call.key[:, :, video], scale)
@@ -77,12 +76,12 @@ class AttentionProbe:
 
     records: list[AttentionQuality] = field(default_factory=list)
 
-    def __call__(self, call: AttentionCall, result: AttentionResult, layer: int) -> None:
+    def __call__(self, call: AttentionCall, result: AttentionResult) -> None:
         reference = dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale)
         self.records.append(
             AttentionQuality(
-                module_path=call.site.module_path,
-                layer=layer,
+                module_path=call.site_name,
+                layer=call.layer,
                 step=call.step.step,
                 branch=call.step.branch,
                 relative_error=relative_error(result.output, reference),

@@ -34,10 +34,9 @@ import torch._dynamo.utils
 import sparse_compile
 from method_calls import method_call
 from sparse_compile.methods import METHODS
-from sparse_compile.methods.base import AttentionCall, AttentionResult, TokenLayout
+from sparse_compile.methods.base import AttentionCall, AttentionResult, SiteCache, TokenLayout
 from sparse_compile.methods.radial import RadialMethod
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState
 
 GIB = float(1 << 30)
 
@@ -277,11 +276,11 @@ def first_and_steady_calls(
     step 0, so what step 0 caches counts in step 1.
     """
     method = METHODS[method_name](validate_options({"method": method_name, **(options or {})}))
-    state = SiteState()
+    state = SiteCache()
     inputs = storage_bytes((q, k, v))
     stats.synchronize()
     baseline = stats.allocated()
-    densities, peaks, finite = [], [], True
+    densities, peaks, finite, fallback_reason = [], [], True, None
 
     def attend(step: int) -> AttentionResult:
         return method.attend(method_call(q, k, v, layout, state, step=step))
@@ -291,11 +290,12 @@ def first_and_steady_calls(
             result, method_increment = peak_during(functools.partial(attend, step), stats, baseline)
             out, layout_increment = peak_during(functools.partial(in_op_layout, result.output, q, v), stats, baseline)
             densities.append(float(result.kept_density))
+            fallback_reason = result.fallback_reason
             finite = finite and bool(torch.isfinite(out).all())
             peaks.append(CallPeaks(method=PeakMemory(inputs, method_increment),
                                    op=PeakMemory(inputs, max(method_increment, layout_increment))))
             del result, out
-    return TwoCalls(peaks[0], peaks[1], (densities[0], densities[1]), finite, state.fallback_reason)
+    return TwoCalls(peaks[0], peaks[1], (densities[0], densities[1]), finite, fallback_reason)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_compile.methods.base import AttentionCall, TokenLayout
-from sparse_compile.runtime.session import SiteState, StepInfo
-
-
-class StubSite:
-    """The compile-time site facts a method reads: only its module path."""
-
-    module_path = "blocks.0.attn1"
+from sparse_compile.methods.base import AttentionCall, SiteCache, StepInfo, TokenLayout
 
 
 def method_call(
@@ -20,17 +13,20 @@ def method_call(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: TokenLayout,
-    state: SiteState | None = None,
+    cache: SiteCache | None = None,
     *,
     step: int = 1,
     branch: int = 0,
     generation: int = 0,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    layer: int = 0,
 ) -> AttentionCall:
-    """One call of ``(B, H, S, D)`` tensors over ``layout``; a fresh site state unless one is given."""
+    """One call of ``(B, H, S, D)`` tensors over ``layout`` at site ``blocks.0.attn1``; a fresh cache
+    unless one is given."""
     return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=scale, layout=layout,
-                         step=StepInfo(step, branch, generation), site=StubSite(), state=state or SiteState())
+                         step=StepInfo(step, branch, generation), site_name="blocks.0.attn1", layer=layer,
+                         cache=SiteCache() if cache is None else cache)
 
 
 def record_kernel_calls(monkeypatch, module, name: str) -> list[tuple]:

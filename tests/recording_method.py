@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from sparse_compile.methods import METHODS
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult
 from sparse_compile.methods.dense import dense_attention
+from sparse_compile.registry import METHODS
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RecordingMethod(AttentionMethod):
         lay = call.layout
         RecordingMethod.calls.append(
             RecordedCall(
-                call.site.module_path, call.step.step, call.step.branch, call.step.generation,
+                call.site_name, call.step.step, call.step.branch, call.step.generation,
                 (lay.frames, lay.height, lay.width), lay.text_tokens, lay.text_first, call.query.shape[2],
             )
         )

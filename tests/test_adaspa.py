@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 
 import pytest
 import torch
@@ -24,7 +23,9 @@ from sparse_compile.methods.adaspa import AdaSpaMethod
 from sparse_compile.methods.adaspa_search import block_budget, search_layout
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, find_session
+from sparse_compile.methods.adaspa import BranchState
+from sparse_compile.methods.base import SiteCache
+from sparse_compile.runtime.session import find_session
 
 SCALE = 0.25  # 1 / sqrt(16)
 
@@ -213,9 +214,13 @@ def test_the_search_works_a_chunk_of_heads_at_a_time_with_the_same_result(monkey
 # ----------------------------------------------------------------------------------------------
 
 
-def _method_mask(state: SiteState, layout: TokenLayout, branch: int = 0) -> torch.Tensor:
+def _branch(cache: SiteCache, branch: int = 0) -> BranchState:
+    return cache.entries()[(BranchState, branch)]
+
+
+def _method_mask(state: SiteCache, layout: TokenLayout, branch: int = 0) -> torch.Tensor:
     """Boolean ``(B, H, S, S)`` mask of what the cached layout keeps, text rows and columns included."""
-    search = state.cache[("adaspa", branch)].search
+    search = _branch(state, branch).search
     n_video, n_text = layout.video_tokens, layout.text_tokens
     video = layout_to_dense_mask(search.counts, search.indices, n_video, n_video, search.block, search.block)
     start = n_text if layout.text_first else 0
@@ -235,10 +240,10 @@ def test_method_equals_sdpa_under_the_kept_token_mask(text_tokens, text_first, p
     if padded:  # the last two text tokens are padding
         key_mask = torch.ones(2, 1, 1, seq, dtype=torch.bool)
         key_mask[..., seq - 2 :] = False
-    state = SiteState()
+    state = SiteCache()
     result = _method(block=16, density=0.4).attend(_call(q, k, v, layout, state, mask=key_mask))
     mask = _method_mask(state, layout)
-    assert not state.cache[("adaspa", 0)].search.head_blocks.eq(2).all()  # the heads got different budgets
+    assert not _branch(state).search.head_blocks.eq(2).all()  # the heads got different budgets
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if key_mask is None else mask & key_mask)
     assert torch.isfinite(result.output).all()
     assert _rel_l2(result.output, expected) <= 1e-4
@@ -252,27 +257,25 @@ def test_density_one_is_dense_attention_without_a_search(monkeypatch, text):
     layout = TokenLayout(frames=3, height=5, width=7, text_tokens=text[0], text_first=text[1])
     seq = layout.video_tokens + layout.text_tokens
     q, k, v = _tempered_qkv(2, 2, seq, [1.0, 3.0], seed=8)
-    state = SiteState()
+    state = SiteCache()
     result = _method(block=16, density=1.0).attend(_call(q, k, v, layout, state))
     assert _rel_l2(result.output, F.scaled_dot_product_attention(q, k, v)) <= 1e-6
-    assert result.kept_density == 1.0 and not state.cache
+    assert result.kept_density == 1.0 and not state
 
 
-def test_unsupported_masks_and_head_dims_run_dense_and_are_reported(caplog):
+def test_unsupported_masks_and_head_dims_run_dense_with_the_reason():
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
     full_mask = torch.rand(1, 1, 32, 32) > 0.3
     full_mask[..., 0] = True
-    method, state = _method(block=16, dense_steps=1), SiteState()
-    with caplog.at_level(logging.WARNING, logger="sparse_compile"):
-        method.observe_dense(_call(q, k, v, layout, state, mask=full_mask, step=0))  # caches nothing
-        for _ in range(2):
-            result = method.attend(_call(q, k, v, layout, state, mask=full_mask, step=1))
-        small = method.attend(_call(*(torch.randn(1, 2, 32, 8) for _ in range(3)), layout))
+    method, state = _method(block=16, dense_steps=1), SiteCache()
+    method.observe_dense(_call(q, k, v, layout, state, mask=full_mask, step=0))  # caches nothing
+    result = method.attend(_call(q, k, v, layout, state, mask=full_mask, step=1))
+    small = method.attend(_call(*(torch.randn(1, 2, 32, 8) for _ in range(3)), layout))
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask))
     assert result.kept_density == 1.0 and small.kept_density == 1.0
-    assert caplog.text.count("not a key-padding mask") == 1 and "not one of the block kernels'" in caplog.text
-    assert "not a key-padding mask" in state.fallback_reason and ("adaspa", 0) not in state.cache
+    assert "not a key-padding mask" in result.fallback_reason and "not one of the block kernels'" in small.fallback_reason
+    assert not state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def test_default_schedule_searches_at_the_first_sparse_step_and_an_interval_late
     spies = _Spies(monkeypatch)
     layout = TokenLayout(frames=4, height=4, width=4, text_tokens=0, text_first=False)
     inputs = _branch_inputs(layout)
-    method, state = _method(block=16, density=0.4, dense_steps=2, search_interval=3), SiteState()
+    method, state = _method(block=16, density=0.4, dense_steps=2, search_interval=3), SiteCache()
     searched, lse_passes, layouts = [], [], []
     for step in range(9):
         for branch, (q, k, v) in enumerate(inputs):
@@ -322,7 +325,7 @@ def test_default_schedule_searches_at_the_first_sparse_step_and_an_interval_late
             searched.append(spies.searches > before[0])
             lse_passes.append(spies.lse_passes > before[1])
             if step >= 2:
-                layouts.append(state.cache[("adaspa", branch)].search)
+                layouts.append(_branch(state, branch).search)
     # steps 0-1 dense (the LSE computed at the last one, per branch), searches at 2 and 2 + 3 only
     assert searched == [step in (2, 5) for step in range(9) for _ in range(2)]
     assert lse_passes == [step == 1 for step in range(9) for _ in range(2)]
@@ -334,8 +337,8 @@ def test_default_schedule_searches_at_the_first_sparse_step_and_an_interval_late
     per_branch = [layouts[b::2] for b in range(2)]
     for seq in per_branch:
         assert all(x is seq[0] for x in seq[:3]) and all(x is seq[3] for x in seq[3:]) and seq[3] is not seq[0]
-    assert set(state.cache) == {("adaspa", 0), ("adaspa", 1)}
-    assert not torch.equal(state.cache[("adaspa", 0)].lse, state.cache[("adaspa", 1)].lse)
+    assert set(state.entries()) == {(BranchState, 0), (BranchState, 1)}
+    assert not torch.equal(_branch(state, 0).lse, _branch(state, 1).lse)
 
 
 @pytest.mark.parametrize("search_steps", [(0, 3), [3], ()])
@@ -343,7 +346,7 @@ def test_explicit_search_steps_and_a_new_generation_or_shape(monkeypatch, search
     spies = _Spies(monkeypatch)
     layout = TokenLayout(frames=4, height=4, width=4, text_tokens=0, text_first=False)
     (q, k, v), = _branch_inputs(layout, branches=1)
-    method, state = _method(block=16, density=0.4, search_steps=search_steps), SiteState()
+    method, state = _method(block=16, density=0.4, search_steps=search_steps), SiteCache()
     searched = []
     for step in range(6):
         before = spies.searches
@@ -352,12 +355,13 @@ def test_explicit_search_steps_and_a_new_generation_or_shape(monkeypatch, search
     # the first sparse call always searches; then the listed steps; no dense steps: one LSE pass
     assert searched == [step == 0 or step in search_steps for step in range(6)]
     assert spies.lse_passes == 1
-    method.attend(_call(q, k, v, layout, state, step=0, generation=1))  # a new video
+    state.clear()  # a new video: the session clears the site's cache
+    method.attend(_call(q, k, v, layout, state, step=0))
     assert (spies.searches, spies.lse_passes) == (sum(searched) + 1, 2)
     q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))  # CFG batched now: (2, H, Sv, D)
-    method.attend(_call(q2, k2, v2, layout, state, step=1, generation=1))
+    method.attend(_call(q2, k2, v2, layout, state, step=1))
     assert (spies.searches, spies.lse_passes) == (sum(searched) + 2, 3)
-    assert state.cache[("adaspa", 0)].search.counts.shape[0] == 2
+    assert _branch(state).search.counts.shape[0] == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def test_bad_adaspa_options(options, message):
 
 
 def test_defaults_are_the_published_settings():
-    assert _method().params == {"density": 0.2, "block": 64, "search_steps": None, "search_interval": 20,
+    assert _method().config.as_dict() == {"density": 0.2, "block": 64, "search_steps": None, "search_interval": 20,
                                 "head_adaptive": True}
     method = _method(dense_steps=10)
     assert [s for s in range(50) if method.is_search_step(s)] == [10, 30]
@@ -421,8 +425,8 @@ def test_end_to_end_on_a_wan_transformer_with_cfg_as_two_calls(monkeypatch):
         assert site.density_by_step[0] == 1.0 and set(site.density_by_step) == {0, 1, 2}
         assert site.density_by_step[1] == site.density_by_step[2] == pytest.approx(0.5)  # 4 of 8 blocks, reused
     for state in find_session(model).site_states.values():
-        assert set(state.cache) == {("adaspa", 0), ("adaspa", 1)}
-        assert all(entry.search_step == 1 for entry in state.cache.values())
+        assert set(state.cache.entries()) == {(BranchState, 0), (BranchState, 1)}
+        assert all(entry.search_step == 1 for entry in state.cache.entries().values())
 
 
 @pytest.mark.gpu
@@ -432,9 +436,9 @@ def test_cuda_bf16_matches_sdpa_under_the_kept_token_mask():
     seq = layout.video_tokens + 64
     q, k, v = (torch.randn(2, 4, seq, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q = q * torch.tensor([0.5, 1.0, 2.0, 4.0], device="cuda", dtype=torch.bfloat16).view(1, 4, 1, 1)
-    state = SiteState()
+    state = SiteCache()
     result = _method().attend(_call(q, k, v, layout, state))
-    search = state.cache[("adaspa", 0)].search
+    search = _branch(state).search
     assert search.counts.device == q.device and search.counts.eq(search.head_blocks[..., None]).all()
     mask = torch.ones(seq, seq, dtype=torch.bool, device="cuda").repeat(2, 4, 1, 1)
     n_video = layout.video_tokens

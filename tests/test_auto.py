@@ -5,22 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
+from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.methods.adaspa_search import normalised_mass
-from sparse_compile.methods.auto import AutoMethod, check_rows, sampled_recall
+from sparse_compile.methods.auto import AutoMethod, Choice, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import GUARD, TOP_P, candidate_recall, choose_heads, masks_to_layout, top_p_blocks
-from sparse_compile.methods.auto_cost import NOMINAL_COSTS
 from sparse_compile.methods.auto_patterns import static_candidates
-from sparse_compile.methods.base import TokenLayout
+from sparse_compile.methods.base import SiteCache, TokenLayout
+from sparse_compile.methods.cost_model import NOMINAL_COSTS
 from sparse_compile.options import validate_options
+from sparse_compile.registry import METHODS
 from sparse_compile.runtime.session import SiteState
-from tests.method_calls import method_call
 
 FRAMES, HEIGHT, WIDTH, BLOCK, DIM = 8, 8, 16, 32, 32
 POSITIONS = HEIGHT * WIDTH
 SEQ = FRAMES * POSITIONS
 LAYOUT = TokenLayout(FRAMES, HEIGHT, WIDTH, 0, False)
 SHARPNESS = 9.5  # feature length: same-group logits ~ 16 above the rest at scale 1/sqrt(32)
+
+
+def _choice(cache: SiteCache) -> Choice:
+    """The choice cached for CFG branch 0."""
+    return cache.entries()[(Choice, 0)]
 
 
 def _one_hot_features(groups: torch.Tensor) -> torch.Tensor:
@@ -137,9 +143,9 @@ def _layout_token_mask(choice, heads: int) -> torch.Tensor:
 
 def test_auto_computes_the_chosen_layout_exactly_and_keeps_the_recall():
     q, k, v = synthetic_heads()
-    state = SiteState()
+    state = SiteCache()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))
-    choice = state.cache[("auto", 0)]
+    choice = _choice(state)
     assert choice.sparse_heads.tolist() == [0, 1] and choice.dense_heads.tolist() == [2]
     token_mask = _layout_token_mask(choice, 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
@@ -156,11 +162,11 @@ def test_joint_attention_keeps_text_dense_and_honours_the_key_padding_mask():
     q, k, v = (torch.cat([t, torch.randn(1, 3, text, DIM, generator=gen)], dim=2) for t in (q, k, v))
     padding = torch.ones(1, 1, 1, SEQ + text, dtype=torch.bool)
     padding[..., -4:] = False
-    state = SiteState()
+    state = SiteCache()
     layout = TokenLayout(FRAMES, HEIGHT, WIDTH, text, False)
     result = _auto().attend(method_call(q, k, v, layout, state, mask=padding))
     token_mask = torch.ones(1, 3, SEQ + text, SEQ + text, dtype=torch.bool)
-    token_mask[..., :SEQ, :SEQ] = _layout_token_mask(state.cache[("auto", 0)], 3)
+    token_mask[..., :SEQ, :SEQ] = _layout_token_mask(_choice(state), 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask & padding)
     torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
 
@@ -175,35 +181,52 @@ def test_auto_runs_dense_sdpa_when_no_head_can_win():
 
 def test_a_choice_is_reused_until_its_recall_check_fails():
     q, k, v = synthetic_heads()
-    method, state = _auto(recheck_every=2), SiteState()
+    method, state = _auto(recheck_every=2), SiteCache()
     method.attend(method_call(q, k, v, LAYOUT, state, step=0))
-    first = state.cache[("auto", 0)]
+    first = _choice(state)
     method.attend(method_call(q, k, v, LAYOUT, state, step=2))
-    assert state.cache[("auto", 0)] is first, "recall still holds at the check"
+    assert _choice(state) is first, "recall still holds at the check"
     swapped = q[:, [1, 0, 2]]  # the spatial and temporal heads trade places
     method.attend(method_call(swapped, swapped, v, LAYOUT, state, step=3))
-    assert state.cache[("auto", 0)] is first, "no check between scheduled steps"
+    assert _choice(state) is first, "no check between scheduled steps"
     method.attend(method_call(swapped, swapped, v, LAYOUT, state, step=4))
-    assert state.cache[("auto", 0)].head_labels[0][:2] == ("temporal 0", "spatial 0")
+    assert _choice(state).head_labels[0][:2] == ("temporal 0", "spatial 0")
 
 
-def test_a_new_generation_chooses_again():
+def test_another_batch_size_chooses_anew():
     q, k, v = synthetic_heads()
-    method, state = _auto(), SiteState()
-    method.attend(method_call(q, k, v, LAYOUT, state, generation=0))
-    first = state.cache[("auto", 0)]
-    method.attend(method_call(q, k, v, LAYOUT, state, generation=1))
-    assert state.cache[("auto", 0)] is not first
+    method, state = _auto(), SiteCache()
+    method.attend(method_call(q, k, v, LAYOUT, state))
+    first = _choice(state)
+    doubled = [torch.cat([t, t]) for t in (q, k, v)]
+    method.attend(method_call(*doubled, LAYOUT, state))
+    assert _choice(state) is not first and _choice(state).head_labels == first.head_labels * 2
 
 
 def test_head_runs_count_sparse_guard_and_warmup_calls():
     q, k, v = synthetic_heads()
     method = AutoMethod(validate_options({"method": "auto", "block": BLOCK, "dense_steps": 1}))
     state = SiteState()
-    method.observe_dense(method_call(q, k, v, LAYOUT, state, step=0))
-    method.attend(method_call(q, k, v, LAYOUT, state, step=1))
-    runs = state.cache["auto_head_runs"]
+    for step in (0, 1):
+        state.record("blocks.0.attn1", step, method.run(method_call(q, k, v, LAYOUT, state.cache, step=step)))
+    runs = state.head_runs
     assert (runs.sparse, runs.guard, runs.warmup) == ([1, 1, 0], [0, 0, 1], [1, 1, 1])
+
+
+@pytest.mark.parametrize("method_name, options", [("radial", {"block": 32}), ("adaspa", {"density": 0.9, "block": 32}),
+                                                   ("svg", {"density": 0.9, "block": 32})])
+def test_the_guard_runs_a_single_method_dense_past_break_even(monkeypatch, method_name, options):
+    from sparse_compile.methods import base
+
+    q, k, v = synthetic_heads()
+    method = METHODS[method_name](validate_options({"method": method_name, **options}))
+    call = method_call(q, k, v, LAYOUT)
+    assert method.predicted_density(call) > NOMINAL_COSTS.break_even_density
+    assert method.attend(call).guarded_heads == (), "no guard where costs are not measured"
+    monkeypatch.setattr(base, "guard_costs", lambda *args: NOMINAL_COSTS)
+    result = method.attend(call)
+    assert result.guarded_heads == (0, 1, 2) and result.kept_density == 1.0
+    torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 @pytest.mark.parametrize("option, value", [("recall", 0.0), ("recall", 1.5), ("block", 48), ("recheck_every", 0)])
@@ -216,9 +239,9 @@ def test_bad_options_name_the_option(option, value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_on_the_gpu_matches_masked_sdpa_on_its_layout_in_bf16():
     q, k, v = (t.cuda().bfloat16() for t in synthetic_heads())
-    state = SiteState()
+    state = SiteCache()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))
-    choice = state.cache[("auto", 0)]
+    choice = _choice(state)
     assert choice.head_labels[0] == ("spatial 0", "temporal 0", GUARD)
     token_mask = _layout_token_mask(choice, 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=token_mask)
@@ -229,7 +252,7 @@ def test_auto_on_the_gpu_matches_masked_sdpa_on_its_layout_in_bf16():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_measured_cost_model_is_positive_and_puts_break_even_below_dense():
-    from sparse_compile.methods.auto_cost import kernel_costs
+    from sparse_compile.methods.cost_model import kernel_costs
 
     costs = kernel_costs(torch.device("cuda"), torch.bfloat16, 128, 64)
     assert costs.pair_time > 0 and costs.dense_pair_time > 0 and costs.launch >= 0

@@ -3,7 +3,6 @@ online head profiling."""
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
@@ -23,7 +22,8 @@ from sparse_compile.methods.svg import SvgMethod
 from sparse_compile.methods.svg_patterns import build_patterns, temporal_order, temporal_permutation
 from sparse_compile.methods.svg_profile import classify_heads, pattern_errors, sample_rows
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, find_session
+from sparse_compile.methods.base import SiteCache
+from sparse_compile.runtime.session import find_session
 
 CPU = torch.device("cpu")
 
@@ -299,31 +299,30 @@ def test_profiles_per_cfg_branch_every_profile_every_steps(monkeypatch):
     monkeypatch.setattr(svg_module, "classify_heads", spy)
     layout = TokenLayout(frames=3, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
-    method, state = _method(block=16, profile_every=2), SiteState()
+    method, state = _method(block=16, profile_every=2), SiteCache()
     seen = []
     for generation, step, branch in [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0)]:
         count = len(profiled)
         method.attend(_call(q, k, v, layout, state, step=step, branch=branch, generation=generation))
         seen.append(len(profiled) > count)
     assert seen == [True, True, False, False, True, True, True]
-    assert set(state.cache) == {("svg_plan", 0), ("svg_plan", 1)}
-    assert (state.cache[("svg_plan", 0)].generation, state.cache[("svg_plan", 1)].step) == (1, 2)
+    plans = state.entries()
+    assert set(plans) == {(svg_module.HeadPlan, 0), (svg_module.HeadPlan, 1)}
+    assert (plans[(svg_module.HeadPlan, 0)].step, plans[(svg_module.HeadPlan, 1)].step) == (0, 2)
 
 
-def test_unsupported_masks_and_head_dims_run_dense_and_say_so_once(caplog):
+def test_unsupported_masks_and_head_dims_run_dense_with_the_reason():
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
     full_mask = torch.rand(1, 1, 32, 32) > 0.3
     full_mask[..., 0] = True
-    method, state = _method(block=16), SiteState()
-    with caplog.at_level(logging.WARNING, logger="sparse_compile"):
-        for _ in range(2):
-            result = method.attend(_call(q, k, v, layout, state, mask=full_mask))
-        small = method.attend(_call(*(torch.randn(1, 2, 32, 8) for _ in range(3)), layout))
+    method, state = _method(block=16), SiteCache()
+    result = method.attend(_call(q, k, v, layout, state, mask=full_mask))
+    small = method.attend(_call(*(torch.randn(1, 2, 32, 8) for _ in range(3)), layout))
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask))
     assert result.kept_density == 1.0 and small.kept_density == 1.0
-    assert caplog.text.count("not a key-padding mask") == 1
-    assert caplog.text.count("head dim 8 is not one of the block kernels'") == 1
+    assert "not a key-padding mask" in result.fallback_reason and not state
+    assert "head dim 8 is not one of the block kernels'" in small.fallback_reason
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,11 +362,12 @@ def test_end_to_end_on_a_wan_transformer_with_cfg_as_two_calls():
         assert site.status == "sparse" and site.grid == expected.grid
         assert all(d < 1.0 for d in site.density_by_step.values()) and set(site.density_by_step) == {0, 1}
     states = find_session(model).site_states.values()
-    plans = [s.cache for s in states if any(key[0] == "svg_plan" for key in s.cache)]
+    plans = [s.cache.entries() for s in states if len(s.cache)]
     assert len(plans) == expected.video_sites
+    head_plan = svg_module.HeadPlan
     for cache in plans:
-        assert set(cache) == {("svg_plan", 0), ("svg_plan", 1)}
-        assert cache[("svg_plan", 0)] is not cache[("svg_plan", 1)] and cache[("svg_plan", 1)].step == 1
+        assert set(cache) == {(head_plan, 0), (head_plan, 1)}
+        assert cache[(head_plan, 0)] is not cache[(head_plan, 1)] and cache[(head_plan, 1)].step == 1
 
 
 @pytest.mark.gpu
@@ -379,11 +379,11 @@ def test_cuda_bf16_folded_layout_transform_equals_gathering_per_head():
     torch.manual_seed(10)
     q, k, v = (torch.randn(1, layout.video_tokens, 12, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                for _ in range(3))  # fmt: skip
-    state = SiteState()
+    state = SiteCache()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(svg_module, "classify_heads", lambda *args: choice)
         result = _method().attend(_call(q, k, v, layout, state))
-    plan = state.cache[("svg_plan", 0)]
+    plan = state.entries()[(svg_module.HeadPlan, 0)]
     index = plan.perm.long()[..., None].expand(-1, -1, -1, 128)
     gathered = [torch.gather(x, 2, index) for x in (q, k, v)]
     out, lse = svg_module.block_sparse_attention(*gathered, plan.counts, plan.indices, block_q=128, block_k=128,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -15,9 +16,9 @@ from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_sco
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
-from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
+from sparse_compile.methods.svg2 import Centroids, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState
+from sparse_compile.methods.base import SiteCache
 
 
 def _method(**params) -> Svg2Method:
@@ -84,12 +85,12 @@ def test_centroids_are_cached_per_branch_and_warm_start_the_next_step(monkeypatc
     torch.manual_seed(2)
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = _qkv(layout.video_tokens)
-    method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=7, kmeans_iters_step=2), SiteState()
+    method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=7, kmeans_iters_step=2), SiteCache()
     method.attend(_call(q, k, v, layout, state, branch=0))
     method.attend(_call(q, k, v, layout, state, branch=1))
     method.attend(_call(q, k, v, layout, state, branch=0))
     assert iterations == [(7, False), (7, False), (7, False), (7, False), (2, True), (2, True)]
-    assert {key for key in state.cache} == {("svg2_centroids", 0), ("svg2_centroids", 1)}
+    assert set(state.entries()) == {(Centroids, 0), (Centroids, 1)}
 
 
 def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatch):
@@ -99,12 +100,12 @@ def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatc
                         lambda x, n, iters, init=None, *, seed=0: iterations.append(iters) or real_kmeans(x, n, iters, init, seed=seed))
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = _qkv(layout.video_tokens)
-    method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=9, kmeans_iters_step=1), SiteState()
+    method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=9, kmeans_iters_step=1), SiteCache()
     method.observe_dense(_call(q, k, v, layout, state))
     method.attend(_call(q, k, v, layout, state))
     assert iterations == [9, 9, 1, 1]
     iterations.clear()
-    _method(kmeans_during_dense=False).observe_dense(_call(q, k, v, layout, SiteState()))
+    _method(kmeans_during_dense=False).observe_dense(_call(q, k, v, layout, SiteCache()))
     assert iterations == []
 
 
@@ -158,3 +159,16 @@ def test_end_to_end_on_a_wan_transformer():
     for site in sparse_compile.report(compiled).rewritten:
         assert site.status == "sparse" and site.grid == expected.grid
         assert site.density_by_step[0] == 1.0 and site.density_by_step[1] < 1.0
+
+
+def test_more_clusters_than_video_tokens_are_clamped_to_the_tokens_with_one_note(caplog):
+    torch.manual_seed(5)
+    layout = TokenLayout(frames=2, height=3, width=3, text_tokens=0, text_first=False)  # 18 video tokens
+    q, k, v = _qkv(layout.video_tokens)
+    method = _method(q_clusters=5000, k_clusters=20, top_p=1.0, min_kc_ratio=1.0)
+    with caplog.at_level(logging.INFO, logger="sparse_compile"):
+        results = [method.attend(_call(q, k, v, layout)) for _ in range(2)]
+    note = "blocks.0.attn1 has 18 video tokens: svg2 uses q_clusters=18, k_clusters=18 (options: 5000, 20)"
+    assert caplog.text.count(note) == 1
+    # every key cluster kept: exact attention
+    torch.testing.assert_close(results[-1].output, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)

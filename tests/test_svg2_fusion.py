@@ -170,7 +170,7 @@ def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo():
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
-        result = method.attend(method_call(q, k, v, layout, cold.state))
+        result = method.attend(method_call(q, k, v, layout, cold.cache))
         torch.cuda.synchronize()
     launches = full_size_launches(prof.events(), q.numel() // 4)
     attention = [kernel for _, kernel in launches if "_varlen_fwd_kernel" in kernel]

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from method_calls import method_call
+from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.text_tokens import attend_video_and_text, attention_over_keys, mask_problem
 
 
 def _call(q, k, v, mask, layout):
-    return AttentionCall(query=q, key=k, value=v, attn_mask=mask, scale=None, layout=layout,
-                         step=None, site=None, state=None)
+    return method_call(q, k, v, layout, mask=mask)
 
 
 def _dense_video(q, k, v):

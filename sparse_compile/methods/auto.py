@@ -4,7 +4,7 @@
 pass and a block-mass pass, like an AdaSpa search) give every candidate's exact recall per head;
 :mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
 kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks), and heads
-past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.auto_cost`)
+past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.cost_model`)
 run every block. When the whole call would be no faster than dense SDPA it runs dense SDPA.
 
 **When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
@@ -16,8 +16,8 @@ choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled q
 **Running.** The sparse heads of a call share one block-sparse launch over their per-head
 layouts; heads the guard sent dense (in any batch element) run dense SDPA together, and their
 video rows report the LSE ``+inf`` (recall 1). Text tokens of joint attention are dense
-(:func:`attend_video_and_text`). Calls the block kernels cannot take run dense through
-:func:`dense_fallback`, with the reason reported.
+(:func:`attend_video_and_text`). Calls the block kernels cannot take run dense with the reason
+reported.
 
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
@@ -28,7 +28,7 @@ Options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -37,19 +37,11 @@ from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.kernels.block_sparse import block_sparse_attention
 from sparse_compile.methods.adaspa_search import head_chunks, normalised_mass
 from sparse_compile.methods.auto_choice import GUARD, choice_names, choose_heads, masks_to_layout
-from sparse_compile.methods.auto_cost import kernel_costs
+from sparse_compile.methods.cost_model import kernel_costs
 from sparse_compile.methods.auto_patterns import static_candidates
-from sparse_compile.methods.base import (
-    AttentionCall,
-    AttentionMethod,
-    AttentionResult,
-    choice_option,
-    fraction_option,
-    int_option,
-)
-from sparse_compile.methods.dense import dense_attention
-from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
-from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem, video_text_slices
+from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult
+from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
+from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
 
 BLOCK_SIZES = (32, 64, 128)
 _CHECK_ROWS = 64
@@ -57,16 +49,24 @@ _RECHECK_MARGIN = 0.03
 _CHECK_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of heads in a recall check
 
 
+@dataclass(frozen=True)
+class AutoConfig(MethodConfig):
+    """Options of ``method="auto"`` (see the module doc)."""
+
+    recall: float = fraction_option(0.95)
+    block: int = choice_option(64, BLOCK_SIZES)
+    recheck_every: int = int_option(10, 1)
+
+
 @dataclass(frozen=True, eq=False)
 class Choice:
-    """What one (site, CFG branch) runs until it chooses again.
+    """What one (site, CFG branch) runs until it chooses again (cached per grid, shapes and generation).
 
     Attributes:
-        generation, grid, shape: the generation, ``(frames, height, width)`` and video
-            ``(B, H, Sv)`` it was chosen for.
         step: the step it was chosen at.
         sparse_heads, dense_heads: int64 ``(Hs,)`` / ``(Hd,)`` head indices on the call's device.
-        counts, indices: the sparse heads' kernel layout, int32 ``(B, Hs, N)`` and ``(B, Hs, N, MAXK)``.
+        counts, indices: the sparse heads' kernel layout, int32 ``(B, Hs, N)`` and ``(B, Hs, N, MAXK)``
+            (``None`` when every head is dense).
         head_labels: the chosen candidate of each (batch element, head), ``B`` tuples of ``H``.
         recall: fp32 ``(B, H)``: each head's exact recall at the choice.
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
@@ -74,34 +74,16 @@ class Choice:
         dense: the whole call runs dense SDPA (the cost model says sparse would not be faster).
     """
 
-    generation: int
-    grid: tuple[int, int, int]
-    shape: tuple[int, int, int]
     step: int
     sparse_heads: Tensor
     dense_heads: Tensor
-    counts: Tensor
-    indices: Tensor
+    counts: Tensor | None
+    indices: Tensor | None
     head_labels: tuple[tuple[str, ...], ...]
     recall: Tensor
     density: Tensor
     sparse_density: Tensor
     dense: bool
-
-
-@dataclass
-class HeadRuns:
-    """How often each head of a site ran sparse, dense by the guard, or dense by warm-up (per head index)."""
-
-    sparse: list[int] = field(default_factory=list)
-    guard: list[int] = field(default_factory=list)
-    warmup: list[int] = field(default_factory=list)
-
-    def add(self, heads: int, sparse: list[int], guard: list[int], warmup: list[int]) -> None:
-        for counter, added in ((self.sparse, sparse), (self.guard, guard), (self.warmup, warmup)):
-            counter.extend([0] * (heads - len(counter)))
-            for h, value in enumerate(added):
-                counter[h] += value
 
 
 def _heads_of(call: AttentionCall, heads: Tensor) -> AttentionCall:
@@ -145,29 +127,34 @@ def check_rows(num_video: int, step: int) -> Tensor:
     return torch.arange(count) * spacing + (step * 7919) % spacing
 
 
+@register_method
 class AutoMethod(AttentionMethod):
     """Per head the cheapest candidate pattern reaching ``recall``; dense where sparse cannot win."""
 
     name = "auto"
-    is_sparse = True
-    option_spec = {
-        "recall": fraction_option(0.95),
-        "block": choice_option(64, BLOCK_SIZES),
-        "recheck_every": int_option(10, 1),
-    }
+    config_type = AutoConfig
+    needs_block_kernel = True
+    config: AutoConfig
 
     def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
-        if problem is not None:
-            return dense_fallback(call, problem)
+        reason = self.dense_reason(call)
+        if reason is not None:
+            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
         video, _ = video_text_slices(call.layout)
         choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call)
-        self._count_runs(call, choice)
+        heads = call.query.shape[1]
         if choice.dense:
-            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         if choice.dense_heads.numel() == 0:
             return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
         return self._split_heads(call, choice)
+
+    def observe_dense(self, call: AttentionCall) -> None:
+        """At the last dense step, choose for the first sparse step."""
+        if call.step.step != self.first_sparse_step - 1 or self.dense_reason(call) is not None:
+            return
+        video, _ = video_text_slices(call.layout)
+        self.store(call, self._choose(call.query[:, :, video], call.key[:, :, video], call))
 
     def _split_heads(self, call: AttentionCall, choice: Choice) -> AttentionResult:
         """The sparse heads through the kernel, the guarded ones through dense SDPA, stitched by head."""
@@ -175,53 +162,41 @@ class AutoMethod(AttentionMethod):
         sparse = attend_video_and_text(
             _heads_of(call, choice.sparse_heads), lambda q, k, v: self._video_attention(q, k, v, choice, call)
         )
-        dense = _heads_of(call, choice.dense_heads)
         output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
         output[:, choice.sparse_heads] = sparse.output
-        output[:, choice.dense_heads] = dense_attention(dense.query, dense.key, dense.value, dense.attn_mask, dense.scale)
+        output[:, choice.dense_heads] = self._exact(_heads_of(call, choice.dense_heads))
         video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
         video_lse[:, choice.sparse_heads] = sparse.video_lse
         n_sparse = choice.sparse_heads.numel()
         kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
-        return AttentionResult(output=output, kept_density=kept, video_lse=video_lse)
-
-    def observe_dense(self, call: AttentionCall) -> None:
-        """Count the warm-up calls; at the last dense step, choose for the first sparse step."""
-        batch, heads = call.query.shape[:2]
-        self._runs(call).add(heads, [], [], [batch] * heads)
-        if call.step.step != self.options.dense_steps - 1:
-            return
-        if mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value):
-            return
-        video, _ = video_text_slices(call.layout)
-        self._store(call, self._choose(call.query[:, :, video], call.key[:, :, video], call))
+        return AttentionResult(output=output, kept_density=kept, video_lse=video_lse,
+                               guarded_heads=tuple(choice.dense_heads.tolist()))
 
     def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
-        """This branch's choice, made anew when missing, stale, or failing its recall check."""
-        choice: Choice | None = call.state.cache.get(self._key(call))
+        """This branch's choice, made anew when missing (new generation, grid or shape) or failing
+        its recall check."""
+        choice = self.cached(call, Choice)
         step = call.step.step
-        if choice is not None and not self._matches(choice, q, call):
-            choice = None
         if choice is not None and self._due_for_check(choice, step) and not choice.dense:
             rows = check_rows(q.shape[2], step).to(q.device)
-            params, heads = self.params, choice.sparse_heads
+            heads = choice.sparse_heads
             measured = sampled_recall(q.index_select(1, heads), k.index_select(1, heads), choice.counts,
-                                      choice.indices, params["block"], self._scale(call), rows)  # fmt: skip
-            if bool((measured < params["recall"] - _RECHECK_MARGIN).any()):
+                                      choice.indices, self.config.block, call.softmax_scale, rows)  # fmt: skip
+            if bool((measured < self.config.recall - _RECHECK_MARGIN).any()):
                 choice = None
         if choice is None:
             choice = self._choose(q, k, call)
-            self._store(call, choice)
+            self.store(call, choice)
         return choice
 
     def _due_for_check(self, choice: Choice, step: int) -> bool:
         since = step - choice.step
-        return since > 0 and since % self.params["recheck_every"] == 0
+        return since > 0 and since % self.config.recheck_every == 0
 
     def _choose(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
         """Score every candidate on exact block masses and build the per-head layout."""
         batch, heads, num_video, head_dim = q.shape
-        block, target, scale = self.params["block"], float(self.params["recall"]), self._scale(call)
+        block, target, scale = self.config.block, float(self.config.recall), call.softmax_scale
         lay = call.layout
         candidates = static_candidates(lay.frames, lay.height, lay.width, block, q.device)
         costs = kernel_costs(q.device, q.dtype, head_dim, block)
@@ -241,9 +216,6 @@ class AutoMethod(AttentionMethod):
         head_pairs = batch * float(num_video) ** 2
         counts, indices = masks_to_layout(masks) if sparse_heads.numel() else (None, None)
         return Choice(
-            generation=call.step.generation,
-            grid=(lay.frames, lay.height, lay.width),
-            shape=(batch, heads, num_video),
             step=call.step.step,
             sparse_heads=sparse_heads,
             dense_heads=dense_heads,
@@ -261,40 +233,9 @@ class AutoMethod(AttentionMethod):
         self, q: Tensor, k: Tensor, v: Tensor, choice: Choice, call: AttentionCall
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Video tokens ``(B, H, Sv, D)`` -> (out, LSE fp32 ``(B, H, Sv)``, kept density 0-d)."""
-        block = self.params["block"]
+        block = self.config.block
         out, lse = block_sparse_attention(
-            q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=self._scale(call),
+            q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=call.softmax_scale,
             return_lse=True,
         )  # fmt: skip
         return out, lse, choice.sparse_density
-
-    def _count_runs(self, call: AttentionCall, choice: Choice) -> None:
-        batch, heads = call.query.shape[:2]
-        dense_heads = set(choice.dense_heads.tolist())
-        guard = [batch if choice.dense or h in dense_heads else 0 for h in range(heads)]
-        self._runs(call).add(heads, [batch - g for g in guard], guard, [])
-
-    @staticmethod
-    def _runs(call: AttentionCall) -> HeadRuns:
-        return call.state.cache.setdefault("auto_head_runs", HeadRuns())
-
-    @staticmethod
-    def _key(call: AttentionCall) -> tuple[str, int]:
-        return ("auto", call.step.branch)
-
-    def _store(self, call: AttentionCall, choice: Choice) -> None:
-        call.state.cache[self._key(call)] = choice
-
-    @staticmethod
-    def _matches(choice: Choice, q: Tensor, call: AttentionCall) -> bool:
-        lay = call.layout
-        return (
-            choice.generation == call.step.generation
-            and choice.grid == (lay.frames, lay.height, lay.width)
-            and choice.shape == tuple(q.shape[:3])
-            and choice.sparse_heads.device == q.device
-        )
-
-    @staticmethod
-    def _scale(call: AttentionCall) -> float:
-        return call.scale if call.scale is not None else call.query.shape[-1] ** -0.5

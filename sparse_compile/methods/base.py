@@ -1,120 +1,180 @@
-"""The interface every attention method implements."""
+"""The interface every attention method implements, and the recipe all of them share.
+
+:meth:`AttentionMethod.run` is one call at a site: dense at the dense layers and steps of the
+options (which the method may observe, e.g. to warm its caches), dense with a reason when the
+method cannot take the call (:meth:`~AttentionMethod.dense_reason`), dense when the method's
+pattern keeps every pair or, on CUDA, more than the device's break-even density (the guard:
+:meth:`~AttentionMethod.predicted_density` against :mod:`~sparse_compile.methods.cost_model`),
+and otherwise the method's :meth:`~AttentionMethod.video_attention`
+on the video tokens, merged with dense attention to and from the text tokens. Methods keep
+state between calls as typed entries of the site's :class:`SiteCache`, keyed by
+:meth:`~AttentionMethod.cache_key`.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
+from sparse_compile.methods.cache import SiteCache
+from sparse_compile.methods.call import AttentionCall, AttentionResult, StepInfo, TokenLayout
+from sparse_compile.methods.cost_model import guard_costs
+from sparse_compile.methods.exact import dense_attention
+from sparse_compile.methods.fallback import block_kernel_problem
+from sparse_compile.methods.text_tokens import VideoAttention, attend_video_and_text, attention_over_keys, mask_problem
 from sparse_compile.options import SparseOptions
+from sparse_compile.registry import MethodConfig
 
-if TYPE_CHECKING:
-    from sparse_compile.runtime.session import SiteState, StepInfo
-    from sparse_compile.runtime.sites import SiteRecord
+__all__ = [
+    "AttentionCall",
+    "AttentionMethod",
+    "AttentionResult",
+    "CacheKey",
+    "SiteCache",
+    "StepInfo",
+    "TokenLayout",
+]
 
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Run-time token layout of one call: ``frames*height*width`` video tokens plus ``text_tokens``
-    text tokens before (``text_first``) or after the video tokens."""
-
-    frames: int
-    height: int
-    width: int
-    text_tokens: int
-    text_first: bool
-
-    @property
-    def video_tokens(self) -> int:
-        return self.frames * self.height * self.width
+Entry = TypeVar("Entry")
 
 
 @dataclass(frozen=True)
-class AttentionCall:
-    """Everything a method sees of one attention call.
+class CacheKey:
+    """What a cached entry of a call depends on: the method's config, the video grid, ``(B, H)``,
+    the head dim, dtype and device of the query."""
 
-    ``query`` is ``(B, H, S, D)``, ``key``/``value`` ``(B, H, S, D)``/``(B, H, S, Dv)``;
-    ``attn_mask`` a boolean mask broadcastable to ``(B, H, S, S)`` or ``None``.
-    ``site`` holds the compile-time facts, ``state`` the calling model's cache for this site.
+    config: MethodConfig
+    grid: tuple[int, int, int]
+    batch_heads: tuple[int, int]
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class AttentionMethod:
+    """A sparse (or dense) attention method, instantiated once per site of a compiled graph.
+
+    Subclasses set ``name``, ``config_type`` (their :class:`MethodConfig`, validated once when the
+    options are) and override :meth:`video_attention`. ``self.config`` holds the validated values.
     """
 
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    attn_mask: torch.Tensor | None
-    scale: float | None
-    layout: TokenLayout
-    step: "StepInfo"
-    site: "SiteRecord"
-    state: "SiteState"
-
-
-@dataclass(frozen=True)
-class AttentionResult:
-    """Output ``(B, H, S, Dv)`` and the fraction of (query, key) pairs that were computed
-    (a float, or a 0-d tensor so the op never waits for the device).
-
-    ``video_lse`` ``(B, H, Sv)`` fp32, given by sparse methods: each video row's log-sum-exp
-    over the keys it attended, so ``exp(video_lse - full_lse)`` is the row's attention recall.
-    ``None`` for dense results (recall 1).
-    """
-
-    output: torch.Tensor
-    kept_density: float | torch.Tensor
-    video_lse: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class MethodOption:
-    """One method-specific option: its default, a check, and the allowed values in words."""
-
-    default: Any
-    check: Callable[[Any], bool]
-    allowed: str
-
-
-def fraction_option(default: float) -> MethodOption:
-    """A float in (0, 1]."""
-    return MethodOption(default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
-                        "a number in (0, 1]")
-
-
-def int_option(default: int, minimum: int) -> MethodOption:
-    return MethodOption(default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-                        f"an int >= {minimum}")
-
-
-def choice_option(default: int, choices: tuple[int, ...]) -> MethodOption:
-    """One of a few ints (e.g. block sizes)."""
-    return MethodOption(default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v in choices,
-                        f"one of {', '.join(map(str, choices))}")
-
-
-def bool_option(default: bool) -> MethodOption:
-    return MethodOption(default, lambda v: isinstance(v, bool), "True or False")
-
-
-class AttentionMethod(ABC):
-    """A sparse (or dense) attention method, instantiated once per site.
-
-    ``option_spec`` declares the method's own option keys; their validated values are in
-    ``self.params`` (defaults filled in).
-    """
-
-    name: str
-    is_sparse: bool
-    option_spec: ClassVar[dict[str, MethodOption]] = {}
+    name: ClassVar[str]
+    is_sparse: ClassVar[bool] = True
+    config_type: ClassVar[type[MethodConfig]] = MethodConfig
+    needs_block_kernel: ClassVar[bool] = False
+    """Whether calls the block kernels cannot take (:func:`block_kernel_problem`) run dense."""
 
     def __init__(self, options: SparseOptions) -> None:
+        config = options.method_config if options.method_config is not None else self.config_type()
+        if not isinstance(config, self.config_type):
+            raise ValueError(
+                f"method {self.name!r} takes a {self.config_type.__name__}, got a {type(config).__name__}"
+            )
         self.options = options
-        given = dict(options.method_options)
-        self.params: dict[str, Any] = {k: given.get(k, spec.default) for k, spec in self.option_spec.items()}
+        self.config = config
+
+    # The schedule of dense layers and steps, decided here only.
+
+    def layer_dense_reason(self, layer: int | None) -> str | None:
+        """Why every call at video attention layer ``layer`` runs dense by the options, or ``None``."""
+        if not self.is_sparse:
+            return f"method={self.name!r}"
+        if layer is not None and layer < self.options.dense_layers:
+            return f"dense_layers={self.options.dense_layers}"
+        return None
+
+    def is_dense_step(self, step: int) -> bool:
+        """Whether ``step`` is one of the dense warm-up steps."""
+        return step < self.options.dense_steps
+
+    @property
+    def first_sparse_step(self) -> int:
+        return self.options.dense_steps
+
+    def run(self, call: AttentionCall) -> AttentionResult:
+        """Attention of one call at this site, following the dense schedule (see the module doc)."""
+        if self.layer_dense_reason(call.layer) is not None:
+            return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
+        if self.is_dense_step(call.step.step):
+            self.observe_dense(call)
+            return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
+        return self.attend(call)
+
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        """Attention of one call at a sparse step: sparse video attention merged with the text tokens,
+        or dense with a fallback reason, or dense when the pattern keeps every pair."""
+        reason = self.dense_reason(call)
+        if reason is not None:
+            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
+        if self.keeps_every_pair(call):
+            return AttentionResult(self._exact(call), 1.0)
+        if self.guard_sends_dense(call):
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(call.query.shape[1])))
+        return attend_video_and_text(call, self._bound_video_attention(call))
+
+    # What a method may refine.
+
+    def dense_reason(self, call: AttentionCall) -> str | None:
+        """Why this call cannot run sparse (its mask, or the block kernels' limits), or ``None``."""
+        problem = mask_problem(call.attn_mask, call.layout)
+        if problem is None and self.needs_block_kernel:
+            problem = block_kernel_problem(call.query, call.value)
+        return problem
+
+    def keeps_every_pair(self, call: AttentionCall) -> bool:
+        """Whether this call's pattern keeps every (query, key) pair (then dense SDPA runs instead)."""
+        return False
+
+    def predicted_density(self, call: AttentionCall) -> float | None:
+        """The kept density this call will have, known before it runs on the host (``None``: not
+        known without waiting for the device, so the guard does not apply)."""
+        return None
+
+    def guard_sends_dense(self, call: AttentionCall) -> bool:
+        """Whether the predicted density is past the device's break-even density for the block kernel
+        (:func:`~sparse_compile.methods.cost_model.guard_costs`: on CUDA only)."""
+        density = self.predicted_density(call)
+        if density is None:
+            return False
+        query = call.query
+        costs = guard_costs(query.device, query.dtype, query.shape[-1], getattr(self.config, "block", 64))
+        return costs is not None and density > costs.break_even_density
 
     def observe_dense(self, call: AttentionCall) -> None:
-        """Called on calls that run dense because of ``dense_steps`` (e.g. to warm caches)."""
+        """Called on the calls of the dense warm-up steps (e.g. to warm caches)."""
 
-    @abstractmethod
-    def attend(self, call: AttentionCall) -> AttentionResult:
-        """Compute attention for one call; may read and update ``call.state.cache``."""
+    def video_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]:
+        """Attention among the video tokens ``(B, H, Sv, D)`` (frame-major, any strides); sparse
+        methods override it (this one is exact).
+
+        Returns out ``(B, H, Sv, Dv)``, its fp32 LSE ``(B, H, Sv)`` and the kept fraction of the
+        ``Sv x Sv`` pairs.
+        """
+        out, lse = attention_over_keys(q, k, v, None, call.softmax_scale)
+        return out, lse, 1.0
+
+    # Typed cache entries.
+
+    def cache_key(self, call: AttentionCall) -> CacheKey:
+        query = call.query
+        return CacheKey(self.config, call.layout.grid, (query.shape[0], query.shape[1]), query.shape[-1],
+                        query.dtype, query.device)  # fmt: skip
+
+    def cached(self, call: AttentionCall, kind: type[Entry]) -> Entry | None:
+        """This branch's ``kind`` entry, if one was stored for this call's :meth:`cache_key`."""
+        return call.cache.get(kind, call.step.branch, self.cache_key(call))
+
+    def store(self, call: AttentionCall, entry: object) -> None:
+        """Keep ``entry`` for this branch under this call's :meth:`cache_key`."""
+        call.cache.put(call.step.branch, self.cache_key(call), entry)
+
+    @staticmethod
+    def _exact(call: AttentionCall) -> torch.Tensor:
+        return dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale)
+
+    def _bound_video_attention(self, call: AttentionCall) -> VideoAttention:
+        return lambda q, k, v: self.video_attention(q, k, v, call)

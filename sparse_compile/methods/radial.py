@@ -24,59 +24,53 @@ Options:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.methods.base import (
-    AttentionCall,
-    AttentionMethod,
-    AttentionResult,
-    bool_option,
-    choice_option,
-    fraction_option,
-)
-from sparse_compile.methods.dense import dense_attention
-from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
+from sparse_compile.methods.base import AttentionCall, AttentionMethod
 from sparse_compile.methods.radial_pattern import RadialLayout, radial_layout
-from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
+from sparse_compile.registry import MethodConfig, bool_option, choice_option, fraction_option, register_method
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
+@dataclass(frozen=True)
+class RadialConfig(MethodConfig):
+    """Options of ``method="radial"`` (see the module doc)."""
+
+    decay: float = fraction_option(0.2)
+    block: int = choice_option(128, BLOCK_SIZES)
+    first_frame_sink: bool = bool_option(True)
+
+
+@register_method
 class RadialMethod(AttentionMethod):
     """Radial attention on the fixed-block kernel; one cached static layout per grid."""
 
     name = "radial"
-    is_sparse = True
-    option_spec = {
-        "decay": fraction_option(0.2),
-        "block": choice_option(128, BLOCK_SIZES),
-        "first_frame_sink": bool_option(True),
-    }
+    config_type = RadialConfig
+    needs_block_kernel = True
+    config: RadialConfig
 
-    def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
-        if problem is not None:
-            return dense_fallback(call, problem)
+    def keeps_every_pair(self, call: AttentionCall) -> bool:
+        """Short clips (e.g. one or two frames): the radial mask keeps every block."""
+        return self.layout_for(call).kept_density == 1.0
+
+    def predicted_density(self, call: AttentionCall) -> float:
+        return self.layout_for(call).kept_density
+
+    def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+        """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE ``(B, H, Sv)`` fp32, density)."""
         layout = self.layout_for(call)
-        if layout.kept_density == 1.0:  # short clips: the radial mask keeps every block
-            return AttentionResult(dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale), 1.0)
-        scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
-
-        def video_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-            """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE ``(B, H, Sv)`` fp32, density)."""
-            out, lse = block_sparse_attention(
-                q, k, v, layout.counts, layout.indices,
-                block_q=layout.block, block_k=layout.block, scale=scale, return_lse=True,
-            )  # fmt: skip
-            return out, lse, layout.kept_density
-
-        return attend_video_and_text(call, video_attention)
+        out, lse = block_sparse_attention(
+            q, k, v, layout.counts, layout.indices,
+            block_q=layout.block, block_k=layout.block, scale=call.softmax_scale, return_lse=True,
+        )  # fmt: skip
+        return out, lse, layout.kept_density
 
     def layout_for(self, call: AttentionCall) -> RadialLayout:
         """The cached layout of this call's grid on the query's device."""
-        lay = call.layout
-        return radial_layout(
-            lay.frames, lay.height, lay.width, self.params["block"], float(self.params["decay"]),
-            self.params["first_frame_sink"], call.query.device,
-        )  # fmt: skip
+        cfg = self.config
+        return radial_layout(*call.layout.grid, cfg.block, float(cfg.decay), cfg.first_frame_sink, call.query.device)

@@ -8,9 +8,9 @@ Per call, on the video tokens (frame-major ``frames x height x width``):
    are the widest whose block layout keeps at most ``density`` of the video pairs.
 2. Profiling (:mod:`svg_profile`): ``profile_rows`` sampled query rows, exact against both
    masked variants; each (batch element, head) takes the pattern with the smaller error. The
-   choice and everything derived from it (a :class:`HeadPlan`) is cached in the site's state per
-   CFG branch (``call.step.branch``) and renewed every ``profile_every`` steps (default 1: every
-   step, as published) and on a new generation or grid.
+   choice and everything derived from it (a :class:`HeadPlan`) is cached in the site's cache per
+   CFG branch and renewed every ``profile_every`` steps (default 1: every step, as published) and
+   on a new generation, grid or shape.
 3. One block-sparse kernel launch over all heads, with the layout transform fused into it:
    each head gets its pattern's layout and a token permutation, the temporal order (sink first,
    then position-major, :func:`~sparse_compile.methods.svg_patterns.temporal_permutation`) for
@@ -38,18 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.methods.base import (
-    AttentionCall,
-    AttentionMethod,
-    AttentionResult,
-    choice_option,
-    fraction_option,
-    int_option,
-)
-from sparse_compile.methods.fallback import block_kernel_problem, dense_fallback
+from sparse_compile.methods.base import AttentionCall, AttentionMethod
 from sparse_compile.methods.svg_patterns import SvgPatterns, build_patterns
 from sparse_compile.methods.svg_profile import classify_heads, sample_rows
-from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem
+from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -65,7 +57,7 @@ class HeadPlan:
         counts: int32 ``(B, H, NQ)``; indices: int32 ``(B, H, NQ, MAXK)``: each head's layout.
         density: fp32 0-d: kept fraction of the video pairs, averaged over (batch, head).
         patterns: the patterns the plan was built from.
-        step, generation: when it was profiled.
+        step: when it was profiled.
     """
 
     head_is_temporal: Tensor
@@ -75,10 +67,9 @@ class HeadPlan:
     density: Tensor
     patterns: SvgPatterns
     step: int
-    generation: int
 
 
-def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int, generation: int) -> HeadPlan:
+def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int) -> HeadPlan:
     """Per-head token permutations and layouts for a choice ``head_is_temporal`` bool ``(B, H)``."""
     spatial, temporal = patterns.spatial, patterns.temporal
     identity = torch.arange(patterns.to_temporal.numel(), dtype=torch.int32, device=head_is_temporal.device)
@@ -94,7 +85,6 @@ def plan_heads(head_is_temporal: Tensor, patterns: SvgPatterns, step: int, gener
         density=torch.where(head_is_temporal, temporal.kept, spatial.kept).mean(),
         patterns=patterns,
         step=step,
-        generation=generation,
     )
 
 
@@ -110,51 +100,47 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, scale: float) -> t
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class SvgConfig(MethodConfig):
+    """Options of ``method="svg"`` (see the module doc)."""
+
+    density: float = fraction_option(0.25)
+    block: int = choice_option(128, BLOCK_SIZES)
+    profile_rows: int = int_option(64, 1)
+    profile_every: int = int_option(1, 1)
+
+
+@register_method
 class SvgMethod(AttentionMethod):
     """Sparse VideoGen: per-head spatial or temporal block band, profiled on sampled rows."""
 
     name = "svg"
-    is_sparse = True
-    option_spec = {
-        "density": fraction_option(0.25),
-        "block": choice_option(128, BLOCK_SIZES),
-        "profile_rows": int_option(64, 1),
-        "profile_every": int_option(1, 1),
-    }
+    config_type = SvgConfig
+    needs_block_kernel = True
+    config: SvgConfig
 
-    def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout) or block_kernel_problem(call.query, call.value)
-        if problem is not None:
-            return dense_fallback(call, problem)
-        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
+    def patterns_for(self, call: AttentionCall) -> SvgPatterns:
+        """Both candidate patterns of this call's grid (cached per grid, block, density, device)."""
+        return build_patterns(*call.layout.grid, self.config.block, float(self.config.density), call.query.device)
 
-    def _patterns(self, call: AttentionCall) -> SvgPatterns:
-        lay = call.layout
-        return build_patterns(lay.frames, lay.height, lay.width, self.params["block"], float(self.params["density"]),
-                              call.query.device)
+    def predicted_density(self, call: AttentionCall) -> float:
+        """The denser of the two patterns (a head runs one of them)."""
+        patterns = self.patterns_for(call)
+        return max(patterns.spatial.kept, patterns.temporal.kept)
 
-    def _plan(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, scale: float) -> HeadPlan:
-        """The cached plan of this CFG branch, or a fresh profile when it is due or stale."""
-        key = ("svg_plan", call.step.branch)
-        patterns = self._patterns(call)
-        plan: HeadPlan | None = call.state.cache.get(key)
-        step, generation = call.step.step, call.step.generation
-        fresh = (
-            plan is not None
-            and plan.patterns is patterns
-            and plan.head_is_temporal.shape == q.shape[:2]
-            and plan.generation == generation
-            and 0 <= step - plan.step < self.params["profile_every"]
-        )
-        if not fresh:
-            rows = sample_rows(q.shape[2], self.params["profile_rows"], q.device)
-            plan = plan_heads(classify_heads(q, k, v, patterns, rows, scale), patterns, step, generation)
-            call.state.cache[key] = plan
+    def _plan(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> HeadPlan:
+        """The cached plan of this CFG branch, or a fresh profile when it is due or there is none."""
+        plan = self.cached(call, HeadPlan)
+        step = call.step.step
+        if plan is None or not 0 <= step - plan.step < self.config.profile_every:
+            patterns = self.patterns_for(call)
+            rows = sample_rows(q.shape[2], self.config.profile_rows, q.device)
+            plan = plan_heads(classify_heads(q, k, v, patterns, rows, call.softmax_scale), patterns, step)
+            self.store(call, plan)
         return plan
 
-    def _video_attention(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
+    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall):
         """SVG attention of video tokens ``(B, H, Sv, D)`` -> (out, lse fp32 ``(B, H, Sv)``, kept density)."""
-        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
-        plan = self._plan(q, k, v, call, scale)
-        out, lse = run_plan(q, k, v, plan, scale)
+        plan = self._plan(q, k, v, call)
+        out, lse = run_plan(q, k, v, plan, call.softmax_scale)
         return out, lse, plan.density

@@ -6,7 +6,10 @@ Per call, on the video tokens of each (batch element, head):
    the first sparse call runs ``kmeans_iters_init`` iterations, later calls warm-start from
    the centroids cached for this model, site and CFG branch and run ``kmeans_iters_step``.
    With ``kmeans_during_dense`` the dense warm-up steps already cluster, so the first sparse
-   step starts warm.
+   step starts warm. Centroids never outlive their generation: a new generation starts cold, so
+   the same inputs give the same output in every generation. Cluster counts above the number of
+   video tokens are clamped to it (logged once per site and token count): the token count is
+   known only per call and differs between resolutions, so one setting must serve them all.
 2. The cluster permutations: per (batch, head), the token order that makes each cluster
    contiguous (queries by their clusters, keys and values by theirs), and the cluster offsets.
    Only these ``(B, H, S)`` index tensors are built; Q, K and V are not reordered.
@@ -26,6 +29,7 @@ rows and columns). No step of the sparse path reads a device value on the host.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -34,17 +38,20 @@ import torch
 from sparse_compile.kernels.block_select import select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
-from sparse_compile.methods.base import (
-    AttentionCall,
-    AttentionMethod,
-    AttentionResult,
-    MethodOption,
+from sparse_compile.methods.base import AttentionCall, AttentionMethod
+from sparse_compile.methods.text_tokens import video_text_slices
+from sparse_compile.options import SparseOptions
+from sparse_compile.registry import (
+    MethodConfig,
     bool_option,
     fraction_option,
     int_option,
+    register_method,
+    unit_interval_option,
 )
-from sparse_compile.methods.fallback import dense_fallback
-from sparse_compile.methods.text_tokens import attend_video_and_text, mask_problem, video_text_slices
+
+logger = logging.getLogger("sparse_compile")
+
 
 @dataclass(frozen=True)
 class Centroids:
@@ -63,64 +70,74 @@ def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: in
     return (kept_tokens.long() * q_sizes).sum(-1).float().mean() / (seq * seq)
 
 
+@dataclass(frozen=True)
+class Svg2Config(MethodConfig):
+    """Options of ``method="svg2"`` (see the module doc)."""
+
+    q_clusters: int = int_option(200, 1)
+    k_clusters: int = int_option(1000, 1)
+    top_p: float = fraction_option(0.9)
+    min_kc_ratio: float = unit_interval_option(0.1)
+    kmeans_iters_init: int = int_option(50, 1)
+    kmeans_iters_step: int = int_option(2, 0)
+    kmeans_during_dense: bool = bool_option(True)
+
+
+@register_method
 class Svg2Method(AttentionMethod):
     """Sparse VideoGen2 on the cluster (variable-block) kernel."""
 
     name = "svg2"
-    is_sparse = True
-    option_spec = {
-        "q_clusters": int_option(200, 1),
-        "k_clusters": int_option(1000, 1),
-        "top_p": fraction_option(0.9),
-        "min_kc_ratio": MethodOption(
-            0.1, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]"
-        ),
-        "kmeans_iters_init": int_option(50, 1),
-        "kmeans_iters_step": int_option(2, 0),
-        "kmeans_during_dense": bool_option(True),
-    }
+    config_type = Svg2Config
+    config: Svg2Config
 
-    def attend(self, call: AttentionCall) -> AttentionResult:
-        problem = mask_problem(call.attn_mask, call.layout)
-        if problem is not None:
-            return dense_fallback(call, problem)
-        return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, call))
+    def __init__(self, options: SparseOptions) -> None:
+        super().__init__(options)
+        self._clamp_noted: set[int] = set()
 
     def observe_dense(self, call: AttentionCall) -> None:
         """During dense steps, cluster already so the first sparse step starts from warm centroids."""
-        if self.params["kmeans_during_dense"]:
+        if self.config.kmeans_during_dense:
             video, _ = video_text_slices(call.layout)
             self._cluster(call.query[:, :, video], call.key[:, :, video], call)
 
     def min_kept_key_clusters(self, num_key_clusters: int) -> int:
         """The floor of key clusters each query cluster keeps: ``ceil(min_kc_ratio * num_key_clusters)``, at least 1."""
-        return max(math.ceil(self.params["min_kc_ratio"] * num_key_clusters), 1)
+        return max(math.ceil(self.config.min_kc_ratio * num_key_clusters), 1)
+
+    def cluster_counts(self, tokens: int, site_name: str) -> tuple[int, int]:
+        """``(q_clusters, k_clusters)`` for ``tokens`` video tokens: the options, clamped to ``tokens``."""
+        n_q, n_k = min(self.config.q_clusters, tokens), min(self.config.k_clusters, tokens)
+        if (n_q, n_k) != (self.config.q_clusters, self.config.k_clusters) and tokens not in self._clamp_noted:
+            self._clamp_noted.add(tokens)
+            logger.info(
+                "sparse_compile: %s has %d video tokens: svg2 uses q_clusters=%d, k_clusters=%d (options: %d, %d)",
+                site_name, tokens, n_q, n_k, self.config.q_clusters, self.config.k_clusters,
+            )  # fmt: skip
+        return n_q, n_k
 
     def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
         """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache."""
-        key = ("svg2_centroids", call.step.branch)
-        cached: Centroids | None = call.state.cache.get(key)
-        seq, dim = q.shape[2], q.shape[3]
-        n_q, n_k = min(self.params["q_clusters"], seq), min(self.params["k_clusters"], seq)
-        warm = cached is not None and cached.query.shape == (*q.shape[:2], n_q, dim) and cached.key.shape[2] == n_k
-        iters = self.params["kmeans_iters_step"] if warm else self.params["kmeans_iters_init"]
-        q_clusters = kmeans(q, n_q, iters, cached.query if warm else None, seed=0)
-        k_clusters = kmeans(k, n_k, iters, cached.key if warm else None, seed=1)
-        call.state.cache[key] = Centroids(q_clusters.centroids, k_clusters.centroids)
+        cached = self.cached(call, Centroids)
+        n_q, n_k = self.cluster_counts(q.shape[2], call.site_name)
+        iters = self.config.kmeans_iters_step if cached is not None else self.config.kmeans_iters_init
+        q_clusters = kmeans(q, n_q, iters, None if cached is None else cached.query, seed=0)
+        k_clusters = kmeans(k, n_k, iters, None if cached is None else cached.key, seed=1)
+        self.store(call, Centroids(q_clusters.centroids, k_clusters.centroids))
         return q_clusters, k_clusters
 
-    def _video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+    def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
 
         Returns out ``(B, H, Sv, D)`` token-major, its fp32 LSE ``(B, H, Sv)`` and the kept density.
         """
-        scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+        scale = call.softmax_scale
         q_clusters, k_clusters = self._cluster(q, k, call)
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
         k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
         min_blocks = self.min_kept_key_clusters(k_clusters.sizes.shape[-1])
         selection = select_top_p_clusters(
-            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.params["top_p"], min_blocks
+            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.config.top_p, min_blocks
         )
         out, lse = varlen_block_sparse_attention(
             q, k, v, q_offsets, k_offsets, selection.counts, selection.indices,

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sparse_compile.methods.base import AttentionCall, AttentionResult, TokenLayout
+from sparse_compile.methods.call import AttentionCall, AttentionResult, TokenLayout
 
 VideoAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, "float | torch.Tensor"]]
 """``(q, k, v)`` video-only ``(B, H, Sv, D)`` -> ``(out (B, H, Sv, Dv), lse (B, H, Sv) fp32, kept density of the Sv x Sv pairs)``."""
@@ -96,7 +96,6 @@ def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) 
     (text rows and columns count as kept) and the video rows' LSE over the keys they attended.
     """
     q, k, v, layout = call.query, call.key, call.value, call.layout
-    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
     video, text = video_text_slices(layout)
     out_v, lse_v, density_v = video_attention(q[:, :, video], k[:, :, video], v[:, :, video])
     seq, n_video, n_text = q.shape[2], layout.video_tokens, layout.text_tokens
@@ -104,7 +103,7 @@ def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) 
     if n_text == 0:
         return AttentionResult(output=out_v.to(q.dtype), kept_density=kept_pairs / (seq * seq), video_lse=lse_v)
     key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
-    out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, scale)
+    out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, call.softmax_scale)
     output = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     merged, lse = _merge(out_v, lse_v, out_vt, lse_vt)
     output[:, :, video] = merged.to(q.dtype)

@@ -2,6 +2,8 @@
 
 Sites the analysis cannot prove safe keep their SDPA call; every site, rewritten or not,
 gets a :class:`~sparse_compile.runtime.sites.SiteRecord` with its status and is logged once.
+The graph module owns its records (``gm.meta["sparse_compile_graph"]``): they live as long as
+the compiled graph does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from sparse_compile.methods import METHODS
+from sparse_compile.methods.base import AttentionMethod
 from sparse_compile.options import SparseOptions
 from sparse_compile.passes.graph_inputs import find_anchor_input, find_timestep_input
 from sparse_compile.passes.sdpa_sites import find_sdpa_calls
@@ -21,6 +23,7 @@ from sparse_compile.passes.site_plan import SitePlan, plan_site
 from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis
 from sparse_compile.runtime import ops  # noqa: F401  (registers the ops the rewrite inserts)
 from sparse_compile.runtime.session import Session
+from sparse_compile.registry import METHODS
 from sparse_compile.runtime.sites import SiteRecord, register_graph, register_site
 
 logger = logging.getLogger("sparse_compile")
@@ -60,6 +63,7 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
     with graph.inserting_before(call.node):
         frames, height, width = (_size_arg(graph, (f,)) for f in plan.grid)
         text = _size_arg(graph, plan.text) if plan.text else 0
+        facts = plan.facts
         new = graph.call_function(
             torch.ops.sparse_compile.attention.default,
             (
@@ -73,7 +77,7 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
                 height,
                 width,
                 text,
-                plan.text_position == "prefix",
+                facts.text_position == "prefix",
                 site_id,
             ),
         )
@@ -84,14 +88,23 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
     graph.erase_node(call.node)
 
 
-def _status(plan: SitePlan, layer_index: int | None, opts: SparseOptions) -> str:
-    if plan.dense_reason is not None:
-        return f"dense: {plan.dense_reason}"
-    if not METHODS[opts.method].is_sparse:
-        return f"dense: method={opts.method!r}"
-    if layer_index is not None and layer_index < opts.dense_layers:
-        return f"dense: dense_layers={opts.dense_layers}"
-    return "sparse"
+def _status(plan: SitePlan, attention: AttentionMethod | None, layer_index: int | None) -> str:
+    reason = plan.facts.dense_reason
+    if reason is None and attention is not None:
+        reason = attention.layer_dense_reason(layer_index)
+    return "sparse" if reason is None else f"dense: {reason}"
+
+
+def _site_keys(plans: list[SitePlan]) -> list[str]:
+    """Each site's key within the model: its module path, ``#n`` added for the n-th repeat in the graph."""
+    seen: dict[str, int] = {}
+    keys = []
+    for plan in plans:
+        path = plan.facts.module_path
+        repeat = seen.get(path, 0)
+        seen[path] = repeat + 1
+        keys.append(path if repeat == 0 else f"{path}#{repeat}")
+    return keys
 
 
 def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session) -> list[SiteRecord]:
@@ -107,26 +120,14 @@ def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session)
     analysis = TokenLayoutAnalysis(gm)
     plans = [plan_site(call, analysis, opts) for call in find_sdpa_calls(gm)]
     records = []
-    for plan in plans:
-        rewritten = plan.dense_reason is None
-        layer_index = session.layer_index(plan.call.module_path) if rewritten else None
-        records.append(
-            register_site(
-                module_path=plan.call.module_path,
-                q_shape=plan.q_shape,
-                k_shape=plan.k_shape,
-                kind=plan.kind,
-                grid=plan.grid_hint,
-                text_tokens=plan.text_hint,
-                text_position=plan.text_position,
-                method=opts.method,
-                status=_status(plan, layer_index, opts),
-                layer_index=layer_index,
-                options=opts,
-                attention=METHODS[opts.method](opts) if rewritten else None,
-            )
-        )
+    for plan, key in zip(plans, _site_keys(plans)):
+        rewritten = plan.facts.dense_reason is None
+        layer_index = session.layer_index(key) if rewritten else None
+        attention = METHODS[opts.method](opts) if rewritten else None
+        status = _status(plan, attention, layer_index)
+        records.append(register_site(key, plan.facts, opts.method, status, layer_index, attention))
     graph = register_graph(session, records)
+    gm.meta["sparse_compile_graph"] = graph
     if any(r.rewritten for r in records):
         token = _insert_step_marker(gm, session, graph.graph_id)
         for plan, record in zip(plans, records):
@@ -140,9 +141,10 @@ def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session)
 
 
 def _log_site(record: SiteRecord) -> None:
-    where = f"sparse_compile: {record.module_path} q{list(record.q_shape)} k{list(record.k_shape)} {record.kind}"
+    facts = record.facts
+    where = f"sparse_compile: {facts.module_path} q{list(facts.q_shape)} k{list(facts.k_shape)} {facts.kind}"
     if record.rewritten:
-        text = f", {record.text_tokens} text tokens ({record.text_position})" if record.text_tokens else ""
-        logger.info("%s grid=%s%s -> method %s, %s", where, record.grid, text, record.method, record.status)
+        text = f", {facts.text_tokens} text tokens ({facts.text_position})" if facts.text_tokens else ""
+        logger.info("%s grid=%s%s -> method %s, %s", where, facts.grid, text, record.method, record.status)
     else:
         logger.info("%s stays SDPA (%s)", where, record.status)

@@ -15,6 +15,7 @@ import torch
 from sparse_compile.options import SparseOptions
 from sparse_compile.passes.sdpa_sites import SdpaCall
 from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value, size_expr
+from sparse_compile.runtime.sites import SiteFacts
 
 VIDEO_SELF = "video self-attention"
 JOINT = "joint video+text attention"
@@ -25,34 +26,23 @@ OTHER = "attention"
 
 @dataclass(frozen=True)
 class SitePlan:
-    """What the pass knows about one SDPA site.
+    """The pass's plan for one SDPA site: its facts and the graph pieces the rewrite needs.
 
     Attributes:
         call: the SDPA call.
-        q_shape, k_shape: example shapes ``(B, H, S, D)`` (concrete hints).
-        kind: one of the kind constants of this module.
+        facts: what was found (shapes, kind, grid and text hints, dense reason).
         grid: ``(frames, height, width)`` factors of the video tokens, or ``None``.
         text: factors whose product is the number of text tokens (empty when none).
-        text_position: ``"prefix"``/``"suffix"`` for joint attention, else ``None``.
-        dense_reason: why the site stays dense SDPA; ``None`` when it is rewritten.
     """
 
     call: SdpaCall
-    q_shape: tuple[int, ...]
-    k_shape: tuple[int, ...]
-    kind: str
+    facts: SiteFacts
     grid: tuple[Factor, Factor, Factor] | None = None
     text: Segment = ()
-    text_position: str | None = None
-    dense_reason: str | None = None
 
-    @property
-    def grid_hint(self) -> tuple[int, int, int] | None:
-        return None if self.grid is None else (self.grid[0].hint, self.grid[1].hint, self.grid[2].hint)
 
-    @property
-    def text_hint(self) -> int:
-        return math.prod(f.hint for f in self.text) if self.text else 0
+def _dense_plan(call: SdpaCall, q_shape: tuple[int, ...], k_shape: tuple[int, ...], kind: str, reason: str) -> SitePlan:
+    return SitePlan(call, SiteFacts(call.module_path, q_shape, k_shape, kind, dense_reason=reason))
 
 
 def _hints(value: torch.Tensor) -> tuple[int, ...]:
@@ -148,9 +138,9 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
     q, k, v = (example_value(n) for n in (call.query, call.key, call.value))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or q.dim() != 4 or k.dim() != 4:
         shape = _hints(q) if isinstance(q, torch.Tensor) else ()
-        return SitePlan(call, shape, (), OTHER, dense_reason="query/key are not 4-D (B, H, S, D)")
+        return _dense_plan(call, shape, (), OTHER, "query/key are not 4-D (B, H, S, D)")
     q_shape, k_shape = _hints(q), _hints(k)
-    dense = lambda kind, reason: SitePlan(call, q_shape, k_shape, kind, dense_reason=reason)  # noqa: E731
+    dense = lambda kind, reason: _dense_plan(call, q_shape, k_shape, kind, reason)  # noqa: E731
     if call.returns_lse:
         return dense(OTHER, f"{_op_name(call)} also returns the log-sum-exp (diffusers' flash/cuDNN backends; ring "
                             "attention merges partial attention over KV shards with it): not rewritten")
@@ -176,9 +166,12 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
         grid, text, position = found
         if _needs_missing_source(grid + text):
             return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
-    return SitePlan(
-        call, q_shape, k_shape, JOINT if text else VIDEO_SELF, grid=tuple(grid), text=text, text_position=position
-    )
+    facts = SiteFacts(
+        call.module_path, q_shape, k_shape, JOINT if text else VIDEO_SELF,
+        grid=(grid[0].hint, grid[1].hint, grid[2].hint), text_tokens=math.prod(f.hint for f in text) if text else 0,
+        text_position=position,
+    )  # fmt: skip
+    return SitePlan(call, facts, grid=tuple(grid), text=text)
 
 
 def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment, Segment, str | None] | None:

@@ -5,8 +5,9 @@ the calling model's session from one of the model's parameters (the graph's *anc
 input; models of one class share graphs), reads the timestep and returns a small CPU token
 ``[step, branch, generation, session id]`` that every ``sparse_compile::attention`` call of
 the graph takes as input (which also orders the calls after the marker). The attention op
-looks its site up by the constant ``site_id`` and runs the site's method on that session's
-state, or dense attention during the dense steps and layers.
+looks its site up by the constant ``site_id`` and runs the site's method
+(:meth:`~sparse_compile.methods.base.AttentionMethod.run`: dense at the dense steps and layers)
+with that session's cache for the site.
 
 Both ops are opaque to Inductor (their bodies run in Python, so their step logic runs on
 every call) and tagged ``cudagraph_unsafe`` so CUDA-graph capture never freezes them.
@@ -17,10 +18,9 @@ from __future__ import annotations
 import torch
 
 from sparse_compile.kernels.common import attention_output_like
-from sparse_compile.methods.base import AttentionCall, TokenLayout
-from sparse_compile.methods.dense import dense_attention
-from sparse_compile.runtime.session import SESSIONS, StepInfo, session_for_anchor
-from sparse_compile.runtime.sites import GRAPHS, SITES
+from sparse_compile.methods.call import AttentionCall, StepInfo, TokenLayout
+from sparse_compile.runtime.session import SESSIONS, Session, session_for_anchor
+from sparse_compile.runtime.sites import GRAPHS, SITES, GraphRecord, SiteRecord
 
 _TAGS = (torch.Tag.cudagraph_unsafe,)
 
@@ -37,12 +37,22 @@ def step_marker(timestep: torch.Tensor | None, anchor: torch.Tensor | None, grap
     Returns:
         int64 CPU token ``[step, branch, generation, session id]``.
     """
-    graph = GRAPHS[graph_id]
-    session = graph.compile_session if anchor is None else session_for_anchor(anchor)
-    session.attach_graph(graph_id)
+    graph: GraphRecord = _live(GRAPHS, graph_id, "graph")
+    session = graph.compile_session() if anchor is None else session_for_anchor(anchor)
+    if session is None:
+        raise RuntimeError("sparse_compile: the model this parameterless graph was compiled for was deleted")
+    session.attach_graph(graph)
     value = None if timestep is None else float(timestep.reshape(-1)[0])
-    info = session.begin_forward(value)
+    info = session.begin_forward(value, graph.attention_calls)
     return torch.tensor([info.step, info.branch, info.generation, session.id], dtype=torch.int64)
+
+
+def _live(table, key: int, what: str):
+    """``table[key]``, or a clear error if the record was released (its compiled graph was freed)."""
+    record = table.get(key)
+    if record is None:
+        raise RuntimeError(f"sparse_compile: {what} record {key} was released with its compiled graph")
+    return record
 
 
 @step_marker.register_fake
@@ -90,35 +100,28 @@ def sparse_attention(
     Returns:
         ``(B, H, S, Dv)`` with the strides of :func:`attention_output_like`.
     """
-    site = SITES[site_id]
+    site: SiteRecord = _live(SITES, site_id, "site")
     step, branch, generation, session_id = (int(x) for x in step_token.tolist())
-    session = SESSIONS[session_id]
-    state = session.state_of(site_id)
-    options = site.options
-    if site.layer_index < options.dense_layers:
-        result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
-    else:
-        call = AttentionCall(
-            query=query,
-            key=key,
-            value=value,
-            attn_mask=attn_mask,
-            scale=scale,
-            layout=TokenLayout(frames, height, width, text_tokens, text_first),
-            step=StepInfo(step, branch, generation),
-            site=site,
-            state=state,
-        )
-        if step < options.dense_steps:
-            site.attention.observe_dense(call)
-            result_tensor, density = dense_attention(query, key, value, attn_mask, scale), 1.0
-        else:
-            result = site.attention.attend(call)
-            result_tensor, density = result.output, result.kept_density
-            if session.probe is not None:
-                session.probe(call, result, site.layer_index)
-    state.record_density(step, density)
-    return _in_output_layout(result_tensor, query, value)
+    session: Session = SESSIONS[session_id]
+    state = session.state_of(site.key)
+    call = AttentionCall(
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        scale=scale,
+        layout=TokenLayout(frames, height, width, text_tokens, text_first),
+        step=StepInfo(step, branch, generation),
+        site_name=site.facts.module_path,
+        layer=site.layer_index,
+        cache=state.cache,
+    )
+    result = site.attention.run(call)
+    state.record(call.site_name, step, result)
+    if session.probe is not None and not result.scheduled_dense:
+        session.probe(call, result)
+    session.end_call()
+    return _in_output_layout(result.output, query, value)
 
 
 @sparse_attention.register_fake

@@ -1,11 +1,16 @@
-"""Per-model state: denoising-step tracking and the attention sites compiled for the model.
+"""Per-model state: denoising-step tracking and what the model remembers at each attention site.
 
 A stock diffusers pipeline calls the transformer once per step (CFG batched) or twice
 with the same timestep (CFG as two calls). The graph's step marker hands every forward's
 timestep to :meth:`Session.begin_forward`, which derives ``(step, branch, generation)``:
 a lower timestep than the last one starts the next step, the same timestep is another
 CFG branch of the same step, a higher one (or the first call) starts a new generation.
-Custom loops set the step explicitly with :meth:`Session.set_step`.
+Custom loops set the step explicitly with :meth:`Session.set_step`; there a pinned step lower
+than the current one starts a new generation.
+
+A new generation clears every site's cache, so the same inputs give the same output in every
+generation. A forward that did not finish (an exception or ``KeyboardInterrupt`` between its
+step marker and its last attention call) ends its generation: the next forward starts a new one.
 """
 
 from __future__ import annotations
@@ -15,48 +20,77 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-if TYPE_CHECKING:
-    from sparse_compile.methods.base import AttentionCall, AttentionResult
+from sparse_compile.methods.call import AttentionCall, AttentionResult, StepInfo
+from sparse_compile.methods.cache import SiteCache
 
 logger = logging.getLogger("sparse_compile")
 
-Probe = Callable[["AttentionCall", "AttentionResult", int], None]
-"""Called with every sparse call's inputs, result and layer index (see :mod:`sparse_compile.quality`)."""
+Probe = Callable[[AttentionCall, AttentionResult], None]
+"""Called with every sparse call's inputs and result (see :mod:`sparse_compile.quality`)."""
+
+CFG_BRANCHES = 2
+"""Classifier-free guidance has two branches: 0 (conditional) and 1 (unconditional)."""
 
 _session_ids = itertools.count()
 
 
 @dataclass
+class HeadRuns:
+    """Calls per head index of one site: ``sparse``, ``guard`` (dense by the break-even guard) and
+    ``warmup`` (dense by the options); a run-time fallback counts in none of them."""
+
+    sparse: list[int] = field(default_factory=list)
+    guard: list[int] = field(default_factory=list)
+    warmup: list[int] = field(default_factory=list)
+
+    def add(self, result: AttentionResult) -> None:
+        if result.fallback_reason is not None:
+            return
+        heads = result.output.shape[1]
+        for counts in (self.sparse, self.guard, self.warmup):
+            counts.extend([0] * (heads - len(counts)))
+        guarded = set(result.guarded_heads)
+        for h in range(heads):
+            kind = self.warmup if result.scheduled_dense else self.guard if h in guarded else self.sparse
+            kind[h] += 1
+
+
+@dataclass
 class SiteState:
-    """What one model remembers about one attention site across calls.
+    """What one model remembers about one attention site across calls and recompiles.
 
     Attributes:
         densities: step -> kept density of each call in that step (all CFG branches); a method
             may report a 0-d device tensor, read only when a report is made (no sync per call).
-        cache: the method's cached state (centroids, block indices, LSE ...).
+        scheduled_dense_steps: steps whose calls ran dense by the options (dense steps/layers).
+        cache: the method's cached entries (centroids, layouts, LSE ...), cleared per generation.
         fallback_reason: why the method last had to run a call dense at run time, if it did.
+        head_runs: per head index, how many calls ran it sparse, dense by the break-even guard,
+            and dense by the options (warm-up steps and layers): :class:`HeadRuns`.
     """
 
     densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
-    cache: dict[Any, Any] = field(default_factory=dict)
+    scheduled_dense_steps: set[int] = field(default_factory=set)
+    cache: SiteCache = field(default_factory=SiteCache)
     fallback_reason: str | None = None
+    head_runs: HeadRuns = field(default_factory=HeadRuns)
 
-    def record_density(self, step: int, density: float | torch.Tensor) -> None:
-        self.densities.setdefault(step, []).append(density)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Where a forward call sits in the denoising loop."""
-
-    step: int
-    branch: int
-    generation: int
+    def record(self, site_name: str, step: int, result: AttentionResult) -> None:
+        """Keep a call's density and how its heads ran; log the site's first run-time dense fallback
+        (once per model and site)."""
+        self.densities.setdefault(step, []).append(result.kept_density)
+        self.head_runs.add(result)
+        if result.scheduled_dense:
+            self.scheduled_dense_steps.add(step)
+        if result.fallback_reason is not None:
+            if self.fallback_reason is None:
+                logger.warning("sparse_compile: %s runs dense: %s", site_name, result.fallback_reason)
+            self.fallback_reason = result.fallback_reason
 
 
 class Session:
@@ -64,37 +98,51 @@ class Session:
 
     Models of one class share compiled graphs (their parameters are graph inputs), so a
     session is found at run time from the parameters the graph is called with, never
-    baked into the graph. ``probe``, when set, sees every sparse call (for quality measurements).
+    baked into the graph. Site state is keyed by the site's key within the model (its module
+    path), so recompiles share it and it is bounded by the model's sites. ``probe``, when set,
+    sees every sparse call (for quality measurements).
     """
 
     def __init__(self) -> None:
         self.id = next(_session_ids)
-        self.graph_ids: list[int] = []
-        self.site_states: dict[int, SiteState] = {}
+        self._graphs: dict[int, weakref.ref] = {}
+        self.site_states: dict[str, SiteState] = {}
         self._layer_of_path: dict[str, int] = {}
         self._lock = threading.Lock()
         self._manual: tuple[int, int] | None = None
         self._last_timestep: float | None = None
         self._current = StepInfo(step=-1, branch=0, generation=-1)
+        self._calls_left = 0
         self.probe: Probe | None = None
 
     @property
     def current(self) -> StepInfo:
         return self._current
 
-    def attach_graph(self, graph_id: int) -> None:
-        """Remember that this model runs (or was compiled into) a graph, for its report."""
-        if graph_id not in self.graph_ids:
-            with self._lock:
-                if graph_id not in self.graph_ids:
-                    self.graph_ids.append(graph_id)
+    def attach_graph(self, graph: Any) -> None:
+        """Remember (weakly) a graph record this model runs or was compiled into, most recent last."""
+        with self._lock:
+            if next(reversed(self._graphs), None) != graph.graph_id:
+                self._graphs.pop(graph.graph_id, None)
+                self._graphs[graph.graph_id] = weakref.ref(graph)
+                self._prune_graphs()
 
-    def state_of(self, site_id: int) -> SiteState:
+    def graphs(self) -> list[Any]:
+        """The live graph records of this model, least recently run first."""
+        with self._lock:
+            self._prune_graphs()
+            return [graph for graph in (ref() for ref in self._graphs.values()) if graph is not None]
+
+    def _prune_graphs(self) -> None:
+        for graph_id in [i for i, ref in self._graphs.items() if ref() is None]:
+            del self._graphs[graph_id]
+
+    def state_of(self, site_key: str) -> SiteState:
         """This model's state for one site, created on first use."""
-        state = self.site_states.get(site_id)
+        state = self.site_states.get(site_key)
         if state is None:
             with self._lock:
-                state = self.site_states.setdefault(site_id, SiteState())
+                state = self.site_states.setdefault(site_key, SiteState())
         return state
 
     def layer_index(self, module_path: str) -> int:
@@ -102,16 +150,20 @@ class Session:
         with self._lock:
             return self._layer_of_path.setdefault(module_path, len(self._layer_of_path))
 
-    def begin_forward(self, timestep: float | None) -> StepInfo:
-        """Advance the step tracker for one transformer call and return where it is."""
+    def begin_forward(self, timestep: float | None, attention_calls: int) -> StepInfo:
+        """Advance the step tracker for one transformer call that makes ``attention_calls`` calls
+        of the attention op, and return where it is."""
         with self._lock:
             cur = self._current
+            interrupted = self._calls_left > 0
             if self._manual is not None:
                 step, branch = self._manual
-                self._current = StepInfo(step, branch, max(cur.generation, 0))
+                new_generation = interrupted or cur.generation < 0 or step < cur.step
+                self._current = StepInfo(step, branch, cur.generation + new_generation)
             elif timestep is None:
-                self._current = StepInfo(cur.step + 1, 0, max(cur.generation, 0))
-            elif self._last_timestep is None or timestep > self._last_timestep:
+                new_generation = interrupted or cur.generation < 0
+                self._current = StepInfo(0 if new_generation else cur.step + 1, 0, cur.generation + new_generation)
+            elif interrupted or self._last_timestep is None or timestep > self._last_timestep:
                 self._current = StepInfo(0, 0, cur.generation + 1)
             elif timestep == self._last_timestep:
                 self._current = StepInfo(cur.step, cur.branch + 1, cur.generation)
@@ -119,10 +171,19 @@ class Session:
                 self._current = StepInfo(cur.step + 1, 0, cur.generation)
             if timestep is not None:
                 self._last_timestep = timestep
+            if self._current.generation != cur.generation:
+                for state in self.site_states.values():
+                    state.cache.clear()
+            self._calls_left = attention_calls
             return self._current
 
+    def end_call(self) -> None:
+        """One attention call of the current forward has finished."""
+        with self._lock:
+            self._calls_left -= 1
+
     def set_step(self, step: int | None, branch: int = 0) -> None:
-        """Pin the step (and CFG branch) of the next calls.
+        """Pin the step (and CFG branch, 0 or 1) of the next calls.
 
         ``None`` returns to automatic tracking, which continues from the pinned step.
         """
@@ -131,15 +192,19 @@ class Session:
             return
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0 or None, got {step!r}")
-        if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
-            raise ValueError(f"branch must be an int >= 0, got {branch!r}")
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < CFG_BRANCHES:
+            raise ValueError(
+                f"branch must be 0 (conditional) or 1 (unconditional): classifier-free guidance has "
+                f"{CFG_BRANCHES} branches, got {branch!r}"
+            )
         self._manual = (step, branch)
 
     def reset(self) -> None:
-        """Start a new generation: step tracking and every site's cached state are cleared."""
+        """Start a new generation: step tracking and every site's state (caches, densities) are cleared."""
         with self._lock:
             self._last_timestep = None
             self._manual = None
+            self._calls_left = 0
             self._current = StepInfo(step=-1, branch=0, generation=self._current.generation)
             self.site_states.clear()
 

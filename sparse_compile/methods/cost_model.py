@@ -86,6 +86,12 @@ def measured_costs(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
     )
 
 
+def guard_costs(device: torch.device, dtype: torch.dtype, head_dim: int, block: int) -> KernelCosts | None:
+    """The costs the break-even guard of a single method uses: measured on CUDA; ``None`` elsewhere
+    (the reference path keeps every method as chosen)."""
+    return kernel_costs(device, dtype, head_dim, block) if device.type == "cuda" else None
+
+
 def kernel_costs(device: torch.device, dtype: torch.dtype, head_dim: int, block: int) -> KernelCosts:
     """The cost model for calls on ``device``: measured on CUDA, :data:`NOMINAL_COSTS` elsewhere."""
     if device.type == "cuda":
