@@ -81,8 +81,8 @@ class DimLayout:
 
     @property
     def richness(self) -> int:
-        """How much structure is known: 0 for a plain dimension."""
-        return sum(len(seg) for seg in self.segments) - 1
+        """How much structure is known: 0 for a plain dimension. Unit factors carry none."""
+        return sum(max(1, sum(1 for f in seg if f.hint != 1)) for seg in self.segments) - 1
 
     def with_source(self, node: fx.Node, dim: int) -> "DimLayout":
         """Give unsourced single-factor segments the source ``(node, dim)`` when they span the dim."""
@@ -379,10 +379,12 @@ def _index_layouts(node: fx.Node, in_layouts: Layouts, index: Any, out: torch.Te
 
 def _equal_piece(layout: DimLayout, sizes: list[tuple[sympy.Expr, int]], index: int) -> DimLayout | None:
     """Piece ``index`` of a one-segment dim split into ``len(sizes) >= 2`` equal pieces, as one
-    :class:`Piece` factor; ``None`` otherwise (unequal pieces keep whole segments or nothing)."""
+    :class:`Piece` factor; ``None`` otherwise (unequal pieces keep whole segments or nothing).
+    A piece of one element carries no token structure (``chunk(6, dim=1)`` of a modulation
+    table, ``chunk(2, dim=-1)`` of (start, end) coordinates): ``None`` as well."""
     parts = len(sizes)
     expr, hint = sizes[index]
-    if parts < 2 or len(layout.segments) != 1 or any(h != hint for _, h in sizes):
+    if parts < 2 or len(layout.segments) != 1 or any(h != hint for _, h in sizes) or expr == 1:
         return None
     if not same_size(layout.size, parts * expr):
         return None
