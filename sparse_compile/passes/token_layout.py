@@ -95,12 +95,18 @@ Layouts = list[DimLayout]
 
 
 def size_expr(size: int | torch.SymInt) -> tuple[sympy.Expr, int]:
-    """``(sympy expression, concrete hint)`` of a (possibly symbolic) size."""
+    """``(sympy expression, concrete hint)`` of a (possibly symbolic) size.
+
+    A data-dependent (unbacked) size, e.g. a length read with ``.item()``, has no value at
+    compile time: its hint is an optimisation hint only, so every decision that involves it
+    must be (and is) re-checked on the expressions.
+    """
     if isinstance(size, torch.SymInt):
-        node = size.node
-        hint = node.hint if node.hint is not None else node.shape_env.size_hint(node.expr)
-        return node.expr, int(hint)
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return size.node.expr, int(optimization_hint(size))
     return sympy.Integer(int(size)), int(size)
+
 
 
 def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
@@ -367,7 +373,7 @@ def _index_layouts(node: fx.Node, in_layouts: Layouts, index: Any, out: torch.Te
             continue
         layout = in_layouts[in_d]
         start, stop, step = slice(_hint_of(item.start), _hint_of(item.stop), _hint_of(item.step)).indices(layout.hint)
-        if (start, stop, step) == (0, layout.hint, 1):
+        if (start, stop, step) == (0, layout.hint, 1) and same_size(layout.size, expr):
             result.append(layout)
         elif step == 1:
             result.append(TokenLayoutAnalysis._piece(layout, start, (expr, hint)).with_source(node, out_d))
