@@ -51,13 +51,21 @@ def sparse_video(
         options: see :class:`sparse_compile.options.SparseOptions`.
         mode: a ``torch.compile`` mode, passed on to Inductor.
     """
-    opts = validate_options(options)
     config_patches = inductor_config_for_mode(mode)
-    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
-    rewrite_attention(gm, opts, session)
+    rewrite_graph(gm, example_inputs, options)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None) -> fx.GraphModule:
+    """The backend's rewrite alone: ``gm`` with its video attention sites rewritten, in place,
+    registered with the session of the model whose parameters are among ``example_inputs``.
+    Running the result as is (no Inductor) checks the rewrite quickly."""
+    opts = validate_options(options)
+    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
+    rewrite_attention(gm, opts, session)
+    return gm
 
 
 BACKEND_NAME = "sparse_video"
