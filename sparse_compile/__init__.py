@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sparse_compile import backend as _backend  # noqa: F401  (registers "sparse_video" with Dynamo)
 from sparse_compile import methods as _methods  # noqa: F401  (registers the attention methods)
 from sparse_compile.options import SparseOptions, available_methods, validate_options
 from sparse_compile.quality import AttentionProbe, AttentionQuality, attention_probe

@@ -1,7 +1,9 @@
 """The ``sparse_video`` torch.compile backend.
 
-Registered through the ``torch_dynamo_backends`` entry point, so
-``torch.compile(model, backend="sparse_video", options={...})`` needs no import.
+Found by name two ways: the ``torch_dynamo_backends`` entry point of an installed package
+(``torch.compile(model, backend="sparse_video", options={...})`` needs no import), and
+:func:`register_with_dynamo`, run when :mod:`sparse_compile` is imported, for a copy without
+installation metadata (vendored, or on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -49,10 +51,41 @@ def sparse_video(
         options: see :class:`sparse_compile.options.SparseOptions`.
         mode: a ``torch.compile`` mode, passed on to Inductor.
     """
-    opts = validate_options(options)
     config_patches = inductor_config_for_mode(mode)
-    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
-    rewrite_attention(gm, opts, session)
+    rewrite_graph(gm, example_inputs, options)
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None) -> fx.GraphModule:
+    """The backend's rewrite alone: ``gm`` with its video attention sites rewritten, in place,
+    registered with the session of the model whose parameters are among ``example_inputs``.
+    Running the result as is (no Inductor) checks the rewrite quickly."""
+    opts = validate_options(options)
+    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
+    rewrite_attention(gm, opts, session)
+    return gm
+
+
+BACKEND_NAME = "sparse_video"
+
+
+def register_with_dynamo() -> None:
+    """Register :func:`sparse_video` under :data:`BACKEND_NAME` unless Dynamo will load it itself.
+
+    Dynamo registers an entry-point backend when it first looks the name up, and refuses a name
+    registered twice; so when the name is already registered, or Dynamo has discovered the entry
+    point (it may be loading it right now, which is what imports this module), nothing is done.
+    Safe to call any number of times.
+    """
+    from importlib.metadata import EntryPoint
+
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME in registry._COMPILER_FNS or isinstance(registry._BACKENDS.get(BACKEND_NAME), EntryPoint):
+        return
+    registry.register_backend(sparse_video, name=BACKEND_NAME)
+
+
+register_with_dynamo()

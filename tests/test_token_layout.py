@@ -79,3 +79,47 @@ def test_slices_and_rejoins_keep_the_segments():
     layouts = _analyse(_JoinedSequence(), torch.randn(1, 3, 3, 8, 10), torch.randn(1, 6, 8))
     seq = layouts[2]  # (B, heads, S, D)
     assert [tuple(f.hint for f in seg) for seg in seq.segments] == [(3, 4, 5), (6,)]
+
+
+class _PerTokenModulation(torch.nn.Module):
+    """Diffusion-forcing modulation: ``(table + temb).chunk(6, dim=1)`` then ``squeeze(1)`` per piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv3d(3, 8, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.to_temb = torch.nn.Linear(8, 6 * 8)
+        self.table = torch.nn.Parameter(torch.randn(1, 6, 1, 8))
+
+    def forward(self, video):
+        tokens = self.embed(video).flatten(2).transpose(1, 2)  # (B, S, C)
+        temb = self.to_temb(tokens).unflatten(-1, (6, 8)).transpose(1, 2)  # (B, 6, S, C)
+        shift, scale, *_ = [e.squeeze(1) for e in (self.table + temb).chunk(6, dim=1)]
+        return (tokens * (1 + scale) + shift).view(1, -1, 2, 4).transpose(1, 2)
+
+
+class _StartEndCoordinates(torch.nn.Module):
+    """RoPE from (start, end) patch coordinates: ``coords.chunk(2, dim=-1)``, ``squeeze(-1)``, then a
+    stack over the three position axes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv3d(3, 6, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, video):
+        tokens = self.embed(video).flatten(2).transpose(1, 2)  # (B, S, C)
+        coords = torch.stack([tokens[..., :2]] * 3, dim=1)  # (B, 3, S, 2)
+        start, end = coords.chunk(2, dim=-1)
+        coords = ((start + end) / 2).squeeze(-1)  # (B, 3, S)
+        grid = torch.stack([coords[:, i] for i in range(3)], dim=-1)  # (B, S, 3)
+        freqs = ((grid.unsqueeze(-1) * 2 - 1) * torch.arange(2.0)).transpose(-1, -2).flatten(2)  # (B, S, C)
+        return (tokens * freqs.cos()).view(1, -1, 2, 3).transpose(1, 2)
+
+
+@pytest.mark.parametrize("module", [_PerTokenModulation, _StartEndCoordinates])
+def test_unit_pieces_from_chunk_and_squeeze_leave_the_grid_intact(module):
+    torch._dynamo.reset()
+    layouts = _analyse(module(), torch.randn(1, 3, 3, 8, 10))
+    found = split_video_text(layouts[2])
+    assert found is not None
+    video, text, _ = found
+    assert tuple(f.hint for f in video) == (3, 4, 5) and text == ()

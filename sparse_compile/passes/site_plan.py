@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import sympy
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from sparse_compile.options import SparseOptions
 from sparse_compile.passes.sdpa_sites import SdpaCall
@@ -144,8 +145,9 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
     if call.returns_lse:
         return dense(OTHER, f"{_op_name(call)} also returns the log-sum-exp (diffusers' flash/cuDNN backends; ring "
                             "attention merges partial attention over KV shards with it): not rewritten")
-    # SymInt comparisons guard the relation (not the sizes), so dynamic shapes stay dynamic.
-    kind = CROSS if bool(q.shape[2] != k.shape[2]) else SELF
+    # SymInt comparisons guard the relation (not the sizes), so dynamic shapes stay dynamic; a
+    # relation of data-dependent sizes that cannot be decided reads as False (no guard).
+    kind = CROSS if guard_or_false(q.shape[2] != k.shape[2]) else SELF
     reason = _unsupported_argument(call) or _mask_problem(call)
     if reason:
         return dense(kind, reason)
@@ -155,7 +157,7 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
         return dense(kind, "gradient required (training): the sparse op has no backward")
     if kind == CROSS:
         return dense(kind, f"cross-attention (key length {k_shape[2]} != query length {q_shape[2]})")
-    if bool(q.shape[2] < opts.min_seq_len):
+    if guard_or_false(q.shape[2] < opts.min_seq_len):
         return dense(kind, f"short sequence ({q_shape[2]} tokens < min_seq_len={opts.min_seq_len})")
     if opts.grid is not None:
         grid, text, position = _grid_from_options(opts, call, q_shape[2])

@@ -81,8 +81,8 @@ class DimLayout:
 
     @property
     def richness(self) -> int:
-        """How much structure is known: 0 for a plain dimension."""
-        return sum(len(seg) for seg in self.segments) - 1
+        """How much structure is known: 0 for a plain dimension. Unit factors carry none."""
+        return sum(max(1, sum(1 for f in seg if f.hint != 1)) for seg in self.segments) - 1
 
     def with_source(self, node: fx.Node, dim: int) -> "DimLayout":
         """Give unsourced single-factor segments the source ``(node, dim)`` when they span the dim."""
@@ -95,12 +95,18 @@ Layouts = list[DimLayout]
 
 
 def size_expr(size: int | torch.SymInt) -> tuple[sympy.Expr, int]:
-    """``(sympy expression, concrete hint)`` of a (possibly symbolic) size."""
+    """``(sympy expression, concrete hint)`` of a (possibly symbolic) size.
+
+    A data-dependent (unbacked) size, e.g. a length read with ``.item()``, has no value at
+    compile time: its hint is an optimisation hint only, so every decision that involves it
+    must be (and is) re-checked on the expressions.
+    """
     if isinstance(size, torch.SymInt):
-        node = size.node
-        hint = node.hint if node.hint is not None else node.shape_env.size_hint(node.expr)
-        return node.expr, int(hint)
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return size.node.expr, int(optimization_hint(size))
     return sympy.Integer(int(size)), int(size)
+
 
 
 def same_size(a: sympy.Expr, b: sympy.Expr) -> bool:
@@ -367,7 +373,7 @@ def _index_layouts(node: fx.Node, in_layouts: Layouts, index: Any, out: torch.Te
             continue
         layout = in_layouts[in_d]
         start, stop, step = slice(_hint_of(item.start), _hint_of(item.stop), _hint_of(item.step)).indices(layout.hint)
-        if (start, stop, step) == (0, layout.hint, 1):
+        if (start, stop, step) == (0, layout.hint, 1) and same_size(layout.size, expr):
             result.append(layout)
         elif step == 1:
             result.append(TokenLayoutAnalysis._piece(layout, start, (expr, hint)).with_source(node, out_d))
@@ -379,10 +385,12 @@ def _index_layouts(node: fx.Node, in_layouts: Layouts, index: Any, out: torch.Te
 
 def _equal_piece(layout: DimLayout, sizes: list[tuple[sympy.Expr, int]], index: int) -> DimLayout | None:
     """Piece ``index`` of a one-segment dim split into ``len(sizes) >= 2`` equal pieces, as one
-    :class:`Piece` factor; ``None`` otherwise (unequal pieces keep whole segments or nothing)."""
+    :class:`Piece` factor; ``None`` otherwise (unequal pieces keep whole segments or nothing).
+    A piece of one element carries no token structure (``chunk(6, dim=1)`` of a modulation
+    table, ``chunk(2, dim=-1)`` of (start, end) coordinates): ``None`` as well."""
     parts = len(sizes)
     expr, hint = sizes[index]
-    if parts < 2 or len(layout.segments) != 1 or any(h != hint for _, h in sizes):
+    if parts < 2 or len(layout.segments) != 1 or any(h != hint for _, h in sizes) or expr == 1:
         return None
     if not same_size(layout.size, parts * expr):
         return None
