@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
+from common import bench_ms, method_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sparse_compile
 from sparse_compile.methods import METHODS
-from sparse_compile.methods.base import AttentionCall, TokenLayout
+from sparse_compile.methods.base import SiteCache
 from sparse_compile.options import validate_options
 from sparse_compile.quality import attention_recall
-from sparse_compile.runtime.session import SiteState, StepInfo
 from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.metrics import psnr
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
@@ -49,18 +48,12 @@ SETTINGS = [
 ]
 
 
-class _Site:
-    module_path = "bench"
-
-
 def _label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items())
 
 
-def _call(captured, grid, state) -> AttentionCall:
-    return AttentionCall(query=captured.query, key=captured.key, value=captured.value, attn_mask=None,
-                         scale=captured.scale, layout=TokenLayout(*grid, text_tokens=0, text_first=False),
-                         step=StepInfo(1, 0, 0), site=_Site(), state=state)
+def _call(captured, grid, cache: SiteCache):
+    return method_call(captured.query, captured.key, captured.value, grid, cache, scale=captured.scale)
 
 
 def captured_layers(model, grid_pixels: tuple[int, int, int]) -> list:
@@ -78,15 +71,15 @@ def captured_layers(model, grid_pixels: tuple[int, int, int]) -> list:
 def attention_level(calls: list, grid: tuple[int, int, int], methods: set[str]) -> list[dict]:
     """Every setting on every captured layer: mean recall and density, summed steady-state ms."""
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense_ms = sum(triton.testing.do_bench(
-            lambda c=c: torch.nn.functional.scaled_dot_product_attention(c.query, c.key, c.value, scale=c.scale),
-            return_mode="median") for c in calls)  # fmt: skip
+        dense_ms = sum(bench_ms(
+            lambda c=c: torch.nn.functional.scaled_dot_product_attention(c.query, c.key, c.value, scale=c.scale))
+            for c in calls)  # fmt: skip
     rows = []
     for setting in (s for s in SETTINGS if s["method"] in methods):
         options = validate_options({**setting, "min_seq_len": 256})
         recalls, densities, total_ms, cold_ms = [], [], 0.0, 0.0
         for captured in calls:
-            method, state = METHODS[options.method](options), SiteState()
+            method, state = METHODS[options.method](options), SiteCache()
             torch.cuda.synchronize()
             start = time.perf_counter()
             method.attend(_call(captured, grid, state))  # cold: choice, search, clustering, layouts
@@ -96,8 +89,7 @@ def attention_level(calls: list, grid: tuple[int, int, int], methods: set[str]) 
             assert torch.isfinite(result.output).all()
             recalls.append(attention_recall(_call(captured, grid, state), result))
             densities.append(float(result.kept_density))
-            total_ms += triton.testing.do_bench(lambda: method.attend(_call(captured, grid, state)),
-                                                return_mode="median")
+            total_ms += bench_ms(lambda: method.attend(_call(captured, grid, state)))
         row = {"setting": _label(setting), "method": setting["method"], "recall": sum(recalls) / len(recalls),
                "density": sum(densities) / len(densities), "ms": total_ms, "cold_ms": cold_ms, "dense_ms": dense_ms}
         rows.append(row)
@@ -126,8 +118,7 @@ def generation(model, args) -> list[dict]:
     def step_ms(m, timestep: float) -> float:
         t = torch.full((args.videos,), timestep, device="cuda")
         with torch.no_grad():
-            return triton.testing.do_bench(lambda: m(hidden_states=x, timestep=t, encoder_hidden_states=cond),
-                                           return_mode="median")
+            return bench_ms(lambda: m(hidden_states=x, timestep=t, encoder_hidden_states=cond))
 
     inductor_ms = step_ms(dense_model, 500.0)
     rows = []

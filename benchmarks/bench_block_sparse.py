@@ -33,17 +33,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
+from common import bench_ms, rel_l2
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from sparse_compile.kernels.block_sparse import block_sparse_attention_triton, tma_eligible  # noqa: E402
-from sparse_compile.kernels.block_sparse_reference import reference_q_blocks  # noqa: E402
-from sparse_compile.kernels.common import cdiv  # noqa: E402
-from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES  # noqa: E402
-from sparse_compile.methods.svg_patterns import temporal_permutation  # noqa: E402
+from sparse_compile.kernels.block_sparse import block_sparse_attention_triton, tma_eligible
+from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
+from sparse_compile.kernels.common import cdiv
+from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
+from sparse_compile.methods.svg_patterns import temporal_permutation
 
 BLOCK = 128
 
@@ -131,14 +129,6 @@ def flex_block_mask(counts: torch.Tensor, indices: torch.Tensor, seq: int) -> Bl
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices, **kwargs)
 
 
-def bench_ms(fn, budget_ms: float) -> float:
-    return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 8), rep=budget_ms, return_mode="median")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def check_kernel(q, k, v, counts, indices, use_tma: bool) -> torch.Tensor:
     """Run into NaN-poisoned buffers; compare sampled q blocks (first, middle, last) with the reference."""
     b, h, s, d = q.shape
@@ -206,7 +196,7 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
 
     def timed(kernel: str, density: float, fn, **ref) -> float | None:
         try:
-            ms = bench_ms(fn, budget)
+            ms = bench_ms(fn, rep_ms=budget, warmup_ms=max(25.0, budget / 8))
         except Exception:  # one failing kernel must not lose the rest of the run
             log(f"   {kernel}: FAILED\n{traceback.format_exc(limit=3)}")
             return None
@@ -279,12 +269,12 @@ def sweep_tiles_permuted(bshd, counts, indices, perm, density, timed, ref) -> No
         timed(name, density, fn, **ref)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="wan,hunyuan")
     parser.add_argument("--densities", default="1.0,0.25,0.125,0.05")
     parser.add_argument("--sweep", action="store_true", help="also time each autotune candidate (first shape)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     densities = [float(x) for x in args.densities.split(",")]
     out_dir = os.environ.get("OUT")
     log_lines: list[str] = []

@@ -1,6 +1,6 @@
 """k-means assignment tiles for SVG2's two clusterings, Wan 480p shape (GPU).
 
-On the structured synthetic queries and keys of ``bench_methods.py`` (H=12, S=32760, D=128, bf16,
+On the structured synthetic queries and keys of the method benchmark (``common.structured_qkv``) (H=12, S=32760, D=128, bf16,
 ``(B, S, H, D)`` storage as diffusers passes them), warm-started from 50 cold iterations as in
 steady state, for each assignment tile config and for the query (``q_clusters`` = 200) and key
 (``k_clusters`` = 1000) clusterings, ``triton.testing.do_bench`` medians of
@@ -17,20 +17,15 @@ Prints a markdown table and writes it to ``$OUT/kmeans.md`` when OUT is set.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
 
 import torch
 import triton
-import triton.testing
+from common import bench_ms, print_and_save, structured_qkv, token_major
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from bench_methods import print_and_save, structured_qkv, token_major  # noqa: E402
-from sparse_compile.kernels import kmeans as km  # noqa: E402
-from sparse_compile.kernels.kmeans_reference import assign_reference  # noqa: E402
-from sparse_compile.kernels.tile_configs import KMEANS_TILE, TileConfig  # noqa: E402
+from sparse_compile.kernels import kmeans as km
+from sparse_compile.kernels.kmeans_reference import assign_reference
+from sparse_compile.kernels.tile_configs import KMEANS_TILE, TileConfig
 
 HEADS, SEQ, DIM = 12, 32760, 128
 CLUSTERINGS = {"queries, 200 clusters": 200, "keys, 1000 clusters": 1000}
@@ -45,8 +40,7 @@ CONFIGS = (
 )
 
 
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+REP_MS = 200.0
 
 
 def label_agreement(x: torch.Tensor, init: torch.Tensor, config: TileConfig) -> float:
@@ -57,7 +51,8 @@ def label_agreement(x: torch.Tensor, init: torch.Tensor, config: TileConfig) -> 
     return float((got[:, heads] == want).float().mean())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     q, k, _ = (token_major(t) for t in structured_qkv(HEADS, SEQ, DIM))
     inputs = {"queries, 200 clusters": q, "keys, 1000 clusters": k}
     lines = [
@@ -74,8 +69,8 @@ def main() -> None:
         init = km.kmeans(x, clusters, 50, seed=0).centroids  # steady state: warm centroids
         flop = 2 * HEADS * SEQ * clusters * DIM
         for cfg in CONFIGS:
-            one = bench_ms(lambda: km.kmeans_triton(x, clusters, 0, init, config=cfg))
-            step = bench_ms(lambda: km.kmeans_triton(x, clusters, 2, init, config=cfg))
+            one = bench_ms(lambda: km.kmeans_triton(x, clusters, 0, init, config=cfg), rep_ms=REP_MS)
+            step = bench_ms(lambda: km.kmeans_triton(x, clusters, 2, init, config=cfg), rep_ms=REP_MS)
             agree = label_agreement(x, init, cfg)
             lines.append(f"| {name} | {cfg.block_s}, {cfg.block_k}, {cfg.num_warps}, {cfg.num_stages} | {one:.3f} | "
                          f"{flop / one / 1e9:.0f} | {step:.3f} | {agree:.4f} |")  # fmt: skip

@@ -12,95 +12,37 @@ indices). For SVG2 also the cluster kernel alone on
 the same layout and the overhead share (everything but the kernel). One run prints a markdown
 table and writes it to ``$OUT/methods.md`` when ``OUT`` is set.
 
-    PYTHONPATH=. python benchmarks/bench_methods.py
+    python benchmarks/bench_methods.py [--shapes NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Callable
 
 import torch
 import triton
-import triton.testing
+from common import SHAPES, bench_ms, method_call, print_and_save, rel_l2, structured_qkv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels.block_select import select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods import METHODS
-from sparse_compile.methods.base import AttentionCall, TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
+from sparse_compile.methods.base import SiteCache
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState, StepInfo
-
-SHAPES = {
-    "Wan 480p (H=12, S=32760)": (12, (21, 30, 52)),
-    "HunyuanVideo 720p (H=24, S=118800)": (24, (33, 45, 80)),
-}
 
 
-class _Site:
-    module_path = "bench"
-
-
-def graph_replay_ms(fn: Callable[[], object]) -> float:
-    """GPU time of ``fn`` without its Python launch cost: median ms (``do_bench``) of a CUDA-graph replay
-    of one call, captured after one eager warm-up call. Raises if the call cannot be captured (a host sync)."""
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, return_mode="median")
-
-
-def print_and_save(text: str, filename: str) -> None:
-    """Print a result table and, when the ``OUT`` environment variable names a folder, write it to
-    ``$OUT/filename`` (ending in one newline)."""
-    print(text)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], filename), "w") as f:
-            f.write(text if text.endswith("\n") else text + "\n")
-
-
-def token_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def structured_qkv(heads: int, seq: int, dim: int = 128, centres: int = 48, seed: int = 0):
-    """q, k, v ``(1, heads, seq, dim)`` bf16 with queries and keys near shared per-head centres."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    basis = torch.randn(1, heads, centres, dim, device="cuda", generator=g) * 1.5
-    q_assign = torch.randint(0, centres, (1, heads, seq), device="cuda", generator=g)
-    k_assign = torch.randint(0, centres, (1, heads, seq), device="cuda", generator=g)
-    pick = lambda a: torch.gather(basis, 2, a.unsqueeze(-1).expand(-1, -1, -1, dim))  # noqa: E731
-    q = pick(q_assign) + 0.5 * torch.randn(1, heads, seq, dim, device="cuda", generator=g)
-    k = pick(k_assign) + 0.5 * torch.randn(1, heads, seq, dim, device="cuda", generator=g)
-    v = torch.randn(1, heads, seq, dim, device="cuda", generator=g)
-    return q.bfloat16(), k.bfloat16(), v.bfloat16()
-
-
-def make_call(q, k, v, grid, state) -> AttentionCall:
-    layout = TokenLayout(*grid, text_tokens=0, text_first=False)
-    return AttentionCall(query=q, key=k, value=v, attn_mask=None, scale=None, layout=layout,
-                         step=StepInfo(step=1, branch=0, generation=0), site=_Site(), state=state)
-
-
-def kernel_only_ms(method: Svg2Method, q, k, v, state) -> float:
+def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> float:
     """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
-    clusters_q, clusters_k = method._cluster(q, k, make_call(q, k, v, (1, 1, q.shape[2]), state))
+    clusters_q, clusters_k = method._cluster(q, k, method_call(q, k, v, grid, cache))
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
     min_blocks = method.min_kept_key_clusters(clusters_k.sizes.shape[-1])
     counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
-                                               q.shape[-1] ** -0.5, method.params["top_p"], min_blocks)  # fmt: skip
-    return triton.testing.do_bench(
-        lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm,
-                                              return_lse=True),
-        return_mode="median",
-    )
+                                               q.shape[-1] ** -0.5, method.config.top_p, min_blocks)  # fmt: skip
+    return bench_ms(lambda: varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm,
+                                                          kv_perm=k_perm, return_lse=True))
 
 
 SETTINGS = [
@@ -115,10 +57,10 @@ SETTINGS = [
 ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    args = parser.parse_args(argv)
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
     rows = ["| shape | method | kept density | rel. L2 vs dense | cuDNN dense ms | method ms | speedup vs cuDNN | SVG2 kernel ms | SVG2 overhead share |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -128,19 +70,18 @@ def main() -> None:
         q, k, v = structured_qkv(heads, seq)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            dense_ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-                                               return_mode="median")
+            dense_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         for setting in SETTINGS:
             method = METHODS[setting["method"]](validate_options(setting))
-            state = SiteState()
-            method.attend(make_call(q, k, v, grid, state))  # cold start: clustering, profiling, layouts
-            result = method.attend(make_call(q, k, v, grid, state))
+            state = SiteCache()
+            method.attend(method_call(q, k, v, grid, state))  # cold start: clustering, profiling, layouts
+            result = method.attend(method_call(q, k, v, grid, state))
             assert torch.isfinite(result.output).all()
-            rel = ((result.output.float() - dense.float()).norm() / dense.float().norm()).item()
-            ms = triton.testing.do_bench(lambda: method.attend(make_call(q, k, v, grid, state)), return_mode="median")
+            rel = rel_l2(result.output, dense)
+            ms = bench_ms(lambda: method.attend(method_call(q, k, v, grid, state)))
             extra = "| - | - |"
             if isinstance(method, Svg2Method):
-                kernel_ms = kernel_only_ms(method, q, k, v, state)
+                kernel_ms = kernel_only_ms(method, q, k, v, grid, state)
                 extra = f"| {kernel_ms:.2f} | {1 - kernel_ms / ms:.1%} |"
             label = ", ".join(f"{key}={value}" for key, value in setting.items())
             rows.append(f"| {name} | {label} | {float(result.kept_density):.3f} | {rel:.3e} | {dense_ms:.2f} | "

@@ -14,7 +14,7 @@ Two parts, one command:
 Writes ``quality.json``, ``quality.md``, a frame strip (``frames.png``: rows dense, then each
 method) and per-layer plots (``layers.png``, when matplotlib is installed) to ``--out``.
 
-    PYTHONPATH=. python benchmarks/bench_quality.py --out benchmarks/results/quality
+    python benchmarks/bench_quality.py --out benchmarks/results/quality
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from common import method_call
 
 import sparse_compile
 from sparse_compile.methods import METHODS
-from sparse_compile.methods.base import AttentionCall, TokenLayout
 from sparse_compile.methods.dense import dense_attention
 from sparse_compile.options import validate_options
 from sparse_compile.quality import attention_recall, relative_error
-from sparse_compile.runtime.session import SiteState, StepInfo
+from sparse_compile.methods.base import SiteCache
 from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
@@ -61,13 +61,6 @@ ATTENTION_SETTINGS = {
 }
 TINY_OPTIONS = {"svg2": {"q_clusters": 8, "k_clusters": 16, "kmeans_iters_init": 3}, "svg": {"block": 16},
                 "radial": {"block": 16}, "adaspa": {"block": 16}}
-
-
-class _Site:
-    """The compile-time site facts a method reads when driven directly."""
-
-    def __init__(self, module_path: str) -> None:
-        self.module_path = module_path
 
 
 def _with_tiny(setting: dict, tiny: bool) -> dict:
@@ -131,7 +124,6 @@ def captured_attention(model, args) -> list:
 
 def attention_quality(args, calls: list, grid: tuple[int, int, int]) -> dict:
     """Each attention setting on every captured layer: error, recall and density (mean and per layer)."""
-    layout = TokenLayout(*grid, text_tokens=0, text_first=False)
     results = {}
     for name, setting in ATTENTION_SETTINGS.items():
         if setting["method"] not in args.methods:
@@ -140,9 +132,8 @@ def attention_quality(args, calls: list, grid: tuple[int, int, int]) -> dict:
         per_layer = []
         for layer, captured in enumerate(calls):
             method = METHODS[options.method](options)
-            call = AttentionCall(query=captured.query, key=captured.key, value=captured.value, attn_mask=None,
-                                 scale=captured.scale, layout=layout, step=StepInfo(0, 0, 0),
-                                 site=_Site(f"blocks.{layer}.attn1"), state=SiteState())
+            call = method_call(captured.query, captured.key, captured.value, grid, SiteCache(), step=0,
+                               scale=captured.scale, module_path=f"blocks.{layer}.attn1")
             result = method.attend(call)
             reference = dense_attention(call.query, call.key, call.value, None, call.scale)
             per_layer.append({"relative_error": relative_error(result.output, reference),

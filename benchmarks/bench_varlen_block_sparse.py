@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -36,12 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton
+from common import bench_ms, graph_replay_ms, print_and_save, rel_l2, token_major
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from bench_methods import graph_replay_ms, print_and_save, token_major  # noqa: E402
-from sparse_compile.kernels import block_select as bs  # noqa: E402
+from sparse_compile.kernels import block_select as bs
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse import block_sparse_attention
@@ -60,7 +57,7 @@ B, H, S, D = 1, 12, 32760, 128
 NQC, NKC = 300, 1000
 FIXED_BLOCK = 128
 DENSITIES = (0.25, 0.125, 0.05)
-CONFIGS = (  # 64x64 tiles were 25-35% slower than 64x128 (results/varlen_notes.md)
+CONFIGS = (  # 64x64 tiles were slower than 64x128 (NOTES.md)
     vb.VarlenConfig(64, 128, 4, 3),
     vb.VarlenConfig(128, 128, 8, 3),
     vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
@@ -90,14 +87,6 @@ def config_name(cfg: vb.VarlenConfig) -> str:
     tail_stages = f" s{cfg.tail_num_stages}" if cfg.tail_num_stages else ""
     tail = f" + {cfg.tail_block_m}-row tails{tail_keys} w{cfg.tail_num_warps}{tail_stages}" if cfg.tail_block_m else ""
     return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{tail}"
-
-
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,17 +356,17 @@ def guarded(name: str, fn, *args):
 SECTIONS = ("correctness", "attention", "graphs", "selection", "permutation")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="sections to run (default: all)")  # fmt: skip
     parser.add_argument("--perm-densities", nargs="+", type=float, default=[0.25, 0.125],
                         help="kept densities of the permutation section")  # fmt: skip
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE) for _ in range(3))

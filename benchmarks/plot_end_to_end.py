@@ -22,12 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
 INDUCTOR = "dense"
 MARKERS = "os^DvP*X"
 
@@ -70,8 +64,21 @@ def speedup_points(variants: dict[tuple[str, str], dict[str, Any]]) -> list[Poin
     return points
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (imported on first use: ``--help`` needs no matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_speedup_vs_density(points: list[Point], devices: str, path: Path) -> None:
     """Two panels (steady call, extrapolated total): speedup vs kept density; colour = method, marker = model."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
     methods = list(dict.fromkeys(p.method for p in points))
     models = list(dict.fromkeys(p.model for p in points))
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
@@ -98,6 +105,7 @@ def plot_speedup_vs_density(points: list[Point], devices: str, path: Path) -> No
 
 def plot_totals(variants: dict[tuple[str, str], dict[str, Any]], devices: str, path: Path) -> None:
     """One panel per model: stacked dense-phase + sparse-phase extrapolated seconds per method."""
+    plt = pyplot()
     models = list(dict.fromkeys(model for model, _ in variants))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):

@@ -15,7 +15,7 @@ them while the GPU runs the previous layer). Last, every GPU kernel one warm cal
 GPU time from ``torch.profiler`` (the profiler's per-kernel times add a little to each). Prints
 markdown tables and writes them to ``$OUT/svg2_stages.md`` when ``OUT`` is set.
 
-    PYTHONPATH=.:benchmarks python benchmarks/profile_svg2_stages.py [--shape NAME]
+    python benchmarks/profile_svg2_stages.py [--shape NAME]
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
+from common import SHAPES, bench_ms, graph_replay_ms, method_call, print_and_save, structured_qkv, token_major
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_methods import SHAPES, graph_replay_ms, make_call, print_and_save, structured_qkv, token_major
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
@@ -50,7 +49,7 @@ def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[i
     """SVG2 with default options after one (cold) call, so its centroid cache is filled; and its state."""
     method = Svg2Method(validate_options({"method": "svg2"}))
     state = SiteState()
-    method.attend(make_call(q, k, v, grid, state))
+    method.attend(method_call(q, k, v, grid, state))
     return method, state
 
 
@@ -96,7 +95,7 @@ def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str
     """The whole warm SVG2 video attention, and cuDNN dense SDPA on the same inputs."""
 
     def video_attention():
-        return method._video_attention(q, k, v, make_call(q, k, v, grid, state))
+        return method._video_attention(q, k, v, method_call(q, k, v, grid, state))
 
     def dense():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -119,7 +118,7 @@ class Timing:
 
 def time_both(fn: Callable[[], object]) -> Timing:
     """:class:`Timing` of ``fn`` (median ms)."""
-    eager = triton.testing.do_bench(fn, return_mode="median")
+    eager = bench_ms(fn)
     try:
         gpu = graph_replay_ms(fn)
     except Exception as error:  # noqa: BLE001 - a call that cannot be captured is reported, not fatal
@@ -178,10 +177,10 @@ def launch_table(call: Callable[[], object], reps: int = 10) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default=next(iter(SHAPES)))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     heads, grid = SHAPES[args.shape]
     q, k, v = (token_major(x) for x in structured_qkv(heads, math.prod(grid)))
     method, state = warm_method(q, k, v, grid)

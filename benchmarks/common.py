@@ -1,0 +1,130 @@
+"""Helpers shared by the benchmark scripts: timing, error, inputs, driving a method, table output.
+
+Every script in this folder imports from here (never from another script). Importing this module
+puts the repository root on ``sys.path``, so ``python benchmarks/<script>.py`` runs from a checkout
+without an install.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+from sparse_compile.methods.base import AttentionCall, SiteCache, StepInfo, TokenLayout  # noqa: E402
+
+# Attention shapes of the method benchmarks: name -> (heads, (frames, height, width) of the video tokens).
+SHAPES = {
+    "Wan 480p (H=12, S=32760)": (12, (21, 30, 52)),
+    "HunyuanVideo 720p (H=24, S=118800)": (24, (33, 45, 80)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Timing (GPU)
+
+
+def bench_ms(fn: Callable[[], object], rep_ms: float = 100.0, warmup_ms: float = 25.0) -> float:
+    """Median milliseconds of ``fn`` by ``triton.testing.do_bench`` (L2 flushed between reps)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def graph_replay_ms(fn: Callable[[], object]) -> float:
+    """GPU time of ``fn`` without its Python launch cost: median ms (``do_bench``) of a CUDA-graph replay
+    of one call, captured after one eager warm-up call. Raises if the call cannot be captured (a host sync)."""
+    import triton.testing
+
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, return_mode="median")
+
+
+def device_header() -> str:
+    """``torch X, triton Y, GPU NAME``: the versions and device a table was measured with."""
+    import triton
+
+    return f"torch {torch.__version__}, triton {triton.__version__}, GPU {torch.cuda.get_device_name()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Error
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Relative L2 error ``|got - want| / |want|`` over all elements, computed in float64."""
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def token_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage, viewed back as ``(B, H, S, D)``
+    (the layout diffusers hands to attention)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def structured_qkv(heads: int, seq: int, dim: int = 128, centres: int = 48, seed: int = 0):
+    """q, k, v ``(1, heads, seq, dim)`` bf16 on CUDA with queries and keys near shared per-head centres
+    (semantic clusters without spatial or temporal locality; v is plain noise)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    basis = torch.randn(1, heads, centres, dim, device="cuda", generator=g) * 1.5
+    q_assign = torch.randint(0, centres, (1, heads, seq), device="cuda", generator=g)
+    k_assign = torch.randint(0, centres, (1, heads, seq), device="cuda", generator=g)
+
+    def near_centres(assign: torch.Tensor) -> torch.Tensor:
+        return torch.gather(basis, 2, assign.unsqueeze(-1).expand(-1, -1, -1, dim))
+
+    q = near_centres(q_assign) + 0.5 * torch.randn(1, heads, seq, dim, device="cuda", generator=g)
+    k = near_centres(k_assign) + 0.5 * torch.randn(1, heads, seq, dim, device="cuda", generator=g)
+    v = torch.randn(1, heads, seq, dim, device="cuda", generator=g)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+# --------------------------------------------------------------------------------------------
+# Driving a method directly
+
+
+def method_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    cache: SiteCache,
+    *,
+    step: int = 1,
+    scale: float | None = None,
+    module_path: str = "bench",
+    layer: int = 0,
+) -> AttentionCall:
+    """The :class:`AttentionCall` a method receives for text-free ``(B, H, S, D)`` q/k/v over the
+    video token ``grid`` ``(frames, height, width)``, at ``step`` (branch 0), with ``cache`` as the
+    site's cache. The one place the benchmarks build a call."""
+    layout = TokenLayout(*grid, text_tokens=0, text_first=False)
+    return AttentionCall(query=q, key=k, value=v, attn_mask=None, scale=scale, layout=layout,
+                         step=StepInfo(step=step, branch=0, generation=0), site_name=module_path, layer=layer,
+                         cache=cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def print_and_save(text: str, filename: str) -> None:
+    """Print a result table and, when the ``OUT`` environment variable names a folder, write it to
+    ``$OUT/filename`` (ending in one newline)."""
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], filename), "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")

@@ -1,0 +1,113 @@
+"""The GPU benchmark scripts stay runnable: each imports on a CPU machine and answers ``--help``,
+none imports another script, and their shared CPU-side helpers compute what they claim."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+
+
+@pytest.fixture
+def benchmarks_on_path(monkeypatch):
+    """``benchmarks/`` first on ``sys.path``, as it is when a script runs as ``python benchmarks/X.py``."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+def load_script(name: str, monkeypatch):
+    """The script as a module (registered in ``sys.modules`` for the test, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(name).stem}", BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_script_is_listed():
+    assert {"bench_methods.py", "bench_end_to_end.py", "bench_quality.py", "bench_block_sparse.py",
+            "bench_varlen_block_sparse.py", "bench_kmeans.py", "profile_svg2_stages.py",
+            "plot_end_to_end.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_imports_on_cpu_and_help_exits_zero(script, benchmarks_on_path, monkeypatch, capsys):
+    module = load_script(script, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_no_script_imports_another_script(script):
+    tree = ast.parse((BENCHMARKS / script).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    other_scripts = {Path(s).stem for s in SCRIPTS} - {Path(script).stem}
+    assert not imported & other_scripts
+
+
+def test_script_runs_from_the_repository_root_without_pythonpath():
+    result = subprocess.run([sys.executable, "benchmarks/bench_methods.py", "--help"], cwd=BENCHMARKS.parent,
+                            capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "--shapes" in result.stdout
+
+
+def test_rel_l2_is_the_relative_norm_of_the_difference(benchmarks_on_path):
+    from common import rel_l2
+
+    want = torch.tensor([3.0, 4.0])
+    assert rel_l2(want, want) == 0.0
+    assert rel_l2(torch.tensor([3.0, 4.5]), want) == pytest.approx(0.5 / 5.0)
+
+
+def test_print_and_save_writes_the_table_to_out_when_set(benchmarks_on_path, monkeypatch, tmp_path, capsys):
+    from common import print_and_save
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    print_and_save("| a |\n|---|", "table.md")
+    assert (tmp_path / "table.md").read_text() == "| a |\n|---|\n"
+    assert "| a |" in capsys.readouterr().out
+
+
+def test_method_call_carries_the_grid_step_and_cache(benchmarks_on_path):
+    from common import method_call
+
+    from sparse_compile.methods.base import SiteCache
+
+    q = torch.zeros(1, 2, 24, 8)
+    cache = SiteCache()
+    call = method_call(q, q, q, (2, 3, 4), cache, step=3, module_path="blocks.1.attn1")
+    assert (call.layout.frames, call.layout.height, call.layout.width) == (2, 3, 4)
+    assert call.layout.text_tokens == 0 and call.step.step == 3 and call.cache is cache
+    assert call.site_name == "blocks.1.attn1"
+
+
+def test_end_to_end_variant_overrides_parse_as_json(benchmarks_on_path):
+    from end_to_end.variants import split_variant
+
+    assert split_variant("svg2@top_p=0.3@kmeans_during_dense=false") == (
+        "svg2", {"top_p": 0.3, "kmeans_during_dense": False})
+    with pytest.raises(ValueError, match="not key=value"):
+        split_variant("svg2@top_p")
+
+
+def test_end_to_end_total_extrapolates_steady_calls_and_sums_special_steps(benchmarks_on_path):
+    from end_to_end.schedule import Schedule, SteadyGroup, extrapolate
+
+    schedule = Schedule(total_steps=4, dense_steps=1, calls_per_step=2, special=(0, 1),
+                        groups=(SteadyGroup("sparse", (2, 3), (2,)),))
+    result = extrapolate(schedule, {0: [10.0, 10.0], 1: [7.0, 5.0], 2: [4.0, 6.0]})
+    assert result["total_s"] == pytest.approx((20 + 12 + 2 * 2 * 5.0) / 1e3)
+    assert result["dense_phase_s"] == pytest.approx(0.020)
