@@ -54,6 +54,7 @@ SETTINGS = [
     {"method": "radial"},
     {"method": "adaspa", "density": 0.25},
     {"method": "adaspa", "density": 0.125},
+    {"method": "auto"},
 ]
 
 
