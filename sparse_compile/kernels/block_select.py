@@ -415,6 +415,11 @@ def attention_lse_triton(q: Tensor, k: Tensor, scale: float, block: int = 128, o
     Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     check_qk(q, k)
+    return _launch_attention_lse(q, k, scale, block, out)
+
+
+def _launch_attention_lse(q: Tensor, k: Tensor, scale: float, block: int, out: Tensor | None = None) -> Tensor:
+    """:func:`attention_lse_triton` for checked q and k: the Triton path's own limits, then the launch."""
     _check_triton_inputs(q, k)
     if block not in (16, 32, 64, 128):
         raise ValueError(f"block must be 16, 32, 64 or 128 on the Triton path, got {block}")
@@ -445,9 +450,17 @@ def block_mass_triton(
     is fully overwritten. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     check_qk(q, k)
-    _check_triton_inputs(q, k)
     check_block("block_q", block_q)
     check_block("block_k", block_k)
+    _check_lse(q, lse)
+    return _launch_block_mass(q, k, lse, block_q, block_k, scale, out)
+
+
+def _launch_block_mass(
+    q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float, out: Tensor | None = None
+) -> Tensor:
+    """:func:`block_mass_triton` for checked inputs: the Triton path's own limits, then the launch."""
+    _check_triton_inputs(q, k)
     if block_q > MAX_TRITON_BLOCK_Q:
         raise ValueError(f"block_q must be <= {MAX_TRITON_BLOCK_Q} on the Triton path, got {block_q}")
     q, k = _unit_last_stride(q), _unit_last_stride(k)
@@ -529,8 +542,9 @@ def select_top_p_clusters_triton(
 
 @torch.library.custom_op("sparse_compile::attention_lse", mutates_args=())
 def _attention_lse_op(q: Tensor, k: Tensor, scale: float, block: int) -> Tensor:
+    """Custom op body; :func:`attention_lse` checked the inputs."""
     if q.is_cuda:
-        return attention_lse_triton(q, k, scale, block)
+        return _launch_attention_lse(q, k, scale, block)
     return attention_lse_reference(q, k, scale, block).contiguous()
 
 
@@ -541,8 +555,9 @@ def _attention_lse_fake(q: Tensor, k: Tensor, scale: float, block: int) -> Tenso
 
 @torch.library.custom_op("sparse_compile::block_mass_with_lse", mutates_args=())
 def _block_mass_op(q: Tensor, k: Tensor, lse: Tensor, block_q: int, block_k: int, scale: float) -> Tensor:
+    """Custom op body; :func:`block_mass_with_lse` checked the inputs."""
     if q.is_cuda and block_q <= MAX_TRITON_BLOCK_Q:
-        return block_mass_triton(q, k, lse, block_q, block_k, scale)
+        return _launch_block_mass(q, k, lse, block_q, block_k, scale)
     return block_mass_with_lse_reference(q, k, lse, block_q, block_k, scale).contiguous()
 
 
