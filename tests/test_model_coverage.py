@@ -68,7 +68,7 @@ COVERAGE: dict[str, Coverage] = {
     "SanaVideoTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (linear attention)"),
     "LatteTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (spatial and temporal attention)"),
 }
-INDUCTOR_CLASSES = ("LTX2VideoTransformer3DModel", "SkyReelsV2Transformer3DModel (diffusion forcing)")
+INDUCTOR_CLASSES = ("LTX2VideoTransformer3DModel",)
 SPARSE = {"method": "radial", "block": 16, "min_seq_len": 16}
 DENSE = {"method": "dense", "min_seq_len": 16}
 
@@ -132,3 +132,43 @@ def test_dense_method_equals_plain_inductor(name):
         ours = _sample(torch.compile(model, backend="sparse_video", options=DENSE)(**inputs))
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-5)
     assert len(sparse_compile.report(model).rewritten) == COVERAGE[name].rewritten
+
+
+def _statuses(rep: sparse_compile.Report, kind: str = "self-attention") -> dict[str, str]:
+    return {s.module_path: s.status for s in rep.sites if s.kind == kind}
+
+
+def test_factorized_attention_says_it_does_not_cover_the_whole_clip():
+    _, _, _, rep = _run("LatteTransformer3DModel", {"method": "dense", "min_seq_len": 1})
+    statuses = _statuses(rep)
+    assert set(statuses) == {"transformer_blocks.0.attn1", "temporal_transformer_blocks.0.attn1"}
+    assert all("no video self-attention over the whole clip" in s for s in statuses.values())
+
+
+def test_linear_attention_model_has_no_softmax_self_attention_site():
+    _, _, _, rep = _run("SanaVideoTransformer3DModel", DENSE)
+    assert rep.sites and all(s.kind == "cross-attention" for s in rep.sites)
+
+
+def test_audio_tokens_beside_video_stay_dense_as_a_plain_token_axis():
+    _, _, _, rep = _run("LTX2VideoTransformer3DModel", DENSE)
+    assert "a plain token axis of 20 tokens" in _statuses(rep)["transformer_blocks.0.audio_attn1"]
+
+
+def test_history_latents_beside_the_window_are_reported_as_several_video_segments():
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        out, eager, graphs, rep = _run("HunyuanVideoFramepackTransformer3DModel", DENSE)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-5)
+    assert graphs == 1
+    statuses = _statuses(rep)
+    joint = [statuses["transformer_blocks.0.attn"], statuses["single_transformer_blocks.0.attn"]]
+    assert all("several video segments" in s for s in joint)
+
+
+@pytest.mark.parametrize("name", ["MochiTransformer3DModel", "HunyuanVideo15Transformer3DModel"])
+def test_captured_scalars_leave_the_graph_breaks_of_mochi_and_hunyuan15_without_failing(name):
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        out, eager, graphs, rep = _run(name, DENSE)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-5)
+    assert graphs == COVERAGE[name].graphs
+    assert rep.rewritten == ()

@@ -165,4 +165,4 @@ def test_rewritten_graph_equals_original(case, recording_method):
         elif case.mask == "float":
             assert "float attn_mask" in site.status
         else:
-            assert "could not infer the token grid" in site.status
+            assert "a plain token axis" in site.status and "grid=(frames, height, width)" in site.status

@@ -14,6 +14,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from sparse_compile.options import SparseOptions
+from sparse_compile.passes.grid_reasons import no_grid_reason
 from sparse_compile.passes.sdpa_sites import SdpaCall
 from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value, size_expr
 from sparse_compile.runtime.sites import SiteFacts
@@ -164,7 +165,7 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
     else:
         found = _infer_grid(call, analysis)
         if found is None:
-            return dense(kind, "could not infer the token grid from the graph; pass options grid=(frames, height, width)")
+            return dense(kind, no_grid_reason(analysis.layouts(call.query)))
         grid, text, position = found
         if _needs_missing_source(grid + text):
             return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
