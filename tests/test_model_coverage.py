@@ -63,8 +63,8 @@ COVERAGE: dict[str, Coverage] = {
         3, 2, 0, "not covered: `if is_t2v:` on tensor data breaks the graph; the blocks compile in a fragment "
                  "without the patchify"),
     "HunyuanVideoFramepackTransformer3DModel": Coverage(
-        4, 2, 0, "not covered: `.item()` breaks the graph; history latents beside the window are several video "
-                 "segments"),
+        4, 2, 0, "not covered: `.item()` breaks the graph; with capture_scalar_outputs one graph, dense: history "
+                 "latents beside the window are several video segments"),
     "SanaVideoTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (linear attention)"),
     "LatteTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (spatial and temporal attention)"),
 }
