@@ -30,7 +30,7 @@ class SparseOptions:
         method_config: the chosen method's own options (its typed config; ``None``: its defaults).
     """
 
-    method: str = "dense"
+    method: str = "auto"
     dense_steps: int = 0
     dense_layers: int = 0
     min_seq_len: int = 1024

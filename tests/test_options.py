@@ -14,7 +14,7 @@ from sparse_compile.backend import inductor_config_for_mode
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"methd": "dense"}, r"unknown sparse_video option .methd. for method .dense.; allowed keys: \[.method."),
+        ({"methd": "dense"}, r"unknown sparse_video option .methd. for method .auto.; allowed keys: \[.method."),
         ({"method": "fast"}, r"'method' must be one of \['dense'.*got 'fast'"),
         ({"dense_steps": -1}, r"'dense_steps' must be an int >= 0, got -1"),
         ({"dense_layers": 1.5}, r"'dense_layers' must be an int >= 0, got 1.5"),
@@ -31,9 +31,9 @@ def test_bad_options_raise_value_error_naming_the_key(options, message):
         sparse_compile.validate_options(options)
 
 
-def test_defaults():
+def test_the_default_method_is_auto():
     opts = sparse_compile.validate_options(None)
-    assert opts.method == "dense" and opts.dense_steps == 0 and opts.grid is None
+    assert opts.method == "auto" and opts.dense_steps == 0 and opts.grid is None
 
 
 def test_bad_option_fails_the_first_call_with_the_value_error():
