@@ -53,6 +53,13 @@ def test_a_higher_timestep_starts_a_new_generation(recording_method):
     assert _steps(recording_method)[3:] == [(0, 0, 1), (1, 0, 1), (2, 0, 1)]
 
 
+def test_the_same_timestep_a_third_time_starts_a_new_generation(recording_method):
+    compiled, inputs = _compiled_wan()
+    for _ in range(5):
+        _call(compiled, inputs, 900)
+    assert _steps(recording_method) == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 2)]
+
+
 def test_dense_steps_run_dense_then_sparse(recording_method):
     compiled, inputs = _compiled_wan(dense_steps=2)
     for t in TIMESTEPS:
