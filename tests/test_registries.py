@@ -14,17 +14,16 @@ from sparse_compile.runtime import sites
 from sparse_compile.runtime.session import find_session
 
 OPTIONS = {"method": "svg2", "min_seq_len": 16, "q_clusters": 4, "k_clusters": 6, "kmeans_iters_init": 2}
-GRIDS = [(3, 8, 10), (2, 8, 8), (4, 6, 8)]  # latent (frames, height, width); tokens = frames * h/2 * w/2
+GRIDS = [(3, 8, 10), (2, 8, 8), (4, 6, 8)]  # latent (frames, height, width): 60, 32 and 48 tokens
 
 
 def _cycle(compiled) -> None:
-    """One call per resolution, with CFG as two calls per step and two steps each."""
+    """Each resolution in turn, one step of CFG as two calls."""
     with torch.no_grad():
         for frames, height, width in GRIDS:
             _, inputs, _ = tiny_models.wan(frames, height, width, layers=1)
-            for t in (900, 500):
-                for _ in range(2):
-                    compiled(**{**inputs, "timestep": torch.tensor([t])})
+            for _ in range(2):
+                compiled(**{**inputs, "timestep": torch.tensor([900])})
 
 
 def _sizes(model) -> tuple[int, int, int, int]:
@@ -41,7 +40,7 @@ def test_records_states_and_caches_stay_bounded_across_resolutions_and_models():
     compiled = torch.compile(model, backend="sparse_video", options=OPTIONS)
     _cycle(compiled)
 
-    other, other_inputs, _ = tiny_models.wan(layers=2)  # a second model, compiled, run, deleted
+    other, other_inputs, _ = tiny_models.wan(layers=1)  # a second model of the class: compiled, run, deleted
     other_compiled = torch.compile(other, backend="sparse_video", options=OPTIONS)
     with torch.no_grad():
         other_compiled(**other_inputs)

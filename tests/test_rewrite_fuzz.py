@@ -151,9 +151,9 @@ def test_rewritten_graph_equals_original(case, recording_method):
     (site,) = sites
     if case.provable:
         assert site.status == "sparse", site.status
-        assert site.grid == (case.frames, case.height, case.width)
-        assert site.text_tokens == (case.text_len if case.text else 0)
-        assert site.text_position == case.text
+        assert site.facts.grid == (case.frames, case.height, case.width)
+        assert site.facts.text_tokens == (case.text_len if case.text else 0)
+        assert site.facts.text_position == case.text
         assert sdpa_left == 0
         assert len(recording_method) == 1
     else:

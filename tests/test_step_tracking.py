@@ -53,6 +53,13 @@ def test_a_higher_timestep_starts_a_new_generation(recording_method):
     assert _steps(recording_method)[3:] == [(0, 0, 1), (1, 0, 1), (2, 0, 1)]
 
 
+def test_the_same_timestep_a_third_time_starts_a_new_generation(recording_method):
+    compiled, inputs = _compiled_wan()
+    for _ in range(5):
+        _call(compiled, inputs, 900)
+    assert _steps(recording_method) == [(0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 2)]
+
+
 def test_dense_steps_run_dense_then_sparse(recording_method):
     compiled, inputs = _compiled_wan(dense_steps=2)
     for t in TIMESTEPS:
@@ -84,12 +91,12 @@ def test_set_step_pins_the_step_for_custom_loops(recording_method):
         sparse_compile.set_step(compiled, -1)
 
 
-@pytest.mark.parametrize("branch", [2, 5, -1, True])
-def test_set_step_rejects_a_cfg_branch_other_than_0_or_1(recording_method, branch):
+def test_set_step_rejects_a_cfg_branch_other_than_0_or_1(recording_method):
     compiled, inputs = _compiled_wan()
     _call(compiled, inputs, 900)
-    with pytest.raises(ValueError, match=r"branch must be 0 \(conditional\) or 1 \(unconditional\).*got"):
-        sparse_compile.set_step(compiled, 2, branch=branch)
+    for branch in (2, 5, -1, True):
+        with pytest.raises(ValueError, match=r"branch must be 0 \(conditional\) or 1 \(unconditional\).*got"):
+            sparse_compile.set_step(compiled, 2, branch=branch)
 
 
 def test_a_pinned_step_lower_than_the_current_one_starts_a_new_generation(recording_method):

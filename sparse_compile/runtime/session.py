@@ -3,10 +3,11 @@
 A stock diffusers pipeline calls the transformer once per step (CFG batched) or twice
 with the same timestep (CFG as two calls). The graph's step marker hands every forward's
 timestep to :meth:`Session.begin_forward`, which derives ``(step, branch, generation)``:
-a lower timestep than the last one starts the next step, the same timestep is another
-CFG branch of the same step, a higher one (or the first call) starts a new generation.
-Custom loops set the step explicitly with :meth:`Session.set_step`; there a pinned step lower
-than the current one starts a new generation.
+a lower timestep than the last one starts the next step, the same timestep is the second
+CFG branch of the same step, a higher one (or the first call, or the same timestep a third
+time: CFG has two branches) starts a new generation. Custom loops set the step explicitly
+with :meth:`Session.set_step`; there a pinned step lower than the current one starts a new
+generation.
 
 A new generation clears every site's cache, so the same inputs give the same output in every
 generation. A forward that did not finish (an exception or ``KeyboardInterrupt`` between its
@@ -163,7 +164,12 @@ class Session:
             elif timestep is None:
                 new_generation = interrupted or cur.generation < 0
                 self._current = StepInfo(0 if new_generation else cur.step + 1, 0, cur.generation + new_generation)
-            elif interrupted or self._last_timestep is None or timestep > self._last_timestep:
+            elif (
+                interrupted
+                or self._last_timestep is None
+                or timestep > self._last_timestep
+                or (timestep == self._last_timestep and cur.branch + 1 >= CFG_BRANCHES)
+            ):
                 self._current = StepInfo(0, 0, cur.generation + 1)
             elif timestep == self._last_timestep:
                 self._current = StepInfo(cur.step, cur.branch + 1, cur.generation)
