@@ -35,52 +35,52 @@ from sparse_compile.kernels.block_select import select_top_p_clusters, select_to
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
+from sparse_compile.methods.base import SiteCache
 from sparse_compile.options import validate_options
-from sparse_compile.runtime.session import SiteState
 
 SELECT_STAGE = "scores + top-p + kept tokens (fused kernel)"
 UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_clusters_torch)"
 KERNEL_STAGE = "cluster kernel, permutations folded"
-CALL = "whole call (Svg2Method._video_attention)"
+CALL = "whole call (Svg2Method.video_attention)"
 DENSE = "cuDNN dense SDPA"
 
 
 def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]):
-    """SVG2 with default options after one (cold) call, so its centroid cache is filled; and its state."""
+    """SVG2 with default options after one (cold) call, so its centroid cache is filled; and its site cache."""
     method = Svg2Method(validate_options({"method": "svg2"}))
-    state = SiteState()
-    method.attend(method_call(q, k, v, grid, state))
-    return method, state
+    cache = SiteCache()
+    method.attend(method_call(q, k, v, grid, cache))
+    return method, cache
 
 
 def stage_calls(
-    method: Svg2Method, q, k, v, state: SiteState
+    method: Svg2Method, q, k, v, cache: SiteCache
 ) -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
     """One callable per stage of a warm ``_video_attention`` call on video-only ``(B, H, S, D)`` inputs,
     and the selection stage as unfused torch ops.
 
     Each stage runs on the previous stages' real outputs (computed once here), as in the call.
     """
-    p = method.params
-    cached = next(iter(state.cache.values()))
-    iters = p["kmeans_iters_step"]
+    p = method.config
+    cached = next(iter(cache.entries().values()))
+    iters = p.kmeans_iters_step
     scale = q.shape[-1] ** -0.5
-    cq = kmeans(q, p["q_clusters"], iters, cached.query, seed=0)
-    ck = kmeans(k, p["k_clusters"], iters, cached.key, seed=1)
+    cq = kmeans(q, p.q_clusters, iters, cached.query, seed=0)
+    ck = kmeans(k, p.k_clusters, iters, cached.key, seed=1)
     q_perm, q_off = cluster_permutation(cq.labels, cq.sizes, cq.ranks)
     k_perm, k_off = cluster_permutation(ck.labels, ck.sizes, ck.ranks)
     min_blocks = method.min_kept_key_clusters(ck.sizes.shape[-1])
 
     def select():
-        return select_top_p_clusters(cq.centroids, ck.centroids, ck.sizes, scale, p["top_p"], min_blocks)
+        return select_top_p_clusters(cq.centroids, ck.centroids, ck.sizes, scale, p.top_p, min_blocks)
 
     def select_unfused():
-        return select_top_p_clusters_torch(cq.centroids, ck.centroids, ck.sizes, scale, p["top_p"], min_blocks)
+        return select_top_p_clusters_torch(cq.centroids, ck.centroids, ck.sizes, scale, p.top_p, min_blocks)
 
     counts, indices, kept_tokens = select()
     stages = {
-        "k-means queries": lambda: kmeans(q, p["q_clusters"], iters, cached.query, seed=0),
-        "k-means keys": lambda: kmeans(k, p["k_clusters"], iters, cached.key, seed=1),
+        "k-means queries": lambda: kmeans(q, p.q_clusters, iters, cached.query, seed=0),
+        "k-means keys": lambda: kmeans(k, p.k_clusters, iters, cached.key, seed=1),
         "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes, cq.ranks),
                                                            cluster_permutation(ck.labels, ck.sizes, ck.ranks)),
         SELECT_STAGE: select,
@@ -91,11 +91,11 @@ def stage_calls(
     return stages, select_unfused
 
 
-def whole_calls(method: Svg2Method, q, k, v, grid, state: SiteState) -> dict[str, Callable[[], object]]:
+def whole_calls(method: Svg2Method, q, k, v, grid, cache: SiteCache) -> dict[str, Callable[[], object]]:
     """The whole warm SVG2 video attention, and cuDNN dense SDPA on the same inputs."""
 
     def video_attention():
-        return method._video_attention(q, k, v, method_call(q, k, v, grid, state))
+        return method.video_attention(q, k, v, method_call(q, k, v, grid, cache))
 
     def dense():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     heads, grid = SHAPES[args.shape]
     q, k, v = (token_major(x) for x in structured_qkv(heads, math.prod(grid)))
-    method, state = warm_method(q, k, v, grid)
-    stages, select_unfused = stage_calls(method, q, k, v, state)
+    method, cache = warm_method(q, k, v, grid)
+    stages, select_unfused = stage_calls(method, q, k, v, cache)
     stage_times = {name: time_both(fn) for name, fn in stages.items()}
     unfused_select = time_both(select_unfused)
-    calls = whole_calls(method, q, k, v, grid, state)
+    calls = whole_calls(method, q, k, v, grid, cache)
     whole = {name: time_both(fn) for name, fn in calls.items()}
     header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
               f"{torch.cuda.get_device_name()}")  # fmt: skip
