@@ -26,7 +26,7 @@ def no_grid_reason(q_layouts: Layouts | None) -> str:
       packed beside the video window);
     * the clip's axes split between the batch and the sequence (attention within each frame,
       or across frames at each position): no attention over the whole clip;
-    * a plain token axis (audio or other 1-D tokens);
+    * a plain token axis (audio or other 1-D tokens), beside a text segment or not;
     * otherwise the layout that was found.
     """
     if q_layouts is None or len(q_layouts) != 4:
@@ -40,8 +40,8 @@ def no_grid_reason(q_layouts: Layouts | None) -> str:
     if len(seq.segments) == 1 and in_batch and 1 <= len(in_seq) <= 2 and len(in_batch) + len(in_seq) >= 3:
         return (f"no video self-attention over the whole clip: the sequence holds axes {_axes(in_seq)} and the "
                 f"batch holds {_axes(in_batch)} (factorized spatial or temporal attention)")
-    if len(seq.segments) == 1 and len(in_seq) <= 1:
+    if all(sum(f.hint != 1 for f in seg) <= 1 for seg in seq.segments):
         return (f"a plain token axis of {seq.hint} tokens with no frames x height x width structure in the graph "
-                f"(audio or other non-video tokens); {GRID_HINT}")
+                f"(audio or other non-video tokens, or tokens packed before the model); {GRID_HINT}")
     parts = ", ".join(_axes([f.hint for f in seg]) for seg in seq.segments)
     return f"could not infer the token grid from the graph (sequence layout {parts}); {GRID_HINT}"
