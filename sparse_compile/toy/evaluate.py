@@ -44,12 +44,18 @@ def score_generation(
     seed: int = 0,
     batch: int = 16,
     guidance: float = 4.0,
+    before_batch: Callable[[], None] | None = None,
 ) -> GenerationScore:
-    """Generate ``clips`` clips (all classes, batches of ``batch``, seed ``seed + batch index``) and judge them."""
+    """Generate ``clips`` clips (all classes, batches of ``batch``, seed ``seed + batch index``) and judge them.
+
+    ``before_batch`` runs before each batch's generation (e.g. ``sparse_compile.reset`` of a compiled model).
+    """
     labels = balanced_labels(clips)
     correct, found = torch.zeros(clips, dtype=torch.bool), torch.zeros(clips, dtype=torch.bool)
     for start in range(0, clips, batch):
         chunk = labels[start:start + batch]
+        if before_batch is not None:
+            before_batch()
         videos = generate(model, chunk, seed + start // batch, frames, height, width, steps, guidance)
         for offset, verdict in enumerate(judge(videos)):
             correct[start + offset] = verdict.label == int(chunk[offset])
