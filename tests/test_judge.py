@@ -38,6 +38,12 @@ def test_the_judge_gives_no_verdict_without_shapes():
     assert [v.found for v in verdicts] == [False, False] and accuracy(grey, torch.tensor([0, 4])) == 0.0
 
 
+def test_the_judge_gives_no_verdict_on_colourful_blobs():
+    coarse = torch.rand((8, 3, 6, 4, 6), generator=torch.Generator().manual_seed(2)) * 2 - 1
+    blobs = torch.nn.functional.interpolate(coarse, size=(6, 32, 48), mode="trilinear")
+    assert not any(v.found for v in judge(blobs))
+
+
 def test_the_judge_tolerates_pixel_noise():
     labels = balanced_labels(32)
     clips = make_videos(3, labels, 6, 32, 48)

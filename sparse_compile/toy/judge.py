@@ -9,7 +9,10 @@ After a 3x3 opening and closing of that mask the judge recovers:
 - the shape kind: the median fill ratio (area / bounding-box area) of the mask's connected
   components (a disc fills pi/4 of its box, a square all of it).
 
-A clip with too few shape pixels gets no verdict (label -1), which counts as wrong.
+A clip gets no verdict (label -1, which counts as wrong) unless it looks like the procedural
+videos: shape pixels in at least two frames, at most ``MAX_MASK_FRACTION`` of the clip, at least
+``MIN_SHAPE_SHARE`` of them in components of at least ``MIN_COMPONENT_PIXELS`` that do not touch
+the frame border, and at most twice as many components per frame as the videos have shapes.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparse_compile.toy.videos import SHAPES_PER_VIDEO
+
 CHROMA_THRESHOLD = 0.6
 SQUARE_FILL = 0.88
 MIN_COMPONENT_PIXELS = 6
+MIN_SHAPE_SHARE = 0.8  # of the mask's pixels that must lie in whole, inside-the-frame components
+MAX_MASK_FRACTION = 0.3  # of the clip's pixels the mask may cover
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,9 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
         ids = grown
 
 
-def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per connected component of ``mask`` ``(B, H, W)``: fill ratio (area / bounding-box area) and
-    index in ``B``, ``(C,)`` each.
+def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per connected component of ``mask`` ``(B, H, W)``: fill ratio (area / bounding-box area),
+    index in ``B`` and area in pixels, ``(C,)`` each.
 
     Components smaller than ``MIN_COMPONENT_PIXELS`` or touching the frame border are left out.
     """
@@ -84,7 +91,8 @@ def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = ids.flatten() + torch.arange(b, device=mask.device).repeat_interleave(h * w) * (h * w)
     chosen = ids.flatten() > 0
     if not chosen.any():
-        return torch.empty(0, device=mask.device), torch.empty(0, device=mask.device, dtype=torch.long)
+        empty = torch.empty(0, device=mask.device)
+        return empty, empty.long(), empty
     _, component = torch.unique(flat[chosen], return_inverse=True)
     count = int(component.max()) + 1
     pos = torch.arange(b * h * w, device=mask.device)[chosen]
@@ -98,7 +106,7 @@ def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y0, y1, x0, x1 = reduce(y, "amin"), reduce(y, "amax"), reduce(x, "amin"), reduce(x, "amax")
     box = ((y1 - y0 + 1) * (x1 - x0 + 1)).float()
     inside = (y0 > 0) & (x0 > 0) & (y1 < h - 1) & (x1 < w - 1) & (area >= MIN_COMPONENT_PIXELS)
-    return (area / box)[inside], reduce(frame, "amax")[inside]
+    return (area / box)[inside], reduce(frame, "amax")[inside], area[inside]
 
 
 def _centroid_motion(mask: torch.Tensor) -> tuple[float, float] | None:
@@ -133,13 +141,19 @@ def judge(clips: torch.Tensor) -> list[Verdict]:
         raise ValueError(f"judge expects clips (N, 3, F, H, W), got shape {tuple(clips.shape)}")
     n, _, f, h, w = clips.shape
     masks = shape_mask(clips)  # (N, F, H, W)
-    fills, clip_of = fill_ratios(masks.reshape(n * f, h, w))
+    fills, clip_of, areas = fill_ratios(masks.reshape(n * f, h, w))
     clip_of = clip_of // f
     verdicts = []
     for i in range(n):
         motion = _centroid_motion(masks[i])
         mine = fills[clip_of == i]
-        if motion is None or mine.numel() == 0:
+        shape_pixels = float(masks[i].sum())
+        plausible = (
+            float(areas[clip_of == i].sum()) >= MIN_SHAPE_SHARE * shape_pixels
+            and shape_pixels <= MAX_MASK_FRACTION * f * h * w
+            and mine.numel() <= 2 * SHAPES_PER_VIDEO * f
+        )
+        if motion is None or mine.numel() == 0 or not plausible:
             verdicts.append(Verdict(-1, motion or (0.0, 0.0), float("nan")))
             continue
         fill = float(mine.median())
