@@ -2,9 +2,10 @@
 
 Builds the toy Wan transformer shipped with the package (8 layers, trained on procedural
 videos of moving shapes, :mod:`sparse_compile.toy`), compiles it with
-``backend="sparse_video"`` and generates the same short clips densely and sparsely (same
+``backend="sparse_video"`` and generates the same short clip densely and sparsely (same
 noise, CFG as two calls per step). Prints what the backend rewrote, the time per transformer
-call, how close the sparse videos stay to the dense ones (PSNR, SSIM), and writes a frame strip (top: dense, bottom: sparse).
+call, how close the sparse video stays to the dense one (PSNR, SSIM), what the judge
+(:mod:`sparse_compile.toy.judge`) reads from each clip, and writes a labelled frame strip.
 
 On a GPU the dense baseline is the model compiled by Inductor; on the CPU it is the eager model
 and the sparse methods run their PyTorch reference kernels, so the CPU times show the
@@ -18,27 +19,35 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TextIO
 
 import torch
 
 import sparse_compile
 from sparse_compile.toy.frames import save_frame_strip
+from sparse_compile.toy.judge import judge
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import build_toy_wan
 from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.videos import MIN_SIZE, NUM_CLASSES, class_name
 
-LABEL_NAMES = ("circles moving right", "circles moving left", "circles moving down", "circles moving up",
-               "squares moving right", "squares moving left", "squares moving down", "squares moving up")
+PATCH = 2  # pixels per token along height and width
 
 
-def progress(label: str, steps: int):
-    """A one-line text progress bar: returns the per-step callback of :func:`generate`."""
+def progress(label: str, steps: int, stream: TextIO = sys.stdout) -> Callable[[int], None]:
+    """The per-step callback of :func:`generate`: a redrawn bar on a terminal, one line at the end otherwise."""
+    start = time.perf_counter()
+    terminal = stream.isatty()
+
     def on_step(i: int) -> None:
         done = i + 1
-        sys.stdout.write(f"\r{label:<28} [{'#' * done}{'.' * (steps - done)}] {done}/{steps}")
-        if done == steps:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+        if terminal:
+            stream.write(f"\r{label:<28} [{'#' * done}{'.' * (steps - done)}] {done}/{steps}")
+            if done == steps:
+                stream.write("\n")
+        elif done == steps:
+            stream.write(f"{label:<28} {steps} steps in {time.perf_counter() - start:.1f} s\n")
+        stream.flush()
     return on_step
 
 
@@ -52,31 +61,70 @@ def timed_generation(model, labels: torch.Tensor, args: argparse.Namespace, labe
     return videos, (time.perf_counter() - start) / (2 * args.steps)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The demo's options, checked before any model is built (bad values exit with a message naming the option)."""
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="svg2", choices=sparse_compile.available_methods())
-    parser.add_argument("--label", type=int, default=4, choices=range(len(LABEL_NAMES)),
-                        help="class: " + ", ".join(f"{i} {n}" for i, n in enumerate(LABEL_NAMES)))
-    parser.add_argument("--steps", type=int, default=20 if gpu else 6)
-    parser.add_argument("--dense-steps", type=int, default=5 if gpu else 2)
+    parser.add_argument("--label", type=int, default=4, choices=range(NUM_CLASSES),
+                        help="class: " + ", ".join(f"{i} {class_name(i)}" for i in range(NUM_CLASSES)))
+    parser.add_argument("--steps", type=_at_least(1), default=20 if gpu else 6)
+    parser.add_argument("--dense-steps", type=_at_least(0), default=5 if gpu else 2)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--frames", type=int, default=16 if gpu else 6)
-    parser.add_argument("--height", type=int, default=64 if gpu else 32, help="pixels (tokens: height/2)")
-    parser.add_argument("--width", type=int, default=96 if gpu else 48, help="pixels (tokens: width/2)")
+    parser.add_argument("--frames", type=_at_least(1), default=16 if gpu else 6)
+    parser.add_argument("--height", type=_at_least(MIN_SIZE), default=64 if gpu else 32,
+                        help=f"pixels, even (tokens: height/{PATCH})")
+    parser.add_argument("--width", type=_at_least(MIN_SIZE), default=96 if gpu else 48,
+                        help=f"pixels, even (tokens: width/{PATCH})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if gpu else "cpu")
+    parser.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu or cuda[:index]")
     parser.add_argument("--out", type=Path, default=Path("sparse_compile_demo.png"), help="frame strip PNG")
     args = parser.parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) % PATCH:
+            parser.error(f"--{name} must be a multiple of {PATCH} (the model's patch size), got {getattr(args, name)}")
+    if args.dense_steps > args.steps:
+        parser.error(f"--dense-steps ({args.dense_steps}) must not exceed --steps ({args.steps})")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
+    if device.type == "cuda" and not gpu:
+        parser.error("--device cuda: this PyTorch build sees no CUDA GPU; use --device cpu")
+    if not args.out.parent.is_dir():
+        parser.error(f"--out: folder {args.out.parent} does not exist")
+    args.device = device
+    return args
 
+
+def verdict_text(clip: torch.Tensor, asked: int) -> str:
+    """``"judge: squares moving right (as asked)"`` or ``"... (asked: ...)"`` for one clip ``(3, F, H, W)``."""
+    verdict = judge(clip[None])[0]
+    seen = class_name(verdict.label) if verdict.found else "no shapes found"
+    return f"judge: {seen} " + ("(as asked)" if verdict.label == asked else "(wrong)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    device = torch.device(args.device)
+    device = args.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_toy_wan(device, dtype)
     labels = torch.tensor([args.label])
-    tokens = args.frames * (args.height // 2) * (args.width // 2)
+    tokens = args.frames * (args.height // PATCH) * (args.width // PATCH)
     print(f"toy Wan DiT (8 layers, 6 heads x 64), {tokens} video tokens ({args.frames} frames "
-          f"{args.height}x{args.width} px), '{LABEL_NAMES[args.label]}', {args.steps} steps with CFG, "
+          f"{args.height}x{args.width} px), '{class_name(args.label)}', {args.steps} steps with CFG, "
           f"{device.type} {dtype}, method={args.method!r}")
 
     dense_model = torch.compile(model) if device.type == "cuda" else model
@@ -97,10 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     print(sparse_compile.report(sparse))
     print(f"time per transformer call: {dense_name} {dense_s * 1e3:.0f} ms, sparse_video {sparse_s * 1e3:.0f} ms "
           f"({dense_s / sparse_s:.2f}x, all steps including the {args.dense_steps} dense ones)")
-    print(f"sparse vs dense video: PSNR {psnr(videos, dense).item():.2f} dB, SSIM {ssim(videos, dense).item():.4f}")
+    quality = psnr(videos, dense).item()
+    print(f"sparse vs dense video: PSNR {quality:.2f} dB, SSIM {ssim(videos, dense).item():.4f}")
+    dense_verdict, sparse_verdict = verdict_text(dense[0], args.label), verdict_text(videos[0], args.label)
+    print(f"asked for '{class_name(args.label)}'; dense {dense_verdict}; {args.method} {sparse_verdict}")
     frames = sorted({0, args.frames // 3, 2 * args.frames // 3, args.frames - 1})
-    print(f"frame strip (top dense, bottom sparse, frames {frames}): "
-          f"{save_frame_strip(args.out, {'dense': dense, 'sparse': videos}, frames)}")
+    rows = {f"dense | asked: {class_name(args.label)} | {dense_verdict}": dense,
+            f"{args.method} | PSNR {quality:.1f} dB vs dense | {sparse_verdict}": videos}
+    print(f"frame strip (top dense, bottom {args.method}, frames {frames}): {save_frame_strip(args.out, rows, frames)}")
     if device.type == "cpu":
         print("on the CPU the sparse methods run their PyTorch reference kernels (the specification): "
               "their speed is only meaningful on a GPU, see benchmarks/RESULTS.md")

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
-from sparse_compile.toy.frames import frame_strip
+from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
 from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.train import main as train_main
 from sparse_compile.toy.train import train
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
 
@@ -84,16 +85,34 @@ def test_psnr_and_ssim():
     assert (ssim(noisy, video) < 0.9).all() and (psnr(noisy, video) < 20).all()
 
 
-def test_frame_strip_has_one_row_per_video_and_one_column_per_frame():
+def test_frame_strip_has_one_captioned_row_per_video_and_one_column_per_frame():
     videos = {"dense": make_videos(0, torch.tensor([0]), 4, 16, 24), "sparse": make_videos(1, torch.tensor([0]), 4, 16, 24)}
     image = frame_strip(videos, frames=[0, 2, 3], zoom=2)
-    assert image.size == (3 * 24 * 2, 2 * 16 * 2)
+    assert image.size == (3 * 24 * 2, 2 * (16 * 2 + CAPTION_HEIGHT))
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32).view(image.height, image.width, 3)
+    assert pixels[:CAPTION_HEIGHT].amax() > 200  # the caption's white text on black
+    second_row = pixels[2 * CAPTION_HEIGHT + 32:, :48]  # frame 0 of "sparse", zoomed 2x
+    expected = ((videos["sparse"][0, :, 0] + 1) * 127.5).round().permute(1, 2, 0)
+    assert torch.equal(second_row[::2, ::2], expected)
 
 
-def test_training_writes_fp16_weights_that_load_and_a_log(tmp_path):
-    log = train(1.0, tmp_path, sizes=((2, 16, 16, 2),), max_steps=2, locality_size=(2, 16, 16))
-    assert log["steps"] == 2 and all(torch.isfinite(torch.tensor(loss)) for _, _, loss in log["losses"])
-    assert len(log["locality"]) == CONFIG["num_layers"]
-    assert json.loads((tmp_path / "train_log.json").read_text())["steps"] == 2
-    model = build_toy_wan(weights=tmp_path / "toy_wan.safetensors")
+def test_training_resumes_from_its_checkpoint_and_writes_fp16_weights_that_load(tmp_path):
+    tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
+                device=torch.device("cpu"))
+    first = train(1.0, tmp_path / "a", max_steps=2, checkpoint=tmp_path / "state.pt", **tiny)
+    assert first["steps"] == 2 and all(torch.isfinite(torch.tensor(loss)) for _, _, loss in first["losses"])
+    assert len(first["locality"]) == CONFIG["num_layers"] and len(first["scores"]) == 1
+    assert first["runs"][-1]["steps"] == 2 and first["runs"][-1]["device"] == "cpu"
+    second = train(1.0, tmp_path / "b", resume=tmp_path / "state.pt", max_steps=1, **tiny)
+    assert second["start_step"] == first["start_step"] + 2
+    assert second["runs"][:-1] == first["runs"] and second["runs"][-1]["steps"] == 1
+    assert json.loads((tmp_path / "b" / "train_log.json").read_text())["steps"] == 1
+    model = build_toy_wan(weights=tmp_path / "b" / "toy_wan.safetensors")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_the_training_cli_refuses_without_a_gpu(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path)])
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,11 +1,17 @@
-"""Train the toy video DiT: ``python -m sparse_compile.toy.train --minutes 5 --out DIR``.
+"""Train the toy video DiT on one CUDA GPU: ``python -m sparse_compile.toy.train --minutes 5 --out DIR``.
 
 Flow matching on procedural videos (:mod:`sparse_compile.toy.videos`), drawn fresh every step
-from the step's seed, at a mix of three sizes so the model serves several grids. bf16
+from the seed and the step number, at a mix of sizes so the model serves several grids. bf16
 autocast, AdamW with warm-up and cosine decay over the time budget, classifier-free-guidance
-label dropout; the EMA of the weights is saved as fp16 safetensors with a JSON log (loss
-curve, and the attention locality of every layer at the end, :func:`local_attention_mass`).
-Meant for one GPU; a few minutes on an H100 is enough for local attention to appear.
+label dropout, an EMA of the weights.
+
+Training resumes by default from the shipped weights (``--resume``: a ``.safetensors`` file or a
+checkpoint written by ``--checkpoint``). Written to ``--out``: the EMA as fp16 safetensors
+(with the cumulative training minutes and steps in its metadata) and ``train_log.json`` (loss
+curve, the judge's accuracy on sampled clips, attention locality per layer).
+
+The run is reproducible from the seed and the number of steps (``--max-steps``); with a time
+budget alone the step count depends on the GPU. The CLI refuses to train without CUDA.
 """
 
 from __future__ import annotations
@@ -14,17 +20,35 @@ import argparse
 import json
 import math
 import time
+from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
-from sparse_compile.toy.model import build_toy_wan, class_embeddings
+from sparse_compile.toy.evaluate import score_generation
+from sparse_compile.toy.model import WEIGHTS, build_toy_wan, class_embeddings
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
 
-# (frames, height, width, batch): about 48k tokens per batch each.
-TRAIN_SIZES = ((9, 32, 48, 14), (13, 48, 64, 5), (16, 64, 96, 2))
+# (frames, height, width, batch): about 55k tokens per batch each.
+TRAIN_SIZES = ((6, 32, 48, 24), (9, 32, 48, 16), (13, 48, 64, 6), (16, 64, 96, 2))
+# (frames, height, width, sampling steps): the demo's CPU and GPU settings.
+EVAL_SIZES = ((6, 32, 48, 6), (16, 64, 96, 20))
 LABEL_DROPOUT = 0.1
+EMA_DECAY = 0.999
+LOG_EVERY = 50
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run continues from: weights, EMA, optimizer, global step, past runs."""
+
+    model: torch.nn.Module
+    ema: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    runs: list[dict] = field(default_factory=list)  # {"device", "minutes", "steps"} per earlier run
 
 
 def learning_rate(progress: float, step: int, peak: float, warmup: int) -> float:
@@ -35,16 +59,17 @@ def learning_rate(progress: float, step: int, peak: float, warmup: int) -> float
 
 
 def training_batch(
-    step: int, sizes: tuple[tuple[int, int, int, int], ...], device: torch.device
+    step: int, sizes: tuple[tuple[int, int, int, int], ...], device: torch.device, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(noisy videos, timesteps, conditioning, velocity targets)`` of one step, from its seed.
+    """``(noisy videos, timesteps, conditioning, velocity targets)`` of one step, from ``seed`` and ``step``.
 
     ``sizes`` lists ``(frames, height, width, batch)``; step ``i`` uses entry ``i % len(sizes)``.
     """
-    gen = torch.Generator().manual_seed(step)
+    step_seed = seed * 10**9 + step
+    gen = torch.Generator().manual_seed(step_seed)
     frames, height, width, batch = sizes[step % len(sizes)]
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    videos = make_videos(step, labels, frames, height, width, device)
+    videos = make_videos(step_seed, labels, frames, height, width, device)
     noise = torch.randn(videos.shape, generator=gen).to(device)
     sigma = torch.rand((batch,), generator=gen).to(device)
     noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * videos + sigma.view(-1, 1, 1, 1, 1) * noise
@@ -78,66 +103,172 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def load_state(resume: Path | None, device: torch.device, peak_lr: float, prior_minutes: float) -> TrainState:
+    """A :class:`TrainState` from ``resume``: a checkpoint file of :func:`save_checkpoint`, a
+    ``.safetensors`` weights file (EMA and model both start from it), or ``None`` (random init).
+
+    ``prior_minutes`` is the training time of weights whose metadata does not record it.
+    """
+    from safetensors import safe_open
+
+    is_weights = resume is not None and resume.suffix == ".safetensors"
+    model = build_toy_wan(device, torch.float32, weights=resume if is_weights else None).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    state = TrainState(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, optimizer)
+    if resume is None:
+        return state
+    if is_weights:
+        with safe_open(str(resume), "pt") as weights:
+            meta = weights.metadata() or {}
+        runs = json.loads(meta["runs"]) if "runs" in meta else [{"device": "unrecorded", "minutes": prior_minutes,
+                                                                  "steps": None}]
+        state.runs, state.step = runs, int(meta.get("steps", 0))
+        return state
+    saved = torch.load(resume, map_location=device, weights_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    state.ema = {k: v.to(device) for k, v in saved["ema"].items()}
+    state.step, state.runs = saved["step"], json.loads(saved["runs"])
+    return state
+
+
+def save_checkpoint(state: TrainState, path: Path) -> None:
+    """Everything :func:`load_state` needs to continue, as one ``torch.save`` file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(), "ema": state.ema,
+                "step": state.step, "runs": json.dumps(state.runs)}, path)
+
+
 def train(
     minutes: float,
     out: Path,
-    peak_lr: float = 4e-4,
+    resume: Path | None = WEIGHTS,
+    checkpoint: Path | None = None,
+    peak_lr: float = 3e-4,
     seed: int = 0,
     sizes: tuple[tuple[int, int, int, int], ...] = TRAIN_SIZES,
     max_steps: int | None = None,
+    eval_sizes: tuple[tuple[int, int, int, int], ...] = EVAL_SIZES,
+    eval_clips: int = 32,
+    score_start: bool = False,
     locality_size: tuple[int, int, int] = (16, 64, 96),
+    prior_minutes: float = 0.0,
+    device: torch.device | None = None,
 ) -> dict:
-    """Train for ``minutes`` (or ``max_steps``), write ``toy_wan.safetensors`` and ``train_log.json`` to ``out``."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Train for ``minutes`` (or ``max_steps``) from ``resume``; write weights and log to ``out``.
+
+    ``eval_sizes`` lists ``(frames, height, width, steps)`` at which ``eval_clips`` sampled clips
+    are judged at the end (and at the start with ``score_start``).
+    """
+    from safetensors.torch import save_file
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
-    model = build_toy_wan(device, torch.float32, weights=None).train()
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
-    budget, start, step, losses = minutes * 60, time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or step < max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(elapsed / budget, step, peak_lr, warmup=200)
-        noisy, timesteps, conditioning, target = training_batch(step, sizes, device)
+    state = load_state(resume, device, peak_lr, prior_minutes)
+    model, params = state.model, [p for p in state.model.parameters() if p.requires_grad]
+    log: dict = {"resumed_from": str(resume), "start_step": state.step, "seed": seed, "peak_lr": peak_lr,
+                 "sizes": sizes, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "losses": []}
+    if score_start:
+        log["start_scores"] = _score(_ema_model(model, state.ema), eval_sizes, eval_clips)
+    budget, start, run_steps, window = minutes * 60, time.perf_counter(), 0, []
+    while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or run_steps < max_steps):
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
+        noisy, timesteps, conditioning, target = training_batch(state.step, sizes, device, seed)
         with _autocast(device):
             prediction = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=conditioning).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target)
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        state.optimizer.step()
+        decay = min(EMA_DECAY, (1 + run_steps) / (10 + run_steps))
         with torch.no_grad():
-            for name, value in model.state_dict().items():
-                ema[name].lerp_(value, 1 - decay)
-        if step % 50 == 0:
-            losses.append((step, round(time.perf_counter() - start, 1), float(loss.detach())))
-            print(f"step {step} {losses[-1][1]:.0f}s loss {losses[-1][2]:.4f}", flush=True)
-        step += 1
-    model.load_state_dict(ema)
-    model.eval()
-    locality = attention_locality(model, locality_size, device)
+            current = model.state_dict()
+            torch._foreach_lerp_(list(state.ema.values()), [current[k] for k in state.ema], 1 - decay)
+        window.append(loss.detach())
+        state.step, run_steps = state.step + 1, run_steps + 1
+        if run_steps % LOG_EVERY == 0 or run_steps == 1:
+            mean_loss = float(torch.stack(window).mean())
+            window = []
+            log["losses"].append((state.step, round(time.perf_counter() - start, 1), mean_loss))
+            print(f"step {state.step} ({run_steps} this run) {log['losses'][-1][1]:.0f}s loss {mean_loss:.4f}",
+                  flush=True)
+    run_minutes = (time.perf_counter() - start) / 60
+    state.runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps}]
+    log.update(steps=run_steps, minutes=round(run_minutes, 2), runs=state.runs,
+               total_minutes=round(sum(r["minutes"] for r in state.runs), 2))
+    if checkpoint is not None:
+        save_checkpoint(state, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.half().contiguous() for k, v in ema.items()}, str(out / "toy_wan.safetensors"))
-    log = {"steps": step, "minutes": minutes, "peak_lr": peak_lr, "losses": losses, "locality": locality,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    save_file({k: v.half().contiguous() for k, v in state.ema.items()}, str(out / "toy_wan.safetensors"),
+              metadata={"runs": json.dumps(state.runs), "steps": str(state.step)})
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))  # in case scoring is cut short
+    ema_model = _ema_model(model, state.ema)
+    log["scores"] = _score(ema_model, eval_sizes, eval_clips)
+    log["locality"] = attention_locality(ema_model, locality_size, device)
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
 
 
+def _ema_model(model: torch.nn.Module, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode holding the ``ema`` weights."""
+    copy = deepcopy(model).eval()
+    copy.load_state_dict(ema)
+    return copy
+
+
+def _score(model: torch.nn.Module, eval_sizes: tuple[tuple[int, int, int, int], ...], clips: int) -> list[dict]:
+    """Judge ``clips`` clips sampled from ``model`` at each ``(frames, height, width, steps)`` of ``eval_sizes``."""
+    scores = []
+    for frames, height, width, steps in eval_sizes:
+        with _autocast(next(model.parameters()).device):
+            score = score_generation(model, frames, height, width, steps, clips).as_dict()
+        print(f"judge accuracy {frames}x{height}x{width}, {steps} steps: {score['accuracy']:.3f} "
+              f"(shapes found in {score['found']:.3f})", flush=True)
+        scores.append(score)
+    return scores
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--minutes", type=_positive(float), default=5.0, help="training time budget")
+    parser.add_argument("--out", type=Path, required=True, help="folder for toy_wan.safetensors and train_log.json")
+    parser.add_argument("--resume", type=Path, default=WEIGHTS,
+                        help="weights (.safetensors) or a --checkpoint file to continue from (default: shipped weights)")
+    parser.add_argument("--from-scratch", action="store_true", help="random initial weights instead of --resume")
+    parser.add_argument("--checkpoint", type=Path, help="also save the full training state here")
+    parser.add_argument("--lr", type=_positive(float), default=3e-4, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=_positive(int), help="stop after this many steps (reproducible runs)")
+    parser.add_argument("--eval-clips", type=_positive(int), default=32, help="sampled clips judged per eval size")
+    parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
+    parser.add_argument("--prior-minutes", type=float, default=0.0,
+                        help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
-    log = train(args.minutes, args.out, args.lr, args.seed)
+    if not torch.cuda.is_available():
+        parser.error("training needs a CUDA GPU and none is available (one step at the largest training size "
+                     "takes minutes and tens of GB on a CPU)")
+    if not args.from_scratch and not args.resume.exists():
+        parser.error(f"--resume: no such file {args.resume}")
+    log = train(args.minutes, args.out, None if args.from_scratch else args.resume, args.checkpoint, args.lr,
+                args.seed, max_steps=args.max_steps, eval_clips=args.eval_clips, score_start=args.score_start,
+                prior_minutes=args.prior_minutes)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
-    print(f"{log['steps']} steps; final loss {log['losses'][-1][2]:.4f}; "
-          f"attention near-mass / near-share per layer: {ratios}")
+    print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
+          f"{log['losses'][-1][2]:.4f}; attention near-mass / near-share per layer: {ratios}")
 
 
 if __name__ == "__main__":

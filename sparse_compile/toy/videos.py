@@ -1,12 +1,16 @@
-"""Procedural training videos: moving shapes over a panning textured background.
+"""Procedural training videos: bright shapes moving over a panning grey texture.
 
-Every video is a pure function of ``(seed, index)``: a background texture (sine grating,
-checkerboard or smooth colour waves) moves with a camera pan, and two shapes move over it,
-wrapping around the frame edges. The class label picks the shape kind and the direction of
-motion, so a class-conditioned model has something to follow:
+Every video is a pure function of ``(seed, labels, frames, height, width)``. A grey,
+low-contrast background texture (sine grating, checkerboard or smooth waves, faintly tinted)
+moves with a camera pan of random direction and speed. Two shapes of saturated colours move
+over it in two parallel lanes, so they never overlap, and stay wholly inside the frame for the
+whole clip. The class label picks the shape kind and the direction of motion:
 
     label = 4 * shape_kind + direction,   shape_kind: 0 circle, 1 square
                                           direction: 0 right, 1 left, 2 down, 3 up
+
+Colour separates shapes from background (the shapes' chroma is at least 1.6, the background's
+at most 0.15, in ``[-1, 1]`` units), which is what :mod:`sparse_compile.toy.judge` relies on.
 
 Pixels are in ``[-1, 1]``, videos ``(N, 3, F, H, W)``.
 """
@@ -18,17 +22,28 @@ import math
 import torch
 
 NUM_CLASSES = 8
-_SHAPES_PER_VIDEO = 2
+SHAPE_NAMES = ("circle", "square")
+DIRECTION_NAMES = ("right", "left", "down", "up")
+SHAPES_PER_VIDEO = 2
+MIN_SIZE = 16
+_MARGIN = 2.0  # pixels between a shape and the frame edge
 _DIRECTIONS = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # (dx, dy) per direction
+
+
+def class_name(label: int) -> str:
+    """``"squares moving right"`` and the like for a class label."""
+    return f"{SHAPE_NAMES[label // 4]}s moving {DIRECTION_NAMES[label % 4]}"
 
 
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
     return torch.rand(shape, generator=gen) * (high - low) + low
 
 
-def _wrapped_offset(coord: torch.Tensor, centre: torch.Tensor, period: float) -> torch.Tensor:
-    """Signed distance from ``centre`` to ``coord`` on a circle of length ``period``."""
-    return torch.remainder(coord - centre + period / 2, period) - period / 2
+def _saturated_colours(hue: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """RGB in ``[-1, 1]`` ``(..., 3)`` of fully saturated HSV colours (hue in ``[0, 1)``)."""
+    k = torch.remainder(hue[..., None] * 6 + torch.tensor([5.0, 3.0, 1.0]), 6)
+    rgb01 = value[..., None] * (1 - torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+    return rgb01 * 2 - 1
 
 
 def _background(params: dict[str, torch.Tensor], t: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
@@ -45,34 +60,70 @@ def _background(params: dict[str, torch.Tensor], t: torch.Tensor, y: torch.Tenso
     return torch.where(kind == 0, grating, torch.where(kind == 1, checker, waves))
 
 
+def _shape_paths(gen: torch.Generator, direction: torch.Tensor, frames: int, height: int,
+                 width: int) -> dict[str, torch.Tensor]:
+    """Radius ``(N, S)``, start centre ``(N, S, 2)`` and velocity ``(N, S, 2)`` (pixels, pixels per frame).
+
+    Shape ``s`` keeps to lane ``s`` across the motion; along it, it travels 35-75% of the free
+    length over the clip, from a start that keeps it ``_MARGIN`` pixels inside the frame.
+    """
+    n = direction.shape[0]
+    size = min(height, width)
+    horizontal = direction[:, 0] != 0  # (N,)
+    along = torch.where(horizontal, float(width), float(height))[:, None]  # (N, 1)
+    across = torch.where(horizontal, float(height), float(width))[:, None]
+    lane_width = across / SHAPES_PER_VIDEO
+    radius = torch.minimum(_uniform(gen, (n, SHAPES_PER_VIDEO), 0.14, 0.2) * size, lane_width / 2 - _MARGIN)
+    reach = radius + _MARGIN  # closest a centre comes to a frame edge
+    lane_centre = (torch.arange(SHAPES_PER_VIDEO) + 0.5) * lane_width
+    cross = lane_centre + _uniform(gen, (n, SHAPES_PER_VIDEO), -1.0, 1.0) * (lane_width / 2 - reach).clamp(min=0)
+    travel = _uniform(gen, (n, SHAPES_PER_VIDEO), 0.35, 0.75) * (along - 2 * reach)
+    first = reach + torch.rand((n, SHAPES_PER_VIDEO), generator=gen) * (along - 2 * reach - travel)
+    sign = direction.sum(1, keepdim=True)  # +1 right/down, -1 left/up
+    start_along = torch.where(sign > 0, first, along - first)
+    speed = travel / max(frames - 1, 1)
+    start = torch.where(horizontal[:, None, None], torch.stack([start_along, cross], -1),
+                        torch.stack([cross, start_along], -1))
+    velocity = direction[:, None, :] * speed[..., None]
+    return {"radius": radius, "centre": start, "velocity": velocity}
+
+
 def _video_params(seed: int, labels: torch.Tensor, frames: int, height: int, width: int) -> dict[str, torch.Tensor]:
     """Every random choice of ``len(labels)`` videos, drawn on the CPU from ``seed``."""
     n = labels.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    direction = _DIRECTIONS[labels % 4]  # (N, 2)
     size = min(height, width)
-    speed = _uniform(gen, (n, 1), 0.5, 2.0) * size / 32  # background pan, pixels per frame
-    return {
+    pan_angle = _uniform(gen, (n,), 0.0, 2 * math.pi)
+    pan_speed = _uniform(gen, (n,), 0.0, 1.0) * size / 32
+    grey = _uniform(gen, (n, 1, 1), -0.7, 0.1)
+    contrast = _uniform(gen, (n, 1, 1), 0.1, 0.35)
+    tint = _uniform(gen, (n, 1, 3), -0.05, 0.05)
+    params = {
         "texture": torch.randint(0, 3, (n,), generator=gen),
-        "period": _uniform(gen, (n,), 0.15, 0.4) * size,
+        "period": _uniform(gen, (n,), 0.2, 0.5) * size,
         "angle": _uniform(gen, (n,), 0.0, math.pi),
-        "pan": direction * speed,
-        "bg_colours": _uniform(gen, (n, 2, 3), -1.0, 1.0),
+        "pan": torch.stack([torch.cos(pan_angle), torch.sin(pan_angle)], -1) * pan_speed[:, None],
+        "bg_colours": grey + tint + torch.tensor([1.0, -1.0])[None, :, None] * contrast,  # (N, 2, 3)
         "square": (labels // 4 == 1),
-        "centre": torch.rand((n, _SHAPES_PER_VIDEO, 2), generator=gen) * torch.tensor([width, height]),
-        "velocity": direction[:, None, :] * _uniform(gen, (n, _SHAPES_PER_VIDEO, 1), 1.0, 3.0) * size / 32,
-        "radius": _uniform(gen, (n, _SHAPES_PER_VIDEO), 0.1, 0.22) * size,
-        "shape_colours": _uniform(gen, (n, _SHAPES_PER_VIDEO, 3), -1.0, 1.0),
+        "shape_colours": _saturated_colours(torch.rand((n, SHAPES_PER_VIDEO), generator=gen),
+                                            _uniform(gen, (n, SHAPES_PER_VIDEO), 0.9, 1.0)),
     }
+    params.update(_shape_paths(gen, _DIRECTIONS[labels % 4], frames, height, width))
+    return params
 
 
 def make_videos(
     seed: int, labels: torch.Tensor, frames: int, height: int, width: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Videos ``(N, 3, F, H, W)`` in ``[-1, 1]`` for class ``labels`` ``(N,)``, deterministic in ``seed``."""
+    """Videos ``(N, 3, F, H, W)`` in ``[-1, 1]`` for class ``labels`` ``(N,)``, deterministic in ``seed``.
+
+    Frames must be at least ``MIN_SIZE`` pixels high and wide.
+    """
     labels = labels.cpu().long()
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError(f"labels must be in [0, {NUM_CLASSES}), got {labels.tolist()}")
+    if min(height, width) < MIN_SIZE or frames < 1:
+        raise ValueError(f"videos need frames >= 1 and height, width >= {MIN_SIZE}; got {frames}x{height}x{width}")
     params = {k: v.to(device) for k, v in _video_params(seed, labels, frames, height, width).items()}
     t = torch.arange(frames, device=device, dtype=torch.float32)[:, None, None]
     y = torch.arange(height, device=device, dtype=torch.float32)[None, :, None] + 0.5
@@ -81,10 +132,9 @@ def make_videos(
     colours = params["bg_colours"]  # (N, 2, 3)
     weight = ((texture + 1) / 2)[:, None]  # (N, 1, F, H, W)
     video = colours[:, 0, :, None, None, None] * weight + colours[:, 1, :, None, None, None] * (1 - weight)
-    for s in range(_SHAPES_PER_VIDEO):
+    for s in range(SHAPES_PER_VIDEO):
         centre = params["centre"][:, s, :, None, None, None] + params["velocity"][:, s, :, None, None, None] * t
-        dx = _wrapped_offset(x, centre[:, 0], width)  # (N, F, H, W)
-        dy = _wrapped_offset(y, centre[:, 1], height)
+        dx, dy = x - centre[:, 0], y - centre[:, 1]  # (N, F, H, W)
         round_dist = torch.sqrt(dx * dx + dy * dy)
         square_dist = torch.maximum(dx.abs(), dy.abs())
         dist = torch.where(params["square"][:, None, None, None], square_dist, round_dist)
