@@ -17,6 +17,9 @@ from sparse_compile.runtime.sites import SiteFacts, SiteRecord
 KEEPS_EVERYTHING = "sparse method, pattern keeps every pair"
 """Status of a sparse site whose every sparse-step call kept all (query, key) pairs."""
 
+GUARDED = "dense: sparse would not be faster on this GPU (break-even guard)"
+"""Status of a sparse site whose every sparse-step call the break-even guard ran dense."""
+
 
 @dataclass(frozen=True)
 class SiteReport:
@@ -103,7 +106,10 @@ def _site_report(record: SiteRecord, state: SiteState | None) -> SiteReport:
         if status == "sparse":
             warmup = frozenset(state.scheduled_dense_steps)
             sparse_steps = [d for step, d in density_by_step.items() if step not in warmup]
-            if sparse_steps and all(d == 1.0 for d in sparse_steps):
+            runs = state.head_runs
+            if sum(runs.guard) and not sum(runs.sparse):
+                status = GUARDED
+            elif sparse_steps and all(d == 1.0 for d in sparse_steps):
                 status = KEEPS_EVERYTHING
     runs = HeadRuns() if state is None else HeadRuns(*(list(c) for c in (state.head_runs.sparse, state.head_runs.guard,
                                                                           state.head_runs.warmup)))

@@ -257,3 +257,22 @@ def test_the_measured_cost_model_is_positive_and_puts_break_even_below_dense():
     costs = kernel_costs(torch.device("cuda"), torch.bfloat16, 128, 64)
     assert costs.pair_time > 0 and costs.dense_pair_time > 0 and costs.launch >= 0
     assert 0.3 < costs.break_even_density < 1.2
+
+
+def test_a_compiled_model_without_a_method_runs_auto_and_reports_guarded_heads():
+    import tiny_models
+
+    import sparse_compile
+    from sparse_compile.report import GUARDED
+
+    model, inputs, _ = tiny_models.wan(frames=4, height=16, width=16, layers=1)  # 256 tokens, heads of 16
+    compiled = torch.compile(model, backend="sparse_video", options={"min_seq_len": 16, "block": 32, "recall": 0.99})
+    with torch.no_grad():
+        out = compiled(**inputs).sample
+        expected = model(**inputs).sample
+    site = sparse_compile.report(compiled).rewritten[0]
+    assert site.method == "auto"
+    runs = site.head_runs  # near-uniform attention of random weights: every head dense by the guard
+    assert (runs.sparse, runs.guard, runs.warmup) == ([0, 0], [1, 1], [0, 0])
+    assert site.status == GUARDED
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

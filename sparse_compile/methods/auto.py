@@ -3,9 +3,9 @@
 **Choosing.** For one (site, CFG branch), the exact block masses of the video tokens (a row-LSE
 pass and a block-mass pass, like an AdaSpa search) give every candidate's exact recall per head;
 :mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
-kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks), and heads
+kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks); heads
 past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.cost_model`)
-run every block. When the whole call would be no faster than dense SDPA it runs dense SDPA.
+run dense, and so does the whole call when sparse would not be faster.
 
 **When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
 first call of a generation (or of a new grid or shape). Every ``recheck_every`` steps after a
@@ -46,6 +46,7 @@ from sparse_compile.registry import MethodConfig, choice_option, fraction_option
 BLOCK_SIZES = (32, 64, 128)
 _CHECK_ROWS = 64
 _RECHECK_MARGIN = 0.03
+_ROW_SHIFT = 7919  # a prime: each check samples other rows than the last
 _CHECK_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of heads in a recall check
 
 
@@ -124,7 +125,7 @@ def check_rows(num_video: int, step: int) -> Tensor:
     """``_CHECK_ROWS`` evenly spaced video rows, shifted by the step (deterministic): int64 ``(R,)``."""
     count = min(_CHECK_ROWS, num_video)
     spacing = num_video // count
-    return torch.arange(count) * spacing + (step * 7919) % spacing
+    return torch.arange(count) * spacing + (step * _ROW_SHIFT) % spacing
 
 
 @register_method
