@@ -229,6 +229,16 @@ def test_the_guard_runs_a_single_method_dense_past_break_even(monkeypatch, metho
     torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
+def test_a_head_with_an_infinite_key_runs_dense_and_gives_what_dense_gives():
+    q, k, v = synthetic_heads()
+    k = k.clone()
+    k[0, 0, 5, 0] = torch.inf  # the spatial head: rows of frame 0 see it, the others would not
+    result = _auto().attend(method_call(q, k, v, LAYOUT))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert 0 in result.guarded_heads
+    assert torch.equal(torch.isnan(result.output), torch.isnan(expected)) and bool(torch.isnan(expected).any())
+
+
 @pytest.mark.parametrize("option, value", [("recall", 0.0), ("recall", 1.5), ("block", 48), ("recheck_every", 0)])
 def test_bad_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):

@@ -5,7 +5,8 @@ pass and a block-mass pass, like an AdaSpa search) give every candidate's exact 
 :mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
 kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks); heads
 past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.cost_model`)
-run dense, and so does the whole call when sparse would not be faster.
+run dense, and so does the whole call when sparse would not be faster. Heads whose scores are not
+finite (NaN or Inf in q or k) run dense, so they give what dense attention gives.
 
 **When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
 first call of a generation (or of a new grid or shape). Every ``recheck_every`` steps after a
@@ -209,7 +210,8 @@ class AutoMethod(AttentionMethod):
         ]  # fmt: skip
         names = choice_names(candidates)
         labels = torch.cat([c.labels for c in choices], dim=1).tolist()
-        guarded = [any(names[row[h]] == GUARD for row in labels) for h in range(heads)]
+        not_finite = (~torch.isfinite(lse)).any(dim=-1).any(dim=0).tolist()  # scores with NaN/Inf: dense, as given
+        guarded = [not_finite[h] or any(names[row[h]] == GUARD for row in labels) for h in range(heads)]
         sparse_heads = torch.tensor([h for h in range(heads) if not guarded[h]], dtype=torch.int64, device=q.device)
         dense_heads = torch.tensor([h for h in range(heads) if guarded[h]], dtype=torch.int64, device=q.device)
         masks = torch.cat([c.masks for c in choices], dim=1)[:, sparse_heads]
