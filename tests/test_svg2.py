@@ -15,10 +15,9 @@ from method_calls import method_call
 from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_scores, select_top_p
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
-from sparse_compile.methods.base import TokenLayout
+from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.svg2 import Centroids, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
-from sparse_compile.methods.base import SiteCache
 
 
 def _method(**params) -> Svg2Method:
@@ -172,3 +171,11 @@ def test_more_clusters_than_video_tokens_are_clamped_to_the_tokens_with_one_note
     assert caplog.text.count(note) == 1
     # every key cluster kept: exact attention
     torch.testing.assert_close(results[-1].output, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_dim_the_cluster_kernel_cannot_take_runs_dense_with_the_reason():
+    q, k, v = (torch.randn(1, 2, 64, 80) for _ in range(3))
+    method = Svg2Method(validate_options({"method": "svg2", "q_clusters": 4, "k_clusters": 8}))
+    result = method.attend(method_call(q, k, v, TokenLayout(4, 4, 4, 0, False)))
+    assert "head dim 80" in result.fallback_reason
+    torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))

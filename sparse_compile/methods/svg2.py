@@ -89,6 +89,7 @@ class Svg2Method(AttentionMethod):
 
     name = "svg2"
     config_type = Svg2Config
+    needs_block_kernel = True
     config: Svg2Config
 
     def __init__(self, options: SparseOptions) -> None:
