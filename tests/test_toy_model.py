@@ -111,6 +111,21 @@ def test_training_resumes_from_its_checkpoint_and_writes_fp16_weights_that_load(
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_training_saves_weights_every_save_every_minutes_and_resumes_from_the_weights_file(tmp_path, monkeypatch):
+    import sparse_compile.toy.train as train_module
+
+    tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
+                device=torch.device("cpu"))
+    saves = []
+    real_save = train_module._save_weights
+    monkeypatch.setattr(train_module, "_save_weights", lambda *args: saves.append(args[3]) or real_save(*args))
+    first = train(1.0, tmp_path / "a", resume=None, max_steps=3, save_every=1e-9, **tiny)
+    assert saves == [1, 2, 3, 3]  # after each step (the budget check runs before each step's save), then at the end
+    second = train(1.0, tmp_path / "b", resume=tmp_path / "a" / "toy_wan.safetensors", max_steps=1, **tiny)
+    assert second["start_step"] == 3 and second["runs"][:-1] == first["runs"]
+    assert not list((tmp_path / "a").glob("*.partial"))
+
+
 def test_the_training_cli_refuses_without_a_gpu(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):

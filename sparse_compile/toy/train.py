@@ -154,15 +154,15 @@ def train(
     score_start: bool = False,
     locality_size: tuple[int, int, int] = (16, 64, 96),
     prior_minutes: float = 0.0,
+    save_every: float | None = None,
     device: torch.device | None = None,
 ) -> dict:
     """Train for ``minutes`` (or ``max_steps``) from ``resume``; write weights and log to ``out``.
 
     ``eval_sizes`` lists ``(frames, height, width, steps)`` at which ``eval_clips`` sampled clips
-    are judged at the end (and at the start with ``score_start``).
+    are judged at the end (and at the start with ``score_start``). With ``save_every`` (minutes),
+    the EMA weights and the log are also written every ``save_every`` minutes of the run.
     """
-    from safetensors.torch import save_file
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
@@ -174,6 +174,7 @@ def train(
     if score_start:
         log["start_scores"] = _score(_ema_model(model, state.ema), eval_sizes, eval_clips)
     budget, start, run_steps, window = minutes * 60, time.perf_counter(), 0, []
+    next_save = None if save_every is None else save_every * 60
     while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or run_steps < max_steps):
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
@@ -197,21 +198,37 @@ def train(
             log["losses"].append((state.step, round(time.perf_counter() - start, 1), mean_loss))
             print(f"step {state.step} ({run_steps} this run) {log['losses'][-1][1]:.0f}s loss {mean_loss:.4f}",
                   flush=True)
+        if next_save is not None and elapsed >= next_save:
+            next_save += save_every * 60
+            _save_weights(state, log, out, run_steps, (time.perf_counter() - start) / 60)
     run_minutes = (time.perf_counter() - start) / 60
-    state.runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps}]
-    log.update(steps=run_steps, minutes=round(run_minutes, 2), runs=state.runs,
-               total_minutes=round(sum(r["minutes"] for r in state.runs), 2))
+    state.runs = _save_weights(state, log, out, run_steps, run_minutes)
     if checkpoint is not None:
         save_checkpoint(state, checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in state.ema.items()}, str(out / "toy_wan.safetensors"),
-              metadata={"runs": json.dumps(state.runs), "steps": str(state.step)})
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))  # in case scoring is cut short
     ema_model = _ema_model(model, state.ema)
     log["scores"] = _score(ema_model, eval_sizes, eval_clips)
     log["locality"] = attention_locality(ema_model, locality_size, device)
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
     return log
+
+
+def _save_weights(state: TrainState, log: dict, out: Path, run_steps: int, run_minutes: float) -> list[dict]:
+    """Write the EMA as fp16 ``out/toy_wan.safetensors`` and ``out/train_log.json``, each replaced whole (a
+    reader never sees half a file); returns the runs list with this run so far appended."""
+    from safetensors.torch import save_file
+
+    runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps}]
+    log.update(steps=run_steps, minutes=round(run_minutes, 2), runs=runs,
+               total_minutes=round(sum(r["minutes"] for r in runs), 2))
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "toy_wan.safetensors.partial"
+    save_file({k: v.half().contiguous() for k, v in state.ema.items()}, str(partial),
+              metadata={"runs": json.dumps(runs), "steps": str(state.step)})
+    partial.replace(out / "toy_wan.safetensors")
+    partial_log = out / "train_log.json.partial"
+    partial_log.write_text(json.dumps(log, indent=1))
+    partial_log.replace(out / "train_log.json")
+    return runs
 
 
 def _ema_model(model: torch.nn.Module, ema: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -255,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=_positive(int), help="stop after this many steps (reproducible runs)")
     parser.add_argument("--eval-clips", type=_positive(int), default=32, help="sampled clips judged per eval size")
     parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
+    parser.add_argument("--save-every", type=_positive(float),
+                        help="also write the weights and log every this many minutes of the run")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
                         help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
@@ -265,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--resume: no such file {args.resume}")
     log = train(args.minutes, args.out, None if args.from_scratch else args.resume, args.checkpoint, args.lr,
                 args.seed, max_steps=args.max_steps, eval_clips=args.eval_clips, score_start=args.score_start,
-                prior_minutes=args.prior_minutes)
+                prior_minutes=args.prior_minutes, save_every=args.save_every)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
     print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
           f"{log['losses'][-1][2]:.4f}; attention near-mass / near-share per layer: {ratios}")
