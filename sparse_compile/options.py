@@ -27,6 +27,9 @@ class SparseOptions:
         grid: ``(frames, height, width)`` of the video tokens, overriding inference.
         text_tokens: number of text tokens joined to the video tokens (only with ``grid``).
         text_position: where those text tokens sit in the sequence (only with ``grid``).
+        break_even_guard: on CUDA, a single method's call whose predicted kept density is past the
+            device's break-even density runs dense SDPA (``False``: always the method's pattern, e.g.
+            to check or time a method there). ``auto`` always chooses by the cost model.
         method_config: the chosen method's own options (its typed config; ``None``: its defaults).
     """
 
@@ -37,6 +40,7 @@ class SparseOptions:
     grid: tuple[int, int, int] | None = None
     text_tokens: int = 0
     text_position: str = "suffix"
+    break_even_guard: bool = True
     method_config: MethodConfig | None = None
 
 
@@ -90,6 +94,11 @@ def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
     for key, minimum in (("dense_steps", 0), ("dense_layers", 0), ("min_seq_len", 1), ("text_tokens", 0)):
         if key in options:
             checked[key] = _require_int(key, options[key], minimum)
+    if "break_even_guard" in options:
+        if not isinstance(options["break_even_guard"], bool):
+            raise ValueError(f"sparse_video option 'break_even_guard' must be True or False, "
+                             f"got {options['break_even_guard']!r}")
+        checked["break_even_guard"] = options["break_even_guard"]
     if "grid" in options and options["grid"] is not None:
         checked["grid"] = _validate_grid(options["grid"])
     if "text_position" in options:

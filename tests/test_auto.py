@@ -227,6 +227,8 @@ def test_the_guard_runs_a_single_method_dense_past_break_even(monkeypatch, metho
     result = method.attend(call)
     assert result.guarded_heads == (0, 1, 2) and result.kept_density == 1.0
     torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    unguarded = METHODS[method_name](validate_options({"method": method_name, "break_even_guard": False, **options}))
+    assert unguarded.attend(call).guarded_heads == () and unguarded.attend(call).kept_density < 1.0
 
 
 def test_a_head_with_an_infinite_key_runs_dense_and_gives_what_dense_gives():
@@ -239,7 +241,8 @@ def test_a_head_with_an_infinite_key_runs_dense_and_gives_what_dense_gives():
     assert torch.equal(torch.isnan(result.output), torch.isnan(expected)) and bool(torch.isnan(expected).any())
 
 
-@pytest.mark.parametrize("option, value", [("recall", 0.0), ("recall", 1.5), ("block", 48), ("recheck_every", 0)])
+@pytest.mark.parametrize("option, value", [("recall", 0.0), ("recall", 1.5), ("block", 48), ("recheck_every", 0),
+                                           ("break_even_guard", 1)])
 def test_bad_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         validate_options({"method": "auto", option: value})

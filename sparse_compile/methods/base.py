@@ -134,8 +134,9 @@ class AttentionMethod:
 
     def guard_sends_dense(self, call: AttentionCall) -> bool:
         """Whether the predicted density is past the device's break-even density for the block kernel
-        (:func:`~sparse_compile.methods.cost_model.guard_costs`: on CUDA only)."""
-        density = self.predicted_density(call)
+        (:func:`~sparse_compile.methods.cost_model.guard_costs`: on CUDA only; never with the option
+        ``break_even_guard=False``)."""
+        density = self.predicted_density(call) if self.options.break_even_guard else None
         if density is None:
             return False
         query = call.query
