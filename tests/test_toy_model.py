@@ -96,6 +96,18 @@ def test_frame_strip_has_one_captioned_row_per_video_and_one_column_per_frame():
     assert torch.equal(second_row[::2, ::2], expected)
 
 
+def test_a_training_batch_weights_the_shapes_pixels_and_draws_mid_noise_levels_most():
+    from sparse_compile.toy.train import SHAPE_CHROMA, SHAPE_LOSS_WEIGHT, training_batch
+
+    batch = training_batch(step=3, sizes=((4, 32, 48, 64),), device=torch.device("cpu"), seed=1)
+    sigma = (batch.timesteps / 1000).view(-1, 1, 1, 1, 1)
+    clean = batch.noisy - sigma * batch.target  # x_sigma = (1 - sigma) x + sigma n and target = n - x
+    chroma = clean.amax(dim=1, keepdim=True) - clean.amin(dim=1, keepdim=True)
+    assert torch.equal(batch.loss_weight, 1 + SHAPE_LOSS_WEIGHT * (chroma > SHAPE_CHROMA).float())
+    assert 0.01 < float((batch.loss_weight > 1).float().mean()) < 0.3, "shapes are a small part of each frame"
+    assert float(((sigma > 0.25) & (sigma < 0.75)).float().mean()) > 0.55  # logit-normal: ~0.73 in the middle half
+
+
 def test_training_resumes_from_its_checkpoint_and_writes_fp16_weights_that_load(tmp_path):
     tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
                 device=torch.device("cpu"))

@@ -1,9 +1,11 @@
 """Train the toy video DiT on one CUDA GPU: ``python -m sparse_compile.toy.train --minutes 5 --out DIR``.
 
 Flow matching on procedural videos (:mod:`sparse_compile.toy.videos`), drawn fresh every step
-from the seed and the step number, at a mix of sizes so the model serves several grids. bf16
-autocast, AdamW with warm-up and cosine decay over the time budget, classifier-free-guidance
-label dropout, an EMA of the weights.
+from the seed and the step number, at a mix of sizes so the model serves several grids. Noise
+levels are logit-normal (most steps at mid noise, where the shapes and their motion are decided),
+and the shapes' pixels weigh ``1 + SHAPE_LOSS_WEIGHT`` in the loss, since they carry the class but
+cover a few percent of a frame. bf16 autocast, AdamW with warm-up and cosine decay over the time
+budget, classifier-free-guidance label dropout, an EMA of the weights.
 
 Training resumes by default from the shipped weights (``--resume``: a ``.safetensors`` file or a
 checkpoint written by ``--checkpoint``). Written to ``--out``: the EMA as fp16 safetensors
@@ -36,6 +38,8 @@ TRAIN_SIZES = ((6, 32, 48, 24), (9, 32, 48, 16), (13, 48, 64, 6), (16, 64, 96, 2
 # (frames, height, width, sampling steps): the demo's CPU and GPU settings.
 EVAL_SIZES = ((6, 32, 48, 6), (16, 64, 96, 20))
 LABEL_DROPOUT = 0.1
+SHAPE_LOSS_WEIGHT = 4.0
+SHAPE_CHROMA = 0.8  # between the shapes' chroma (>= 1.6) and the background's (<= 0.15)
 EMA_DECAY = 0.999
 LOG_EVERY = 50
 
@@ -58,10 +62,23 @@ def learning_rate(progress: float, step: int, peak: float, warmup: int) -> float
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One step's inputs and targets: videos ``(N, 3, F, H, W)``, timesteps ``(N,)``, conditioning
+    ``(N, TEXT_TOKENS, TEXT_DIM)``, velocity targets like the videos and per-pixel loss weights ``(N, 1, F, H, W)``."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    conditioning: torch.Tensor
+    target: torch.Tensor
+    loss_weight: torch.Tensor
+
+
 def training_batch(
     step: int, sizes: tuple[tuple[int, int, int, int], ...], device: torch.device, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(noisy videos, timesteps, conditioning, velocity targets)`` of one step, from ``seed`` and ``step``.
+) -> TrainingBatch:
+    """The batch of step ``step`` of a run with ``seed``: logit-normal noise levels, shape pixels
+    weighted ``1 + SHAPE_LOSS_WEIGHT``.
 
     ``sizes`` lists ``(frames, height, width, batch)``; step ``i`` uses entry ``i % len(sizes)``.
     """
@@ -71,11 +88,13 @@ def training_batch(
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     videos = make_videos(step_seed, labels, frames, height, width, device)
     noise = torch.randn(videos.shape, generator=gen).to(device)
-    sigma = torch.rand((batch,), generator=gen).to(device)
+    sigma = torch.sigmoid(torch.randn((batch,), generator=gen)).to(device)
     noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * videos + sigma.view(-1, 1, 1, 1, 1) * noise
     dropped = torch.rand((batch,), generator=gen) < LABEL_DROPOUT
     conditioning = class_embeddings(torch.where(dropped, -1, labels)).to(device)
-    return noisy, sigma * 1000, conditioning, noise - videos
+    chroma = videos.amax(dim=1, keepdim=True) - videos.amin(dim=1, keepdim=True)
+    loss_weight = 1 + SHAPE_LOSS_WEIGHT * (chroma > SHAPE_CHROMA).float()
+    return TrainingBatch(noisy, sigma * 1000, conditioning, noise - videos, loss_weight)
 
 
 def attention_locality(
@@ -178,10 +197,11 @@ def train(
     while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or run_steps < max_steps):
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
-        noisy, timesteps, conditioning, target = training_batch(state.step, sizes, device, seed)
+        batch = training_batch(state.step, sizes, device, seed)
         with _autocast(device):
-            prediction = model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=conditioning).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), target)
+            prediction = model(hidden_states=batch.noisy, timestep=batch.timesteps,
+                               encoder_hidden_states=batch.conditioning).sample
+        loss = (batch.loss_weight * (prediction.float() - batch.target) ** 2).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
