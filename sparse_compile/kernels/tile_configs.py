@@ -5,21 +5,23 @@ stages), or for the cluster-attention kernel a :class:`VarlenConfig` (a main til
 tail tile). Each kernel family has one function that picks it from the call's shape and, where it
 matters, the device's shared memory per block (:func:`max_shared_memory`):
 
-==========================  ==============================  ===========================================
-family                      function                        tile
-==========================  ==============================  ===========================================
-fixed-block attention       :func:`block_sparse_tiles`      autotune candidates that tile the layout
-                                                            blocks (the autotuner times them on CUDA);
-                                                            :func:`interpreter_block_sparse_tile` in
-                                                            Triton's CPU interpreter
-cluster attention           :func:`varlen_config`           by mean q cluster size, element size,
-                                                            head dim and shared memory
-k-means assignment          :data:`KMEANS_TILE`             one tile for every shape
-full-attention LSE          :func:`attention_lse_config`    by query block and head dim
-exact block mass            :func:`block_mass_config`       by layout blocks and head dim
-top-p cluster selection     :func:`top_p_selection_warps`   warps by the padded cluster count
-cluster tile tables         :func:`tile_table_warps`        warps by the padded q-cluster count
-==========================  ==============================  ===========================================
+==========================  ================================  ===========================================
+family                      function                          tile
+==========================  ================================  ===========================================
+fixed-block attention       :func:`block_sparse_tiles`        autotune candidates that tile the layout
+                                                              blocks (the autotuner times them on CUDA);
+                                                              :func:`interpreter_block_sparse_tile` in
+                                                              Triton's CPU interpreter
+fixed-block attention,      :func:`gluon_block_sparse_tile`   by layout blocks and head dim
+Gluon (sm_90)
+cluster attention           :func:`varlen_config`             by mean q cluster size, element size,
+                                                              head dim and shared memory
+k-means assignment          :data:`KMEANS_TILE`               one tile for every shape
+full-attention LSE          :func:`attention_lse_config`      by query block and head dim
+exact block mass            :func:`block_mass_config`         by layout blocks and head dim
+top-p cluster selection     :func:`top_p_selection_warps`     warps by the padded cluster count
+cluster tile tables         :func:`tile_table_warps`          warps by the padded q-cluster count
+==========================  ================================  ===========================================
 
 The helper kernels' fixed block sizes (kept-rows prep, k-means finalize and permutation, tile-table
 fill) are the constants at the end. Shared-memory needs are those of sm_90 compiles at D = 128.
@@ -120,6 +122,26 @@ def block_sparse_tiles(block_q: int, block_k: int) -> tuple[TileConfig, ...]:
     block (BLOCK_M <= block_q, BLOCK_N <= block_k), else :func:`interpreter_block_sparse_tile` alone."""
     kept = tuple(t for t in AUTOTUNE_TILES if t.block_m <= block_q and t.block_n <= block_k)
     return kept or (interpreter_block_sparse_tile(block_q, block_k),)
+
+
+GLUON_SHARED_BYTES = 232448 - 1024
+"""Shared memory a Gluon attention program may fill with tiles: Hopper's 227 KiB per block, less room
+for the mbarriers and the compiler's layout-conversion scratch."""
+
+
+def gluon_block_sparse_tile(block_q: int, block_k: int, head_dim: int) -> TileConfig:
+    """Tile of the Gluon fixed-block kernel (sm_90), for layout blocks of 64, 128 or 256.
+
+    ``block_m`` = min(block_q, 128) query rows over one warpgroup per 64 rows (4 or 8 warps);
+    ``block_n`` = min(block_k, 128) keys per K/V tile; ``num_stages`` K/V ring slots: as many as fit
+    beside the Q tile in :data:`GLUON_SHARED_BYTES` (16-bit inputs), at most 3 (a 4th slot buys no
+    latency the 3rd does not hide).
+    """
+    block_m, block_n = min(block_q, 128), min(block_k, 128)
+    q_bytes = block_m * head_dim * 2
+    kv_stage_bytes = 2 * block_n * head_dim * 2
+    stages = min(3, (GLUON_SHARED_BYTES - q_bytes) // kv_stage_bytes)
+    return TileConfig(block_m, block_n, 8 if block_m == 128 else 4, stages)
 
 
 # ------------------------------------------------------------------------------------------------
