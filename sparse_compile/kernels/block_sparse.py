@@ -586,7 +586,8 @@ def block_sparse_attention(
     1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`attention_output_like`), in
     q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)`` when ``return_lse``. Rows whose q
     block keeps nothing give 0 and LSE ``-inf``. Shapes are checked here (``ValueError``); layout and
-    permutation *values* on the CPU path only.
+    permutation *values* on the CPU path only. Runs the kernel :func:`kernel_choice` picks (the Gluon
+    kernel on sm_90 where it takes the call, else the Triton kernel; the reference on CPU).
     """
     out, lse = torch.ops.sparse_compile.block_sparse_attention(
         q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale, q_perm, kv_perm

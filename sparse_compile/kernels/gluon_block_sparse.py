@@ -2,22 +2,26 @@
 
 The same computation and layout as the Triton kernel of :mod:`sparse_compile.kernels.block_sparse`
 (the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
-:func:`gluon_eligible` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
+:func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
 no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
 here on sm_90 and keeps the Triton kernel for every other device and input.
 
-One program computes ``BLOCK_M`` query rows of one (batch, head) (grid ``(cdiv(S_q, BLOCK_M), B * H)``):
+One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
+warp-specialized:
 
-- Q, K and V are read by TMA through 4-D ``(B, H, S, D)`` descriptors (any strides with a unit last
-  stride), so rows past ``S`` read as zeros; O is written by a TMA store that drops rows past ``S_q``.
-- The K and V tiles of the kept blocks go through a ``STAGES``-deep shared-memory ring, one mbarrier
-  per slot, issued ``STAGES`` tiles ahead of their use: tile ``t`` is the ``t % SUB_N``-th
-  ``BLOCK_N``-key part of kept block ``indices[t // SUB_N]``.
-- Both GEMMs are asynchronous ``warpgroup_mma``: ``S = Q K^T`` from shared memory, ``O += P V`` with P
-  from registers. The loop issues the scores of tile ``t`` and the ``P V`` of tile ``t - 1`` together
-  and runs the softmax of tile ``t`` while ``P V`` is still on the tensor cores.
-- Online softmax in base 2 and fp32; keys past ``S_k`` (the last, partial kv block) are masked to
-  ``-inf``. Rows whose q block keeps nothing get O = 0 and LSE = ``-inf``.
+- a producer warp issues every TMA load: the Q rows, then the K and V tiles of the kept blocks into a
+  ``STAGES``-deep shared-memory ring (tile ``t``, the ``t % SUB_N``-th ``BLOCK_N``-key part of kept
+  block ``indices[t // SUB_N]``, goes to slot ``t % STAGES``), each slot guarded by a ready and an
+  empty mbarrier;
+- one consumer warpgroup per 64 query rows runs both GEMMs as asynchronous ``warpgroup_mma``
+  (``S = Q K^T`` from shared memory, ``O += P V`` with P from registers): it issues the scores of tile
+  ``t`` and the ``P V`` of tile ``t - 1`` back to back and runs the online softmax (base 2, fp32) of
+  tile ``t`` while ``P V`` is on the tensor cores, releasing each slot once its GEMM has finished.
+
+Q, K and V are read through 4-D ``(B, H, S, D)`` descriptors (any strides with a unit last stride), so
+rows past ``S`` read as zeros; keys past ``S_k`` (the last, partial kv block) are masked to ``-inf``; O
+is written by a TMA store that drops rows past ``S_q``. Rows whose q block keeps nothing get O = 0 and
+LSE = ``-inf``.
 """
 
 from __future__ import annotations
@@ -90,39 +94,36 @@ def gluon_ineligibility(
     return None
 
 
-def gluon_eligible(
-    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool = False
-) -> bool:
-    """Whether the Gluon kernel runs this call: q on a CUDA sm_90 device and :func:`gluon_ineligibility` is ``None``."""
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    return gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation) is None
-
-
 # ------------------------------------------------------------------------------------------------
 # Kernel
 # ------------------------------------------------------------------------------------------------
 
+CONSUMER_ROWS = 64
+"""Query rows of one consumer warpgroup (the M of its ``warpgroup_mma``)."""
+CONSUMER_REGS = 232
+"""Registers per thread of a consumer warpgroup (``setmaxnreg``); the producer warp keeps 24."""
+PRODUCER_REGS = 24
+
 
 @gluon.jit
-def _tile_start(idx_row, stride_ik, t, valid, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr):
-    """First key of kv tile ``t``: sub-tile ``t % SUB_N`` of kept block ``idx_row[t // SUB_N]`` (0 unless ``valid``)."""
+def _tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """First key of kv tile ``t``: sub-tile ``t % SUB_N`` of kept block ``idx_row[t // SUB_N]``."""
     SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
-    kv_block = gl.load(idx_row + (t // SUB_N) * stride_ik, mask=valid, other=0)
+    kv_block = gl.load(idx_row + (t // SUB_N) * stride_ik)
     return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
 
 
 @gluon.jit
-def _issue_kv_load(desc, bars, ring, slot, off_b, off_h, start, pred):
-    """TMA-load the (BLOCK_N, D) tile at key ``start`` of head (off_b, off_h) into ring slot ``slot``, if ``pred``."""
-    bar = bars.index(slot)
-    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, ring.index(slot), pred=pred)
+def _issue_tile_load(desc, bar, smem, off_b, off_h, start):
+    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on ``bar``."""
+    mbarrier.expect(bar, desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
 
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
                   s_layout: gl.constexpr):  # fmt: skip
-    """Base-2 online softmax of raw scores ``s`` (BLOCK_M x BLOCK_N) of the tile at key ``k_start``.
+    """Base-2 online softmax of raw scores ``s`` (rows x BLOCK_N) of the tile at key ``k_start``.
 
     Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). Returns the unnormalised
     probabilities, the factor rescaling the running output, and the new row max and row sum.
@@ -139,6 +140,111 @@ def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLO
 
 
 @gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr):  # fmt: skip
+    """The TMA warp: the Q rows of every consumer, then K and V of each kept tile into the ring slot
+    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    if n_tiles > 0:
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for i in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m + i * ROWS, 0], q_bar, q_smem.index(i))
+    for t in range(n_tiles):
+        slot = t % STAGES
+        free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
+        start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        mbarrier.wait(k_empty.index(slot), free_phase)
+        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start)
+        mbarrier.wait(v_empty.index(slot), free_phase)
+        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start)
+
+
+@gluon.jit
+def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile.
+
+    Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
+    softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
+    GEMM has finished. Then it writes LSE and, through its Q rows' shared memory, O (TMA store).
+    """
+    ROWS: gl.constexpr = o_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_ring.shape[3]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    dtype: gl.constexpr = o_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_rows = q_smem.index(WG)
+    q_tile = q_rows.reshape([ROWS, HEAD_DIM])
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    p_prev = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
+
+    if n_tiles > 0:
+        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p_prev = gl.convert_layout(p.to(dtype), p_layout)
+
+    for t in range(1, n_tiles):
+        slot = t % STAGES
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+        v_tile = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        s = warpgroup_mma_wait(1, deps=[s])
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p_next = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev = p_next
+
+    if n_tiles > 0:
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        v_tile = v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+
+    empty_row = l_i == 0.0
+    l_safe = gl.where(empty_row, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
+    q_tile.store(out.to(dtype))  # this warpgroup's Q rows are no longer read
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m + WG * ROWS, 0], q_rows)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _block_sparse_fwd_gluon(
     q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES,
     stride_cb, stride_ch, stride_cq,
@@ -147,134 +253,88 @@ def _block_sparse_fwd_gluon(
     LAYOUT_BQ: gl.constexpr,
     LAYOUT_BK: gl.constexpr,
     EVEN_K: gl.constexpr,
+    CONSUMERS: gl.constexpr,
     STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_M query rows of one (batch, head) against the kept kv blocks of their q block.
+    """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
 
-    Descriptors are 4-D over ``(B, H, S, D)`` with blocks ``(1, 1, BLOCK_M or BLOCK_N, D)``; LSE is
+    Launched with ``num_warps=4`` (the first consumer warpgroup); a second consumer warpgroup (when
+    ``CONSUMERS`` is 2) and the producer warp are worker partitions. Descriptors are 4-D over
+    ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q, o) and ``(1, 1, BLOCK_N, D)`` (k, v); LSE is
     contiguous fp32 ``(B, H, S_Q)``; ``qk_scale`` is softmax scale * log2(e).
     """
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
     SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
     dtype: gl.constexpr = q_desc.dtype
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
 
     pid_m = gl.program_id(0)
     pid_bh = gl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
-    off_m = pid_m * BLOCK_M
-    q_block = pid_m // (LAYOUT_BQ // BLOCK_M)
+    off_m = pid_m * (CONSUMERS * ROWS)
+    q_block = pid_m // (LAYOUT_BQ // (CONSUMERS * ROWS))
 
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
-        mbarrier.init(k_bars.index(i), count=1)
-        mbarrier.init(v_bars.index(i), count=1)
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     fence_async_shared()
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
     n_tiles = count * SUB_N
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes, pred=n_tiles > 0)
-    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m, 0], q_bar, q_smem, pred=n_tiles > 0)
-    for i in gl.static_range(STAGES):
-        start = _tile_start(idx_row, stride_ik, i, i < n_tiles, LAYOUT_BK, BLOCK_N)
-        _issue_kv_load(k_desc, k_bars, k_ring, i, off_b, off_h, start, i < n_tiles)
-        _issue_kv_load(v_desc, v_bars, v_ring, i, off_b, off_h, start, i < n_tiles)
-
-    q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    p_prev = gl.zeros([BLOCK_M, BLOCK_N], dtype, layout=p_layout)
-
-    if n_tiles > 0:
-        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
-        mbarrier.wait(q_bar, 0)
-        mbarrier.wait(k_bars.index(0), 0)
-        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s])
-        k_start = _tile_start(idx_row, stride_ik, 0, True, LAYOUT_BK, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
-        p_prev = gl.convert_layout(p.to(dtype), p_layout)
-        gl.thread_barrier()  # every warpgroup's read of K slot 0 is done before it is refilled
-        start = _tile_start(idx_row, stride_ik, STAGES, STAGES < n_tiles, LAYOUT_BK, BLOCK_N)
-        _issue_kv_load(k_desc, k_bars, k_ring, 0, off_b, off_h, start, STAGES < n_tiles)
-
-    for t in range(1, n_tiles):
-        slot = t % STAGES
-        prev = (t - 1) % STAGES
-        mbarrier.wait(k_bars.index(slot), (t // STAGES) & 1)
-        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_bars.index(prev), ((t - 1) // STAGES) & 1)
-        v_tile = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
-        k_start = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
-        s = warpgroup_mma_wait(1, deps=[s])
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
-        p_next = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        gl.thread_barrier()  # every warpgroup is done with K slot `slot` and V slot `prev` before the refill
-        ahead = t + STAGES
-        start = _tile_start(idx_row, stride_ik, ahead, ahead < n_tiles, LAYOUT_BK, BLOCK_N)
-        _issue_kv_load(k_desc, k_bars, k_ring, slot, off_b, off_h, start, ahead < n_tiles)
-        start = _tile_start(idx_row, stride_ik, ahead - 1, ahead - 1 < n_tiles, LAYOUT_BK, BLOCK_N)
-        _issue_kv_load(v_desc, v_bars, v_ring, prev, off_b, off_h, start, ahead - 1 < n_tiles)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_prev = p_next
-
-    if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((n_tiles - 1) // STAGES) & 1)
-        v_tile = v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bars.index(i))
-        mbarrier.invalidate(v_bars.index(i))
-
-    empty_row = l_i == 0.0
-    l_safe = gl.where(empty_row, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    rows = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
-    gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
-
-    gl.thread_barrier()  # every warpgroup's reads of Q are done before O overwrites it
-    q_tile.store(out.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m, 0], q_smem)
-    tma.store_wait(0)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0)),
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 1)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+        ], [1], [PRODUCER_REGS])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
 # Launch
 # ------------------------------------------------------------------------------------------------
+
+_REGISTERS_PER_SM = 65536
+
+
+def launch_registers(consumers: int) -> int:
+    """Per-thread register cap at launch (``maxnreg``) for ``consumers`` warpgroups and the producer warp.
+
+    The warps are padded to whole warpgroups (``consumers + 1``), and ``setmaxnreg`` then moves
+    registers from the producer's warpgroup to the consumers. Two consumers (384 threads) share the
+    register file of one SM; one consumer (256 threads) gets half of it, so that two programs fit on
+    an SM.
+    """
+    threads = (consumers + 1) * 4 * 32
+    programs_per_sm = 2 if consumers == 1 else 1
+    return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
 
 
 def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
@@ -290,22 +350,25 @@ def launch_gluon_block_sparse(
 ) -> None:  # fmt: skip
     """Run the kernel into ``out`` ``(B, H, S_q, D)`` (TMA-readable strides) and ``lse`` (contiguous fp32 ``(B, H, S_q)``).
 
-    Inputs must be :func:`gluon_eligible` and valid (shapes checked, layout values in range);
-    ``tile`` defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`.
+    Inputs must pass :func:`gluon_ineligibility` and be valid (shapes checked, layout values in range);
+    ``tile`` (``block_m`` rows: 64 or 128, one consumer warpgroup per 64; ``block_n`` keys per K/V tile;
+    ``num_stages`` ring slots) defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`.
     """
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    tile = gluon_block_sparse_tile(block_q, block_k, d) if tile is None else tile
-    if block_q % tile.block_m or block_k % tile.block_n:
-        raise ValueError(f"{tile} must tile block_q={block_q} and block_k={block_k}")
+    tile = gluon_block_sparse_tile(block_q, block_k) if tile is None else tile
+    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or block_q % tile.block_m or block_k % tile.block_n:
+        raise ValueError(f"{tile} must have block_m 64 or 128 and tile block_q={block_q} and block_k={block_k}")
+    consumers = tile.block_m // CONSUMER_ROWS
     counts, indices = layout.counts, layout.indices
     grid = (cdiv(s_q, tile.block_m), b * h)
     with torch.cuda.device(q.device):
         _block_sparse_fwd_gluon[grid](
-            _descriptor(q, tile.block_m), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-            _descriptor(out, tile.block_m), lse, counts, indices,
+            _descriptor(q, CONSUMER_ROWS), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+            _descriptor(out, CONSUMER_ROWS), lse, counts, indices,
             *counts.stride(), *indices.stride(),
             h, s_q, s_k, scale * LOG2E,
-            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, STAGES=tile.num_stages,
-            num_warps=tile.num_warps,
+            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
+            STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+            num_warps=4, maxnreg=launch_registers(consumers),
         )  # fmt: skip

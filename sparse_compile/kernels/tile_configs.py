@@ -12,7 +12,7 @@ fixed-block attention       :func:`block_sparse_tiles`        autotune candidate
                                                               blocks (the autotuner times them on CUDA);
                                                               :func:`interpreter_block_sparse_tile` in
                                                               Triton's CPU interpreter
-fixed-block attention,      :func:`gluon_block_sparse_tile`   by layout blocks and head dim
+fixed-block attention,      :func:`gluon_block_sparse_tile`   by layout blocks
 Gluon (sm_90)
 cluster attention           :func:`varlen_config`             by mean q cluster size, element size,
                                                               head dim and shared memory
@@ -124,24 +124,15 @@ def block_sparse_tiles(block_q: int, block_k: int) -> tuple[TileConfig, ...]:
     return kept or (interpreter_block_sparse_tile(block_q, block_k),)
 
 
-GLUON_SHARED_BYTES = 232448 - 1024
-"""Shared memory a Gluon attention program may fill with tiles: Hopper's 227 KiB per block, less room
-for the mbarriers and the compiler's layout-conversion scratch."""
-
-
-def gluon_block_sparse_tile(block_q: int, block_k: int, head_dim: int) -> TileConfig:
+def gluon_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
     """Tile of the Gluon fixed-block kernel (sm_90), for layout blocks of 64, 128 or 256.
 
-    ``block_m`` = min(block_q, 128) query rows over one warpgroup per 64 rows (4 or 8 warps);
-    ``block_n`` = min(block_k, 128) keys per K/V tile; ``num_stages`` K/V ring slots: as many as fit
-    beside the Q tile in :data:`GLUON_SHARED_BYTES` (16-bit inputs), at most 3 (a 4th slot buys no
-    latency the 3rd does not hide).
+    ``block_m`` = min(block_q, 128) query rows, one consumer warpgroup per 64 (``num_warps`` 4 or 8,
+    plus the producer warp); ``block_n`` = min(block_k, 128) keys per K/V tile; 2 K/V ring slots
+    (at most 160 KiB of shared memory at D = 128; a third slot ran no faster at Wan 480p on the H200).
     """
-    block_m, block_n = min(block_q, 128), min(block_k, 128)
-    q_bytes = block_m * head_dim * 2
-    kv_stage_bytes = 2 * block_n * head_dim * 2
-    stages = min(3, (GLUON_SHARED_BYTES - q_bytes) // kv_stage_bytes)
-    return TileConfig(block_m, block_n, 8 if block_m == 128 else 4, stages)
+    block_m = min(block_q, 128)
+    return TileConfig(block_m, min(block_k, 128), block_m // 16, 2)
 
 
 # ------------------------------------------------------------------------------------------------
