@@ -351,6 +351,17 @@ def tma_eligible(k: Tensor, v: Tensor) -> bool:
     return tma_readable(k) and tma_readable(v)
 
 
+def _output_buffers(q: Tensor, v: Tensor, out: Optional[Tensor], lse_out: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The caller's O and LSE buffers after checking them, or new ones: O token-major ``(B, H, S_q, D)`` in
+    q's dtype (:func:`attention_output_like`), LSE contiguous fp32 ``(B, H, S_q)``."""
+    b, h, s_q, d = q.shape
+    out = attention_output_like(q, v) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    return out, lse_out
+
+
 def block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -382,10 +393,7 @@ def block_sparse_attention_triton(
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    out = attention_output_like(q, v) if out is None else out
-    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
-    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    out, lse_out = _output_buffers(q, v, out, lse_out)
     interpret = interpreter_active()
     if q.device.type != "cuda" and not interpret:
         raise ValueError(
@@ -472,15 +480,12 @@ def block_sparse_attention_gluon(
     reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
     if reason is not None:
         raise ValueError(reason)
-    b, h, s_q, d = q.shape
-    out = attention_output_like(q, v) if out is None else out
-    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
-    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    out, lse_out = _output_buffers(q, v, out, lse_out)
     if out.numel() > 0:
         if not tma_readable(out):
             raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
-        launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, default_scale(d, scale), out, lse_out, tile)
+        scale = default_scale(q.shape[-1], scale)
+        launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, scale, out, lse_out, tile)
     return (out, lse_out) if return_lse else out
 
 
