@@ -7,7 +7,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   whole output vs flex_attention at the same mask);
 - times with ``triton.testing.do_bench`` (median): dense SDPA cuDNN and flash, ``torch.compile``d
   flex_attention with the same BlockMask (``BlockMask.from_kv_blocks``, kept blocks as full blocks),
-  and this kernel (autotuned; TMA and plain-pointer K/V loads; q/k/v also as transposed (B,S,H,D));
+  the Triton kernel (autotuned; TMA and plain-pointer K/V loads; q/k/v also as transposed (B,S,H,D)),
+  and on sm_90 the Gluon kernel (q/k/v contiguous and as transposed (B,S,H,D)), which the op runs there;
 - the cost of folded token permutations (``q_perm`` = ``kv_perm``, the same mask, q/k/v as
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
@@ -37,7 +38,12 @@ from common import bench_ms, rel_l2
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from sparse_compile.kernels.block_sparse import block_sparse_attention_triton, tma_eligible
+from sparse_compile.kernels.block_sparse import (
+    block_sparse_attention_gluon,
+    block_sparse_attention_triton,
+    kernel_choice,
+    tma_eligible,
+)
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
@@ -129,14 +135,13 @@ def flex_block_mask(counts: torch.Tensor, indices: torch.Tensor, seq: int) -> Bl
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), indices, **kwargs)
 
 
-def check_kernel(q, k, v, counts, indices, use_tma: bool) -> torch.Tensor:
-    """Run into NaN-poisoned buffers; compare sampled q blocks (first, middle, last) with the reference."""
+def check_kernel(q, k, v, counts, indices, kernel=block_sparse_attention_triton, **kw) -> torch.Tensor:
+    """Run ``kernel`` (the Triton or Gluon entry, ``kw`` passed on) into NaN-poisoned buffers; compare
+    sampled q blocks (first, middle, last) with the reference."""
     b, h, s, d = q.shape
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
-    block_sparse_attention_triton(
-        q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse, use_tma=use_tma
-    )
+    kernel(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse, **kw)
     assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
     nq = cdiv(s, BLOCK)
     picks = [0, nq // 2, nq - 1]
@@ -192,7 +197,8 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
     budget = 300.0 if s < 60000 else 1500.0
     flex = torch.compile(flex_attention, dynamic=False)
     perms = permutations(shape, gen)
-    log(f"== {shape.name}: TMA eligible {tma_eligible(k, v)}")
+    gluon = kernel_choice(q, k, v, BLOCK, BLOCK, False) == "gluon"
+    log(f"== {shape.name}: TMA eligible {tma_eligible(k, v)}; the op runs the {'Gluon' if gluon else 'Triton'} kernel")
 
     def timed(kernel: str, density: float, fn, **ref) -> float | None:
         try:
@@ -218,10 +224,12 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
         log(f"-- density {real_density:.4f}: flex mask + first call {time.time() - t0:.1f} s")
         flex_ms = timed("flex_attention (compiled)", real_density, lambda: flex(q, k, v, block_mask=mask), cudnn_ms=cudnn_ms)
         ref = dict(cudnn_ms=cudnn_ms, flex_ms=flex_ms)
+        if gluon:
+            time_gluon(q, k, v, bshd, counts, indices, flex_out, real_density, timed, ref, log)
         for use_tma in (True, False):
             name = f"block_sparse ({'TMA' if use_tma else 'pointer'} K/V, autotuned)"
             try:
-                out = check_kernel(q, k, v, counts, indices, use_tma)
+                out = check_kernel(q, k, v, counts, indices, use_tma=use_tma)
                 flex_err = rel_l2(out, flex_out)
                 assert flex_err <= 1e-2, f"kernel and flex disagree at the same mask: rel-L2 {flex_err:.2e}"
             except Exception:  # report, skip timing this variant, keep the run going
@@ -246,6 +254,23 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
+
+
+def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, log) -> None:
+    """Check the Gluon kernel (poisoned buffers vs the reference, and vs flex), then time it on contiguous
+    and on (B,S,H,D).T inputs."""
+    name = "block_sparse Gluon (sm_90)"
+    try:
+        out = check_kernel(q, k, v, counts, indices, kernel=block_sparse_attention_gluon)
+        flex_err = rel_l2(out, flex_out)
+        assert flex_err <= 1e-2, f"kernel and flex disagree at the same mask: rel-L2 {flex_err:.2e}"
+    except Exception:  # report, skip timing it, keep the run going
+        log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+        return
+    log(f"   check ok ({name}); rel-L2 vs flex {flex_err:.1e}")
+    for label, inputs in ((name, (q, k, v)), (f"{name}, (B,S,H,D).T", bshd)):
+        fn = lambda: block_sparse_attention_gluon(*inputs, counts, indices, block_q=BLOCK, block_k=BLOCK)
+        timed(label, density, fn, **ref)
 
 
 def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:

@@ -7,9 +7,13 @@ the ``counts[b, h, i]`` kv blocks (``block_k`` keys each) listed in ``indices[b,
 permutations (blocks are runs of rows in the order ``q_perm`` / ``kv_perm`` give, while q, k, v and O
 stay in token order); that module is the specification and the CPU path.
 
-Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the PyTorch reference, or the Triton
-kernel under Triton's interpreter when the process started with ``TRITON_INTERPRET=1`` (see
-:func:`interpreter_active`). ``block_sparse_attention_triton`` always runs the kernel.
+Dispatch (:func:`kernel_choice`): CUDA tensors on sm_90 that the Gluon kernel takes
+(:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`: fp16/bf16, D 64 or 128, layout
+blocks 64/128/256, no permutations, TMA-readable q/k/v) run the Gluon kernel of
+:mod:`~sparse_compile.kernels.gluon_block_sparse`; other CUDA tensors run the Triton kernel; CPU tensors
+run the PyTorch reference, or the Triton kernel under Triton's interpreter when the process started
+with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
+``block_sparse_attention_gluon`` always run their kernel.
 
 The kernel keeps one BLOCK_M x D query tile in registers and walks the kept kv blocks of its query
 block, split into BLOCK_N sub-tiles, with an online (base-2) softmax in fp32; the scores of the
@@ -57,6 +61,11 @@ from sparse_compile.kernels.common import (
     online_softmax_step,
     permutation_strides,
 )
+from sparse_compile.kernels.gluon_block_sparse import (
+    gluon_ineligibility,
+    launch_gluon_block_sparse,
+    tma_readable,
+)
 from sparse_compile.kernels.tile_configs import (
     AUTOTUNE_TILES,
     TileConfig,
@@ -67,15 +76,14 @@ from sparse_compile.kernels.tile_configs import (
 __all__ = [
     "BlockLayout",
     "block_sparse_attention",
+    "block_sparse_attention_gluon",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
+    "kernel_choice",
     "tma_eligible",
     "validate_inputs",
 ]
-
-_TMA_ALIGN_BYTES = 16
-
 
 # ------------------------------------------------------------------------------------------------
 # Input checks
@@ -340,13 +348,18 @@ def tma_eligible(k: Tensor, v: Tensor) -> bool:
     """Whether K/V may be read through TMA: CUDA sm_90+, unit last stride, 16-byte aligned base and strides."""
     if not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
-    for t in (k, v):
-        elem = t.element_size()
-        if t.stride(3) != 1 or t.data_ptr() % _TMA_ALIGN_BYTES:
-            return False
-        if any((s * elem) % _TMA_ALIGN_BYTES or s == 0 for s in t.stride()[:3]):
-            return False
-    return True
+    return tma_readable(k) and tma_readable(v)
+
+
+def _output_buffers(q: Tensor, v: Tensor, out: Optional[Tensor], lse_out: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The caller's O and LSE buffers after checking them, or new ones: O token-major ``(B, H, S_q, D)`` in
+    q's dtype (:func:`attention_output_like`), LSE contiguous fp32 ``(B, H, S_q)``."""
+    b, h, s_q, d = q.shape
+    out = attention_output_like(q, v) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    return out, lse_out
 
 
 def block_sparse_attention_triton(
@@ -380,10 +393,7 @@ def block_sparse_attention_triton(
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    out = attention_output_like(q, v) if out is None else out
-    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
-    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    out, lse_out = _output_buffers(q, v, out, lse_out)
     interpret = interpreter_active()
     if q.device.type != "cuda" and not interpret:
         raise ValueError(
@@ -444,19 +454,81 @@ def _launch(args: tuple, meta: dict, bh: int, s_q: int, interpret: bool, tile: O
                            num_warps=tile.num_warps, num_stages=tile.num_stages)  # fmt: skip
 
 
+def block_sparse_attention_gluon(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    tile: Optional[TileConfig] = None,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run the Gluon kernel (:mod:`~sparse_compile.kernels.gluon_block_sparse`, CUDA sm_90 only).
+
+    Arguments as :func:`block_sparse_attention_triton`, without permutations; ``out`` must also have a
+    unit last stride and 16-byte aligned strides (the kernel stores it by TMA). ``tile`` defaults to
+    :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`. Raises ``ValueError`` with the
+    reason when the kernel cannot take the call. Layout values are not checked (no host sync).
+    """
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
+    if reason is not None:
+        raise ValueError(reason)
+    out, lse_out = _output_buffers(q, v, out, lse_out)
+    if out.numel() > 0:
+        if not tma_readable(out):
+            raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
+        scale = default_scale(q.shape[-1], scale)
+        launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, scale, out, lse_out, tile)
+    return (out, lse_out) if return_lse else out
+
+
+def _cuda_capability(t: Tensor) -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
+def kernel_choice(
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
+    capability: Optional[tuple[int, int]] = None,
+) -> str:  # fmt: skip
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
+
+    On a CUDA device of ``capability`` (default: q's device's; CPU tensors without one are not on
+    CUDA): the Gluon kernel when it takes the call
+    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`), else the Triton kernel.
+    Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
+    """
+    capability = _cuda_capability(q) if capability is None else capability
+    if capability is None:
+        return "triton" if interpreter_active() else "reference"
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation)
+    return "gluon" if reason is None else "triton"
+
+
 def _dispatch(
     q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_q: int, block_k: int,
     scale: Optional[float], q_perm: Optional[Tensor], kv_perm: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The op's body: the Triton kernel (CUDA or the interpreter), else the reference after checking the values."""
-    kwargs = dict(block_q=block_q, block_k=block_k, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True)
-    if q.device.type == "cuda" or interpreter_active():
-        return block_sparse_attention_triton(q, k, v, counts, indices, **kwargs)
+    """The op's body: the kernel :func:`kernel_choice` picks, or the reference after checking the values."""
     lay = validate_inputs(q, k, v, counts, indices, block_q, block_k, q_perm, kv_perm)
+    has_permutation = q_perm is not None or kv_perm is not None
+    choice = kernel_choice(q, k, v, block_q, block_k, has_permutation)
+    kwargs = dict(block_q=block_q, block_k=block_k, scale=scale, return_lse=True)
+    if choice == "gluon":
+        return block_sparse_attention_gluon(q, k, v, counts, indices, **kwargs)
+    if choice == "triton":
+        return block_sparse_attention_triton(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
     check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))
     check_permutation_values("q_perm", lay.q_perm)
     check_permutation_values("kv_perm", lay.kv_perm)
-    return block_sparse_attention_reference(q, k, v, counts, indices, **kwargs)
+    return block_sparse_attention_reference(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
 
 
 @torch.library.custom_op("sparse_compile::block_sparse_attention", mutates_args=())
@@ -519,7 +591,8 @@ def block_sparse_attention(
     1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major (:func:`attention_output_like`), in
     q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)`` when ``return_lse``. Rows whose q
     block keeps nothing give 0 and LSE ``-inf``. Shapes are checked here (``ValueError``); layout and
-    permutation *values* on the CPU path only.
+    permutation *values* on the CPU path only. Runs the kernel :func:`kernel_choice` picks (the Gluon
+    kernel on sm_90 where it takes the call, else the Triton kernel; the reference on CPU).
     """
     out, lse = torch.ops.sparse_compile.block_sparse_attention(
         q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale, q_perm, kv_perm

@@ -5,21 +5,23 @@ stages), or for the cluster-attention kernel a :class:`VarlenConfig` (a main til
 tail tile). Each kernel family has one function that picks it from the call's shape and, where it
 matters, the device's shared memory per block (:func:`max_shared_memory`):
 
-==========================  ==============================  ===========================================
-family                      function                        tile
-==========================  ==============================  ===========================================
-fixed-block attention       :func:`block_sparse_tiles`      autotune candidates that tile the layout
-                                                            blocks (the autotuner times them on CUDA);
-                                                            :func:`interpreter_block_sparse_tile` in
-                                                            Triton's CPU interpreter
-cluster attention           :func:`varlen_config`           by mean q cluster size, element size,
-                                                            head dim and shared memory
-k-means assignment          :data:`KMEANS_TILE`             one tile for every shape
-full-attention LSE          :func:`attention_lse_config`    by query block and head dim
-exact block mass            :func:`block_mass_config`       by layout blocks and head dim
-top-p cluster selection     :func:`top_p_selection_warps`   warps by the padded cluster count
-cluster tile tables         :func:`tile_table_warps`        warps by the padded q-cluster count
-==========================  ==============================  ===========================================
+==========================  ================================  ===========================================
+family                      function                          tile
+==========================  ================================  ===========================================
+fixed-block attention       :func:`block_sparse_tiles`        autotune candidates that tile the layout
+                                                              blocks (the autotuner times them on CUDA);
+                                                              :func:`interpreter_block_sparse_tile` in
+                                                              Triton's CPU interpreter
+fixed-block attention,      :func:`gluon_block_sparse_tile`   by layout blocks
+Gluon (sm_90)
+cluster attention           :func:`varlen_config`             by mean q cluster size, element size,
+                                                              head dim and shared memory
+k-means assignment          :data:`KMEANS_TILE`               one tile for every shape
+full-attention LSE          :func:`attention_lse_config`      by query block and head dim
+exact block mass            :func:`block_mass_config`         by layout blocks and head dim
+top-p cluster selection     :func:`top_p_selection_warps`     warps by the padded cluster count
+cluster tile tables         :func:`tile_table_warps`          warps by the padded q-cluster count
+==========================  ================================  ===========================================
 
 The helper kernels' fixed block sizes (kept-rows prep, k-means finalize and permutation, tile-table
 fill) are the constants at the end. Shared-memory needs are those of sm_90 compiles at D = 128.
@@ -120,6 +122,17 @@ def block_sparse_tiles(block_q: int, block_k: int) -> tuple[TileConfig, ...]:
     block (BLOCK_M <= block_q, BLOCK_N <= block_k), else :func:`interpreter_block_sparse_tile` alone."""
     kept = tuple(t for t in AUTOTUNE_TILES if t.block_m <= block_q and t.block_n <= block_k)
     return kept or (interpreter_block_sparse_tile(block_q, block_k),)
+
+
+def gluon_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
+    """Tile of the Gluon fixed-block kernel (sm_90), for layout blocks of 64, 128 or 256.
+
+    ``block_m`` = min(block_q, 128) query rows, one consumer warpgroup per 64 (``num_warps`` 4 or 8,
+    plus the producer warp); ``block_n`` = min(block_k, 128) keys per K/V tile; 2 K/V ring slots
+    (at most 160 KiB of shared memory at D = 128; a third slot ran no faster at Wan 480p on the H200).
+    """
+    block_m = min(block_q, 128)
+    return TileConfig(block_m, min(block_k, 128), block_m // 16, 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""Fixed-block kept-block attention forward for Hopper (sm_90), written in Gluon.
+
+The same computation and layout as the Triton kernel of :mod:`sparse_compile.kernels.block_sparse`
+(the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
+:func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
+no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
+here on sm_90 and keeps the Triton kernel for every other device and input.
+
+One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
+warp-specialized:
+
+- a producer warp issues every TMA load: the Q rows, then the K and V tiles of the kept blocks into a
+  ``STAGES``-deep shared-memory ring (tile ``t``, the ``t % SUB_N``-th ``BLOCK_N``-key part of kept
+  block ``indices[t // SUB_N]``, goes to slot ``t % STAGES``), each slot guarded by a ready and an
+  empty mbarrier;
+- one consumer warpgroup per 64 query rows runs both GEMMs as asynchronous ``warpgroup_mma``
+  (``S = Q K^T`` from shared memory, ``O += P V`` with P from registers): it issues the scores of tile
+  ``t`` and the ``P V`` of tile ``t - 1`` back to back and runs the online softmax (base 2, fp32) of
+  tile ``t`` while ``P V`` is on the tensor cores, releasing each slot once its GEMM has finished.
+
+Q, K and V are read through 4-D ``(B, H, S, D)`` descriptors (any strides with a unit last stride), so
+rows past ``S`` read as zeros; keys past ``S_k`` (the last, partial kv block) are masked to ``-inf``; O
+is written by a TMA store that drops rows past ``S_q``. Rows whose q block keeps nothing get O = 0 and
+LSE = ``-inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from sparse_compile.kernels.block_sparse_reference import BlockLayout
+from sparse_compile.kernels.common import LOG2E, cdiv
+from sparse_compile.kernels.tile_configs import TileConfig, gluon_block_sparse_tile
+
+GLUON_DTYPES = (torch.float16, torch.bfloat16)
+"""q/k/v dtypes of the Gluon kernel."""
+GLUON_HEAD_DIMS = (64, 128)
+"""Head dims of the Gluon kernel."""
+GLUON_LAYOUT_BLOCKS = (64, 128, 256)
+"""Layout block sizes (``block_q`` and ``block_k``) of the Gluon kernel."""
+GLUON_CAPABILITY = (9, 0)
+"""The device capability the kernel is built for (sm_90a: ``warpgroup_mma`` and TMA)."""
+
+_TMA_ALIGN_BYTES = 16
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# Eligibility
+# ------------------------------------------------------------------------------------------------
+
+
+def tma_readable(t: Tensor) -> bool:
+    """Whether a ``(B, H, S, D)`` view can back a TMA descriptor: unit last stride, 16-byte aligned base
+    and other strides, none of them 0."""
+    elem = t.element_size()
+    if t.stride(3) != 1 or t.data_ptr() % _TMA_ALIGN_BYTES:
+        return False
+    return all((s * elem) % _TMA_ALIGN_BYTES == 0 and s != 0 for s in t.stride()[:3])
+
+
+def gluon_ineligibility(
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None,
+    has_permutation: bool,
+) -> str | None:  # fmt: skip
+    """Why the Gluon kernel cannot run this call (a sentence), or ``None`` when it can.
+
+    ``capability`` is the CUDA device's ``(major, minor)``, ``None`` for tensors on another device.
+    Shapes are assumed valid (:func:`~sparse_compile.kernels.block_sparse.validate_inputs`).
+    """
+    if capability != GLUON_CAPABILITY:
+        return f"the Gluon kernel is built for sm_90 only (device capability {capability})"
+    if q.dtype not in GLUON_DTYPES:
+        return f"the Gluon kernel takes fp16/bf16 (got {q.dtype})"
+    if q.shape[-1] not in GLUON_HEAD_DIMS:
+        return f"the Gluon kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
+    if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
+        return f"the Gluon kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
+    if has_permutation:
+        return "the Gluon kernel reads tiles by TMA, which cannot gather permuted rows"
+    if not all(tma_readable(t) for t in (q, k, v)):
+        return "the Gluon kernel needs q/k/v with a unit last stride and 16-byte aligned base and strides"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+# ------------------------------------------------------------------------------------------------
+
+CONSUMER_ROWS = 64
+"""Query rows of one consumer warpgroup (the M of its ``warpgroup_mma``)."""
+CONSUMER_REGS = 232
+"""Registers per thread of a consumer warpgroup (``setmaxnreg``); the producer warp keeps 24."""
+PRODUCER_REGS = 24
+
+
+@gluon.jit
+def _tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """First key of kv tile ``t``: sub-tile ``t % SUB_N`` of kept block ``idx_row[t // SUB_N]``."""
+    SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
+    kv_block = gl.load(idx_row + (t // SUB_N) * stride_ik)
+    return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
+
+
+@gluon.jit
+def _issue_tile_load(desc, bar, smem, off_b, off_h, start):
+    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on ``bar``."""
+    mbarrier.expect(bar, desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
+                  s_layout: gl.constexpr):  # fmt: skip
+    """Base-2 online softmax of raw scores ``s`` (rows x BLOCK_N) of the tile at key ``k_start``.
+
+    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). Returns the unnormalised
+    probabilities, the factor rescaling the running output, and the new row max and row sum.
+    """
+    if not EVEN_K:
+        if k_start + BLOCK_N > S_K:
+            offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(k_start + offs_n < S_K, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr):  # fmt: skip
+    """The TMA warp: the Q rows of every consumer, then K and V of each kept tile into the ring slot
+    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    if n_tiles > 0:
+        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+        for i in gl.static_range(CONSUMERS):
+            tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m + i * ROWS, 0], q_bar, q_smem.index(i))
+    for t in range(n_tiles):
+        slot = t % STAGES
+        free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
+        start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        mbarrier.wait(k_empty.index(slot), free_phase)
+        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start)
+        mbarrier.wait(v_empty.index(slot), free_phase)
+        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start)
+
+
+@gluon.jit
+def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile.
+
+    Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
+    softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
+    GEMM has finished. Then it writes LSE and, through its Q rows' shared memory, O (TMA store).
+    """
+    ROWS: gl.constexpr = o_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_ring.shape[3]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    dtype: gl.constexpr = o_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    q_rows = q_smem.index(WG)
+    q_tile = q_rows.reshape([ROWS, HEAD_DIM])
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    p_prev = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
+
+    if n_tiles > 0:
+        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p_prev = gl.convert_layout(p.to(dtype), p_layout)
+
+    for t in range(1, n_tiles):
+        slot = t % STAGES
+        prev = (t - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
+        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+        v_tile = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        s = warpgroup_mma_wait(1, deps=[s])
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p_next = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_prev = p_next
+
+    if n_tiles > 0:
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        v_tile = v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])
+        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+
+    empty_row = l_i == 0.0
+    l_safe = gl.where(empty_row, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+    lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
+    q_tile.store(out.to(dtype))  # this warpgroup's Q rows are no longer read
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m + WG * ROWS, 0], q_rows)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _block_sparse_fwd_gluon(
+    q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES,
+    stride_cb, stride_ch, stride_cq,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    H, S_Q, S_K, qk_scale,
+    LAYOUT_BQ: gl.constexpr,
+    LAYOUT_BK: gl.constexpr,
+    EVEN_K: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+):  # fmt: skip
+    """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
+
+    Launched with ``num_warps=4`` (the first consumer warpgroup); a second consumer warpgroup (when
+    ``CONSUMERS`` is 2) and the producer warp are worker partitions. Descriptors are 4-D over
+    ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q, o) and ``(1, 1, BLOCK_N, D)`` (k, v); LSE is
+    contiguous fp32 ``(B, H, S_Q)``; ``qk_scale`` is softmax scale * log2(e).
+    """
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    ROWS: gl.constexpr = q_desc.block_type.shape[2]
+    SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
+    dtype: gl.constexpr = q_desc.dtype
+
+    pid_m = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_m = pid_m * (CONSUMERS * ROWS)
+    q_block = pid_m // (LAYOUT_BQ // (CONSUMERS * ROWS))
+
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    fence_async_shared()
+
+    count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
+    idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
+    n_tiles = count * SUB_N
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0)),
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 1)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+        ], [1], [PRODUCER_REGS])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------
+
+_REGISTERS_PER_SM = 65536
+
+
+def launch_registers(consumers: int) -> int:
+    """Per-thread register cap at launch (``maxnreg``) for ``consumers`` warpgroups and the producer warp.
+
+    The warps are padded to whole warpgroups (``consumers + 1``), and ``setmaxnreg`` then moves
+    registers from the producer's warpgroup to the consumers. Two consumers (384 threads) share the
+    register file of one SM; one consumer (256 threads) gets half of it, so that two programs fit on
+    an SM.
+    """
+    threads = (consumers + 1) * 4 * 32
+    programs_per_sm = 2 if consumers == 1 else 1
+    return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
+
+
+def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, D)`` blocks."""
+    block = [1, 1, rows, t.shape[3]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def launch_gluon_block_sparse(
+    q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, block_q: int, block_k: int, scale: float,
+    out: Tensor, lse: Tensor, tile: TileConfig | None = None,
+) -> None:  # fmt: skip
+    """Run the kernel into ``out`` ``(B, H, S_q, D)`` (TMA-readable strides) and ``lse`` (contiguous fp32 ``(B, H, S_q)``).
+
+    Inputs must pass :func:`gluon_ineligibility` and be valid (shapes checked, layout values in range);
+    ``tile`` (``block_m`` rows: 64 or 128, one consumer warpgroup per 64; ``block_n`` keys per K/V tile;
+    ``num_stages`` ring slots) defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`.
+    """
+    b, h, s_q, d = q.shape
+    s_k = k.shape[2]
+    tile = gluon_block_sparse_tile(block_q, block_k) if tile is None else tile
+    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or block_q % tile.block_m or block_k % tile.block_n:
+        raise ValueError(f"{tile} must have block_m 64 or 128 and tile block_q={block_q} and block_k={block_k}")
+    consumers = tile.block_m // CONSUMER_ROWS
+    counts, indices = layout.counts, layout.indices
+    grid = (cdiv(s_q, tile.block_m), b * h)
+    with torch.cuda.device(q.device):
+        _block_sparse_fwd_gluon[grid](
+            _descriptor(q, CONSUMER_ROWS), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+            _descriptor(out, CONSUMER_ROWS), lse, counts, indices,
+            *counts.stride(), *indices.stride(),
+            h, s_q, s_k, scale * LOG2E,
+            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
+            STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+            num_warps=4, maxnreg=launch_registers(consumers),
+        )  # fmt: skip
