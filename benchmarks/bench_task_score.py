@@ -90,7 +90,7 @@ def run_setting(model: torch.nn.Module, options: dict, args: argparse.Namespace)
     compiled = torch.compile(model, backend="sparse_video", options=options)
     start = time.perf_counter()
     videos = generate_clips(compiled, args.frames, args.height, args.width, args.steps, args.clips, args.seed,
-                            args.batch, before_batch=lambda: sparse_compile.reset(compiled))
+                            args.batch, between_batches=lambda: sparse_compile.reset(compiled))
     seconds = time.perf_counter() - start
     sites = sparse_compile.report(compiled).sites
     facts = {"sites": len(sites), "sparse_sites": sum(s.sparse for s in sites), "density": mean_kept_density(compiled),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -44,19 +44,20 @@ def generate_clips(
     seed: int = 0,
     batch: int = 16,
     guidance: float = 4.0,
-    before_batch: Callable[[], None] | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``clips`` videos ``(clips, 3, F, H, W)`` of :func:`balanced_labels`, in batches of ``batch``
     (noise seed ``seed + batch index``), so every model given the same arguments starts each clip
     from the same noise.
 
-    ``before_batch`` runs before each batch's generation (e.g. ``sparse_compile.reset`` of a compiled model).
+    ``between_batches`` runs before every batch but the first (e.g. ``sparse_compile.reset`` of a
+    compiled model, so that each batch is a new generation).
     """
     labels = balanced_labels(clips)
     videos = []
     for start in range(0, clips, batch):
-        if before_batch is not None:
-            before_batch()
+        if start and between_batches is not None:
+            between_batches()
         videos.append(generate(model, labels[start:start + batch], seed + start // batch, frames, height, width,
                                steps, guidance).cpu())
     return torch.cat(videos)
@@ -74,18 +75,7 @@ def score_clips(videos: torch.Tensor, steps: int) -> GenerationScore:
                            float(found.float().mean()), per_class)
 
 
-def score_generation(
-    model: Callable[..., object],
-    frames: int,
-    height: int,
-    width: int,
-    steps: int,
-    clips: int = 32,
-    seed: int = 0,
-    batch: int = 16,
-    guidance: float = 4.0,
-    before_batch: Callable[[], None] | None = None,
-) -> GenerationScore:
-    """:func:`generate_clips` then :func:`score_clips`."""
-    videos = generate_clips(model, frames, height, width, steps, clips, seed, batch, guidance, before_batch)
-    return score_clips(videos, steps)
+def score_generation(model: Callable[..., object], frames: int, height: int, width: int, steps: int, clips: int = 32,
+                     **generation: Any) -> GenerationScore:
+    """:func:`generate_clips` (``generation``: its other arguments) then :func:`score_clips`."""
+    return score_clips(generate_clips(model, frames, height, width, steps, clips, **generation), steps)
