@@ -1,161 +1,229 @@
-"""How far is the toy fixture's attention from a real video DiT's? Per layer and head, on the CPU.
+"""How far is the toy fixture's attention from a real video DiT's? Per layer and head, beside the papers' figures.
 
-``PYTHONPATH=. python benchmarks/bench_attention_stats.py [--frames 9 --height 32 --width 48] [--json PATH]``
+``python benchmarks/bench_attention_stats.py [--weights PATH] [--out DIR] [--frames 16 --height 64 --width 96]``
 
-Captures the self-attention Q/K/V of the shipped toy model (:mod:`sparse_compile.toy`) at mid
-noise on ground-truth procedural clips, then for ``--rows`` sampled query rows of every head
-computes the exact attention rows and reports:
+Samples ``--clips`` clips (classes in turn) densely up to the first sparse step (step
+``--dense-steps`` of ``--steps``, the noise level where a method with that warm-up first runs
+sparse), captures the Q/K/V of every self-attention layer there (conditional branch) and, per
+layer and head, averaged over the clips (:mod:`sparse_compile.toy.method_recall` defines each):
 
-- **oracle density**: the fewest keys (per row, the most-attended first) that hold 0.90 / 0.95
-  of the row's attention mass, as a fraction of all keys: no method can keep less for that
-  recall; **block oracle** the same with key blocks of 64 frame-major tokens;
-- **SVG density**: the smallest SVG band density (block 128, among ``SVG_DENSITIES``) at which
-  the head's better pattern (spatial or temporal) keeps 0.90 / 0.95 of the sampled rows' mass;
-- **locality**: attention mass within one frame and 2 tokens (height, width) of the query,
-  divided by the share of keys there (1: position-blind);
-- **SVG profile**: the head's class under SVG's profiling at its default density 0.25
-  (:func:`sparse_compile.methods.svg_profile.classify_heads`: spatial or temporal), and
-  *global* when neither pattern keeps half the mass at that density.
+- the kept density each method (and the oracle) needs for recall 0.9 and 0.95;
+- each method's recall and density at its defaults;
+- locality: attention mass within one frame and 2 tokens (height, width) of the query, divided
+  by the share of keys there (1: position-blind);
+- the head's class under SVG's profiling (spatial / temporal), *global* when neither pattern
+  keeps half the mass at SVG's density.
 
-The published anchors are printed beside the table (figures of the papers, not measured here).
+The summary averages each method's head-mean density for recall 0.95 over the layers and checks
+whether the best method stays at or below ``DENSITY_TARGET``. A table of the figures the seed
+papers report for HunyuanVideo and Wan2.1 follows, beside the fixture's.
+
+Writes ``attention_stats.md`` and ``attention_stats.json`` to ``--out``. On a GPU (bf16) the
+default grid takes about a minute; the CPU smoke run needs a small grid and ``--tiny`` (small
+blocks and cluster counts), e.g. ``--frames 4 --height 32 --width 48 --steps 3 --dense-steps 1
+--clips 1 --rows 64 --tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import time
 
 import torch
+from common import TOY_PATCH, add_toy_arguments, check_toy_arguments
 
-from sparse_compile.methods.svg_profile import classify_heads, sample_rows
-from sparse_compile.methods.svg_patterns import build_patterns
-from sparse_compile.toy.attention_stats import capture_self_attention
+from sparse_compile.methods.adaspa import AdaSpaConfig
+from sparse_compile.methods.auto import AutoConfig
+from sparse_compile.methods.radial import RadialConfig
+from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
+from sparse_compile.methods.svg import SvgConfig
+from sparse_compile.methods.svg2 import Svg2Config
+from sparse_compile.methods.svg_profile import sample_rows
+from sparse_compile.toy.attention_stats import CapturedAttention, capture_self_attention
+from sparse_compile.toy.evaluate import balanced_labels
+from sparse_compile.toy.method_recall import METHODS, RECALLS, CallAnalysis, MethodConfigs, analyse_call
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
-from sparse_compile.toy.videos import make_videos
+from sparse_compile.toy.sampling import generate, noise_level
 
-RECALLS = (0.9, 0.95)
-SVG_DENSITIES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
-SVG_DEFAULT_DENSITY = 0.25
-SVG_BLOCK = 128
-ORACLE_BLOCK = 64
-GLOBAL_BELOW = 0.5
+DENSITY_TARGET = 0.35  # the best method's layer-mean density for recall 0.95
+TINY_CONFIGS = MethodConfigs(adaspa=AdaSpaConfig(block=16), svg=SvgConfig(block=16), radial=RadialConfig(block=16),
+                             svg2=Svg2Config(q_clusters=8, k_clusters=16, kmeans_iters_init=3),
+                             auto=AutoConfig(block=32))
+SHORT = {"top-p blocks": "top-p blk"}
+
+# The seed papers' figures (not measured here). Columns: quantity, HunyuanVideo, Wan2.1, fixture key, source.
 ANCHORS = (
-    "SVG2 (HunyuanVideo): top-p 0.9 over clusters at ~25% kept density, PSNR 30.45; 'Turbo' at 13%",
-    "SVG (HunyuanVideo, CogVideoX, Wan): spatial/temporal bands at ~20-25% kept; quality drops below ~20%",
-    "AdaSpa (HunyuanVideo): recall > 0.8 per head at sparsity 0.8 (20% kept blocks)",
-    "XAttention: cumulative block-mass threshold 0.9-0.95",
+    ("SVG heads spatial / temporal / other (share of heads)", "29.2% / 66.7% / 4.1% (ambiguous)", "not reported",
+     "svg_classes", "SVG project page, svg-project.github.io (Sparse VideoGen, arXiv 2502.01776)"),
+    ("SVG kept fraction ('sparsity') in the published scripts", "0.25; first 10% of steps, 3% of layers dense",
+     "0.25 (Wan2.1-14B 720p); first 30% of steps, 3% of layers dense", "svg_default",
+     "Sparse-VideoGen scripts/hyvideo/hyvideo_t2v_720p_svg.sh, scripts/wan/wan_t2v_720p_svg.sh"),
+    ("SVG2 at top_p 0.9: kept density, PSNR vs dense", "~25% density, PSNR 30.45 (2.30x); 'Turbo' 13% density",
+     "PSNR up to 26 (1.89x); Wan2.1-14B T2V PSNR 25.8 (1.60x); script: 100 / 100 clusters", "svg2_default",
+     "Sparse VideoGen2, arXiv 2505.18875 (abstract); shared/NOTES-methods.md; scripts/wan/wan_t2v_720p_sap.sh"),
+    ("AdaSpa: per-head recall at 20% kept blocks (sparsity 0.8)", "> 0.8", "not reported", "adaspa_default",
+     "AdaSpa, arXiv 2502.21079; shared/NOTES-methods.md"),
+    ("Radial default mask: kept density of the published rule at the model's grid",
+     "decay 0.95, no sink: {radial_hunyuan} at 33x45x80 (720p, 129 frames)",
+     "decay 0.2, sink: {radial_wan} at 21x30x52 (480p, 81 frames)", "radial_default",
+     "rule of Radial Attention, arXiv 2506.19852; density computed here from the mask, not an attention figure"),
+    ("Locality (mass near the query / share of near keys)",
+     "not reported as a number (Radial: attention decays with spatial and temporal distance)", "same",
+     "locality", "Radial Attention, arXiv 2506.19852"),
 )
+PUBLISHED_GRIDS = {"radial_hunyuan": ((33, 45, 80), 0.95, False), "radial_wan": ((21, 30, 52), 0.2, True)}
 
 
-def mass_density(probs: torch.Tensor, recall: float) -> torch.Tensor:
-    """Fraction of the last dim's entries of ``probs`` ``(..., S)`` (rows summing to 1) that the
-    fewest-entries set holding ``recall`` of the mass needs; ``(...)``."""
-    ordered = probs.sort(-1, descending=True).values.cumsum(-1)
-    return ((ordered < recall).sum(-1) + 1).clamp(max=probs.shape[-1]).float() / probs.shape[-1]
-
-
-def block_mass(probs: torch.Tensor, block: int) -> torch.Tensor:
-    """Sums of ``probs`` ``(..., S)`` over consecutive blocks of ``block`` keys: ``(..., ceil(S / block))``."""
-    pad = (-probs.shape[-1]) % block
-    return torch.nn.functional.pad(probs, (0, pad)).unflatten(-1, (-1, block)).sum(-1)
-
-
-def near_mask(rows: torch.Tensor, grid: tuple[int, int, int], radius: int = 2) -> torch.Tensor:
-    """Bool ``(R, S)``: keys within one frame and ``radius`` tokens (height, width) of each query row."""
-    frames, height, width = grid
-    keys = torch.arange(frames * height * width)
-    coords = lambda i: (i // (height * width), (i // width) % height, i % width)  # noqa: E731
-    (tq, hq, wq), (tk, hk, wk) = coords(rows), coords(keys)
-    return (((tq[:, None] - tk).abs() <= 1) & ((hq[:, None] - hk).abs() <= radius)
-            & ((wq[:, None] - wk).abs() <= radius))
-
-
-def svg_density_needed(probs: torch.Tensor, grid: tuple[int, int, int], rows: torch.Tensor) -> dict:
-    """Per head (``probs`` ``(H, R, S)``): SVG density reaching each recall, and recall of each pattern at the default."""
-    needed = {recall: torch.full((probs.shape[0],), float("nan")) for recall in RECALLS}
-    at_default = None
-    for density in SVG_DENSITIES:
-        spatial, temporal = build_patterns(*grid, SVG_BLOCK, density, torch.device("cpu")).row_masks(rows)
-        kept = torch.stack([(probs * spatial).sum(-1).mean(-1), (probs * temporal).sum(-1).mean(-1)], -1)  # (H, 2)
-        if density == SVG_DEFAULT_DENSITY:
-            at_default = kept
-        for recall in RECALLS:
-            reached = (kept.amax(-1) >= recall) & needed[recall].isnan()
-            needed[recall][reached] = density
-    return {"needed": needed, "recall_at_default": at_default}
-
-
-def layer_stats(call, grid: tuple[int, int, int], rows: torch.Tensor) -> list[dict]:
-    """Statistics of every head of one captured call (batch element 0)."""
-    q, k, v = call.query[:1].float(), call.key[:1].float(), call.value[:1].float()
-    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
-    probs = ((q[0, :, rows] @ k[0].transpose(-1, -2)) * scale).softmax(-1)  # (H, R, S)
-    near = near_mask(rows, grid)
-    locality = (probs * near).sum(-1).mean(-1) / near.float().mean()
-    svg = svg_density_needed(probs, grid, rows)
-    profile_rows = sample_rows(q.shape[2], 64, q.device)
-    temporal = classify_heads(q, k, v, build_patterns(*grid, SVG_BLOCK, SVG_DEFAULT_DENSITY, q.device),
-                              profile_rows, scale)[0]
-    heads = []
-    for h in range(probs.shape[0]):
-        best_default = float(svg["recall_at_default"][h].amax())
-        kind = "global" if best_default < GLOBAL_BELOW else ("temporal" if bool(temporal[h]) else "spatial")
-        stats = {"head": h, "locality": float(locality[h]), "svg_class": kind, "svg_recall_at_default": best_default}
-        for recall in RECALLS:
-            stats[f"oracle_{recall}"] = float(mass_density(probs[h], recall).mean())
-            stats[f"block_oracle_{recall}"] = float(mass_density(block_mass(probs[h], ORACLE_BLOCK), recall).mean())
-            stats[f"svg_{recall}"] = float(svg["needed"][recall][h])
-        heads.append(stats)
-    return heads
-
-
-def capture(frames: int, height: int, width: int, clips: int) -> list:
-    """Self-attention calls of the shipped toy model on ``clips`` ground-truth clips at noise level 0.5."""
-    model = build_toy_wan()
-    labels = torch.arange(clips) % 8
-    videos = make_videos(10**6, labels, frames, height, width)
-    noisy = 0.5 * videos + 0.5 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
+def capture(model: torch.nn.Module, args: argparse.Namespace) -> tuple[list[CapturedAttention], float]:
+    """Self-attention calls of one conditional forward at step ``--dense-steps`` of a dense ``--steps`` sampling."""
+    device = next(model.parameters()).device
+    labels = balanced_labels(args.clips)
+    latent = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps,
+                      until=args.dense_steps)
+    sigma = noise_level(args.dense_steps, args.steps)
+    dtype = next(model.parameters()).dtype
     with torch.no_grad(), capture_self_attention() as calls:
-        model(hidden_states=noisy, timestep=torch.full((clips,), 500.0), encoder_hidden_states=class_embeddings(labels))
-    return calls
+        model(hidden_states=latent.to(dtype), timestep=torch.full((args.clips,), sigma * 1000, device=device),
+              encoder_hidden_states=class_embeddings(labels.to(device), dtype))
+    return calls, sigma
 
 
-def table(per_layer: list[list[dict]]) -> str:
-    """Markdown: one row per layer, head means (SVG class counts)."""
-    cols = [f"{kind}_{r}" for r in RECALLS for kind in ("oracle", "block_oracle", "svg")]
-    lines = ["| layer | " + " | ".join(cols) + " | locality | spatial / temporal / global |",
-             "|---" * (len(cols) + 3) + "|"]
-    for layer, heads in enumerate(per_layer):
-        mean = lambda key: sum(h[key] for h in heads) / len(heads)  # noqa: E731
-        counts = [sum(h["svg_class"] == c for h in heads) for c in ("spatial", "temporal", "global")]
-        lines.append(f"| {layer} | " + " | ".join(f"{mean(c):.3f}" for c in cols)
-                     + f" | {mean('locality'):.1f} | {' / '.join(map(str, counts))} |")
-    return "\n".join(lines)
+def head_rows(analyses: list[CallAnalysis]) -> list[dict]:
+    """One dict per (layer, head): every statistic averaged over the batch (the clips)."""
+    rows = []
+    for layer, a in enumerate(analyses):
+        for head in range(a.near_mass.shape[1]):
+            row: dict = {"layer": layer, "head": head,
+                         "locality": float(a.near_mass[:, head].mean()) / a.near_share,
+                         "svg_class": [c[head] for c in a.svg_class], "auto_choice": [c[head] for c in a.auto_choice]}
+            for method in METHODS:
+                for target in RECALLS:
+                    row[f"{method} {target}"] = float(a.needed[method][target][:, head].mean())
+            for method, (recall, density) in a.at_defaults.items():
+                row[f"{method} defaults recall"] = float(recall[:, head].mean())
+                row[f"{method} defaults density"] = float(density[:, head].mean())
+            rows.append(row)
+    return rows
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def _class_counts(rows: list[dict]) -> tuple[int, int, int]:
+    labels = [c for r in rows for c in r["svg_class"]]
+    return tuple(labels.count(kind) for kind in ("spatial", "temporal", "global"))
+
+
+def density_table(groups: dict[str, list[dict]], first: str) -> list[str]:
+    """Markdown rows: per group, each method's density for 0.9 / 0.95, locality and SVG classes."""
+    cols = " | ".join(SHORT.get(m, m) for m in METHODS)
+    lines = [f"| {first} | {cols} | locality | SVG spatial / temporal / global |", "|---" * (len(METHODS) + 3) + "|"]
+    for name, rows in groups.items():
+        cells = " | ".join(" / ".join(f"{_mean(rows, f'{m} {t}'):.3f}" for t in RECALLS) for m in METHODS)
+        lines.append(f"| {name} | {cells} | {_mean(rows, 'locality'):.1f} | {' / '.join(map(str, _class_counts(rows)))} |")
+    return lines
+
+
+def summary(rows: list[dict], layers: int) -> tuple[list[str], dict]:
+    """Each method's density for recall 0.95 averaged over layers, the best one against ``DENSITY_TARGET``,
+    and each method at its defaults."""
+    by_layer = [[r for r in rows if r["layer"] == layer] for layer in range(layers)]
+    target = max(RECALLS)
+    means = {m: sum(_mean(ls, f"{m} {target}") for ls in by_layer) / layers for m in METHODS if m != "oracle"}
+    best = min(means, key=means.get)
+    lines = [f"Density for recall {target}, mean over layers (a head no setting of the method brings to the "
+             "target counts as 1.0):", "",
+             "| " + " | ".join(SHORT.get(m, m) for m in means) + " | oracle |", "|---" * (len(means) + 1) + "|",
+             "| " + " | ".join(f"{v:.3f}" for v in means.values()) + f" | {sum(_mean(ls, f'oracle {target}') for ls in by_layer) / layers:.3f} |",
+             "", f"Best method: {best} at {means[best]:.3f} (target <= {DENSITY_TARGET}): "
+             + ("met" if means[best] <= DENSITY_TARGET else "NOT met"), "",
+             "Each method at its defaults (mean over layers and heads):", "", "| method | recall | kept density |",
+             "|---|---|---|"]
+    defaults = sorted({k.rsplit(" defaults", 1)[0] for k in rows[0] if " defaults " in k})
+    for method in defaults:
+        lines.append(f"| {method} | {_mean(rows, f'{method} defaults recall'):.3f} | "
+                     f"{_mean(rows, f'{method} defaults density'):.3f} |")
+    return lines, {"density_for_recall_0.95": means, "best": best, "met": means[best] <= DENSITY_TARGET}
+
+
+def fixture_figures(rows: list[dict]) -> dict[str, str]:
+    """The fixture's value beside each anchor (keys of ``ANCHORS``)."""
+    spatial, temporal, other = _class_counts(rows)
+    total = spatial + temporal + other
+    share = lambda n: f"{100 * n / total:.1f}%"  # noqa: E731
+    default = lambda m: (f"recall {_mean(rows, f'{m} defaults recall'):.3f} at density "  # noqa: E731
+                         f"{_mean(rows, f'{m} defaults density'):.3f}")
+    adaspa_heads = [r["adaspa defaults recall"] for r in rows]
+    return {
+        "svg_classes": f"{share(spatial)} / {share(temporal)} / {share(other)} (global)",
+        "svg_default": f"{default('svg')}; needs {_mean(rows, 'svg 0.9'):.3f} for recall 0.9",
+        "svg2_default": default("svg2"),
+        "adaspa_default": f"{default('adaspa')}; heads > 0.8: {sum(r > 0.8 for r in adaspa_heads)}/{len(adaspa_heads)}",
+        "radial_default": default("radial"),
+        "locality": f"{_mean(rows, 'locality'):.1f}",
+    }
+
+
+def anchors_table(rows: list[dict]) -> list[str]:
+    """The papers' figures for HunyuanVideo and Wan2.1 beside the fixture's, each with its source."""
+    published = {name: f"{kept_pair_density(radial_block_mask(*grid, 128, decay, sink), grid[0] * grid[1] * grid[2], 128):.3f}"
+                 for name, (grid, decay, sink) in PUBLISHED_GRIDS.items()}
+    fixture = fixture_figures(rows)
+    lines = ["| quantity | HunyuanVideo | Wan2.1 | this fixture | source |", "|---|---|---|---|---|"]
+    for quantity, hunyuan, wan, key, source in ANCHORS:
+        lines.append(f"| {quantity} | {hunyuan.format(**published)} | {wan.format(**published)} | {fixture[key]} "
+                     f"| {source} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_toy_arguments(parser, "attention_stats.md and attention_stats.json")
+    parser.add_argument("--clips", type=int, default=2, help="clips (classes in turn) the statistics average over")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dense-steps", type=int, default=5, help="capture at this step (the first sparse one)")
+    parser.add_argument("--rows", type=int, default=512, help="sampled query rows per head (row-level recalls)")
+    args = parser.parse_args(argv)
+    check_toy_arguments(parser, args)
+    if min(args.clips, args.steps, args.rows) < 1:
+        parser.error("--clips, --steps and --rows must be at least 1")
+    if not 0 <= args.dense_steps < args.steps:
+        parser.error(f"--dense-steps must be in [0, --steps={args.steps}), got {args.dense_steps}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=9)
-    parser.add_argument("--height", type=int, default=32, help="pixels, even")
-    parser.add_argument("--width", type=int, default=48, help="pixels, even")
-    parser.add_argument("--rows", type=int, default=256, help="sampled query rows per head")
-    parser.add_argument("--json", type=Path, help="also write the per-head statistics here")
-    args = parser.parse_args(argv)
-    if args.height % 2 or args.width % 2 or min(args.frames, args.rows) < 1:
-        parser.error("--height and --width must be even; --frames and --rows at least 1")
-    grid = (args.frames, args.height // 2, args.width // 2)
-    calls = capture(args.frames, args.height, args.width, clips=1)
-    rows = sample_rows(grid[0] * grid[1] * grid[2], args.rows, torch.device("cpu"))
-    per_layer = [layer_stats(call, grid, rows) for call in calls]
-    print(f"toy fixture, grid {grid} (frames, height, width tokens), {rows.numel()} sampled rows per head, "
-          "noise level 0.5; densities are kept fractions of the video key pairs")
-    print(table(per_layer))
-    print("published anchors (papers' figures, not measured here):")
-    for line in ANCHORS:
-        print(f"- {line}")
-    if args.json:
-        args.json.write_text(json.dumps({"grid": grid, "rows": rows.numel(), "layers": per_layer}, indent=1))
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_toy_wan(device, torch.bfloat16 if device.type == "cuda" else torch.float32, weights=args.weights)
+    grid = (args.frames, args.height // TOY_PATCH, args.width // TOY_PATCH)
+    calls, sigma = capture(model, args)
+    rows_sampled = sample_rows(grid[0] * grid[1] * grid[2], args.rows, device)
+    configs = TINY_CONFIGS if args.tiny else MethodConfigs()
+    analyses = []
+    for call in calls:
+        scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
+        analyses.append(analyse_call(call.query, call.key, call.value, grid, rows_sampled, scale, configs))
+    rows = head_rows(analyses)
+    header = (f"toy model {args.weights.name}, grid {grid[0]}x{grid[1]}x{grid[2]} tokens ({args.frames} frames "
+              f"{args.height}x{args.width} px), {args.clips} clips, captured at step {args.dense_steps} of {args.steps} "
+              f"(sigma {sigma:.2f}), {rows_sampled.numel()} sampled rows per head, {device.type}; densities are kept "
+              "fractions of the video pairs, each cell 'recall 0.9 / recall 0.95'")
+    summary_lines, verdict = summary(rows, len(analyses))
+    per_layer = {str(layer): [r for r in rows if r["layer"] == layer] for layer in range(len(analyses))}
+    per_head = {f"{r['layer']}.{r['head']}": [r] for r in rows}
+    text = "\n".join([header, "", "Per layer (mean over heads):", "", *density_table(per_layer, "layer"), "",
+                      *summary_lines, "", "Published anchors beside the fixture:", "", *anchors_table(rows), "",
+                      "Per head (layer.head):", "", *density_table(per_head, "head")])
+    print(text)
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.out is not None:
+        (args.out / "attention_stats.md").write_text(text + "\n")
+        (args.out / "attention_stats.json").write_text(json.dumps(
+            {"header": header, "grid": grid, "sigma": sigma, "summary": verdict, "heads": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,86 +1,174 @@
 """Does a sparse method keep the toy model's clips recognisable? Judge accuracy without a dense reference.
 
-``PYTHONPATH=. python benchmarks/bench_task_score.py [--clips 32] [--frames 16 --height 64 --width 96 --steps 20]``
+``python benchmarks/bench_task_score.py [--weights PATH] [--out DIR] [--clips 32] [--frames 16 --height 64 --width 96]``
 
-Generates ``--clips`` clips (every class in turn) with the shipped toy model densely, then
-compiled with ``backend="sparse_video"`` for every method at its defaults and, for methods with
-a ``density`` option, at 0.25 and 0.125 where that is not the default. Each clip is judged (:mod:`sparse_compile.toy.judge`):
-the table gives the fraction read back as the class asked for, and the mean PSNR against the
-dense clip of the same noise. Meant for a GPU; on the CPU use a small size (e.g.
-``--frames 6 --height 32 --width 48 --steps 6 --clips 8``), where the methods run their
-reference kernels.
+Generates ``--clips`` clips (every class in turn, the same noise for every setting) with the toy
+model (:mod:`sparse_compile.toy`) compiled with ``backend="sparse_video"``: first
+``method="dense"`` (the same compiled graph with exact attention: the reference), then every
+sparse method at its defaults and at kept densities 0.25 and 0.125 where the method has a knob
+for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
+keeps at most that density at this grid, when one does). Every setting runs the first
+``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`);
+a row gives the fraction read back as the class asked for, the fraction where the judge found
+shapes at all, the mean PSNR against the dense clip of the same noise, the mean kept density of
+the sparse steps (from :func:`sparse_compile.report`) and the seconds the setting took (compile
+included).
+
+Writes ``task_score.md`` and ``task_score.json`` to ``--out``. Meant for a GPU (bf16); on the
+CPU the methods run their reference kernels, so use the smoke size with ``--tiny`` (small
+blocks and cluster counts for a grid of a few hundred tokens), e.g.
+``--frames 4 --height 32 --width 48 --steps 3 --dense-steps 1 --clips 2 --tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 
 import torch
+from common import TOY_PATCH, add_toy_arguments, check_toy_arguments
 
 import sparse_compile
 from sparse_compile.methods import METHODS
-from sparse_compile.toy.evaluate import balanced_labels, score_generation
+from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
+from sparse_compile.toy.evaluate import generate_clips, score_clips
 from sparse_compile.toy.metrics import psnr
 from sparse_compile.toy.model import build_toy_wan
-from sparse_compile.toy.sampling import generate
 
 DENSITIES = (0.25, 0.125)
+ACCURACY_TARGET = 0.90
+DEFAULTS_WITHIN = 0.03  # judge accuracy of every method at its defaults within this of dense
+TINY_OPTIONS = {"svg2": {"q_clusters": 8, "k_clusters": 16, "kmeans_iters_init": 3}, "svg": {"block": 16},
+                "radial": {"block": 16}, "adaspa": {"block": 16}, "auto": {"block": 32}}
 
 
-def method_settings(method: str) -> list[tuple[str, dict]]:
-    """``(row name, extra options)`` of one method: its defaults, then each other of ``DENSITIES`` if it has a density."""
-    settings = [(f"{method} (defaults)", {})]
-    spec = METHODS[method].option_spec.get("density")
-    if spec is not None:
-        settings += [(f"{method} density {d}", {"density": d}) for d in DENSITIES if d != spec.default]
+def radial_decay_for(grid: tuple[int, int, int], block: int, density: float) -> float | None:
+    """The largest radial ``decay`` in (0, 1] whose layout over ``grid`` keeps at most ``density``
+    of the pairs (bisection, 20 halvings), or ``None`` when even the smallest decay keeps more."""
+    tokens = grid[0] * grid[1] * grid[2]
+
+    def kept(decay: float) -> float:
+        return kept_pair_density(radial_block_mask(*grid, block, decay, True), tokens, block)
+
+    if kept(1.0) <= density:
+        return 1.0
+    low, high = 1e-6, 1.0
+    if kept(low) > density:
+        return None
+    for _ in range(20):
+        mid = (low + high) / 2
+        low, high = (mid, high) if kept(mid) <= density else (low, mid)
+    return low
+
+
+def method_settings(method: str, grid: tuple[int, int, int], tiny: bool) -> list[tuple[str, dict]]:
+    """``(row name, method options)`` of one method: its defaults, then each of ``DENSITIES`` it can be set to."""
+    base = dict(TINY_OPTIONS.get(method, {})) if tiny else {}
+    settings = [(f"{method} (defaults)", base)]
+    defaults = METHODS[method].config_type().as_dict()
+    if "density" in defaults:
+        settings += [(f"{method} density {d}", {**base, "density": d}) for d in DENSITIES if d != defaults["density"]]
+    elif method == "radial":
+        block = base.get("block", defaults["block"])
+        for d in DENSITIES:
+            decay = radial_decay_for(grid, block, d)
+            if decay is not None:
+                settings.append((f"radial density <= {d} (decay {decay:.3g})", {**base, "decay": decay}))
     return settings
 
 
-def mean_psnr(model, dense: torch.Tensor, args: argparse.Namespace, before_batch) -> float:
-    """Mean PSNR (dB) of ``model``'s clips against the dense ones of the same labels and seeds."""
-    labels = balanced_labels(args.clips)
-    values = []
-    for start in range(0, args.clips, args.batch):
-        before_batch()
-        clip = generate(model, labels[start:start + args.batch], start // args.batch, args.frames, args.height,
-                        args.width, args.steps)
-        values.append(psnr(clip, dense[start:start + args.batch]))
-    return float(torch.cat(values).clamp(max=100).mean())
+def mean_kept_density(model: torch.nn.Module) -> float | None:
+    """Mean over the rewritten sites of their mean kept density at the sparse steps (``None``: no sparse step)."""
+    values = [s.mean_density for s in sparse_compile.report(model).sites if s.mean_density is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_setting(model: torch.nn.Module, options: dict, args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
+    """Clips of ``model`` compiled with ``options`` and what the report says about them."""
+    torch._dynamo.reset()  # a fresh compile per setting: the recompile limit must never send a setting to eager
+    compiled = torch.compile(model, backend="sparse_video", options=options)
+    start = time.perf_counter()
+    videos = generate_clips(compiled, args.frames, args.height, args.width, args.steps, args.clips, args.seed,
+                            args.batch, between_batches=lambda: sparse_compile.reset(compiled))
+    seconds = time.perf_counter() - start
+    sites = sparse_compile.report(compiled).sites
+    facts = {"sites": len(sites), "sparse_sites": sum(s.sparse for s in sites), "density": mean_kept_density(compiled),
+             "seconds": round(seconds, 1)}
+    return videos, facts
+
+
+def score_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+    """One row per setting: dense first, then every sparse method's settings."""
+    grid = (args.frames, args.height // TOY_PATCH, args.width // TOY_PATCH)
+    common_options = {"dense_steps": args.dense_steps, "min_seq_len": 256}
+    dense, facts = run_setting(model, {"method": "dense", **common_options}, args)
+    rows = [{"setting": "dense", "options": {"method": "dense"}, **score_clips(dense, args.steps).as_dict(),
+             "psnr_db": None, **facts}]
+    print(f"dense: accuracy {rows[0]['accuracy']:.3f} ({facts['seconds']} s)", flush=True)
+    for method in args.methods:
+        for name, extra in method_settings(method, grid, args.tiny):
+            options = {"method": method, **common_options, **extra}
+            videos, facts = run_setting(model, options, args)
+            score = score_clips(videos, args.steps).as_dict()
+            quality = float(psnr(videos, dense).clamp(max=100).mean())
+            rows.append({"setting": name, "options": {"method": method, **extra}, **score, "psnr_db": quality, **facts})
+            print(f"{name}: accuracy {score['accuracy']:.3f}, PSNR {quality:.1f} dB ({facts['seconds']} s)", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    """The table, then the targets: dense accuracy and every method's defaults against dense."""
+    dense = rows[0]["accuracy"]
+    lines = [header, "",
+             "| setting | judge accuracy | vs dense (points) | shapes found | PSNR vs dense (dB) | kept density | sparse sites | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        value = "-" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
+        density = "-" if r["density"] is None else f"{r['density']:.3f}"
+        lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {100 * (r['accuracy'] - dense):+.1f} | "
+                     f"{r['found']:.3f} | {value} | {density} | {r['sparse_sites']}/{r['sites']} | {r['seconds']} |")
+    defaults = [r for r in rows[1:] if r["setting"].endswith("(defaults)")]
+    behind = [r["setting"] for r in defaults if r["accuracy"] < dense - DEFAULTS_WITHIN]
+    lines += ["", f"- dense judge accuracy {dense:.3f} (target >= {ACCURACY_TARGET}): "
+              + ("met" if dense >= ACCURACY_TARGET else "NOT met"),
+              f"- every method at its defaults within {100 * DEFAULTS_WITHIN:.0f} points of dense: "
+              + ("yes" if not behind else "no: " + ", ".join(behind))]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_toy_arguments(parser, "task_score.md and task_score.json")
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="clips per generation batch")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dense-steps", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=[m for m in sparse_compile.available_methods() if m != "dense"],
+                        choices=[m for m in sparse_compile.available_methods() if m != "dense"])
+    args = parser.parse_args(argv)
+    check_toy_arguments(parser, args)
+    if min(args.clips, args.batch, args.steps) < 1:
+        parser.error("--clips, --batch and --steps must be at least 1")
+    if not 0 <= args.dense_steps <= args.steps:
+        parser.error(f"--dense-steps must be in [0, --steps={args.steps}], got {args.dense_steps}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=64)
-    parser.add_argument("--width", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dense-steps", type=int, default=5)
-    args = parser.parse_args(argv)
-    if args.height % 2 or args.width % 2 or min(args.clips, args.batch, args.frames, args.steps) < 1:
-        parser.error("--height and --width must be even; --clips, --batch, --frames, --steps at least 1")
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_toy_wan(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    size = (args.frames, args.height, args.width, args.steps)
-    labels = balanced_labels(args.clips)
-    dense = torch.cat([generate(model, labels[s:s + args.batch], s // args.batch, *size)
-                       for s in range(0, args.clips, args.batch)])
-    rows = [("dense", score_generation(model, *size, clips=args.clips, batch=args.batch).accuracy, float("inf"))]
-    for method in sparse_compile.available_methods():
-        if method == "dense":
-            continue
-        for name, extra in method_settings(method):
-            options = {"method": method, "dense_steps": args.dense_steps, "min_seq_len": 256, **extra}
-            sparse = torch.compile(model, backend="sparse_video", options=options)
-            reset = lambda: sparse_compile.reset(sparse)  # noqa: E731
-            score = score_generation(sparse, *size, clips=args.clips, batch=args.batch, before_batch=reset)
-            rows.append((name, score.accuracy, mean_psnr(sparse, dense, args, reset)))
-    print(f"toy model, {args.clips} clips of {args.frames}x{args.height}x{args.width} px, {args.steps} steps "
-          f"({args.dense_steps} dense), {device.type}")
-    print("| setting | judge accuracy | PSNR vs dense (dB) |\n|---|---|---|")
-    for name, accuracy, value in rows:
-        print(f"| {name} | {accuracy:.3f} | {value:.1f} |")
+    model = build_toy_wan(device, torch.bfloat16 if device.type == "cuda" else torch.float32, weights=args.weights)
+    header = (f"toy model {args.weights.name}, {args.clips} clips of {args.frames}x{args.height}x{args.width} px "
+              f"(grid {args.frames}x{args.height // TOY_PATCH}x{args.width // TOY_PATCH} tokens), {args.steps} steps with CFG "
+              f"({args.dense_steps} dense), {device.type}, torch {torch.__version__}")
+    rows = score_rows(model, args)
+    text = markdown(rows, header)
+    print(text)
+    if args.out is not None:
+        (args.out / "task_score.md").write_text(text + "\n")
+        (args.out / "task_score.json").write_text(json.dumps({"header": header, "weights": str(args.weights),
+                                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,37 @@ def print_and_save(text: str, filename: str) -> None:
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], filename), "w") as f:
             f.write(text if text.endswith("\n") else text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The toy model's benchmarks
+
+TOY_PATCH = 2  # pixels per token along height and width of the toy model
+
+
+def add_toy_arguments(parser, outputs: str) -> None:
+    """``--weights``, ``--out`` (a folder for ``outputs``), the clip size (default: the largest grid,
+    16 frames of 64x96 px), ``--seed`` and ``--tiny`` of a toy-model benchmark."""
+    from pathlib import Path
+
+    from sparse_compile.toy.model import WEIGHTS
+
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="toy model weights (.safetensors)")
+    parser.add_argument("--out", type=Path, help=f"folder for {outputs}")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=64, help=f"pixels, a multiple of {TOY_PATCH}")
+    parser.add_argument("--width", type=int, default=96, help=f"pixels, a multiple of {TOY_PATCH}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="small blocks and cluster counts (CPU smoke sizes)")
+
+
+def check_toy_arguments(parser, args) -> None:
+    """Exit through ``parser.error`` naming the option when an :func:`add_toy_arguments` value is unusable."""
+    if args.height % TOY_PATCH or args.width % TOY_PATCH:
+        parser.error(f"--height and --width must be multiples of {TOY_PATCH}, got {args.height}x{args.width}")
+    if args.frames < 1:
+        parser.error(f"--frames must be at least 1, got {args.frames}")
+    if not args.weights.exists():
+        parser.error(f"--weights: no such file {args.weights}")
+    if args.out is not None and not args.out.is_dir():
+        parser.error(f"--out: folder {args.out} does not exist")

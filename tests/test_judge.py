@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.toy.evaluate import balanced_labels, score_generation
+from sparse_compile.toy.evaluate import balanced_labels, generate_clips, score_generation
 from sparse_compile.toy.judge import accuracy, connected_components, judge, shape_mask
 from sparse_compile.toy.model import class_embeddings
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
@@ -92,3 +92,10 @@ class _ReplayModel(torch.nn.Module):
 def test_score_generation_judges_every_class_of_the_generated_clips(shift, expected):
     score = score_generation(_ReplayModel(6, 32, 48, shift), 6, 32, 48, steps=2, clips=16, batch=8, guidance=1.0)
     assert score.accuracy == expected and score.clips == 16 and len(score.per_class) == NUM_CLASSES
+
+
+def test_generate_clips_runs_the_between_batches_hook_before_every_batch_but_the_first():
+    hook_calls = []
+    videos = generate_clips(_ReplayModel(6, 32, 48), 6, 32, 48, steps=1, clips=12, batch=4, guidance=1.0,
+                            between_batches=lambda: hook_calls.append(1))
+    assert len(hook_calls) == 2 and videos.shape == (12, 3, 6, 32, 48)

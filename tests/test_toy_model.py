@@ -11,7 +11,7 @@ from sparse_compile.toy.attention_stats import capture_self_attention, local_att
 from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.sampling import generate, initial_noise, noise_level
 from sparse_compile.toy.train import main as train_main
 from sparse_compile.toy.train import train
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
@@ -67,6 +67,18 @@ def test_generation_is_deterministic_in_the_seed_and_finite():
     a = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
     b = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
     assert a.shape == (1, 3, 2, 16, 16) and torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_generation_stopped_at_a_step_returns_the_latent_that_step_starts_from():
+    model = build_toy_wan()
+    labels = torch.tensor([2])
+    start = generate(model, labels, seed=3, frames=2, height=16, width=16, steps=4, until=0)
+    assert torch.equal(start, initial_noise(3, (1, 3, 2, 16, 16), "cpu", torch.float32))
+    full = generate(model, labels, seed=3, frames=2, height=16, width=16, steps=4)
+    assert torch.equal(generate(model, labels, seed=3, frames=2, height=16, width=16, steps=4, until=4), full)
+    assert noise_level(0, 4) == 1.0 and noise_level(1, 4) == 0.75
+    with pytest.raises(ValueError, match="until"):
+        generate(model, labels, seed=3, frames=2, height=16, width=16, steps=4, until=5)
 
 
 def test_psnr_and_ssim():

@@ -3,7 +3,8 @@
 :func:`capture_self_attention` records the ``(B, H, S, D)`` inputs of every SDPA call whose
 queries and keys have the same length (self-attention), in call order, by wrapping
 ``torch.nn.functional.scaled_dot_product_attention`` during one eager forward.
-:func:`local_attention_mass` tells whether attention is local in the video grid.
+:func:`near_mask` marks the keys near each query in the video grid and :func:`local_attention_mass`
+tells whether attention is local there.
 """
 
 from __future__ import annotations
@@ -48,28 +49,33 @@ def _grid_coords(index: torch.Tensor, height: int, width: int) -> tuple[torch.Te
     return index // (height * width), (index // width) % height, index % width
 
 
+def near_mask(rows: torch.Tensor, grid: tuple[int, int, int], radius: int = 2) -> torch.Tensor:
+    """Bool ``(R, S)``: which of the ``S`` frame-major keys of ``grid`` (frames, height, width) lie within
+    one frame and ``radius`` tokens in height and width of each query row of ``rows`` (int64 ``(R,)``)."""
+    frames, height, width = grid
+    tq, hq, wq = _grid_coords(rows, height, width)
+    tk, hk, wk = _grid_coords(torch.arange(frames * height * width, device=rows.device), height, width)
+    return (
+        ((tq[:, None] - tk[None]).abs() <= 1)
+        & ((hq[:, None] - hk[None]).abs() <= radius)
+        & ((wq[:, None] - wk[None]).abs() <= radius)
+    )
+
+
 def local_attention_mass(
     q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], radius: int = 2, rows: int = 256, seed: int = 0
 ) -> tuple[float, float]:
     """Attention mass near the query vs the share of keys near it.
 
     For ``rows`` sampled query rows of ``q``/``k`` ``(B, H, S, D)`` over a frame-major
-    ``grid`` (frames, height, width), "near" means within one frame and ``radius`` tokens in
-    height and width. Returns ``(mean attention mass on near keys, mean fraction of keys that
-    are near)``; attention that ignores position gives equal numbers, local attention a
-    mass many times the fraction. Memory ``O(rows * S)``.
+    ``grid`` (frames, height, width), "near" is :func:`near_mask`. Returns ``(mean attention mass
+    on near keys, mean fraction of keys that are near)``; attention that ignores position gives
+    equal numbers, local attention a mass many times the fraction. Memory ``O(rows * S)``.
     """
-    frames, height, width = grid
     seq = q.shape[2]
     pick = torch.randperm(seq, generator=torch.Generator().manual_seed(seed))[:rows].to(q.device)
     scores = (q[:, :, pick].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     probs = scores.softmax(-1)  # (B, H, rows, S)
-    tq, hq, wq = _grid_coords(pick, height, width)
-    tk, hk, wk = _grid_coords(torch.arange(seq, device=q.device), height, width)
-    near = (
-        ((tq[:, None] - tk[None]).abs() <= 1)
-        & ((hq[:, None] - hk[None]).abs() <= radius)
-        & ((wq[:, None] - wk[None]).abs() <= radius)
-    )  # (rows, S)
+    near = near_mask(pick, grid, radius)  # (rows, S)
     mass = (probs * near).sum(-1).mean()
     return float(mass), float(near.float().mean())

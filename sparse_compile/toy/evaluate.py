@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -34,7 +34,7 @@ def balanced_labels(clips: int, device: torch.device | str = "cpu") -> torch.Ten
     return torch.arange(clips, device=device) % NUM_CLASSES
 
 
-def score_generation(
+def generate_clips(
     model: Callable[..., object],
     frames: int,
     height: int,
@@ -44,22 +44,38 @@ def score_generation(
     seed: int = 0,
     batch: int = 16,
     guidance: float = 4.0,
-    before_batch: Callable[[], None] | None = None,
-) -> GenerationScore:
-    """Generate ``clips`` clips (all classes, batches of ``batch``, seed ``seed + batch index``) and judge them.
+    between_batches: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """``clips`` videos ``(clips, 3, F, H, W)`` of :func:`balanced_labels`, in batches of ``batch``
+    (noise seed ``seed + batch index``), so every model given the same arguments starts each clip
+    from the same noise.
 
-    ``before_batch`` runs before each batch's generation (e.g. ``sparse_compile.reset`` of a compiled model).
+    ``between_batches`` runs before every batch but the first (e.g. ``sparse_compile.reset`` of a
+    compiled model, so that each batch is a new generation).
     """
     labels = balanced_labels(clips)
-    correct, found = torch.zeros(clips, dtype=torch.bool), torch.zeros(clips, dtype=torch.bool)
+    videos = []
     for start in range(0, clips, batch):
-        chunk = labels[start:start + batch]
-        if before_batch is not None:
-            before_batch()
-        videos = generate(model, chunk, seed + start // batch, frames, height, width, steps, guidance)
-        for offset, verdict in enumerate(judge(videos)):
-            correct[start + offset] = verdict.label == int(chunk[offset])
-            found[start + offset] = verdict.found
+        if start and between_batches is not None:
+            between_batches()
+        videos.append(generate(model, labels[start:start + batch], seed + start // batch, frames, height, width,
+                               steps, guidance).cpu())
+    return torch.cat(videos)
+
+
+def score_clips(videos: torch.Tensor, steps: int) -> GenerationScore:
+    """Judge videos ``(N, 3, F, H, W)`` generated for :func:`balanced_labels` ``(N,)`` in ``steps`` steps."""
+    clips, _, frames, height, width = videos.shape
+    labels = balanced_labels(clips)
+    verdicts = judge(videos)
+    correct = torch.tensor([v.label == int(t) for v, t in zip(verdicts, labels)], dtype=torch.bool)
+    found = torch.tensor([v.found for v in verdicts], dtype=torch.bool)
     per_class = [float(correct[labels == c].float().mean()) for c in range(NUM_CLASSES) if (labels == c).any()]
     return GenerationScore(frames, height, width, steps, clips, float(correct.float().mean()),
                            float(found.float().mean()), per_class)
+
+
+def score_generation(model: Callable[..., object], frames: int, height: int, width: int, steps: int, clips: int = 32,
+                     **generation: Any) -> GenerationScore:
+    """:func:`generate_clips` (``generation``: its other arguments) then :func:`score_clips`."""
+    return score_clips(generate_clips(model, frames, height, width, steps, clips, **generation), steps)

@@ -28,11 +28,14 @@ def generate(
     steps: int,
     guidance: float = 4.0,
     on_step: Callable[[int], None] | None = None,
+    until: int | None = None,
 ) -> torch.Tensor:
     """Videos ``(N, 3, F, H, W)`` (float32, about ``[-1, 1]``) for class ``labels`` ``(N,)`` on the model's device.
 
     Each step calls the model twice with the same timestep (conditional, then unconditional),
-    like diffusers pipelines with CFG as two calls.
+    like diffusers pipelines with CFG as two calls. ``until``: run only steps ``0 .. until - 1``
+    of the ``steps``-step schedule and return the latent step ``until`` starts from (noise level
+    :func:`noise_level` of ``until``) instead of the video.
     """
     param = next(iter(model.parameters()))
     device, dtype = param.device, param.dtype
@@ -40,8 +43,11 @@ def generate(
     cond = class_embeddings(labels.to(device), dtype)
     uncond = class_embeddings(torch.full_like(labels, -1).to(device), dtype)
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    last = steps if until is None else until
+    if not 0 <= last <= steps:
+        raise ValueError(f"until must be in [0, steps={steps}], got {until}")
     with torch.no_grad():
-        for i in range(steps):
+        for i in range(last):
             t = torch.full((labels.shape[0],), float(sigmas[i]) * 1000, device=device)
             v_cond = model(hidden_states=x, timestep=t, encoder_hidden_states=cond).sample
             v_uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond).sample
@@ -50,3 +56,8 @@ def generate(
             if on_step is not None:
                 on_step(i)
     return x.float()
+
+
+def noise_level(step: int, steps: int) -> float:
+    """``sigma`` at which step ``step`` of a ``steps``-step :func:`generate` calls the model (timestep ``1000 * sigma``)."""
+    return float(torch.linspace(1.0, 0.0, steps + 1)[step])

@@ -1,0 +1,38 @@
+"""The toy model's benchmark scripts: the settings they run and the helpers they share with nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def task_score(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_task_score
+
+    return bench_task_score
+
+
+def test_radial_gets_the_largest_decay_that_keeps_at_most_the_density(task_score):
+    grid, block = (16, 32, 48), 128
+    decay = task_score.radial_decay_for(grid, block, 0.5)
+    density = lambda d: kept_pair_density(radial_block_mask(*grid, block, d, True), 16 * 32 * 48, block)  # noqa: E731
+    assert density(decay) <= 0.5 < density(decay * 1.01)
+    assert task_score.radial_decay_for(grid, block, 0.6) == 1.0
+    assert task_score.radial_decay_for(grid, block, 0.25) is None  # near frames and the narrowest bands keep more
+
+
+def test_every_method_runs_at_its_defaults_and_at_each_density_it_can_be_set_to(task_score):
+    grid = (16, 32, 48)
+    names = {m: [name for name, _ in task_score.method_settings(m, grid, tiny=False)] for m in ("svg", "adaspa", "svg2")}
+    assert names["svg"] == ["svg (defaults)", "svg density 0.125"]  # its default density is 0.25
+    assert names["adaspa"] == ["adaspa (defaults)", "adaspa density 0.25", "adaspa density 0.125"]
+    assert names["svg2"] == ["svg2 (defaults)"]
+    tiny = dict(task_score.method_settings("svg2", grid, tiny=True))
+    assert tiny["svg2 (defaults)"]["q_clusters"] == 8
