@@ -8,8 +8,9 @@ past the break-even density of the device's cost model (:mod:`~sparse_compile.me
 run dense, and so does the whole call when sparse would not be faster. Heads whose scores are not
 finite (NaN or Inf in q or k) run dense, so they give what dense attention gives.
 
-**When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
-first call of a generation (or of a new grid or shape). Every ``recheck_every`` steps after a
+**When.** At the last of the ``dense_steps`` steps when they are given, else at the first sparse
+call of a generation (the timestep warm-up's last step is not known ahead), or of a new grid or
+shape. Every ``recheck_every`` steps after a
 choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled query rows (a
 ``rows x Sv`` product per head); the site chooses anew when a head falls more than
 ``_RECHECK_MARGIN`` below ``recall``.

@@ -1,7 +1,8 @@
 """The interface every attention method implements, and the recipe all of them share.
 
-:meth:`AttentionMethod.run` is one call at a site: dense at the dense layers and steps of the
-options (which the method may observe, e.g. to warm its caches), dense with a reason when the
+:meth:`AttentionMethod.run` is one call at a site: dense at the dense layers and warm-up steps
+of the options (``dense_steps``, ``dense_timestep_fraction``; the method may observe them, e.g. to
+warm its caches), dense with a reason when the
 method cannot take the call (:meth:`~AttentionMethod.dense_reason`), dense when the method's
 pattern keeps every pair or, on CUDA, more than the device's break-even density (the guard:
 :meth:`~AttentionMethod.predicted_density` against :mod:`~sparse_compile.methods.cost_model`),
@@ -13,6 +14,8 @@ state between calls as typed entries of the site's :class:`SiteCache`, keyed by
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -38,6 +41,29 @@ __all__ = [
 ]
 
 Entry = TypeVar("Entry")
+logger = logging.getLogger("sparse_compile")
+
+
+def in_timestep_warmup(step: StepInfo, fraction: float) -> bool:
+    """Whether the step's timestep is above ``1 - fraction`` of its generation's first timestep.
+
+    Never for a forward without a timestep input, or a generation whose first timestep is not
+    positive (logged once per process when ``fraction`` asks for a warm-up).
+    """
+    if fraction == 0:
+        return False
+    if step.timestep is None or step.first_timestep is None or step.first_timestep <= 0:
+        _note_no_timestep_warmup()
+        return False
+    return step.timestep > (1 - fraction) * step.first_timestep
+
+
+@functools.cache
+def _note_no_timestep_warmup() -> None:
+    logger.warning(
+        "sparse_compile: a forward without a positive timestep input: the timestep warm-up "
+        "(dense_timestep_fraction) does not apply; give dense_steps to run the first steps dense"
+    )
 
 
 @dataclass(frozen=True)
@@ -85,19 +111,21 @@ class AttentionMethod:
             return f"dense_layers={self.options.dense_layers}"
         return None
 
-    def is_dense_step(self, step: int) -> bool:
-        """Whether ``step`` is one of the dense warm-up steps."""
-        return step < self.options.dense_steps
+    def is_dense_step(self, step: StepInfo) -> bool:
+        """Whether ``step`` is a dense warm-up step: one of the first ``dense_steps``, or one whose
+        timestep is above ``1 - dense_timestep_fraction`` of its generation's first timestep."""
+        return step.step < self.options.dense_steps or in_timestep_warmup(step, self.options.dense_timestep_fraction)
 
     @property
     def first_sparse_step(self) -> int:
+        """The first step the step count lets run sparse (the timestep warm-up may keep later ones dense)."""
         return self.options.dense_steps
 
     def run(self, call: AttentionCall) -> AttentionResult:
         """Attention of one call at this site, following the dense schedule (see the module doc)."""
         if self.layer_dense_reason(call.layer) is not None:
             return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
-        if self.is_dense_step(call.step.step):
+        if self.is_dense_step(call.step):
             self.observe_dense(call)
             return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
         return self.attend(call)
