@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, TypeVar
 
 import torch
@@ -77,6 +77,37 @@ class CacheKey:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+
+
+def heads_of(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
+    """The call restricted to ``heads`` (int64 indices): q, k, v and a per-head mask copied."""
+    mask = call.attn_mask
+    if mask is not None and mask.shape[1] > 1:
+        mask = mask.index_select(1, heads)
+    return replace(call, query=call.query.index_select(1, heads), key=call.key.index_select(1, heads),
+                   value=call.value.index_select(1, heads), attn_mask=mask)
+
+
+def attend_split_heads(
+    call: AttentionCall, sparse_heads: torch.Tensor, dense_heads: torch.Tensor, video_attention: VideoAttention
+) -> AttentionResult:
+    """``sparse_heads`` through ``video_attention`` (merged with the text tokens), ``dense_heads``
+    through one dense SDPA, stitched by head (int64 index tensors, both non-empty).
+
+    ``video_attention`` takes the sparse heads' video tokens. The dense heads' video rows report
+    the LSE ``+inf`` (recall 1) and count as guarded; the kept density is the mean over heads.
+    """
+    heads = call.query.shape[1]
+    sparse = attend_video_and_text(heads_of(call, sparse_heads), video_attention)
+    output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
+    output[:, sparse_heads] = sparse.output
+    output[:, dense_heads] = AttentionMethod._exact(heads_of(call, dense_heads))
+    video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
+    video_lse[:, sparse_heads] = sparse.video_lse
+    n_sparse = sparse_heads.numel()
+    kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
+    return AttentionResult(output=output, kept_density=kept, video_lse=video_lse,
+                           guarded_heads=tuple(dense_heads.tolist()))
 
 
 class AttentionMethod:
