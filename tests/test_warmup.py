@@ -96,3 +96,15 @@ def test_a_compiled_model_runs_its_first_timesteps_dense_and_reports_them_as_war
     site = sparse_compile.report(compiled).rewritten[0]
     assert site.warmup_steps == frozenset({0, 1})
     assert site.head_runs.warmup == [2, 2] and site.head_runs.sparse == [2, 2]
+
+
+def test_a_compiled_model_without_a_timestep_input_runs_its_method_from_the_first_forward(default_timestep_warmup,
+                                                                                         recording_method):
+    from test_step_tracking import OPTIONS, _NoTimestepModel
+
+    compiled = torch.compile(_NoTimestepModel(), backend="sparse_video", options=OPTIONS)
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(torch.randn(1, 4, 3, 8, 10))
+    assert [c.step for c in recording_method] == [0, 1]
+    assert sparse_compile.report(compiled).rewritten[0].warmup_steps == frozenset()
