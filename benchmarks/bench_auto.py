@@ -129,8 +129,9 @@ class RoutedModel(torch.nn.Module):
         layer = self._layer
         self._layer += 1
         state = self.session.state_of(f"blocks.{layer}.attn1")
-        call = replace(method_call(query, key, value, self.layout.grid, state.cache, scale=scale,
-                                   module_path=f"blocks.{layer}.attn1", layer=layer), step=self.session.current)  # fmt: skip
+        call = method_call(query, key, value, self.layout.grid, state.cache, scale=scale,
+                           module_path=f"blocks.{layer}.attn1", layer=layer)
+        call = replace(call, step=self.session.current)
         result = self.method.run(call)
         state.record(call.site_name, call.step.step, result)
         if self.measure_recall and not result.scheduled_dense:
@@ -293,7 +294,8 @@ def plot_recall_vs_density(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def warmup_rows(model, args, layout: TokenLayout, labels: torch.Tensor, save: Callable[[list[dict]], None]) -> list[dict]:
+def warmup_rows(model, args, layout: TokenLayout, labels: torch.Tensor,
+                save: Callable[[list[dict]], None]) -> list[dict]:  # fmt: skip
     """``auto`` at its defaults per warm-up fraction; dense generation first."""
     dense_videos, dense_s = timed_generation(RoutedModel(model, None, layout, False), args, labels)
     rows = [{"setting": "dense", "fraction": None, "warmup_steps": args.steps, "psnr": float("inf"),

@@ -15,7 +15,7 @@ from sparse_compile.registry import METHODS, MethodConfig
 TEXT_POSITIONS = ("prefix", "suffix")
 DEFAULT_DENSE_TIMESTEP_FRACTION = 0.07
 """Flow-matching schedules of 50 steps run their first 20% (shift 3) to 28% (shift 5) of steps dense
-under it, 36% at shift 7; the toy sampler's linear schedule its first 10%."""
+under it, 36% at shift 7; a schedule linear in the noise level its first 8-10%."""
 
 
 @dataclass(frozen=True)
