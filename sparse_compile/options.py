@@ -13,6 +13,9 @@ from typing import Any, Mapping
 from sparse_compile.registry import METHODS, MethodConfig
 
 TEXT_POSITIONS = ("prefix", "suffix")
+DEFAULT_DENSE_TIMESTEP_FRACTION = 0.07
+"""Flow-matching schedules of 50 steps run their first 20% (shift 3) to 28% (shift 5) of steps dense
+under it, 36% at shift 7; a schedule linear in the noise level its first 8-10%."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,11 @@ class SparseOptions:
     Attributes:
         method: attention method run at video self/joint attention sites.
         dense_steps: the first ``dense_steps`` denoising steps run dense attention.
+        dense_timestep_fraction: ``f`` in ``[0, 1)``: the steps whose timestep is above
+            ``(1 - f)`` times the generation's first timestep run dense attention (the warm-up the
+            backend applies without knowing the step count). Forwards without a timestep input are
+            not warmed up by it. Given ``dense_steps`` alone, it is 0; given both, a step runs dense
+            when either says so.
         dense_layers: the first ``dense_layers`` video attention sites (graph order) always run dense.
         min_seq_len: self-attention over fewer tokens than this stays dense.
         grid: ``(frames, height, width)`` of the video tokens, overriding inference.
@@ -35,6 +43,7 @@ class SparseOptions:
 
     method: str = "auto"
     dense_steps: int = 0
+    dense_timestep_fraction: float = DEFAULT_DENSE_TIMESTEP_FRACTION
     dense_layers: int = 0
     min_seq_len: int = 1024
     grid: tuple[int, int, int] | None = None
@@ -68,6 +77,20 @@ def _validate_grid(value: Any) -> tuple[int, int, int]:
     return (value[0], value[1], value[2])
 
 
+def _dense_timestep_fraction(options: Mapping[str, Any]) -> float:
+    """The timestep warm-up: as given, else 0 when ``dense_steps`` is given, else the default."""
+    key = "dense_timestep_fraction"
+    if key not in options:
+        return 0.0 if "dense_steps" in options else DEFAULT_DENSE_TIMESTEP_FRACTION
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(
+            f"sparse_video option {key!r} must be a number in [0, 1) (the top share of the generation's "
+            f"first timestep that runs dense; 0 turns the warm-up off), got {value!r}"
+        )
+    return float(value)
+
+
 def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
     """Check user options and return them as :class:`SparseOptions`.
 
@@ -99,6 +122,7 @@ def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
             raise ValueError(f"sparse_video option 'break_even_guard' must be True or False, "
                              f"got {options['break_even_guard']!r}")
         checked["break_even_guard"] = options["break_even_guard"]
+    checked["dense_timestep_fraction"] = _dense_timestep_fraction(options)
     if "grid" in options and options["grid"] is not None:
         checked["grid"] = _validate_grid(options["grid"])
     if "text_position" in options:

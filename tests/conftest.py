@@ -3,6 +3,9 @@ import torch
 import torch._dynamo
 
 from recording_method import recording_method  # noqa: F401  (fixture)
+from sparse_compile import options
+
+DEFAULT_DENSE_TIMESTEP_FRACTION = options.DEFAULT_DENSE_TIMESTEP_FRACTION
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,3 +23,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def no_default_timestep_warmup(monkeypatch):
+    """Compiled models run their method from the first forward: the default timestep warm-up is off
+    unless a test asks for it with :func:`default_timestep_warmup`."""
+    monkeypatch.setattr(options, "DEFAULT_DENSE_TIMESTEP_FRACTION", 0.0)
+
+
+@pytest.fixture
+def default_timestep_warmup(monkeypatch):
+    """The backend's default timestep warm-up, as users get it."""
+    monkeypatch.setattr(options, "DEFAULT_DENSE_TIMESTEP_FRACTION", DEFAULT_DENSE_TIMESTEP_FRACTION)

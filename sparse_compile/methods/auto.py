@@ -8,8 +8,9 @@ past the break-even density of the device's cost model (:mod:`~sparse_compile.me
 run dense, and so does the whole call when sparse would not be faster. Heads whose scores are not
 finite (NaN or Inf in q or k) run dense, so they give what dense attention gives.
 
-**When.** At the last dense step (``dense_steps - 1``) when there are dense steps, else at the
-first call of a generation (or of a new grid or shape). Every ``recheck_every`` steps after a
+**When.** At the last of the ``dense_steps`` steps when they are given, else at the first sparse
+call of a generation (the timestep warm-up's last step is not known ahead), or of a new grid or
+shape. Every ``recheck_every`` steps after a
 choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled query rows (a
 ``rows x Sv`` product per head); the site chooses anew when a head falls more than
 ``_RECHECK_MARGIN`` below ``recall``.
@@ -29,7 +30,7 @@ Options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ from sparse_compile.methods.adaspa_search import head_chunks, normalised_mass
 from sparse_compile.methods.auto_choice import GUARD, choice_names, choose_heads, masks_to_layout
 from sparse_compile.methods.cost_model import kernel_costs
 from sparse_compile.methods.auto_patterns import static_candidates
-from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult
+from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
 
@@ -86,15 +87,6 @@ class Choice:
     density: Tensor
     sparse_density: Tensor
     dense: bool
-
-
-def _heads_of(call: AttentionCall, heads: Tensor) -> AttentionCall:
-    """The call restricted to ``heads`` (int64 indices): q, k, v and a per-head mask copied."""
-    mask = call.attn_mask
-    if mask is not None and mask.shape[1] > 1:
-        mask = mask.index_select(1, heads)
-    return replace(call, query=call.query.index_select(1, heads), key=call.key.index_select(1, heads),
-                   value=call.value.index_select(1, heads), attn_mask=mask)
 
 
 def sampled_recall(q: Tensor, k: Tensor, counts: Tensor, indices: Tensor, block: int, scale: float,
@@ -149,7 +141,8 @@ class AutoMethod(AttentionMethod):
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         if choice.dense_heads.numel() == 0:
             return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
-        return self._split_heads(call, choice)
+        return attend_split_heads(call, choice.sparse_heads, choice.dense_heads,
+                                  lambda q, k, v: self._video_attention(q, k, v, choice, call))
 
     def observe_dense(self, call: AttentionCall) -> None:
         """At the last dense step, choose for the first sparse step."""
@@ -157,22 +150,6 @@ class AutoMethod(AttentionMethod):
             return
         video, _ = video_text_slices(call.layout)
         self.store(call, self._choose(call.query[:, :, video], call.key[:, :, video], call))
-
-    def _split_heads(self, call: AttentionCall, choice: Choice) -> AttentionResult:
-        """The sparse heads through the kernel, the guarded ones through dense SDPA, stitched by head."""
-        heads = call.query.shape[1]
-        sparse = attend_video_and_text(
-            _heads_of(call, choice.sparse_heads), lambda q, k, v: self._video_attention(q, k, v, choice, call)
-        )
-        output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
-        output[:, choice.sparse_heads] = sparse.output
-        output[:, choice.dense_heads] = self._exact(_heads_of(call, choice.dense_heads))
-        video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
-        video_lse[:, choice.sparse_heads] = sparse.video_lse
-        n_sparse = choice.sparse_heads.numel()
-        kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
-        return AttentionResult(output=output, kept_density=kept, video_lse=video_lse,
-                               guarded_heads=tuple(choice.dense_heads.tolist()))
 
     def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
         """This branch's choice, made anew when missing (new generation, grid or shape) or failing

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sparse_compile.methods.adaspa_search import ranked_masses
 from sparse_compile.methods.auto_patterns import Candidates
+from sparse_compile.methods.block_pairs import kept_pairs
 
 STATIC_SLACK = 0.1
 TOP_P = "top-p"
@@ -53,12 +54,6 @@ class HeadChoice:
 def choice_names(candidates: Candidates) -> tuple[str, ...]:
     """Label of each :attr:`HeadChoice.labels` value."""
     return (*candidates.names, TOP_P, GUARD)
-
-
-def _kept_pairs(masks: Tensor, sizes: Tensor) -> Tensor:
-    """Token pairs of block keep-masks bool ``(..., N, N)``: fp64 ``(...)``."""
-    row_tokens = masks.float() @ sizes.float()
-    return row_tokens.double() @ sizes.double()
 
 
 def candidate_recall(mass: Tensor, candidates: Candidates) -> Tensor:
@@ -101,9 +96,9 @@ def choose_heads(mass: Tensor, candidates: Candidates, target: float, break_even
     sizes = candidates.block_sizes
     num_video = float(sizes.sum())
     static_recall = candidate_recall(mass, candidates)
-    static_pairs = _kept_pairs(candidates.masks, sizes)
+    static_pairs = kept_pairs(candidates.masks, sizes)
     top_masks, top_recall = top_p_blocks(mass, target, sizes.float() / num_video)
-    top_pairs = _kept_pairs(top_masks, sizes)
+    top_pairs = kept_pairs(top_masks, sizes)
 
     static_cost = torch.where(static_recall >= target - _RECALL_TOLERANCE, static_pairs, torch.inf)
     best_pairs, best = static_cost.min(dim=-1)

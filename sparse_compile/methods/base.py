@@ -1,7 +1,8 @@
 """The interface every attention method implements, and the recipe all of them share.
 
-:meth:`AttentionMethod.run` is one call at a site: dense at the dense layers and steps of the
-options (which the method may observe, e.g. to warm its caches), dense with a reason when the
+:meth:`AttentionMethod.run` is one call at a site: dense at the dense layers and warm-up steps
+of the options (``dense_steps``, ``dense_timestep_fraction``; the method may observe them, e.g. to
+warm its caches), dense with a reason when the
 method cannot take the call (:meth:`~AttentionMethod.dense_reason`), dense when the method's
 pattern keeps every pair or, on CUDA, more than the device's break-even density (the guard:
 :meth:`~AttentionMethod.predicted_density` against :mod:`~sparse_compile.methods.cost_model`),
@@ -13,7 +14,9 @@ state between calls as typed entries of the site's :class:`SiteCache`, keyed by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import logging
+from dataclasses import dataclass, replace
 from typing import ClassVar, TypeVar
 
 import torch
@@ -38,6 +41,29 @@ __all__ = [
 ]
 
 Entry = TypeVar("Entry")
+logger = logging.getLogger("sparse_compile")
+
+
+def in_timestep_warmup(step: StepInfo, fraction: float) -> bool:
+    """Whether the step's timestep is above ``1 - fraction`` of its generation's first timestep.
+
+    Never for a forward without a timestep input, or a generation whose first timestep is not
+    positive (logged once per process when ``fraction`` asks for a warm-up).
+    """
+    if fraction == 0:
+        return False
+    if step.timestep is None or step.first_timestep is None or step.first_timestep <= 0:
+        _note_no_timestep_warmup()
+        return False
+    return step.timestep > (1 - fraction) * step.first_timestep
+
+
+@functools.cache
+def _note_no_timestep_warmup() -> None:
+    logger.warning(
+        "sparse_compile: a forward without a positive timestep input: the timestep warm-up "
+        "(dense_timestep_fraction) does not apply; give dense_steps to run the first steps dense"
+    )
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,37 @@ class CacheKey:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+
+
+def heads_of(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
+    """The call restricted to ``heads`` (int64 indices): q, k, v and a per-head mask copied."""
+    mask = call.attn_mask
+    if mask is not None and mask.shape[1] > 1:
+        mask = mask.index_select(1, heads)
+    return replace(call, query=call.query.index_select(1, heads), key=call.key.index_select(1, heads),
+                   value=call.value.index_select(1, heads), attn_mask=mask)
+
+
+def attend_split_heads(
+    call: AttentionCall, sparse_heads: torch.Tensor, dense_heads: torch.Tensor, video_attention: VideoAttention
+) -> AttentionResult:
+    """``sparse_heads`` through ``video_attention`` (merged with the text tokens), ``dense_heads``
+    through one dense SDPA, stitched by head (int64 index tensors, both non-empty).
+
+    ``video_attention`` takes the sparse heads' video tokens. The dense heads' video rows report
+    the LSE ``+inf`` (recall 1) and count as guarded; the kept density is the mean over heads.
+    """
+    heads = call.query.shape[1]
+    sparse = attend_video_and_text(heads_of(call, sparse_heads), video_attention)
+    output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
+    output[:, sparse_heads] = sparse.output
+    output[:, dense_heads] = AttentionMethod._exact(heads_of(call, dense_heads))
+    video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
+    video_lse[:, sparse_heads] = sparse.video_lse
+    n_sparse = sparse_heads.numel()
+    kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
+    return AttentionResult(output=output, kept_density=kept, video_lse=video_lse,
+                           guarded_heads=tuple(dense_heads.tolist()))
 
 
 class AttentionMethod:
@@ -85,19 +142,21 @@ class AttentionMethod:
             return f"dense_layers={self.options.dense_layers}"
         return None
 
-    def is_dense_step(self, step: int) -> bool:
-        """Whether ``step`` is one of the dense warm-up steps."""
-        return step < self.options.dense_steps
+    def is_dense_step(self, step: StepInfo) -> bool:
+        """Whether ``step`` is a dense warm-up step: one of the first ``dense_steps``, or one whose
+        timestep is above ``1 - dense_timestep_fraction`` of its generation's first timestep."""
+        return step.step < self.options.dense_steps or in_timestep_warmup(step, self.options.dense_timestep_fraction)
 
     @property
     def first_sparse_step(self) -> int:
+        """The first step the step count lets run sparse (the timestep warm-up may keep later ones dense)."""
         return self.options.dense_steps
 
     def run(self, call: AttentionCall) -> AttentionResult:
         """Attention of one call at this site, following the dense schedule (see the module doc)."""
         if self.layer_dense_reason(call.layer) is not None:
             return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
-        if self.is_dense_step(call.step.step):
+        if self.is_dense_step(call.step):
             self.observe_dense(call)
             return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
         return self.attend(call)

@@ -31,11 +31,14 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where a forward call sits in the denoising loop: step, CFG branch (0 or 1), generation."""
+    """Where a forward call sits in the denoising loop: step, CFG branch (0 or 1), generation, and
+    the forward's timestep with the first one of its generation (``None`` without a timestep input)."""
 
     step: int
     branch: int
     generation: int
+    timestep: float | None = None
+    first_timestep: float | None = None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from sparse_compile.methods.block_pairs import kept_pair_density
+
 
 @dataclass(frozen=True)
 class RadialLayout:
@@ -140,12 +142,6 @@ def block_mask_to_layout(mask: Tensor) -> tuple[Tensor, Tensor]:
     indices = torch.zeros(mask.shape[0], int(counts.max()), dtype=torch.int32)
     indices[rows, slots] = cols.to(torch.int32)
     return counts.to(torch.int32), indices
-
-
-def kept_pair_density(mask: Tensor, seq: int, block: int) -> float:
-    """Kept token pairs of a block mask ``(NQ, NK)`` over ``seq`` tokens, divided by ``seq**2``."""
-    sizes = (seq - torch.arange(mask.shape[0], dtype=torch.float64) * block).clamp(max=block)
-    return float(sizes @ mask.to(torch.float64) @ sizes) / (seq * seq)
 
 
 @lru_cache(maxsize=32)

@@ -24,7 +24,14 @@ Per call, on the video tokens of each (batch element, head):
    or O besides k-means' and the kernel's own.
 
 Text tokens of joint attention are handled by :func:`attend_video_and_text` (dense text
-rows and columns). No step of the sparse path reads a device value on the host.
+rows and columns).
+
+The break-even guard is per head: after step 3 each head's kept density is known, and where the
+device's costs are measured (CUDA, :func:`~sparse_compile.methods.cost_model.guard_costs`) the heads
+past the break-even density (in any batch element) run dense SDPA together, the others through the
+kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). That decision reads the heads'
+densities on the host, one sync per call; without measured costs no step of the sparse path reads
+a device value on the host.
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_compile.kernels.block_select import select_top_p_clusters
+from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
-from sparse_compile.methods.base import AttentionCall, AttentionMethod
-from sparse_compile.methods.text_tokens import video_text_slices
+from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
+from sparse_compile.methods.cost_model import guard_costs
+from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import (
     MethodConfig,
@@ -51,6 +59,7 @@ from sparse_compile.registry import (
 )
 
 logger = logging.getLogger("sparse_compile")
+_GUARD_BLOCK = 64  # the block size of the block-sparse kernel whose costs the guard compares
 
 
 @dataclass(frozen=True)
@@ -61,13 +70,46 @@ class Centroids:
     key: torch.Tensor
 
 
-def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
-    """Mean over (batch, head) of the fraction of the ``seq x seq`` pairs a cluster layout keeps (0-d tensor).
+def head_kept_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
+    """Fraction of the ``seq x seq`` pairs a cluster layout keeps per (batch, head): fp32 ``(B, H)``.
 
     ``q_sizes`` ``(B, H, Kq)`` integer; ``kept_tokens`` ``(B, H, Kq)`` integer, the key tokens each
     query cluster keeps (:attr:`ClusterSelection.kept_tokens`). Sums in int64.
     """
-    return (kept_tokens.long() * q_sizes).sum(-1).float().mean() / (seq * seq)
+    return (kept_tokens.long() * q_sizes).sum(-1).float() / (seq * seq)
+
+
+def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
+    """Mean over (batch, head) of :func:`head_kept_fraction` (0-d tensor)."""
+    return head_kept_fraction(q_sizes, kept_tokens, seq).mean()
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """One call's cluster layout of the video tokens, per (batch element, head).
+
+    Attributes:
+        q_perm, k_perm: int64 ``(B, H, Sv)`` token orders grouping each cluster.
+        q_offsets, k_offsets: int32 ``(B, H, K + 1)`` cluster offsets.
+        selection: the key clusters each query cluster keeps.
+        q_sizes: int ``(B, H, Kq)`` query cluster sizes.
+    """
+
+    q_perm: torch.Tensor
+    q_offsets: torch.Tensor
+    k_perm: torch.Tensor
+    k_offsets: torch.Tensor
+    selection: ClusterSelection
+    q_sizes: torch.Tensor
+
+    def heads(self, heads: torch.Tensor) -> ClusterPlan:
+        """The plan of the heads ``heads`` (int64 indices)."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(1, heads)
+
+        return ClusterPlan(pick(self.q_perm), pick(self.q_offsets), pick(self.k_perm), pick(self.k_offsets),
+                           ClusterSelection(*(pick(t) for t in self.selection)), pick(self.q_sizes))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -127,22 +169,55 @@ class Svg2Method(AttentionMethod):
         self.store(call, Centroids(q_clusters.centroids, k_clusters.centroids))
         return q_clusters, k_clusters
 
+    def attend(self, call: AttentionCall) -> AttentionResult:
+        """As every method, with the break-even guard per head where the device's costs are measured:
+        the heads whose kept density passes it (in any batch element) run dense SDPA together."""
+        reason = self.dense_reason(call)
+        query = call.query
+        costs = guard_costs(query.device, query.dtype, query.shape[-1], _GUARD_BLOCK)
+        if reason is not None or costs is None:
+            return super().attend(call)
+        video, _ = video_text_slices(call.layout)
+        q, k = query[:, :, video], call.key[:, :, video]
+        plan = self._plan(q, k, call)
+        past = head_kept_fraction(plan.q_sizes, plan.selection.kept_tokens, q.shape[2]) > costs.break_even_density
+        guarded = past.any(dim=0).tolist()  # the host reads the heads' densities: one sync per call
+        if not any(guarded):
+            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call))
+        if all(guarded):
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(len(guarded))))
+        sparse_heads, dense_heads = (
+            torch.tensor([h for h, g in enumerate(guarded) if g == want], dtype=torch.int64, device=query.device)
+            for want in (False, True)
+        )
+        sparse_plan = plan.heads(sparse_heads)
+        return attend_split_heads(call, sparse_heads, dense_heads,
+                                  lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call))  # fmt: skip
+
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
 
         Returns out ``(B, H, Sv, D)`` token-major, its fp32 LSE ``(B, H, Sv)`` and the kept density.
         """
-        scale = call.softmax_scale
+        return self._attend_plan(q, k, v, self._plan(q, k, call), call)
+
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> ClusterPlan:
+        """Steps 1-3 of the module doc on video queries and keys ``(B, H, Sv, D)``."""
         q_clusters, k_clusters = self._cluster(q, k, call)
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
         k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
         min_blocks = self.min_kept_key_clusters(k_clusters.sizes.shape[-1])
         selection = select_top_p_clusters(
-            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.config.top_p, min_blocks
-        )
-        out, lse = varlen_block_sparse_attention(
-            q, k, v, q_offsets, k_offsets, selection.counts, selection.indices,
-            q_perm=q_perm, kv_perm=k_perm, scale=scale, return_lse=True,
+            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, call.softmax_scale, self.config.top_p,
+            min_blocks,
         )  # fmt: skip
-        density = kept_pair_fraction(q_clusters.sizes, selection.kept_tokens, q.shape[2])
-        return out, lse, density
+        return ClusterPlan(q_perm, q_offsets, k_perm, k_offsets, selection, q_clusters.sizes)
+
+    def _attend_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall):
+        """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density."""
+        selection = plan.selection
+        out, lse = varlen_block_sparse_attention(
+            q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
+            q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,
+        )  # fmt: skip
+        return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from sparse_compile.kernels.block_select import keep_mask_to_layout
 from sparse_compile.kernels.common import cdiv
+from sparse_compile.methods.block_pairs import kept_pair_density
 
 _EMPTY = 1 << 40  # interval bound of a block without tokens of a class: farther than any band reaches
 _DENSITY_SLACK = 1e-9
@@ -153,12 +154,6 @@ def band_block_mask(coord: Tensor, sink: Tensor, block: int, width: int) -> Tens
     return (torch.minimum(*gaps) <= width) | has_sink[None, :]
 
 
-def kept_fraction(mask: Tensor, tokens: int, block: int) -> float:
-    """Fraction of the ``tokens x tokens`` pairs a block keep-mask ``(NB, NB)`` keeps (last block partial)."""
-    sizes = torch.clamp_max(tokens - torch.arange(mask.shape[0], dtype=torch.float64) * block, block)
-    return float(sizes @ mask.double() @ sizes) / tokens**2
-
-
 def band_pattern(coord: Tensor, sink: Tensor, block: int, density: float, max_width: int) -> BlockPattern:
     """The widest band in ``[0, max_width]`` whose layout keeps at most ``density`` (width 0 if none does).
 
@@ -168,7 +163,7 @@ def band_pattern(coord: Tensor, sink: Tensor, block: int, density: float, max_wi
     tokens = coord.numel()
 
     def fits(width: int) -> bool:
-        return kept_fraction(band_block_mask(coord, sink, block, width), tokens, block) <= density + _DENSITY_SLACK
+        return kept_pair_density(band_block_mask(coord, sink, block, width), tokens, block) <= density + _DENSITY_SLACK
 
     lo, hi = 0, max_width
     while lo < hi:
@@ -177,7 +172,7 @@ def band_pattern(coord: Tensor, sink: Tensor, block: int, density: float, max_wi
     mask = band_block_mask(coord, sink, block, lo)
     counts, indices = keep_mask_to_layout(mask)
     indices = indices[:, : int(counts.max())].contiguous()
-    return BlockPattern(counts, indices, mask, lo, kept_fraction(mask, tokens, block))
+    return BlockPattern(counts, indices, mask, lo, kept_pair_density(mask, tokens, block))
 
 
 def _to_device(pattern: BlockPattern, device: torch.device) -> BlockPattern:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from sparse_compile.kernels.common import attention_output_like
-from sparse_compile.methods.call import AttentionCall, StepInfo, TokenLayout
+from sparse_compile.methods.call import AttentionCall, TokenLayout
 from sparse_compile.runtime.session import SESSIONS, Session, session_for_anchor
 from sparse_compile.runtime.sites import GRAPHS, SITES, GraphRecord, SiteRecord
 
@@ -111,7 +111,7 @@ def sparse_attention(
         attn_mask=attn_mask,
         scale=scale,
         layout=TokenLayout(frames, height, width, text_tokens, text_first),
-        step=StepInfo(step, branch, generation),
+        step=session.step_info(step, branch, generation),
         site_name=site.facts.module_path,
         layer=site.layer_index,
         cache=state.cache,

@@ -2,7 +2,8 @@
 
 A stock diffusers pipeline calls the transformer once per step (CFG batched) or twice
 with the same timestep (CFG as two calls). The graph's step marker hands every forward's
-timestep to :meth:`Session.begin_forward`, which derives ``(step, branch, generation)``:
+timestep to :meth:`Session.begin_forward`, which derives ``(step, branch, generation)`` (and
+hands on the timestep with the generation's first one):
 a lower timestep than the last one starts the next step, the same timestep is the second
 CFG branch of the same step, a higher one (or the first call, or the same timestep a third
 time: CFG has two branches) starts a new generation. Custom loops set the step explicitly
@@ -20,7 +21,7 @@ import itertools
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -112,6 +113,7 @@ class Session:
         self._lock = threading.Lock()
         self._manual: tuple[int, int] | None = None
         self._last_timestep: float | None = None
+        self._first_timestep: float | None = None
         self._current = StepInfo(step=-1, branch=0, generation=-1)
         self._calls_left = 0
         self.probe: Probe | None = None
@@ -178,10 +180,20 @@ class Session:
             if timestep is not None:
                 self._last_timestep = timestep
             if self._current.generation != cur.generation:
+                self._first_timestep = timestep
                 for state in self.site_states.values():
                     state.cache.clear()
+            self._current = replace(self._current, timestep=timestep, first_timestep=self._first_timestep)
             self._calls_left = attention_calls
             return self._current
+
+    def step_info(self, step: int, branch: int, generation: int) -> StepInfo:
+        """The step of a call from its step token: the current forward's (with its timesteps) when
+        the token is that forward's, else without timesteps."""
+        cur = self._current
+        if (cur.step, cur.branch, cur.generation) == (step, branch, generation):
+            return cur
+        return StepInfo(step, branch, generation)
 
     def end_call(self) -> None:
         """One attention call of the current forward has finished."""

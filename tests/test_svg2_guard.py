@@ -1,0 +1,51 @@
+"""``method="svg2"``: the break-even guard decides per head from the selection's kept densities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from method_calls import method_call
+from sparse_compile.methods import svg2
+from sparse_compile.methods.base import SiteCache
+from sparse_compile.methods.cost_model import NOMINAL_COSTS
+from sparse_compile.methods.svg2 import Svg2Method
+from sparse_compile.options import validate_options
+from sparse_compile.runtime.session import SiteState
+from test_auto import LAYOUT, synthetic_heads
+
+OPTIONS = {"method": "svg2", "q_clusters": 8, "k_clusters": 8, "top_p": 0.9}
+
+
+def _run(monkeypatch, costs) -> tuple:
+    """The synthetic heads (local, temporal, uniform) through svg2 with the guard's costs ``costs``."""
+    monkeypatch.setattr(svg2, "guard_costs", lambda *args: costs)
+    q, k, v = synthetic_heads()
+    state = SiteState()
+    result = Svg2Method(validate_options(OPTIONS)).run(method_call(q, k, v, LAYOUT, state.cache))
+    state.record("blocks.0.attn1", 1, result)
+    return result, state.head_runs, (q, k, v)
+
+
+def test_heads_past_break_even_run_dense_sdpa_and_the_rest_stay_sparse(monkeypatch):
+    guarded, runs, (q, k, v) = _run(monkeypatch, NOMINAL_COSTS)
+    unguarded, _, _ = _run(monkeypatch, None)
+    assert guarded.guarded_heads == (2,), "the uniform head's clusters keep every pair: past break-even"
+    assert (runs.sparse, runs.guard, runs.warmup) == ([1, 1, 0], [0, 0, 1], [0, 0, 0])
+    torch.testing.assert_close(guarded.output[:, 2], F.scaled_dot_product_attention(q, k, v)[:, 2])
+    torch.testing.assert_close(guarded.output[:, :2], unguarded.output[:, :2])
+    assert bool(torch.isinf(guarded.video_lse[:, 2]).all()), "the dense head reads as recall 1"
+    assert float(guarded.kept_density) == pytest.approx((0.125 + 0.25 + 1) / 3), "own frame, a quarter, every pair"
+
+
+def test_without_measured_costs_every_head_runs_sparse(monkeypatch):
+    result, runs, _ = _run(monkeypatch, None)
+    assert result.guarded_heads == () and runs.sparse == [1, 1, 1]
+
+
+def test_when_every_head_is_past_break_even_the_call_runs_dense(monkeypatch):
+    all_dense = type(NOMINAL_COSTS)(pair_time=1e3, launch=0.0, dense_pair_time=1.0)  # break-even below any head
+    result, runs, (q, k, v) = _run(monkeypatch, all_dense)
+    assert result.guarded_heads == (0, 1, 2) and runs.guard == [1, 1, 1]
+    torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
