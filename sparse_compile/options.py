@@ -35,9 +35,9 @@ class SparseOptions:
         grid: ``(frames, height, width)`` of the video tokens, overriding inference.
         text_tokens: number of text tokens joined to the video tokens (only with ``grid``).
         text_position: where those text tokens sit in the sequence (only with ``grid``).
-        break_even_guard: on CUDA, a single method's call whose predicted kept density is past the
-            device's break-even density runs dense SDPA (``False``: always the method's pattern, e.g.
-            to check or time a method there). ``auto`` always chooses by the cost model.
+        break_even_guard: on CUDA, a single method's call (svg2: head) whose kept density is past
+            the device's break-even density runs dense SDPA (``False``: always the method's pattern,
+            e.g. to check or time a method there). ``auto`` always chooses by the cost model.
         method_config: the chosen method's own options (its typed config; ``None``: its defaults).
     """
 

@@ -18,12 +18,12 @@ from test_auto import LAYOUT, synthetic_heads
 OPTIONS = {"method": "svg2", "q_clusters": 8, "k_clusters": 8, "top_p": 0.9}
 
 
-def _run(monkeypatch, costs) -> tuple:
+def _run(monkeypatch, costs, **options) -> tuple:
     """The synthetic heads (local, temporal, uniform) through svg2 with the guard's costs ``costs``."""
     monkeypatch.setattr(svg2, "guard_costs", lambda *args: costs)
     q, k, v = synthetic_heads()
     state = SiteState()
-    result = Svg2Method(validate_options(OPTIONS)).run(method_call(q, k, v, LAYOUT, state.cache))
+    result = Svg2Method(validate_options({**OPTIONS, **options})).run(method_call(q, k, v, LAYOUT, state.cache))
     state.record("blocks.0.attn1", 1, result)
     return result, state.head_runs, (q, k, v)
 
@@ -41,6 +41,11 @@ def test_heads_past_break_even_run_dense_sdpa_and_the_rest_stay_sparse(monkeypat
 
 def test_without_measured_costs_every_head_runs_sparse(monkeypatch):
     result, runs, _ = _run(monkeypatch, None)
+    assert result.guarded_heads == () and runs.sparse == [1, 1, 1]
+
+
+def test_break_even_guard_false_keeps_every_head_sparse(monkeypatch):
+    result, runs, _ = _run(monkeypatch, NOMINAL_COSTS, break_even_guard=False)
     assert result.guarded_heads == () and runs.sparse == [1, 1, 1]
 
 

@@ -171,10 +171,12 @@ class Svg2Method(AttentionMethod):
 
     def attend(self, call: AttentionCall) -> AttentionResult:
         """As every method, with the break-even guard per head where the device's costs are measured:
-        the heads whose kept density passes it (in any batch element) run dense SDPA together."""
+        the heads whose kept density passes it (in any batch element) run dense SDPA together (never
+        with ``break_even_guard=False``)."""
         reason = self.dense_reason(call)
         query = call.query
-        costs = guard_costs(query.device, query.dtype, query.shape[-1], _GUARD_BLOCK)
+        costs = (guard_costs(query.device, query.dtype, query.shape[-1], _GUARD_BLOCK)
+                 if self.options.break_even_guard else None)
         if reason is not None or costs is None:
             return super().attend(call)
         video, _ = video_text_slices(call.layout)
