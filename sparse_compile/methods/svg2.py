@@ -24,7 +24,9 @@ Per call, on the video tokens of each (batch element, head):
    or O besides k-means' and the kernel's own.
 
 Text tokens of joint attention are handled by :func:`attend_video_and_text` (dense text
-rows and columns). No step of the sparse path reads a device value on the host.
+rows and columns). No step of the sparse path reads a device value on the host besides the check
+for NaN or Inf in q, k and v (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which
+also keeps non-finite dense-step inputs out of the cached centroids.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Svg2Method(AttentionMethod):
 
     def observe_dense(self, call: AttentionCall) -> None:
         """During dense steps, cluster already so the first sparse step starts from warm centroids."""
-        if self.config.kmeans_during_dense:
+        if self.config.kmeans_during_dense and self.dense_reason(call) is None:
             video, _ = video_text_slices(call.layout)
             self._cluster(call.query[:, :, video], call.key[:, :, video], call)
 
