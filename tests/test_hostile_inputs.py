@@ -14,27 +14,26 @@ method takes each call, and each result must be what dense attention gives:
 
 An exception anywhere fails the test. The examples are derandomized (the same cases in every run);
 ``CASES_TRIED`` counts them per strategy and ``RAN_SPARSE`` per method the ones it ran sparse (NaN
-or Inf inputs always run dense, with the reason); with ``OUT`` set both are written to
-``$OUT/hostile_inputs_cases.json``. On a CUDA machine the same cases also run on the GPU (the
+or Inf inputs always run dense, with the reason); with ``OUT`` set both are appended to
+``$OUT/hostile_inputs.jsonl``. On a CUDA machine the same cases also run on the GPU (the
 Triton kernels), e.g. under ``compute-sanitizer`` (``benchmarks/sanitize_kernels.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpu_checks import save_result
 from method_calls import method_call
-from sparse_compile.methods import METHODS
+from sparse_compile.methods import METHODS, auto, base
 from sparse_compile.methods.base import AttentionResult, TokenLayout
+from sparse_compile.methods.cost_model import NOMINAL_COSTS
 from sparse_compile.methods.exact import dense_attention
 from sparse_compile.methods.fallback import nonfinite_problem
 from sparse_compile.options import validate_options
@@ -56,7 +55,7 @@ KEEP_ALL = {
 }
 """Per method, the options that keep every (query, key) pair (``radial`` and ``auto`` have none)."""
 HEAD_DIM = 16
-EXAMPLES = 10
+EXAMPLES = 8
 """Examples per strategy; each runs every method on CPU (and on CUDA where there is one)."""
 CASES_TRIED: Counter[str] = Counter()
 """Examples run per ``strategy[device]``."""
@@ -254,18 +253,23 @@ def check_every_method(strategy: str, call: HostileCall, device: str) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
+def nominal_cost_model():
+    """The CPU's nominal cost model on every device: each method takes its sparse path wherever its
+    pattern allows (the break-even guard has tests of its own), and no call times kernels at full size."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base, "guard_costs", lambda *args: None)
+        patch.setattr(auto, "kernel_costs", lambda *args: NOMINAL_COSTS)
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
 def record_cases_tried():
-    """With ``OUT`` set, write per strategy and device the cases tried and, per method, how many of
-    them it ran sparse to ``$OUT/hostile_inputs_cases.json`` (a failing case fails its test)."""
+    """With ``OUT`` set, append per strategy and device the cases tried and, per method, how many of
+    them it ran sparse to ``$OUT/hostile_inputs.jsonl`` (a failing case fails its test)."""
     yield
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        report = {
-            case: {"cases": tried, "ran_sparse": {name: RAN_SPARSE[case, name] for name in SMALL}}
-            for case, tried in sorted(CASES_TRIED.items())
-        }
-        (Path(out) / "hostile_inputs_cases.json").write_text(json.dumps(report, indent=1) + "\n")
+    for case, tried in sorted(CASES_TRIED.items()):
+        save_result("hostile_inputs", {"case": case, "cases": tried,
+                                       "ran_sparse": {name: RAN_SPARSE[case, name] for name in SMALL}})
 
 
 @pytest.mark.parametrize("device", DEVICES)
