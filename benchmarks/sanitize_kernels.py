@@ -3,8 +3,8 @@
 Runs pytest under the sanitizer on :data:`SMALL_SHAPE_TESTS`: the hostile-input cases on CUDA
 (every method through its Triton kernels: k-means, the cluster permutation, the top-p cluster
 selection, the cluster and block-sparse attention kernels, the LSE and block-mass passes, on
-NaN/Inf, identical, zero and extreme fp16 inputs, one-frame and unit-dimension grids, padded text)
-and the kernel tests whose shapes stay at or below about 4k tokens (the 32k-token ones would take
+identical, zero and extreme fp16 inputs, one-frame and unit-dimension grids, padded text; and
+NaN/Inf straight into the kernels) and the kernel tests whose shapes stay at or below about 4k tokens (the 32k-token ones would take
 minutes under memcheck). PyTorch's caching allocator is off (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``)
 so every tensor is its own allocation and an out-of-bounds access cannot land in a neighbour's
 block unseen. Prints the sanitizer's error count (summed over every process it followed) and
@@ -35,6 +35,7 @@ SMALL_SHAPE_TESTS = (
     "tests/test_hostile_inputs.py::test_grids_with_a_dimension_of_one_run[cuda]",
     "tests/test_hostile_inputs.py::test_every_text_key_padded_attends_the_video_keys_only[cuda]",
     "tests/test_hostile_inputs.py::test_per_sample_padding_masks_in_batches_of_one_to_three[cuda]",
+    "tests/kernels/test_hostile_kernel_inputs.py",
     "tests/kernels/test_block_sparse.py::test_gpu_bf16_real_size",
     "tests/kernels/test_block_sparse.py::test_gpu_noncontiguous_broadcast_empty_rows",
     "tests/kernels/test_block_sparse.py::test_gpu_dense_layout_equals_sdpa",
@@ -45,6 +46,7 @@ SMALL_SHAPE_TESTS = (
 )
 """Test node ids (a node id without parameters selects all its parameter sets); at most 4096 tokens."""
 ERROR_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) error")
+PYTEST_SUMMARY = re.compile(r"\d+ (passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s")
 
 
 def find_sanitizer() -> str | None:
@@ -68,7 +70,7 @@ def sanitizer_errors(log: str) -> int | None:
 
 def pytest_summary(log: str) -> str:
     """pytest's last summary line (``N passed ...``), or ``"no pytest summary"``."""
-    lines = [line.strip(" =") for line in log.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    lines = [line.strip(" =") for line in log.splitlines() if PYTEST_SUMMARY.search(line)]
     return lines[-1] if lines else "no pytest summary"
 
 

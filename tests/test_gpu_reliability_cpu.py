@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,16 @@ def test_the_kept_rows_buffer_is_a_share_of_the_calls_output_whatever_the_gpu(he
     assert rows_bytes <= budget or group == 1
     if (heads, seq) == (spec.MEMORY_HEADS, math.prod(spec.MEMORY_GRID)):
         assert rows_bytes / output_bytes == pytest.approx(0.39, abs=0.005)
+
+
+def test_the_sanitizer_script_sums_every_processs_errors_and_reads_pytests_summary(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sanitize_kernels
+
+    log = "\n".join([
+        "========= COMPUTE-SANITIZER", "..F.", "===== 1 failed, 3 passed, 2 skipped in 40.10s =====",
+        "========= ERROR SUMMARY: 0 errors", "========= ERROR SUMMARY: 2 errors",
+    ])  # fmt: skip
+    assert sanitize_kernels.sanitizer_errors(log) == 2
+    assert sanitize_kernels.pytest_summary(log) == "1 failed, 3 passed, 2 skipped in 40.10s"
+    assert sanitize_kernels.sanitizer_errors("stopped after 230 s") is None
