@@ -273,59 +273,11 @@ def record_cases_tried():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 @HOSTILE
-@given(call=STRATEGIES["nonfinite_values"])
-def test_nan_or_inf_in_q_k_or_v_gives_what_dense_gives(device, call):
-    check_every_method("nonfinite_values", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["identical_tokens"])
-def test_identical_tokens_in_one_cluster_stay_finite_and_in_range(device, call):
-    check_every_method("identical_tokens", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["zero_norm_keys"])
-def test_zero_norm_keys_stay_finite_and_in_range(device, call):
-    check_every_method("zero_norm_keys", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["extreme_fp16"])
-def test_fp16_near_overflow_and_underflow_gives_what_dense_gives(device, call):
-    check_every_method("extreme_fp16", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["single_frame"])
-def test_a_single_frame_runs(device, call):
-    check_every_method("single_frame", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["unit_dimension_grids"])
-def test_grids_with_a_dimension_of_one_run(device, call):
-    check_every_method("unit_dimension_grids", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["every_text_key_padded"])
-def test_every_text_key_padded_attends_the_video_keys_only(device, call):
-    check_every_method("every_text_key_padded", call, device)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@HOSTILE
-@given(call=STRATEGIES["per_sample_masks"])
-def test_per_sample_padding_masks_in_batches_of_one_to_three(device, call):
-    check_every_method("per_sample_masks", call, device)
+@given(data=st.data())
+def test_every_method_gives_what_dense_attention_gives_on_hostile_calls(strategy, device, data):
+    check_every_method(strategy, data.draw(STRATEGIES[strategy], label=strategy), device)
 
 
 def test_calls_with_nan_or_inf_run_dense_with_a_reason_naming_the_tensors():
