@@ -4,6 +4,8 @@ expectations in the default mode, and the op tags its CUDA-graph test rests on."
 from __future__ import annotations
 
 import functools
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +29,9 @@ from gpu_checks import (
     to_device,
 )
 from sparse_compile.backend import sparse_video
+from sparse_compile.kernels import varlen_block_sparse
 from sparse_compile.methods.base import TokenLayout
+from sparse_compile.methods.svg2 import Svg2Config
 
 
 class FakeMemory:
@@ -194,3 +198,37 @@ def test_inductor_treats_the_ops_as_cudagraph_unsafe(op_name):
     graph = fx.Graph()
     node = graph.call_function(op, ())
     assert is_cudagraph_unsafe_fx_node(node)
+
+
+@pytest.mark.parametrize("heads, seq, pairs_per_group", [(24, 118800, 3), (12, 32760, 1), (2, 320, 1)],
+                         ids=["hunyuan_720p", "wan_480p", "tiny"])
+def test_the_kept_rows_buffer_is_a_share_of_the_calls_output_whatever_the_gpu(heads, seq, pairs_per_group):
+    """svg2's cluster kernel holds int32 kept rows ``(pairs, NQC, S)`` per launch group of (batch, head)
+    pairs: at most ``ROWS_BUDGET_SHARE`` (0.4) of the call's output bytes, or one pair where a single
+    pair needs more. The budget is a function of the call's shape alone, so the peak ratio against
+    dense SDPA (inputs + output = 4 outputs) is the same on every GPU: at the memory test's shape
+    3 of 24 pairs per group, 0.39 of the output."""
+    q = torch.empty(1, heads, seq, 128, dtype=torch.bfloat16, device="meta")
+    output_bytes = heads * seq * 128 * 2
+    budget = varlen_block_sparse.rows_budget_bytes(q)
+    assert budget == int(varlen_block_sparse.ROWS_BUDGET_SHARE * output_bytes)
+    q_clusters = Svg2Config().q_clusters
+    group = varlen_block_sparse._group_size(heads, q_clusters, seq, budget)
+    assert group == pairs_per_group
+    rows_bytes = group * q_clusters * seq * 4
+    assert rows_bytes <= budget or group == 1
+    if (heads, seq) == (spec.MEMORY_HEADS, math.prod(spec.MEMORY_GRID)):
+        assert rows_bytes / output_bytes == pytest.approx(0.39, abs=0.005)
+
+
+def test_the_sanitizer_script_sums_every_processs_errors_and_reads_pytests_summary(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sanitize_kernels
+
+    log = "\n".join([
+        "========= COMPUTE-SANITIZER", "..F.", "===== 1 failed, 3 passed, 2 skipped in 40.10s =====",
+        "========= ERROR SUMMARY: 0 errors", "========= ERROR SUMMARY: 2 errors",
+    ])  # fmt: skip
+    assert sanitize_kernels.sanitizer_errors(log) == 2
+    assert sanitize_kernels.pytest_summary(log) == "1 failed, 3 passed, 2 skipped in 40.10s"
+    assert sanitize_kernels.sanitizer_errors("stopped after 230 s") is None

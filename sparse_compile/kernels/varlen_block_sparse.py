@@ -23,8 +23,8 @@ Kernel design (CUDA):
   rows of k and v: a chain of two loads, both of which Triton's software pipeliner issues a tile
   ahead. Only the last, partial tile of each q cluster is masked. The rows buffer is
   ``(B*H, NQC, S_k)`` int32 (a q cluster keeps at most ``S_k`` keys, and sizing it tighter would
-  need a host sync); above :data:`ROWS_BUDGET_BYTES` the (batch, head) pairs run in groups that
-  reuse one buffer.
+  need a host sync); above :data:`ROWS_BUDGET_SHARE` of the output's bytes the (batch, head) pairs
+  run in groups that reuse one buffer.
 - *Permutations folded into the loads and stores* (``PERMUTE_Q``, and ``kv_perm`` in the kept rows):
   a q tile loads its BLOCK_M entries of ``q_perm`` and gathers those token rows of q (each row D
   contiguous elements, so every row load stays coalesced), then stores O and LSE to the same token
@@ -76,8 +76,13 @@ from sparse_compile.kernels.varlen_block_sparse_reference import (
 )
 from sparse_compile.kernels.varlen_tiles import tile_tables
 
-ROWS_BUDGET_BYTES = 512 << 20
-"""Largest kept-rows buffer one launch group may use; more (batch, head) pairs run in several groups."""
+ROWS_BUDGET_SHARE = 0.4
+"""Largest kept-rows buffer of one launch group, as a share of the call's output bytes
+(:func:`rows_budget_bytes`); more (batch, head) pairs run in several groups. With q, k, v and O of
+one size, dense attention's peak is the inputs plus O, 4 O, and a peak within 1.2x of it leaves
+0.8 O for everything the cluster path holds besides O: half of it for the kept rows, half for the
+LSE, the permutations, k-means' labels and ranks and the cluster selection. A share of the call's
+own size holds that ratio on every GPU and at every resolution."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,11 +316,17 @@ def _flat_offsets(offsets: Tensor) -> Tensor:
     return offsets.reshape(-1, offsets.shape[-1]).contiguous()
 
 
-def _group_size(num_bh: int, num_q_clusters: int, s_k: int) -> int:
-    """(batch, head) pairs per launch group: as many as fit :data:`ROWS_BUDGET_BYTES` of kept rows
-    (at least one), spread evenly over the fewest groups."""
+def rows_budget_bytes(q: Tensor) -> int:
+    """Bytes the kept-rows buffer of a call on q ``(B, H, S_q, D)`` may take: :data:`ROWS_BUDGET_SHARE`
+    of its output's, ``B * H * S_q * D`` elements of q's dtype."""
+    return int(ROWS_BUDGET_SHARE * q.numel() * q.element_size())
+
+
+def _group_size(num_bh: int, num_q_clusters: int, s_k: int, budget_bytes: int) -> int:
+    """(batch, head) pairs per launch group: as many as fit ``budget_bytes`` of kept rows (at least
+    one), spread evenly over the fewest groups."""
     per_bh = max(num_q_clusters * s_k * 4, 1)
-    groups = triton.cdiv(num_bh, max(ROWS_BUDGET_BYTES // per_bh, 1))
+    groups = triton.cdiv(num_bh, max(budget_bytes // per_bh, 1))
     return triton.cdiv(num_bh, groups)
 
 
@@ -378,7 +389,7 @@ def varlen_block_sparse_attention_triton(
     scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
-    group = _group_size(b * h, nqc, s_k)
+    group = _group_size(b * h, nqc, s_k, rows_budget_bytes(q))
     rows_buffer = torch.empty(group * nqc * s_k, dtype=torch.int32, device=q.device)
     for bh_start in range(0, b * h, group):
         size = min(group, b * h - bh_start)
@@ -482,8 +493,9 @@ def varlen_block_sparse_attention(
 
 
 __all__ = [
-    "ROWS_BUDGET_BYTES",
+    "ROWS_BUDGET_SHARE",
     "check_varlen_layout_values",
+    "rows_budget_bytes",
     "validate_varlen_inputs",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_triton",

@@ -25,7 +25,7 @@ from sparse_compile.methods.cache import SiteCache
 from sparse_compile.methods.call import AttentionCall, AttentionResult, StepInfo, TokenLayout
 from sparse_compile.methods.cost_model import guard_costs
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.methods.fallback import block_kernel_problem
+from sparse_compile.methods.fallback import block_kernel_problem, nonfinite_problem
 from sparse_compile.methods.text_tokens import VideoAttention, attend_video_and_text, attention_over_keys, mask_problem
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import MethodConfig
@@ -176,10 +176,13 @@ class AttentionMethod:
     # What a method may refine.
 
     def dense_reason(self, call: AttentionCall) -> str | None:
-        """Why this call cannot run sparse (its mask, or the block kernels' limits), or ``None``."""
+        """Why this call cannot run sparse (its mask, the block kernels' limits, NaN or Inf in q, k or v),
+        or ``None``. The non-finite check is last: it is the one that reads the device."""
         problem = mask_problem(call.attn_mask, call.layout)
         if problem is None and self.needs_block_kernel:
             problem = block_kernel_problem(call.query, call.value)
+        if problem is None:
+            problem = nonfinite_problem(call.query, call.key, call.value)
         return problem
 
     def keeps_every_pair(self, call: AttentionCall) -> bool:

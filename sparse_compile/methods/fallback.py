@@ -1,4 +1,4 @@
-"""What the block kernels cannot take: calls the block-sparse methods run dense, with the reason."""
+"""Calls a sparse method cannot take: the block kernels' limits and non-finite inputs, each with its reason."""
 
 from __future__ import annotations
 
@@ -16,3 +16,22 @@ def block_kernel_problem(query: torch.Tensor, value: torch.Tensor) -> str | None
     if value.shape[-1] != query.shape[-1]:
         return f"value head dim {value.shape[-1]} differs from the query head dim {query.shape[-1]}"
     return None
+
+
+def nonfinite_problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why a call whose q, k or v hold NaN or Inf runs dense, or ``None`` when all are finite.
+
+    With a non-finite key or value, dense attention's result depends on every query's score with
+    that key, which a sparse pattern may not compute: such a call runs dense, so it gives exactly
+    what dense attention gives. Costs one pass over the inputs (the min and max of each tensor,
+    0-d results: no copy, NaN propagates through both) and one host read of six values.
+    """
+    named = [(name, t) for name, t in (("query", query), ("key", key), ("value", value)) if t.numel() > 0]
+    if not named:
+        return None
+    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(t)])
+    finite = torch.isfinite(bounds).view(len(named), 2).all(-1).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if not bad:
+        return None
+    return f"{', '.join(bad)} {'holds' if len(bad) == 1 else 'hold'} NaN or Inf (dense attention defines the result)"

@@ -22,7 +22,8 @@ Per call, on the video tokens (frame-major ``frames x height x width``):
 
 Text tokens of joint attention go through :func:`attend_video_and_text` (dense text rows and
 columns); masks other than key padding, head dims or dtypes the block kernel lacks, and
-``D != Dv`` run dense, logged once per site. No step reads a device value on the host.
+``D != Dv`` run dense, logged once per site. No step reads a device value on the host
+besides the check for NaN or Inf in q, k and v.
 
 Memory beyond the output and LSE: the profile's scores, O(chunk heads x ``profile_rows`` x Sv)
 (:mod:`svg_profile`, freed before the kernel runs), the plan's permutation, int32 ``(B, H, Sv)``,

@@ -29,9 +29,10 @@ rows and columns).
 The break-even guard is per head: after step 3 each head's kept density is known, and where the
 device's costs are measured (CUDA, :func:`~sparse_compile.methods.cost_model.guard_costs`) the heads
 past the break-even density (in any batch element) run dense SDPA together, the others through the
-kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). That decision reads the heads'
-densities on the host, one sync per call; without measured costs no step of the sparse path reads
-a device value on the host.
+kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
+per call: the heads' densities for that decision, and the check for NaN or Inf in q, k and v
+(:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also keeps non-finite dense-step
+inputs out of the cached centroids.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ class Svg2Method(AttentionMethod):
 
     def observe_dense(self, call: AttentionCall) -> None:
         """During dense steps, cluster already so the first sparse step starts from warm centroids."""
-        if self.config.kmeans_during_dense:
+        if self.config.kmeans_during_dense and self.dense_reason(call) is None:
             video, _ = video_text_slices(call.layout)
             self._cluster(call.query[:, :, video], call.key[:, :, video], call)
 

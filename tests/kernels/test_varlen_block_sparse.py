@@ -346,16 +346,16 @@ def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatc
     share one buffer; every group gives the reference's result (3 groups of 2 pairs, then 6 of 1)."""
     q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 12, 0.5, seed=5, dtype=torch.float32)
     for per_group in (2, 1):
-        monkeypatch.setattr(vb, "ROWS_BUDGET_BYTES", per_group * 4 * 90 * 4)
-        assert vb._group_size(6, 4, 90) == per_group
+        monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: per_group * 4 * 90 * 4)
+        assert vb._group_size(6, 4, 90, vb.rows_budget_bytes(q)) == per_group
         assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1)))
 
 
-def test_group_size_spreads_pairs_evenly_within_the_budget(monkeypatch):
-    monkeypatch.setattr(vb, "ROWS_BUDGET_BYTES", 10 * 4)  # 10 (pair, q cluster, key) rows
-    assert vb._group_size(24, 1, 1) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
-    assert vb._group_size(24, 1, 11) == 1  # not even one fits: one pair per group
-    assert vb._group_size(5, 1, 2) == 5
+def test_group_size_spreads_pairs_evenly_within_the_budget():
+    budget = 10 * 4  # 10 (pair, q cluster, key) rows
+    assert vb._group_size(24, 1, 1, budget) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
+    assert vb._group_size(24, 1, 11, budget) == 1  # not even one fits: one pair per group
+    assert vb._group_size(5, 1, 2, budget) == 5
 
 
 @interp
