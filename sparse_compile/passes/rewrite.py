@@ -90,7 +90,7 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
                 call.query,
                 call.key,
                 call.value,
-                call.attn_mask,
+                call.attn_mask if plan.key_padding is None else plan.key_padding,
                 token,
                 call.scale,
                 frames,
@@ -104,6 +104,11 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in call.node.meta:
             new.meta[key] = call.node.meta[key]
+    if plan.key_padding is not None:
+        with graph.inserting_after(new):
+            rows = graph.call_function(torch.transpose, (plan.key_padding, -1, -2))
+        with graph.inserting_after(rows):
+            new = graph.call_function(torch.mul, (new, rows))
     call.node.replace_all_uses_with(new)
     graph.erase_node(call.node)
 

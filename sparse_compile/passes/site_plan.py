@@ -7,7 +7,9 @@ attention) over a known token grid; everything else keeps its SDPA call and a re
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 import torch
@@ -36,12 +38,16 @@ class SitePlan:
         facts: what was found (shapes, kind, grid and text hints, dense reason).
         grid: ``(frames, height, width)`` factors of the video tokens, or ``None``.
         text: factors whose product is the number of text tokens (empty when none).
+        key_padding: for a mask built as ``valid_query & valid_key`` from one ``(B, 1, 1, S)``
+            padding mask, that mask: the op takes it as a key-padding mask, and the rows of padded
+            queries (every key masked: SDPA gives 0) are zeroed after it.
     """
 
     call: SdpaCall
     facts: SiteFacts
     grid: tuple[Factor, Factor, Factor] | None = None
     text: Segment = ()
+    key_padding: torch.fx.Node | None = None
 
 
 def _dense_plan(call: SdpaCall, q_shape: tuple[int, ...], k_shape: tuple[int, ...], kind: str, reason: str) -> SitePlan:
@@ -79,6 +85,29 @@ def _mask_problem(call: SdpaCall) -> str | None:
         return "attn_mask is not a tensor"
     if mask.dtype != torch.bool:
         return f"float attn_mask ({mask.dtype}); only boolean key-padding masks are carried"
+    return None
+
+
+def _method(node: Any, name: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == name
+
+
+def padding_outer_product(mask: Any) -> torch.fx.Node | None:
+    """The ``(B, 1, 1, S)`` padding mask ``m`` of a mask built as ``r & r.transpose(2, 3)`` with
+    ``r = m.repeat(1, 1, S, 1)`` (HunyuanVideo-1.5's processor), else ``None``."""
+    while _method(mask, "bool"):
+        mask = mask.args[0]
+    if not isinstance(mask, torch.fx.Node) or mask.target not in (operator.and_, torch.logical_and, torch.bitwise_and):
+        return None
+    for rows, cols in (mask.args[:2], mask.args[1::-1]):
+        if not (_method(rows, "repeat") and _method(cols, "transpose") and cols.args[0] is rows):
+            continue
+        if sorted(a % 4 for a in cols.args[1:3]) != [2, 3]:
+            continue
+        padding = example_value(rows.args[0])
+        seq = padding.shape[-1] if isinstance(padding, torch.Tensor) and padding.dim() == 4 else None
+        if seq is not None and tuple(padding.shape[1:3]) == (1, 1) and tuple(rows.args[1:]) == (1, 1, seq, 1):
+            return rows.args[0]
     return None
 
 
@@ -181,7 +210,7 @@ def plan_site(
         grid=(grid[0].hint, grid[1].hint, grid[2].hint), text_tokens=math.prod(f.hint for f in text) if text else 0,
         text_position=position, grid_from_call=opts.grid is None and from_call,
     )  # fmt: skip
-    return SitePlan(call, facts, grid=tuple(grid), text=text)
+    return SitePlan(call, facts, grid=tuple(grid), text=text, key_padding=padding_outer_product(call.attn_mask))
 
 
 def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment, Segment, str | None] | None:
