@@ -19,7 +19,8 @@ import sparse_compile
 HUNYUAN_PROMPT_TOKENS = 64  # valid text tokens of the 256 (a typical prompt after the template crop)
 HUNYUAN_GUIDANCE = 6000.0  # embedded guidance 6.0, times 1000 as the pipeline passes it
 HUNYUAN15_BYT5_TOKENS = 64  # glyph-text tokens of the second text encoder (ByT5), all valid
-HUNYUAN15_IMAGE_TOKENS = 729  # SigLIP image tokens; zero for text-to-video (the model masks them)
+HUNYUAN15_IMAGE_TOKENS = 729  # SigLIP image tokens at most (as many as the text tokens here); zero for
+# text-to-video, where the model masks them
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ FULL_MODELS = {
                              "Mochi 1 blocks (of 48), 480p 163 frames, joint attention"),
     # HunyuanVideo-1.5 (8.3B) as published (diffusers' defaults: 16 heads x 128, patch 1, 54 blocks); 480p
     # (480x848) 121 frames through its VAE (4x temporal, 16x spatial): latent 31x30x53 = 49290 video tokens,
-    # + 256 Qwen + 64 ByT5 + 729 image tokens (zero: text-to-video).
+    # + 256 Qwen + 64 ByT5 + 256 image tokens (zero: text-to-video, masked).
     "hunyuan15-stack": ModelSpec("hunyuan15-stack", "hunyuan15", {"num_layers": 4, "task_type": "t2v"},
                                  (31, 30, 53), 256, 1,
                                  "HunyuanVideo-1.5 blocks (of 54), 480p 121 frames, joint attention", patch=1),
