@@ -239,8 +239,8 @@ def test_mochi_without_the_graph_friendly_processor_is_reported_with_the_fix():
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-TABLE_START = "<!-- table: models-checked (tests/test_model_coverage.py COVERAGE; python tests/test_model_coverage.py) -->"
-TABLE_END = "<!-- /table -->"
+TABLE_START = "<!-- coverage-table (tests/test_model_coverage.py COVERAGE; python tests/test_model_coverage.py) -->"
+TABLE_END = "<!-- /coverage-table -->"
 
 
 def coverage_table() -> str:

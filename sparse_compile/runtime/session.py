@@ -15,9 +15,9 @@ step marker and its last attention call) ends its generation: the next forward s
 
 Graph breaks split one transformer call into several compiled graphs (*fragments*). The step
 marker of a graph holding the timestep opens a :class:`ModelCall` on its thread (each run opens a
-new one); graphs without a timestep that are compiled or run while it is open (its model's ``forward`` frame still on the
-stack) belong to that call: their parameters join
-the call's session (one model, one session) and their attention calls count in the call's step.
+new one); graphs without a timestep that are compiled or run while it is open (its model's
+``forward`` frame still on the stack) belong to that call: their parameters join the call's
+session (one model, one session) and their attention calls count in the call's step.
 The call also carries the token grid found where the patchify is, for fragments that see plain
 ``(B, S, D)`` tokens. A fragment compiled from a submodule's frame (a transformer block) serves
 every instance of that submodule, so its sites are kept per *scope*: the parameter the fragment
@@ -151,6 +151,7 @@ class Session:
     def _prune_graphs(self) -> None:
         for graph_id in [i for i, ref in self._graphs.items() if ref() is None]:
             del self._graphs[graph_id]
+            self._scopes_of_graph.pop(graph_id, None)
 
     def state_of(self, site_key: str) -> SiteState:
         """This model's state for one site, created on first use."""
