@@ -12,6 +12,7 @@ writes it).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,12 @@ def _run(name: str, options: dict) -> Run:
     return Run(out, eager, len(graphs), sdpa, len(set(SESSIONS) - before), sparse_compile.report(model))
 
 
+@functools.cache
+def _dense_run(name: str) -> Run:
+    """:func:`_run` with :data:`DENSE`, once per class for the tests that read it."""
+    return _run(name, DENSE)
+
+
 def test_the_matrix_lists_every_class():
     assert set(COVERAGE) == set(FACTORIES)
 
@@ -128,7 +135,7 @@ def test_the_matrix_lists_every_class():
 @pytest.mark.parametrize("name", list(COVERAGE))
 def test_rewrite_keeps_the_output_and_covers_the_expected_sites(name):
     expected = COVERAGE[name]
-    run = _run(name, DENSE)
+    run = _dense_run(name)
     torch.testing.assert_close(run.out, run.eager, rtol=0, atol=1e-5)
     assert run.graphs == expected.graphs
     assert run.sessions == 1, "one model, one session"
@@ -174,12 +181,12 @@ def test_factorized_attention_says_it_does_not_cover_the_whole_clip():
 
 
 def test_linear_attention_model_has_no_softmax_self_attention_site():
-    rep = _run("SanaVideoTransformer3DModel", DENSE).report
+    rep = _dense_run("SanaVideoTransformer3DModel").report
     assert rep.sites and all(s.kind == "cross-attention" for s in rep.sites)
 
 
 def test_audio_tokens_beside_video_stay_dense_as_a_plain_token_axis():
-    rep = _run("LTX2VideoTransformer3DModel", DENSE).report
+    rep = _dense_run("LTX2VideoTransformer3DModel").report
     assert "a plain token axis of 20 tokens" in _statuses(rep)["transformer_blocks.0.audio_attn1"]
 
 
@@ -211,18 +218,17 @@ def test_fragments_of_one_call_under_inductor_are_one_step_with_a_row_per_block(
     with torch.no_grad():
         eager = _sample(model(**inputs))
         compiled = torch.compile(model, backend="sparse_video", options=DENSE)
-        for t in (900.0, 700.0):
-            out = _sample(compiled(**{**inputs, "timestep": torch.tensor([t])}))
+        first = _sample(compiled(**{**inputs, "timestep": torch.tensor([900.0])}))
         torch.testing.assert_close(_sample(compiled(**inputs)), eager, rtol=0, atol=1e-5)
     rep = sparse_compile.report(model)
     assert [s.module_path for s in rep.rewritten] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
     assert all(s.grid == (3, 4, 4) and s.text_tokens == 13 for s in rep.rewritten)
-    assert all(list(s.density_by_step) == [0, 1, 2] for s in rep.rewritten), "the blocks count in their call's step"
-    assert torch.isfinite(out).all()
+    assert all(list(s.density_by_step) == [0, 1] for s in rep.rewritten), "the blocks count in their call's step"
+    assert torch.isfinite(first).all()
 
 
 def test_a_fragment_whose_clip_is_several_segments_says_so():
-    rep = _run("HunyuanVideoFramepackTransformer3DModel", DENSE).report
+    rep = _dense_run("HunyuanVideoFramepackTransformer3DModel").report
     statuses = _statuses(rep)
     joint = [statuses["transformer_blocks.0.attn"], statuses["single_transformer_blocks.0.attn"]]
     assert all("reach this graph flat from an earlier graph" in s and "several video segments" in s for s in joint)
