@@ -26,7 +26,15 @@ in attention kernels (``torch.profiler``). Random weights (seeded), bf16 on CUDA
 
 Models (``--models``): ``wan1.3b`` (Wan2.1-T2V-1.3B, 30 layers, 480p 81 frames: 32760 video
 tokens), ``wan14b-stack`` (Wan2.1-14B blocks, 720p 81 frames: 75600 tokens), ``hunyuan-stack``
-(HunyuanVideo blocks, 720p 129 frames: 118800 tokens + 256 text tokens, joint attention).
+(HunyuanVideo blocks, 720p 129 frames: 118800 tokens + 256 text tokens, joint attention),
+``mochi-stack`` (4 Mochi 1 blocks at full width, 480p 163 frames: 44520 tokens + 256 text tokens;
+built with ``sparse_compile.use_graph_friendly_attention``) and ``hunyuan15-stack`` (4
+HunyuanVideo-1.5 blocks at full width, 480p 121 frames: 49290 tokens + 576 text and image tokens;
+its forward breaks into several graphs). The markdown lists the rewritten attention sites per
+variant. Both stacks, Inductor dense and two methods, about 5 minutes on an H200:
+
+    python benchmarks/bench_end_to_end.py --models mochi-stack,hunyuan15-stack --methods dense,radial,adaspa \
+        --calls 2 --out "$OUT" --max-seconds 290
 ``--tiny`` shrinks every model, grid and schedule so a whole run takes about two minutes of CPU
 time (the sparse methods then run their PyTorch reference kernels: a smoke test, not a speed number).
 

@@ -10,6 +10,7 @@ import torch
 
 from sparse_compile import backend as _backend  # noqa: F401  (registers "sparse_video" with Dynamo)
 from sparse_compile import methods as _methods  # noqa: F401  (registers the attention methods)
+from sparse_compile.graph_friendly import use_graph_friendly_attention
 from sparse_compile.options import SparseOptions, available_methods, validate_options
 from sparse_compile.quality import AttentionProbe, AttentionQuality, attention_probe
 from sparse_compile.report import Report, SiteReport, report
@@ -57,5 +58,6 @@ __all__ = [
     "report",
     "reset",
     "set_step",
+    "use_graph_friendly_attention",
     "validate_options",
 ]

@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from sparse_compile.options import validate_options
 from sparse_compile.passes import rewrite_attention
-from sparse_compile.runtime.session import session_for_parameters
+from sparse_compile.passes.graph_inputs import find_timestep_input
+from sparse_compile.runtime.session import current_call, session_for_parameters
 
 logger = logging.getLogger("sparse_compile")
 
@@ -60,10 +61,13 @@ def sparse_video(
 
 def rewrite_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """The backend's rewrite alone: ``gm`` with its video attention sites rewritten, in place,
-    registered with the session of the model whose parameters are among ``example_inputs``.
+    registered with the session of the model whose parameters are among ``example_inputs`` (a graph
+    without a timestep compiled during a model's call is a fragment of that model).
     Running the result as is (no Inductor) checks the rewrite quickly."""
     opts = validate_options(options)
-    session = session_for_parameters(t for t in example_inputs if isinstance(t, torch.Tensor))
+    call = current_call()
+    joining = call.session() if call is not None and find_timestep_input(gm) is None else None
+    session = session_for_parameters((t for t in example_inputs if isinstance(t, torch.Tensor)), joining)
     rewrite_attention(gm, opts, session)
     return gm
 

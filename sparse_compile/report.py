@@ -1,18 +1,21 @@
 """``sparse_compile.report(model)``: what the backend did at every attention site of a model.
 
 One row per attention site of the model, however many graphs were compiled for it (a new
-resolution, a recompile): the facts of the site's most recent graph, the densities of every
-call so far.
+resolution, a recompile, the fragments of a forward split by graph breaks): the facts of the
+site's most recent graph, the densities of every call so far. A fragment compiled from a
+submodule's frame (a transformer block) has one row per instance it ran for, named by the model's
+parameter names (``transformer_blocks.1.attn``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from sparse_compile.runtime.session import HeadRuns, SiteState, find_session
-from sparse_compile.runtime.sites import SiteFacts, SiteRecord
+from sparse_compile.graph_friendly import graph_breaking_attention_note
+from sparse_compile.runtime.session import HeadRuns, Session, SiteState, find_session, scoped_key
+from sparse_compile.runtime.sites import GraphRecord, SiteFacts, SiteRecord
 
 KEEPS_EVERYTHING = "sparse method, pattern keeps every pair"
 """Status of a sparse site whose every sparse-step call kept all (query, key) pairs."""
@@ -62,9 +65,12 @@ class SiteReport:
 
 @dataclass(frozen=True)
 class Report:
-    """All attention sites of a model, in the order of its graphs."""
+    """All attention sites of a model, in the order of its graphs; ``graphs``: how many compiled
+    graphs the model has; ``notes``: lines about the model as a whole."""
 
     sites: tuple[SiteReport, ...]
+    graphs: int = 0
+    notes: tuple[str, ...] = ()
 
     @property
     def rewritten(self) -> tuple[SiteReport, ...]:
@@ -72,8 +78,13 @@ class Report:
         return tuple(s for s in self.sites if s.rewritten)
 
     def __str__(self) -> str:
-        if not self.sites:
+        return "\n".join((self._table(),) + self.notes)
+
+    def _table(self) -> str:
+        if not self.graphs:
             return "sparse_compile report: no graph compiled yet (torch.compile compiles on the first call)"
+        if not self.sites:
+            return f"sparse_compile report: {self.graphs} graphs compiled, with no attention site in them"
         header = ("site", "q (B,H,S,D)", "k", "kind", "grid (T,H,W)", "text", "status", "density",
                   "head calls sparse/guard/warm-up")
         rows = [header]
@@ -95,7 +106,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _site_report(record: SiteRecord, state: SiteState | None) -> SiteReport:
+def _site_report(record: SiteRecord, state: SiteState | None, module_path: str) -> SiteReport:
     densities = {} if state is None else state.densities
     density_by_step = {step: sum(map(float, d)) / len(d) for step, d in sorted(densities.items())}
     status = record.status
@@ -113,17 +124,40 @@ def _site_report(record: SiteRecord, state: SiteState | None) -> SiteReport:
                 status = KEEPS_EVERYTHING
     runs = HeadRuns() if state is None else HeadRuns(*(list(c) for c in (state.head_runs.sparse, state.head_runs.guard,
                                                                           state.head_runs.warmup)))
-    return SiteReport(record.facts, record.method, status, record.rewritten, density_by_step, warmup, runs)
+    facts = record.facts if module_path == record.facts.module_path else replace(record.facts, module_path=module_path)
+    return SiteReport(facts, record.method, status, record.rewritten, density_by_step, warmup, runs)
+
+
+def _scopes(session: Session, graph: GraphRecord, names: dict[int, str]) -> list[tuple[str, int]]:
+    """``(module path prefix, scope)`` of each instance a graph ran for: ``[("", -1)]`` for an unscoped
+    graph (or a fragment that has not run); the prefix is where the graph's frame sits in the model."""
+    scopes = session.scopes_of_graph(graph.graph_id) if graph.scoped else []
+    if not scopes:
+        return [("", -1)]
+    found = []
+    for scope, anchor in scopes:
+        full, rel = names.get(id(anchor), ""), graph.anchor_path or ""
+        known = rel and (full == rel or full.endswith("." + rel))
+        found.append((full[: len(full) - len(rel)] if known else f"[instance {scope}].", scope))
+    return found
 
 
 def report(model: torch.nn.Module) -> Report:
     """Per-site facts for a model compiled with ``backend="sparse_video"`` (or its compiled wrapper)."""
+    note = graph_breaking_attention_note(model)
+    notes = (note,) if note else ()
     session = find_session(model)
     if session is None:
-        return Report(sites=())
-    latest: dict[str, SiteRecord] = {}
-    for graph in session.graphs():
-        for record in graph.sites:
-            latest.pop(record.key, None)  # keep the order of the most recent graph
-            latest[record.key] = record
-    return Report(sites=tuple(_site_report(r, session.site_states.get(r.key)) for r in latest.values()))
+        return Report(sites=(), notes=notes)
+    root = getattr(model, "_orig_mod", model)
+    names = {id(p): name for name, p in root.named_parameters()}
+    graphs = session.graphs()
+    latest: dict[str, tuple[SiteRecord, str]] = {}
+    for graph in graphs:
+        for prefix, scope in _scopes(session, graph, names):
+            for record in graph.sites:
+                path = prefix + record.key
+                latest.pop(path, None)  # keep the order of the most recent graph
+                latest[path] = (record, scoped_key(record.key, scope))
+    sites = tuple(_site_report(r, session.site_states.get(key), path) for path, (r, key) in latest.items())
+    return Report(sites=sites, graphs=len(graphs), notes=notes)

@@ -225,7 +225,7 @@ def mochi() -> tuple[torch.nn.Module, dict[str, Any]]:
     from diffusers import MochiTransformer3DModel
 
     model = MochiTransformer3DModel(
-        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
         in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8,
     ).eval()
     inputs = dict(
@@ -239,9 +239,9 @@ def hunyuan_video_15() -> tuple[torch.nn.Module, dict[str, Any]]:
     from diffusers import HunyuanVideo15Transformer3DModel
 
     model = HunyuanVideo15Transformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=8,
-        image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v",
+        image_embed_dim=12, rope_axes_dim=(4, 4, 8), target_size=16, task_type="t2v",
     ).eval()
     inputs = dict(
         hidden_states=torch.randn(1, 4, 3, 4, 4), timestep=torch.tensor([500.0]),

@@ -88,6 +88,13 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _sites(variant: dict[str, Any]) -> str:
+    """``rewritten / all`` attention sites of a backend variant (``-`` for Inductor or older records)."""
+    if variant.get("rewritten_sites") is None:
+        return "-"
+    return f"{variant['rewritten_sites']} / {variant['sites']}"
+
+
 def model_table(model: str, info: dict[str, Any], variants: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of one model: a row per variant, the baseline's attention share, notes."""
     ok = [v for v in variants if v["status"] == "ok"]
@@ -98,15 +105,16 @@ def model_table(model: str, info: dict[str, Any], variants: list[dict[str, Any]]
              f"{info['video_tokens']} video tokens (latent {'x'.join(map(str, info['latent']))}), "
              f"{info['calls_per_step']} call(s) per step, {info['parameters']:,} parameters.", "",
              "| method | compile + 1st call s | dense-phase ms/call | first sparse step ms | sparse ms/call "
-             "| kept density | sparse call speedup vs Inductor | extrapolated total s | total speedup vs Inductor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| kept density | rewritten sites | sparse call speedup vs Inductor | extrapolated total s "
+             "| total speedup vs Inductor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in ok:
         s, total = v["summary"], v["extrapolated"]["total_s"]
         call = s["sparse_call_ms"] if s["sparse_call_ms"] is not None else s["dense_call_ms"]
         speed = base_call / call if base_call and v is not base else None
         lines.append(f"| {v['method']} | {v['compile_s']:.1f} | {fmt(s['dense_call_ms'], '.1f')} "
                      f"| {fmt(s['first_sparse_step_ms'], '.1f')} | {fmt(s['sparse_call_ms'], '.1f')} "
-                     f"| {fmt(v.get('kept_density'), '.3f')} | {fmt(speed, '.2f')} | {total:.1f} "
+                     f"| {fmt(v.get('kept_density'), '.3f')} | {_sites(v)} | {fmt(speed, '.2f')} | {total:.1f} "
                      f"| {fmt(base_total / total if base_total and v is not base else None, '.2f')} |")
     if base and base.get("attention", {}).get("share") is not None:
         att = base["attention"]

@@ -103,8 +103,10 @@ def top_entries(times_us: dict[str, float], count: int = 5) -> list[dict[str, An
 
 
 def kept_density(compiled: torch.nn.Module, dense_steps: int) -> dict[str, Any]:
-    """Mean kept density of the sparse sites over the sparse steps, and the sites' statuses."""
-    sites = sparse_compile.report(compiled).sites
+    """Mean kept density of the sparse sites over the sparse steps, the sites' statuses and how many
+    sites were rewritten (every graph of the model, graph breaks included)."""
+    report = sparse_compile.report(compiled)
+    sites = report.sites
     statuses: dict[str, int] = {}
     for s in sites:
         statuses[s.status] = statuses.get(s.status, 0) + 1
@@ -115,6 +117,7 @@ def kept_density(compiled: torch.nn.Module, dense_steps: int) -> dict[str, Any]:
         "kept_density_min_site": min(per_site, default=None),
         "kept_density_max_site": max(per_site, default=None),
         "sparse_sites": sum(s.sparse for s in sites),
+        "rewritten_sites": len(report.rewritten),
         "sites": len(sites),
         "statuses": statuses,
     }

@@ -50,3 +50,17 @@ def find_anchor_input(gm: fx.GraphModule) -> fx.Node | None:
         if node.op == "placeholder" and isinstance(example_value(node), torch.nn.Parameter):
             return node
     return None
+
+
+_PARAMETER_SOURCE = re.compile(r"L\['\w+'\]((?:\._(?:modules|parameters)\['[^']+'\])+)")
+
+
+def parameter_path(node: fx.Node) -> str | None:
+    """Dotted name of a parameter input relative to the module whose frame the graph was traced from
+    (``L['self']._modules['norm1']._modules['linear']._parameters['weight']`` -> ``norm1.linear.weight``),
+    from Dynamo's record of where the input came from; ``None`` when it came from elsewhere."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    match = _PARAMETER_SOURCE.fullmatch(name) if isinstance(name, str) else None
+    return ".".join(re.findall(r"\['([^']+)'\]", match.group(1))) if match else None

@@ -19,6 +19,15 @@ def _axes(sizes: list[int]) -> str:
     return " x ".join(map(str, sizes))
 
 
+def several_segments_reason(seq: DimLayout) -> str | None:
+    """The reason for a token sequence of more than two concatenated segments, else ``None``."""
+    if len(seq.segments) <= 2:
+        return None
+    parts = ", ".join(_axes([f.hint for f in seg]) for seg in seq.segments)
+    return (f"the sequence joins {len(seq.segments)} segments ({parts}): several video segments (e.g. history "
+            "latents packed beside the video window); the sparse op takes one video grid and one text segment")
+
+
 def no_grid_reason(q_layouts: Layouts | None) -> str:
     """The dense reason of a self-attention site whose sequence has no single video grid.
 
@@ -32,10 +41,9 @@ def no_grid_reason(q_layouts: Layouts | None) -> str:
     if q_layouts is None or len(q_layouts) != 4:
         return f"could not infer the token grid from the graph; {GRID_HINT}"
     batch, seq = q_layouts[0], q_layouts[2]
-    if len(seq.segments) > 2:
-        parts = ", ".join(_axes([f.hint for f in seg]) for seg in seq.segments)
-        return (f"the sequence joins {len(seq.segments)} segments ({parts}): several video segments (e.g. history "
-                "latents packed beside the video window); the sparse op takes one video grid and one text segment")
+    several = several_segments_reason(seq)
+    if several:
+        return several
     in_batch, in_seq = _non_unit(batch), _non_unit(seq)
     if len(seq.segments) == 1 and in_batch and 1 <= len(in_seq) <= 2 and len(in_batch) + len(in_seq) >= 3:
         return (f"no video self-attention over the whole clip: the sequence holds axes {_axes(in_seq)} and the "

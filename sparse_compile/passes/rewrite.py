@@ -17,29 +17,49 @@ import torch.fx as fx
 
 from sparse_compile.methods.base import AttentionMethod
 from sparse_compile.options import SparseOptions
-from sparse_compile.passes.graph_inputs import find_anchor_input, find_timestep_input
+from sparse_compile.passes.graph_inputs import find_anchor_input, find_timestep_input, parameter_path
+from sparse_compile.passes.grid_reasons import several_segments_reason
 from sparse_compile.passes.sdpa_sites import find_sdpa_calls
-from sparse_compile.passes.site_plan import SitePlan, plan_site
-from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis
+from sparse_compile.passes.site_plan import SitePlan, plan_site, split_video_text
+from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis, example_value
 from sparse_compile.runtime import ops  # noqa: F401  (registers the ops the rewrite inserts)
-from sparse_compile.runtime.session import Session
+from sparse_compile.runtime.session import Session, call_of
 from sparse_compile.registry import METHODS
 from sparse_compile.runtime.sites import SiteRecord, register_graph, register_site
 
 logger = logging.getLogger("sparse_compile")
 
-def _insert_step_marker(gm: fx.GraphModule, session: Session, graph_id: int) -> fx.Node:
+def _insert_step_marker(gm: fx.GraphModule, timestep: fx.Node | None, graph_id: int, grid: list[int | fx.Node]) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    timestep = find_timestep_input(gm)
-    if timestep is None:
-        logger.warning(
-            "sparse_compile: no timestep input found in the graph; every forward call counts as one "
-            "denoising step (use sparse_compile.set_step(model, step) in a custom loop)"
-        )
     with gm.graph.inserting_after(placeholders[-1] if placeholders else None):
         return gm.graph.call_function(
-            torch.ops.sparse_compile.step_marker.default, (timestep, find_anchor_input(gm), graph_id)
+            torch.ops.sparse_compile.step_marker.default, (timestep, find_anchor_input(gm), graph_id, grid)
         )
+
+
+def _output_tokens(gm: fx.GraphModule, analysis: TokenLayoutAnalysis) -> tuple[list[int | fx.Node], str | None]:
+    """The clip grid of the ``(B, S, C)`` tokens the graph returns, as sizes the step marker can take
+    (ints, or the graph's SymInt inputs), else ``[]`` and why those tokens have no single grid."""
+    symbols = {example_value(n).node.expr: n for n in gm.graph.nodes
+               if n.op == "placeholder" and isinstance(example_value(n), torch.SymInt)}  # fmt: skip
+    reason = None
+    for node in _output_nodes(gm):
+        layouts = analysis.layouts(node)
+        if layouts is None or len(layouts) != 3:
+            continue
+        found = split_video_text(layouts[1])
+        if found is not None and not found[1]:
+            sizes = [int(f.size) if f.size.is_Integer else symbols.get(f.size) for f in found[0]]
+            if all(size is not None for size in sizes):
+                return sizes, None
+        reason = reason or several_segments_reason(layouts[1])
+    return [], reason
+
+
+def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(gm.graph.output_node().args, found.append)
+    return found
 
 
 def _size_arg(graph: fx.Graph, factors: tuple[Factor, ...]) -> int | fx.Node:
@@ -70,7 +90,7 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
                 call.query,
                 call.key,
                 call.value,
-                call.attn_mask,
+                call.attn_mask if plan.key_padding is None else plan.key_padding,
                 token,
                 call.scale,
                 frames,
@@ -84,6 +104,11 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in call.node.meta:
             new.meta[key] = call.node.meta[key]
+    if plan.key_padding is not None:
+        with graph.inserting_after(new):
+            rows = graph.call_function(torch.transpose, (plan.key_padding, -1, -2))
+        with graph.inserting_after(rows):
+            new = graph.call_function(torch.mul, (new, rows))
     call.node.replace_all_uses_with(new)
     graph.erase_node(call.node)
 
@@ -118,18 +143,27 @@ def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session)
         ValueError: the ``grid`` option does not match a video self-attention site.
     """
     analysis = TokenLayoutAnalysis(gm)
-    plans = [plan_site(call, analysis, opts) for call in find_sdpa_calls(gm)]
+    timestep = find_timestep_input(gm)
+    scoped = timestep is None
+    plans = [plan_site(call, analysis, opts, call_of(session)) for call in find_sdpa_calls(gm)]
     records = []
     for plan, key in zip(plans, _site_keys(plans)):
         rewritten = plan.facts.dense_reason is None
-        layer_index = session.layer_index(key) if rewritten else None
+        layer_index = session.layer_index(key) if rewritten and not scoped else None
         attention = METHODS[opts.method](opts) if rewritten else None
         status = _status(plan, attention, layer_index)
         records.append(register_site(key, plan.facts, opts.method, status, layer_index, attention))
-    graph = register_graph(session, records)
+    grid, grid_reason = _output_tokens(gm, analysis)
+    anchor = find_anchor_input(gm)
+    graph = register_graph(session, records, scoped, anchor and parameter_path(anchor), grid_reason)
     gm.meta["sparse_compile_graph"] = graph
-    if any(r.rewritten for r in records):
-        token = _insert_step_marker(gm, session, graph.graph_id)
+    if records or not scoped:
+        if scoped and call_of(session) is None:
+            logger.warning(
+                "sparse_compile: no timestep input found in the graph; every forward call counts as one "
+                "denoising step (use sparse_compile.set_step(model, step) in a custom loop)"
+            )
+        token = _insert_step_marker(gm, timestep, graph.graph_id, grid)
         for plan, record in zip(plans, records):
             if record.rewritten:
                 _replace_with_op(gm, plan, token, record.site_id)

@@ -7,16 +7,19 @@ attention) over a known token grid; everything else keeps its SDPA call and a re
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import sympy
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from sparse_compile.options import SparseOptions
-from sparse_compile.passes.grid_reasons import no_grid_reason
+from sparse_compile.passes.grid_reasons import GRID_HINT, no_grid_reason
 from sparse_compile.passes.sdpa_sites import SdpaCall
 from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value, size_expr
+from sparse_compile.runtime.session import ModelCall
 from sparse_compile.runtime.sites import SiteFacts
 
 VIDEO_SELF = "video self-attention"
@@ -35,12 +38,16 @@ class SitePlan:
         facts: what was found (shapes, kind, grid and text hints, dense reason).
         grid: ``(frames, height, width)`` factors of the video tokens, or ``None``.
         text: factors whose product is the number of text tokens (empty when none).
+        key_padding: for a mask built as ``valid_query & valid_key`` from one ``(B, 1, 1, S)``
+            padding mask, that mask: the op takes it as a key-padding mask, and the rows of padded
+            queries (every key masked: SDPA gives 0) are zeroed after it.
     """
 
     call: SdpaCall
     facts: SiteFacts
     grid: tuple[Factor, Factor, Factor] | None = None
     text: Segment = ()
+    key_padding: torch.fx.Node | None = None
 
 
 def _dense_plan(call: SdpaCall, q_shape: tuple[int, ...], k_shape: tuple[int, ...], kind: str, reason: str) -> SitePlan:
@@ -78,6 +85,29 @@ def _mask_problem(call: SdpaCall) -> str | None:
         return "attn_mask is not a tensor"
     if mask.dtype != torch.bool:
         return f"float attn_mask ({mask.dtype}); only boolean key-padding masks are carried"
+    return None
+
+
+def _method(node: Any, name: str) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target == name
+
+
+def padding_outer_product(mask: Any) -> torch.fx.Node | None:
+    """The ``(B, 1, 1, S)`` padding mask ``m`` of a mask built as ``r & r.transpose(2, 3)`` with
+    ``r = m.repeat(1, 1, S, 1)`` (HunyuanVideo-1.5's processor), else ``None``."""
+    while _method(mask, "bool"):
+        mask = mask.args[0]
+    if not isinstance(mask, torch.fx.Node) or mask.target not in (operator.and_, torch.logical_and, torch.bitwise_and):
+        return None
+    for rows, cols in (mask.args[:2], mask.args[1::-1]):
+        if not (_method(rows, "repeat") and _method(cols, "transpose") and cols.args[0] is rows):
+            continue
+        if sorted(a % 4 for a in cols.args[1:3]) != [2, 3]:
+            continue
+        padding = example_value(rows.args[0])
+        seq = padding.shape[-1] if isinstance(padding, torch.Tensor) and padding.dim() == 4 else None
+        if seq is not None and tuple(padding.shape[1:3]) == (1, 1) and tuple(rows.args[1:]) == (1, 1, seq, 1):
+            return rows.args[0]
     return None
 
 
@@ -131,8 +161,11 @@ def _grid_from_options(opts: SparseOptions, call: SdpaCall, seq_len: int) -> tup
     return (_constant(frames), _constant(height), _constant(width)), text, opts.text_position if text else None
 
 
-def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions) -> SitePlan:
-    """Classify one SDPA call.
+def plan_site(
+    call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions, model_call: ModelCall | None = None
+) -> SitePlan:
+    """Classify one SDPA call. ``model_call``: the model call this graph is compiled in, if any;
+    its grid serves a sequence of flat tokens (a fragment after a graph break).
 
     Raises:
         ValueError: the ``grid`` option does not match a video self-attention sequence.
@@ -164,17 +197,20 @@ def plan_site(call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions
         grid, text, position = _grid_from_options(opts, call, q_shape[2])
     else:
         found = _infer_grid(call, analysis)
+        from_call = found is None and model_call is not None and model_call.grid is not None
+        if from_call:
+            found = _grid_from_call(call, analysis, model_call.grid)
         if found is None:
-            return dense(kind, no_grid_reason(analysis.layouts(call.query)))
+            return dense(kind, _fragment_reason(call, analysis, model_call) or no_grid_reason(analysis.layouts(call.query)))
         grid, text, position = found
-        if _needs_missing_source(grid + text):
+        if _needs_missing_source(text if from_call else grid + text):
             return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
     facts = SiteFacts(
         call.module_path, q_shape, k_shape, JOINT if text else VIDEO_SELF,
         grid=(grid[0].hint, grid[1].hint, grid[2].hint), text_tokens=math.prod(f.hint for f in text) if text else 0,
-        text_position=position,
+        text_position=position, grid_from_call=opts.grid is None and from_call,
     )  # fmt: skip
-    return SitePlan(call, facts, grid=tuple(grid), text=text)
+    return SitePlan(call, facts, grid=tuple(grid), text=text, key_padding=padding_outer_product(call.attn_mask))
 
 
 def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment, Segment, str | None] | None:
@@ -187,6 +223,49 @@ def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment,
     if q_found is None or k_found is None or _hint_shape(q_found) != _hint_shape(k_found):
         return None
     return q_found
+
+
+def _flat(layout: DimLayout) -> bool:
+    """Whether a sequence is plain token runs: no segment with more than one axis, no rank pieces."""
+    return all(f.origin is None for seg in layout.segments for f in seg) and all(
+        sum(f.hint != 1 for f in seg) <= 1 for seg in layout.segments
+    )
+
+
+def _grid_from_call(
+    call: SdpaCall, analysis: TokenLayoutAnalysis, grid: tuple[int, int, int]
+) -> tuple[Segment, Segment, str | None] | None:
+    """``(grid, text, position)`` of flat tokens whose video part is the model call's clip: one run
+    of ``frames*height*width`` tokens, alone or beside one other run (text); ``None`` otherwise."""
+    q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
+    if q_layouts is None or k_layouts is None:
+        return None
+    seq = q_layouts[-2]
+    if not _flat(seq) or not _flat(k_layouts[-2]) or [s.hint for s in (seq, k_layouts[-2])] != [seq.hint] * 2:
+        return None
+    runs = [math.prod(f.hint for f in seg) for seg in seq.segments]
+    video = [i for i, n in enumerate(runs) if n == math.prod(grid)]
+    constants = tuple(_constant(n) for n in grid)
+    if runs == [math.prod(grid)]:
+        return constants, (), None
+    if len(runs) != 2 or len(video) != 1:
+        return None
+    i = video[0]
+    return constants, seq.segments[1 - i], "prefix" if i == 1 else "suffix"
+
+
+def _fragment_reason(call: SdpaCall, analysis: TokenLayoutAnalysis, model_call: ModelCall | None) -> str | None:
+    """The reason for flat tokens in a fragment of a model call whose clip grid is unknown or not in them."""
+    q_layouts = analysis.layouts(call.query)
+    if model_call is None or q_layouts is None or not _flat(q_layouts[-2]):
+        return None
+    runs = " + ".join(str(math.prod(f.hint for f in seg)) for seg in q_layouts[-2].segments)
+    where = f"the tokens ({runs}) reach this graph flat from an earlier graph of the model call"
+    if model_call.grid is not None:
+        frames, height, width = model_call.grid
+        return (f"{where}, whose clip grid {frames}x{height}x{width} is not one run of these tokens beside at "
+                f"most one other (text); {GRID_HINT}")
+    return f"{where}, where {model_call.grid_reason or 'no clip grid was found'}"
 
 
 def _hint_shape(found: tuple[Segment, Segment, str | None]) -> tuple:

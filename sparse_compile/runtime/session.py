@@ -13,12 +13,23 @@ generation.
 A new generation clears every site's cache, so the same inputs give the same output in every
 generation. A forward that did not finish (an exception or ``KeyboardInterrupt`` between its
 step marker and its last attention call) ends its generation: the next forward starts a new one.
+
+Graph breaks split one transformer call into several compiled graphs (*fragments*). The step
+marker of a graph holding the timestep opens a :class:`ModelCall` on its thread (each run opens a
+new one); graphs without a timestep that are compiled or run while it is open (its model's
+``forward`` frame still on the stack) belong to that call: their parameters join the call's
+session (one model, one session) and their attention calls count in the call's step.
+The call also carries the token grid found where the patchify is, for fragments that see plain
+``(B, S, D)`` tokens. A fragment compiled from a submodule's frame (a transformer block) serves
+every instance of that submodule, so its sites are kept per *scope*: the parameter the fragment
+is called with (see :meth:`Session.scope_of`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
@@ -116,6 +127,9 @@ class Session:
         self._first_timestep: float | None = None
         self._current = StepInfo(step=-1, branch=0, generation=-1)
         self._calls_left = 0
+        self._scopes: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._scope_anchors: dict[int, weakref.ref] = {}
+        self._scopes_of_graph: dict[int, list[int]] = {}
         self.probe: Probe | None = None
 
     @property
@@ -139,6 +153,7 @@ class Session:
     def _prune_graphs(self) -> None:
         for graph_id in [i for i, ref in self._graphs.items() if ref() is None]:
             del self._graphs[graph_id]
+            self._scopes_of_graph.pop(graph_id, None)
 
     def state_of(self, site_key: str) -> SiteState:
         """This model's state for one site, created on first use."""
@@ -195,6 +210,31 @@ class Session:
             return cur
         return StepInfo(step, branch, generation)
 
+    def join_forward(self, attention_calls: int) -> StepInfo:
+        """A fragment of the current forward makes ``attention_calls`` more calls of the attention op;
+        returns the forward's step."""
+        with self._lock:
+            self._calls_left += attention_calls
+            return self._current
+
+    def scope_of(self, anchor: torch.Tensor, graph_id: int) -> int:
+        """The scope of a fragment run with parameter ``anchor`` (one per submodule instance the
+        fragment's graph serves), numbered in first-run order; remembered per graph for the report."""
+        with self._lock:
+            scope = self._scopes.get(anchor)
+            if scope is None:
+                scope = self._scopes[anchor] = len(self._scope_anchors)
+                self._scope_anchors[scope] = weakref.ref(anchor)
+            scopes = self._scopes_of_graph.setdefault(graph_id, [])
+            if scope not in scopes:
+                scopes.append(scope)
+            return scope
+
+    def scopes_of_graph(self, graph_id: int) -> list[tuple[int, torch.Tensor | None]]:
+        """``(scope, anchor parameter or None if freed)`` of every scope a graph has run in."""
+        with self._lock:
+            return [(s, self._scope_anchors[s]()) for s in self._scopes_of_graph.get(graph_id, [])]
+
     def end_call(self) -> None:
         """One attention call of the current forward has finished."""
         with self._lock:
@@ -227,6 +267,78 @@ class Session:
             self.site_states.clear()
 
 
+def scoped_key(site_key: str, scope: int) -> str:
+    """The state key of a site of a scoped fragment (``scope >= 0``); ``site_key`` itself otherwise."""
+    return site_key if scope < 0 else f"{site_key}@{scope}"
+
+
+@dataclass
+class ModelCall:
+    """One transformer call in progress on a thread: its session, ``(frames, height, width)`` of the
+    clip's tokens if a graph of the call found them, else why the graph that opened the call found
+    no grid in the tokens it hands on (``grid_reason``, or ``None``)."""
+
+    session: weakref.ref
+    grid: tuple[int, int, int] | None
+    grid_reason: str | None = None
+    frame: tuple[int, Any] | None = None
+
+
+_THREAD = threading.local()
+
+
+def _model_forward_frame() -> tuple[int, Any] | None:
+    """``(id, code)`` of the innermost ``forward`` frame of a module (not an FX graph) on the stack:
+    the compiled model forward that runs the graphs of one call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "forward" else None
+        if isinstance(owner, torch.nn.Module) and not isinstance(owner, torch.fx.GraphModule):
+            return id(frame), frame.f_code
+        frame = frame.f_back
+    return None
+
+
+def _on_stack(marker: tuple[int, Any] | None) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if marker is not None and (id(frame), frame.f_code) == marker:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def current_call() -> ModelCall | None:
+    """The call in progress on this thread: opened, its model alive and its forward still running."""
+    call = getattr(_THREAD, "call", None)
+    if call is None or call.session() is None or not _on_stack(call.frame):
+        return None
+    return call
+
+
+def call_of(session: Session) -> ModelCall | None:
+    """The call open on this thread if it is ``session``'s."""
+    call = current_call()
+    return call if call is not None and call.session() is session else None
+
+
+def enter_forward(session: Session, graph: Any, timestep: float | None, grid: tuple[int, int, int] | None) -> StepInfo:
+    """Step of one run of ``graph`` (a :class:`~sparse_compile.runtime.sites.GraphRecord`; see the
+    module doc): a graph with a timestep opens a new call; a graph without one joins the session's
+    open call, or counts as a forward of its own when there is none (unless it has no attention
+    call: then it changes nothing). ``grid``: the clip's grid in the graph's outputs."""
+    call = call_of(session) if timestep is None else None
+    if call is not None:
+        call.grid = call.grid or grid
+        return session.join_forward(graph.attention_calls)
+    if timestep is None and not graph.attention_calls:
+        return session.current
+    info = session.begin_forward(timestep, graph.attention_calls)
+    if timestep is not None:
+        _THREAD.call = ModelCall(weakref.ref(session), grid, graph.grid_reason, _model_forward_frame())
+    return info
+
+
 _SESSIONS_BY_PARAMETER: WeakIdKeyDictionary = WeakIdKeyDictionary()
 SESSIONS: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
 
@@ -237,11 +349,12 @@ def _new_session() -> Session:
     return session
 
 
-def session_for_parameters(parameters: Iterable[torch.Tensor]) -> Session:
+def session_for_parameters(parameters: Iterable[torch.Tensor], joining: Session | None = None) -> Session:
     """The session of the model owning these parameters, created on first sight.
 
-    Graphs compiled for one model (recompiles for a new resolution, graph breaks) share
-    parameters and so share the session; two models never do.
+    Graphs compiled for one model (recompiles for a new resolution) share parameters and so share
+    the session; two models never do. Parameters seen for the first time in a fragment compiled
+    during a call join that call's session (``joining``).
     """
     parameters = [p for p in parameters if isinstance(p, torch.nn.Parameter)]
     for p in parameters:
@@ -249,17 +362,18 @@ def session_for_parameters(parameters: Iterable[torch.Tensor]) -> Session:
         if session is not None:
             break
     else:
-        session = _new_session()
+        session = joining or _new_session()
     for p in parameters:
         _SESSIONS_BY_PARAMETER[p] = session
     return session
 
 
-def session_for_anchor(anchor: torch.Tensor) -> Session:
-    """The session of the model whose parameter ``anchor`` is, at run time (created if new)."""
+def session_for_anchor(anchor: torch.Tensor, joining: Session | None = None) -> Session:
+    """The session of the model whose parameter ``anchor`` is, at run time: if new, ``joining``
+    (a fragment run in a model call with a submodule instance it was not compiled with) or a new one."""
     session = _SESSIONS_BY_PARAMETER.get(anchor)
     if session is None:
-        session = _new_session()
+        session = joining or _new_session()
         _SESSIONS_BY_PARAMETER[anchor] = session
     return session
 

@@ -34,6 +34,8 @@ class SiteFacts:
         text_tokens: number of joint text tokens (hint; 0 without text).
         text_position: ``"prefix"``/``"suffix"`` for joint attention, else ``None``.
         dense_reason: why the site stays dense SDPA; ``None`` when it is rewritten.
+        grid_from_call: the grid is the one the model call recorded where the patchify is (a fragment
+            whose tokens arrive flat); the op checks it against the token count at run time.
     """
 
     module_path: str
@@ -44,6 +46,7 @@ class SiteFacts:
     text_tokens: int = 0
     text_position: str | None = None
     dense_reason: str | None = None
+    grid_from_call: bool = False
 
 
 @dataclass(eq=False)
@@ -80,11 +83,21 @@ class SiteRecord:
 @dataclass(eq=False)
 class GraphRecord:
     """All SDPA sites of one compiled graph, and (weakly) the session of the model it was compiled
-    for: the fallback for graphs without parameters, whose callers cannot be told apart."""
+    for: the fallback for graphs without parameters, whose callers cannot be told apart.
+
+    A graph without a timestep input is *scoped*: a fragment that may serve several instances of a
+    submodule, whose sites are kept per instance (see :mod:`sparse_compile.runtime.session`).
+    ``anchor_path`` is its anchor parameter's name relative to the graph's frame (``norm1.linear.weight``),
+    from which the report names each instance. ``grid_reason``: why the tokens the graph hands on
+    have no single clip grid, if they have structure but not that (told to later fragments).
+    """
 
     graph_id: int
     compile_session: weakref.ref[Session]
     sites: list[SiteRecord]
+    scoped: bool = False
+    anchor_path: str | None = None
+    grid_reason: str | None = None
 
     @property
     def attention_calls(self) -> int:
@@ -102,13 +115,19 @@ def register_site(
     return record
 
 
-def register_graph(compile_session: Session, sites: list[SiteRecord]) -> GraphRecord:
+def register_graph(
+    compile_session: Session,
+    sites: list[SiteRecord],
+    scoped: bool = False,
+    anchor_path: str | None = None,
+    grid_reason: str | None = None,
+) -> GraphRecord:
     """Record a compiled graph's sites; the compiling model's session sees it at once.
 
     The caller must keep the returned record alive as long as the graph runs.
     """
     with _lock:
-        graph = GraphRecord(next(_graph_ids), weakref.ref(compile_session), sites)
+        graph = GraphRecord(next(_graph_ids), weakref.ref(compile_session), sites, scoped, anchor_path, grid_reason)
         GRAPHS[graph.graph_id] = graph
     compile_session.attach_graph(graph)
     return graph
