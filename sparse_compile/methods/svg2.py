@@ -174,12 +174,11 @@ class Svg2Method(AttentionMethod):
         """As every method, with the break-even guard per head where the device's costs are measured:
         the heads whose kept density passes it (in any batch element) run dense SDPA together (never
         with ``break_even_guard=False``)."""
-        reason = self.dense_reason(call)
         query = call.query
         costs = (guard_costs(query.device, query.dtype, query.shape[-1], _GUARD_BLOCK)
                  if self.options.break_even_guard else None)
-        if reason is not None or costs is None:
-            return super().attend(call)
+        if costs is None or self.dense_reason(call) is not None:
+            return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
