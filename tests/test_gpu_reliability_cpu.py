@@ -30,6 +30,7 @@ from gpu_checks import (
 )
 from sparse_compile.backend import sparse_video
 from sparse_compile.kernels import varlen_block_sparse
+from sparse_compile.kernels.common import launch_group_size
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Config
 
@@ -213,7 +214,7 @@ def test_the_kept_rows_buffer_is_a_share_of_the_calls_output_whatever_the_gpu(he
     budget = varlen_block_sparse.rows_budget_bytes(q)
     assert budget == int(varlen_block_sparse.ROWS_BUDGET_SHARE * output_bytes)
     q_clusters = Svg2Config().q_clusters
-    group = varlen_block_sparse._group_size(heads, q_clusters, seq, budget)
+    group = launch_group_size(heads, q_clusters * seq * 4, budget)
     assert group == pairs_per_group
     rows_bytes = group * q_clusters * seq * 4
     assert rows_bytes <= budget or group == 1

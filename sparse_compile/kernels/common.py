@@ -2,7 +2,7 @@
 
 - What the kernels take: :data:`SUPPORTED_DTYPES` (q, k, v), :data:`SUPPORTED_HEAD_DIMS` (D),
   :data:`PERMUTATION_DTYPES` (token permutations).
-- Small math: :func:`cdiv`, :data:`LOG2E`, :func:`default_scale`, :func:`dot_precision`.
+- Small math: :func:`cdiv`, :func:`launch_group_size`, :data:`LOG2E`, :func:`default_scale`, :func:`dot_precision`.
 - The output layout of the attention kernels and the backend's op (:func:`attention_output_like`),
   checks of caller-provided output buffers, permutation strides and orders.
 - :func:`online_softmax_step`, the jitted base-2 online-softmax update of the attention kernels and
@@ -34,6 +34,13 @@ LOG2E = 1.4426950408889634
 def cdiv(a: int, b: int) -> int:
     """Ceil division of non-negative ints."""
     return (a + b - 1) // b
+
+
+def launch_group_size(count: int, item_bytes: int, budget_bytes: int) -> int:
+    """Items per launch group when each of ``count`` items needs ``item_bytes`` of scratch and a group may
+    take ``budget_bytes``: as many as fit (at least one), spread evenly over the fewest groups."""
+    groups = cdiv(count, max(budget_bytes // max(item_bytes, 1), 1))
+    return cdiv(count, groups)
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:

@@ -60,6 +60,7 @@ from sparse_compile.kernels.common import (
     dot_precision,
     expand_batch_head,
     expand_permutation,
+    launch_group_size,
     online_softmax_step,
     permutation_strides,
 )
@@ -322,14 +323,6 @@ def rows_budget_bytes(q: Tensor) -> int:
     return int(ROWS_BUDGET_SHARE * q.numel() * q.element_size())
 
 
-def _group_size(num_bh: int, num_q_clusters: int, s_k: int, budget_bytes: int) -> int:
-    """(batch, head) pairs per launch group: as many as fit ``budget_bytes`` of kept rows (at least
-    one), spread evenly over the fewest groups."""
-    per_bh = max(num_q_clusters * s_k * 4, 1)
-    groups = triton.cdiv(num_bh, max(budget_bytes // per_bh, 1))
-    return triton.cdiv(num_bh, groups)
-
-
 def _kept_rows(layout: VarlenLayout, kv_off: Tensor, s_k: int, bh_start: int, group: int, rows: Tensor) -> _KeptRows:
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
     writing into ``rows`` (a buffer of at least ``group * NQC * S_k`` int32)."""
@@ -389,7 +382,7 @@ def varlen_block_sparse_attention_triton(
     scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
-    group = _group_size(b * h, nqc, s_k, rows_budget_bytes(q))
+    group = launch_group_size(b * h, nqc * s_k * 4, rows_budget_bytes(q))
     rows_buffer = torch.empty(group * nqc * s_k, dtype=torch.int32, device=q.device)
     for bh_start in range(0, b * h, group):
         size = min(group, b * h - bh_start)

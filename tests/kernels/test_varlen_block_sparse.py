@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
-from sparse_compile.kernels.common import attention_output_like
+from sparse_compile.kernels.common import attention_output_like, launch_group_size
 from sparse_compile.kernels.tile_configs import VarlenConfig
 from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values, validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
@@ -347,15 +347,15 @@ def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatc
     q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 12, 0.5, seed=5, dtype=torch.float32)
     for per_group in (2, 1):
         monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: per_group * 4 * 90 * 4)
-        assert vb._group_size(6, 4, 90, vb.rows_budget_bytes(q)) == per_group
+        assert launch_group_size(6, 4 * 90 * 4, vb.rows_budget_bytes(q)) == per_group
         assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1)))
 
 
-def test_group_size_spreads_pairs_evenly_within_the_budget():
+def test_launch_groups_spread_items_evenly_within_the_budget():
     budget = 10 * 4  # 10 (pair, q cluster, key) rows
-    assert vb._group_size(24, 1, 1, budget) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
-    assert vb._group_size(24, 1, 11, budget) == 1  # not even one fits: one pair per group
-    assert vb._group_size(5, 1, 2, budget) == 5
+    assert launch_group_size(24, 4, budget) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
+    assert launch_group_size(24, 44, budget) == 1  # not even one fits: one pair per group
+    assert launch_group_size(5, 8, budget) == 5
 
 
 @interp
