@@ -12,9 +12,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
 - the cost of folded token permutations (``q_perm`` = ``kv_perm``, the same mask, q/k/v as
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
-  each checked first against the kernel on gathered inputs, scattered back; on sm_90 also what the op
-  runs there for a permuted call, the Gluon kernel on kernel-order copies (checked against the folded
-  permutations). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations.
+  each checked first against the kernel on gathered inputs, scattered back. Compare with the
+  "(B,S,H,D).T" row, the same inputs without permutations.
 
 Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
 
@@ -41,7 +40,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
-    block_sparse_attention_permuted_copies,
     block_sparse_attention_triton,
     kernel_choice,
     tma_eligible,
@@ -253,8 +251,6 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
                 *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm
             )
             timed(name, real_density, fn_perm, **ref)
-            if gluon:
-                time_gluon_permuted_copies(bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
@@ -275,33 +271,6 @@ def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, lo
     for label, inputs in ((name, (q, k, v)), (f"{name}, (B,S,H,D).T", bshd)):
         fn = lambda: block_sparse_attention_gluon(*inputs, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed(label, density, fn, **ref)
-
-
-def time_gluon_permuted_copies(bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
-    """What the op runs for a permuted call on sm_90: q/k/v gathered into kernel order, the Gluon kernel,
-    O and LSE scattered back. Checked into NaN-poisoned token-major buffers against the Triton kernel's
-    folded permutations, then timed."""
-    name = f"Gluon on permuted copies ((B,S,H,D).T, {perm_name} perms)"
-    b, h, s, d = bshd[0].shape
-    try:
-        out = torch.full((b, s, h, d), float("nan"), dtype=bshd[0].dtype, device="cuda").transpose(1, 2)
-        lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device="cuda")
-        block_sparse_attention_permuted_copies(
-            *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm, out=out, lse_out=lse
-        )  # fmt: skip
-        assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
-        folded, folded_lse = block_sparse_attention_triton(
-            *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm, return_lse=True
-        )  # fmt: skip
-        err, lse_err = rel_l2(out, folded), (lse - folded_lse).abs().max().item()
-        assert err <= 1e-2 and lse_err <= 1e-3, f"copies != folded: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
-    except Exception:  # report, skip timing it, keep the run going
-        log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
-        return
-    fn = lambda: block_sparse_attention_permuted_copies(
-        *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm
-    )  # fmt: skip
-    timed(name, density, fn, **ref)
 
 
 def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:

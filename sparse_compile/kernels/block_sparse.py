@@ -9,14 +9,10 @@ stay in token order); that module is the specification and the CPU path.
 
 Dispatch (:func:`kernel_choice`): CUDA tensors on sm_90 that the Gluon kernel takes
 (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`: fp16/bf16, D 64 or 128, layout
-blocks 64/128/256, TMA-readable q/k/v) run the Gluon kernel of
-:mod:`~sparse_compile.kernels.gluon_block_sparse`. A permuted call there runs it on copies
-(:func:`block_sparse_attention_permuted_copies`): TMA reads contiguous tiles only, so q, k and v are
-gathered into kernel order, a group of heads at a time, and O and LSE scattered back; the copies are
-memory-bound passes, cheaper on Hopper than the Triton kernel's gathers in the hot loop. Other CUDA
-tensors run the Triton kernel (permutations folded into its loads); CPU tensors run the PyTorch
-reference, or the Triton kernel under Triton's interpreter when the process started with
-``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
+blocks 64/128/256, no permutations, TMA-readable q/k/v) run the Gluon kernel of
+:mod:`~sparse_compile.kernels.gluon_block_sparse`; other CUDA tensors run the Triton kernel; CPU tensors
+run the PyTorch reference, or the Triton kernel under Triton's interpreter when the process started
+with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
 ``block_sparse_attention_gluon`` always run their kernel.
 
 The kernel keeps one BLOCK_M x D query tile in registers and walks the kept kv blocks of its query
@@ -62,10 +58,8 @@ from sparse_compile.kernels.common import (
     expand_batch_head,
     expand_permutation,
     interpreter_active,
-    launch_group_size,
     online_softmax_step,
     permutation_strides,
-    token_order,
 )
 from sparse_compile.kernels.gluon_block_sparse import (
     gluon_ineligibility,
@@ -83,7 +77,6 @@ __all__ = [
     "BlockLayout",
     "block_sparse_attention",
     "block_sparse_attention_gluon",
-    "block_sparse_attention_permuted_copies",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
@@ -484,7 +477,7 @@ def block_sparse_attention_gluon(
     reason when the kernel cannot take the call. Layout values are not checked (no host sync).
     """
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
-    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q))
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
     if reason is not None:
         raise ValueError(reason)
     out, lse_out = _output_buffers(q, v, out, lse_out)
@@ -496,63 +489,6 @@ def block_sparse_attention_gluon(
     return (out, lse_out) if return_lse else out
 
 
-PERMUTED_COPY_SHARE = 0.5
-"""Largest scratch of one head group of :func:`block_sparse_attention_permuted_copies` (q, k and v in
-kernel order, and the group's O and LSE before they are scattered back), as a share of the call's
-output bytes. With q, k, v and O of one size, dense attention's peak is the inputs plus O, 4 O; a peak
-within 1.2x of it leaves 0.8 O, of which this takes at most half. A share of the call's own size holds
-that ratio on every GPU and at every resolution."""
-
-
-def block_sparse_attention_permuted_copies(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_block_counts: Tensor,
-    kv_block_indices: Tensor,
-    *,
-    block_q: int,
-    block_k: int,
-    q_perm: Optional[Tensor] = None,
-    kv_perm: Optional[Tensor] = None,
-    scale: Optional[float] = None,
-    attend=block_sparse_attention_gluon,
-    out: Optional[Tensor] = None,
-    lse_out: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """Permuted block-sparse attention on kernel-order copies: per group of heads, the rows of q (by
-    ``q_perm``) and of k and v (by ``kv_perm``) gathered into contiguous ``(B, h, S, D)`` copies,
-    ``attend`` run on them without permutations, its O and LSE scattered back to token order.
-
-    Arguments and result as :func:`block_sparse_attention` with ``return_lse``; ``attend`` takes
-    ``(q, k, v, counts, indices, block_q=, block_k=, scale=, return_lse=True)`` (default: the Gluon
-    kernel); ``out`` / ``lse_out`` as for :func:`block_sparse_attention_triton`. Head groups keep their
-    copies within :data:`PERMUTED_COPY_SHARE` of O's bytes.
-    """
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    out, lse_out = _output_buffers(q, v, out, lse_out)
-    b, h, s_q, d = q.shape
-    s_k, d_v = k.shape[2], v.shape[-1]
-    q_rows = token_order(lay.q_perm, b, h, s_q, q.device)
-    kv_rows = token_order(lay.kv_perm, b, h, s_k, q.device)
-    head_bytes = b * ((s_q * (d + d_v) + s_k * (d + d_v)) * q.element_size() + s_q * 4)
-    group = launch_group_size(h, head_bytes, int(PERMUTED_COPY_SHARE * out.numel() * out.element_size()))
-    for first in range(0, h, group):
-        heads = slice(first, first + group)
-        q_index, kv_index = q_rows[:, heads], kv_rows[:, heads]
-        copies = [
-            t[:, heads].gather(2, index.unsqueeze(-1).expand(*index.shape, t.shape[-1]))
-            for t, index in ((q, q_index), (k, kv_index), (v, kv_index))
-        ]
-        group_out, group_lse = attend(
-            *copies, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k, scale=scale,
-            return_lse=True,
-        )  # fmt: skip
-        out[:, heads].scatter_(2, q_index.unsqueeze(-1).expand(*q_index.shape, d_v), group_out)
-        lse_out[:, heads].scatter_(2, q_index, group_lse)
-    return out, lse_out
-
-
 def _cuda_capability(t: Tensor) -> Optional[tuple[int, int]]:
     """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
     return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
@@ -562,21 +498,18 @@ def kernel_choice(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
     capability: Optional[tuple[int, int]] = None,
 ) -> str:  # fmt: skip
-    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon on permuted copies"``,
-    ``"triton"`` or ``"reference"``.
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
 
     On a CUDA device of ``capability`` (default: q's device's; CPU tensors without one are not on
     CUDA): the Gluon kernel when it takes the call
-    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`; with a permutation, on
-    contiguous copies, whatever q/k/v's strides), else the Triton kernel. Off CUDA: the Triton kernel
-    under Triton's interpreter, else the reference.
+    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`), else the Triton kernel.
+    Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
     """
     capability = _cuda_capability(q) if capability is None else capability
     if capability is None:
         return "triton" if interpreter_active() else "reference"
-    if gluon_ineligibility(q, k, v, block_q, block_k, capability, check_strides=not has_permutation) is not None:
-        return "triton"
-    return "gluon on permuted copies" if has_permutation else "gluon"
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation)
+    return "gluon" if reason is None else "triton"
 
 
 def _dispatch(
@@ -590,10 +523,6 @@ def _dispatch(
     kwargs = dict(block_q=block_q, block_k=block_k, scale=scale, return_lse=True)
     if choice == "gluon":
         return block_sparse_attention_gluon(q, k, v, counts, indices, **kwargs)
-    if choice == "gluon on permuted copies":
-        return block_sparse_attention_permuted_copies(
-            q, k, v, counts, indices, block_q=block_q, block_k=block_k, q_perm=q_perm, kv_perm=kv_perm, scale=scale
-        )  # fmt: skip
     if choice == "triton":
         return block_sparse_attention_triton(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
     check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))
@@ -663,8 +592,7 @@ def block_sparse_attention(
     q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)`` when ``return_lse``. Rows whose q
     block keeps nothing give 0 and LSE ``-inf``. Shapes are checked here (``ValueError``); layout and
     permutation *values* on the CPU path only. Runs the kernel :func:`kernel_choice` picks (the Gluon
-    kernel on sm_90 where it takes the call, on kernel-order copies when permuted; else the Triton
-    kernel; the reference on CPU).
+    kernel on sm_90 where it takes the call, else the Triton kernel; the reference on CPU).
     """
     out, lse = torch.ops.sparse_compile.block_sparse_attention(
         q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, scale, q_perm, kv_perm

@@ -3,9 +3,8 @@
 The same computation and layout as the Triton kernel of :mod:`sparse_compile.kernels.block_sparse`
 (the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
 :func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
-q/k/v readable by TMA, in kernel order. :mod:`~sparse_compile.kernels.block_sparse` dispatches here on
-sm_90 (a permuted call after copying q/k/v into kernel order) and keeps the Triton kernel for every
-other device and input.
+no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
+here on sm_90 and keeps the Triton kernel for every other device and input.
 
 One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
 warp-specialized:
@@ -73,12 +72,11 @@ def tma_readable(t: Tensor) -> bool:
 
 def gluon_ineligibility(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None,
-    check_strides: bool = True,
+    has_permutation: bool,
 ) -> str | None:  # fmt: skip
     """Why the Gluon kernel cannot run this call (a sentence), or ``None`` when it can.
 
     ``capability`` is the CUDA device's ``(major, minor)``, ``None`` for tensors on another device.
-    ``check_strides=False`` for q/k/v that reach the kernel as contiguous copies (a permuted call).
     Shapes are assumed valid (:func:`~sparse_compile.kernels.block_sparse.validate_inputs`).
     """
     if capability != GLUON_CAPABILITY:
@@ -89,7 +87,9 @@ def gluon_ineligibility(
         return f"the Gluon kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
     if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
         return f"the Gluon kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
-    if check_strides and not all(tma_readable(t) for t in (q, k, v)):
+    if has_permutation:
+        return "the Gluon kernel reads tiles by TMA, which cannot gather permuted rows"
+    if not all(tma_readable(t) for t in (q, k, v)):
         return "the Gluon kernel needs q/k/v with a unit last stride and 16-byte aligned base and strides"
     return None
 

@@ -11,14 +11,14 @@ Per call, on the video tokens (frame-major ``frames x height x width``):
    choice and everything derived from it (a :class:`HeadPlan`) is cached in the site's cache per
    CFG branch and renewed every ``profile_every`` steps (default 1: every step, as published) and
    on a new generation, grid or shape.
-3. One block-sparse call over all heads, with the layout transform in it: each head gets its
-   pattern's layout and a token permutation, the temporal order (sink first, then position-major,
-   :func:`~sparse_compile.methods.svg_patterns.temporal_permutation`) for temporal heads and the
-   identity for spatial heads (``q_perm`` = ``kv_perm``). O and LSE come back in frame-major token
-   order, O laid out as a contiguous ``(B, Sv, H, D)``: the layout the backend's op returns without
-   a copy. How the permutation is applied is the kernel's choice
-   (:func:`~sparse_compile.kernels.block_sparse.kernel_choice`): on Hopper, gathered copies in
-   kernel order for the Gluon kernel; elsewhere, folded into the Triton kernel's loads and stores.
+3. One block-sparse kernel launch over all heads, with the layout transform fused into it:
+   each head gets its pattern's layout and a token permutation, the temporal order (sink first,
+   then position-major, :func:`~sparse_compile.methods.svg_patterns.temporal_permutation`) for
+   temporal heads and the identity for spatial heads; the kernel reads q, k, v and writes O and
+   LSE through it (``q_perm`` = ``kv_perm``). q, k, v are never copied into the temporal order
+   and back: the kernel reads the caller's tensors (any strides, e.g. the ``(B, S, H, D)``
+   storage of a diffusers call) and writes O and LSE in frame-major token order, O laid out as a
+   contiguous ``(B, Sv, H, D)``: the layout the backend's op returns without a copy.
 
 Text tokens of joint attention go through :func:`attend_video_and_text` (dense text rows and
 columns); masks other than key padding, head dims or dtypes the block kernel lacks, and
@@ -27,8 +27,7 @@ besides the check for NaN or Inf in q, k and v.
 
 Memory beyond the output and LSE: the profile's scores, O(chunk heads x ``profile_rows`` x Sv)
 (:mod:`svg_profile`, freed before the kernel runs), the plan's permutation, int32 ``(B, H, Sv)``,
-its layouts, int32 ``(B, H, NQ, MAXK)``, and on Hopper the kernel-order copies of one head group
-(:data:`~sparse_compile.kernels.block_sparse.PERMUTED_COPY_SHARE` of the output at most).
+and its layouts, int32 ``(B, H, NQ, MAXK)``.
 """
 
 from __future__ import annotations

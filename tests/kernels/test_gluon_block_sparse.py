@@ -1,8 +1,7 @@
 """Tests of the Gluon fixed-block attention kernel (sm_90) and of the op's dispatch to it.
 
 On CPU: which implementation the op picks for each device capability, dtype, head dim, layout block,
-permutation and stride (:func:`kernel_choice`); a permuted call on kernel-order copies (with the reference
-standing in for the kernel); the Gluon tile for each layout; and an ahead-of-time
+permutation and stride (:func:`kernel_choice`); the Gluon tile for each layout; and an ahead-of-time
 compile of the kernel for sm_90a with the ptxas in Triton's wheel (warp-specialized with register
 hand-over, no register spills, shared memory within Hopper's limit). GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) compare the kernel,
 into NaN-poisoned outputs, with the reference on fresh random inputs: sequence tails, empty rows,
@@ -22,7 +21,6 @@ import triton
 from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
 from triton_interpreter_support import rel_l2
 
-from sparse_compile.kernels import block_sparse as bs
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention,
     block_sparse_attention_gluon,
@@ -81,6 +79,7 @@ def test_kernel_choice_takes_triton_on_other_gpus(capability) -> None:
         ("head dim 32", "head dim"),
         ("block 32", "layout blocks"),
         ("block_k 16", "layout blocks"),
+        ("permutation", "cannot gather"),
         ("strided head dim", "unit last stride"),
         ("unaligned base", "16-byte aligned"),
     ],
@@ -88,6 +87,7 @@ def test_kernel_choice_takes_triton_on_other_gpus(capability) -> None:
 def test_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str, reason: str) -> None:
     q, k, v = _inputs()
     block_q = block_k = 128
+    has_permutation = False
     if case == "fp32":
         q, k, v = _inputs(torch.float32)
     elif case == "head dim 32":
@@ -96,50 +96,14 @@ def test_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str
         block_q = 32
     elif case == "block_k 16":
         block_k = 16
+    elif case == "permutation":
+        has_permutation = True
     elif case == "strided head dim":
         k = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]
     elif case == "unaligned base":
         v = torch.randn(1, 2, 300 * 128 + 1, dtype=torch.bfloat16)[..., 1:].view(1, 2, 300, 128)
-    assert kernel_choice(q, k, v, block_q, block_k, False, HOPPER) == "triton"
-    assert reason in gluon_ineligibility(q, k, v, block_q, block_k, HOPPER)
-
-
-def test_kernel_choice_runs_permuted_calls_on_sm90_on_contiguous_copies_whatever_the_strides() -> None:
-    q, k, v = _inputs()
-    assert kernel_choice(q, k, v, 128, 128, True, HOPPER) == "gluon on permuted copies"
-    strided_k = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]
-    assert kernel_choice(q, strided_k, v, 128, 128, True, HOPPER) == "gluon on permuted copies"
-    assert kernel_choice(*_inputs(torch.float32), 128, 128, True, HOPPER) == "triton"
-    assert kernel_choice(q, k, v, 32, 32, True, HOPPER) == "triton"
-
-
-@pytest.mark.parametrize("heads_per_group", [3, 2, 1])
-def test_permuted_copies_in_head_groups_equal_the_reference_with_folded_permutations(monkeypatch, heads_per_group):
-    """Gather q (by q_perm) and k, v (by kv_perm) into kernel order, attend without permutations, scatter
-    O and LSE back: the folded reference's result, whichever the head grouping the copy budget gives."""
-    gen = torch.Generator().manual_seed(5)
-    q, k, v = make_qkv(2, 3, 300, 260, 64, torch.float32, gen, bshd=True)
-    counts, indices = random_layout(2, 3, cdiv(300, 64), cdiv(260, 64), 0.5, gen, "cpu", 0.2)
-    q_perm = torch.rand(2, 3, 300, generator=gen).argsort(-1).to(torch.int32)
-    kv_perm = torch.rand(1, 3, 260, generator=gen).argsort(-1)
-    seen_groups = []
-
-    def attend(*args, **kwargs):
-        seen_groups.append(args[0].shape[1])
-        return bs.block_sparse_attention_reference(*args, **kwargs)
-
-    head_bytes = 2 * ((300 * 128 + 260 * 128) * 4 + 300 * 4)
-    monkeypatch.setattr(bs, "PERMUTED_COPY_SHARE", (heads_per_group + 0.5) * head_bytes / (2 * 3 * 300 * 64 * 4))
-    out, lse = bs.block_sparse_attention_permuted_copies(
-        q, k, v, counts, indices, block_q=64, block_k=64, q_perm=q_perm, kv_perm=kv_perm, attend=attend
-    )  # fmt: skip
-    want_out, want_lse = bs.block_sparse_attention_reference(
-        q, k, v, counts, indices, block_q=64, block_k=64, q_perm=q_perm, kv_perm=kv_perm, return_lse=True
-    )  # fmt: skip
-    assert seen_groups == {3: [3], 2: [2, 1], 1: [1, 1, 1]}[heads_per_group]
-    assert out.stride() == attention_output_like(q, v).stride()
-    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-5)
-    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-5)
+    assert kernel_choice(q, k, v, block_q, block_k, has_permutation, HOPPER) == "triton"
+    assert reason in gluon_ineligibility(q, k, v, block_q, block_k, HOPPER, has_permutation)
 
 
 def test_kernel_choice_off_cuda_is_the_reference() -> None:
@@ -323,7 +287,7 @@ def test_gpu_gluon_dense_layout_equals_sdpa(block: int) -> None:
 
 @gpu
 def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
-    """The public op (eager and compiled) runs the Gluon kernel on sm_90, on kernel-order copies with permutations."""
+    """The public op (eager and compiled) runs the Gluon kernel on sm_90 and the Triton kernel with permutations."""
     _require_hopper()
     gen = torch.Generator().manual_seed(44)
     q, k, v = make_qkv(1, 2, 1000, 1000, 128, torch.bfloat16, gen, "cuda", bshd=True)
@@ -337,7 +301,7 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
     )(q, k, v, counts, indices)  # fmt: skip
     assert torch.equal(compiled, gluon[0])
     identity = torch.arange(1000, device="cuda").expand(1, 2, 1000)
-    assert kernel_choice(q, k, v, 128, 128, True) == "gluon on permuted copies"
+    assert kernel_choice(q, k, v, 128, 128, True) == "triton"
     permuted = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=identity,
                                       kv_perm=identity)  # fmt: skip
     assert rel_l2(permuted, gluon[0]) <= 1e-2
