@@ -19,8 +19,9 @@ from torch.autograd import DeviceType
 
 import tiny_models
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
-from sparse_compile.kernels.common import attention_output_like
+from sparse_compile.kernels.common import attention_output_like, cdiv, launch_group_size
 from sparse_compile.kernels.tile_configs import varlen_config as varlen_default_config
+from sparse_compile.kernels.varlen_block_sparse import rows_budget_bytes
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
@@ -175,8 +176,10 @@ def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo():
     launches = full_size_launches(prof.events(), q.numel() // 4)
     attention = [kernel for _, kernel in launches if "_varlen_fwd_kernel" in kernel]
     config = varlen_default_config(layout.video_tokens, 200, 128, 2)
-    # the attention kernel is seen (attribution works): one launch, and one more for the 64-row tails
-    assert len(attention) == (2 if config.tail_block_m else 1), launches
+    heads_per_group = launch_group_size(12, 200 * layout.video_tokens * 4, rows_budget_bytes(q))
+    # the attention kernel is seen (attribution works): one launch per group of heads whose kept rows
+    # fit the budget, and one more each for the 64-row tails
+    assert len(attention) == cdiv(12, heads_per_group) * (2 if config.tail_block_m else 1), launches
     offenders = [(op, kernel) for op, kernel in launches if not any(a in kernel for a in ALLOWED_FULL_SIZE_KERNELS)]
     assert offenders == [], offenders
     assert result.output.stride() == attention_output_like(q, v).stride()  # the op returns it without a copy

@@ -94,6 +94,11 @@ class DimLayout:
 Layouts = list[DimLayout]
 
 
+UNBACKED_SIZE_HINT = 8192
+"""The hint of a data-dependent size where torch has no ``optimization_hint`` (before 2.12): Inductor's
+default for unbacked sizes."""
+
+
 def size_expr(size: int | torch.SymInt) -> tuple[sympy.Expr, int]:
     """``(sympy expression, concrete hint)`` of a (possibly symbolic) size.
 
@@ -102,10 +107,19 @@ def size_expr(size: int | torch.SymInt) -> tuple[sympy.Expr, int]:
     must be (and is) re-checked on the expressions.
     """
     if isinstance(size, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-        return size.node.expr, int(optimization_hint(size))
+        return size.node.expr, _size_hint(size)
     return sympy.Integer(int(size)), int(size)
+
+
+def _size_hint(size: torch.SymInt) -> int:
+    """A concrete value for a symbolic size: torch's optimisation hint (which also hints unbacked sizes),
+    or before torch 2.12 the shape environment's hint and :data:`UNBACKED_SIZE_HINT` for unbacked ones."""
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+    except ImportError:
+        hint = size.node.shape_env.size_hint(size.node.expr, allow_none=True)
+        return int(UNBACKED_SIZE_HINT if hint is None else hint)
+    return int(optimization_hint(size))
 
 
 
