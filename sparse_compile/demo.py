@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda: this PyTorch build sees no CUDA GPU; use --device cpu")
     if not args.out.parent.is_dir():
         parser.error(f"--out: folder {args.out.parent} does not exist")
+    if args.out.suffix.lower() != ".png":
+        parser.error(f"--out must name a .png file, got {str(args.out)!r}")
     args.device = device
     return args
 

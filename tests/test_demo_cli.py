@@ -18,6 +18,7 @@ from sparse_compile.demo import parse_args, progress
         (["--steps", "3", "--dense-steps", "4"], "--dense-steps (4) must not exceed --steps (3)"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
         (["--out", "/no/such/folder/strip.png"], "--out: folder /no/such/folder does not exist"),
+        (["--out", "/tmp/strip"], "--out must name a .png file"),
     ],
 )
 def test_bad_options_exit_with_a_message_naming_the_option(argv, message, capsys):

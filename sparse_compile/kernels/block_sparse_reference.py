@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.common import attention_output_like, cdiv, default_scale, token_order
+from sparse_compile.kernels.masked_reference import gather_rows, grouped_attention
 
 
 @dataclass(frozen=True)
@@ -75,17 +76,21 @@ def expand_layout(
     )
 
 
+def _block_keep(kv_block_counts: Tensor, kv_block_indices: Tensor, num_kv_blocks: int) -> Tensor:
+    """Boolean block keep-mask ``(B, H, NQ, NK)`` of a layout (True = the q block attends to the kv block)."""
+    maxk = kv_block_indices.shape[-1]
+    valid = torch.arange(maxk, device=kv_block_indices.device) < kv_block_counts.unsqueeze(-1)
+    # Invalid slots scatter into an extra dummy column NK, dropped afterwards.
+    idx = torch.where(valid, kv_block_indices.long(), num_kv_blocks)
+    shape = (*kv_block_counts.shape, num_kv_blocks + 1)
+    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)[..., :num_kv_blocks]
+
+
 def layout_to_dense_mask(
     kv_block_counts: Tensor, kv_block_indices: Tensor, s_q: int, s_k: int, block_q: int, block_k: int
 ) -> Tensor:
     """Boolean keep-mask ``(B, H, S_q, S_k)`` of a layout (True = attend). O(S_q * S_k) memory: small tests only."""
-    nk = cdiv(s_k, block_k)
-    maxk = kv_block_indices.shape[-1]
-    valid = torch.arange(maxk, device=kv_block_indices.device) < kv_block_counts.unsqueeze(-1)
-    # Invalid slots scatter into an extra dummy column nk, dropped afterwards.
-    idx = torch.where(valid, kv_block_indices.long(), nk)
-    shape = (*kv_block_counts.shape, nk + 1)
-    block_mask = torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)[..., :nk]
+    block_mask = _block_keep(kv_block_counts, kv_block_indices, cdiv(s_k, block_k))
     rows = block_mask.repeat_interleave(block_q, dim=-2)[..., :s_q, :]
     return rows.repeat_interleave(block_k, dim=-1)[..., :s_k]
 
@@ -98,11 +103,6 @@ def _kept_kv_rows(indices: Tensor, counts: Tensor, block_k: int, s_k: int) -> tu
     valid = slot_valid.unsqueeze(-1) & (rows < s_k) & (rows >= 0)
     rows = torch.where(valid, rows, 0)
     return rows.flatten(-2), valid.flatten(-2)
-
-
-def _rows_of(x: Tensor, tokens: Tensor) -> Tensor:
-    """``x[b, h, tokens[b, h, r]]``: ``x`` ``(B, H, S, D)``, ``tokens`` int64 ``(B, H, R)`` -> ``(B, H, R, D)``."""
-    return torch.gather(x, 2, tokens.unsqueeze(-1).expand(*tokens.shape, x.shape[-1]))
 
 
 def reference_q_blocks(
@@ -124,7 +124,13 @@ def reference_q_blocks(
     Arguments as :func:`block_sparse_attention_reference`. Returns ``O (B, H, R, D)`` in q's dtype
     and ``LSE (B, H, R)`` fp32, where the R rows are the kernel-order rows of ``q_blocks`` in the
     order given (the last block may be partial); with ``q_perm`` row ``r`` of block ``i`` is token
-    ``q_perm[b, h, i * block_q + r]``. Memory per block is O(B * H * block_q * MAXK * block_k).
+    ``q_perm[b, h, i * block_q + r]``.
+
+    The definition: each q block attends to the rows of its kept kv blocks, gathered (only they take
+    part, whatever the other keys hold). With finite q, k and v the same result comes from masked
+    softmax over all keys (:func:`~sparse_compile.kernels.masked_reference.grouped_attention`), which is
+    several times faster on the CPU; that path is taken then. Memory: fp32 copies of k and v (and of
+    the rows of q) in kernel order, and one chunk of rows' scores.
     """
     lay = expand_layout(q, k, kv_block_counts, kv_block_indices, q_perm, kv_perm)
     b, h, s_q, d = q.shape
@@ -132,14 +138,23 @@ def reference_q_blocks(
     scale = default_scale(d, scale)
     q_tokens = token_order(lay.q_perm, b, h, s_q, q.device)
     kv_tokens = token_order(lay.kv_perm, b, h, s_k, q.device)
+    if all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        rows = torch.cat([torch.arange(i * block_q, min((i + 1) * block_q, s_q), device=q.device) for i in q_blocks])
+        block_keep = _block_keep(lay.counts, lay.indices, cdiv(s_k, block_k))
+        key_blocks = torch.arange(s_k, device=q.device) // block_k
+        out, lse = grouped_attention(
+            gather_rows(q, q_tokens[:, :, rows]).float(), gather_rows(k, kv_tokens).float(),
+            gather_rows(v, kv_tokens).float(), block_keep, rows // block_q, key_blocks, scale,
+        )  # fmt: skip
+        return out.to(q.dtype), lse
     outs, lses = [], []
     for qb in q_blocks:
         rows = slice(qb * block_q, min((qb + 1) * block_q, s_q))
         kv_rows, valid = _kept_kv_rows(lay.indices[:, :, qb], lay.counts[:, :, qb], block_k, s_k)
         tokens = torch.gather(kv_tokens, 2, kv_rows)
-        k_sel = _rows_of(k, tokens).float()
-        v_sel = _rows_of(v, tokens).float()
-        scores = torch.matmul(_rows_of(q, q_tokens[:, :, rows]).float(), k_sel.transpose(-1, -2)) * scale
+        k_sel = gather_rows(k, tokens).float()
+        v_sel = gather_rows(v, tokens).float()
+        scores = torch.matmul(gather_rows(q, q_tokens[:, :, rows]).float(), k_sel.transpose(-1, -2)) * scale
         scores = scores.masked_fill(~valid.unsqueeze(-2), float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with nothing kept
         finite_lse = torch.where(torch.isinf(lse), 0.0, lse)
@@ -163,7 +178,7 @@ def block_sparse_attention_reference(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Block-sparse attention in plain PyTorch, one query block at a time (no O(S_q * S_k) buffer).
+    """Block-sparse attention in plain PyTorch (:func:`reference_q_blocks` over every q block; no O(S_q * S_k) buffer).
 
     q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)`` (any strides), layout and optional permutations
     ``q_perm`` / ``kv_perm`` as in the module docstring (valid: not checked here). Returns O

@@ -22,9 +22,10 @@ Kernel design (CUDA):
   the attention loop loads BLOCK_N row numbers with one contiguous vector load, then gathers those
   rows of k and v: a chain of two loads, both of which Triton's software pipeliner issues a tile
   ahead. Only the last, partial tile of each q cluster is masked. The rows buffer is
-  ``(B*H, NQC, S_k)`` int32 (a q cluster keeps at most ``S_k`` keys, and sizing it tighter would
-  need a host sync); above :data:`ROWS_BUDGET_SHARE` of the output's bytes the (batch, head) pairs
-  run in groups that reuse one buffer.
+  ``(B*H, NQC, S_k)`` int32 (a q cluster keeps at most ``S_k`` keys), or ``(B*H, NQC, max_kept_keys)``
+  when the caller knows that bound (sizing it tighter needs a host read of the selection); above
+  :data:`ROWS_BUDGET_SHARE` of the output's bytes the (batch, head) pairs run in groups that reuse one
+  buffer.
 - *Permutations folded into the loads and stores* (``PERMUTE_Q``, and ``kv_perm`` in the kept rows):
   a q tile loads its BLOCK_M entries of ``q_perm`` and gathers those token rows of q (each row D
   contiguous elements, so every row load stays coalesced), then stores O and LSE to the same token
@@ -172,7 +173,7 @@ def _kept_rows_kernel(
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_is,
     stride_kpb, stride_kph, stride_kps,
-    bh_start, num_heads, num_q_clusters, num_kv_clusters, s_k,
+    bh_start, num_heads, num_q_clusters, num_kv_clusters, rows_stride,
     SLOTS: tl.constexpr, KEYS: tl.constexpr, PERMUTE_KV: tl.constexpr,
 ):
     """One program per (q cluster, batch * head of the group): the k/v token row of each kept key.
@@ -192,7 +193,7 @@ def _kept_rows_kernel(
     idx_row = indices_ptr + b * stride_ib + h * stride_ih + c * stride_iq
     kv_off = kv_off_ptr + bh.to(tl.int64) * (num_kv_clusters + 1)
     row = local.to(tl.int64) * num_q_clusters + c
-    rows = rows_ptr + row * s_k
+    rows = rows_ptr + row * rows_stride
     carry = count * 0
     for start in range(0, count, SLOTS):
         slots = start + tl.arange(0, SLOTS)
@@ -241,7 +242,7 @@ def _varlen_fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_qpb, stride_qph, stride_qps,
-    bh_start, num_heads, num_q_clusters, num_tiles, s_q, s_k, qk_scale,
+    bh_start, num_heads, num_q_clusters, num_tiles, s_q, rows_stride, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -274,7 +275,7 @@ def _varlen_fwd_kernel(
         v_base = v_ptr + b * stride_vb + h * stride_vh
         kept = local.to(tl.int64) * num_q_clusters + cluster
         total = tl.load(total_ptr + kept)
-        kept_rows = rows_ptr + kept * s_k
+        kept_rows = rows_ptr + kept * rows_stride
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -323,17 +324,18 @@ def rows_budget_bytes(q: Tensor) -> int:
     return int(ROWS_BUDGET_SHARE * q.numel() * q.element_size())
 
 
-def _kept_rows(layout: VarlenLayout, kv_off: Tensor, s_k: int, bh_start: int, group: int, rows: Tensor) -> _KeptRows:
+def _kept_rows(layout: VarlenLayout, kv_off: Tensor, rows_stride: int, bh_start: int, group: int, rows: Tensor) -> _KeptRows:
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
-    writing into ``rows`` (a buffer of at least ``group * NQC * S_k`` int32)."""
+    writing into ``rows`` (a buffer of at least ``group * NQC * rows_stride`` int32, ``rows_stride`` at
+    least every q cluster's kept keys)."""
     _, h, nqc, _ = layout.indices.shape
-    rows = rows[: group * nqc * s_k].view(group, nqc, s_k)
+    rows = rows[: group * nqc * rows_stride].view(group, nqc, rows_stride)
     total = torch.empty((group, nqc), dtype=torch.int32, device=kv_off.device)
     if nqc > 0:
         _kept_rows_kernel[(nqc, group)](
             layout.counts, layout.indices, kv_off, layout.kv_perm, total, rows,
             *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
-            bh_start, h, nqc, layout.num_kv_clusters, s_k,
+            bh_start, h, nqc, layout.num_kv_clusters, rows_stride,
             SLOTS=KEPT_ROWS_SLOTS, KEYS=KEPT_ROWS_KEYS, PERMUTE_KV=layout.kv_perm is not None,
         )  # fmt: skip
     return _KeptRows(rows, total)
@@ -354,6 +356,7 @@ def varlen_block_sparse_attention_triton(
     config: VarlenConfig | None = None,
     out: Tensor | None = None,
     lse_out: Tensor | None = None,
+    max_kept_keys: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
 
@@ -361,7 +364,9 @@ def varlen_block_sparse_attention_triton(
     v are read through their strides (no copies). ``config`` fixes the tile shape (default
     :func:`~sparse_compile.kernels.tile_configs.varlen_config`). ``out`` ``(B, H, S_q, D)`` in q's dtype with any non-overlapping strides
     (default: a new token-major tensor) and ``lse_out`` ``(B, H, S_q)`` contiguous fp32 are optional
-    buffers; every element is written. Layout and permutation values are not checked (no host sync):
+    buffers; every element is written. ``max_kept_keys`` bounds the kept keys of every q cluster (the
+    kept-rows buffer's row length; default ``S_k``): a bound below a cluster's kept keys is undefined
+    behaviour. Layout and permutation values are not checked (no host sync):
     :func:`check_varlen_layout_values` does that.
     """
     layout = validate_varlen_inputs(
@@ -382,11 +387,12 @@ def varlen_block_sparse_attention_triton(
     scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
-    group = launch_group_size(b * h, nqc * s_k * 4, rows_budget_bytes(q))
-    rows_buffer = torch.empty(group * nqc * s_k, dtype=torch.int32, device=q.device)
+    rows_stride = s_k if max_kept_keys is None else max(1, min(s_k, max_kept_keys))
+    group = launch_group_size(b * h, nqc * rows_stride * 4, rows_budget_bytes(q))
+    rows_buffer = torch.empty(group * nqc * rows_stride, dtype=torch.int32, device=q.device)
     for bh_start in range(0, b * h, group):
         size = min(group, b * h - bh_start)
-        kept = _kept_rows(layout, kv_off, s_k, bh_start, size, rows_buffer)
+        kept = _kept_rows(layout, kv_off, rows_stride, bh_start, size, rows_buffer)
         main, tail = tile_tables(q_off, kept.total, bh_start, s_q, config.block_m, config.tail_block_m)
         launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
         if tail is not None:
@@ -398,7 +404,7 @@ def varlen_block_sparse_attention_triton(
                 q, k, v, out, lse_out, layout.q_perm,
                 tile_cluster, tile_row, q_off, kept.total, kept.rows,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
-                bh_start, h, nqc, num_tiles, s_q, s_k, scale * LOG2E,
+                bh_start, h, nqc, num_tiles, s_q, rows_stride, scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
                 DOT_PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
@@ -418,11 +424,13 @@ def _varlen_op(
     scale: float,
     q_perm: Tensor | None = None,
     kv_perm: Tensor | None = None,
+    max_kept_keys: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     if q.is_cuda:
-        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale)
+        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
+                                                    max_kept_keys=max_kept_keys)  # fmt: skip
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
     check_varlen_layout_values(layout, q.shape[2], k.shape[2])
     return varlen_block_sparse_attention_reference(
@@ -442,6 +450,7 @@ def _varlen_fake(
     scale: float,
     q_perm: Tensor | None = None,
     kv_perm: Tensor | None = None,
+    max_kept_keys: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     validate_varlen_inputs(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
@@ -463,6 +472,7 @@ def varlen_block_sparse_attention(
     kv_perm: Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    max_kept_keys: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cluster-sparse attention through the ``sparse_compile::varlen_block_sparse_attention`` op.
 
@@ -474,13 +484,15 @@ def varlen_block_sparse_attention(
     ``(B, H, NQC, MAXK)`` (batch/head dims of the layout and permutations may be 1); ``scale``
     defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major
     (:func:`attention_output_like`), in q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)``
-    when ``return_lse``. Shapes are checked by the op (``ValueError``); layout and permutation *values*
-    on the CPU path only (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
+    when ``return_lse``. ``max_kept_keys``, when the caller knows it (an upper bound of any q cluster's
+    kept keys), shrinks the GPU kernel's kept-rows buffer so more (batch, head) pairs share a launch.
+    Shapes are checked by the op (``ValueError``); layout and permutation *values* on the CPU path only
+    (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
     """
     scale = default_scale(q.shape[-1], scale)
     out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale,
-        q_perm, kv_perm,
+        q_perm, kv_perm, max_kept_keys,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -39,8 +39,10 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.common import attention_output_like, default_scale, token_order
+from sparse_compile.kernels.masked_reference import gather_rows, grouped_attention
 
-_ROW_CHUNK = 256  # query rows per matmul in the reference: memory O(_ROW_CHUNK * S_k)
+_ROW_CHUNK = 256  # query rows per matmul of the gathered path: memory O(_ROW_CHUNK * S_k)
+
 
 
 @dataclass(frozen=True)
@@ -157,20 +159,41 @@ def varlen_block_sparse_attention_reference(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Cluster-sparse attention, one (batch, head, q cluster) at a time (no O(S_q * S_k) buffer).
+    """Cluster-sparse attention in plain PyTorch (no O(S_q * S_k) buffer).
 
     q ``(B, H, S_q, D)`` and k/v ``(B, H, S_k, D)``, any strides: in cluster order, or in token order
     with ``q_perm`` ``(B, H, S_q)`` / ``kv_perm`` ``(B, H, S_k)``; the layout and permutations as in
     the module docstring (valid: not checked here). Returns O ``(B, H, S_q, D)`` in q's dtype,
     token-major (:func:`attention_output_like`) and, with ``return_lse``, the fp32 natural-log LSE ``(B, H, S_q)``
-    (contiguous) of ``scale * q . k`` over the kept keys; both in q's row order.
+    (contiguous) of ``scale * q . k`` over the kept keys; both in q's row order. Finite inputs run as
+    masked softmax over chunks of rows (:func:`~sparse_compile.kernels.masked_reference.grouped_attention`);
+    others as the definition, each q cluster over its kept keys gathered (:func:`_gathered_reference`).
     """
     layout = expand_varlen_layout(
         q, k, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
     )
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    scale = default_scale(d, scale)
+    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        return _gathered_reference(q, k, v, layout, default_scale(d, scale), return_lse)
+    q_tokens = token_order(layout.q_perm, b, h, s_q, q.device)
+    kv_tokens = token_order(layout.kv_perm, b, h, s_k, q.device)
+    rows_out, rows_lse = grouped_attention(
+        gather_rows(q, q_tokens).float(), gather_rows(k, kv_tokens).float(), gather_rows(v, kv_tokens).float(),
+        cluster_keep_matrix(layout), token_cluster_ids(layout.q_offsets, s_q), token_cluster_ids(layout.kv_offsets, s_k),
+        default_scale(d, scale),
+    )  # fmt: skip
+    out = attention_output_like(q, v)
+    out.scatter_(2, q_tokens.unsqueeze(-1).expand(b, h, s_q, v.shape[-1]), rows_out.to(q.dtype))
+    lse = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device).scatter_(2, q_tokens, rows_lse)
+    return (out, lse) if return_lse else out
+
+
+def _gathered_reference(q: Tensor, k: Tensor, v: Tensor, layout: VarlenLayout, scale: float, return_lse: bool):
+    """The definition, one (batch, head, q cluster) at a time over its kept keys gathered: only they take
+    part, whatever the other keys hold (so non-finite values elsewhere do not leak in)."""
+    b, h, s_q, _ = q.shape
+    s_k = k.shape[2]
     out = attention_output_like(q, v).zero_()
     lse = torch.full((b, h, s_q), float("-inf"), dtype=torch.float32, device=q.device)
     keep = cluster_keep_matrix(layout)

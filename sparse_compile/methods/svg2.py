@@ -30,7 +30,8 @@ The break-even guard is per head: after step 3 each head's kept density is known
 device's costs are measured (CUDA, :func:`~sparse_compile.methods.cost_model.guard_costs`) the heads
 past the break-even density (in any batch element) run dense SDPA together, the others through the
 kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
-per call: the heads' densities for that decision, and the check for NaN or Inf in q, k and v
+per call: the heads' densities for that decision (with the most keys any q cluster keeps, which sizes
+the cluster kernel's kept-rows buffer), and the check for NaN or Inf in q, k and v
 (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also keeps non-finite dense-step
 inputs out of the cached centroids.
 """
@@ -183,9 +184,10 @@ class Svg2Method(AttentionMethod):
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
         past = head_kept_fraction(plan.q_sizes, plan.selection.kept_tokens, q.shape[2]) > costs.break_even_density
-        guarded = past.any(dim=0).tolist()  # the host reads the heads' densities: one sync per call
+        # one host read per call: which heads pass break-even, and the most keys any q cluster keeps
+        *guarded, max_kept_keys = torch.cat([past.any(dim=0).long(), plan.selection.kept_tokens.max().long().view(1)]).tolist()
         if not any(guarded):
-            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call))
+            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, max_kept_keys))
         if all(guarded):
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(len(guarded))))
         sparse_heads, dense_heads = (
@@ -194,7 +196,7 @@ class Svg2Method(AttentionMethod):
         )
         sparse_plan = plan.heads(sparse_heads)
         return attend_split_heads(call, sparse_heads, dense_heads,
-                                  lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call))  # fmt: skip
+                                  lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, max_kept_keys))  # fmt: skip
 
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
@@ -215,11 +217,16 @@ class Svg2Method(AttentionMethod):
         )  # fmt: skip
         return ClusterPlan(q_perm, q_offsets, k_perm, k_offsets, selection, q_clusters.sizes)
 
-    def _attend_plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall):
-        """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density."""
+    def _attend_plan(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall,
+        max_kept_keys: int | None = None,
+    ):  # fmt: skip
+        """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density.
+        ``max_kept_keys`` (read on the host by the guard) bounds the kernel's kept-rows buffer."""
         selection = plan.selection
         out, lse = varlen_block_sparse_attention(
             q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
             q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,
+            max_kept_keys=max_kept_keys,
         )  # fmt: skip
         return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])

@@ -20,7 +20,9 @@ from sparse_compile.kernels.tile_configs import VarlenConfig
 from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values, validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
+    expand_varlen_layout,
     varlen_block_sparse_attention_reference,
+    varlen_kept_keys,
     varlen_kept_pairs,
     varlen_layout_to_dense_mask,
 )
@@ -349,6 +351,26 @@ def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatc
         monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: per_group * 4 * 90 * 4)
         assert launch_group_size(6, 4 * 90 * 4, vb.rows_budget_bytes(q)) == per_group
         assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1)))
+
+
+@interp
+def test_interp_rows_bounded_by_the_largest_kept_keys_match_reference(monkeypatch):
+    """With ``max_kept_keys`` the largest kept keys of any q cluster, the kept-rows buffer shrinks to that
+    row length, so under the same budget more pairs share a launch (here all 6 in one, against 3 launches
+    of 2 at the full row length of 90); the result is the reference's."""
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.1, seed=9, dtype=torch.float32)
+    kept = varlen_kept_keys(expand_varlen_layout(q, k, *layout))
+    bound = int(kept.max())
+    assert bound <= 90 // 3
+    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: 6 * 4 * bound * 4)
+    assert launch_group_size(6, 4 * 90 * 4, vb.rows_budget_bytes(q)) == 2
+    assert launch_group_size(6, 4 * bound * 4, vb.rows_budget_bytes(q)) == 6
+    b, h, s_q, d = q.shape
+    out, lse = torch.full((b, h, s_q, d), float("nan")), torch.full((b, h, s_q), float("nan"))
+    vb.varlen_block_sparse_attention_triton(q, k, v, *layout, scale=0.3, config=VarlenConfig(16, 16, 4, 1), out=out,
+                                            lse_out=lse, max_kept_keys=bound)  # fmt: skip
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert_matches_reference(q, k, v, layout, (out, lse))
 
 
 def test_launch_groups_spread_items_evenly_within_the_budget():
