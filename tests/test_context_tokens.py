@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from method_calls import method_call
-from sparse_compile.methods.base import TokenLayout
+from test_auto import DIM, FRAMES, HEIGHT, SEQ, WIDTH, _auto, _choice, _layout_token_mask, synthetic_heads
+
+from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import validate_options
 from sparse_compile.registry import METHODS
@@ -72,3 +74,23 @@ def test_keeping_every_pair_with_context_before_and_after_the_video_equals_sdpa(
     assert _rel_err(joint.output, expected) <= 1e-5
     assert float(joint.kept_density) == pytest.approx(1.0)
     assert _rel_err(method.run(call).output, expected) <= 1e-5
+
+
+def test_auto_with_context_before_and_after_the_video_equals_sdpa_under_its_chosen_pattern():
+    before, after = 9, 16
+    q, k, v = synthetic_heads()
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.cat([torch.randn(1, 3, before, DIM, generator=gen), t,
+                          torch.randn(1, 3, after, DIM, generator=gen)], dim=2) for t in (q, k, v))
+    seq = before + SEQ + after
+    padding = torch.ones(1, 1, 1, seq, dtype=torch.bool)
+    padding[..., 0] = padding[..., -4:] = False
+    cache = SiteCache()
+    layout = TokenLayout(FRAMES, HEIGHT, WIDTH, text_tokens=after, text_first=False, context_tokens=before)
+    result = _auto().attend(method_call(q, k, v, layout, cache, mask=padding))
+    token_mask = torch.ones(1, 3, seq, seq, dtype=torch.bool)
+    video = slice(before, before + SEQ)
+    token_mask[..., video, video] = _layout_token_mask(_choice(cache), 3)
+    assert not token_mask.all(), "auto chose a sparse pattern"
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask & padding)
+    torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)
