@@ -22,7 +22,7 @@ import torch
 from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.methods.call import AttentionCall, AttentionResult
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.methods.text_tokens import attention_over_keys, video_text_slices
+from sparse_compile.methods.text_tokens import attention_over_keys, context_part, video_text_slices
 from sparse_compile.runtime.session import find_session
 
 
@@ -48,17 +48,18 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 def full_video_lse(call: AttentionCall) -> torch.Tensor:
     """Each video query row's log-sum-exp over every key it may attend, fp32 ``(B, H, Sv)``.
 
-    Video keys via :func:`attention_lse` (O(S) memory); text keys, under the call's key-padding
+    Video keys via :func:`attention_lse` (O(S) memory); context keys, under the call's key-padding
     mask if any, via :func:`attention_over_keys`.
     """
     layout, scale = call.layout, call.softmax_scale
-    video, text = video_text_slices(layout)
+    video, context = video_text_slices(layout)
     q_video = call.query[:, :, video]
     lse = attention_lse(q_video, call.key[:, :, video], scale)
-    if layout.text_tokens:
-        key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
-        _, text_lse = attention_over_keys(q_video, call.key[:, :, text], call.value[:, :, text], key_mask, scale)
-        lse = torch.logaddexp(lse, text_lse)
+    if context:
+        key_mask = None if call.attn_mask is None else context_part(call.attn_mask, context, -1)
+        _, context_lse = attention_over_keys(q_video, context_part(call.key, context, 2),
+                                             context_part(call.value, context, 2), key_mask, scale)
+        lse = torch.logaddexp(lse, context_lse)
     return lse
 
 

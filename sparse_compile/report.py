@@ -91,6 +91,8 @@ class Report:
         for s in self.sites:
             density = "-" if s.mean_density is None else f"{s.mean_density:.3f}"
             text = f"{s.text_tokens} {s.text_position}" if s.text_tokens else "-"
+            if s.facts.context_tokens:
+                text += f", {s.facts.context_tokens} {'suffix' if s.text_position == 'prefix' else 'prefix'} context"
             rows.append(
                 (s.module_path, "x".join(map(str, s.q_shape)), "x".join(map(str, s.k_shape)), s.kind,
                  "-" if s.grid is None else "x".join(map(str, s.grid)), text, s.status, density,
@@ -160,4 +162,17 @@ def report(model: torch.nn.Module) -> Report:
                 latest.pop(path, None)  # keep the order of the most recent graph
                 latest[path] = (record, scoped_key(record.key, scope))
     sites = tuple(_site_report(r, session.site_states.get(key), path) for path, (r, key) in latest.items())
-    return Report(sites=sites, graphs=len(graphs), notes=notes)
+    return Report(sites=sites, graphs=len(graphs), notes=notes + _window_notes(sites))
+
+
+def _window_notes(sites: tuple[SiteReport, ...]) -> tuple[str, ...]:
+    """One line per video window that has context tokens on both sides (latents packed beside it)."""
+    lines: dict[str, list[str]] = {}
+    for s in sites:
+        if s.rewritten and s.facts.context_tokens:
+            before, after = (s.text_tokens, s.facts.context_tokens) if s.text_position == "prefix" else (
+                s.facts.context_tokens, s.text_tokens)
+            line = (f"video window {'x'.join(map(str, s.grid))} runs the method; {before} context tokens before it "
+                    f"and {after} after it (text) are attended densely")
+            lines.setdefault(line, []).append(s.module_path)
+    return tuple(f"{line} ({', '.join(paths)})" for line, paths in lines.items())

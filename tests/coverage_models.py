@@ -256,9 +256,9 @@ def hunyuan_video_framepack() -> tuple[torch.nn.Module, dict[str, Any]]:
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     model = HunyuanVideoFramepackTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
         num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), image_condition_type=None,
         has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True,
     ).eval()
     frames, size = 3, 4

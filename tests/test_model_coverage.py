@@ -38,12 +38,15 @@ class Coverage:
         video_sites: the model's attention sites over the whole clip (video self- or joint attention).
         rewritten: of those, the sites the backend rewrites.
         status: one line for the README table.
+        capture_scalar_outputs: the matrix compiles the class with
+            ``torch._dynamo.config.capture_scalar_outputs = True`` (one graph in spite of ``.item()``).
     """
 
     graphs: int
     video_sites: int
     rewritten: int
     status: str
+    capture_scalar_outputs: bool = False
 
 
 COVERED = "covered"
@@ -72,8 +75,10 @@ COVERAGE: dict[str, Coverage] = {
         3, 2, 2, "covered across graph breaks (the blocks compile as separate graphs and take the clip grid "
                  "of the call)"),
     "HunyuanVideoFramepackTransformer3DModel": Coverage(
-        4, 2, 0, "not covered: history latents beside the window are several video segments (the reason is "
-                 "reported; one graph with capture_scalar_outputs)"),
+        1, 2, 2, "covered with `torch._dynamo.config.capture_scalar_outputs = True` (one graph: the video window "
+                 "runs sparse, the history and clean latents before it and the text after it are dense context); "
+                 "without it the blocks compile as graphs of flat tokens and stay dense with the reason",
+        capture_scalar_outputs=True),
     "SanaVideoTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (linear attention)"),
     "LatteTransformer3DModel": Coverage(1, 0, 0, "no full 3D softmax attention (spatial and temporal attention)"),
 }
@@ -109,12 +114,15 @@ class Run:
     report: sparse_compile.Report
 
 
-def _run(name: str, options: dict) -> Run:
+def _run(name: str, options: dict, capture_scalar_outputs: bool | None = None) -> Run:
+    """One run of a class, with the matrix's ``capture_scalar_outputs`` unless one is given."""
     torch.manual_seed(0)
     model, inputs = FACTORIES[name]()
     graphs: list = []
     before = set(SESSIONS)
-    with torch.no_grad():
+    if capture_scalar_outputs is None:
+        capture_scalar_outputs = COVERAGE[name].capture_scalar_outputs
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=capture_scalar_outputs):
         eager = _sample(model(**inputs))
         sparse_compile.use_graph_friendly_attention(model)
         out = _sample(torch.compile(model, backend=_rewrite_only(options, graphs))(**inputs))
@@ -161,7 +169,7 @@ _FULL = os.environ.get("SPARSE_COMPILE_FULL_MATRIX") == "1"
 def test_dense_method_equals_plain_inductor(name):
     torch.manual_seed(0)
     model, inputs = FACTORIES[name]()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=COVERAGE[name].capture_scalar_outputs):
         plain = _sample(torch.compile(model, backend="inductor")(**inputs))
         torch._dynamo.reset()
         ours = _sample(torch.compile(model, backend="sparse_video", options=DENSE)(**inputs))
@@ -190,14 +198,16 @@ def test_audio_tokens_beside_video_stay_dense_as_a_plain_token_axis():
     assert "a plain token axis of 20 tokens" in _statuses(rep)["transformer_blocks.0.audio_attn1"]
 
 
-def test_history_latents_beside_the_window_are_reported_as_several_video_segments():
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        run = _run("HunyuanVideoFramepackTransformer3DModel", DENSE)
-    torch.testing.assert_close(run.out, run.eager, rtol=0, atol=1e-5)
+def test_history_latents_before_the_window_are_dense_context_of_the_window_grid():
+    run = _dense_run("HunyuanVideoFramepackTransformer3DModel")
     assert run.graphs == 1
-    statuses = _statuses(run.report)
-    joint = [statuses["transformer_blocks.0.attn"], statuses["single_transformer_blocks.0.attn"]]
-    assert all("several video segments" in s for s in joint)
+    joint = [s for s in run.report.rewritten if s.module_path in ("transformer_blocks.0.attn",
+                                                                   "single_transformer_blocks.0.attn")]
+    assert len(joint) == 2
+    # [4x history 2x1x1, 2x history 1x1x1, clean latents 2x2x2, window 3x2x2, text]
+    assert all(s.grid == (3, 2, 2) and s.facts.context_tokens == 11 and s.text_position == "suffix" for s in joint)
+    assert any(note.startswith("video window 3x2x2 runs the method; 11 context tokens before it")
+               for note in run.report.notes)
 
 
 @pytest.mark.parametrize("name", ["MochiTransformer3DModel", "HunyuanVideo15Transformer3DModel"])
@@ -227,11 +237,15 @@ def test_fragments_of_one_call_under_inductor_are_one_step_with_a_row_per_block(
     assert torch.isfinite(first).all()
 
 
-def test_a_fragment_whose_clip_is_several_segments_says_so():
-    rep = _dense_run("HunyuanVideoFramepackTransformer3DModel").report
-    statuses = _statuses(rep)
+def test_fragments_whose_clip_is_several_segments_stay_dense_and_say_how_to_cover_them():
+    run = _run("HunyuanVideoFramepackTransformer3DModel", DENSE, capture_scalar_outputs=False)
+    torch.testing.assert_close(run.out, run.eager, rtol=0, atol=1e-5)
+    assert run.graphs == 4
+    assert run.report.rewritten == ()
+    statuses = _statuses(run.report)
     joint = [statuses["transformer_blocks.0.attn"], statuses["single_transformer_blocks.0.attn"]]
-    assert all("reach this graph flat from an earlier graph" in s and "several video segments" in s for s in joint)
+    assert all("reach this graph flat from an earlier graph" in s and "several video segments" in s
+               and "capture_scalar_outputs = True" in s for s in joint)
 
 
 def test_mochi_without_the_graph_friendly_processor_is_reported_with_the_fix():

@@ -53,3 +53,25 @@ def test_only_key_padding_masks_of_text_keys_are_supported():
     assert mask_problem(torch.tensor([True] * 5 + [False]).view(1, 1, 1, 6), layout) is None
     assert "masks video keys" in mask_problem(torch.tensor([False] + [True] * 5).view(1, 1, 1, 6), layout)
     assert "not a key-padding mask" in mask_problem(torch.ones(1, 1, 6, 6, dtype=torch.bool), layout)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_context_on_both_sides_of_the_video_reproduces_full_attention(text_first):
+    torch.manual_seed(0)
+    layout = TokenLayout(frames=2, height=3, width=5, text_tokens=4, text_first=text_first, context_tokens=6)
+    seq = layout.video_tokens + layout.dense_tokens
+    q, k, v = (torch.randn(2, 3, seq, 8, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 1, 1, seq, dtype=torch.bool)
+    mask[1, ..., 0] = mask[1, ..., seq - 1] = False  # one padded context key on each side of the video
+    result = attend_video_and_text(_call(q, k, v, mask, layout), _dense_video)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(result.output, expected, rtol=1e-10, atol=1e-10)
+    assert result.kept_density == pytest.approx(1.0)
+
+
+def test_kept_density_counts_context_rows_and_columns_on_both_sides():
+    layout = TokenLayout(frames=1, height=4, width=4, text_tokens=4, text_first=False, context_tokens=3)
+    q = k = v = torch.randn(1, 1, 23, 4)
+    result = attend_video_and_text(_call(q, k, v, None, layout),
+                                   lambda q, k, v: (*attention_over_keys(q, k, v, None, 0.5), 0.25))
+    assert result.kept_density == pytest.approx((0.25 * 16 * 16 + 2 * 16 * 7 + 7 * 7) / 23**2)

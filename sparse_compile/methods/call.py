@@ -11,14 +11,22 @@ from sparse_compile.methods.cache import SiteCache
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Run-time token layout of one call: ``frames*height*width`` video tokens plus ``text_tokens``
-    text tokens before (``text_first``) or after the video tokens."""
+    """Run-time token layout of one call: the video grid the sparse methods run on,
+    ``frames*height*width`` tokens, and the context tokens beside it, which every query attends and
+    which attend every key (dense rows and columns).
+
+    ``text_tokens`` context tokens sit on one side of the video: before it when ``text_first``, else
+    after it; ``context_tokens`` more sit on the other side (latents packed beside the video
+    window, e.g. Framepack's history latents before it when the text follows it). Sequence:
+    ``[text, video, context]`` when ``text_first``, else ``[context, video, text]``.
+    """
 
     frames: int
     height: int
     width: int
     text_tokens: int
     text_first: bool
+    context_tokens: int = 0
 
     @property
     def video_tokens(self) -> int:
@@ -27,6 +35,16 @@ class TokenLayout:
     @property
     def grid(self) -> tuple[int, int, int]:
         return (self.frames, self.height, self.width)
+
+    @property
+    def tokens_before(self) -> int:
+        """Context tokens before the video tokens."""
+        return self.text_tokens if self.text_first else self.context_tokens
+
+    @property
+    def dense_tokens(self) -> int:
+        """All context tokens (text and other), on both sides."""
+        return self.text_tokens + self.context_tokens
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""Joint video+text attention for sparse methods: text is always attended and always attends.
+"""Joint attention of a video grid and its context for sparse methods: context tokens (text, and
+latents packed beside the video window) are always attended and always attend.
 
 A sparse method sees only the video tokens (frame-major ``frames x height x width``) and
 returns their output with its row log-sum-exp; :func:`attend_video_and_text` adds, by LSE
-merging, the video rows' attention to the text keys, and computes the text rows densely over
-every key. A boolean key-padding mask ``(B or 1, H or 1, 1, S)`` is applied to the text keys;
-other masks are not supported by sparse methods (:func:`mask_problem` says why).
+merging, the video rows' attention to the context keys (before and after the video), and
+computes the context rows densely over every key. A boolean key-padding mask
+``(B or 1, H or 1, 1, S)`` is applied to the context keys; other masks are not supported by
+sparse methods (:func:`mask_problem` says why).
 """
 
 from __future__ import annotations
@@ -22,12 +24,21 @@ VideoAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torc
 _TEXT_ROW_CHUNK = 4096
 
 
-def video_text_slices(layout: TokenLayout) -> tuple[slice, slice]:
-    """``(video, text)`` index ranges along the sequence."""
-    video = layout.video_tokens
-    if layout.text_first:
-        return slice(layout.text_tokens, layout.text_tokens + video), slice(0, layout.text_tokens)
-    return slice(0, video), slice(video, video + layout.text_tokens)
+def video_text_slices(layout: TokenLayout) -> tuple[slice, tuple[slice, ...]]:
+    """``(video, context)`` index ranges along the sequence: the video tokens' range and the
+    non-empty ranges of context tokens (before the video, then after it)."""
+    start = layout.tokens_before
+    end = start + layout.video_tokens
+    after = layout.dense_tokens - start
+    context = tuple(r for r, n in ((slice(0, start), start), (slice(end, end + after), after)) if n)
+    return slice(start, end), context
+
+
+def context_part(x: torch.Tensor, context: tuple[slice, ...], dim: int) -> torch.Tensor:
+    """The context tokens of ``x`` along ``dim`` (ranges from :func:`video_text_slices`), in
+    sequence order: a view for one range, a copy joining two."""
+    parts = [x.narrow(dim, r.start, r.stop - r.start) for r in context]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def mask_problem(mask: torch.Tensor | None, layout: TokenLayout) -> str | None:
@@ -90,24 +101,25 @@ def attention_over_keys(
 
 
 def attend_video_and_text(call: AttentionCall, video_attention: VideoAttention) -> AttentionResult:
-    """Attention of a joint (or video-only) call with a sparse video part.
+    """Attention of a call with a sparse video part and dense context (or of a video-only call).
 
     Returns the full ``(B, H, S, Dv)`` output, the kept fraction of all ``S x S`` pairs
-    (text rows and columns count as kept) and the video rows' LSE over the keys they attended.
+    (context rows and columns count as kept) and the video rows' LSE over the keys they attended.
     """
     q, k, v, layout = call.query, call.key, call.value, call.layout
-    video, text = video_text_slices(layout)
+    video, context = video_text_slices(layout)
     out_v, lse_v, density_v = video_attention(q[:, :, video], k[:, :, video], v[:, :, video])
-    seq, n_video, n_text = q.shape[2], layout.video_tokens, layout.text_tokens
-    kept_pairs = density_v * n_video * n_video + 2 * n_video * n_text + n_text * n_text
-    if n_text == 0:
+    seq, n_video, n_context = q.shape[2], layout.video_tokens, layout.dense_tokens
+    kept_pairs = density_v * n_video * n_video + 2 * n_video * n_context + n_context * n_context
+    if not context:
         return AttentionResult(output=out_v.to(q.dtype), kept_density=kept_pairs / (seq * seq), video_lse=lse_v)
-    key_mask = None if call.attn_mask is None else call.attn_mask[..., text]
-    out_vt, lse_vt = attention_over_keys(q[:, :, video], k[:, :, text], v[:, :, text], key_mask, call.softmax_scale)
+    key_mask = None if call.attn_mask is None else context_part(call.attn_mask, context, -1)
+    out_vc, lse_vc = attention_over_keys(q[:, :, video], context_part(k, context, 2), context_part(v, context, 2),
+                                         key_mask, call.softmax_scale)
     output = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    merged, lse = _merge(out_v, lse_v, out_vt, lse_vt)
+    merged, lse = _merge(out_v, lse_v, out_vc, lse_vc)
     output[:, :, video] = merged.to(q.dtype)
-    output[:, :, text] = F.scaled_dot_product_attention(
-        q[:, :, text], k, v, attn_mask=call.attn_mask, scale=call.scale
-    )
+    for rows in context:
+        output[:, :, rows] = F.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=call.attn_mask,
+                                                            scale=call.scale)
     return AttentionResult(output=output, kept_density=kept_pairs / (seq * seq), video_lse=lse)

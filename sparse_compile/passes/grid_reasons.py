@@ -7,6 +7,7 @@ when the site planner found no single (frames, height, width) grid in the sequen
 from __future__ import annotations
 
 from sparse_compile.passes.token_layout import DimLayout, Layouts
+from sparse_compile.passes.video_window import grid_factors
 
 GRID_HINT = "pass options grid=(frames, height, width) if the sequence is one video clip"
 
@@ -19,20 +20,28 @@ def _axes(sizes: list[int]) -> str:
     return " x ".join(map(str, sizes))
 
 
-def several_segments_reason(seq: DimLayout) -> str | None:
-    """The reason for a token sequence of more than two concatenated segments, else ``None``."""
-    if len(seq.segments) <= 2:
+NO_RETURNED_CLIP = ("the graph returns no clip (B, C, F, H, W) whose token grid tells which one is the video window "
+                    "(a graph that holds the whole forward does: against an .item() graph break, set "
+                    "torch._dynamo.config.capture_scalar_outputs = True)")
+
+
+def several_segments_reason(seq: DimLayout, why: str = NO_RETURNED_CLIP) -> str | None:
+    """The reason for a token sequence of several video segments (more than one segment with a
+    (frames, height, width) grid, or more than two segments) whose window is unknown (``why``),
+    else ``None``."""
+    grids = sum(grid_factors(seg) is not None for seg in seq.segments)
+    if len(seq.segments) <= 2 and grids <= 1:
         return None
     parts = ", ".join(_axes([f.hint for f in seg]) for seg in seq.segments)
     return (f"the sequence joins {len(seq.segments)} segments ({parts}): several video segments (e.g. history "
-            "latents packed beside the video window); the sparse op takes one video grid and one text segment")
+            f"latents packed beside the video window), and {why}")
 
 
 def no_grid_reason(q_layouts: Layouts | None) -> str:
     """The dense reason of a self-attention site whose sequence has no single video grid.
 
-    * several concatenated segments beyond one video and one text segment (history latents
-      packed beside the video window);
+    * several video segments (history latents packed beside the video window) of which none is
+      proved to be the clip;
     * the clip's axes split between the batch and the sequence (attention within each frame,
       or across frames at each position): no attention over the whole clip;
     * a plain token axis (audio or other 1-D tokens), beside a text segment or not;

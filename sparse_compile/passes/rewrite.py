@@ -21,7 +21,8 @@ from sparse_compile.passes.graph_inputs import find_anchor_input, find_timestep_
 from sparse_compile.passes.grid_reasons import several_segments_reason
 from sparse_compile.passes.sdpa_sites import find_sdpa_calls
 from sparse_compile.passes.site_plan import SitePlan, plan_site, split_video_text
-from sparse_compile.passes.token_layout import Factor, TokenLayoutAnalysis, example_value
+from sparse_compile.passes.token_layout import Segment, TokenLayoutAnalysis, example_value
+from sparse_compile.passes.video_window import output_nodes, returned_clip_grid
 from sparse_compile.runtime import ops  # noqa: F401  (registers the ops the rewrite inserts)
 from sparse_compile.runtime.session import Session, call_of
 from sparse_compile.registry import METHODS
@@ -43,7 +44,7 @@ def _output_tokens(gm: fx.GraphModule, analysis: TokenLayoutAnalysis) -> tuple[l
     symbols = {example_value(n).node.expr: n for n in gm.graph.nodes
                if n.op == "placeholder" and isinstance(example_value(n), torch.SymInt)}  # fmt: skip
     reason = None
-    for node in _output_nodes(gm):
+    for node in output_nodes(gm):
         layouts = analysis.layouts(node)
         if layouts is None or len(layouts) != 3:
             continue
@@ -56,33 +57,32 @@ def _output_tokens(gm: fx.GraphModule, analysis: TokenLayoutAnalysis) -> tuple[l
     return [], reason
 
 
-def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(gm.graph.output_node().args, found.append)
-    return found
-
-
-def _size_arg(graph: fx.Graph, factors: tuple[Factor, ...]) -> int | fx.Node:
-    """The product of factor sizes: an int when static, else a SymInt node read off the graph."""
+def _size_arg(graph: fx.Graph, segments: tuple[Segment, ...]) -> int | fx.Node:
+    """The number of tokens in ``segments`` (sum of their factor products): an int when static,
+    else a SymInt node read off the graph."""
+    factors = [f for seg in segments for f in seg]
     if all(f.size.is_Integer for f in factors):
-        return math.prod(int(f.size) for f in factors)
-    result: int | fx.Node = 1
-    for f in factors:
-        if f.size.is_Integer:
-            term: int | fx.Node = int(f.size)
-        else:
-            node, dim = f.source
-            term = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
-        result = term if result == 1 else graph.call_function(operator.mul, (result, term))
-    return result
+        return sum(math.prod(int(f.size) for f in seg) for seg in segments)
+    total: int | fx.Node = 0
+    for seg in segments:
+        product: int | fx.Node = 1
+        for f in seg:
+            if f.size.is_Integer:
+                term: int | fx.Node = int(f.size)
+            else:
+                node, dim = f.source
+                term = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+            product = term if product == 1 else graph.call_function(operator.mul, (product, term))
+        total = product if total == 0 else graph.call_function(operator.add, (total, product))
+    return total
 
 
 def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id: int) -> None:
     call = plan.call
     graph = gm.graph
     with graph.inserting_before(call.node):
-        frames, height, width = (_size_arg(graph, (f,)) for f in plan.grid)
-        text = _size_arg(graph, plan.text) if plan.text else 0
+        frames, height, width = (_size_arg(graph, ((f,),)) for f in plan.grid)
+        text, context = _size_arg(graph, plan.text), _size_arg(graph, plan.context)
         facts = plan.facts
         new = graph.call_function(
             torch.ops.sparse_compile.attention.default,
@@ -98,6 +98,7 @@ def _replace_with_op(gm: fx.GraphModule, plan: SitePlan, token: fx.Node, site_id
                 width,
                 text,
                 facts.text_position == "prefix",
+                context,
                 site_id,
             ),
         )
@@ -145,7 +146,8 @@ def rewrite_attention(gm: fx.GraphModule, opts: SparseOptions, session: Session)
     analysis = TokenLayoutAnalysis(gm)
     timestep = find_timestep_input(gm)
     scoped = timestep is None
-    plans = [plan_site(call, analysis, opts, call_of(session)) for call in find_sdpa_calls(gm)]
+    clip = returned_clip_grid(gm, analysis)
+    plans = [plan_site(call, analysis, opts, call_of(session), clip) for call in find_sdpa_calls(gm)]
     records = []
     for plan, key in zip(plans, _site_keys(plans)):
         rewritten = plan.facts.dense_reason is None
@@ -179,6 +181,7 @@ def _log_site(record: SiteRecord) -> None:
     where = f"sparse_compile: {facts.module_path} q{list(facts.q_shape)} k{list(facts.k_shape)} {facts.kind}"
     if record.rewritten:
         text = f", {facts.text_tokens} text tokens ({facts.text_position})" if facts.text_tokens else ""
+        text += f", {facts.context_tokens} context tokens on the other side" if facts.context_tokens else ""
         logger.info("%s grid=%s%s -> method %s, %s", where, facts.grid, text, record.method, record.status)
     else:
         logger.info("%s stays SDPA (%s)", where, record.status)

@@ -1,7 +1,9 @@
 """Decide, from the graph alone, what each SDPA site is and whether it can be rewritten.
 
 A site is rewritten only when it is provably a video self-attention (or joint video+text
-attention) over a known token grid; everything else keeps its SDPA call and a reason.
+attention) over a known token grid; everything else keeps its SDPA call and a reason. Tokens
+beside the grid (text, or latents packed beside the video window: see
+:mod:`sparse_compile.passes.video_window`) are context the op attends densely.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from sparse_compile.options import SparseOptions
-from sparse_compile.passes.grid_reasons import GRID_HINT, no_grid_reason
+from sparse_compile.passes.grid_reasons import GRID_HINT, no_grid_reason, several_segments_reason
 from sparse_compile.passes.sdpa_sites import SdpaCall
 from sparse_compile.passes.token_layout import DimLayout, Factor, Segment, TokenLayoutAnalysis, example_value, size_expr
+from sparse_compile.passes.video_window import Grid, Window, context_tokens, find_window, grid_factors
 from sparse_compile.runtime.session import ModelCall
 from sparse_compile.runtime.sites import SiteFacts
 
@@ -35,9 +38,12 @@ class SitePlan:
 
     Attributes:
         call: the SDPA call.
-        facts: what was found (shapes, kind, grid and text hints, dense reason).
+        facts: what was found (shapes, kind, grid and context hints, dense reason).
         grid: ``(frames, height, width)`` factors of the video tokens, or ``None``.
-        text: factors whose product is the number of text tokens (empty when none).
+        text: the segments of context tokens on one side of the video (after it if any are there,
+            else before it; ``facts.text_position`` says which); empty when none.
+        context: the segments of context tokens on the other side (before the video when text
+            follows it); empty when none.
         key_padding: for a mask built as ``valid_query & valid_key`` from one ``(B, 1, 1, S)``
             padding mask, that mask: the op takes it as a key-padding mask, and the rows of padded
             queries (every key masked: SDPA gives 0) are zeroed after it.
@@ -46,7 +52,8 @@ class SitePlan:
     call: SdpaCall
     facts: SiteFacts
     grid: tuple[Factor, Factor, Factor] | None = None
-    text: Segment = ()
+    text: tuple[Segment, ...] = ()
+    context: tuple[Segment, ...] = ()
     key_padding: torch.fx.Node | None = None
 
 
@@ -122,7 +129,7 @@ def split_video_text(layout: DimLayout) -> tuple[Segment, Segment, str | None] |
     segments = layout.segments
     if any(f.origin is not None for seg in segments for f in seg):
         return None
-    grids = [_grid_factors(seg) for seg in segments]
+    grids = [grid_factors(seg) for seg in segments]
     video = [i for i, grid in enumerate(grids) if grid is not None]
     if len(video) != 1:
         return None
@@ -134,13 +141,6 @@ def split_video_text(layout: DimLayout) -> tuple[Segment, Segment, str | None] |
     return None
 
 
-def _grid_factors(segment: Segment) -> Segment | None:
-    if len(segment) == 3:
-        return segment
-    non_unit = tuple(f for f in segment if f.hint != 1)
-    return non_unit if len(non_unit) == 3 else None
-
-
 def _constant(n: int) -> Factor:
     return Factor(sympy.Integer(n), n, None)
 
@@ -149,7 +149,7 @@ def _needs_missing_source(factors: Segment) -> bool:
     return any(not f.size.is_Integer and f.source is None for f in factors)
 
 
-def _grid_from_options(opts: SparseOptions, call: SdpaCall, seq_len: int) -> tuple[tuple[Factor, ...], Segment, str | None]:
+def _window_from_options(opts: SparseOptions, call: SdpaCall, seq_len: int) -> Window:
     frames, height, width = opts.grid
     expected = frames * height * width + opts.text_tokens
     if expected != seq_len:
@@ -157,15 +157,32 @@ def _grid_from_options(opts: SparseOptions, call: SdpaCall, seq_len: int) -> tup
             f"sparse_video option 'grid'={opts.grid} with text_tokens={opts.text_tokens} gives "
             f"{expected} tokens, but the self-attention at {call.module_path} has {seq_len}"
         )
-    text = (_constant(opts.text_tokens),) if opts.text_tokens else ()
-    return (_constant(frames), _constant(height), _constant(width)), text, opts.text_position if text else None
+    text = ((_constant(opts.text_tokens),),) if opts.text_tokens else ()
+    grid = (_constant(frames), _constant(height), _constant(width))
+    return Window(grid, text, ()) if opts.text_position == "prefix" else Window(grid, (), text)
+
+
+def _sides(window: Window) -> tuple[tuple[Segment, ...], tuple[Segment, ...], str | None]:
+    """``(text, context, text position)``: the text is the tokens after the video if there are any,
+    else those before it; the context is the other side's."""
+    if window.after:
+        return window.after, window.before, "suffix"
+    if window.before:
+        return window.before, (), "prefix"
+    return (), (), None
 
 
 def plan_site(
-    call: SdpaCall, analysis: TokenLayoutAnalysis, opts: SparseOptions, model_call: ModelCall | None = None
+    call: SdpaCall,
+    analysis: TokenLayoutAnalysis,
+    opts: SparseOptions,
+    model_call: ModelCall | None = None,
+    clip: Grid | None = None,
 ) -> SitePlan:
     """Classify one SDPA call. ``model_call``: the model call this graph is compiled in, if any;
-    its grid serves a sequence of flat tokens (a fragment after a graph break).
+    its grid serves a sequence of flat tokens (a fragment after a graph break). ``clip``: the token
+    grid of the clip the graph returns, if found; it tells the video window of a sequence that joins
+    several video segments.
 
     Raises:
         ValueError: the ``grid`` option does not match a video self-attention sequence.
@@ -193,36 +210,70 @@ def plan_site(
         return dense(kind, f"cross-attention (key length {k_shape[2]} != query length {q_shape[2]})")
     if guard_or_false(q.shape[2] < opts.min_seq_len):
         return dense(kind, f"short sequence ({q_shape[2]} tokens < min_seq_len={opts.min_seq_len})")
+    from_call = False
     if opts.grid is not None:
-        grid, text, position = _grid_from_options(opts, call, q_shape[2])
+        window = _window_from_options(opts, call, q_shape[2])
     else:
-        found = _infer_grid(call, analysis)
-        from_call = found is None and model_call is not None and model_call.grid is not None
+        # The clip the graph returns decides first; a sequence of one grid (and one text segment)
+        # needs no clip.
+        by_clip = _window_of_clip(call, analysis, clip) if clip is not None else None
+        window = by_clip if isinstance(by_clip, Window) else _infer_grid(call, analysis)
+        if window is None and isinstance(by_clip, str):
+            return dense(kind, by_clip)
+        from_call = window is None and model_call is not None and model_call.grid is not None
         if from_call:
-            found = _grid_from_call(call, analysis, model_call.grid)
-        if found is None:
+            window = _grid_from_call(call, analysis, model_call.grid)
+        if window is None:
             return dense(kind, _fragment_reason(call, analysis, model_call) or no_grid_reason(analysis.layouts(call.query)))
-        grid, text, position = found
-        if _needs_missing_source(text if from_call else grid + text):
-            return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
+    text, context, position = _sides(window)
+    dense_factors = tuple(f for seg in text + context for f in seg)
+    if opts.grid is None and _needs_missing_source(dense_factors if from_call else window.grid + dense_factors):
+        return dense(kind, "the token grid is symbolic and no tensor in the graph carries its sizes")
+    grid = window.grid
     facts = SiteFacts(
         call.module_path, q_shape, k_shape, JOINT if text else VIDEO_SELF,
-        grid=(grid[0].hint, grid[1].hint, grid[2].hint), text_tokens=math.prod(f.hint for f in text) if text else 0,
-        text_position=position, grid_from_call=opts.grid is None and from_call,
+        grid=(grid[0].hint, grid[1].hint, grid[2].hint), text_tokens=context_tokens(text),
+        text_position=position, grid_from_call=from_call, context_tokens=context_tokens(context),
     )  # fmt: skip
-    return SitePlan(call, facts, grid=tuple(grid), text=text, key_padding=padding_outer_product(call.attn_mask))
+    return SitePlan(call, facts, grid=tuple(grid), text=text, context=context,
+                    key_padding=padding_outer_product(call.attn_mask))
 
 
-def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> tuple[Segment, Segment, str | None] | None:
+def _window_from_split(found: tuple[Segment, Segment, str | None]) -> Window:
+    video, text, position = found
+    side = (text,) if text else ()
+    return Window(tuple(video), side if position == "prefix" else (), side if position == "suffix" else ())
+
+
+def _infer_grid(call: SdpaCall, analysis: TokenLayoutAnalysis) -> Window | None:
     q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
     if q_layouts is None or k_layouts is None:
         return None
     q_found, k_found = (split_video_text(lay[-2]) for lay in (q_layouts, k_layouts))
     # Both sides must be the same video (+ text) sequence: a key of equal length that comes from
     # elsewhere (cross-attention to as many text tokens as video tokens) is not self-attention.
-    if q_found is None or k_found is None or _hint_shape(q_found) != _hint_shape(k_found):
+    if q_found is None or k_found is None:
         return None
-    return q_found
+    q_window, k_window = _window_from_split(q_found), _window_from_split(k_found)
+    return q_window if _hint_shape(q_window) == _hint_shape(k_window) else None
+
+
+def _window_of_clip(call: SdpaCall, analysis: TokenLayoutAnalysis, clip: Grid) -> Window | str | None:
+    """The video window of a query and key that join several segments, one of which has the grid
+    of the clip the graph returns; the reason to stay dense when none or several do; ``None`` for a
+    sequence that is not of several segments (other rules and reasons apply)."""
+    q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
+    if q_layouts is None or k_layouts is None or len(q_layouts[-2].segments) < 2:
+        return None
+    q_window, k_window = (find_window(lay[-2], clip) for lay in (q_layouts, k_layouts))
+    if isinstance(q_window, str):
+        several = several_segments_reason(q_layouts[-2], q_window)
+        return several if several is not None else None
+    if isinstance(k_window, str) or _hint_shape(q_window) != _hint_shape(k_window):
+        return None
+    if q_window.grid is clip and not all(f.size.is_Integer for f in clip):
+        return "the window's grid is symbolic and only the graph's output carries its sizes"
+    return q_window
 
 
 def _flat(layout: DimLayout) -> bool:
@@ -232,26 +283,17 @@ def _flat(layout: DimLayout) -> bool:
     )
 
 
-def _grid_from_call(
-    call: SdpaCall, analysis: TokenLayoutAnalysis, grid: tuple[int, int, int]
-) -> tuple[Segment, Segment, str | None] | None:
-    """``(grid, text, position)`` of flat tokens whose video part is the model call's clip: one run
-    of ``frames*height*width`` tokens, alone or beside one other run (text); ``None`` otherwise."""
+def _grid_from_call(call: SdpaCall, analysis: TokenLayoutAnalysis, grid: tuple[int, int, int]) -> Window | None:
+    """The window of flat tokens whose video part is the model call's clip: their one run of
+    ``frames*height*width`` tokens, the other runs context; ``None`` otherwise."""
     q_layouts, k_layouts = analysis.layouts(call.query), analysis.layouts(call.key)
     if q_layouts is None or k_layouts is None:
         return None
     seq = q_layouts[-2]
     if not _flat(seq) or not _flat(k_layouts[-2]) or [s.hint for s in (seq, k_layouts[-2])] != [seq.hint] * 2:
         return None
-    runs = [math.prod(f.hint for f in seg) for seg in seq.segments]
-    video = [i for i, n in enumerate(runs) if n == math.prod(grid)]
-    constants = tuple(_constant(n) for n in grid)
-    if runs == [math.prod(grid)]:
-        return constants, (), None
-    if len(runs) != 2 or len(video) != 1:
-        return None
-    i = video[0]
-    return constants, seq.segments[1 - i], "prefix" if i == 1 else "suffix"
+    window = find_window(seq, tuple(_constant(n) for n in grid))
+    return window if isinstance(window, Window) else None
 
 
 def _fragment_reason(call: SdpaCall, analysis: TokenLayoutAnalysis, model_call: ModelCall | None) -> str | None:
@@ -263,11 +305,10 @@ def _fragment_reason(call: SdpaCall, analysis: TokenLayoutAnalysis, model_call: 
     where = f"the tokens ({runs}) reach this graph flat from an earlier graph of the model call"
     if model_call.grid is not None:
         frames, height, width = model_call.grid
-        return (f"{where}, whose clip grid {frames}x{height}x{width} is not one run of these tokens beside at "
-                f"most one other (text); {GRID_HINT}")
+        return (f"{where}, whose clip grid {frames}x{height}x{width} is not exactly one run of these tokens; "
+                f"{GRID_HINT}")
     return f"{where}, where {model_call.grid_reason or 'no clip grid was found'}"
 
 
-def _hint_shape(found: tuple[Segment, Segment, str | None]) -> tuple:
-    video, text, position = found
-    return tuple(f.hint for f in video), math.prod(f.hint for f in text), position
+def _hint_shape(window: Window) -> tuple:
+    return tuple(f.hint for f in window.grid), context_tokens(window.before), context_tokens(window.after)

@@ -80,11 +80,11 @@ def _call_layout(session: Session, layout: TokenLayout, seq_len: int) -> tuple[T
     if call is None or call.grid is None:
         return layout, "no model call with a clip grid is open (a fragment run outside its model's call)"
     frames, height, width = call.grid
-    video = seq_len - layout.text_tokens
+    video = seq_len - layout.dense_tokens
     if frames * height * width != video:
         return layout, (f"the call's clip grid {frames}x{height}x{width} does not have this site's {video} "
                         "video tokens")
-    return TokenLayout(frames, height, width, layout.text_tokens, layout.text_first), None
+    return TokenLayout(frames, height, width, layout.text_tokens, layout.text_first, layout.context_tokens), None
 
 
 def _in_output_layout(result: torch.Tensor, query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -114,9 +114,12 @@ def sparse_attention(
     width: int,
     text_tokens: int,
     text_first: bool,
+    context_tokens: int,
     site_id: int,
 ) -> torch.Tensor:
-    """Attention over ``frames*height*width`` video tokens (+ ``text_tokens`` text tokens).
+    """Attention over ``frames*height*width`` video tokens and the context tokens beside them:
+    ``text_tokens`` before them (``text_first``) or after them, ``context_tokens`` on the other side
+    (see :class:`~sparse_compile.methods.call.TokenLayout`).
 
     Args:
         query, key, value: ``(B, H, S, D)``; any strides.
@@ -132,7 +135,7 @@ def sparse_attention(
     session: Session = SESSIONS[session_id]
     state_key = scoped_key(site.key, scope)
     state = session.state_of(state_key)
-    layout, reason = TokenLayout(frames, height, width, text_tokens, text_first), None
+    layout, reason = TokenLayout(frames, height, width, text_tokens, text_first, context_tokens), None
     if site.facts.grid_from_call:
         layout, reason = _call_layout(session, layout, query.shape[2])
     call = AttentionCall(
@@ -171,6 +174,7 @@ def _sparse_attention_fake(
     width: int,
     text_tokens: int,
     text_first: bool,
+    context_tokens: int,
     site_id: int,
 ) -> torch.Tensor:
     return attention_output_like(query, value)

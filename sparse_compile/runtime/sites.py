@@ -33,6 +33,8 @@ class SiteFacts:
         grid: ``(frames, height, width)`` of the video tokens (hints), or ``None``.
         text_tokens: number of joint text tokens (hint; 0 without text).
         text_position: ``"prefix"``/``"suffix"`` for joint attention, else ``None``.
+        context_tokens: tokens on the other side of the video from the text (latents packed
+            beside the video window), attended densely like the text (hint; 0 without them).
         dense_reason: why the site stays dense SDPA; ``None`` when it is rewritten.
         grid_from_call: the grid is the one the model call recorded where the patchify is (a fragment
             whose tokens arrive flat); the op checks it against the token count at run time.
@@ -47,6 +49,7 @@ class SiteFacts:
     text_position: str | None = None
     dense_reason: str | None = None
     grid_from_call: bool = False
+    context_tokens: int = 0
 
 
 @dataclass(eq=False)
