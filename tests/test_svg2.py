@@ -16,7 +16,7 @@ from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_sco
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import SiteCache, TokenLayout
-from sparse_compile.methods.svg2 import Centroids, Svg2Method, kept_pair_fraction
+from sparse_compile.methods.svg2 import CachedClusters, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
 
 
@@ -76,9 +76,9 @@ def test_centroids_are_cached_per_branch_and_warm_start_the_next_step(monkeypatc
     iterations = []
     real_kmeans = svg2_module.kmeans
 
-    def spy(x, n, iters, init=None, *, seed=0):
+    def spy(x, n, iters, init=None, **kwargs):
         iterations.append((iters, init is not None))
-        return real_kmeans(x, n, iters, init, seed=seed)
+        return real_kmeans(x, n, iters, init, **kwargs)
 
     monkeypatch.setattr(svg2_module, "kmeans", spy)
     torch.manual_seed(2)
@@ -89,14 +89,14 @@ def test_centroids_are_cached_per_branch_and_warm_start_the_next_step(monkeypatc
     method.attend(_call(q, k, v, layout, state, branch=1))
     method.attend(_call(q, k, v, layout, state, branch=0))
     assert iterations == [(7, False), (7, False), (7, False), (7, False), (2, True), (2, True)]
-    assert set(state.entries()) == {(Centroids, 0), (Centroids, 1)}
+    assert set(state.entries()) == {(CachedClusters, 0), (CachedClusters, 1)}
 
 
 def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatch):
     iterations = []
     real_kmeans = svg2_module.kmeans
     monkeypatch.setattr(svg2_module, "kmeans",
-                        lambda x, n, iters, init=None, *, seed=0: iterations.append(iters) or real_kmeans(x, n, iters, init, seed=seed))
+                        lambda x, n, iters, init=None, **kw: iterations.append(iters) or real_kmeans(x, n, iters, init, **kw))
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = _qkv(layout.video_tokens)
     method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=9, kmeans_iters_step=1), SiteCache()
