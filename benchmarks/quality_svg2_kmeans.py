@@ -1,6 +1,6 @@
 """SVG2's k-means settings against quality on the trained toy DiT: one generation per setting.
 
-Each setting (``--settings``: ``name=option:value,option:value;...``, svg2 options) generates the same
+Each setting (``--settings``: comma-separated ``svg2@option=value@...`` variants) generates the same
 videos as dense (eager, same noise): PSNR vs dense, mean kept density over the sparse calls, and
 the work its warm k-means calls did, counted from their results: the share of (batch, head)
 clusterings the reuse rule kept (queries, keys) and the assignment passes per warm call
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from end_to_end.variants import split_variant
 
 import sparse_compile
 import sparse_compile.methods.svg2 as svg2_module
@@ -26,20 +27,8 @@ from sparse_compile.toy.model import build_toy_wan
 from sparse_compile.toy.sampling import generate
 
 WAN_TOKENS, WAN_Q_CLUSTERS, WAN_K_CLUSTERS = 32760, 200, 1000
-DEFAULT_SETTINGS = ("old=kmeans_iters_step:2;"
-                    "iters1=kmeans_iters_step:1;"
-                    "reuse0.1=kmeans_iters_step:2,kmeans_reuse:0.1;"
-                    "sample0.25=kmeans_iters_step:2,kmeans_sample:0.25")  # fmt: skip
-
-
-def parse_settings(text: str) -> dict[str, dict[str, float]]:
-    """``"a=x:1,y:0.5;b=x:2"`` -> ``{"a": {"x": 1, "y": 0.5}, "b": {"x": 2}}`` (ints stay ints)."""
-    settings = {}
-    for item in filter(None, text.split(";")):
-        name, _, body = item.partition("=")
-        pairs = (pair.split(":") for pair in filter(None, body.split(",")))
-        settings[name] = {key: float(value) if "." in value else int(value) for key, value in pairs}
-    return settings
+DEFAULT_SETTINGS = ("svg2@kmeans_iters_step=2@kmeans_sample=1@kmeans_reuse=0,svg2@kmeans_iters_step=1,"
+                    "svg2@kmeans_reuse=0.1,svg2@kmeans_sample=0.25,svg2")  # fmt: skip
 
 
 class KmeansCounter:
@@ -116,12 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         dense = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps)
     rows = [f"Toy DiT, {args.videos} video(s) {args.frames}x{args.height}x{args.width} ({tokens} tokens), "
             f"{args.steps} steps, first {args.dense_steps} dense, {clusters}; {device}", "",
-            "| setting | options | PSNR dB vs dense | kept density | reused q / k heads | passes per warm call |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
-    for name, setting in parse_settings(args.settings).items():
+            "| setting | PSNR dB vs dense | kept density | reused q / k heads | passes per warm call (q + k) |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for name in args.settings.split(","):
+        setting = split_variant(name)[1]
         options = {"method": "svg2", "min_seq_len": 16, "dense_steps": args.dense_steps, **clusters, **setting}
         r = run_setting(model, labels, args, options)
-        rows.append(f"| {name} | {setting} | {float(psnr(r['video'], dense).mean()):.2f} | {r['density']:.3f} "
+        rows.append(f"| {name} | {float(psnr(r['video'], dense).mean()):.2f} | {r['density']:.3f} "
                     f"| {r['kept_q']:.2f} / {r['kept_k']:.2f} | {r['passes']:.2f} |")  # fmt: skip
         print(rows[-1], f"({r['seconds']:.0f} s)", flush=True)
     (args.out / "svg2_kmeans_quality.md").write_text("\n".join(rows) + "\n")

@@ -108,6 +108,55 @@ def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatc
     assert iterations == []
 
 
+def test_the_reuse_rule_keeps_the_clusters_of_tokens_that_stay_and_reclusters_tokens_that_move():
+    torch.manual_seed(3)
+    layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
+    q, k, v = _qkv(layout.video_tokens, heads=3)
+    method, state = _method(q_clusters=4, k_clusters=6, kmeans_reuse=0.2), SiteCache()
+    method.attend(_call(q, k, v, layout, state))
+    first = state.entries()[(CachedClusters, 0)]
+    method.attend(_call(q + 1e-4 * torch.randn_like(q), k, v, layout, state))  # the tokens stay
+    kept = state.entries()[(CachedClusters, 0)]
+    assert kept.query.settled.all() and kept.key.settled.all()
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(kept.query, field), getattr(first.query, field))
+    moved = q.clone()
+    moved[:, 1] = q[:, 1, torch.randperm(q.shape[2])]  # head 1's tokens change places
+    method.attend(_call(moved, k, v, layout, state))
+    after = state.entries()[(CachedClusters, 0)]
+    assert after.query.settled.tolist() == [[True, False, True]] and after.key.settled.all()
+    assert not torch.equal(after.query.labels[:, 1], first.query.labels[:, 1])
+
+
+def test_without_the_reuse_rule_every_warm_call_reclusters():
+    layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
+    q, k, v = _qkv(layout.video_tokens)
+    method, state = _method(q_clusters=4, k_clusters=6), SiteCache()
+    for _ in range(2):
+        method.attend(_call(q, k, v, layout, state))
+    assert state.entries()[(CachedClusters, 0)].query.settled is None
+
+
+def test_two_generations_with_reuse_and_subsampled_iterations_are_bit_identical():
+    torch.manual_seed(0)
+    model, inputs, _ = tiny_models.wan(frames=4, height=8, width=8, layers=1)
+    options = {"method": "svg2", "min_seq_len": 16, "q_clusters": 4, "k_clusters": 6, "kmeans_iters_init": 4,
+               "kmeans_iters_step": 2, "kmeans_sample": 0.5, "kmeans_reuse": 0.3, "dense_steps": 1}
+    compiled = torch.compile(model, backend="sparse_video", options=options)
+
+    def generation() -> list[torch.Tensor]:
+        latents, outputs = inputs["hidden_states"].clone(), []
+        with torch.no_grad():
+            for t in (900, 700, 500, 300):
+                pred = compiled(**{**inputs, "hidden_states": latents, "timestep": torch.tensor([t])}).sample
+                outputs.append(pred)
+                latents = latents - 0.05 * pred
+        return outputs
+
+    first, second = generation(), generation()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_identical_and_zero_tokens_stay_finite():
     layout = TokenLayout(frames=2, height=3, width=3, text_tokens=0, text_first=False)
     q = torch.zeros(1, 2, 18, 8)
@@ -132,6 +181,9 @@ def test_kept_pair_fraction_counts_cluster_sizes():
     ({"top_p": 0.0}, "'top_p' of method 'svg2' must be a number in \\(0, 1\\]"),
     ({"q_clusters": 0}, "'q_clusters' of method 'svg2' must be an int >= 1"),
     ({"min_kc_ratio": 2}, "'min_kc_ratio' of method 'svg2' must be a number in \\[0, 1\\]"),
+    ({"kmeans_sample": 0}, "'kmeans_sample' of method 'svg2' must be a number in \\(0, 1\\]"),
+    ({"kmeans_reuse": 1.5}, "'kmeans_reuse' of method 'svg2' must be a number in \\[0, 1\\]"),
+    ({"kmeans_reuse": True}, "'kmeans_reuse' of method 'svg2' must be a number in \\[0, 1\\]"),
 ])
 def test_bad_svg2_options(options, message):
     with pytest.raises(ValueError, match=message):

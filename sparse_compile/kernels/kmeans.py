@@ -25,7 +25,13 @@ Kernel design (CUDA), per iteration two launches:
 A call is ``2 * iters + 1`` launches (a first finalize that copies the initial centroids, in any
 float dtype, into the fp32 buffer and zeroes the counts and sums, then the iterations;
 ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
-is written by a kernel before it is read, none is filled by a separate memset or copy.
+is written by a kernel before it is read, none is filled by a separate memset or copy. Subsampled
+iterations (``sample_stride``) are the same kernels on a strided view of x, with their own label
+buffers. The reuse rule adds, after the first finalize, a memset and one *probe* launch
+(``_probe_kernel``: the assignment of every ``probe_stride``-th token, counting per (b, h) the tokens
+whose label changes against the previous labels); every later assignment and finalize reads that
+count and leaves a settled (b, h) alone (no loads, no dots, no stores), and four ``torch.where``
+take the settled heads' outputs from the previous clustering (:func:`keep_settled`).
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
 per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomics spread over
@@ -59,6 +65,7 @@ from sparse_compile.kernels.kmeans_reference import (
     cluster_permutation_reference,
     cluster_ranks_reference,
     initial_centroids,
+    keep_settled,
     kmeans_objective,
     kmeans_reference,
     sample_stride_for,
@@ -453,13 +460,10 @@ def kmeans_triton(
         labels, ranks = _lloyd(x, ws, 1, config, settled, last=True)
     else:
         labels, ranks = _lloyd(x, ws, iters, config, settled, last=True)
+    clustering = Clustering(ws.centroids, labels, ws.counts, ranks)
     if reuse is None:
-        return Clustering(ws.centroids, labels, ws.counts, ranks)
-    keep = (settled.changes < settled.limit).view(b, h)
-    previous = reuse.previous
-    return Clustering(ws.centroids, torch.where(keep[..., None], previous.labels, labels),
-                      torch.where(keep[..., None], previous.sizes, ws.counts),
-                      torch.where(keep[..., None], previous.ranks, ranks), keep)  # fmt: skip
+        return clustering
+    return keep_settled(clustering, reuse.previous, (settled.changes < settled.limit).view(b, h))
 
 
 def kmeans(

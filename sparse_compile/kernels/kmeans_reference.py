@@ -212,12 +212,17 @@ def kmeans_reference(
     ranks = cluster_ranks_reference(labels, sizes)
     if reuse is None:
         return Clustering(centroids, labels, sizes, ranks)
-    settled = settled_heads_reference(x, reuse)
-    previous = reuse.previous
+    return keep_settled(Clustering(centroids, labels, sizes, ranks), reuse.previous, settled_heads_reference(x, reuse))
+
+
+def keep_settled(clustering: Clustering, previous: Clustering, settled: Tensor) -> Clustering:
+    """``clustering`` with the centroids, labels, sizes and ranks of the ``settled`` heads (bool ``(B, H)``)
+    taken from ``previous``, and ``settled`` recorded."""
     keep = settled[:, :, None]
-    return Clustering(torch.where(keep[..., None], previous.centroids, centroids),
-                      torch.where(keep, previous.labels, labels), torch.where(keep, previous.sizes, sizes),
-                      torch.where(keep, previous.ranks, ranks), settled)  # fmt: skip
+    return Clustering(torch.where(keep[..., None], previous.centroids, clustering.centroids),
+                      torch.where(keep, previous.labels, clustering.labels),
+                      torch.where(keep, previous.sizes, clustering.sizes),
+                      torch.where(keep, previous.ranks, clustering.ranks), settled)  # fmt: skip
 
 
 def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:

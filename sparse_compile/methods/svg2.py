@@ -186,21 +186,28 @@ class Svg2Method(AttentionMethod):
         """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache (step 1)."""
         cached = self.cached(call, CachedClusters)
         n_q, n_k = self.cluster_counts(q.shape[2], call.site_name)
-        config = self.config
-        sample_stride = max(1, round(1 / config.kmeans_sample))
         if cached is None:
-            q_clusters = kmeans(q, n_q, config.kmeans_iters_init, seed=0, sample_stride=sample_stride)
-            k_clusters = kmeans(k, n_k, config.kmeans_iters_init, seed=1, sample_stride=sample_stride)
+            config = self.config
+            stride = self.sample_stride()
+            q_clusters = kmeans(q, n_q, config.kmeans_iters_init, seed=0, sample_stride=stride)
+            k_clusters = kmeans(k, n_k, config.kmeans_iters_init, seed=1, sample_stride=stride)
         else:
-            q_clusters, k_clusters = (
-                kmeans(x, n, config.kmeans_iters_step, sample_stride=sample_stride,
-                       reuse=Reuse(previous, config.kmeans_reuse, REUSE_PROBE_STRIDE))
-                if config.kmeans_reuse > 0
-                else kmeans(x, n, config.kmeans_iters_step, previous.centroids, sample_stride=sample_stride)
-                for x, n, previous in ((q, n_q, cached.query), (k, n_k, cached.key))
-            )  # fmt: skip
+            q_clusters, k_clusters = self.warm_clustering(q, n_q, cached.query), self.warm_clustering(k, n_k, cached.key)
         self.store(call, CachedClusters(q_clusters, k_clusters))
         return q_clusters, k_clusters
+
+    def sample_stride(self) -> int:
+        """Token stride of the subsampled iterations: ``round(1 / kmeans_sample)``."""
+        return max(1, round(1 / self.config.kmeans_sample))
+
+    def warm_clustering(self, x: torch.Tensor, num_clusters: int, previous: Clustering) -> Clustering:
+        """A warm call's k-means of ``x`` ``(B, H, Sv, D)`` from the cached ``previous`` clustering: the
+        reuse rule when ``kmeans_reuse`` > 0, else ``kmeans_iters_step`` iterations from its centroids."""
+        config = self.config
+        if config.kmeans_reuse > 0:
+            reuse = Reuse(previous, config.kmeans_reuse, REUSE_PROBE_STRIDE)
+            return kmeans(x, num_clusters, config.kmeans_iters_step, sample_stride=self.sample_stride(), reuse=reuse)
+        return kmeans(x, num_clusters, config.kmeans_iters_step, previous.centroids, sample_stride=self.sample_stride())
 
     def attend(self, call: AttentionCall) -> AttentionResult:
         """As every method, with the break-even guard per head where the device's costs are measured:
