@@ -581,7 +581,24 @@ def test_gpu_no_host_sync(d):
         cold = km.kmeans(x, 300, 3, seed=1)
         warm = km.kmeans(x, 300, 2, cold.centroids)
         perm, offsets = km.cluster_permutation(warm.labels, warm.sizes, warm.ranks)
+        reused = km.kmeans(x, 300, 2, sample_stride=4, reuse=Reuse(warm, 0.1, 8))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(offsets[..., 1:] - offsets[..., :-1], warm.sizes)
     assert torch.equal(torch.gather(warm.labels, 2, perm).sort(-1).values, torch.gather(warm.labels, 2, perm))
+    assert reused.settled.shape == (1, 4) and torch.equal(reused.sizes, cluster_sizes(reused.labels, 300))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_reuse_keeps_settled_heads_and_reclusters_moved_ones(dtype):
+    x, _, centers = blobs(2, 3, 100, 30, 64, seed=16, contiguous=False, device="cuda")
+    previous = kmeans_reference(x, 100, 3, centers)
+    x = shuffled(x, 1, seed=6).to(dtype)
+    reuse = Reuse(previous, 0.05, 8)
+    got, want = km.kmeans(x, 100, 2, sample_stride=4, reuse=reuse), kmeans_reference(x, 100, 2, sample_stride=4, reuse=reuse)
+    assert got.settled.tolist() == want.settled.tolist() == [[True, False, True]] * 2
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(got, field)[:, [0, 2]], getattr(previous, field)[:, [0, 2]])
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.sizes, want.sizes)
+    assert rel_l2(got.centroids, want.centroids) <= (1e-5 if dtype == torch.float32 else 1e-2)
