@@ -12,10 +12,18 @@ through the permutations, and the kept-density reduction. Then the whole
 ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
 (GPU time: the small stages are launch-bound when timed alone, but inside a model the CPU queues
 them while the GPU runs the previous layer). Last, every GPU kernel one warm call launches, with its
-GPU time from ``torch.profiler`` (the profiler's per-kernel times add a little to each). Prints
-markdown tables and writes them to ``$OUT/svg2_stages.md`` when ``OUT`` is set.
+GPU time from ``torch.profiler`` (the profiler's per-kernel times add a little to each).
 
-    python benchmarks/profile_svg2_stages.py [--shape NAME]
+Before that, ``--settings`` compares k-means settings side by side (default: the old
+``kmeans_iters_step=2`` without subsample or reuse, and the current defaults): per setting the GPU
+time of k-means q + k, the whole call and the overhead share. With the reuse rule on, k-means is
+timed twice: on the tokens its cached clustering came from (every head settled: only the probe
+works) and against a clustering of the tokens shuffled (every head moved: the probe, then the
+iterations); the whole call is the settled one, and the moved call's overhead share is derived from
+it (whole call - settled k-means + moved k-means). Prints markdown tables and writes them to
+``$OUT/svg2_stages.md`` when ``OUT`` is set.
+
+    python benchmarks/profile_svg2_stages.py [--shape NAME] [--settings svg2@kmeans_iters_step=2,svg2]
 """
 
 from __future__ import annotations
@@ -29,13 +37,14 @@ import torch
 import torch.nn.functional as F
 import triton
 from common import SHAPES, bench_ms, graph_replay_ms, method_call, print_and_save, structured_qkv, token_major
+from end_to_end.variants import split_variant
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
-from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
+from sparse_compile.kernels.kmeans import Clustering, cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
-from sparse_compile.methods.svg2 import Svg2Method, kept_pair_fraction
 from sparse_compile.methods.base import SiteCache
+from sparse_compile.methods.svg2 import CachedClusters, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
 
 SELECT_STAGE = "scores + top-p + kept tokens (fused kernel)"
@@ -43,14 +52,38 @@ UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_cluste
 KERNEL_STAGE = "cluster kernel, permutations folded"
 CALL = "whole call (Svg2Method.video_attention)"
 DENSE = "cuDNN dense SDPA"
+KMEANS_Q, KMEANS_K = "k-means queries", "k-means keys"
+OLD_SETTING = "svg2@kmeans_iters_step=2@kmeans_sample=1@kmeans_reuse=0"
 
 
-def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]):
-    """SVG2 with default options after one (cold) call, so its centroid cache is filled; and its site cache."""
-    method = Svg2Method(validate_options({"method": "svg2"}))
+def warm_method(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], options: dict):
+    """SVG2 with ``options`` after one (cold) call, so its clustering cache is filled; and its site cache."""
+    method = Svg2Method(validate_options({"method": "svg2", **options}))
     cache = SiteCache()
     method.attend(method_call(q, k, v, grid, cache))
     return method, cache
+
+
+def cached_clusters(cache: SiteCache) -> CachedClusters:
+    """The clustering a warm call starts from (the site cache's one entry)."""
+    return next(iter(cache.entries().values()))
+
+
+def shuffled_clustering(x: torch.Tensor, clustering: Clustering) -> Clustering:
+    """``clustering`` as if ``x``'s tokens had changed places: the same centroids, the labels, ranks
+    (and so the probe's reference) of a random token order, so the reuse rule re-clusters every head."""
+    perm = torch.randperm(x.shape[2], device=x.device, generator=torch.Generator(device=x.device).manual_seed(0))
+    return Clustering(clustering.centroids, clustering.labels[:, :, perm], clustering.sizes, clustering.ranks[:, :, perm])
+
+
+def kmeans_calls(method: Svg2Method, q, k, cached: CachedClusters, moved: bool) -> dict[str, Callable[[], object]]:
+    """The warm k-means of queries and keys as the method runs them, from the cached clustering
+    (``moved``: from :func:`shuffled_clustering` of it)."""
+    previous_q = shuffled_clustering(q, cached.query) if moved else cached.query
+    previous_k = shuffled_clustering(k, cached.key) if moved else cached.key
+    n_q, n_k = previous_q.centroids.shape[2], previous_k.centroids.shape[2]
+    return {KMEANS_Q: lambda: method.warm_clustering(q, n_q, previous_q),
+            KMEANS_K: lambda: method.warm_clustering(k, n_k, previous_k)}  # fmt: skip
 
 
 def stage_calls(
@@ -62,11 +95,10 @@ def stage_calls(
     Each stage runs on the previous stages' real outputs (computed once here), as in the call.
     """
     p = method.config
-    cached = next(iter(cache.entries().values()))
-    iters = p.kmeans_iters_step
+    cached = cached_clusters(cache)
     scale = q.shape[-1] ** -0.5
-    cq = kmeans(q, p.q_clusters, iters, cached.query, seed=0)
-    ck = kmeans(k, p.k_clusters, iters, cached.key, seed=1)
+    clustering = kmeans_calls(method, q, k, cached, moved=False)
+    cq, ck = clustering[KMEANS_Q](), clustering[KMEANS_K]()
     q_perm, q_off = cluster_permutation(cq.labels, cq.sizes, cq.ranks)
     k_perm, k_off = cluster_permutation(ck.labels, ck.sizes, ck.ranks)
     min_blocks = method.min_kept_key_clusters(ck.sizes.shape[-1])
@@ -79,8 +111,7 @@ def stage_calls(
 
     counts, indices, kept_tokens = select()
     stages = {
-        "k-means queries": lambda: kmeans(q, p.q_clusters, iters, cached.query, seed=0),
-        "k-means keys": lambda: kmeans(k, p.k_clusters, iters, cached.key, seed=1),
+        **clustering,
         "permutations (2 x cluster_permutation)": lambda: (cluster_permutation(cq.labels, cq.sizes, cq.ranks),
                                                            cluster_permutation(ck.labels, ck.sizes, ck.ranks)),
         SELECT_STAGE: select,
@@ -155,6 +186,43 @@ def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: 
     return "\n".join(rows)
 
 
+@dataclass(frozen=True)
+class SettingTimes:
+    """GPU ms of one setting's warm call (graph replays): k-means q + k settled and moved (equal without
+    the reuse rule), the cluster kernel and the whole call (settled)."""
+
+    kmeans_settled: float
+    kmeans_moved: float
+    kernel: float
+    whole: float
+
+
+def time_setting(q, k, v, grid, options: dict) -> SettingTimes:
+    """:class:`SettingTimes` of SVG2 with ``options`` on these inputs."""
+    method, cache = warm_method(q, k, v, grid, options)
+    stages, _ = stage_calls(method, q, k, v, cache)
+    cached = cached_clusters(cache)
+
+    def gpu_ms(calls: dict[str, Callable[[], object]]) -> float:
+        return sum(graph_replay_ms(fn) for fn in calls.values())
+
+    settled = gpu_ms(kmeans_calls(method, q, k, cached, moved=False))
+    moved = gpu_ms(kmeans_calls(method, q, k, cached, moved=True)) if method.config.kmeans_reuse > 0 else settled
+    whole = graph_replay_ms(whole_calls(method, q, k, v, grid, cache)[CALL])
+    return SettingTimes(settled, moved, graph_replay_ms(stages[KERNEL_STAGE]), whole)
+
+
+def comparison(times: dict[str, SettingTimes]) -> str:
+    """Markdown: one row per setting, GPU ms and the overhead share (whole call minus the kernel)."""
+    rows = ["| setting | k-means q + k, settled / moved | cluster kernel | whole call | overhead share, "
+            "settled / moved |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, t in times.items():
+        moved_whole = t.whole - t.kmeans_settled + t.kmeans_moved
+        rows.append(f"| {name} | {t.kmeans_settled:.3f} / {t.kmeans_moved:.3f} "
+                    f"| {t.kernel:.3f} | {t.whole:.3f} | {1 - t.kernel / t.whole:.1%} / {1 - t.kernel / moved_whole:.1%} |")
+    return "\n".join(rows)
+
+
 def launch_table(call: Callable[[], object], reps: int = 10) -> str:
     """Markdown: each GPU kernel of one ``call`` (by name, truncated), launches and microseconds per call,
     from ``torch.profiler`` over ``reps`` calls after warm-up; with the kernel count and summed time."""
@@ -180,18 +248,24 @@ def launch_table(call: Callable[[], object], reps: int = 10) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default=next(iter(SHAPES)))
+    parser.add_argument("--settings", default=OLD_SETTING + ",svg2",
+                        help="comma-separated svg2 variants (svg2@option=value@...) compared side by side")
     args = parser.parse_args(argv)
+    settings = {variant: split_variant(variant)[1] for variant in args.settings.split(",")}
     heads, grid = SHAPES[args.shape]
     q, k, v = (token_major(x) for x in structured_qkv(heads, math.prod(grid)))
-    method, cache = warm_method(q, k, v, grid)
+    header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
+              f"{torch.cuda.get_device_name()}")  # fmt: skip
+    side_by_side = comparison({name: time_setting(q, k, v, grid, options) for name, options in settings.items()})
+    method, cache = warm_method(q, k, v, grid, {})
     stages, select_unfused = stage_calls(method, q, k, v, cache)
     stage_times = {name: time_both(fn) for name, fn in stages.items()}
     unfused_select = time_both(select_unfused)
     calls = whole_calls(method, q, k, v, grid, cache)
     whole = {name: time_both(fn) for name, fn in calls.items()}
-    header = (f"{args.shape}, (B, S, H, D) storage; torch {torch.__version__}, triton {triton.__version__}, "
-              f"{torch.cuda.get_device_name()}")  # fmt: skip
-    table = report(stage_times, whole, unfused_select, header) + "\n\n" + launch_table(calls[CALL])
+    table = (f"{header}\n\nk-means settings, GPU ms (graph replays):\n\n{side_by_side}\n\n"
+             f"Stage by stage at the defaults (a settled call where the reuse rule is on):\n\n"
+             + report(stage_times, whole, unfused_select, header) + "\n\n" + launch_table(calls[CALL]))
     print_and_save(table, "svg2_stages.md")
 
 

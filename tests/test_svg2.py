@@ -16,7 +16,7 @@ from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_sco
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import SiteCache, TokenLayout
-from sparse_compile.methods.svg2 import Centroids, Svg2Method, kept_pair_fraction
+from sparse_compile.methods.svg2 import CachedClusters, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
 
 
@@ -34,8 +34,9 @@ def _qkv(seq, heads=2, dim=16, batch=1, dtype=torch.float32):
 def _token_mask(q, k, params, iters):
     """The boolean (query, key) mask SVG2 keeps, recomputed independently: (B, H, S, S)."""
     scale = q.shape[-1] ** -0.5
-    cq = kmeans(q, params["q_clusters"], iters, None, seed=0)
-    ck = kmeans(k, params["k_clusters"], iters, None, seed=1)
+    stride = round(1 / params["kmeans_sample"])
+    cq = kmeans(q, params["q_clusters"], iters, None, seed=0, sample_stride=stride)
+    ck = kmeans(k, params["k_clusters"], iters, None, seed=1, sample_stride=stride)
     probs = pooled_block_scores(cq.centroids, ck.centroids, ck.sizes, scale)
     min_blocks = max(math.ceil(params["min_kc_ratio"] * probs.shape[-1]), 1)
     counts, indices = select_top_p(probs, params["top_p"], min_blocks=min_blocks)
@@ -49,7 +50,7 @@ def _token_mask(q, k, params, iters):
 @pytest.mark.parametrize("top_p", [0.5, 0.9])
 def test_output_equals_attention_under_the_kept_cluster_pairs(top_p):
     torch.manual_seed(0)
-    params = dict(q_clusters=6, k_clusters=10, top_p=top_p, min_kc_ratio=0.1, kmeans_iters_init=5)
+    params = dict(q_clusters=6, k_clusters=10, top_p=top_p, min_kc_ratio=0.1, kmeans_iters_init=5, kmeans_sample=0.25)
     layout = TokenLayout(frames=3, height=5, width=7, text_tokens=0, text_first=False)
     q, k, v = _qkv(layout.video_tokens)
     result = _method(**params).attend(_call(q, k, v, layout))
@@ -76,9 +77,9 @@ def test_centroids_are_cached_per_branch_and_warm_start_the_next_step(monkeypatc
     iterations = []
     real_kmeans = svg2_module.kmeans
 
-    def spy(x, n, iters, init=None, *, seed=0):
-        iterations.append((iters, init is not None))
-        return real_kmeans(x, n, iters, init, seed=seed)
+    def spy(x, n, iters, init=None, **kwargs):
+        iterations.append((iters, init is not None or kwargs.get("reuse") is not None))
+        return real_kmeans(x, n, iters, init, **kwargs)
 
     monkeypatch.setattr(svg2_module, "kmeans", spy)
     torch.manual_seed(2)
@@ -89,14 +90,14 @@ def test_centroids_are_cached_per_branch_and_warm_start_the_next_step(monkeypatc
     method.attend(_call(q, k, v, layout, state, branch=1))
     method.attend(_call(q, k, v, layout, state, branch=0))
     assert iterations == [(7, False), (7, False), (7, False), (7, False), (2, True), (2, True)]
-    assert set(state.entries()) == {(Centroids, 0), (Centroids, 1)}
+    assert set(state.entries()) == {(CachedClusters, 0), (CachedClusters, 1)}
 
 
 def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatch):
     iterations = []
     real_kmeans = svg2_module.kmeans
     monkeypatch.setattr(svg2_module, "kmeans",
-                        lambda x, n, iters, init=None, *, seed=0: iterations.append(iters) or real_kmeans(x, n, iters, init, seed=seed))
+                        lambda x, n, iters, init=None, **kw: iterations.append(iters) or real_kmeans(x, n, iters, init, **kw))
     layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
     q, k, v = _qkv(layout.video_tokens)
     method, state = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=9, kmeans_iters_step=1), SiteCache()
@@ -106,6 +107,53 @@ def test_dense_steps_cluster_already_so_the_first_sparse_step_is_warm(monkeypatc
     iterations.clear()
     _method(kmeans_during_dense=False).observe_dense(_call(q, k, v, layout, SiteCache()))
     assert iterations == []
+
+
+def test_the_reuse_rule_keeps_the_clusters_of_tokens_that_stay_and_reclusters_tokens_that_move():
+    torch.manual_seed(3)
+    layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
+    q, k, v = _qkv(layout.video_tokens, heads=3)
+    method, state = _method(q_clusters=4, k_clusters=6, kmeans_reuse=0.2), SiteCache()
+    method.attend(_call(q, k, v, layout, state))
+    first = state.entries()[(CachedClusters, 0)]
+    method.attend(_call(q + 1e-4 * torch.randn_like(q), k, v, layout, state))  # the tokens stay
+    kept = state.entries()[(CachedClusters, 0)]
+    assert kept.query.settled.all() and kept.key.settled.all()
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(kept.query, field), getattr(first.query, field))
+    moved = q.clone()
+    moved[:, 1] = q[:, 1, torch.randperm(q.shape[2])]  # head 1's tokens change places
+    method.attend(_call(moved, k, v, layout, state))
+    after = state.entries()[(CachedClusters, 0)]
+    assert after.query.settled.tolist() == [[True, False, True]] and after.key.settled.all()
+    assert not torch.equal(after.query.labels[:, 1], first.query.labels[:, 1])
+
+
+def test_without_the_reuse_rule_every_warm_call_reclusters():
+    layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
+    q, k, v = _qkv(layout.video_tokens)
+    method, state = _method(q_clusters=4, k_clusters=6, kmeans_reuse=0.0), SiteCache()
+    for _ in range(2):
+        method.attend(_call(q, k, v, layout, state))
+    assert state.entries()[(CachedClusters, 0)].query.settled is None
+
+
+def test_the_same_calls_from_an_empty_cache_give_bit_identical_outputs_with_reuse_and_subsample():
+    """A generation starts from an empty site cache (the backend clears it; test_reproducibility runs
+    whole generations): the same calls then give the same outputs, reused heads included."""
+    torch.manual_seed(4)
+    layout = TokenLayout(frames=2, height=4, width=4, text_tokens=0, text_first=False)
+    q, k, v = _qkv(layout.video_tokens, heads=3)
+    steps = [(q, k), (q + 1e-4, k), (q.flip(2), k.flip(2))]  # cold, reused, re-clustered
+    method = _method(q_clusters=4, k_clusters=6, kmeans_iters_init=4, kmeans_iters_step=2, kmeans_sample=0.5,
+                     kmeans_reuse=0.2)
+
+    def generation() -> list[torch.Tensor]:
+        state = SiteCache()
+        return [method.attend(_call(sq, sk, v, layout, state)).output for sq, sk in steps]
+
+    first, second = generation(), generation()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_identical_and_zero_tokens_stay_finite():
@@ -132,6 +180,9 @@ def test_kept_pair_fraction_counts_cluster_sizes():
     ({"top_p": 0.0}, "'top_p' of method 'svg2' must be a number in \\(0, 1\\]"),
     ({"q_clusters": 0}, "'q_clusters' of method 'svg2' must be an int >= 1"),
     ({"min_kc_ratio": 2}, "'min_kc_ratio' of method 'svg2' must be a number in \\[0, 1\\]"),
+    ({"kmeans_sample": 0}, "'kmeans_sample' of method 'svg2' must be a number in \\(0, 1\\]"),
+    ({"kmeans_reuse": 1.5}, "'kmeans_reuse' of method 'svg2' must be a number in \\[0, 1\\]"),
+    ({"kmeans_reuse": True}, "'kmeans_reuse' of method 'svg2' must be a number in \\[0, 1\\]"),
 ])
 def test_bad_svg2_options(options, message):
     with pytest.raises(ValueError, match=message):

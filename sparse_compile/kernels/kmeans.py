@@ -25,7 +25,13 @@ Kernel design (CUDA), per iteration two launches:
 A call is ``2 * iters + 1`` launches (a first finalize that copies the initial centroids, in any
 float dtype, into the fp32 buffer and zeroes the counts and sums, then the iterations;
 ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
-is written by a kernel before it is read, none is filled by a separate memset or copy.
+is written by a kernel before it is read, none is filled by a separate memset or copy. Subsampled
+iterations (``sample_stride``) are the same kernels on a strided view of x, with their own label
+buffers. The reuse rule adds, after the first finalize, a memset and one *probe* launch
+(``_probe_kernel``: the assignment of every ``probe_stride``-th token, counting per (b, h) the tokens
+whose label changes against the previous labels); every later assignment and finalize reads that
+count and leaves a settled (b, h) alone (no loads, no dots, no stores), and four ``torch.where``
+take the settled heads' outputs from the previous clustering (:func:`keep_settled`).
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
 per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomics spread over
@@ -53,12 +59,16 @@ from torch import Tensor
 from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot_precision
 from sparse_compile.kernels.kmeans_reference import (
     Clustering,
+    Reuse,
+    change_limit,
     cluster_offsets,
     cluster_permutation_reference,
     cluster_ranks_reference,
     initial_centroids,
+    keep_settled,
     kmeans_objective,
     kmeans_reference,
+    sample_stride_for,
 )
 from sparse_compile.kernels.tile_configs import (
     KMEANS_FINALIZE_ELEMENTS,
@@ -68,20 +78,30 @@ from sparse_compile.kernels.tile_configs import (
 )
 
 
-def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None) -> None:
+def check_kmeans_inputs(
+    x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None, sample_stride: int = 1,
+    reuse: Reuse | None = None,
+) -> None:  # fmt: skip
     """Raise ``ValueError`` unless the arguments of :func:`kmeans` are valid (no sync)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, H, S, D), got shape {tuple(x.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x must be one of {SUPPORTED_DTYPES}, got {x.dtype}")
     b, h, s, d = x.shape
-    for name, value in (("num_clusters", num_clusters), ("iters", iters)):
+    for name, value in (("num_clusters", num_clusters), ("iters", iters), ("sample_stride", sample_stride)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if not 1 <= num_clusters <= s:
         raise ValueError(f"num_clusters must lie in [1, S={s}], got {num_clusters}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if sample_stride < 1:
+        raise ValueError(f"sample_stride must be >= 1, got {sample_stride}")
+    if reuse is not None:
+        if init_centroids is not None:
+            raise ValueError("pass init_centroids or reuse (whose previous centroids are the warm start), not both")
+        check_reuse(x, num_clusters, reuse)
+        init_centroids = reuse.previous.centroids
     if init_centroids is None:
         return
     if tuple(init_centroids.shape) != (b, h, num_clusters, d) or not init_centroids.dtype.is_floating_point:
@@ -91,6 +111,21 @@ def check_kmeans_inputs(x: Tensor, num_clusters: int, iters: int, init_centroids
         )
     if init_centroids.device != x.device:
         raise ValueError(f"init_centroids must be on x's device {x.device}, got {init_centroids.device}")
+
+
+def check_reuse(x: Tensor, num_clusters: int, reuse: Reuse) -> None:
+    """Raise ``ValueError`` unless ``reuse`` fits ``x`` ``(B, H, S, D)`` and ``num_clusters``."""
+    b, h, s, _ = x.shape
+    if not (isinstance(reuse.tolerance, (int, float)) and 0 <= reuse.tolerance <= 1):
+        raise ValueError(f"reuse.tolerance must be a number in [0, 1], got {reuse.tolerance!r}")
+    if not isinstance(reuse.probe_stride, int) or isinstance(reuse.probe_stride, bool) or reuse.probe_stride < 1:
+        raise ValueError(f"reuse.probe_stride must be an int >= 1, got {reuse.probe_stride!r}")
+    previous = reuse.previous
+    for name, t, shape in (("labels", previous.labels, (b, h, s)), ("ranks", previous.ranks, (b, h, s)),
+                           ("sizes", previous.sizes, (b, h, num_clusters))):  # fmt: skip
+        if tuple(t.shape) != shape or t.dtype != torch.int32 or t.device != x.device:
+            raise ValueError(f"reuse.previous.{name} must be int32 {shape} on {x.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")  # fmt: skip
 
 
 def check_permutation_inputs(labels: Tensor, sizes: Tensor, ranks: Tensor) -> None:
@@ -130,20 +165,41 @@ def _score_chunk(
 
 
 @triton.jit
+def _nearest(
+    x, c_base, hn_base, k_end, num_clusters, dims,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Index of each token's best centroid among ``[0, k_end)`` (``k_end`` is ``num_clusters``, or 0 to
+    compute nothing): the full BLOCK_K chunks, then the last ``k_end % BLOCK_K`` in one masked chunk of
+    TAIL_K (a power of two, at least that remainder)."""
+    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_S], tl.int32)
+    k_full = (k_end // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        best, best_idx = _score_chunk(x, c_base, hn_base, k0, num_clusters, best, best_idx, dims,
+                                      HEAD_DIM, BLOCK_K, False, DOT_PRECISION)
+    if k_full < k_end:
+        best, best_idx = _score_chunk(x, c_base, hn_base, k_full, num_clusters, best, best_idx, dims,
+                                      HEAD_DIM, TAIL_K, True, DOT_PRECISION)
+    return best_idx
+
+
+@triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr,
+    x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr, changes_ptr, change_limit,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, SKIP_SETTLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (BLOCK_S tokens, batch * head): labels, ranks, counts and (ACCUMULATE) member sums.
 
     Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels and
     ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32
     ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are added to (``sums_ptr`` is not touched unless
-    ACCUMULATE). Centroids stream in BLOCK_K chunks, the last ``K % BLOCK_K`` in one masked chunk of
-    TAIL_K (a power of two, at least that remainder).
+    ACCUMULATE). With SKIP_SETTLED a (b, h) whose probe count ``changes[bh]`` is below ``change_limit``
+    (settled) reads, computes and writes nothing.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -151,20 +207,16 @@ def _assign_kernel(
     h = bh % num_heads
     rows = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < seq_len
+    k_end = num_clusters
+    if SKIP_SETTLED:
+        active = tl.load(changes_ptr + bh) >= change_limit
+        row_ok = row_ok & active
+        k_end = tl.where(active, num_clusters, 0)
     dims = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    c_base = c_ptr + bh * num_clusters * HEAD_DIM
-    hn_base = hn_ptr + bh * num_clusters
-    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_S], tl.int32)
-    k_full = (num_clusters // BLOCK_K) * BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):
-        best, best_idx = _score_chunk(x, c_base, hn_base, k0, num_clusters, best, best_idx, dims,
-                                      HEAD_DIM, BLOCK_K, False, DOT_PRECISION)
-    if k_full < num_clusters:
-        best, best_idx = _score_chunk(x, c_base, hn_base, k_full, num_clusters, best, best_idx, dims,
-                                      HEAD_DIM, TAIL_K, True, DOT_PRECISION)
+    best_idx = _nearest(x, c_ptr + bh * num_clusters * HEAD_DIM, hn_ptr + bh * num_clusters, k_end, num_clusters,
+                        dims, BLOCK_S, HEAD_DIM, BLOCK_K, TAIL_K, DOT_PRECISION)
     tl.store(labels_ptr + bh * seq_len + rows, best_idx, mask=row_ok)
     cluster = bh * num_clusters + best_idx
     rank = tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
@@ -175,10 +227,36 @@ def _assign_kernel(
 
 
 @triton.jit
+def _probe_kernel(
+    x_ptr, c_ptr, hn_ptr, prev_labels_ptr, changes_ptr,
+    stride_xb, stride_xh, stride_xs, stride_lb, stride_lh, stride_ls,
+    num_heads, seq_len, num_clusters,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per (BLOCK_S probe tokens, batch * head): adds to ``changes[bh]`` (int32 ``(B*H,)``)
+    the tokens whose best centroid differs from their previous label (``(B, H, S)`` view, any strides)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_heads
+    h = bh % num_heads
+    rows = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_ok = rows < seq_len
+    dims = tl.arange(0, HEAD_DIM)
+    x = tl.load(x_ptr + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    best_idx = _nearest(x, c_ptr + bh * num_clusters * HEAD_DIM, hn_ptr + bh * num_clusters, num_clusters,
+                        num_clusters, dims, BLOCK_S, HEAD_DIM, BLOCK_K, TAIL_K, DOT_PRECISION)
+    previous = tl.load(prev_labels_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=0)
+    changed = tl.sum((row_ok & (best_idx != previous)).to(tl.int32), 0)
+    tl.atomic_add(changes_ptr + bh, changed, sem="relaxed")
+
+
+@triton.jit
 def _finalize_kernel(
-    src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, total_rows,
+    src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, changes_ptr, change_limit, total_rows, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, ZERO_COUNTS: tl.constexpr,
-    ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr,
+    ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr, SKIP_SETTLED: tl.constexpr,
 ):
     """One program per BLOCK_R centroid rows of the flat ``(B*H*K, D)`` buffers.
 
@@ -186,9 +264,13 @@ def _finalize_kernel(
     ``c = sums / count`` where count > 0; written to ``c`` in fp32. ZERO_COUNTS / ZERO_SUMS then zero
     the counts / sums for the next assignment (after reading them). Always: ``low = c`` in the dot dtype
     (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
+    With SKIP_SETTLED the rows of a settled (b, h) (``changes[row // num_clusters] < change_limit``)
+    are left as they are.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
+    if SKIP_SETTLED:
+        row_ok = row_ok & (tl.load(changes_ptr + rows // num_clusters, mask=row_ok, other=0) >= change_limit)
     dims = tl.arange(0, HEAD_DIM)
     offs = rows[:, None] * HEAD_DIM + dims[None, :]
     tile_ok = tl.broadcast_to(row_ok[:, None], (BLOCK_R, HEAD_DIM))
@@ -248,16 +330,27 @@ def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
     return _Workspace(centroids, low, half_norms, counts, sums)
 
 
-def _finalize(ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool) -> None:
+@dataclass(frozen=True)
+class _Settled:
+    """The reuse probe's device state: int32 ``changes`` ``(B*H,)`` (probe tokens that changed cluster)
+    and the host int ``limit``: a (b, h) with ``changes < limit`` is settled."""
+
+    changes: Tensor
+    limit: int
+
+
+def _finalize(ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool, settled: _Settled | None = None) -> None:
     """Launch ``_finalize_kernel`` over every centroid row: centroids from ``src`` (contiguous
     ``(B, H, K, D)``, ``ws.centroids`` itself after an iteration) or the sums, counts zeroed unless this
-    is the last finalize (``from_sums`` without ``zero_sums``), sums zeroed with ``zero_sums``."""
+    is the last finalize (``from_sums`` without ``zero_sums``), sums zeroed with ``zero_sums``; the rows
+    of ``settled`` heads untouched."""
     b, h, k, d = ws.centroids.shape
     block_r = KMEANS_FINALIZE_ELEMENTS // d
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
         src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts,
-        b * h * k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
-        ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids,
+        ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
+        b * h * k, k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
+        ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids, SKIP_SETTLED=settled is not None,
     )  # fmt: skip
 
 
@@ -268,19 +361,59 @@ def _tail_chunk(num_clusters: int, block_k: int) -> int:
     return min(block_k, max(16, triton.next_power_of_2(num_clusters % block_k)))
 
 
-def _assign(x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: TileConfig, accumulate: bool) -> None:
-    """Launch ``_assign_kernel`` over every (token tile, batch * head): ``config.block_m`` tokens x
-    ``config.block_n`` centroids per step."""
+def _assign(
+    x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: TileConfig, accumulate: bool,
+    settled: _Settled | None = None,
+) -> None:  # fmt: skip
+    """Launch ``_assign_kernel`` over every (token tile, batch * head) of ``x`` (any ``(B, H, S', D)``
+    view; labels and ranks ``(B, H, S')``): ``config.block_m`` tokens x ``config.block_n`` centroids per
+    step; ``settled`` heads skipped."""
     b, h, s, d = x.shape
     _assign_kernel[(triton.cdiv(s, config.block_m), b * h)](
         x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
+        ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2],
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n,
         TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_n), ACCUMULATE=accumulate,
-        DOT_PRECISION=dot_precision(x.dtype),
+        SKIP_SETTLED=settled is not None, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
+
+
+def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, config: TileConfig) -> _Settled:
+    """Launch ``_probe_kernel`` on every ``reuse.probe_stride``-th token against the centroids in ``ws``
+    (the previous ones): the per-head count of changed labels, and the settled limit."""
+    b, h, _, d = x.shape
+    probe = x[:, :, :: reuse.probe_stride]
+    previous = reuse.previous.labels[:, :, :: reuse.probe_stride]
+    changes = torch.zeros((b * h,), dtype=torch.int32, device=x.device)
+    num_clusters = ws.centroids.shape[2]
+    _probe_kernel[(triton.cdiv(probe.shape[2], config.block_m), b * h)](
+        probe, ws.low, ws.half_norms, previous, changes,
+        probe.stride(0), probe.stride(1), probe.stride(2), previous.stride(0), previous.stride(1), previous.stride(2),
+        h, probe.shape[2], num_clusters,
+        HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n, TAIL_K=_tail_chunk(num_clusters, config.block_n),
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return _Settled(changes, change_limit(reuse.tolerance, probe.shape[2]))
+
+
+def _lloyd(
+    x: Tensor, ws: _Workspace, iters: int, config: TileConfig, settled: _Settled | None, last: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``iters`` iterations on ``x`` (a ``(B, H, S', D)`` view) from the centroids in ``ws`` (counts and
+    sums zeroed): labels and ranks int32 ``(B, H, S')``. ``last``: the final finalize keeps the counts
+    (the sizes of the labels); otherwise they and the sums are zeroed for the next pass."""
+    b, h, s, _ = x.shape
+    labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
+    ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
+    if iters == 0:
+        _assign(x, ws, labels, ranks, config, accumulate=False, settled=settled)
+    for i in range(iters):
+        _assign(x, ws, labels, ranks, config, accumulate=True, settled=settled)
+        _finalize(ws, ws.centroids, from_sums=True, zero_sums=i < iters - 1 or not last, settled=settled)
+    return labels, ranks
 
 
 def kmeans_triton(
@@ -290,6 +423,8 @@ def kmeans_triton(
     init_centroids: Tensor | None = None,
     *,
     seed: int = 0,
+    sample_stride: int = 1,
+    reuse: Reuse | None = None,
     config: TileConfig | None = None,
 ) -> Clustering:
     """k-means with the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
@@ -297,49 +432,69 @@ def kmeans_triton(
     Arguments and result as :func:`kmeans`; D must be one of ``SUPPORTED_HEAD_DIMS``. ``config``
     fixes the assignment tile (``block_m`` tokens x ``block_n`` centroids; default
     :data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`). ``init_centroids`` is not modified.
+    With ``reuse`` the probe runs first and every later kernel skips the settled heads, whose outputs
+    are then the previous ones (selected by ``torch.where``, no sync).
     """
-    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
+    check_kmeans_inputs(x, num_clusters, iters, init_centroids, sample_stride, reuse)
     b, h, s, d = x.shape
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
     if b * h == 0:  # nothing to launch over
-        return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
+        return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed, sample_stride=sample_stride,
+                                reuse=reuse)  # fmt: skip
     x = x if x.stride(-1) == 1 else x.contiguous()
     config = config or KMEANS_TILE
+    stride = sample_stride_for(s, num_clusters, sample_stride) if iters > 1 else 1
+    if reuse is not None:
+        init_centroids = reuse.previous.centroids
     if init_centroids is None:
-        src = centroids = initial_centroids(x, num_clusters, seed)
+        src = centroids = initial_centroids(x[:, :, ::stride], num_clusters, seed)
     else:
         src = init_centroids.contiguous()
         centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device)
     ws = _workspace(x, centroids, iters)
-    labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
-    ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     _finalize(ws, src, from_sums=False, zero_sums=iters > 0)
-    if iters == 0:
-        _assign(x, ws, labels, ranks, config, accumulate=False)
-    for i in range(iters):
-        _assign(x, ws, labels, ranks, config, accumulate=True)
-        _finalize(ws, ws.centroids, from_sums=True, zero_sums=i < iters - 1)
-    return Clustering(ws.centroids, labels, ws.counts, ranks)
+    settled = None if reuse is None else _probe(x, ws, reuse, config)
+    if stride > 1:
+        _lloyd(x[:, :, ::stride], ws, iters - 1, config, settled, last=False)
+        labels, ranks = _lloyd(x, ws, 1, config, settled, last=True)
+    else:
+        labels, ranks = _lloyd(x, ws, iters, config, settled, last=True)
+    clustering = Clustering(ws.centroids, labels, ws.counts, ranks)
+    if reuse is None:
+        return clustering
+    return keep_settled(clustering, reuse.previous, (settled.changes < settled.limit).view(b, h))
 
 
 def kmeans(
-    x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None = None, *, seed: int = 0
+    x: Tensor,
+    num_clusters: int,
+    iters: int,
+    init_centroids: Tensor | None = None,
+    *,
+    seed: int = 0,
+    sample_stride: int = 1,
+    reuse: Reuse | None = None,
 ) -> Clustering:
     """Lloyd's k-means of each (batch, head)'s tokens, ``iters`` iterations (one pass over x each).
 
     ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``1 <= num_clusters <= S`` (else
     ``ValueError``); ``init_centroids`` ``(B, H, K, D)`` (fp32, e.g. the previous step's; not
-    modified) or ``None`` for the seeded stratified initialisation. Returns :class:`Clustering`:
+    modified) or ``None`` for the seeded stratified initialisation. ``sample_stride`` >= 1: the first
+    ``iters - 1`` iterations on every ``sample_stride``-th token only; ``reuse``: keep the previous
+    clustering of the heads whose probe tokens stayed in their clusters (both:
+    :mod:`~sparse_compile.kernels.kmeans_reference`). Returns :class:`Clustering`:
     centroids fp32 ``(B, H, K, D)`` (each the mean of its cluster's tokens, for ``iters >= 1``),
     labels int32 ``(B, H, S)``, sizes int32 ``(B, H, K)``, ranks int32 ``(B, H, S)`` (for
-    :func:`cluster_permutation`). CUDA tensors with D in ``SUPPORTED_HEAD_DIMS`` run the Triton kernels,
-    anything else the reference; neither syncs with the host.
+    :func:`cluster_permutation`), and with ``reuse`` the settled heads. CUDA tensors with D in
+    ``SUPPORTED_HEAD_DIMS`` run the Triton kernels, anything else the reference; neither syncs with the host.
     """
     if x.is_cuda and x.shape[-1] in SUPPORTED_HEAD_DIMS:
-        return kmeans_triton(x, num_clusters, iters, init_centroids, seed=seed)
-    check_kmeans_inputs(x, num_clusters, iters, init_centroids)
-    return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed)
+        return kmeans_triton(x, num_clusters, iters, init_centroids, seed=seed, sample_stride=sample_stride,
+                             reuse=reuse)  # fmt: skip
+    check_kmeans_inputs(x, num_clusters, iters, init_centroids, sample_stride, reuse)
+    return kmeans_reference(x, num_clusters, iters, init_centroids, seed=seed, sample_stride=sample_stride,
+                            reuse=reuse)  # fmt: skip
 
 
 def cluster_permutation_triton(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
@@ -374,6 +529,8 @@ def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[T
 
 __all__ = [
     "Clustering",
+    "Reuse",
+    "check_reuse",
     "check_kmeans_inputs",
     "check_permutation_inputs",
     "cluster_permutation",

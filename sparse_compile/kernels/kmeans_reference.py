@@ -23,6 +23,17 @@ Definitions (shared with the Triton path):
 - Each token also gets a **rank** within its cluster (``Clustering.ranks``), its place in the cluster
   order. The reference ranks in token order (stable); the Triton path takes them from the atomic
   counter that counts the cluster's size, so within a cluster the order varies from run to run.
+- **Subsampled iterations** (``sample_stride`` r > 1): the first ``iters - 1`` iterations run on the
+  tokens ``0, r, 2r, ...`` only (:func:`sample_stride_for`: r is lowered so the sample keeps at least
+  ``num_clusters`` tokens; a cold start draws its initial centroids from the sample), the last one on
+  all tokens, so the result's definition above is unchanged: labels of every token and centroids that
+  are the means of their members. ``iters`` iterations then cost ``(iters - 1) / r + 1`` passes.
+- **Reuse** (:class:`Reuse`: the previous call's clustering, a tolerance t and a probe stride p): the
+  tokens ``0, p, 2p, ...`` are assigned to the previous centroids; a (batch, head) where fewer than
+  ``ceil(t * probes)`` of them change cluster against the previous labels is *settled* and keeps the
+  previous clustering unchanged (centroids, labels, sizes, ranks), the others run k-means warm-started
+  from the previous centroids. ``t = 0`` never reuses, ``t = 1`` reuses unless every probe token moved. A settled head keeps being compared with the
+  same labels, so it re-clusters once its tokens have drifted past the tolerance.
 - ``num_clusters`` must lie in ``[1, S]``: callers clamp it (:func:`sparse_compile.kernels.kmeans.kmeans`
   raises ``ValueError`` otherwise). These functions assume valid inputs; the op module checks them.
 
@@ -32,6 +43,7 @@ assignment works ``chunk_rows`` token rows (over all heads together) at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +51,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_ROWS = 4096  # token rows (summed over all heads) per assignment chunk of the reference
+
+
+def sample_stride_for(seq_len: int, num_clusters: int, sample_stride: int) -> int:
+    """The stride of the subsampled iterations: ``sample_stride`` lowered to ``seq_len // num_clusters``
+    (at least 1), so that every ``r``-th token of ``seq_len`` still gives ``num_clusters`` tokens or more."""
+    return max(1, min(sample_stride, seq_len // num_clusters))
+
+
+def probe_count(seq_len: int, probe_stride: int) -> int:
+    """Tokens ``0, p, 2p, ... < seq_len`` the reuse probe assigns."""
+    return -(-seq_len // probe_stride)
+
+
+def change_limit(tolerance: float, probes: int) -> int:
+    """A head is settled when fewer than this many of its ``probes`` tokens change cluster: ``ceil(t * probes)``."""
+    return math.ceil(tolerance * probes)
 
 
 @dataclass(frozen=True)
@@ -50,13 +78,29 @@ class Clustering:
     the centroids of the last assignment); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty);
     ``ranks`` int32 ``(B, H, S)``, each token's place within its cluster (a cluster's ranks are
     ``0 .. size - 1`` in some order: token order in the reference, :func:`cluster_ranks_reference`;
-    arrival order on the Triton path), which :func:`sparse_compile.kernels.kmeans.cluster_permutation` uses.
+    arrival order on the Triton path), which :func:`sparse_compile.kernels.kmeans.cluster_permutation` uses;
+    ``settled`` bool ``(B, H)`` with :class:`Reuse`: the heads that kept the previous clustering (else None).
     """
 
     centroids: Tensor
     labels: Tensor
     sizes: Tensor
     ranks: Tensor
+    settled: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """What :func:`kmeans_reference` (``reuse=``) needs to keep a head's previous clustering.
+
+    ``previous``: the :class:`Clustering` of the previous call on the same site (its centroids are the
+    warm start of the heads that re-cluster); ``tolerance`` in ``[0, 1]``: the share of probe tokens
+    allowed to change cluster; ``probe_stride`` >= 1: every ``probe_stride``-th token is probed.
+    """
+
+    previous: Clustering
+    tolerance: float
+    probe_stride: int
 
 
 def initial_centroids(x: Tensor, num_clusters: int, seed: int) -> Tensor:
@@ -115,25 +159,70 @@ def update_reference(x: Tensor, labels: Tensor, centroids: Tensor) -> Tensor:
     return torch.where(counts > 0, sums / counts.clamp_min(1), centroids.float())
 
 
-def kmeans_reference(
-    x: Tensor, num_clusters: int, iters: int, init_centroids: Tensor | None = None, *, seed: int = 0
-) -> Clustering:
-    """Lloyd's k-means per (batch, head) with a fixed number of iterations (see the module docstring).
-
-    ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``init_centroids`` ``(B, H, K, D)`` floating
-    (e.g. the previous step's centroids; not modified) or ``None`` for :func:`initial_centroids`.
-    """
-    if init_centroids is None:
-        centroids = initial_centroids(x, num_clusters, seed)
-    else:
-        centroids = init_centroids.float().clone(memory_format=torch.contiguous_format)
+def lloyd_reference(x: Tensor, centroids: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """``iters`` Lloyd iterations from fp32 ``centroids`` ``(B, H, K, D)``: the centroids after the last
+    update and the labels of the last assignment (``iters = 0``: the centroids and one assignment)."""
     labels = assign_reference(x, centroids)
     for i in range(iters):
         if i > 0:
             labels = assign_reference(x, centroids)
         centroids = update_reference(x, labels, centroids)
+    return centroids, labels
+
+
+def settled_heads_reference(x: Tensor, reuse: Reuse) -> Tensor:
+    """bool ``(B, H)``: fewer than :func:`change_limit` probe tokens changed cluster (see the module doc)."""
+    stride = reuse.probe_stride
+    probe = x[:, :, ::stride]
+    changed = (assign_reference(probe, reuse.previous.centroids) != reuse.previous.labels[:, :, ::stride]).sum(-1)
+    return changed < change_limit(reuse.tolerance, probe.shape[2])
+
+
+def kmeans_reference(
+    x: Tensor,
+    num_clusters: int,
+    iters: int,
+    init_centroids: Tensor | None = None,
+    *,
+    seed: int = 0,
+    sample_stride: int = 1,
+    reuse: Reuse | None = None,
+) -> Clustering:
+    """Lloyd's k-means per (batch, head) with a fixed number of iterations (see the module docstring).
+
+    ``x`` ``(B, H, S, D)`` fp16/bf16/fp32, any strides; ``init_centroids`` ``(B, H, K, D)`` floating
+    (e.g. the previous step's centroids; not modified) or ``None`` for :func:`initial_centroids`
+    (with ``reuse``: ``reuse.previous.centroids``). ``sample_stride``: the first ``iters - 1``
+    iterations on every ``sample_stride``-th token (:func:`sample_stride_for`).
+    """
+    if reuse is not None:
+        init_centroids = reuse.previous.centroids
+    stride = sample_stride_for(x.shape[2], num_clusters, sample_stride) if iters > 1 else 1
+    sample = x[:, :, ::stride]
+    if init_centroids is None:
+        centroids = initial_centroids(sample, num_clusters, seed)
+    else:
+        centroids = init_centroids.float().clone(memory_format=torch.contiguous_format)
+    if stride > 1:
+        centroids, _ = lloyd_reference(sample, centroids, iters - 1)
+        centroids, labels = lloyd_reference(x, centroids, 1)
+    else:
+        centroids, labels = lloyd_reference(x, centroids, iters)
     sizes = cluster_sizes(labels, num_clusters)
-    return Clustering(centroids, labels, sizes, cluster_ranks_reference(labels, sizes))
+    ranks = cluster_ranks_reference(labels, sizes)
+    if reuse is None:
+        return Clustering(centroids, labels, sizes, ranks)
+    return keep_settled(Clustering(centroids, labels, sizes, ranks), reuse.previous, settled_heads_reference(x, reuse))
+
+
+def keep_settled(clustering: Clustering, previous: Clustering, settled: Tensor) -> Clustering:
+    """``clustering`` with the centroids, labels, sizes and ranks of the ``settled`` heads (bool ``(B, H)``)
+    taken from ``previous``, and ``settled`` recorded."""
+    keep = settled[:, :, None]
+    return Clustering(torch.where(keep[..., None], previous.centroids, clustering.centroids),
+                      torch.where(keep, previous.labels, clustering.labels),
+                      torch.where(keep, previous.sizes, clustering.sizes),
+                      torch.where(keep, previous.ranks, clustering.ranks), settled)  # fmt: skip
 
 
 def kmeans_objective(x: Tensor, centroids: Tensor, labels: Tensor) -> Tensor:

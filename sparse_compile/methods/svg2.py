@@ -4,12 +4,27 @@ Per call, on the video tokens of each (batch element, head):
 
 1. k-means on the queries (``q_clusters``) and, separately, on the keys (``k_clusters``);
    the first sparse call runs ``kmeans_iters_init`` iterations, later calls warm-start from
-   the centroids cached for this model, site and CFG branch and run ``kmeans_iters_step``.
+   the clustering cached for this model, site and CFG branch and run ``kmeans_iters_step``.
    With ``kmeans_during_dense`` the dense warm-up steps already cluster, so the first sparse
-   step starts warm. Centroids never outlive their generation: a new generation starts cold, so
+   step starts warm. Clusterings never outlive their generation: a new generation starts cold, so
    the same inputs give the same output in every generation. Cluster counts above the number of
    video tokens are clamped to it (logged once per site and token count): the token count is
    known only per call and differs between resolutions, so one setting must serve them all.
+
+   Two options make this cheaper, both decided without reading a device value:
+
+   - ``kmeans_sample`` f < 1: all iterations but the last run on every ``round(1 / f)``-th token
+     (fewer where the sample would hold fewer tokens than clusters), the last on all tokens, so
+     labels, sizes and centroids keep their meaning (every token labelled, centroids the means of
+     their clusters). It shortens the cold start (``kmeans_iters_init``) and warm calls with more
+     than one iteration.
+   - ``kmeans_reuse`` t > 0, the reuse rule: on a warm call, every ``REUSE_PROBE_STRIDE``-th
+     token is assigned to the cached centroids; a (batch element, head) whose probe tokens change
+     cluster against the cached labels in fewer than a share t of cases keeps its cached clustering
+     as it is, and the k-means kernels skip it (they read a per-head flag that the probe wrote:
+     the launches are the same, the settled heads' programs do no work). The other heads re-cluster
+     from the cached centroids. A kept clustering stays the reference of the next probe, so a head
+     whose tokens drift re-clusters as soon as the drift passes t.
 2. The cluster permutations: per (batch, head), the token order that makes each cluster
    contiguous (queries by their clusters, keys and values by theirs), and the cluster offsets.
    Only these ``(B, H, S)`` index tensors are built; Q, K and V are not reordered.
@@ -45,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
-from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
+from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.cost_model import guard_costs
@@ -64,12 +79,17 @@ logger = logging.getLogger("sparse_compile")
 _GUARD_BLOCK = 64  # the block size of the block-sparse kernel whose costs the guard compares
 
 
-@dataclass(frozen=True)
-class Centroids:
-    """Cached k-means centroids of one site and CFG branch: ``(B, H, K, D)`` fp32 each."""
+REUSE_PROBE_STRIDE = 8
+"""The reuse rule probes every 8th video token: an eighth of an assignment pass per call."""
 
-    query: torch.Tensor
-    key: torch.Tensor
+
+@dataclass(frozen=True)
+class CachedClusters:
+    """The last k-means of one site and CFG branch, queries and keys: the warm start and the reuse
+    rule's reference (:class:`~sparse_compile.kernels.kmeans.Clustering`, ``(B, H, ...)`` each)."""
+
+    query: Clustering
+    key: Clustering
 
 
 def head_kept_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
@@ -116,15 +136,23 @@ class ClusterPlan:
 
 @dataclass(frozen=True)
 class Svg2Config(MethodConfig):
-    """Options of ``method="svg2"`` (see the module doc)."""
+    """Options of ``method="svg2"`` (see the module doc).
+
+    The k-means defaults (one warm iteration, the reuse rule at 0.1, the cold start's iterations on a
+    quarter of the tokens) replace two warm iterations on every call: on the trained toy model they
+    give the same PSNR against dense (``benchmarks/quality_svg2_kmeans.py``) with about a quarter of
+    the assignment passes per warm call, at a slightly higher kept density.
+    """
 
     q_clusters: int = int_option(200, 1)
     k_clusters: int = int_option(1000, 1)
     top_p: float = fraction_option(0.9)
     min_kc_ratio: float = unit_interval_option(0.1)
     kmeans_iters_init: int = int_option(50, 1)
-    kmeans_iters_step: int = int_option(2, 0)
+    kmeans_iters_step: int = int_option(1, 0)
     kmeans_during_dense: bool = bool_option(True)
+    kmeans_sample: float = fraction_option(0.25)
+    kmeans_reuse: float = unit_interval_option(0.1)
 
 
 @register_method
@@ -161,15 +189,32 @@ class Svg2Method(AttentionMethod):
             )  # fmt: skip
         return n_q, n_k
 
-    def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
-        """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache."""
-        cached = self.cached(call, Centroids)
+    def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> tuple[Clustering, Clustering]:
+        """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache (step 1)."""
+        cached = self.cached(call, CachedClusters)
         n_q, n_k = self.cluster_counts(q.shape[2], call.site_name)
-        iters = self.config.kmeans_iters_step if cached is not None else self.config.kmeans_iters_init
-        q_clusters = kmeans(q, n_q, iters, None if cached is None else cached.query, seed=0)
-        k_clusters = kmeans(k, n_k, iters, None if cached is None else cached.key, seed=1)
-        self.store(call, Centroids(q_clusters.centroids, k_clusters.centroids))
+        if cached is None:
+            config = self.config
+            stride = self.sample_stride()
+            q_clusters = kmeans(q, n_q, config.kmeans_iters_init, seed=0, sample_stride=stride)
+            k_clusters = kmeans(k, n_k, config.kmeans_iters_init, seed=1, sample_stride=stride)
+        else:
+            q_clusters, k_clusters = self.warm_clustering(q, n_q, cached.query), self.warm_clustering(k, n_k, cached.key)
+        self.store(call, CachedClusters(q_clusters, k_clusters))
         return q_clusters, k_clusters
+
+    def sample_stride(self) -> int:
+        """Token stride of the subsampled iterations: ``round(1 / kmeans_sample)``."""
+        return max(1, round(1 / self.config.kmeans_sample))
+
+    def warm_clustering(self, x: torch.Tensor, num_clusters: int, previous: Clustering) -> Clustering:
+        """A warm call's k-means of ``x`` ``(B, H, Sv, D)`` from the cached ``previous`` clustering: the
+        reuse rule when ``kmeans_reuse`` > 0, else ``kmeans_iters_step`` iterations from its centroids."""
+        config = self.config
+        if config.kmeans_reuse > 0:
+            reuse = Reuse(previous, config.kmeans_reuse, REUSE_PROBE_STRIDE)
+            return kmeans(x, num_clusters, config.kmeans_iters_step, sample_stride=self.sample_stride(), reuse=reuse)
+        return kmeans(x, num_clusters, config.kmeans_iters_step, previous.centroids, sample_stride=self.sample_stride())
 
     def attend(self, call: AttentionCall) -> AttentionResult:
         """As every method, with the break-even guard per head where the device's costs are measured:

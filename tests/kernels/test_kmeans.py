@@ -12,11 +12,15 @@ from hypothesis import strategies as st
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import kmeans as km
 from sparse_compile.kernels.kmeans_reference import (
+    Clustering,
+    Reuse,
     assign_reference,
     cluster_sizes,
     initial_centroids,
     kmeans_objective,
     kmeans_reference,
+    lloyd_reference,
+    sample_stride_for,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
 
@@ -254,6 +258,83 @@ def test_validation_errors():
         km.kmeans_triton(torch.randn(1, 1, 10, 24), 3, 1)
 
 
+def test_subsampled_iterations_run_on_every_rth_token_then_once_on_all():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 2, 90, 8, generator=g)
+    init = initial_centroids(x, 6, seed=2)
+    got = kmeans_reference(x, 6, 4, init, sample_stride=3)
+    on_sample, _ = lloyd_reference(x[:, :, ::3], init, 3)
+    centroids, labels = lloyd_reference(x, on_sample, 1)
+    assert torch.equal(got.centroids, centroids) and torch.equal(got.labels, labels)
+    assert_consistent(x, got, 4)
+    cold = kmeans_reference(x, 6, 4, seed=2, sample_stride=3)  # seeded from the sample
+    assert torch.equal(cold.centroids, lloyd_reference(x, lloyd_reference(x[:, :, ::3], initial_centroids(
+        x[:, :, ::3], 6, seed=2), 3)[0], 1)[0])
+    for iters in (0, 1):  # no iteration before the last: nothing to subsample
+        assert torch.equal(kmeans_reference(x, 6, iters, init, sample_stride=3).labels,
+                           kmeans_reference(x, 6, iters, init).labels)
+
+
+def test_the_sample_keeps_at_least_as_many_tokens_as_clusters():
+    assert sample_stride_for(1000, 100, 4) == 4
+    assert sample_stride_for(1000, 300, 4) == 3  # 1000 // 3 = 333 >= 300
+    assert sample_stride_for(50, 50, 8) == 1
+    x = torch.randn(1, 1, 40, 4)
+    assert_consistent(x, kmeans_reference(x, 20, 3, sample_stride=16), 3)
+
+
+def drifted(x, heads, scale, seed):
+    """``x`` with the tokens of ``heads`` moved by ``scale`` times unit noise."""
+    moved = x.clone()
+    moved[:, heads] += scale * torch.randn(moved[:, heads].shape, generator=torch.Generator().manual_seed(seed))
+    return moved
+
+
+def shuffled(x, head, seed):
+    """``x`` with the tokens of ``head`` in a random order: the same clusters, most tokens in another one."""
+    moved = x.clone()
+    moved[:, head] = x[:, head, torch.randperm(x.shape[2], generator=torch.Generator().manual_seed(seed))]
+    return moved
+
+
+def test_reuse_keeps_a_head_whose_tokens_stay_and_reclusters_one_whose_tokens_move():
+    x, _, centers = blobs(2, 3, 12, 10, 8, seed=12, contiguous=False)
+    previous = kmeans_reference(x, 12, 3, centers)
+    moved = shuffled(drifted(x, [0, 2], 1e-4, seed=2), 1, seed=1)
+    got = kmeans_reference(moved, 12, 2, reuse=Reuse(previous, 0.05, 2))
+    assert got.settled.tolist() == [[True, False, True], [True, False, True]]
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(got, field)[:, [0, 2]], getattr(previous, field)[:, [0, 2]])
+    fresh = kmeans_reference(moved, 12, 2, previous.centroids)
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(got, field)[:, 1], getattr(fresh, field)[:, 1])
+
+
+def test_reuse_tolerance_zero_never_reuses_and_one_always_does_unless_every_probe_moved():
+    x, _, centers = blobs(1, 2, 6, 10, 8, seed=13, contiguous=False)
+    previous = kmeans_reference(x, 6, 2, centers)
+    never = kmeans_reference(x, 6, 2, reuse=Reuse(previous, 0.0, 1))
+    assert not never.settled.any() and torch.equal(never.centroids, kmeans_reference(x, 6, 2, previous.centroids).centroids)
+    assert kmeans_reference(shuffled(x, 0, seed=3), 6, 2, reuse=Reuse(previous, 1.0, 1)).settled.all()
+
+
+def test_reuse_validation_errors():
+    x = torch.randn(1, 2, 10, 8)
+    previous = kmeans_reference(x, 3, 1)
+    with pytest.raises(ValueError, match="not both"):
+        km.kmeans(x, 3, 1, previous.centroids, reuse=Reuse(previous, 0.1, 2))
+    with pytest.raises(ValueError, match="tolerance"):
+        km.kmeans(x, 3, 1, reuse=Reuse(previous, 1.5, 2))
+    with pytest.raises(ValueError, match="probe_stride"):
+        km.kmeans(x, 3, 1, reuse=Reuse(previous, 0.1, 0))
+    with pytest.raises(ValueError, match="reuse.previous.labels"):
+        km.kmeans(x[:, :, :9], 3, 1, reuse=Reuse(previous, 0.1, 2))
+    with pytest.raises(ValueError, match="reuse.previous.sizes"):
+        km.kmeans(x, 4, 1, reuse=Reuse(previous, 0.1, 2))
+    with pytest.raises(ValueError, match="sample_stride"):
+        km.kmeans(x, 3, 1, sample_stride=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # Cluster permutation
 # ------------------------------------------------------------------------------------------------
@@ -326,8 +407,8 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def run_triton(x, k, iters, init=None, config=TileConfig(32, 16, 4, 1), seed=0):
-    cl = km.kmeans_triton(x, k, iters, init, seed=seed, config=config)
+def run_triton(x, k, iters, init=None, config=TileConfig(32, 16, 4, 1), seed=0, **kwargs):
+    cl = km.kmeans_triton(x, k, iters, init, seed=seed, config=config, **kwargs)
     assert_consistent(x, cl, iters, rtol=1e-5 if x.dtype == torch.float32 or iters > 0 else 1e-3)
     return cl
 
@@ -407,6 +488,42 @@ def test_interp_triton_permutation_equals_the_reference(s, k):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_interp_subsampled_iterations_match_the_reference(warm):
+    x, ids, centers = blobs(1, 2, 10, 12, 16, seed=14, contiguous=False)
+    init = centers + 0.3 if warm else None
+    got = run_triton(x, 10, 3, init, seed=4, sample_stride=4)
+    want = kmeans_reference(x, 10, 3, init, seed=4, sample_stride=4)
+    if warm:
+        assert_same_partition(got.labels, ids, 10)
+        assert_same_clustering(got, want, torch.float32)
+    else:  # seeded from the sample, two clusters share a blob: near-ties split it, so compare objectives
+        got_obj, want_obj = kmeans_objective(x, got.centroids, got.labels), kmeans_objective(x, want.centroids, want.labels)
+        assert ((got_obj - want_obj).abs() / want_obj).max() <= 1e-5
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("sample_stride", [1, 3])
+def test_interp_reuse_skips_settled_heads_and_matches_the_reference(sample_stride):
+    """Settled heads come back as the previous clustering bit for bit (their kernels wrote nothing:
+    the poisoned buffers would show); the moved head re-clusters as the reference does."""
+    x, _, centers = blobs(2, 3, 12, 10, 16, seed=15, contiguous=False)
+    previous = kmeans_reference(x, 12, 3, centers)
+    x = shuffled(drifted(x, [0, 2], 1e-4, seed=5), 1, seed=4)
+    reuse = Reuse(previous, 0.05, 2)
+    got = km.kmeans_triton(x, 12, 2, reuse=reuse, sample_stride=sample_stride, config=TileConfig(32, 16, 4, 1))
+    moved_head = Clustering(*(t[:, 1:2] for t in (got.centroids, got.labels, got.sizes, got.ranks)))
+    assert_consistent(x[:, 1:2], moved_head, 2)  # the settled heads' centroids are the previous tokens' means
+    want = kmeans_reference(x, 12, 2, reuse=reuse, sample_stride=sample_stride)
+    assert torch.equal(got.settled, want.settled) and got.settled.tolist() == [[True, False, True]] * 2
+    assert_same_clustering(got, want, torch.float32)
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(got, field)[:, [0, 2]], getattr(previous, field)[:, [0, 2]])
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
@@ -464,7 +581,24 @@ def test_gpu_no_host_sync(d):
         cold = km.kmeans(x, 300, 3, seed=1)
         warm = km.kmeans(x, 300, 2, cold.centroids)
         perm, offsets = km.cluster_permutation(warm.labels, warm.sizes, warm.ranks)
+        reused = km.kmeans(x, 300, 2, sample_stride=4, reuse=Reuse(warm, 0.1, 8))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(offsets[..., 1:] - offsets[..., :-1], warm.sizes)
     assert torch.equal(torch.gather(warm.labels, 2, perm).sort(-1).values, torch.gather(warm.labels, 2, perm))
+    assert reused.settled.shape == (1, 4) and torch.equal(reused.sizes, cluster_sizes(reused.labels, 300))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_reuse_keeps_settled_heads_and_reclusters_moved_ones(dtype):
+    x, _, centers = blobs(2, 3, 100, 30, 64, seed=16, contiguous=False, device="cuda")
+    previous = kmeans_reference(x, 100, 3, centers)
+    x = shuffled(x, 1, seed=6).to(dtype)
+    reuse = Reuse(previous, 0.05, 8)
+    got, want = km.kmeans(x, 100, 2, sample_stride=4, reuse=reuse), kmeans_reference(x, 100, 2, sample_stride=4, reuse=reuse)
+    assert got.settled.tolist() == want.settled.tolist() == [[True, False, True]] * 2
+    for field in ("centroids", "labels", "sizes", "ranks"):
+        assert torch.equal(getattr(got, field)[:, [0, 2]], getattr(previous, field)[:, [0, 2]])
+    assert torch.equal(got.labels, want.labels) and torch.equal(got.sizes, want.sizes)
+    assert rel_l2(got.centroids, want.centroids) <= (1e-5 if dtype == torch.float32 else 1e-2)
