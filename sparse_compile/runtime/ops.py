@@ -138,6 +138,7 @@ def sparse_attention(
     layout, reason = TokenLayout(frames, height, width, text_tokens, text_first, context_tokens), None
     if site.facts.grid_from_call:
         layout, reason = _call_layout(session, layout, query.shape[2])
+    state.tokens_seen = (layout.text_tokens, layout.context_tokens)
     call = AttentionCall(
         query=query,
         key=key,

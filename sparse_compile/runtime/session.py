@@ -85,6 +85,8 @@ class SiteState:
         fallback_reason: why the method last had to run a call dense at run time, if it did.
         head_runs: per head index, how many calls ran it sparse, dense by the break-even guard,
             and dense by the options (warm-up steps and layers): :class:`HeadRuns`.
+        tokens_seen: ``(text, context)`` token counts of the last call as it ran (the compiler
+            knows them only as hints where they are data-dependent), or ``None`` before a call.
     """
 
     densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
@@ -92,6 +94,7 @@ class SiteState:
     cache: SiteCache = field(default_factory=SiteCache)
     fallback_reason: str | None = None
     head_runs: HeadRuns = field(default_factory=HeadRuns)
+    tokens_seen: tuple[int, int] | None = None
 
     def record(self, site_name: str, step: int, result: AttentionResult) -> None:
         """Keep a call's density and how its heads ran; log the site's first run-time dense fallback
