@@ -9,9 +9,11 @@ minutes under memcheck). PyTorch's caching allocator is off (``PYTORCH_NO_CUDA_M
 so every tensor is its own allocation and an out-of-bounds access cannot land in a neighbour's
 block unseen. Prints the sanitizer's error count (summed over every process it followed) and
 pytest's summary line, and with ``OUT`` set writes ``$OUT/sanitizer.md`` and the full log
-``$OUT/sanitizer.log``. Exits non-zero on any sanitizer error or failing test.
+``$OUT/sanitizer.log``. Exits non-zero on any sanitizer error or failing test. The hostile-input
+strategies run ``--examples`` Hypothesis examples each (default 2: under memcheck one example of every
+method takes seconds); give the run ``--timeout`` seconds (default 230; the whole set needs more).
 
-    python benchmarks/sanitize_kernels.py
+    python benchmarks/sanitize_kernels.py [--examples 2] [--timeout 500]
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", default="memcheck", choices=["memcheck", "racecheck", "initcheck", "synccheck"])
     parser.add_argument("--timeout", type=float, default=230.0, help="seconds before the run is stopped")
+    parser.add_argument("--examples", type=int, default=2,
+                        help="Hypothesis examples per hostile-input strategy (the CPU suite runs 8)")
     parser.add_argument("tests", nargs="*", default=list(SMALL_SHAPE_TESTS), help="pytest node ids to run")
     args = parser.parse_args(argv)
     sanitizer = find_sanitizer()
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = [sanitizer, "--tool", args.tool, "--target-processes", "all", "--print-limit", "50",
                sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *args.tests]  # fmt: skip
-    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "SPARSE_COMPILE_HOSTILE_EXAMPLES": str(args.examples)}
     try:
         run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
         log, returncode = run.stdout + run.stderr, run.returncode
@@ -90,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join([
         f"| compute-sanitizer --tool {args.tool} | |",
         "|---|---|",
-        f"| tests | {len(args.tests)} node ids at <= 4096 tokens |",
+        f"| tests | {len(args.tests)} node ids at <= 4096 tokens, {args.examples} examples per hostile strategy |",
         f"| sanitizer errors | {'no summary (run stopped?)' if errors is None else errors} |",
         f"| pytest | {pytest_summary(log)} |",
         f"| exit code | {returncode} |",

@@ -21,6 +21,7 @@ Triton kernels), e.g. under ``compute-sanitizer`` (``benchmarks/sanitize_kernels
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -55,8 +56,9 @@ KEEP_ALL = {
 }
 """Per method, the options that keep every (query, key) pair (``radial`` and ``auto`` have none)."""
 HEAD_DIM = 16
-EXAMPLES = 8
-"""Examples per strategy; each runs every method on CPU (and on CUDA where there is one)."""
+EXAMPLES = int(os.environ.get("SPARSE_COMPILE_HOSTILE_EXAMPLES", "8"))
+"""Examples per strategy; each runs every method on CPU (and on CUDA where there is one). The
+sanitizer run (``benchmarks/sanitize_kernels.py --examples``) sets fewer: memcheck is slow."""
 CASES_TRIED: Counter[str] = Counter()
 """Examples run per ``strategy[device]``."""
 RAN_SPARSE: Counter[tuple[str, str]] = Counter()
