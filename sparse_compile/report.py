@@ -127,8 +127,10 @@ def _site_report(record: SiteRecord, state: SiteState | None, module_path: str) 
     runs = HeadRuns() if state is None else HeadRuns(*(list(c) for c in (state.head_runs.sparse, state.head_runs.guard,
                                                                           state.head_runs.warmup)))
     facts = record.facts if module_path == record.facts.module_path else replace(record.facts, module_path=module_path)
-    if state is not None and state.tokens_seen is not None:  # as run: the compiler's counts may be hints
-        facts = replace(facts, text_tokens=state.tokens_seen[0], context_tokens=state.tokens_seen[1])
+    if state is not None and state.last_call is not None:  # as run: the compiler's sizes may be hints
+        run = state.last_call
+        facts = replace(facts, q_shape=run.q_shape, k_shape=run.k_shape, text_tokens=run.text_tokens,
+                        context_tokens=run.context_tokens)
     return SiteReport(facts, record.method, status, record.rewritten, density_by_step, warmup, runs)
 
 

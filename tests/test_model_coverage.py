@@ -208,6 +208,7 @@ def test_history_latents_before_the_window_are_dense_context_of_the_window_grid(
     assert all(s.grid == (3, 2, 2) and s.facts.context_tokens == 11 and s.text_position == "suffix" for s in joint)
     # the text length is data-dependent (compile-time hints differ per block); the report shows it as run
     assert [s.text_tokens for s in joint] == [12, 12]
+    assert [s.q_shape for s in joint] == [(1, 2, 11 + 12 + 12, 16)] * 2
     assert [n for n in run.report.notes if n.startswith("video window")] == [
         "video window 3x2x2 runs the method; 11 context tokens before it and 12 after it (text) are attended "
         "densely (transformer_blocks.0.attn, single_transformer_blocks.0.attn)"]

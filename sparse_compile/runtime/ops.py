@@ -24,7 +24,9 @@ import torch
 from sparse_compile.kernels.common import attention_output_like
 from sparse_compile.methods.call import AttentionCall, AttentionResult, TokenLayout
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.runtime.session import SESSIONS, Session, call_of, current_call, enter_forward, scoped_key, session_for_anchor
+from sparse_compile.runtime.session import (
+    SESSIONS, CallSizes, Session, call_of, current_call, enter_forward, scoped_key, session_for_anchor,
+)
 from sparse_compile.runtime.sites import GRAPHS, SITES, GraphRecord, SiteRecord
 
 _TAGS = (torch.Tag.cudagraph_unsafe,)
@@ -138,7 +140,7 @@ def sparse_attention(
     layout, reason = TokenLayout(frames, height, width, text_tokens, text_first, context_tokens), None
     if site.facts.grid_from_call:
         layout, reason = _call_layout(session, layout, query.shape[2])
-    state.tokens_seen = (layout.text_tokens, layout.context_tokens)
+    state.last_call = CallSizes(tuple(query.shape), tuple(key.shape), layout.text_tokens, layout.context_tokens)
     call = AttentionCall(
         query=query,
         key=key,

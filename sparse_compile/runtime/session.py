@@ -73,6 +73,16 @@ class HeadRuns:
             kind[h] += 1
 
 
+@dataclass(frozen=True)
+class CallSizes:
+    """One attention call's sizes: q and k ``(B, H, S, D)``, and its text and context token counts."""
+
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    text_tokens: int
+    context_tokens: int
+
+
 @dataclass
 class SiteState:
     """What one model remembers about one attention site across calls and recompiles.
@@ -85,8 +95,8 @@ class SiteState:
         fallback_reason: why the method last had to run a call dense at run time, if it did.
         head_runs: per head index, how many calls ran it sparse, dense by the break-even guard,
             and dense by the options (warm-up steps and layers): :class:`HeadRuns`.
-        tokens_seen: ``(text, context)`` token counts of the last call as it ran (the compiler
-            knows them only as hints where they are data-dependent), or ``None`` before a call.
+        last_call: the sizes of the last call as it ran (the compiler knows them only as hints where
+            they are data-dependent or dynamic), or ``None`` before a call.
     """
 
     densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
@@ -94,7 +104,7 @@ class SiteState:
     cache: SiteCache = field(default_factory=SiteCache)
     fallback_reason: str | None = None
     head_runs: HeadRuns = field(default_factory=HeadRuns)
-    tokens_seen: tuple[int, int] | None = None
+    last_call: CallSizes | None = None
 
     def record(self, site_name: str, step: int, result: AttentionResult) -> None:
         """Keep a call's density and how its heads ran; log the site's first run-time dense fallback
