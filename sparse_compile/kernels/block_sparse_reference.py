@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.common import attention_output_like, cdiv, default_scale, token_order
-from sparse_compile.kernels.masked_reference import gather_rows, grouped_attention
+from sparse_compile.kernels.masked_reference import all_finite, gather_rows, grouped_attention, keep_matrix, softmax_attend
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,11 @@ def expand_layout(
     )
 
 
-def _block_keep(kv_block_counts: Tensor, kv_block_indices: Tensor, num_kv_blocks: int) -> Tensor:
-    """Boolean block keep-mask ``(B, H, NQ, NK)`` of a layout (True = the q block attends to the kv block)."""
-    maxk = kv_block_indices.shape[-1]
-    valid = torch.arange(maxk, device=kv_block_indices.device) < kv_block_counts.unsqueeze(-1)
-    # Invalid slots scatter into an extra dummy column NK, dropped afterwards.
-    idx = torch.where(valid, kv_block_indices.long(), num_kv_blocks)
-    shape = (*kv_block_counts.shape, num_kv_blocks + 1)
-    return torch.zeros(shape, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)[..., :num_kv_blocks]
-
-
 def layout_to_dense_mask(
     kv_block_counts: Tensor, kv_block_indices: Tensor, s_q: int, s_k: int, block_q: int, block_k: int
 ) -> Tensor:
     """Boolean keep-mask ``(B, H, S_q, S_k)`` of a layout (True = attend). O(S_q * S_k) memory: small tests only."""
-    block_mask = _block_keep(kv_block_counts, kv_block_indices, cdiv(s_k, block_k))
+    block_mask = keep_matrix(kv_block_counts, kv_block_indices, cdiv(s_k, block_k))
     rows = block_mask.repeat_interleave(block_q, dim=-2)[..., :s_q, :]
     return rows.repeat_interleave(block_k, dim=-1)[..., :s_k]
 
@@ -138,9 +128,9 @@ def reference_q_blocks(
     scale = default_scale(d, scale)
     q_tokens = token_order(lay.q_perm, b, h, s_q, q.device)
     kv_tokens = token_order(lay.kv_perm, b, h, s_k, q.device)
-    if all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if all_finite(q, k, v):
         rows = torch.cat([torch.arange(i * block_q, min((i + 1) * block_q, s_q), device=q.device) for i in q_blocks])
-        block_keep = _block_keep(lay.counts, lay.indices, cdiv(s_k, block_k))
+        block_keep = keep_matrix(lay.counts, lay.indices, cdiv(s_k, block_k))
         key_blocks = torch.arange(s_k, device=q.device) // block_k
         out, lse = grouped_attention(
             gather_rows(q, q_tokens[:, :, rows]).float(), gather_rows(k, kv_tokens).float(),
@@ -155,11 +145,8 @@ def reference_q_blocks(
         k_sel = gather_rows(k, tokens).float()
         v_sel = gather_rows(v, tokens).float()
         scores = torch.matmul(gather_rows(q, q_tokens[:, :, rows]).float(), k_sel.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~valid.unsqueeze(-2), float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # -inf for rows with nothing kept
-        finite_lse = torch.where(torch.isinf(lse), 0.0, lse)
-        p = torch.exp(scores - finite_lse.unsqueeze(-1))  # exp(-inf) = 0 on dropped keys
-        outs.append(torch.matmul(p, v_sel).to(q.dtype))
+        out, lse = softmax_attend(scores.masked_fill_(~valid.unsqueeze(-2), float("-inf")), v_sel)
+        outs.append(out.to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 

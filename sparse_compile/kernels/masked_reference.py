@@ -16,6 +16,29 @@ SCORES_BUDGET_BYTES = 64 * 2**20
 """Largest fp32 (query row, key) buffer of one chunk of rows."""
 
 
+def keep_matrix(counts: Tensor, indices: Tensor, num_groups: int) -> Tensor:
+    """Boolean ``(B, H, NQ, num_groups)`` of a CSR layout (``counts`` ``(B, H, NQ)``, ``indices``
+    ``(B, H, NQ, M)``, slots past a row's count ignored): whether row group i keeps key group j."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts.unsqueeze(-1)
+    idx = torch.where(valid, indices.long(), num_groups)  # invalid slots land in a dropped column
+    keep = torch.zeros((*counts.shape, num_groups + 1), dtype=torch.bool, device=idx.device)
+    return keep.scatter_(-1, idx, True)[..., :num_groups]
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every value of every tensor is finite (a host read on the GPU)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def softmax_attend(scores: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 scores ``(..., R, N)`` (``-inf`` on dropped keys) and values ``(..., N, D)`` -> O ``(..., R, D)``
+    and the natural-log LSE ``(..., R)``; a row with every key dropped gets O 0 and LSE ``-inf``.
+    ``scores`` is overwritten."""
+    lse = torch.logsumexp(scores, dim=-1)
+    p = scores.sub_(torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1)).exp_()  # exp(-inf) = 0 on dropped keys
+    return torch.matmul(p, v), lse
+
+
 def gather_rows(x: Tensor, tokens: Tensor) -> Tensor:
     """``x[b, h, tokens[b, h, r]]``: ``x`` ``(B, H, S, D)``, ``tokens`` int64 ``(B, H, R)`` -> ``(B, H, R, D)``."""
     return torch.gather(x, 2, tokens.unsqueeze(-1).expand(*tokens.shape, x.shape[-1]))
@@ -53,9 +76,7 @@ def grouped_attention(
                                                                                 scale=scale)  # fmt: skip
         else:
             scores = torch.matmul(q_rows, k.transpose(-1, -2)).mul_(scale)
-            scores.masked_fill_(~torch.gather(kept, 3, to_keys), float("-inf"))
-            lse = torch.logsumexp(scores, dim=-1)
-            out = torch.matmul(scores.sub_(torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1)).exp_(), v)
+            out, lse = softmax_attend(scores.masked_fill_(~torch.gather(kept, 3, to_keys), float("-inf")), v)
         empty = ~(kept & has_keys.unsqueeze(2)).any(dim=-1)
         outs.append(out.masked_fill(empty.unsqueeze(-1), 0.0))
         lses.append(lse.masked_fill(empty, float("-inf")))

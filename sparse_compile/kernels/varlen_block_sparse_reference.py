@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.common import attention_output_like, default_scale, token_order
-from sparse_compile.kernels.masked_reference import gather_rows, grouped_attention
+from sparse_compile.kernels.masked_reference import all_finite, gather_rows, grouped_attention, keep_matrix
 
 _ROW_CHUNK = 256  # query rows per matmul of the gathered path: memory O(_ROW_CHUNK * S_k)
 
@@ -96,12 +96,7 @@ def token_cluster_ids(offsets: Tensor, seq_len: int) -> Tensor:
 
 def cluster_keep_matrix(layout: VarlenLayout) -> Tensor:
     """Boolean ``(B, H, NQC, NKC)``: whether q cluster i keeps kv cluster j."""
-    nkc = layout.num_kv_clusters
-    maxk = layout.indices.shape[-1]
-    valid = torch.arange(maxk, device=layout.counts.device) < layout.counts.unsqueeze(-1)
-    idx = torch.where(valid, layout.indices.long(), nkc)  # invalid slots land in a dropped column
-    keep = torch.zeros((*layout.counts.shape, nkc + 1), dtype=torch.bool, device=idx.device)
-    return keep.scatter_(-1, idx, True)[..., :nkc]
+    return keep_matrix(layout.counts, layout.indices, layout.num_kv_clusters)
 
 
 def varlen_layout_to_dense_mask(layout: VarlenLayout, s_q: int, s_k: int) -> Tensor:
@@ -174,7 +169,7 @@ def varlen_block_sparse_attention_reference(
     )
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if not all_finite(q, k, v):
         return _gathered_reference(q, k, v, layout, default_scale(d, scale), return_lse)
     q_tokens = token_order(layout.q_perm, b, h, s_q, q.device)
     kv_tokens = token_order(layout.kv_perm, b, h, s_k, q.device)
