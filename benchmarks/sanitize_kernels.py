@@ -10,8 +10,8 @@ so every tensor is its own allocation and an out-of-bounds access cannot land in
 block unseen. Prints the sanitizer's error count (summed over every process it followed) and
 pytest's summary line, and with ``OUT`` set writes ``$OUT/sanitizer.md`` and the full log
 ``$OUT/sanitizer.log``. Exits non-zero on any sanitizer error or failing test. The hostile-input
-strategies run ``--examples`` Hypothesis examples each (default 2: under memcheck one example of every
-method takes seconds); give the run ``--timeout`` seconds (default 230; the whole set needs more).
+strategies run ``--examples`` Hypothesis examples each (default 2, fewer than the CPU suite's: memcheck
+is slow); ``--timeout`` stops the run (default 230 s).
 
     python benchmarks/sanitize_kernels.py [--examples 2] [--timeout 500]
 """
