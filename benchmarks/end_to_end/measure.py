@@ -12,7 +12,7 @@ import torch
 import sparse_compile
 from sparse_compile.backend import sparse_video
 
-from .models import ModelSpec, build_model, make_inputs
+from .models import ModelSpec, build_model, make_inputs, timestep_dtype
 from .schedule import Schedule, build_schedule, extrapolate
 from .timing import Runner, attention_share, kept_density, synchronize
 from .variants import backend_options
@@ -26,7 +26,8 @@ def measure_variant(spec: ModelSpec, method: str, args: argparse.Namespace, devi
     model = build_model(spec, device, dtype)
     # The backend callable itself: what the "sparse_video" entry point names, but no install needed.
     compiled = torch.compile(model) if options is None else torch.compile(model, backend=sparse_video, options=options)
-    runner = Runner(compiled, make_inputs(spec, device, dtype), options is not None, schedule.total_steps, device)
+    runner = Runner(compiled, make_inputs(spec, device, dtype), options is not None, schedule.total_steps, device,
+                    timestep_dtype(spec, dtype))
     memory_before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

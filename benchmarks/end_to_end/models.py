@@ -167,6 +167,12 @@ def make_inputs(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> li
             for _ in range(spec.calls_per_step)]
 
 
+def timestep_dtype(spec: ModelSpec, dtype: torch.dtype) -> torch.dtype:
+    """The timestep's dtype as the family's diffusers pipeline passes it: the latents' dtype, except
+    Wan's, which passes the scheduler's fp32 (HunyuanVideo-1.5 fails on an fp32 timestep in bf16)."""
+    return torch.float32 if spec.family == "wan" else dtype
+
+
 def _defaults(family: str) -> dict[str, Any]:
     """The constructor defaults of a family's class (the published config where diffusers keeps it)."""
     import inspect

@@ -44,10 +44,11 @@ class Runner:
     tracked: bool
     total_steps: int
     device: torch.device
+    timestep_dtype: torch.dtype
     called: bool = False
 
     def timestep(self, step: int) -> torch.Tensor:
-        return torch.full((1,), 1000.0 * (1 - step / self.total_steps), device=self.device)
+        return torch.full((1,), 1000.0 * (1 - step / self.total_steps), device=self.device, dtype=self.timestep_dtype)
 
     def call(self, step: int, branch: int) -> None:
         """One transformer call; with the backend, pinned to ``(step, branch)`` from the second call on.
