@@ -12,13 +12,14 @@ from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values
 from sparse_compile.kernels.varlen_block_sparse_reference import VarlenLayout
 from sparse_compile.methods import auto, auto_clusters
-from sparse_compile.methods.auto import AutoMethod, Choice, check_rows, sampled_recall
+from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import CLUSTERS, GUARD
 from sparse_compile.methods.auto_clusters import cluster_mass
 from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.cost_model import (
     CLUSTER_PAIR_RATIO,
     NOMINAL_COSTS,
+    ClusterCosts,
     banded_cluster_layout,
     nominal_cluster_costs,
 )
@@ -40,7 +41,7 @@ def clustering_priced_as_at_video_sizes(monkeypatch):
     the one a real model pays."""
     def costs(device, dtype, head_dim, q_clusters, k_clusters, iters):
         nominal = nominal_cluster_costs(q_clusters, k_clusters, iters)
-        return type(nominal)(nominal.pair_time, nominal.launch, nominal.clustering_time * SEQ / WAN_480P_TOKENS)
+        return ClusterCosts(nominal.pair_time, nominal.launch, nominal.clustering_time * SEQ / WAN_480P_TOKENS)
 
     monkeypatch.setattr(auto, "cluster_costs", costs)
 
@@ -74,12 +75,10 @@ def _choice(cache: SiteCache) -> Choice:
 
 def _token_mask(choice: Choice, heads: int) -> torch.Tensor:
     """Token keep-mask ``(B, heads, SEQ, SEQ)`` of a choice: block layout, cluster layout, or every key."""
-    batch = choice.recall.shape[0]
-    mask = torch.ones(batch, heads, SEQ, SEQ, dtype=torch.bool)
-    every_row = torch.arange(SEQ)
+    device = choice.recall.device
+    mask = torch.ones(choice.recall.shape[0], heads, SEQ, SEQ, dtype=torch.bool, device=device)
+    every_row = torch.arange(SEQ, device=device)
     if choice.counts is not None:
-        from sparse_compile.methods.auto import block_kept_keys
-
         mask[:, choice.block_heads] = block_kept_keys(choice.counts, choice.indices, BLOCK, SEQ, every_row)(slice(None))
     if choice.clusters is not None:
         mask[:, choice.cluster_heads] = choice.clusters.kept_keys(every_row)(slice(None))
@@ -207,22 +206,13 @@ def test_the_calibration_layout_is_a_valid_cluster_layout_of_the_asked_density()
 
 @pytest.mark.gpu
 def test_cluster_heads_on_the_gpu_match_masked_sdpa_in_bf16(monkeypatch):
-    monkeypatch.setattr(auto, "kernel_costs", lambda *args: NOMINAL_COSTS)
-    monkeypatch.setattr(auto, "cluster_costs", lambda *args: nominal_cluster_costs(*args[3:]).__class__(
-        CLUSTER_PAIR_RATIO * NOMINAL_COSTS.pair_time, 0.0, 1.0))  # fmt: skip
+    monkeypatch.setattr(auto, "kernel_costs", lambda *args: NOMINAL_COSTS)  # this tiny call would run dense
     q, k, v = (t.cuda().bfloat16() for t in mixed_heads())
     state = SiteCache()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))
     choice = _choice(state)
     assert choice.head_labels[0][0] == CLUSTERS
-    every_row = torch.arange(SEQ, device="cuda")
-    token_mask = torch.ones(1, 3, SEQ, SEQ, dtype=torch.bool, device="cuda")
-    token_mask[:, choice.cluster_heads] = choice.clusters.kept_keys(every_row)(slice(None))
-    if choice.counts is not None:
-        from sparse_compile.methods.auto import block_kept_keys
-
-        token_mask[:, choice.block_heads] = block_kept_keys(choice.counts, choice.indices, BLOCK, SEQ, every_row)(
-            slice(None))
+    token_mask = _token_mask(choice, 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=token_mask)
     error = (result.output.float() - expected).norm() / expected.norm()
     assert torch.isfinite(result.output).all() and float(error) <= 1e-2

@@ -128,11 +128,12 @@ def measured_costs(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
     for density in _CALIBRATION_DENSITIES:
         kept = max(1, round(density * n_blocks))
         counts, indices = _banded_layout(n_blocks, n_blocks, kept, device)
-        ms = do_bench(lambda: block_sparse_attention(q, k, v, counts, indices, block_q=block, block_k=block))
+        ms = do_bench(lambda: block_sparse_attention(q, k, v, counts, indices, block_q=block, block_k=block),
+                      return_mode="median")
         pairs.append(_CALIBRATION_HEADS * n_blocks * kept * block * block)
         times.append(ms * 1e-3)
     pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
-    dense_s = do_bench(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
+    dense_s = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median") * 1e-3
     return KernelCosts(
         pair_time=pair_time,
         launch=max(0.0, times[0] - pair_time * pairs[0]),
@@ -159,7 +160,8 @@ def measured_cluster_costs(
         )
         max_kept = int(kept_kv_tokens(k_off.diff(), counts, indices).max())
         ms = do_bench(lambda: varlen_block_sparse_attention(
-            q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm, max_kept_keys=max_kept))
+            q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm, max_kept_keys=max_kept),
+            return_mode="median")
         pairs.append(_CALIBRATION_HEADS * head_pairs)
         times.append(ms * 1e-3)
     pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
@@ -169,7 +171,7 @@ def measured_cluster_costs(
             clustering = kmeans(x, clusters, iters, seed=seed)
             cluster_permutation(clustering.labels, clustering.sizes, clustering.ranks)
 
-    clustering_s = do_bench(cluster_both) * 1e-3
+    clustering_s = do_bench(cluster_both, return_mode="median") * 1e-3
     return ClusterCosts(
         pair_time=pair_time,
         launch=max(0.0, times[0] - pair_time * pairs[0]),
