@@ -8,7 +8,7 @@ import torch
 
 from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.kernels.kmeans import kmeans
+from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values
 from sparse_compile.kernels.varlen_block_sparse_reference import VarlenLayout
 from sparse_compile.methods import auto, auto_clusters
@@ -100,7 +100,8 @@ def test_cluster_pair_masses_equal_the_dense_softmax_mass_between_clusters():
     k_onehot = torch.nn.functional.one_hot(k_clusters.labels.long(), 7).float()
     expected = q_onehot.transpose(-1, -2) @ probs @ k_onehot / q_clusters.sizes.clamp_min(1).unsqueeze(-1)
     expected = expected / expected.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    torch.testing.assert_close(cluster_mass(q, k, attention_lse(q, k, scale), q_clusters, k_clusters, scale), expected)
+    k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
+    torch.testing.assert_close(cluster_mass(q, k, attention_lse(q, k, scale), q_clusters, *k_order, scale), expected)
 
 
 def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
@@ -108,9 +109,10 @@ def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
     q, k = (torch.randn(1, 4, 96, 8, generator=gen) for _ in range(2))
     lse = attention_lse(q, k, 0.3)
     q_clusters, k_clusters = kmeans(q, 6, 2, seed=0), kmeans(k, 9, 2, seed=1)
-    whole = cluster_mass(q, k, lse, q_clusters, k_clusters, 0.3)
+    k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
+    whole = cluster_mass(q, k, lse, q_clusters, *k_order, 0.3)
     monkeypatch.setattr(auto_clusters, "_MASS_CHUNK_ENTRIES", 96 * 40)  # one head, 40 rows per chunk
-    torch.testing.assert_close(cluster_mass(q, k, lse, q_clusters, k_clusters, 0.3), whole)
+    torch.testing.assert_close(cluster_mass(q, k, lse, q_clusters, *k_order, 0.3), whole)
 
 
 def test_a_clustered_head_chooses_clusters_a_banded_one_its_band_and_a_uniform_one_dense():
@@ -181,6 +183,15 @@ def test_the_recall_check_covers_cluster_heads():
     assert _choice(state) is first, "no check between scheduled steps"
     method.attend(method_call(moved, moved, v, LAYOUT, state, step=10))
     assert _choice(state) is not first and _choice(state).head_labels == first.head_labels
+
+
+def test_the_report_counts_cluster_heads_as_sparse():
+    from sparse_compile.runtime.session import SiteState
+
+    q, k, v = mixed_heads()
+    state = SiteState()
+    state.record("blocks.0.attn1", 1, _auto().run(method_call(q, k, v, LAYOUT, state.cache)))
+    assert (state.head_runs.sparse, state.head_runs.guard) == ([1, 1, 0], [0, 0, 1])
 
 
 def test_same_inputs_give_the_same_output_in_every_generation():

@@ -7,7 +7,8 @@ Per (batch element, head) of the video tokens ``(B, h, Sv, D)``:
    keys): :func:`~sparse_compile.kernels.kmeans.kmeans`.
 2. **Mass** (:func:`cluster_mass`): ``mass[a, c]``, the mean over query cluster ``a``'s rows of the
    softmax mass on key cluster ``c``'s keys, exact from the rows' full LSE; rows divided by their
-   sums, as the block masses are. Torch ops in chunks of heads and rows, so no buffer holds more than
+   sums, as the block masses are. Torch ops on every device (the keys in cluster order, running sums
+   over them, no scatter over keys), in chunks of heads and rows, so no buffer holds more than
    :data:`_MASS_CHUNK_ENTRIES` (batch, head, row, key) scores.
 3. **Selection** (:func:`cluster_candidate`): per query cluster the fewest key clusters, by descending
    mass, whose mass reaches the recall target (:func:`~sparse_compile.kernels.block_select.select_top_p`;
@@ -25,12 +26,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p
 from sparse_compile.kernels.block_select_reference import masked_row_lse
 from sparse_compile.kernels.kmeans import Clustering, cluster_permutation, kmeans
-from sparse_compile.kernels.masked_reference import keep_matrix
+from sparse_compile.kernels.masked_reference import gather_rows, keep_matrix
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
 from sparse_compile.methods.auto_choice import RECALL_TOLERANCE
@@ -52,30 +54,35 @@ def cluster_counts(num_video: int) -> tuple[int, int]:
     return min(_SVG2_DEFAULTS.q_clusters, num_video), min(_SVG2_DEFAULTS.k_clusters, num_video)
 
 
-def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, q_clusters: Clustering, k_clusters: Clustering,
+def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, q_clusters: Clustering, k_perm: Tensor, k_offsets: Tensor,
                  scale: float) -> Tensor:  # fmt: skip
     """Exact normalised cluster-pair masses, fp32 ``(B, h, Kq, Kk)`` (module doc, step 2).
 
     q, k ``(B, h, Sv, D)``; lse fp32 ``(B, h, Sv)``: each row's full-attention LSE (rows at ``-inf``
-    contribute nothing); the clusterings' labels ``(B, h, Sv)`` and sizes ``(B, h, K)``.
+    contribute nothing); ``q_clusters`` the queries' labels ``(B, h, Sv)`` and sizes ``(B, h, Kq)``;
+    ``k_perm`` int64 ``(B, h, Sv)`` and ``k_offsets`` int32 ``(B, h, Kk + 1)`` the keys in cluster order
+    (:func:`~sparse_compile.kernels.kmeans.cluster_permutation`). A row's mass on each key cluster is
+    a difference of its running sum over the keys in cluster order (fp32); the rows' masses are then
+    added into their query cluster's row.
     """
     batch, heads, num_video, _ = q.shape
-    n_q, n_k = q_clusters.sizes.shape[-1], k_clusters.sizes.shape[-1]
+    n_q, n_k = q_clusters.sizes.shape[-1], k_offsets.shape[-1] - 1
     mass = torch.zeros(batch, heads, n_q, n_k, dtype=torch.float32, device=q.device)
     per_head = max(1, _MASS_CHUNK_ENTRIES // (batch * num_video * _MIN_CHUNK_ROWS))
     for first in range(0, heads, per_head):
         hs = slice(first, min(first + per_head, heads))
         h = hs.stop - hs.start
-        qh, kh = q[:, hs].float(), k[:, hs].float().transpose(-1, -2)
+        qh = q[:, hs].float()
+        k_sorted = gather_rows(k[:, hs], k_perm[:, hs]).float().transpose(-1, -2)
         row_lse = masked_row_lse(lse[:, hs].float())
-        key_labels = k_clusters.labels[:, hs].long().unsqueeze(2)
+        bounds = k_offsets[:, hs].long().unsqueeze(2)
         row_labels = q_clusters.labels[:, hs].long()
         rows = max(1, _MASS_CHUNK_ENTRIES // (batch * h * num_video))
         for start in range(0, num_video, rows):
             r = slice(start, min(start + rows, num_video))
-            probs = torch.exp(qh[:, :, r] @ kh * scale - row_lse[:, :, r, None])
-            to_key_cluster = torch.zeros(batch, h, probs.shape[2], n_k, device=q.device)
-            to_key_cluster.scatter_add_(-1, key_labels.expand_as(probs), probs)
+            running = torch.exp(qh[:, :, r] @ k_sorted * scale - row_lse[:, :, r, None]).cumsum_(dim=-1)
+            running = F.pad(running, (1, 0))
+            to_key_cluster = running.gather(-1, bounds.expand(-1, -1, running.shape[2], -1)).diff(dim=-1)
             mass[:, hs].scatter_add_(2, row_labels[:, :, r, None].expand_as(to_key_cluster), to_key_cluster)
     mass.div_(q_clusters.sizes.clamp_min(1).unsqueeze(-1))
     return mass.div_(mass.sum(dim=-1, keepdim=True).clamp_min(_TINY))
@@ -87,6 +94,8 @@ class ClusterCandidate:
 
     Attributes:
         query, key: the k-means of the queries and keys (``(B, h, ...)`` each).
+        q_perm, k_perm: int64 ``(B, h, Sv)`` token orders grouping each cluster.
+        q_offsets, k_offsets: int32 ``(B, h, K + 1)`` cluster offsets.
         selection: the kept key clusters of every query cluster (empty query clusters keep none).
         recall: fp32 ``(B, h)``: the exact recall of each head.
         kept_pairs: fp64 ``(B, h)``: the (query, key) video pairs it computes.
@@ -94,6 +103,10 @@ class ClusterCandidate:
 
     query: Clustering
     key: Clustering
+    q_perm: Tensor
+    q_offsets: Tensor
+    k_perm: Tensor
+    k_offsets: Tensor
     selection: ClusterSelection
     recall: Tensor
     kept_pairs: Tensor
@@ -106,7 +119,9 @@ def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: f
     n_q, n_k = cluster_counts(num_video)
     query = kmeans(q, n_q, KMEANS_ITERS, seed=QUERY_SEED)
     key = kmeans(k, n_k, KMEANS_ITERS, seed=KEY_SEED)
-    mass = cluster_mass(q, k, lse, query, key, scale)
+    q_perm, q_offsets = cluster_permutation(query.labels, query.sizes, query.ranks)
+    k_perm, k_offsets = cluster_permutation(key.labels, key.sizes, key.ranks)
+    mass = cluster_mass(q, k, lse, query, k_perm, k_offsets, scale)
     counts, indices = select_top_p(mass, max(0.0, target - RECALL_TOLERANCE))
     counts = torch.where(query.sizes > 0, counts, 0)
     kept = keep_matrix(counts, indices, n_k)
@@ -116,6 +131,10 @@ def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: f
     return ClusterCandidate(
         query=query,
         key=key,
+        q_perm=q_perm,
+        q_offsets=q_offsets,
+        k_perm=k_perm,
+        k_offsets=k_offsets,
         selection=ClusterSelection(counts, indices, kept_tokens),
         recall=recall,
         kept_pairs=(kept_tokens.double() * q_sizes).sum(dim=-1),
@@ -175,22 +194,16 @@ class ClusterLayout:
 def cluster_layout(candidate: ClusterCandidate, heads: Tensor) -> ClusterLayout:
     """The layout of the candidate's ``heads`` (int64 indices into its heads, non-empty). Reads the
     most kept keys of a query cluster on the host."""
-    query = Clustering(*(_pick(t, heads) for t in (candidate.query.centroids, candidate.query.labels,
-                                                   candidate.query.sizes, candidate.query.ranks)))  # fmt: skip
-    key = Clustering(*(_pick(t, heads) for t in (candidate.key.centroids, candidate.key.labels,
-                                                 candidate.key.sizes, candidate.key.ranks)))  # fmt: skip
     selection = ClusterSelection(*(_pick(t, heads) for t in candidate.selection))
-    q_perm, q_offsets = cluster_permutation(query.labels, query.sizes, query.ranks)
-    k_perm, k_offsets = cluster_permutation(key.labels, key.sizes, key.ranks)
-    num_video = query.labels.shape[-1]
+    num_video = candidate.q_perm.shape[-1]
     return ClusterLayout(
-        q_perm=q_perm,
-        q_offsets=q_offsets,
-        k_perm=k_perm,
-        k_offsets=k_offsets,
+        q_perm=_pick(candidate.q_perm, heads),
+        q_offsets=_pick(candidate.q_offsets, heads),
+        k_perm=_pick(candidate.k_perm, heads),
+        k_offsets=_pick(candidate.k_offsets, heads),
         selection=selection,
-        q_labels=query.labels,
-        k_labels=key.labels,
+        q_labels=_pick(candidate.query.labels, heads),
+        k_labels=_pick(candidate.key.labels, heads),
         max_kept_keys=max(1, int(selection.kept_tokens.max())),
         density=_pick(candidate.kept_pairs, heads).mean() / float(num_video) ** 2,
     )
