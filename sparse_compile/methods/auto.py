@@ -8,10 +8,10 @@ past the break-even density of the device's cost model (:mod:`~sparse_compile.me
 run dense. Then SVG2's clusters (:mod:`~sparse_compile.methods.auto_clusters`: k-means, exact
 cluster-pair masses from the same LSE) are scored on the heads where they could be faster, and a head
 takes them where its cluster-kernel time plus its share of the k-means is below its block choice's
-(:func:`~sparse_compile.methods.auto_choice.cluster_heads`). The k-means runs once per choice, so
-its time is charged to the ``recheck_every`` calls a choice lasts at least. The whole call runs dense
-when sparse would not be faster. Heads whose scores are not finite (NaN or Inf in q or k) run
-dense, so they give what dense attention gives.
+(:func:`~sparse_compile.methods.auto_choice.heads_taking_clusters`). The k-means runs once per
+choice, so its time is charged to the ``recheck_every`` calls a choice lasts at least. The whole
+call runs dense when sparse would not be faster. Heads whose scores are not finite (NaN or Inf in
+q or k) run dense, so they give what dense attention gives.
 
 **When.** At the last of the ``dense_steps`` steps when they are given, else at the first sparse
 call of a generation (the timestep warm-up's last step is not known ahead), or of a new grid or
@@ -53,7 +53,7 @@ from sparse_compile.methods.auto_choice import (
     cat_choices,
     choice_names,
     choose_heads,
-    cluster_heads,
+    heads_taking_clusters,
     masks_to_layout,
 )
 from sparse_compile.methods.auto_clusters import (
@@ -255,20 +255,20 @@ class AutoMethod(AttentionMethod):
         guarded = choice.guarded.any(dim=0).tolist()
         dense_flags = [not on_clusters[h] and (guarded[h] or not finite_flags[h]) for h in range(heads)]
         block_flags = [not (on_clusters[h] or dense_flags[h]) for h in range(heads)]
-        block_heads, cluster_heads_, dense_heads = (_head_indices(f, q.device) for f in (block_flags, on_clusters,
-                                                                                         dense_flags))  # fmt: skip
+        flags = (block_flags, on_clusters, dense_flags)
+        block_heads, cluster_heads, dense_heads = (_head_indices(f, q.device) for f in flags)
         counts, indices = masks_to_layout(choice.masks[:, block_heads]) if block_heads.numel() else (None, None)
         block_pairs = float(kept_pairs[:, block_heads].sum())
-        cluster_pairs = float(kept_pairs[:, cluster_heads_].sum())
+        cluster_pairs = float(kept_pairs[:, cluster_heads].sum())
         head_pairs = batch * float(num_video) ** 2
-        n_block, n_cluster = block_heads.numel(), cluster_heads_.numel()
+        n_block, n_cluster, n_dense = block_heads.numel(), cluster_heads.numel(), dense_heads.numel()
         sparse_time = (costs.block_time(block_pairs) if n_block else 0.0) + (
             clusters_cost.call_time(cluster_pairs, share * batch * n_cluster) if n_cluster else 0.0)
         names = choice_names(candidates)
         return Choice(
             step=call.step.step,
             block_heads=block_heads,
-            cluster_heads=cluster_heads_,
+            cluster_heads=cluster_heads,
             dense_heads=dense_heads,
             counts=counts,
             indices=indices,
@@ -276,7 +276,7 @@ class AutoMethod(AttentionMethod):
             head_labels=tuple(tuple(CLUSTERS if on_clusters[h] else names[i] for h, i in enumerate(row))
                               for row in choice.labels.tolist()),  # fmt: skip
             recall=recall,
-            density=torch.tensor((block_pairs + cluster_pairs + head_pairs * dense_heads.numel()) / (head_pairs * heads),
+            density=torch.tensor((block_pairs + cluster_pairs + head_pairs * n_dense) / (head_pairs * heads),
                                  dtype=torch.float64),
             block_density=torch.tensor(block_pairs / (head_pairs * max(1, n_block)), dtype=torch.float64),
             dense=n_block + n_cluster == 0 or not sparse_time < costs.dense_limit(head_pairs * (n_block + n_cluster)),
@@ -297,8 +297,8 @@ class AutoMethod(AttentionMethod):
             return on_clusters, None, choice.recall, choice.kept_pairs
         candidate = cluster_candidate(*(t.index_select(1, worth_heads) for t in (q, k, lse)), scale,
                                       float(self.config.recall))  # fmt: skip
-        wins = cluster_heads(choice.kept_pairs.index_select(1, worth_heads), choice.guarded.index_select(1, worth_heads),
-                             candidate.kept_pairs, costs, clusters_cost, share, num_video)  # fmt: skip
+        block_pairs, guarded = (t.index_select(1, worth_heads) for t in (choice.kept_pairs, choice.guarded))
+        wins = heads_taking_clusters(block_pairs, guarded, candidate.kept_pairs, costs, clusters_cost, share, num_video)
         for h, win in zip(worth_heads.tolist(), wins.tolist()):
             on_clusters[h] = win
         if not any(on_clusters):

@@ -17,7 +17,7 @@ A head whose choice keeps more than the cost model's break-even density runs all
 
 ``clusters`` (:mod:`~sparse_compile.methods.auto_clusters`) runs on another kernel and pays for its
 k-means, so it is compared by time, per head summed over the batch (a head runs in one launch):
-:func:`cluster_heads` takes it where it is faster than the head's block choice (or than dense,
+:func:`heads_taking_clusters` takes it where it is faster than the head's block choice (or than dense,
 for a guarded head).
 """
 
@@ -141,7 +141,7 @@ def block_or_dense_time(choice: HeadChoice, costs: KernelCosts, num_video: int) 
     return torch.where(choice.guarded, limit, choice.kept_pairs * costs.pair_time)
 
 
-def cluster_heads(block_pairs: Tensor, guarded: Tensor, cluster_pairs: Tensor, costs: KernelCosts,
+def heads_taking_clusters(block_pairs: Tensor, guarded: Tensor, cluster_pairs: Tensor, costs: KernelCosts,
                   clusters: ClusterCosts, clustering_share: float, num_video: int) -> Tensor:  # fmt: skip
     """Which heads run the cluster candidate, bool ``(h,)``.
 
