@@ -14,7 +14,7 @@ from sparse_compile.kernels.varlen_block_sparse_reference import VarlenLayout
 from sparse_compile.methods import auto, auto_clusters
 from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import CLUSTERS, GUARD
-from sparse_compile.methods.auto_clusters import cluster_mass
+from sparse_compile.methods.auto_clusters import cluster_candidate, cluster_mass, kept_pairs_floor
 from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.cost_model import (
     CLUSTER_PAIR_RATIO,
@@ -115,6 +115,22 @@ def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
     torch.testing.assert_close(cluster_mass(q, k, lse, q_clusters, *k_order, 0.3), whole)
 
 
+def test_the_kept_pairs_floor_on_every_row_is_below_the_cluster_candidates_pairs():
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, 200, 16, generator=gen) * 1.5 for _ in range(2))
+    every_row = torch.arange(200)
+    for target in (0.5, 0.9, 0.99):
+        candidate = cluster_candidate(q, k, attention_lse(q, k, 0.25), 0.25, target)
+        floor = kept_pairs_floor(q, k, 0.25, every_row, target)
+        assert bool((floor <= candidate.kept_pairs).all()) and bool((floor > 0).all())
+
+
+def test_the_kept_pairs_floor_of_a_uniform_head_is_the_target_share_of_all_pairs():
+    q = torch.zeros(1, 1, SEQ, DIM)
+    floor = kept_pairs_floor(q, q, DIM**-0.5, check_rows(SEQ, 0), 0.9)
+    assert abs(float(floor) / SEQ**2 - 0.9) < 1e-3
+
+
 def test_a_clustered_head_chooses_clusters_a_banded_one_its_band_and_a_uniform_one_dense():
     q, k, v = mixed_heads()
     state = SiteCache()
@@ -131,6 +147,16 @@ def test_a_clustered_head_chooses_clusters_a_banded_one_its_band_and_a_uniform_o
     cluster_density = float(token_mask[0, 0].float().mean())
     assert cluster_density <= 1.05 / BLOBS, "each query blob keeps its own blob's keys"
     assert result.guarded_heads == (2,) and bool(torch.isinf(result.video_lse[:, 2]).all())
+
+
+def test_only_heads_where_clusters_could_win_are_clustered(monkeypatch):
+    clustered = []
+    real_kmeans = auto_clusters.kmeans
+    monkeypatch.setattr(auto_clusters, "kmeans", lambda x, *args, **kw: clustered.append(x) or real_kmeans(x, *args, **kw))
+    q, k, v = mixed_heads()
+    _auto().attend(method_call(q, k, v, LAYOUT))
+    assert [x.shape[1] for x in clustered] == [1, 1], "the queries and keys of the blob head only"
+    assert torch.equal(clustered[0][0, 0], q[0, 0])
 
 
 def test_clusters_lose_to_a_band_that_keeps_fewer_pairs_for_their_cost():

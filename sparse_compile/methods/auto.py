@@ -63,6 +63,7 @@ from sparse_compile.methods.auto_clusters import (
     cluster_candidate,
     cluster_counts,
     cluster_layout,
+    kept_pairs_floor,
 )
 from sparse_compile.methods.auto_patterns import static_candidates
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, HeadGroup, attend_head_groups
@@ -286,17 +287,19 @@ class AutoMethod(AttentionMethod):
         self, q: Tensor, k: Tensor, lse: Tensor, scale: float, choice: HeadChoice, costs: KernelCosts,
         clusters_cost: ClusterCosts, share: float, finite: Tensor,
     ) -> tuple[list[bool], ClusterLayout | None, Tensor, Tensor]:  # fmt: skip
-        """Which heads take SVG2's clusters (scored only where the time to beat exceeds the k-means
-        share alone, and the scores are finite), their layout, and every head's recall fp32 ``(B, H)``
-        and kept pairs fp64 ``(B, H)`` with the cluster heads' replaced."""
-        batch, heads, num_video, _ = q.shape
-        worth = finite & (block_or_dense_time(choice, costs, num_video).sum(dim=0) > share * batch)
+        """Which heads take SVG2's clusters, their layout, and every head's recall fp32 ``(B, H)`` and
+        kept pairs fp64 ``(B, H)`` with the cluster heads' replaced. Only heads with finite scores whose
+        time to beat exceeds the k-means share plus the cluster kernel's time on the floor of kept pairs
+        (:func:`~sparse_compile.methods.auto_clusters.kept_pairs_floor` on sampled rows) are clustered."""
+        num_video, target = q.shape[2], float(self.config.recall)
+        rows = check_rows(num_video, 0).to(q.device)
+        floor = kept_pairs_floor(q, k, scale, rows, target) * clusters_cost.pair_time + share
+        worth = finite & (block_or_dense_time(choice, costs, num_video).sum(dim=0) > floor.sum(dim=0))
         worth_heads = _head_indices(worth.tolist(), q.device)
-        on_clusters = [False] * heads
+        on_clusters = [False] * q.shape[1]
         if not worth_heads.numel():
             return on_clusters, None, choice.recall, choice.kept_pairs
-        candidate = cluster_candidate(*(t.index_select(1, worth_heads) for t in (q, k, lse)), scale,
-                                      float(self.config.recall))  # fmt: skip
+        candidate = cluster_candidate(*(t.index_select(1, worth_heads) for t in (q, k, lse)), scale, target)
         block_pairs, guarded = (t.index_select(1, worth_heads) for t in (choice.kept_pairs, choice.guarded))
         wins = heads_taking_clusters(block_pairs, guarded, candidate.kept_pairs, costs, clusters_cost, share, num_video)
         for h, win in zip(worth_heads.tolist(), wins.tolist()):

@@ -141,6 +141,27 @@ def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: f
     )
 
 
+def kept_pairs_floor(q: Tensor, k: Tensor, scale: float, rows: Tensor, target: float) -> Tensor:
+    """A floor of the pairs any layout reaching recall ``target`` keeps, fp64 ``(B, h)``, from query ``rows``.
+
+    q, k ``(B, h, Sv, D)``; rows int64 ``(R,)``. A query cluster keeping ``m`` keys gives each of its
+    rows at most the mass of that row's ``m`` largest probabilities, so, with the clusters' targets
+    relaxed to one over all rows, no selection keeps fewer (row, key) pairs than the fewest largest
+    probabilities of all rows together whose sum reaches ``target`` times the rows. That count on
+    the sampled rows, scaled to ``Sv`` rows, is the floor (an estimate where the rows are a sample).
+    """
+    batch, heads, num_video, _ = q.shape
+    per_chunk = max(1, _MASS_CHUNK_ENTRIES // (batch * rows.numel() * num_video))
+    floors = []
+    for start in range(0, heads, per_chunk):
+        hs = slice(start, min(start + per_chunk, heads))
+        probs = ((q[:, hs, rows].float() @ k[:, hs].float().transpose(-1, -2)) * scale).softmax(dim=-1)
+        ranked = probs.flatten(2).sort(dim=-1, descending=True).values.cumsum_(dim=-1)
+        pairs = (ranked < target * rows.numel() - RECALL_TOLERANCE).sum(dim=-1) + 1
+        floors.append(pairs.double() * num_video / rows.numel())
+    return torch.cat(floors, dim=1)
+
+
 def _pick(t: Tensor, heads: Tensor) -> Tensor:
     return t.index_select(1, heads)
 
