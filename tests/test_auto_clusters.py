@@ -253,3 +253,13 @@ def test_cluster_heads_on_the_gpu_match_masked_sdpa_in_bf16(monkeypatch):
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=token_mask)
     error = (result.output.float() - expected).norm() / expected.norm()
     assert torch.isfinite(result.output).all() and float(error) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_the_measured_cluster_costs_are_positive_and_cluster_pairs_cost_more_than_block_pairs():
+    from sparse_compile.methods.cost_model import kernel_costs, measured_cluster_costs
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    clusters = measured_cluster_costs(device, torch.bfloat16, 128, 200, 1000, 50)
+    block = kernel_costs(device, torch.bfloat16, 128, 64)
+    assert clusters.pair_time > block.pair_time and clusters.launch >= 0 and clusters.clustering_time > 0
