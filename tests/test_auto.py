@@ -8,7 +8,7 @@ import torch
 from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.methods.adaspa_search import normalised_mass
-from sparse_compile.methods.auto import AutoMethod, Choice, check_rows, sampled_recall
+from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import GUARD, TOP_P, candidate_recall, choose_heads, masks_to_layout, top_p_blocks
 from sparse_compile.methods.auto_patterns import static_candidates
 from sparse_compile.methods.base import SiteCache, TokenLayout
@@ -121,7 +121,8 @@ def test_sampled_recall_is_exact_on_the_sampled_rows():
     counts, indices = masks_to_layout(masks)
     rows = check_rows(SEQ, step=3)
     exact = _exact_recall(q[:, :, rows], k, _token_mask(masks)[:, :, rows])
-    torch.testing.assert_close(sampled_recall(q, k, counts, indices, BLOCK, DIM**-0.5, rows), exact)
+    kept = block_kept_keys(counts, indices, BLOCK, SEQ, rows)
+    torch.testing.assert_close(sampled_recall(q, k, DIM**-0.5, rows, kept), exact)
 
 
 def _auto(**options) -> AutoMethod:
@@ -136,7 +137,7 @@ def _layout_token_mask(choice, heads: int) -> torch.Tensor:
     sparse = torch.zeros(*choice.counts.shape, n + 1, dtype=torch.bool, device=device)
     sparse.scatter_(-1, torch.where(kept, choice.indices.long(), n), True)
     block_mask = torch.ones(sparse.shape[0], heads, n, n, dtype=torch.bool, device=device)
-    block_mask[:, choice.sparse_heads] = sparse[..., :n]
+    block_mask[:, choice.block_heads] = sparse[..., :n]
     blocks = torch.arange(SEQ, device=device) // BLOCK
     return block_mask[..., blocks, :][..., blocks]
 
@@ -146,7 +147,7 @@ def test_auto_computes_the_chosen_layout_exactly_and_keeps_the_recall():
     state = SiteCache()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))
     choice = _choice(state)
-    assert choice.sparse_heads.tolist() == [0, 1] and choice.dense_heads.tolist() == [2]
+    assert choice.block_heads.tolist() == [0, 1] and choice.dense_heads.tolist() == [2]
     token_mask = _layout_token_mask(choice, 3)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=token_mask)
     torch.testing.assert_close(result.output, expected, atol=1e-5, rtol=1e-5)

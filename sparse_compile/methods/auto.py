@@ -1,25 +1,32 @@
 """``method="auto"``: per site and head, the cheapest pattern that keeps a recall target.
 
 **Choosing.** For one (site, CFG branch), the exact block masses of the video tokens (a row-LSE
-pass and a block-mass pass, like an AdaSpa search) give every candidate's exact recall per head;
-:mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
+pass and a block-mass pass, like an AdaSpa search) give every block candidate's exact recall per
+head; :mod:`~sparse_compile.methods.auto_choice` takes the one that reaches ``recall`` with the fewest
 kept pairs (SVG's spatial and temporal bands, Radial's mask, or per-row top-p blocks); heads
 past the break-even density of the device's cost model (:mod:`~sparse_compile.methods.cost_model`)
-run dense, and so does the whole call when sparse would not be faster. Heads whose scores are not
-finite (NaN or Inf in q or k) run dense, so they give what dense attention gives.
+run dense. Then SVG2's clusters (:mod:`~sparse_compile.methods.auto_clusters`: k-means, exact
+cluster-pair masses from the same LSE) are scored on the heads where they could be faster, and a head
+takes them where its cluster-kernel time plus its share of the k-means is below its block choice's
+(:func:`~sparse_compile.methods.auto_choice.heads_taking_clusters`). The k-means runs once per
+choice, so its time is charged to the ``recheck_every`` calls a choice lasts at least. The whole
+call runs dense when sparse would not be faster. Heads whose scores are not finite (NaN or Inf in
+q or k) run dense, so they give what dense attention gives.
 
 **When.** At the last of the ``dense_steps`` steps when they are given, else at the first sparse
 call of a generation (the timestep warm-up's last step is not known ahead), or of a new grid or
 shape. Every ``recheck_every`` steps after a
 choice the kept layout's recall is measured exactly on ``_CHECK_ROWS`` sampled query rows (a
-``rows x Sv`` product per head); the site chooses anew when a head falls more than
+``rows x Sv`` product per head; for cluster heads the rows' kept keys follow from their query cluster's
+selection); the site chooses anew, clusterings included, when a head falls more than
 ``_RECHECK_MARGIN`` below ``recall``.
 
-**Running.** The sparse heads of a call share one block-sparse launch over their per-head
-layouts; heads the guard sent dense (in any batch element) run dense SDPA together, and their
-video rows report the LSE ``+inf`` (recall 1). Text tokens of joint attention are dense
-(:func:`attend_video_and_text`). Calls the block kernels cannot take run dense with the reason
-reported.
+**Running.** The block heads of a call share one block-sparse launch over their per-head
+layouts, the cluster heads one cluster-kernel launch with their permutations folded in; heads the
+guard sent dense (in any batch element) run dense SDPA together, and their video rows report the
+LSE ``+inf`` (recall 1) (:func:`~sparse_compile.methods.base.attend_head_groups`). Text tokens of
+joint attention are dense (:func:`attend_video_and_text`). Calls the block kernels cannot take run
+dense with the reason reported.
 
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
@@ -37,11 +44,30 @@ from torch import Tensor
 
 from sparse_compile.kernels.block_select import attention_lse
 from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.masked_reference import keep_matrix
 from sparse_compile.methods.adaspa_search import head_chunks, normalised_mass
-from sparse_compile.methods.auto_choice import GUARD, choice_names, choose_heads, masks_to_layout
-from sparse_compile.methods.cost_model import kernel_costs
+from sparse_compile.methods.auto_choice import (
+    CLUSTERS,
+    HeadChoice,
+    block_or_dense_time,
+    cat_choices,
+    choice_names,
+    choose_heads,
+    heads_taking_clusters,
+    masks_to_layout,
+)
+from sparse_compile.methods.auto_clusters import (
+    KMEANS_ITERS,
+    ClusterLayout,
+    KeptKeys,
+    cluster_candidate,
+    cluster_counts,
+    cluster_layout,
+    kept_pairs_floor,
+)
 from sparse_compile.methods.auto_patterns import static_candidates
-from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
+from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, HeadGroup, attend_head_groups
+from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts, cluster_costs, kernel_costs
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
 
@@ -67,51 +93,60 @@ class Choice:
 
     Attributes:
         step: the step it was chosen at.
-        sparse_heads, dense_heads: int64 ``(Hs,)`` / ``(Hd,)`` head indices on the call's device.
-        counts, indices: the sparse heads' kernel layout, int32 ``(B, Hs, N)`` and ``(B, Hs, N, MAXK)``
-            (``None`` when every head is dense).
+        block_heads, cluster_heads, dense_heads: int64 ``(Hb,)`` / ``(Hc,)`` / ``(Hd,)`` head indices
+            on the call's device: a partition of the heads.
+        counts, indices: the block heads' kernel layout, int32 ``(B, Hb, N)`` and ``(B, Hb, N, MAXK)``
+            (``None`` without block heads).
+        clusters: the cluster heads' layout (``None`` without cluster heads).
         head_labels: the chosen candidate of each (batch element, head), ``B`` tuples of ``H``.
         recall: fp32 ``(B, H)``: each head's exact recall at the choice.
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
-        sparse_density: fp64 0-d: the same over the sparse heads only.
+        block_density: fp64 0-d: the same over the block heads only.
         dense: the whole call runs dense SDPA (the cost model says sparse would not be faster).
     """
 
     step: int
-    sparse_heads: Tensor
+    block_heads: Tensor
+    cluster_heads: Tensor
     dense_heads: Tensor
     counts: Tensor | None
     indices: Tensor | None
+    clusters: ClusterLayout | None
     head_labels: tuple[tuple[str, ...], ...]
     recall: Tensor
     density: Tensor
-    sparse_density: Tensor
+    block_density: Tensor
     dense: bool
 
 
-def sampled_recall(q: Tensor, k: Tensor, counts: Tensor, indices: Tensor, block: int, scale: float,
-                   rows: Tensor) -> Tensor:
-    """Exact recall of a block layout on query ``rows``: fp32 ``(B, H)``.
+def sampled_recall(q: Tensor, k: Tensor, scale: float, rows: Tensor, kept_keys: KeptKeys) -> Tensor:
+    """Exact recall of a layout on query ``rows``: fp32 ``(B, H)``.
 
-    q, k ``(B, H, Sv, D)``; counts/indices the kernel layout; rows int64 ``(R,)``. The recall of a
-    row is the share of its full softmax mass on the keys its block keeps.
+    q, k ``(B, H, Sv, D)``; rows int64 ``(R,)``; ``kept_keys`` the keys each row keeps, per slice of
+    heads (:func:`block_kept_keys`, :meth:`ClusterLayout.kept_keys`). The recall of a row is the share
+    of its full softmax mass on the keys it keeps.
     """
     batch, heads, num_video, _ = q.shape
-    n = counts.shape[-1]
-    key_block = torch.arange(num_video, device=q.device) // block
-    row_block = rows // block
     per_chunk = max(1, _CHECK_CHUNK_ENTRIES // (batch * rows.numel() * num_video))
     recalls = []
     for start in range(0, heads, per_chunk):
         hs = slice(start, min(start + per_chunk, heads))
         scores = (q[:, hs, rows].float() @ k[:, hs].float().transpose(-1, -2)) * scale
-        probs = scores.softmax(dim=-1)
-        slots = indices[:, hs][:, :, row_block].long()
-        valid = torch.arange(slots.shape[-1], device=q.device) < counts[:, hs][:, :, row_block].unsqueeze(-1)
-        kept = torch.zeros(*slots.shape[:-1], n + 1, dtype=torch.bool, device=q.device)
-        kept.scatter_(-1, torch.where(valid, slots, n), True)
-        recalls.append((probs * kept[..., key_block]).sum(dim=-1).mean(dim=-1))
+        recalls.append((scores.softmax(dim=-1) * kept_keys(hs)).sum(dim=-1).mean(dim=-1))
     return torch.cat(recalls, dim=1)
+
+
+def block_kept_keys(counts: Tensor, indices: Tensor, block: int, num_video: int, rows: Tensor) -> KeptKeys:
+    """The keys each of the query ``rows`` int64 ``(R,)`` keeps under a block layout (counts int32
+    ``(B, H, N)``, indices ``(B, H, N, MAXK)``), per slice of heads."""
+    n = counts.shape[-1]
+    key_block = torch.arange(num_video, device=counts.device) // block
+    row_block = rows // block
+
+    def kept(hs: slice) -> Tensor:
+        return keep_matrix(counts[:, hs][:, :, row_block], indices[:, hs][:, :, row_block], n)[..., key_block]
+
+    return kept
 
 
 def check_rows(num_video: int, step: int) -> Tensor:
@@ -119,6 +154,11 @@ def check_rows(num_video: int, step: int) -> Tensor:
     count = min(_CHECK_ROWS, num_video)
     spacing = num_video // count
     return torch.arange(count) * spacing + (step * _ROW_SHIFT) % spacing
+
+
+def _head_indices(flags: list[bool], device: torch.device) -> Tensor:
+    """int64 indices of the true ``flags``."""
+    return torch.tensor([h for h, flag in enumerate(flags) if flag], dtype=torch.int64, device=device)
 
 
 @register_method
@@ -139,10 +179,10 @@ class AutoMethod(AttentionMethod):
         heads = call.query.shape[1]
         if choice.dense:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
-        if choice.dense_heads.numel() == 0:
-            return attend_video_and_text(call, lambda q, k, v: self._video_attention(q, k, v, choice, call))
-        return attend_split_heads(call, choice.sparse_heads, choice.dense_heads,
-                                  lambda q, k, v: self._video_attention(q, k, v, choice, call))
+        groups = self._head_groups(choice, call)
+        if len(groups) == 1 and choice.dense_heads.numel() == 0:
+            return attend_video_and_text(call, groups[0][1])
+        return attend_head_groups(call, groups, choice.dense_heads)
 
     def observe_dense(self, call: AttentionCall) -> None:
         """At the last dense step, choose for the first sparse step."""
@@ -151,71 +191,133 @@ class AutoMethod(AttentionMethod):
         video, _ = video_text_slices(call.layout)
         self.store(call, self._choose(call.query[:, :, video], call.key[:, :, video], call))
 
+    def _head_groups(self, choice: Choice, call: AttentionCall) -> list[HeadGroup]:
+        """The block heads' and the cluster heads' video attention, each one launch."""
+        groups: list[HeadGroup] = []
+        if choice.counts is not None:
+            groups.append((choice.block_heads, lambda q, k, v: self._block_attention(q, k, v, choice, call)))
+        if choice.clusters is not None:
+            layout, scale = choice.clusters, call.softmax_scale
+            groups.append((choice.cluster_heads, lambda q, k, v: layout.attend(q, k, v, scale)))
+        return groups
+
     def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
         """This branch's choice, made anew when missing (new generation, grid or shape) or failing
         its recall check."""
         choice = self.cached(call, Choice)
         step = call.step.step
         if choice is not None and self._due_for_check(choice, step) and not choice.dense:
-            rows = check_rows(q.shape[2], step).to(q.device)
-            heads = choice.sparse_heads
-            measured = sampled_recall(q.index_select(1, heads), k.index_select(1, heads), choice.counts,
-                                      choice.indices, self.config.block, call.softmax_scale, rows)  # fmt: skip
-            if bool((measured < self.config.recall - _RECHECK_MARGIN).any()):
+            if bool((self._checked_recall(q, k, choice, call, step) < self.config.recall - _RECHECK_MARGIN).any()):
                 choice = None
         if choice is None:
             choice = self._choose(q, k, call)
             self.store(call, choice)
         return choice
 
+    def _checked_recall(self, q: Tensor, k: Tensor, choice: Choice, call: AttentionCall, step: int) -> Tensor:
+        """Exact recall of the block and cluster heads on this step's sampled rows, fp32 ``(B, Hb + Hc)``."""
+        num_video, scale = q.shape[2], call.softmax_scale
+        rows = check_rows(num_video, step).to(q.device)
+        measured = []
+        if choice.counts is not None:
+            kept = block_kept_keys(choice.counts, choice.indices, self.config.block, num_video, rows)
+            heads = choice.block_heads
+            measured.append(sampled_recall(q.index_select(1, heads), k.index_select(1, heads), scale, rows, kept))
+        if choice.clusters is not None:
+            heads = choice.cluster_heads
+            measured.append(sampled_recall(q.index_select(1, heads), k.index_select(1, heads), scale, rows,
+                                           choice.clusters.kept_keys(rows)))  # fmt: skip
+        return torch.cat(measured, dim=1)
+
     def _due_for_check(self, choice: Choice, step: int) -> bool:
         since = step - choice.step
         return since > 0 and since % self.config.recheck_every == 0
 
     def _choose(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
-        """Score every candidate on exact block masses and build the per-head layout."""
+        """Score every candidate on exact masses and build the per-head layouts."""
         batch, heads, num_video, head_dim = q.shape
         block, target, scale = self.config.block, float(self.config.recall), call.softmax_scale
         lay = call.layout
         candidates = static_candidates(lay.frames, lay.height, lay.width, block, q.device)
         costs = kernel_costs(q.device, q.dtype, head_dim, block)
         lse = attention_lse(q, k, scale)
-        choices = [
+        choice = cat_choices([
             choose_heads(normalised_mass(q[:, c], k[:, c], lse[:, c], block, scale), candidates, target,
                          costs.break_even_density)
             for c in head_chunks(batch, heads, candidates.block_sizes.numel())
-        ]  # fmt: skip
-        names = choice_names(candidates)
-        labels = torch.cat([c.labels for c in choices], dim=1).tolist()
-        not_finite = (~torch.isfinite(lse)).any(dim=-1).any(dim=0).tolist()  # scores with NaN/Inf: dense, as given
-        guarded = [not_finite[h] or any(names[row[h]] == GUARD for row in labels) for h in range(heads)]
-        sparse_heads = torch.tensor([h for h in range(heads) if not guarded[h]], dtype=torch.int64, device=q.device)
-        dense_heads = torch.tensor([h for h in range(heads) if guarded[h]], dtype=torch.int64, device=q.device)
-        masks = torch.cat([c.masks for c in choices], dim=1)[:, sparse_heads]
-        sparse_pairs = float(torch.cat([c.kept_pairs for c in choices], dim=1)[:, sparse_heads].sum())
+        ])  # fmt: skip
+        finite = torch.isfinite(lse).all(dim=-1).all(dim=0)  # scores with NaN/Inf: dense, as given
+        n_q, n_k = cluster_counts(num_video)
+        clusters_cost = cluster_costs(q.device, q.dtype, head_dim, n_q, n_k, KMEANS_ITERS)
+        share = clusters_cost.clustering_time * num_video / self.config.recheck_every
+        on_clusters, clusters, recall, kept_pairs = self._pick_clusters(q, k, lse, scale, choice, costs, clusters_cost,
+                                                                        share, finite)  # fmt: skip
+        finite_flags = finite.tolist()
+        guarded = choice.guarded.any(dim=0).tolist()
+        dense_flags = [not on_clusters[h] and (guarded[h] or not finite_flags[h]) for h in range(heads)]
+        block_flags = [not (on_clusters[h] or dense_flags[h]) for h in range(heads)]
+        flags = (block_flags, on_clusters, dense_flags)
+        block_heads, cluster_heads, dense_heads = (_head_indices(f, q.device) for f in flags)
+        counts, indices = masks_to_layout(choice.masks[:, block_heads]) if block_heads.numel() else (None, None)
+        block_pairs = float(kept_pairs[:, block_heads].sum())
+        cluster_pairs = float(kept_pairs[:, cluster_heads].sum())
         head_pairs = batch * float(num_video) ** 2
-        counts, indices = masks_to_layout(masks) if sparse_heads.numel() else (None, None)
+        n_block, n_cluster, n_dense = block_heads.numel(), cluster_heads.numel(), dense_heads.numel()
+        sparse_time = (costs.block_time(block_pairs) if n_block else 0.0) + (
+            clusters_cost.call_time(cluster_pairs, share * batch * n_cluster) if n_cluster else 0.0)
+        names = choice_names(candidates)
         return Choice(
             step=call.step.step,
-            sparse_heads=sparse_heads,
+            block_heads=block_heads,
+            cluster_heads=cluster_heads,
             dense_heads=dense_heads,
             counts=counts,
             indices=indices,
-            head_labels=tuple(tuple(names[i] for i in row) for row in labels),
-            recall=torch.cat([c.recall for c in choices], dim=1),
-            density=torch.tensor((sparse_pairs + head_pairs * dense_heads.numel()) / (head_pairs * heads),
+            clusters=clusters,
+            head_labels=tuple(tuple(CLUSTERS if on_clusters[h] else names[i] for h, i in enumerate(row))
+                              for row in choice.labels.tolist()),  # fmt: skip
+            recall=recall,
+            density=torch.tensor((block_pairs + cluster_pairs + head_pairs * n_dense) / (head_pairs * heads),
                                  dtype=torch.float64),
-            sparse_density=torch.tensor(sparse_pairs / (head_pairs * max(1, sparse_heads.numel())), dtype=torch.float64),
-            dense=counts is None or not costs.sparse_wins(sparse_pairs, head_pairs * sparse_heads.numel()),
+            block_density=torch.tensor(block_pairs / (head_pairs * max(1, n_block)), dtype=torch.float64),
+            dense=n_block + n_cluster == 0 or not sparse_time < costs.dense_limit(head_pairs * (n_block + n_cluster)),
         )
 
-    def _video_attention(
+    def _pick_clusters(
+        self, q: Tensor, k: Tensor, lse: Tensor, scale: float, choice: HeadChoice, costs: KernelCosts,
+        clusters_cost: ClusterCosts, share: float, finite: Tensor,
+    ) -> tuple[list[bool], ClusterLayout | None, Tensor, Tensor]:  # fmt: skip
+        """Which heads take SVG2's clusters, their layout, and every head's recall fp32 ``(B, H)`` and
+        kept pairs fp64 ``(B, H)`` with the cluster heads' replaced. Only heads with finite scores whose
+        time to beat exceeds the k-means share plus the cluster kernel's time on the floor of kept pairs
+        (:func:`~sparse_compile.methods.auto_clusters.kept_pairs_floor` on sampled rows) are clustered."""
+        num_video, target = q.shape[2], float(self.config.recall)
+        rows = check_rows(num_video, 0).to(q.device)
+        floor = kept_pairs_floor(q, k, scale, rows, target) * clusters_cost.pair_time + share
+        worth = finite & (block_or_dense_time(choice, costs, num_video).sum(dim=0) > floor.sum(dim=0))
+        worth_heads = _head_indices(worth.tolist(), q.device)
+        on_clusters = [False] * q.shape[1]
+        if not worth_heads.numel():
+            return on_clusters, None, choice.recall, choice.kept_pairs
+        candidate = cluster_candidate(*(t.index_select(1, worth_heads) for t in (q, k, lse)), scale, target)
+        block_pairs, guarded = (t.index_select(1, worth_heads) for t in (choice.kept_pairs, choice.guarded))
+        wins = heads_taking_clusters(block_pairs, guarded, candidate.kept_pairs, costs, clusters_cost, share, num_video)
+        for h, win in zip(worth_heads.tolist(), wins.tolist()):
+            on_clusters[h] = win
+        if not any(on_clusters):
+            return on_clusters, None, choice.recall, choice.kept_pairs
+        picked, global_heads = wins.nonzero().flatten(), worth_heads[wins]
+        recall = choice.recall.index_copy(1, global_heads, candidate.recall.index_select(1, picked))
+        kept_pairs = choice.kept_pairs.index_copy(1, global_heads, candidate.kept_pairs.index_select(1, picked))
+        return on_clusters, cluster_layout(candidate, picked), recall, kept_pairs
+
+    def _block_attention(
         self, q: Tensor, k: Tensor, v: Tensor, choice: Choice, call: AttentionCall
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Video tokens ``(B, H, Sv, D)`` -> (out, LSE fp32 ``(B, H, Sv)``, kept density 0-d)."""
+        """Video tokens ``(B, Hb, Sv, D)`` of the block heads -> (out, LSE fp32 ``(B, Hb, Sv)``, kept density 0-d)."""
         block = self.config.block
         out, lse = block_sparse_attention(
             q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=call.softmax_scale,
             return_lse=True,
         )  # fmt: skip
-        return out, lse, choice.sparse_density
+        return out, lse, choice.block_density

@@ -14,6 +14,11 @@ with the fewest kept pairs. A static candidate is taken over ``top-p`` while it 
 ``1 + STATIC_SLACK`` times as many pairs: its recall does not hinge on the step it was measured at.
 A head whose choice keeps more than the cost model's break-even density runs all blocks
 (``dense (guard)``).
+
+``clusters`` (:mod:`~sparse_compile.methods.auto_clusters`) runs on another kernel and pays for its
+k-means, so it is compared by time, per head summed over the batch (a head runs in one launch):
+:func:`heads_taking_clusters` takes it where it is faster than the head's block choice (or than dense,
+for a guarded head).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from torch import Tensor
 from sparse_compile.methods.adaspa_search import ranked_masses
 from sparse_compile.methods.auto_patterns import Candidates
 from sparse_compile.methods.block_pairs import kept_pairs
+from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts
 
 STATIC_SLACK = 0.1
 TOP_P = "top-p"
 GUARD = "dense (guard)"
-_RECALL_TOLERANCE = 1e-6
+CLUSTERS = "clusters"
+RECALL_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,17 +50,19 @@ class HeadChoice:
         masks: bool ``(B, h, N, N)``: the chosen block keep-mask of each head.
         recall: fp32 ``(B, h)``: its exact recall (1 for guarded heads).
         kept_pairs: fp64 ``(B, h)``: the (query, key) video pairs it computes.
+        guarded: bool ``(B, h)``: the head runs all blocks (``dense (guard)``).
     """
 
     labels: Tensor
     masks: Tensor
     recall: Tensor
     kept_pairs: Tensor
+    guarded: Tensor
 
 
 def choice_names(candidates: Candidates) -> tuple[str, ...]:
-    """Label of each :attr:`HeadChoice.labels` value."""
-    return (*candidates.names, TOP_P, GUARD)
+    """Label of each :attr:`HeadChoice.labels` value, and last :data:`CLUSTERS`."""
+    return (*candidates.names, TOP_P, GUARD, CLUSTERS)
 
 
 def candidate_recall(mass: Tensor, candidates: Candidates) -> Tensor:
@@ -77,7 +86,7 @@ def top_p_blocks(mass: Tensor, target: float, weights: Tensor) -> tuple[Tensor, 
     n = mass.shape[-1]
     values, order = ranked_masses(mass)
     cumulative = values.cumsum(dim=-1)
-    counts = ((cumulative < target - _RECALL_TOLERANCE).sum(dim=-1) + 1).clamp_max(n)
+    counts = ((cumulative < target - RECALL_TOLERANCE).sum(dim=-1) + 1).clamp_max(n)
     row_recall = cumulative.gather(-1, counts.unsqueeze(-1) - 1).squeeze(-1)
     kept_rank = torch.arange(n, device=mass.device) < counts.unsqueeze(-1)
     masks = torch.zeros_like(kept_rank).scatter_(-1, order, kept_rank)
@@ -100,7 +109,7 @@ def choose_heads(mass: Tensor, candidates: Candidates, target: float, break_even
     top_masks, top_recall = top_p_blocks(mass, target, sizes.float() / num_video)
     top_pairs = kept_pairs(top_masks, sizes)
 
-    static_cost = torch.where(static_recall >= target - _RECALL_TOLERANCE, static_pairs, torch.inf)
+    static_cost = torch.where(static_recall >= target - RECALL_TOLERANCE, static_pairs, torch.inf)
     best_pairs, best = static_cost.min(dim=-1)
     use_static = best_pairs <= (1 + STATIC_SLACK) * top_pairs
     n_static = len(candidates.names)
@@ -115,7 +124,41 @@ def choose_heads(mass: Tensor, candidates: Candidates, target: float, break_even
         masks=masks | guard[..., None, None],
         recall=torch.where(guard, 1.0, recall),
         kept_pairs=torch.where(guard, num_video**2, pairs),
+        guarded=guard,
     )
+
+
+def cat_choices(choices: list[HeadChoice]) -> HeadChoice:
+    """The choices of consecutive chunks of heads as one."""
+    return HeadChoice(*(torch.cat([getattr(c, name) for c in choices], dim=1)
+                        for name in ("labels", "masks", "recall", "kept_pairs", "guarded")))  # fmt: skip
+
+
+def block_or_dense_time(choice: HeadChoice, costs: KernelCosts, num_video: int) -> Tensor:
+    """Per (batch element, head) the time to beat, fp64 ``(B, h)``: its block choice's kernel time,
+    or for a guarded head dense SDPA's within the guard's margin."""
+    limit = costs.dense_limit(float(num_video) ** 2)
+    return torch.where(choice.guarded, limit, choice.kept_pairs * costs.pair_time)
+
+
+def heads_taking_clusters(block_pairs: Tensor, guarded: Tensor, cluster_pairs: Tensor, costs: KernelCosts,
+                  clusters: ClusterCosts, clustering_share: float, num_video: int) -> Tensor:  # fmt: skip
+    """Which heads run the cluster candidate, bool ``(h,)``.
+
+    A head does when, in every batch element, ``clusters.pair_time * cluster_pairs + clustering_share``
+    (its share of one k-means per choice) stays under dense SDPA's time within the guard's margin, and,
+    summed over the batch, under its block choices' (a head guarded in some batch element: under dense).
+
+    Args:
+        block_pairs, guarded: fp64 / bool ``(B, h)``: the block choice's kept pairs and guard
+            (:class:`HeadChoice`).
+        cluster_pairs: fp64 ``(B, h)``: the kept pairs of the cluster candidate.
+        clustering_share: k-means time charged to one (batch element, head) per call.
+    """
+    cluster_time = cluster_pairs * clusters.pair_time + clustering_share
+    block_time = torch.where(guarded, torch.inf, block_pairs * costs.pair_time)
+    under_dense = (cluster_time < costs.dense_limit(float(num_video) ** 2)).all(dim=0)
+    return under_dense & (cluster_time.sum(dim=0) < block_time.sum(dim=0))
 
 
 def masks_to_layout(masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, replace
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Sequence, TypeVar
 
 import torch
 
@@ -88,26 +88,43 @@ def heads_of(call: AttentionCall, heads: torch.Tensor) -> AttentionCall:
                    value=call.value.index_select(1, heads), attn_mask=mask)
 
 
+HeadGroup = tuple[torch.Tensor, VideoAttention]
+"""Heads (int64 indices) that run one video attention together, and that attention."""
+
+
+def attend_head_groups(
+    call: AttentionCall, groups: Sequence[HeadGroup], dense_heads: torch.Tensor
+) -> AttentionResult:
+    """Each group's heads through its video attention (merged with the text tokens), ``dense_heads``
+    through one dense SDPA, stitched by head (the groups non-empty and, with ``dense_heads``, a
+    partition of the heads; ``dense_heads`` may be empty).
+
+    A video attention takes its heads' video tokens. The dense heads' video rows report the LSE
+    ``+inf`` (recall 1) and count as guarded; the kept density is the mean over heads.
+    """
+    batch, heads = call.query.shape[:2]
+    output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
+    video_lse = None
+    kept: float | torch.Tensor = float(dense_heads.numel())
+    for group_heads, video_attention in groups:
+        part = attend_video_and_text(heads_of(call, group_heads), video_attention)
+        output[:, group_heads] = part.output
+        if video_lse is None:
+            video_lse = part.video_lse.new_full((batch, heads, part.video_lse.shape[-1]), torch.inf)
+        video_lse[:, group_heads] = part.video_lse
+        kept = kept + part.kept_density * group_heads.numel()
+    if dense_heads.numel():
+        output[:, dense_heads] = AttentionMethod._exact(heads_of(call, dense_heads))
+    return AttentionResult(output=output, kept_density=kept / heads, video_lse=video_lse,
+                           guarded_heads=tuple(dense_heads.tolist()))
+
+
 def attend_split_heads(
     call: AttentionCall, sparse_heads: torch.Tensor, dense_heads: torch.Tensor, video_attention: VideoAttention
 ) -> AttentionResult:
-    """``sparse_heads`` through ``video_attention`` (merged with the text tokens), ``dense_heads``
-    through one dense SDPA, stitched by head (int64 index tensors, both non-empty).
-
-    ``video_attention`` takes the sparse heads' video tokens. The dense heads' video rows report
-    the LSE ``+inf`` (recall 1) and count as guarded; the kept density is the mean over heads.
-    """
-    heads = call.query.shape[1]
-    sparse = attend_video_and_text(heads_of(call, sparse_heads), video_attention)
-    output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
-    output[:, sparse_heads] = sparse.output
-    output[:, dense_heads] = AttentionMethod._exact(heads_of(call, dense_heads))
-    video_lse = sparse.video_lse.new_full((call.query.shape[0], heads, sparse.video_lse.shape[-1]), torch.inf)
-    video_lse[:, sparse_heads] = sparse.video_lse
-    n_sparse = sparse_heads.numel()
-    kept = (sparse.kept_density * n_sparse + (heads - n_sparse)) / heads
-    return AttentionResult(output=output, kept_density=kept, video_lse=video_lse,
-                           guarded_heads=tuple(dense_heads.tolist()))
+    """``sparse_heads`` through ``video_attention``, ``dense_heads`` through one dense SDPA
+    (:func:`attend_head_groups` with one group)."""
+    return attend_head_groups(call, ((sparse_heads, video_attention),), dense_heads)
 
 
 class AttentionMethod:

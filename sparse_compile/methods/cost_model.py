@@ -1,4 +1,4 @@
-"""The cost model ``method="auto"`` chooses by: block-sparse kernel vs dense SDPA on this device.
+"""The cost model ``method="auto"`` chooses by: block-sparse and cluster kernels vs dense SDPA on this device.
 
 A block-sparse call over ``B*H`` heads costs ``launch + pair_time * kept_pairs`` and dense SDPA
 ``dense_pair_time * B*H*Sv^2`` (pairs: computed (query, key) token pairs, kept blocks counted
@@ -8,6 +8,17 @@ kept densities 1/8 and 1/2 (banded layouts) and of ``F.scaled_dot_product_attent
 ``B=1, H=8, S=16384``; the two sparse points give ``pair_time`` (slope) and ``launch`` (intercept).
 Elsewhere (the CPU reference path, whose timings say nothing about a GPU) the nominal model
 :data:`NOMINAL_COSTS` is used: kept pairs 1.25x as expensive as dense ones, no launch cost.
+
+The cluster candidate (:class:`ClusterCosts`) costs ``launch + pair_time * kept_pairs`` on the
+cluster (varlen) kernel plus ``clustering_time`` per (head, video token) for the k-means of its
+queries and keys. On CUDA :func:`measured_cluster_costs` times them once per process, device, dtype,
+head dim and k-means setting, at the same ``B=1, H=8, S=16384``: ``do_bench`` medians of the varlen
+kernel with folded random permutations at kept densities 1/8 and 1/2 (equal clusters, a band of key
+clusters per query cluster: slope and intercept as above) and of both k-means and their permutations.
+Elsewhere :func:`nominal_cluster_costs`: a kept pair :data:`CLUSTER_PAIR_RATIO` times a block pair
+(the H100 measured the cluster kernel 1.52-1.58x the fixed kernel at equal density, RESULTS.md
+"Cluster (varlen) kernel"), no launch cost, and a k-means iteration of a token priced by its flops:
+one ``D``-dot per centroid against a kept pair's two (``q.k`` and ``p.v``).
 
 Sparse must win by :data:`GUARD_MARGIN`: the model leaves out the work around the kernel (the
 head copies of a call that mixes sparse and dense heads, the text merge, Python), which on the
@@ -23,11 +34,15 @@ import torch
 import torch.nn.functional as F
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.kmeans import cluster_permutation, kmeans
+from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
+from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
 
 _CALIBRATION_HEADS = 8
 _CALIBRATION_TOKENS = 16384
 _CALIBRATION_DENSITIES = (0.125, 0.5)
 GUARD_MARGIN = 0.85
+CLUSTER_PAIR_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -44,21 +59,60 @@ class KernelCosts:
         :data:`GUARD_MARGIN` of its dense time (launch cost aside)."""
         return GUARD_MARGIN * self.dense_pair_time / self.pair_time
 
-    def sparse_wins(self, kept_pairs: float, dense_pairs: float) -> bool:
-        """Whether a block-sparse call computing ``kept_pairs`` takes under :data:`GUARD_MARGIN` of
-        dense SDPA's time over ``dense_pairs``."""
-        return self.launch + self.pair_time * kept_pairs < GUARD_MARGIN * self.dense_pair_time * dense_pairs
+    def dense_limit(self, dense_pairs: float) -> float:
+        """The time sparse work over ``dense_pairs`` video pairs must stay under:
+        :data:`GUARD_MARGIN` of dense SDPA's."""
+        return GUARD_MARGIN * self.dense_pair_time * dense_pairs
+
+    def block_time(self, kept_pairs: float) -> float:
+        """One block-sparse call computing ``kept_pairs``."""
+        return self.launch + self.pair_time * kept_pairs
 
 
 NOMINAL_COSTS = KernelCosts(pair_time=1.25, launch=0.0, dense_pair_time=1.0)
 
 
-def _banded_layout(n_blocks: int, kept: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts int32 ``(1, 1, N)`` and ascending indices int32 ``(1, 1, N, kept)`` of ``kept`` blocks per row."""
-    first = (torch.arange(n_blocks, device=device) - kept // 2).clamp(0, n_blocks - kept)
+@dataclass(frozen=True)
+class ClusterCosts:
+    """The cluster candidate's costs, in the units of the device's :class:`KernelCosts`: per kept pair
+    and per call of the cluster kernel, and per (head, video token) of one k-means of queries and keys."""
+
+    pair_time: float
+    launch: float
+    clustering_time: float
+
+    def call_time(self, kept_pairs: float, clustering: float) -> float:
+        """One cluster-kernel call computing ``kept_pairs``, plus the ``clustering`` time charged to it."""
+        return self.launch + self.pair_time * kept_pairs + clustering
+
+
+def _banded_layout(rows: int, columns: int, kept: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts int32 ``(1, 1, rows)`` and ascending indices int32 ``(1, 1, rows, kept)``: row ``i`` keeps
+    ``kept`` consecutive of ``columns`` column ids around ``i * columns / rows``."""
+    centre = torch.arange(rows, device=device) * columns // rows
+    first = (centre - kept // 2).clamp(0, columns - kept)
     indices = (first[:, None] + torch.arange(kept, device=device)).to(torch.int32)
-    counts = torch.full((n_blocks,), kept, dtype=torch.int32, device=device)
-    return counts.view(1, 1, -1), indices.view(1, 1, n_blocks, kept)
+    counts = torch.full((rows,), kept, dtype=torch.int32, device=device)
+    return counts.view(1, 1, -1), indices.view(1, 1, rows, kept)
+
+
+def equal_cluster_offsets(tokens: int, clusters: int, device: torch.device) -> torch.Tensor:
+    """Offsets int32 ``(1, 1, clusters + 1)`` of ``clusters`` contiguous clusters of (nearly) equal size."""
+    return (torch.arange(clusters + 1, device=device) * tokens // clusters).to(torch.int32).view(1, 1, -1)
+
+
+def banded_cluster_layout(
+    tokens: int, q_clusters: int, k_clusters: int, density: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A calibration layout of the cluster kernel: equal clusters, each query cluster keeping a band of
+    ``round(density * k_clusters)`` key clusters. Returns q and kv offsets, counts, indices and the
+    kept (query, key) pairs per head."""
+    kept = max(1, round(density * k_clusters))
+    q_offsets = equal_cluster_offsets(tokens, q_clusters, device)
+    k_offsets = equal_cluster_offsets(tokens, k_clusters, device)
+    counts, indices = _banded_layout(q_clusters, k_clusters, kept, device)
+    kept_keys = kept_kv_tokens(k_offsets.diff(), counts, indices)
+    return q_offsets, k_offsets, counts, indices, int((q_offsets.diff() * kept_keys).sum())
 
 
 @functools.cache
@@ -73,17 +127,76 @@ def measured_costs(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
     pairs, times = [], []
     for density in _CALIBRATION_DENSITIES:
         kept = max(1, round(density * n_blocks))
-        counts, indices = _banded_layout(n_blocks, kept, device)
-        ms = do_bench(lambda: block_sparse_attention(q, k, v, counts, indices, block_q=block, block_k=block))
+        counts, indices = _banded_layout(n_blocks, n_blocks, kept, device)
+        ms = do_bench(lambda: block_sparse_attention(q, k, v, counts, indices, block_q=block, block_k=block),
+                      return_mode="median")
         pairs.append(_CALIBRATION_HEADS * n_blocks * kept * block * block)
         times.append(ms * 1e-3)
     pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
-    dense_s = do_bench(lambda: F.scaled_dot_product_attention(q, k, v)) * 1e-3
+    dense_s = do_bench(lambda: F.scaled_dot_product_attention(q, k, v), return_mode="median") * 1e-3
     return KernelCosts(
         pair_time=pair_time,
         launch=max(0.0, times[0] - pair_time * pairs[0]),
         dense_pair_time=dense_s / (_CALIBRATION_HEADS * _CALIBRATION_TOKENS**2),
     )
+
+
+@functools.cache
+def measured_cluster_costs(
+    device: torch.device, dtype: torch.dtype, head_dim: int, q_clusters: int, k_clusters: int, iters: int
+) -> ClusterCosts:
+    """:class:`ClusterCosts` timed on a CUDA ``device`` (once per process and arguments; module doc)."""
+    from triton.testing import do_bench
+
+    shape = (1, _CALIBRATION_HEADS, _CALIBRATION_TOKENS, head_dim)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    q_perm, k_perm = (torch.randperm(_CALIBRATION_TOKENS, device=device, generator=gen).view(1, 1, -1)
+                      for _ in range(2))  # fmt: skip
+    pairs, times = [], []
+    for density in _CALIBRATION_DENSITIES:
+        q_off, k_off, counts, indices, head_pairs = banded_cluster_layout(
+            _CALIBRATION_TOKENS, q_clusters, k_clusters, density, device
+        )
+        max_kept = int(kept_kv_tokens(k_off.diff(), counts, indices).max())
+        ms = do_bench(lambda: varlen_block_sparse_attention(
+            q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm, max_kept_keys=max_kept),
+            return_mode="median")
+        pairs.append(_CALIBRATION_HEADS * head_pairs)
+        times.append(ms * 1e-3)
+    pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
+
+    def cluster_both() -> None:
+        for x, clusters, seed in ((q, q_clusters, 0), (k, k_clusters, 1)):
+            clustering = kmeans(x, clusters, iters, seed=seed)
+            cluster_permutation(clustering.labels, clustering.sizes, clustering.ranks)
+
+    clustering_s = do_bench(cluster_both, return_mode="median") * 1e-3
+    return ClusterCosts(
+        pair_time=pair_time,
+        launch=max(0.0, times[0] - pair_time * pairs[0]),
+        clustering_time=clustering_s / (_CALIBRATION_HEADS * _CALIBRATION_TOKENS),
+    )
+
+
+def nominal_cluster_costs(q_clusters: int, k_clusters: int, iters: int) -> ClusterCosts:
+    """:class:`ClusterCosts` in :data:`NOMINAL_COSTS`' units (module doc): ``iters * (q_clusters +
+    k_clusters) / 2`` dense pairs per (head, token) of k-means."""
+    return ClusterCosts(
+        pair_time=CLUSTER_PAIR_RATIO * NOMINAL_COSTS.pair_time,
+        launch=0.0,
+        clustering_time=iters * (q_clusters + k_clusters) / 2 * NOMINAL_COSTS.dense_pair_time,
+    )
+
+
+def cluster_costs(
+    device: torch.device, dtype: torch.dtype, head_dim: int, q_clusters: int, k_clusters: int, iters: int
+) -> ClusterCosts:
+    """The cluster candidate's costs on ``device``: measured on CUDA, nominal elsewhere."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return measured_cluster_costs(torch.device("cuda", index), dtype, head_dim, q_clusters, k_clusters, iters)
+    return nominal_cluster_costs(q_clusters, k_clusters, iters)
 
 
 def guard_costs(device: torch.device, dtype: torch.dtype, head_dim: int, block: int) -> KernelCosts | None:
