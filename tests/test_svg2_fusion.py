@@ -18,6 +18,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.autograd import DeviceType
 
 import tiny_models
+from gpu_checks import structured_qkv
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
 from sparse_compile.kernels.common import attention_output_like, cdiv, launch_group_size
 from sparse_compile.kernels.tile_configs import varlen_config as varlen_default_config
@@ -120,6 +121,9 @@ ALLOWED_FULL_SIZE_KERNELS = (
 )  # fmt: skip
 """Triton kernels that may be launched by an op holding full-size tensors: the attention op's own
 (kept rows, tile tables and attention) and k-means' (which reads Q and K once per iteration)."""
+FULL_SIZE_READS = ("aten::aminmax",)
+"""ATen ops that may take full-size tensors: the finiteness check (``nonfinite_problem``) reduces Q, K
+and V to their 0-d minimum and maximum: one read, nothing written at their size."""
 
 
 def _numel(shape) -> int:
@@ -157,14 +161,15 @@ def test_full_size_ops_found_in_a_cpu_profile():
 @pytest.mark.gpu
 def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo():
     """Criterion: every kernel launched by an op that takes a tensor of at least a quarter of Q's size
-    is the attention op's own or k-means'. A gather/index/scatter/copy of Q, K, V or O (torch.gather,
+    is the attention op's own or k-means', or reads them for the finiteness check. A gather/index/scatter/copy of Q, K, V or O (torch.gather,
     indexing, .contiguous(), the op's relayout copy of O) is an ATen op with such an input and fails
     this; the small ops of clustering, selection and the tile table act on labels, centroids and
     cluster tables (at most ~1/20 of Q here) and pass. Names alone would not do: a torch.gather of
     small int tables is as legitimate as one of Q is not."""
     torch.manual_seed(0)
     layout = TokenLayout(frames=21, height=30, width=52, text_tokens=0, text_first=False)  # S = 32760
-    q, k, v = token_major_qkv(1, 12, layout.video_tokens, 128, device="cuda", dtype=torch.bfloat16)
+    # concentrated attention, so no head passes the break-even guard (whose dense heads are gathered)
+    q, k, v = structured_qkv(12, layout.video_tokens, 128, torch.bfloat16, "cuda")
     method = _svg2()
     cold = method_call(q, k, v, layout)
     method.attend(cold)  # cold start: 50 k-means iterations and the seeding gather, not profiled
@@ -182,7 +187,8 @@ def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo():
     # the budget (rows bounded by the most keys a q cluster keeps: at most as many groups as at full
     # rows), and one more each for the 64-row tails
     assert len(attention) % per_group == 0 and 1 <= len(attention) // per_group <= groups_at_full_rows, launches
-    offenders = [(op, kernel) for op, kernel in launches if not any(a in kernel for a in ALLOWED_FULL_SIZE_KERNELS)]
+    offenders = [(op, kernel) for op, kernel in launches
+                 if op not in FULL_SIZE_READS and not any(a in kernel for a in ALLOWED_FULL_SIZE_KERNELS)]
     assert offenders == [], offenders
     assert result.output.stride() == attention_output_like(q, v).stride()  # the op returns it without a copy
-    assert torch.isfinite(result.output).all()
+    assert result.guarded_heads == () and torch.isfinite(result.output).all()
