@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import tiny_models
 from method_calls import method_call
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.base import TokenLayout
+from sparse_compile.methods.fallback import nonfinite_problem
 from sparse_compile.options import validate_options
 
 SMALL = {
@@ -114,3 +116,14 @@ def test_a_warm_inductor_cache_in_a_second_process_still_rewrites(tmp_path):
             for _ in range(2)]
     assert [r.stdout.strip() for r in runs] == ["sparse True", "sparse True"]
     assert any(tmp_path.rglob("*")), "the first process must have written the Inductor cache"
+
+
+def test_the_finiteness_check_reads_diffusers_layout_inputs_in_place():
+    """q/k/v arrive as (B, H, S, D) views of (B, S, H, D) storage: checking them for NaN/Inf must not copy them."""
+    q, k, v = (torch.randn(1, 64, 3, 16).transpose(1, 2) for _ in range(3))
+    k[0, 1, 5, 2] = float("nan")
+    with torch.profiler.profile(record_shapes=True) as prof:
+        reason = nonfinite_problem(q, k, v)
+    copies = [e.input_shapes for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
+    assert all(math.prod(shapes[0]) < q.numel() for shapes in copies), copies
+    assert reason is not None and reason.startswith("key holds NaN or Inf")

@@ -18,6 +18,13 @@ def block_kernel_problem(query: torch.Tensor, value: torch.Tensor) -> str | None
     return None
 
 
+def storage_order(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s dims permuted by descending stride: a contiguous view of a dense tensor in any layout
+    (e.g. ``(B, S, H, D)`` for a ``(B, H, S, D)`` view of ``(B, S, H, D)`` storage), so a reduction over
+    every element reads it in place (``torch.aminmax`` clones a non-contiguous input)."""
+    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def nonfinite_problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
     """Why a call whose q, k or v hold NaN or Inf runs dense, or ``None`` when all are finite.
 
@@ -29,7 +36,7 @@ def nonfinite_problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     named = [(name, t) for name, t in (("query", query), ("key", key), ("value", value)) if t.numel() > 0]
     if not named:
         return None
-    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(t)])
+    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(storage_order(t))])
     finite = torch.isfinite(bounds).view(len(named), 2).all(-1).tolist()
     bad = [name for (name, _), ok in zip(named, finite) if not ok]
     if not bad:
