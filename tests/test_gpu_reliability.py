@@ -77,7 +77,7 @@ WARMUP_GRID = (9, 45, 80)
 autotune keys hold no sequence length; 32400 and 118800 share their divisibility by 16) at a
 quarter of the cost."""
 PEAK_BOUND = 1.2
-SPARSE_METHODS = ("svg2", "svg", "radial", "adaspa")
+SPARSE_METHODS = ("svg2", "svg", "radial", "adaspa", "auto")
 
 
 @pytest.fixture(scope="module")

@@ -138,10 +138,11 @@ class ClusterPlan:
 class Svg2Config(MethodConfig):
     """Options of ``method="svg2"`` (see the module doc).
 
-    ``kmeans_sample`` and ``kmeans_reuse`` are off by default: on the trained toy model (CPU,
-    ``benchmarks/quality_svg2_kmeans.py``) one warm iteration with the reuse rule at 0.1 and a quarter
-    sample keeps PSNR against dense with about a quarter of the assignment passes, but their GPU time
-    is not measured yet.
+    One warm k-means iteration by default: on the trained toy model (``benchmarks/quality_svg2_kmeans.py``)
+    it keeps the PSNR against dense of two, and on the GPU it halves k-means' time
+    (``benchmarks/profile_svg2_stages.py --settings``). ``kmeans_sample`` and ``kmeans_reuse`` stay off:
+    together (0.25 and 0.1) they made the cluster kernel slower than they made k-means faster
+    (``benchmarks/RESULTS.md``, SVG2 stage by stage).
     """
 
     q_clusters: int = int_option(200, 1)
@@ -149,7 +150,7 @@ class Svg2Config(MethodConfig):
     top_p: float = fraction_option(0.9)
     min_kc_ratio: float = unit_interval_option(0.1)
     kmeans_iters_init: int = int_option(50, 1)
-    kmeans_iters_step: int = int_option(2, 0)
+    kmeans_iters_step: int = int_option(1, 0)
     kmeans_during_dense: bool = bool_option(True)
     kmeans_sample: float = fraction_option(1.0)
     kmeans_reuse: float = unit_interval_option(0.0)
