@@ -159,7 +159,7 @@ def test_first_and_steady_calls_run_the_method_twice_on_one_state(method_name):
     grid = (5, 8, 8)
     q, k, v = structured_qkv(heads=2, seq=320, dim=16, dtype=torch.float32, device="cpu")
     options = {"svg2": {"q_clusters": 4, "k_clusters": 8}, "svg": {"block": 16}, "radial": {"block": 16},
-               "adaspa": {"block": 16}}[method_name]
+               "adaspa": {"block": 16}, "auto": {"block": 32, "recall": 0.5}}[method_name]
     run = first_and_steady_calls(method_name, q, k, v, TokenLayout(*grid, 0, False), FakeMemory(), options)
     assert run.fallback_reason is None and run.all_finite
     assert all(0 < d < 1 for d in run.densities), run.densities
