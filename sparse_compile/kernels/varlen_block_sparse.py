@@ -387,7 +387,7 @@ def kept_rows_plan(
     computed from the layout when ``None``). Else padded: ``max_kept_keys`` (default ``S_k``) elements
     per list and as many pairs per group as fit the budget (at least one). A ragged total that does
     not fit falls back to padded groups: sizing ragged groups would need every pair's own total on
-    the host, a larger read for a case the budget makes rare.
+    the host, where padded groups need only the maximum.
     """
     b, h, nqc, _ = layout.indices.shape
     if kept_rows_total is not None and 4 * kept_rows_total <= budget_bytes:
