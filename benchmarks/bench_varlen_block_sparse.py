@@ -237,10 +237,11 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     flat_q = vb._flat_offsets(layout.q_offsets)
     config = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
     rows_buffer = torch.empty(B * H * NQC * S, dtype=torch.int32, device=DEVICE)
+    starts = torch.arange(B * H * NQC, device=DEVICE) * S
 
     def prep():
-        kept = vb._kept_rows(layout, vb._flat_offsets(layout.kv_offsets), S, 0, B * H, rows_buffer)
-        tile_tables(flat_q, kept.total, 0, S, config.block_m, config.tail_block_m)
+        total = vb._kept_rows(layout, vb._flat_offsets(layout.kv_offsets), starts, 0, B * H, rows_buffer)
+        tile_tables(flat_q, total, 0, S, config.block_m, config.tail_block_m)
 
     def attend():
         return vb.varlen_block_sparse_attention(q, k, v, *raw)

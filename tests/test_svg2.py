@@ -11,13 +11,16 @@ import torch.nn.functional as F
 
 import sparse_compile
 import tiny_models
-from method_calls import method_call
+from method_calls import method_call, record_kernel_calls
 from sparse_compile.kernels.block_select import kept_kv_tokens, pooled_block_scores, select_top_p
 from sparse_compile.kernels.kmeans import kmeans
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import SiteCache, TokenLayout
+from sparse_compile.methods.cost_model import NOMINAL_COSTS
 from sparse_compile.methods.svg2 import CachedClusters, Svg2Method, kept_pair_fraction
 from sparse_compile.options import validate_options
+from test_auto import LAYOUT as GUARD_LAYOUT
+from test_auto import synthetic_heads
 
 
 def _method(**params) -> Svg2Method:
@@ -164,6 +167,24 @@ def test_identical_and_zero_tokens_stay_finite():
     result = _method(q_clusters=4, k_clusters=5).attend(_call(q, k, v, layout))
     assert torch.isfinite(result.output).all()
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pair_time, sparse_heads", [(NOMINAL_COSTS.pair_time, 2), (1e-3, 3)],
+                         ids=["uniform head guarded", "no head guarded"])  # fmt: skip
+def test_the_guards_host_read_sizes_the_kernels_kept_rows(monkeypatch, pair_time, sparse_heads):
+    """The guard's one host read also gives the kernel the most keys a query cluster keeps and the kept
+    keys of all query clusters of the heads it runs, with each cluster's kept keys: what a ragged
+    kept-rows buffer needs. The CPU op checks them against the layout (an understated bound raises)."""
+    monkeypatch.setattr(svg2_module, "guard_costs", lambda *args: type(NOMINAL_COSTS)(pair_time, 0.0, 1.0))
+    seen = record_kernel_calls(monkeypatch, svg2_module, "varlen_block_sparse_attention")
+    q, k, v = synthetic_heads()
+    result = _method(q_clusters=8, k_clusters=8, top_p=0.9).attend(_call(q, k, v, GUARD_LAYOUT))
+    assert len(result.guarded_heads) == 3 - sparse_heads
+    [(_, _, _, kwargs)] = seen
+    kept = kwargs["kept_keys"]
+    assert kept.shape == (1, sparse_heads, 8)
+    assert kwargs["kept_rows_total"] == int(kept.long().sum()) > 0
+    assert kwargs["max_kept_keys"] == int(kept.max())
 
 
 def test_kept_pair_fraction_counts_cluster_sizes():

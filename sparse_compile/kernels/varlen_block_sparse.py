@@ -21,11 +21,14 @@ Kernel design (CUDA):
   cluster) writes that sequence as the k/v token row of every kept key (``kv_perm`` applied), so
   the attention loop loads BLOCK_N row numbers with one contiguous vector load, then gathers those
   rows of k and v: a chain of two loads, both of which Triton's software pipeliner issues a tile
-  ahead. Only the last, partial tile of each q cluster is masked. The rows buffer is
-  ``(B*H, NQC, S_k)`` int32 (a q cluster keeps at most ``S_k`` keys), or ``(B*H, NQC, max_kept_keys)``
-  when the caller knows that bound (sizing it tighter needs a host read of the selection); above
-  :data:`ROWS_BUDGET_SHARE` of the output's bytes the (batch, head) pairs run in groups that reuse one
-  buffer.
+  ahead. Only the last, partial tile of each q cluster is masked. The rows buffer is one flat int32
+  buffer; each (pair, q cluster) list starts at an offset (int64, one per list) that both kernels
+  read. *Ragged*, when the caller gives ``kept_rows_total`` (a bound of all q clusters' kept keys,
+  which the host learns only by reading the selection) and it fits :func:`rows_budget_bytes`: the
+  lists are packed back to back (offsets = exclusive cumsum of the kept keys, in (pair, cluster)
+  order) and every (batch, head) pair runs in one launch group. *Padded* otherwise: every list gets
+  ``max_kept_keys`` slots (default ``S_k``), and above the budget the pairs run in groups that reuse
+  one buffer (:func:`kept_rows_plan`).
 - *Permutations folded into the loads and stores* (``PERMUTE_Q``, and ``kv_perm`` in the kept rows):
   a q tile loads its BLOCK_M entries of ``q_perm`` and gathers those token rows of q (each row D
   contiguous elements, so every row load stays coalesced), then stores O and LSE to the same token
@@ -75,16 +78,21 @@ from sparse_compile.kernels.tile_configs import (
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     VarlenLayout,
     varlen_block_sparse_attention_reference,
+    varlen_kept_keys,
 )
 from sparse_compile.kernels.varlen_tiles import tile_tables
 
-ROWS_BUDGET_SHARE = 0.4
+ROWS_BUDGET_SHARE = 0.5
 """Largest kept-rows buffer of one launch group, as a share of the call's output bytes
 (:func:`rows_budget_bytes`); more (batch, head) pairs run in several groups. With q, k, v and O of
 one size, dense attention's peak is the inputs plus O, 4 O, and a peak within 1.2x of it leaves
-0.8 O for everything the cluster path holds besides O: half of it for the kept rows, half for the
-LSE, the permutations, k-means' labels and ranks and the cluster selection. A share of the call's
-own size holds that ratio on every GPU and at every resolution."""
+0.8 O for everything the cluster path holds besides O while the kernel runs. Besides the kept rows
+that is, per (batch, head) and token: the LSE (4 bytes), the two int64 permutations (16) and
+k-means' int32 labels and ranks of queries and keys (16), 36 bytes against O's 2 D (bf16): 0.14 O
+at D = 128 (HunyuanVideo, Wan), 0.28 O at D = 64. Half of O for the rows keeps the peak at most
+1 + (0.5 + 0.14) / 4 = 1.16x dense at D = 128 and 1.195x at D = 64. A share of the call's own size
+holds that ratio on every GPU and at every resolution; at Wan 480p (12 heads, 32760 tokens, 200 q
+clusters) it is 50 MB, which a ragged buffer of all heads fits up to a mean kept density of 0.16."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +170,38 @@ def check_varlen_layout_values(layout: VarlenLayout, s_q: int, s_k: int) -> None
     check_permutation_values("kv_perm", layout.kv_perm)
 
 
+def validate_kept_rows_args(
+    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None
+) -> Tensor | None:
+    """Check the kept-rows bounds' types and ``kept_keys``' shape, dtype and device (no device sync);
+    return ``kept_keys`` expanded to ``(B, H, NQC)``. Raises ``ValueError`` naming the argument."""
+    for name, bound in (("max_kept_keys", max_kept_keys), ("kept_rows_total", kept_rows_total)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
+            raise ValueError(f"{name} must be None or an int >= 0, got {bound!r}")
+    if kept_keys is None:
+        return None
+    b, h, nqc, _ = layout.indices.shape
+    if kept_keys.device != layout.indices.device:
+        raise ValueError(f"kept_keys must be on the layout's device {layout.indices.device}, got {kept_keys.device}")
+    return expand_batch_head(kept_keys, "kept_keys", b, h, (nqc,), (torch.int32, torch.int64))
+
+
+def check_kept_rows_values(
+    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None
+) -> None:
+    """Raise ``ValueError`` unless ``kept_keys`` (``(B, H, NQC)``) are the layout's kept keys per q cluster,
+    ``max_kept_keys`` bounds every q cluster's and ``kept_rows_total`` their sum (reads them: a device sync)."""
+    kept = varlen_kept_keys(layout)
+    if kept_keys is not None and not torch.equal(kept_keys.long(), kept):
+        raise ValueError("kept_keys must hold each q cluster's kept keys: the sizes of its kept kv clusters summed")
+    most = int(kept.max()) if kept.numel() else 0
+    if max_kept_keys is not None and max_kept_keys < most:
+        raise ValueError(f"max_kept_keys={max_kept_keys} is below the most keys a q cluster keeps, {most}")
+    kept_sum = int(kept.sum())
+    if kept_rows_total is not None and kept_rows_total < kept_sum:
+        raise ValueError(f"kept_rows_total={kept_rows_total} is below the kept keys of all q clusters, {kept_sum}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
@@ -169,20 +209,21 @@ def check_varlen_layout_values(layout: VarlenLayout, s_q: int, s_k: int) -> None
 
 @triton.jit
 def _kept_rows_kernel(
-    counts_ptr, indices_ptr, kv_off_ptr, kv_perm_ptr, total_ptr, rows_ptr,
+    counts_ptr, indices_ptr, kv_off_ptr, kv_perm_ptr, total_ptr, starts_ptr, rows_ptr,
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_is,
     stride_kpb, stride_kph, stride_kps,
-    bh_start, num_heads, num_q_clusters, num_kv_clusters, rows_stride,
+    bh_start, num_heads, num_q_clusters, num_kv_clusters,
     SLOTS: tl.constexpr, KEYS: tl.constexpr, PERMUTE_KV: tl.constexpr,
 ):
     """One program per (q cluster, batch * head of the group): the k/v token row of each kept key.
 
-    The kept clusters' keys, in slot order, form positions ``0 .. total - 1``. SLOTS kept clusters at a
-    time: their first positions are a running exclusive cumsum of their sizes, and a (SLOTS, KEYS)
-    tile writes key ``j`` of slot ``s`` (cluster-order row ``kv_start(s) + j``, through ``kv_perm``
-    with PERMUTE_KV) to ``rows[first position of s + j]``, KEYS keys of every slot per step. Also
-    writes ``total``. Rows past ``total`` are left unwritten (never read).
+    The kept clusters' keys, in slot order, form positions ``0 .. total - 1`` of the cluster's list,
+    which starts at ``rows_ptr + starts[list]`` (list = pair of the group * NQC + cluster). SLOTS kept
+    clusters at a time: their first positions are a running exclusive cumsum of their sizes, and a
+    (SLOTS, KEYS) tile writes key ``j`` of slot ``s`` (cluster-order row ``kv_start(s) + j``, through
+    ``kv_perm`` with PERMUTE_KV) to position ``first position of s + j``, KEYS keys of every slot per
+    step. Also writes ``total``.
     """
     c = tl.program_id(0)
     local = tl.program_id(1)
@@ -193,7 +234,7 @@ def _kept_rows_kernel(
     idx_row = indices_ptr + b * stride_ib + h * stride_ih + c * stride_iq
     kv_off = kv_off_ptr + bh.to(tl.int64) * (num_kv_clusters + 1)
     row = local.to(tl.int64) * num_q_clusters + c
-    rows = rows_ptr + row * rows_stride
+    rows = rows_ptr + tl.load(starts_ptr + row)
     carry = count * 0
     for start in range(0, count, SLOTS):
         slots = start + tl.arange(0, SLOTS)
@@ -236,13 +277,13 @@ def _attend_tile(
 @triton.jit
 def _varlen_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_perm_ptr,
-    tile_cluster_ptr, tile_row_ptr, q_off_ptr, total_ptr, rows_ptr,
+    tile_cluster_ptr, tile_row_ptr, q_off_ptr, total_ptr, starts_ptr, rows_ptr,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_qpb, stride_qph, stride_qps,
-    bh_start, num_heads, num_q_clusters, num_tiles, s_q, rows_stride, qk_scale,
+    bh_start, num_heads, num_q_clusters, num_tiles, s_q, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PERMUTE_Q: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -250,7 +291,8 @@ def _varlen_fwd_kernel(
 
     q, k, v and O have any strides; LSE is contiguous fp32 (B, H, S_q). PERMUTE_Q: cluster-order
     row ``r`` is token ``q_perm[r]`` of q, O and LSE (rows are gathered and results scattered by
-    token). The kept keys' k / v rows and their number come from :func:`_kept_rows_kernel`. Tile
+    token). The kept keys' k / v rows (from ``rows_ptr + starts[list]``) and their number come from
+    :func:`_kept_rows_kernel`. Tile
     slots whose table entry is ``num_q_clusters`` (the surplus of the upper-bound grid) exit at once.
     """
     tile = tl.program_id(0)
@@ -275,7 +317,7 @@ def _varlen_fwd_kernel(
         v_base = v_ptr + b * stride_vb + h * stride_vh
         kept = local.to(tl.int64) * num_q_clusters + cluster
         total = tl.load(total_ptr + kept)
-        kept_rows = rows_ptr + kept * rows_stride
+        kept_rows = rows_ptr + tl.load(starts_ptr + kept)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -304,13 +346,17 @@ def _varlen_fwd_kernel(
 
 
 @dataclass(frozen=True)
-class _KeptRows:
-    """Prep-kernel outputs for one group of (batch, head) pairs: ``rows`` int32 ``(G, NQC, S_k)`` (the
-    k / v token row of each kept key of each q cluster; only the first ``total`` of each are written)
-    and ``total`` int32 ``(G, NQC)`` (kept keys per q cluster)."""
+class KeptRowsPlan:
+    """Where the kept-rows lists of one launch group lie, and how many (batch, head) pairs a group holds.
 
-    rows: Tensor
-    total: Tensor
+    ``group``: pairs per launch group (the last group may hold fewer); ``starts`` int64
+    ``(group * NQC,)``: the first int32 element of each group-local (pair, q cluster) list, the same
+    in every group; ``size``: int32 elements of the buffer a group uses.
+    """
+
+    group: int
+    starts: Tensor
+    size: int
 
 
 def _flat_offsets(offsets: Tensor) -> Tensor:
@@ -324,21 +370,49 @@ def rows_budget_bytes(q: Tensor) -> int:
     return int(ROWS_BUDGET_SHARE * q.numel() * q.element_size())
 
 
-def _kept_rows(layout: VarlenLayout, kv_off: Tensor, rows_stride: int, bh_start: int, group: int, rows: Tensor) -> _KeptRows:
+def kept_rows_plan(
+    layout: VarlenLayout,
+    s_k: int,
+    budget_bytes: int,
+    *,
+    kept_keys: Tensor | None = None,
+    max_kept_keys: int | None = None,
+    kept_rows_total: int | None = None,
+) -> KeptRowsPlan:
+    """The kept-rows buffer of a call with ``layout`` (``(B, H, ...)``) and ``s_k`` keys; no host sync.
+
+    Ragged when ``kept_rows_total`` (a bound of the kept keys of all q clusters together) is given and
+    ``4 * kept_rows_total`` fits ``budget_bytes``: one group of every pair, each list right after the
+    previous one, at the exclusive cumsum of ``kept_keys`` ``(B, H, NQC)`` (each q cluster's kept keys;
+    computed from the layout when ``None``). Else padded: ``max_kept_keys`` (default ``S_k``) elements
+    per list and as many pairs per group as fit the budget (at least one). A ragged total that does
+    not fit falls back to padded groups: sizing ragged groups would need every pair's own total on
+    the host, where padded groups need only the maximum.
+    """
+    b, h, nqc, _ = layout.indices.shape
+    if kept_rows_total is not None and 4 * kept_rows_total <= budget_bytes:
+        kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(-1).long()
+        return KeptRowsPlan(b * h, kept.cumsum(0) - kept, kept_rows_total)
+    rows_stride = s_k if max_kept_keys is None else max(1, min(s_k, max_kept_keys))
+    group = launch_group_size(b * h, nqc * rows_stride * 4, budget_bytes)
+    starts = torch.arange(group * nqc, dtype=torch.int64, device=layout.indices.device) * rows_stride
+    return KeptRowsPlan(group, starts, group * nqc * rows_stride)
+
+
+def _kept_rows(layout: VarlenLayout, kv_off: Tensor, starts: Tensor, bh_start: int, group: int, rows: Tensor) -> Tensor:
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
-    writing into ``rows`` (a buffer of at least ``group * NQC * rows_stride`` int32, ``rows_stride`` at
-    least every q cluster's kept keys)."""
+    writing each (pair, q cluster) list from ``rows[starts[list]]`` (``starts`` int64 ``(group * NQC,)``,
+    each list's room at least its kept keys); returns the kept keys per q cluster, int32 ``(group, NQC)``."""
     _, h, nqc, _ = layout.indices.shape
-    rows = rows[: group * nqc * rows_stride].view(group, nqc, rows_stride)
     total = torch.empty((group, nqc), dtype=torch.int32, device=kv_off.device)
     if nqc > 0:
         _kept_rows_kernel[(nqc, group)](
-            layout.counts, layout.indices, kv_off, layout.kv_perm, total, rows,
+            layout.counts, layout.indices, kv_off, layout.kv_perm, total, starts, rows,
             *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
-            bh_start, h, nqc, layout.num_kv_clusters, rows_stride,
+            bh_start, h, nqc, layout.num_kv_clusters,
             SLOTS=KEPT_ROWS_SLOTS, KEYS=KEPT_ROWS_KEYS, PERMUTE_KV=layout.kv_perm is not None,
         )  # fmt: skip
-    return _KeptRows(rows, total)
+    return total
 
 
 def varlen_block_sparse_attention_triton(
@@ -357,6 +431,8 @@ def varlen_block_sparse_attention_triton(
     out: Tensor | None = None,
     lse_out: Tensor | None = None,
     max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
 
@@ -364,14 +440,15 @@ def varlen_block_sparse_attention_triton(
     v are read through their strides (no copies). ``config`` fixes the tile shape (default
     :func:`~sparse_compile.kernels.tile_configs.varlen_config`). ``out`` ``(B, H, S_q, D)`` in q's dtype with any non-overlapping strides
     (default: a new token-major tensor) and ``lse_out`` ``(B, H, S_q)`` contiguous fp32 are optional
-    buffers; every element is written. ``max_kept_keys`` bounds the kept keys of every q cluster (the
-    kept-rows buffer's row length; default ``S_k``): a bound below a cluster's kept keys is undefined
-    behaviour. Layout and permutation values are not checked (no host sync):
-    :func:`check_varlen_layout_values` does that.
+    buffers; every element is written. ``max_kept_keys``, ``kept_keys`` and ``kept_rows_total`` size the
+    kept-rows buffer (:func:`kept_rows_plan`); values that understate the kept keys are undefined
+    behaviour. Layout, permutation and bound values are not checked (no host sync):
+    :func:`check_varlen_layout_values` and :func:`check_kept_rows_values` do that.
     """
     layout = validate_varlen_inputs(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
     )
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     if d not in SUPPORTED_HEAD_DIMS:
@@ -387,13 +464,13 @@ def varlen_block_sparse_attention_triton(
     scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
     kv_off = _flat_offsets(layout.kv_offsets)
-    rows_stride = s_k if max_kept_keys is None else max(1, min(s_k, max_kept_keys))
-    group = launch_group_size(b * h, nqc * rows_stride * 4, rows_budget_bytes(q))
-    rows_buffer = torch.empty(group * nqc * rows_stride, dtype=torch.int32, device=q.device)
-    for bh_start in range(0, b * h, group):
-        size = min(group, b * h - bh_start)
-        kept = _kept_rows(layout, kv_off, rows_stride, bh_start, size, rows_buffer)
-        main, tail = tile_tables(q_off, kept.total, bh_start, s_q, config.block_m, config.tail_block_m)
+    plan = kept_rows_plan(layout, s_k, rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
+                          kept_rows_total=kept_rows_total)  # fmt: skip
+    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
+    for bh_start in range(0, b * h, plan.group):
+        size = min(plan.group, b * h - bh_start)
+        total = _kept_rows(layout, kv_off, plan.starts, bh_start, size, rows_buffer)
+        main, tail = tile_tables(q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
         launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
         if tail is not None:
             launches.append((tail, config.tail_block_m, config.tail_block_n or config.block_n, config.tail_num_warps,
@@ -402,9 +479,9 @@ def varlen_block_sparse_attention_triton(
             num_tiles = tile_cluster.shape[1]
             _varlen_fwd_kernel[(num_tiles, size)](
                 q, k, v, out, lse_out, layout.q_perm,
-                tile_cluster, tile_row, q_off, kept.total, kept.rows,
+                tile_cluster, tile_row, q_off, total, plan.starts, rows_buffer,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
-                bh_start, h, nqc, num_tiles, s_q, rows_stride, scale * LOG2E,
+                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
                 DOT_PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
@@ -425,14 +502,19 @@ def _varlen_op(
     q_perm: Tensor | None = None,
     kv_perm: Tensor | None = None,
     max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     if q.is_cuda:
         return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
-                                                    max_kept_keys=max_kept_keys)  # fmt: skip
+                                                    max_kept_keys=max_kept_keys, kept_keys=kept_keys,
+                                                    kept_rows_total=kept_rows_total)  # fmt: skip
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
     check_varlen_layout_values(layout, q.shape[2], k.shape[2])
+    check_kept_rows_values(layout, kept_keys, max_kept_keys, kept_rows_total)
     return varlen_block_sparse_attention_reference(
         q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True
     )
@@ -451,10 +533,13 @@ def _varlen_fake(
     q_perm: Tensor | None = None,
     kv_perm: Tensor | None = None,
     max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    validate_varlen_inputs(
+    layout = validate_varlen_inputs(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
     )
+    validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
     b, h, s_q, _ = q.shape
     return attention_output_like(q, v), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -473,6 +558,8 @@ def varlen_block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cluster-sparse attention through the ``sparse_compile::varlen_block_sparse_attention`` op.
 
@@ -484,23 +571,32 @@ def varlen_block_sparse_attention(
     ``(B, H, NQC, MAXK)`` (batch/head dims of the layout and permutations may be 1); ``scale``
     defaults to 1/sqrt(D). Returns O ``(B, H, S_q, D)`` in q's dtype, token-major
     (:func:`attention_output_like`), in q's row order, plus the fp32 natural-log LSE ``(B, H, S_q)``
-    when ``return_lse``. ``max_kept_keys``, when the caller knows it (an upper bound of any q cluster's
-    kept keys), shrinks the GPU kernel's kept-rows buffer so more (batch, head) pairs share a launch.
-    Shapes are checked by the op (``ValueError``); layout and permutation *values* on the CPU path only
-    (:func:`check_varlen_layout_values` checks them anywhere, at the cost of a sync).
+    when ``return_lse``. What the caller knows of the kept keys (the host learns it only by reading
+    the selection) shrinks the GPU kernel's kept-rows buffer, so more (batch, head) pairs share a
+    launch (:func:`kept_rows_plan`): ``max_kept_keys``, a bound of any q cluster's kept keys;
+    ``kept_rows_total``, a bound of all q clusters' kept keys together, which makes the buffer ragged;
+    ``kept_keys`` int32/int64 ``(B or 1, H or 1, NQC)``, each q cluster's kept keys (the sizes of its
+    kept kv clusters summed), saves computing them for the ragged buffer.
+    Shapes are checked by the op (``ValueError``); layout, permutation and bound *values* on the CPU
+    path only (:func:`check_varlen_layout_values` and :func:`check_kept_rows_values` check them
+    anywhere, at the cost of a sync).
     """
     scale = default_scale(q.shape[-1], scale)
     out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale,
-        q_perm, kv_perm, max_kept_keys,
+        q_perm, kv_perm, max_kept_keys, kept_keys, kept_rows_total,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
 __all__ = [
     "ROWS_BUDGET_SHARE",
+    "KeptRowsPlan",
+    "check_kept_rows_values",
     "check_varlen_layout_values",
+    "kept_rows_plan",
     "rows_budget_bytes",
+    "validate_kept_rows_args",
     "validate_varlen_inputs",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_triton",

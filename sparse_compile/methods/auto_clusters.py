@@ -175,7 +175,8 @@ class ClusterLayout:
         q_offsets, k_offsets: int32 ``(B, h, K + 1)`` cluster offsets.
         selection: the key clusters each query cluster keeps.
         q_labels, k_labels: int32 ``(B, h, Sv)``: each token's cluster (for the recall check).
-        max_kept_keys: the most keys any query cluster keeps (sizes the kernel's kept-rows buffer).
+        max_kept_keys: the most keys any query cluster keeps, and
+        kept_rows_total: the keys all query clusters keep together (these two size the kernel's kept-rows buffer).
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
     """
 
@@ -187,6 +188,7 @@ class ClusterLayout:
     q_labels: Tensor
     k_labels: Tensor
     max_kept_keys: int
+    kept_rows_total: int
     density: Tensor
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -195,6 +197,7 @@ class ClusterLayout:
         out, lse = varlen_block_sparse_attention(
             q, k, v, self.q_offsets, self.k_offsets, sel.counts, sel.indices, q_perm=self.q_perm,
             kv_perm=self.k_perm, scale=scale, return_lse=True, max_kept_keys=self.max_kept_keys,
+            kept_keys=sel.kept_tokens, kept_rows_total=self.kept_rows_total,
         )  # fmt: skip
         return out, lse, self.density
 
@@ -214,9 +217,11 @@ class ClusterLayout:
 
 def cluster_layout(candidate: ClusterCandidate, heads: Tensor) -> ClusterLayout:
     """The layout of the candidate's ``heads`` (int64 indices into its heads, non-empty). Reads the
-    most kept keys of a query cluster on the host."""
+    most kept keys of a query cluster and the kept keys of all of them on the host (one read)."""
     selection = ClusterSelection(*(_pick(t, heads) for t in candidate.selection))
     num_video = candidate.q_perm.shape[-1]
+    kept = selection.kept_tokens.long()
+    max_kept_keys, kept_rows_total = torch.stack([kept.max(), kept.sum()]).tolist()
     return ClusterLayout(
         q_perm=_pick(candidate.q_perm, heads),
         q_offsets=_pick(candidate.q_offsets, heads),
@@ -225,6 +230,7 @@ def cluster_layout(candidate: ClusterCandidate, heads: Tensor) -> ClusterLayout:
         selection=selection,
         q_labels=_pick(candidate.query.labels, heads),
         k_labels=_pick(candidate.key.labels, heads),
-        max_kept_keys=max(1, int(selection.kept_tokens.max())),
+        max_kept_keys=max(1, max_kept_keys),
+        kept_rows_total=kept_rows_total,
         density=_pick(candidate.kept_pairs, heads).mean() / float(num_video) ** 2,
     )

@@ -45,10 +45,10 @@ The break-even guard is per head: after step 3 each head's kept density is known
 device's costs are measured (CUDA, :func:`~sparse_compile.methods.cost_model.guard_costs`) the heads
 past the break-even density (in any batch element) run dense SDPA together, the others through the
 kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
-per call: the heads' densities for that decision (with the most keys any q cluster keeps, which sizes
-the cluster kernel's kept-rows buffer), and the check for NaN or Inf in q, k and v
-(:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also keeps non-finite dense-step
-inputs out of the cached centroids.
+per call: the heads' densities for that decision (with the most keys any q cluster keeps and each
+head's kept keys of all q clusters, which size the cluster kernel's kept-rows buffer), and the check
+for NaN or Inf in q, k and v (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also
+keeps non-finite dense-step inputs out of the cached centroids.
 """
 
 from __future__ import annotations
@@ -229,20 +229,27 @@ class Svg2Method(AttentionMethod):
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
-        past = head_kept_fraction(plan.q_sizes, plan.selection.kept_tokens, q.shape[2]) > costs.break_even_density
-        # one host read per call: which heads pass break-even, and the most keys any q cluster keeps
-        *guarded, max_kept_keys = torch.cat([past.any(dim=0).long(), plan.selection.kept_tokens.max().long().view(1)]).tolist()
-        if not any(guarded):
-            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, max_kept_keys))
-        if all(guarded):
+        kept_tokens = plan.selection.kept_tokens
+        past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > costs.break_even_density
+        # one host read per call, per head: whether it passes break-even, the most keys one of its q
+        # clusters keeps, and the keys all of them keep (in every batch element)
+        kept_by_head = kept_tokens.long().transpose(0, 1).flatten(1)
+        guarded, head_max_kept, head_kept = torch.stack(
+            [past.any(dim=0).long(), kept_by_head.amax(dim=1), kept_by_head.sum(dim=1)]
+        ).tolist()
+        unguarded = [h for h, g in enumerate(guarded) if not g]
+        if not unguarded:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(len(guarded))))
+        bounds = max(head_max_kept[h] for h in unguarded), sum(head_kept[h] for h in unguarded)
+        if len(unguarded) == len(guarded):
+            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
         sparse_heads, dense_heads = (
             torch.tensor([h for h, g in enumerate(guarded) if g == want], dtype=torch.int64, device=query.device)
             for want in (False, True)
         )
         sparse_plan = plan.heads(sparse_heads)
         return attend_split_heads(call, sparse_heads, dense_heads,
-                                  lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, max_kept_keys))  # fmt: skip
+                                  lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, *bounds))  # fmt: skip
 
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
@@ -265,14 +272,15 @@ class Svg2Method(AttentionMethod):
 
     def _attend_plan(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall,
-        max_kept_keys: int | None = None,
+        max_kept_keys: int | None = None, kept_rows_total: int | None = None,
     ):  # fmt: skip
         """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density.
-        ``max_kept_keys`` (read on the host by the guard) bounds the kernel's kept-rows buffer."""
+        ``max_kept_keys`` and ``kept_rows_total`` (read on the host by the guard: the most keys one q cluster
+        of the plan's heads keeps, and the keys all of them keep) size the kernel's kept-rows buffer."""
         selection = plan.selection
         out, lse = varlen_block_sparse_attention(
             q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
             q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,
-            max_kept_keys=max_kept_keys,
+            max_kept_keys=max_kept_keys, kept_keys=selection.kept_tokens, kept_rows_total=kept_rows_total,
         )  # fmt: skip
         return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
-from sparse_compile.kernels.common import attention_output_like, launch_group_size
+from sparse_compile.kernels.common import attention_output_like, cdiv, launch_group_size
 from sparse_compile.kernels.tile_configs import VarlenConfig
 from sparse_compile.kernels.varlen_block_sparse import check_varlen_layout_values, validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
@@ -237,6 +237,46 @@ def test_op_rejects_bad_layouts():
         check_varlen_layout_values(expanded(q, k, v, (q_off, kv_off, counts, indices + 4)), 20, 16)
 
 
+def test_op_rejects_kept_rows_bounds_below_the_kept_keys():
+    q, k, v, layout = random_problem(1, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
+    kept, total = kept_keys_of(q, k, layout)
+    assert total > 0
+    run = vb.varlen_block_sparse_attention
+    with pytest.raises(ValueError, match=f"kept_rows_total={total - 1} is below the kept keys of all q clusters, {total}"):
+        run(q, k, v, *layout, kept_rows_total=total - 1)
+    most = int(kept.max())
+    with pytest.raises(ValueError, match=f"max_kept_keys={most - 1} is below the most keys a q cluster keeps, {most}"):
+        run(q, k, v, *layout, max_kept_keys=most - 1)
+    wrong = kept.clone()
+    wrong[0, 1, 2] += 1
+    with pytest.raises(ValueError, match="kept_keys must hold each q cluster's kept keys"):
+        run(q, k, v, *layout, kept_keys=wrong, kept_rows_total=total + 1)
+    want = varlen_block_sparse_attention_reference(q, k, v, *layout)
+    assert torch.equal(run(q, k, v, *layout, kept_keys=kept.int(), kept_rows_total=total, max_kept_keys=most), want)
+
+
+def test_op_rejects_malformed_kept_rows_arguments():
+    q, k, v, layout = random_problem(1, 2, 20, 16, 8, 3, 4, 0.5, seed=3)
+    run = vb.varlen_block_sparse_attention
+    with pytest.raises(ValueError, match="kept_rows_total must be None or an int >= 0, got -1"):
+        run(q, k, v, *layout, kept_rows_total=-1)
+    with pytest.raises(ValueError, match="kept_keys must have shape \\(1 or 1, 2 or 1, 3\\)"):
+        run(q, k, v, *layout, kept_keys=torch.zeros(1, 2, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="kept_keys must be int32 or int64"):
+        run(q, k, v, *layout, kept_keys=torch.zeros(1, 2, 3))
+
+
+def test_public_op_with_kept_rows_bounds_cpu_and_fake():
+    q, k, v, layout = random_problem(1, 2, 30, 20, 16, 3, 4, 0.6, seed=4)
+    kept, total = kept_keys_of(q, k, layout)
+    op = torch.ops.sparse_compile.varlen_block_sparse_attention
+    args = (q, k, v, *layout, 0.25, None, None, int(kept.max()), kept.int(), total)
+    torch.library.opcheck(op, args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+    assert [f.shape for f in fake] == [q.shape, q.shape[:3]]
+
+
 def test_public_op_cpu_and_fake():
     q, k, v, layout = random_problem(1, 2, 30, 20, 16, 3, 4, 0.6, seed=4)
     out, lse = vb.varlen_block_sparse_attention(q, k, v, *layout, return_lse=True)
@@ -316,12 +356,15 @@ INTERP_CASES = [
 
 
 @interp
+@pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged"])
 @pytest.mark.parametrize("slots, keys", [(32, 64), (4, 2)], ids=["default steps", "many small steps"])
-def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch, slots, keys):
-    """The prep kernel lists, per q cluster, the k/v token row of every kept key: the kept kv clusters'
-    cluster-order rows in the order of the indices, mapped through ``kv_perm``; ``total`` counts them.
-    Clusters of 0 to 40 keys, so one list crosses many clusters and some contribute nothing; with
-    4 slots and 2 keys per step every list takes several slot steps and most clusters several key steps."""
+def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch, slots, keys, ragged):
+    """The prep kernel lists, per q cluster, the k/v token row of every kept key from the list's start:
+    the kept kv clusters' cluster-order rows in the order of the indices, mapped through ``kv_perm``;
+    ``total`` counts them. Clusters of 0 to 40 keys, so one list crosses many clusters and some
+    contribute nothing; with 4 slots and 2 keys per step every list takes several slot steps and most
+    clusters several key steps. Padded lists start 300 apart; ragged ones right after each other, and
+    the buffer holds exactly their keys (a write past a list would land in the next one)."""
     monkeypatch.setattr(vb, "KEPT_ROWS_SLOTS", slots)
     monkeypatch.setattr(vb, "KEPT_ROWS_KEYS", keys)
     g = torch.Generator().manual_seed(3)
@@ -329,8 +372,13 @@ def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch
     kv_perm = random_permutations(1, 2, 300, g)
     expanded_layout = validate_varlen_inputs(q, k, v, *layout, None, kv_perm)
     kv_off = vb._flat_offsets(expanded_layout.kv_offsets)
-    buffer = torch.full((2 * 3 * 300,), -1, dtype=torch.int32)
-    kept = vb._kept_rows(expanded_layout, kv_off, 300, 0, 2, buffer)
+    kept_keys = varlen_kept_keys(expanded_layout).reshape(-1)
+    if ragged:
+        starts, size = kept_keys.cumsum(0) - kept_keys, int(kept_keys.sum())
+    else:
+        starts, size = torch.arange(6) * 300, 6 * 300
+    buffer = torch.full((size,), -1, dtype=torch.int32)
+    total = vb._kept_rows(expanded_layout, kv_off, starts, 0, 2, buffer)
     for bh in range(2):
         for c in range(3):
             count = int(expanded_layout.counts[0, bh, c])
@@ -338,8 +386,9 @@ def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch
             want = torch.cat([torch.arange(int(kv_off[bh, i]), int(kv_off[bh, i + 1])) for i in clusters]
                              or [torch.zeros(0, dtype=torch.long)])  # fmt: skip
             want = kv_perm[0, bh, want]
-            assert int(kept.total[bh, c]) == want.numel()
-            assert torch.equal(kept.rows[bh, c, : want.numel()].long(), want)
+            assert int(total[bh, c]) == want.numel() == int(kept_keys[bh * 3 + c])
+            start = int(starts[bh * 3 + c])
+            assert torch.equal(buffer[start : start + want.numel()].long(), want)
 
 
 @interp
@@ -353,24 +402,58 @@ def test_interp_head_groups_under_a_small_rows_budget_match_reference(monkeypatc
         assert_matches_reference(q, k, v, layout, run_triton_poisoned(q, k, v, layout, VarlenConfig(16, 16, 4, 1)))
 
 
-@interp
-def test_interp_rows_bounded_by_the_largest_kept_keys_match_reference(monkeypatch):
-    """With ``max_kept_keys`` the largest kept keys of any q cluster, the kept-rows buffer shrinks to that
-    row length, so under the same budget more pairs share a launch (here all 6 in one, against 3 launches
-    of 2 at the full row length of 90); the result is the reference's."""
-    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.1, seed=9, dtype=torch.float32)
+def kept_keys_of(q, k, layout):
+    """Each q cluster's kept keys, int64 ``(B, H, NQC)``, and their sum."""
     kept = varlen_kept_keys(expand_varlen_layout(q, k, *layout))
-    bound = int(kept.max())
-    assert bound <= 90 // 3
-    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: 6 * 4 * bound * 4)
-    assert launch_group_size(6, 4 * 90 * 4, vb.rows_budget_bytes(q)) == 2
-    assert launch_group_size(6, 4 * bound * 4, vb.rows_budget_bytes(q)) == 6
-    b, h, s_q, d = q.shape
-    out, lse = torch.full((b, h, s_q, d), float("nan")), torch.full((b, h, s_q), float("nan"))
-    vb.varlen_block_sparse_attention_triton(q, k, v, *layout, scale=0.3, config=VarlenConfig(16, 16, 4, 1), out=out,
-                                            lse_out=lse, max_kept_keys=bound)  # fmt: skip
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert_matches_reference(q, k, v, layout, (out, lse))
+    return kept, int(kept.sum())
+
+
+def test_rows_plan_is_ragged_in_one_group_when_the_kept_total_fits_the_budget():
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.3, seed=9)
+    expanded_layout = expanded(q, k, v, layout)
+    kept, total = kept_keys_of(q, k, layout)
+    flat = kept.reshape(-1)
+    for given in (None, kept.int()):
+        plan = vb.kept_rows_plan(expanded_layout, 90, 4 * total, kept_keys=given, kept_rows_total=total)
+        assert (plan.group, plan.size) == (6, total)
+        assert torch.equal(plan.starts, flat.cumsum(0) - flat)  # each list right after the previous one
+
+
+def test_rows_plan_is_padded_in_groups_without_a_total_or_when_it_does_not_fit():
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.3, seed=9)
+    expanded_layout = expanded(q, k, v, layout)
+    kept, total = kept_keys_of(q, k, layout)
+    budget = 4 * total - 4  # one key short of the ragged buffer
+    for given_total in (None, total):  # the full row length of 90: one pair per group
+        plan = vb.kept_rows_plan(expanded_layout, 90, budget, kept_rows_total=given_total)
+        assert (plan.group, plan.size) == (1, 4 * 90)
+        assert torch.equal(plan.starts, torch.arange(4) * 90)
+    most = int(kept.max())
+    bounded = vb.kept_rows_plan(expanded_layout, 90, budget, max_kept_keys=most, kept_rows_total=total)
+    group = launch_group_size(6, 4 * most * 4, budget)
+    assert group > 1 and (bounded.group, bounded.size) == (group, group * 4 * most)
+    assert torch.equal(bounded.starts, torch.arange(group * 4) * most)
+
+
+def uneven_problem(dtype):
+    """A layout whose q clusters keep very different key counts: per pair, one q cluster keeps every kv
+    cluster, one a single small one, one nothing, the rest about half; permutations on token-major q, k, v."""
+    b, h, s_q, s_k, nqc, nkc = 1, 3, 64, 120, 6, 15
+    q, k, v, (q_off, kv_off, counts, indices) = random_problem(b, h, s_q, s_k, 32, nqc, nkc, 0.5, seed=17, dtype=dtype,
+                                                               padding=-7)  # fmt: skip
+    counts, indices = counts.clone(), indices.clone()
+    counts[..., 0], indices[..., 0, :] = nkc, torch.arange(nkc, dtype=torch.int32)
+    counts[..., 1], indices[..., 1, :1] = 1, 0
+    counts[..., 2] = 0
+    g = torch.Generator().manual_seed(17)
+    perms = dict(q_perm=random_permutations(b, h, s_q, g), kv_perm=random_permutations(b, h, s_k, g))
+    return token_major(q), token_major(k), token_major(v), (q_off, kv_off, counts, indices), perms
+
+
+def test_uneven_problem_keeps_very_different_key_counts():
+    q, k, v, layout, _ = uneven_problem(torch.float32)
+    kept, _ = kept_keys_of(q, k, layout)
+    assert (kept[..., 0] == 120).all() and (kept[..., 2] == 0).all() and (kept[..., 1] < 120).all()
 
 
 def test_launch_groups_spread_items_evenly_within_the_budget():
@@ -378,6 +461,79 @@ def test_launch_groups_spread_items_evenly_within_the_budget():
     assert launch_group_size(24, 4, budget) == 8  # 10 fit: 3 groups of 8, not 10 + 10 + 4
     assert launch_group_size(24, 44, budget) == 1  # not even one fits: one pair per group
     assert launch_group_size(5, 8, budget) == 5
+
+
+def run_ragged_and_padded(monkeypatch, q, k, v, layout, config, budget, **perms):
+    """The kernel given the kept keys, their total and their maximum (ragged where the total fits) and
+    given only the maximum (padded), with ``budget`` bytes for a group's buffer, into NaN-filled buffers;
+    returns both results and the number of launch groups of each."""
+    kept, total = kept_keys_of(q, k, layout)
+    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: budget)
+    groups: list[int] = []
+    real_kept_rows = vb._kept_rows
+
+    def counting_kept_rows(*args):
+        groups[-1] += 1
+        return real_kept_rows(*args)
+
+    monkeypatch.setattr(vb, "_kept_rows", counting_kept_rows)
+    results = []
+    most = int(kept.max())
+    for bounds in (dict(kept_keys=kept.int(), kept_rows_total=total, max_kept_keys=most), dict(max_kept_keys=most)):
+        groups.append(0)
+        b, h, s_q, d = q.shape
+        out = attention_output_like(q, v).fill_(float("nan"))
+        lse = torch.full((b, h, s_q), float("nan"), device=q.device)
+        vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **perms, **bounds, scale=0.3, config=config, out=out,
+                                                lse_out=lse)  # fmt: skip
+        assert not out.isnan().any() and not lse.isnan().any()
+        results.append((out, lse))
+    return results, groups
+
+
+@interp
+@pytest.mark.parametrize(  # fp16, not bf16: the interpreter computes bf16 wrong
+    "case, dtype", [(INTERP_CASES[i], dtype) for i, dtype in enumerate([torch.float32, torch.float16] * 2)], ids=range(4)
+)
+def test_interp_ragged_rows_equal_padded_rows_and_match_reference(monkeypatch, case, dtype):
+    """Random layouts: the ragged buffer (one launch group) gives exactly the padded buffer's result (one
+    or more pairs per group, as many as fit the same budget), and both the reference's."""
+    b, h, s_q, s_k, d, nqc, nkc, density, config = case
+    q, k, v, layout = random_problem(b, h, s_q, s_k, d, nqc, nkc, density, seed=s_q + s_k, dtype=dtype, padding=-7)
+    kept, total = kept_keys_of(q, k, layout)
+    budget = 4 * total
+    (ragged, padded), groups = run_ragged_and_padded(monkeypatch, q, k, v, layout, config, budget)
+    assert groups == [1, cdiv(b * h, launch_group_size(b * h, nqc * int(kept.max()) * 4, budget))]
+    assert torch.equal(ragged[0], padded[0]) and torch.equal(ragged[1], padded[1])
+    assert_matches_reference(q, k, v, layout, ragged)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_ragged_rows_with_very_different_kept_counts_match_reference(monkeypatch, dtype):
+    """q clusters keeping every key, one small cluster's, none, and about half, with folded permutations:
+    the ragged buffer of all 3 pairs in one launch group, where padded rows of the largest count need 3
+    under the same budget."""
+    q, k, v, layout, perms = uneven_problem(dtype)
+    _, total = kept_keys_of(q, k, layout)
+    (ragged, padded), groups = run_ragged_and_padded(monkeypatch, q, k, v, layout, VarlenConfig(16, 16, 4, 1),
+                                                     4 * total, **perms)  # fmt: skip
+    assert groups == [1, 3]
+    assert torch.equal(ragged[0], padded[0]) and torch.equal(ragged[1], padded[1])
+    assert_matches_reference(q, k, v, layout, ragged, **perms)
+
+
+@interp
+def test_interp_ragged_total_over_the_budget_runs_padded_groups(monkeypatch):
+    """A kept total over the budget falls back to padded groups (here 3 of 2 pairs), with the same result."""
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 12, 0.5, seed=5, dtype=torch.float32)
+    kept, total = kept_keys_of(q, k, layout)
+    budget = 2 * 4 * int(kept.max()) * 4
+    assert 4 * total > budget
+    (ragged, padded), groups = run_ragged_and_padded(monkeypatch, q, k, v, layout, VarlenConfig(16, 16, 4, 1), budget)
+    assert groups == [3, 3]
+    assert torch.equal(ragged[0], padded[0]) and torch.equal(ragged[1], padded[1])
+    assert_matches_reference(q, k, v, layout, ragged)
 
 
 @interp
@@ -493,6 +649,31 @@ def test_gpu_matches_reference_bf16(config):
     finite = torch.isfinite(want_lse)
     assert torch.equal(finite, torch.isfinite(lse))
     assert (lse[finite] - want_lse[finite]).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_ragged_rows_in_one_group_equal_padded_rows_bf16(monkeypatch):
+    """Wan 480p, 12 heads, folded permutations: the ragged buffer of all heads in one launch group gives
+    exactly the result of padded rows in groups, and the reference's on two heads."""
+    q, k, v, layout = wan_problem(12, 0.1, seed=5)
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    g = torch.Generator().manual_seed(5)
+    perms = dict(q_perm=random_permutations(1, 12, q.shape[2], g, device="cuda"),
+                 kv_perm=random_permutations(1, 12, k.shape[2], g, dtype=torch.int32, device="cuda"))  # fmt: skip
+    kept, total = kept_keys_of(q, k, layout)
+    (ragged, padded), groups = run_ragged_and_padded(monkeypatch, q, k, v, layout, None, 4 * total, **perms)
+    assert groups[0] == 1 and groups[1] > 1
+    assert torch.equal(ragged[0], padded[0]) and torch.equal(ragged[1], padded[1])
+    for head in (0, 11):
+        sl = slice(head, head + 1)
+        want_out, want_lse = varlen_block_sparse_attention_reference(
+            q[:, sl], k[:, sl], v[:, sl], *(t[:, sl] for t in layout), **{n: t[:, sl] for n, t in perms.items()},
+            scale=0.3, return_lse=True,
+        )  # fmt: skip
+        assert rel_l2(ragged[0][:, sl], want_out) < 1e-2
+        finite = torch.isfinite(want_lse)
+        assert torch.equal(finite, torch.isfinite(ragged[1][:, sl]))
+        assert (ragged[1][:, sl][finite] - want_lse[finite]).abs().max() < 1e-2
 
 
 @pytest.mark.gpu
