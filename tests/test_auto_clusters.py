@@ -14,7 +14,13 @@ from sparse_compile.kernels.varlen_block_sparse_reference import VarlenLayout
 from sparse_compile.methods import auto, auto_clusters
 from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import CLUSTERS, GUARD
-from sparse_compile.methods.auto_clusters import cluster_candidate, cluster_mass, kept_pairs_floor
+from sparse_compile.methods.auto_clusters import (
+    cluster_candidate,
+    cluster_mass,
+    every_row,
+    kept_pairs_floor,
+    sampled_rows,
+)
 from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.cost_model import (
     CLUSTER_PAIR_RATIO,
@@ -101,7 +107,8 @@ def test_cluster_pair_masses_equal_the_dense_softmax_mass_between_clusters():
     expected = q_onehot.transpose(-1, -2) @ probs @ k_onehot / q_clusters.sizes.clamp_min(1).unsqueeze(-1)
     expected = expected / expected.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
-    torch.testing.assert_close(cluster_mass(q, k, attention_lse(q, k, scale), q_clusters, *k_order, scale), expected)
+    torch.testing.assert_close(cluster_mass(q, k, attention_lse(q, k, scale), every_row(q_clusters), *k_order, scale),
+                               expected)
 
 
 def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
@@ -110,9 +117,42 @@ def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
     lse = attention_lse(q, k, 0.3)
     q_clusters, k_clusters = kmeans(q, 6, 2, seed=0), kmeans(k, 9, 2, seed=1)
     k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
-    whole = cluster_mass(q, k, lse, q_clusters, *k_order, 0.3)
+    whole = cluster_mass(q, k, lse, every_row(q_clusters), *k_order, 0.3)
     monkeypatch.setattr(auto_clusters, "_MASS_CHUNK_ENTRIES", 96 * 40)  # one head, 40 rows per chunk
-    torch.testing.assert_close(cluster_mass(q, k, lse, q_clusters, *k_order, 0.3), whole)
+    torch.testing.assert_close(cluster_mass(q, k, lse, every_row(q_clusters), *k_order, 0.3), whole)
+
+
+def test_sampled_cluster_masses_average_the_dense_softmax_over_evenly_spaced_rows_of_each_cluster():
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 2, 120, 8, generator=gen) for _ in range(2))
+    scale, per_cluster = 8**-0.5, 3
+    q_clusters, k_clusters = kmeans(q, 4, 3, seed=0), kmeans(k, 5, 3, seed=1)
+    q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
+    rows = sampled_rows(q_clusters, q_perm, q_offsets, per_cluster)
+    probs = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+    k_onehot = torch.nn.functional.one_hot(k_clusters.labels.long(), 5).float()
+    expected = torch.zeros(1, 2, 4, 5)
+    for h in range(2):
+        for a in range(4):
+            members = q_perm[0, h, q_offsets[0, h, a]:q_offsets[0, h, a + 1]]
+            picked = members[torch.arange(per_cluster) * members.numel() // per_cluster]
+            expected[0, h, a] = (probs[0, h, picked] @ k_onehot[0, h]).mean(dim=0)
+    assert bool((rows.labels.flatten().bincount(minlength=4) == 2 * per_cluster).all())
+    expected = expected / expected.sum(dim=-1, keepdim=True)
+    k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
+    torch.testing.assert_close(cluster_mass(q, k, attention_lse(q, k, scale), rows, *k_order, scale), expected)
+
+
+def test_an_empty_query_cluster_gets_no_sampled_rows_and_no_mass():
+    q = torch.zeros(1, 1, 8, 4)
+    q_clusters = kmeans(q, 3, 2, seed=0)  # identical tokens: one cluster holds them all
+    q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
+    rows = sampled_rows(q_clusters, q_perm, q_offsets, 2)
+    assert rows.per_cluster.tolist() == [[[2.0 if n else 0.0 for n in q_clusters.sizes[0, 0].tolist()]]]
+    k = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(0))
+    k_order = cluster_permutation(*(lambda c: (c.labels, c.sizes, c.ranks))(kmeans(k, 2, 2, seed=1)))
+    mass = cluster_mass(q, k, attention_lse(q, k, 0.5), rows, *k_order, 0.5)
+    assert bool((mass.sum(dim=-1)[q_clusters.sizes == 0] == 0).all())
 
 
 def test_the_kept_pairs_floor_on_every_row_is_below_the_cluster_candidates_pairs():

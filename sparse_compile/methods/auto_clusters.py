@@ -7,13 +7,17 @@ Per (batch element, head) of the video tokens ``(B, h, Sv, D)``:
    keys): :func:`~sparse_compile.kernels.kmeans.kmeans`.
 2. **Mass** (:func:`cluster_mass`): ``mass[a, c]``, the mean over query cluster ``a``'s rows of the
    softmax mass on key cluster ``c``'s keys, exact from the rows' full LSE; rows divided by their
-   sums, as the block masses are. Torch ops on every device (the keys in cluster order, running sums
-   over them, no scatter over keys), in chunks of heads and rows, so no buffer holds more than
+   sums, as the block masses are. Where ``Kq * MASS_ROWS_PER_CLUSTER < Sv`` the mean runs over that
+   many rows of each cluster, evenly spaced through it (:func:`sampled_rows`: at 32k tokens a tenth
+   of the rows), else over every row. Torch ops on every device (the keys in cluster order, running
+   sums over them, no scatter over keys), in chunks of heads and rows, so no buffer holds more than
    :data:`_MASS_CHUNK_ENTRIES` (batch, head, row, key) scores.
 3. **Selection** (:func:`cluster_candidate`): per query cluster the fewest key clusters, by descending
    mass, whose mass reaches the recall target (:func:`~sparse_compile.kernels.block_select.select_top_p`;
-   empty query clusters keep none). The head's recall, ``sum_a (|a| / Sv) * kept mass of a``, and its
-   kept pairs, ``sum_a |a| * kept keys of a``, are then exact.
+   empty query clusters keep none). The head's recall, ``sum_a (|a| / Sv) * kept mass of a``, is then
+   exact on the rows the masses were measured on (an estimate of the head's where they are a
+   sample, checked again on other rows by the site's recall check); its kept pairs,
+   ``sum_a |a| * kept keys of a``, are exact.
 
 A head that takes the candidate runs on the cluster kernel with the permutations folded into its
 loads and stores (:class:`ClusterLayout`, as svg2's step 4); the clustering and selection are kept
@@ -41,6 +45,8 @@ from sparse_compile.methods.svg2 import Svg2Config
 _SVG2_DEFAULTS = Svg2Config()
 KMEANS_ITERS = _SVG2_DEFAULTS.kmeans_iters_init
 QUERY_SEED, KEY_SEED = 0, 1
+MASS_ROWS_PER_CLUSTER = 16
+"""Query rows per query cluster the masses are measured on, when that is fewer than all rows."""
 _MASS_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of the mass pass
 _MIN_CHUNK_ROWS = 64
 _TINY = 1e-30
@@ -54,37 +60,72 @@ def cluster_counts(num_video: int) -> tuple[int, int]:
     return min(_SVG2_DEFAULTS.q_clusters, num_video), min(_SVG2_DEFAULTS.k_clusters, num_video)
 
 
-def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, q_clusters: Clustering, k_perm: Tensor, k_offsets: Tensor,
+@dataclass(frozen=True, eq=False)
+class MassRows:
+    """The query rows a cluster-pair mass averages over.
+
+    Attributes:
+        tokens: int64 ``(B, h, R)``: the rows' video tokens.
+        labels: int64 ``(B, h, R)``: each row's query cluster.
+        per_cluster: fp32 ``(B, h, Kq)``: rows of each query cluster among them (0: the cluster is empty).
+    """
+
+    tokens: Tensor
+    labels: Tensor
+    per_cluster: Tensor
+
+
+def every_row(q_clusters: Clustering) -> MassRows:
+    """Every video row, with its cluster."""
+    labels = q_clusters.labels.long()
+    tokens = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+    return MassRows(tokens, labels, q_clusters.sizes.float())
+
+
+def sampled_rows(q_clusters: Clustering, q_perm: Tensor, q_offsets: Tensor, per_cluster: int) -> MassRows:
+    """``per_cluster`` rows of each query cluster, evenly spaced through its tokens in cluster order
+    (``q_perm`` int64 ``(B, h, Sv)``, ``q_offsets`` int32 ``(B, h, Kq + 1)``); a cluster smaller than that
+    repeats its rows, an empty one gets none."""
+    sizes = q_clusters.sizes.long()
+    n_q = sizes.shape[-1]
+    slots = torch.arange(per_cluster, device=sizes.device)
+    place = q_offsets[..., :-1].long().unsqueeze(-1) + slots * sizes.unsqueeze(-1) // per_cluster
+    place = place.clamp_max(q_perm.shape[-1] - 1).flatten(2)  # an empty cluster's slots point anywhere
+    labels = torch.arange(n_q, device=sizes.device).repeat_interleave(per_cluster).expand_as(place)
+    return MassRows(q_perm.gather(-1, place), labels, torch.where(sizes > 0, float(per_cluster), 0.0))
+
+
+def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, rows: MassRows, k_perm: Tensor, k_offsets: Tensor,
                  scale: float) -> Tensor:  # fmt: skip
-    """Exact normalised cluster-pair masses, fp32 ``(B, h, Kq, Kk)`` (module doc, step 2).
+    """Normalised cluster-pair masses, fp32 ``(B, h, Kq, Kk)``, exact over ``rows`` (module doc, step 2).
 
     q, k ``(B, h, Sv, D)``; lse fp32 ``(B, h, Sv)``: each row's full-attention LSE (rows at ``-inf``
-    contribute nothing); ``q_clusters`` the queries' labels ``(B, h, Sv)`` and sizes ``(B, h, Kq)``;
-    ``k_perm`` int64 ``(B, h, Sv)`` and ``k_offsets`` int32 ``(B, h, Kk + 1)`` the keys in cluster order
-    (:func:`~sparse_compile.kernels.kmeans.cluster_permutation`). A row's mass on each key cluster is
-    a difference of its running sum over the keys in cluster order (fp32); the rows' masses are then
-    added into their query cluster's row.
+    contribute nothing); ``k_perm`` int64 ``(B, h, Sv)`` and ``k_offsets`` int32 ``(B, h, Kk + 1)`` the
+    keys in cluster order (:func:`~sparse_compile.kernels.kmeans.cluster_permutation`). A row's mass on
+    each key cluster is a difference of its running sum over the keys in cluster order (fp32); the rows'
+    masses are then averaged into their query cluster's row (zero for a cluster without rows).
     """
     batch, heads, num_video, _ = q.shape
-    n_q, n_k = q_clusters.sizes.shape[-1], k_offsets.shape[-1] - 1
+    n_q, n_k = rows.per_cluster.shape[-1], k_offsets.shape[-1] - 1
+    num_rows = rows.tokens.shape[-1]
     mass = torch.zeros(batch, heads, n_q, n_k, dtype=torch.float32, device=q.device)
     per_head = max(1, _MASS_CHUNK_ENTRIES // (batch * num_video * _MIN_CHUNK_ROWS))
     for first in range(0, heads, per_head):
         hs = slice(first, min(first + per_head, heads))
         h = hs.stop - hs.start
-        qh = q[:, hs].float()
+        qh = gather_rows(q[:, hs], rows.tokens[:, hs]).float()
         k_sorted = gather_rows(k[:, hs], k_perm[:, hs]).float().transpose(-1, -2)
-        row_lse = masked_row_lse(lse[:, hs].float())
+        row_lse = masked_row_lse(lse[:, hs].gather(-1, rows.tokens[:, hs]).float())
         bounds = k_offsets[:, hs].long().unsqueeze(2)
-        row_labels = q_clusters.labels[:, hs].long()
-        rows = max(1, _MASS_CHUNK_ENTRIES // (batch * h * num_video))
-        for start in range(0, num_video, rows):
-            r = slice(start, min(start + rows, num_video))
+        row_labels = rows.labels[:, hs]
+        chunk_rows = max(1, _MASS_CHUNK_ENTRIES // (batch * h * num_video))
+        for start in range(0, num_rows, chunk_rows):
+            r = slice(start, min(start + chunk_rows, num_rows))
             running = torch.exp(qh[:, :, r] @ k_sorted * scale - row_lse[:, :, r, None]).cumsum_(dim=-1)
             running = F.pad(running, (1, 0))
             to_key_cluster = running.gather(-1, bounds.expand(-1, -1, running.shape[2], -1)).diff(dim=-1)
             mass[:, hs].scatter_add_(2, row_labels[:, :, r, None].expand_as(to_key_cluster), to_key_cluster)
-    mass.div_(q_clusters.sizes.clamp_min(1).unsqueeze(-1))
+    mass.mul_((rows.per_cluster > 0).unsqueeze(-1)).div_(rows.per_cluster.clamp_min(1).unsqueeze(-1))
     return mass.div_(mass.sum(dim=-1, keepdim=True).clamp_min(_TINY))
 
 
@@ -121,7 +162,9 @@ def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: f
     key = kmeans(k, n_k, KMEANS_ITERS, seed=KEY_SEED)
     q_perm, q_offsets = cluster_permutation(query.labels, query.sizes, query.ranks)
     k_perm, k_offsets = cluster_permutation(key.labels, key.sizes, key.ranks)
-    mass = cluster_mass(q, k, lse, query, k_perm, k_offsets, scale)
+    rows = (sampled_rows(query, q_perm, q_offsets, MASS_ROWS_PER_CLUSTER) if n_q * MASS_ROWS_PER_CLUSTER < num_video
+            else every_row(query))
+    mass = cluster_mass(q, k, lse, rows, k_perm, k_offsets, scale)
     counts, indices = select_top_p(mass, max(0.0, target - RECALL_TOLERANCE))
     counts = torch.where(query.sizes > 0, counts, 0)
     kept = keep_matrix(counts, indices, n_k)
