@@ -12,8 +12,9 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
 - the cost of folded token permutations (``q_perm`` = ``kv_perm``, the same mask, q/k/v as
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
-  each checked first against the kernel on gathered inputs, scattered back. Compare with the
-  "(B,S,H,D).T" row, the same inputs without permutations.
+  each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
+  on sm_90 the gathering Gluon kernel (``cp.async`` row copies in its producer warpgroup). Compare with
+  the "(B,S,H,D).T" rows, the same inputs without permutations.
 
 Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
 
@@ -46,6 +47,7 @@ from sparse_compile.kernels.block_sparse import (
 )
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
+from sparse_compile.kernels.gluon_gather_block_sparse import block_sparse_attention_gluon_gather
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
 from sparse_compile.methods.svg_patterns import temporal_permutation
 
@@ -166,14 +168,18 @@ def permutations(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def check_permuted(q, k, v, counts, indices, perm: torch.Tensor) -> None:
-    """Folded permutations into NaN-poisoned token-major buffers == the kernel on gathered inputs, scattered back."""
+def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, gluon: bool = False) -> None:
+    """Folded permutations into NaN-poisoned token-major buffers (the Triton kernel, or with ``gluon`` the
+    gathering Gluon kernel) == the Triton kernel on gathered inputs, scattered back."""
     b, h, s, d = q.shape
     out = torch.full((b, s, h, d), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
-    block_sparse_attention_triton(
-        q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm, out=out, lse_out=lse
-    )
+    if gluon:
+        block_sparse_attention_gluon_gather(q, k, v, counts, indices, perm, perm, block_q=BLOCK, block_k=BLOCK,
+                                            out=out, lse_out=lse)  # fmt: skip
+    else:
+        block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm,
+                                      kv_perm=perm, out=out, lse_out=lse)  # fmt: skip
     assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
     index = perm.long().expand(b, h, s)
     rows = index.unsqueeze(-1).expand(b, h, s, d)
@@ -183,7 +189,7 @@ def check_permuted(q, k, v, counts, indices, perm: torch.Tensor) -> None:
     )  # fmt: skip
     err = rel_l2(out.gather(2, rows), gathered_out)
     lse_err = (lse.gather(2, index) - gathered_lse).abs().max().item()
-    # the two calls may autotune to different tiles (another summation order): the bf16 bound, not bit equality
+    # the two calls may run different tiles (another summation order): the bf16 bound, not bit equality
     assert err <= 1e-2 and lse_err <= 1e-3, f"folded != gathered: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
 
 
@@ -251,6 +257,8 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
                 *bshd, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm, kv_perm=perm
             )
             timed(name, real_density, fn_perm, **ref)
+            if gluon:
+                time_gluon_gather(bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
@@ -271,6 +279,18 @@ def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, lo
     for label, inputs in ((name, (q, k, v)), (f"{name}, (B,S,H,D).T", bshd)):
         fn = lambda: block_sparse_attention_gluon(*inputs, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed(label, density, fn, **ref)
+
+
+def time_gluon_gather(bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
+    """Check the gathering Gluon kernel on one permutation (poisoned buffers vs gather + Triton), then time it."""
+    name = f"block_sparse Gluon gather ((B,S,H,D).T, {perm_name} perms)"
+    try:
+        check_permuted(*bshd, counts, indices, perm, gluon=True)
+    except Exception:  # report, skip timing it, keep the run going
+        log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+        return
+    fn = lambda: block_sparse_attention_gluon_gather(*bshd, counts, indices, perm, perm, block_q=BLOCK, block_k=BLOCK)
+    timed(name, density, fn, **ref)
 
 
 def sweep_tiles(q, k, v, counts, indices, density, timed, ref) -> None:

@@ -163,20 +163,21 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
 
 
 @gluon.jit
-def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
-              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile.
+def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
+                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, FENCE: gl.constexpr):  # fmt: skip
+    """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
 
     Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
     softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
-    GEMM has finished. Then it writes LSE and, through its Q rows' shared memory, O (TMA store).
+    GEMM has finished. ``FENCE``: the ring was filled by ordinary (not TMA) copies, so each slot is
+    fenced for the tensor cores' async proxy once it is ready. Returns the unnormalised output, the
+    row max and the row sum (base 2).
     """
-    ROWS: gl.constexpr = o_desc.block_type.shape[2]
-    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+    ROWS: gl.constexpr = q_tile.shape[0]
+    HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
-    dtype: gl.constexpr = o_desc.dtype
+    dtype: gl.constexpr = k_ring.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
     )
@@ -186,8 +187,6 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-    q_rows = q_smem.index(WG)
-    q_tile = q_rows.reshape([ROWS, HEAD_DIM])
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
@@ -196,8 +195,9 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
 
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
-        mbarrier.wait(q_bar, 0)
         mbarrier.wait(k_ready.index(0), 0)
+        if FENCE:
+            fence_async_shared()
         k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
@@ -210,11 +210,14 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
         slot = t % STAGES
         prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        if FENCE:
+            fence_async_shared()
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        v_tile = v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        if FENCE:
+            fence_async_shared()
+        acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
@@ -228,20 +231,63 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        v_tile = v_ring.index(last).reshape([BLOCK_N, HEAD_DIM])
-        acc = warpgroup_mma(p_prev, v_tile, acc, is_async=True)
+        if FENCE:
+            fence_async_shared()
+        acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
+    return acc, m_i, l_i
 
+
+@gluon.jit
+def _normalise(acc, m_i, l_i):
+    """Output ``acc / l`` and natural-log LSE of a finished row block; rows that kept nothing get 0 and ``-inf``."""
     empty_row = l_i == 0.0
     l_safe = gl.where(empty_row, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, acc.type.layout)), 1)
     lse = gl.where(empty_row, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=row_layout)
+    return out, lse
+
+
+@gluon.jit
+def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
+              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile
+    (:func:`_attend_kept_tiles`), then LSE and, through its Q rows' shared memory, O (TMA store)."""
+    ROWS: gl.constexpr = o_desc.block_type.shape[2]
+    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
+    q_rows = q_smem.index(WG)
+    q_tile = q_rows.reshape([ROWS, HEAD_DIM])
+    if n_tiles > 0:
+        mbarrier.wait(q_bar, 0)
+    acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
+                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False)  # fmt: skip
+    out, lse = _normalise(acc, m_i, l_i)
+    rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
     gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
-    q_tile.store(out.to(dtype))  # this warpgroup's Q rows are no longer read
+    q_tile.store(out.to(o_desc.dtype))  # this warpgroup's Q rows are no longer read
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m + WG * ROWS, 0], q_rows)
     tma.store_wait(0)
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """The Q barrier and, per ring slot, the K and V ready barriers (one arrival: the producer's) and
+    empty barriers (one arrival per consumer warpgroup), initialised and fenced."""
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
+    fence_async_shared()
+    return q_bar, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
@@ -280,18 +326,7 @@ def _block_sparse_fwd_gluon(
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=CONSUMERS)
-        mbarrier.init(v_empty.index(i), count=CONSUMERS)
-    fence_async_shared()
+    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq

@@ -10,14 +10,10 @@ token-major inputs, both dtypes and head dims, and a dense layout against SDPA.
 
 from __future__ import annotations
 
-import re
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
+from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
 from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
 from triton_interpreter_support import rel_l2
 
@@ -41,7 +37,6 @@ from sparse_compile.kernels.gluon_block_sparse import (
 from sparse_compile.kernels.tile_configs import TileConfig, gluon_block_sparse_tile
 
 HOPPER = (9, 0)
-HOPPER_SHARED_BYTES = 232448  # 227 KiB per block
 
 
 def _inputs(dtype=torch.bfloat16, d=128, s=300, bshd=False):
@@ -154,14 +149,9 @@ def test_gluon_entry_rejects_a_tile_that_does_not_fit_the_consumers() -> None:
         launch_gluon_block_sparse(*_inputs(), None, 256, 256, 1.0, None, None, TileConfig(256, 128, 16, 2))
 
 
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
 def _compile_sm90a(block_q: int, block_k: int, head_dim: int, dtype, even_k: bool):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     from sparse_compile.kernels.gluon_block_sparse import _block_sparse_fwd_gluon
 
@@ -183,12 +173,11 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, dtype, even_k: boo
         "qk_scale": "fp32",
         **{n: "constexpr" for n in constants},
     }  # fmt: skip
-    source = GluonASTSource(_block_sparse_fwd_gluon, signature, constants)
     options = {"num_warps": 4, "maxnreg": launch_registers(consumers)}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_sm90a(_block_sparse_fwd_gluon, signature, constants, options)
 
 
-@pytest.mark.skipif(not (_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
 @pytest.mark.parametrize(
     "block_q,block_k,head_dim,dtype_name,even_k",
     [(128, 128, 128, "bfloat16", False), (64, 64, 64, "float16", True)],
@@ -201,12 +190,8 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, he
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor.4d" in ptx
     assert "setmaxnreg" in ptx  # the producer hands its registers to the consumers
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([str(_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
-                           text=True, check=True).stdout  # fmt: skip
-    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
-    assert int(fields["STACK"]) == 0 and int(fields["LOCAL"]) == 0, usage
+    usage = resource_usage(kernel, tmp_path)
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
