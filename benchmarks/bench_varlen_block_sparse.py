@@ -13,7 +13,8 @@ medians (L2 flushed between reps) of
 - the cost of folding SVG2's token permutations into the kernel: on one layout and inputs in
   ``(B, S, H, D)`` storage (as diffusers passes them), the default config in cluster order (no
   permutation), with the q permutation, the kv permutation and both folded in (token-order
-  inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back).
+  inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back); on
+  sm_90 also the Gluon cluster kernel (gathers in its producer warpgroup), checked against the Triton one.
 
 The varlen op is timed as CUDA-graph replays (``graph_replay_ms``): eagerly it is a dozen small torch ops
 and three Triton launches, and at 5% density its eager call is launch-bound (about 2 ms against
@@ -42,6 +43,7 @@ from sparse_compile.kernels import block_select as bs
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse import block_sparse_attention
+from sparse_compile.kernels.gluon_varlen_block_sparse import varlen_block_sparse_attention_gluon
 from sparse_compile.kernels.tile_configs import max_shared_memory, varlen_config
 from sparse_compile.kernels.varlen_block_sparse import validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
@@ -338,10 +340,18 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
             tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm),
         "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
     }  # fmt: skip
+    notes = []
+    if torch.cuda.get_device_capability() == (9, 0):
+        gluon = varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
+        gluon_err = rel_l2(gluon[0], folded[0])
+        notes.append(f"permutation fold, density {density}: Gluon vs Triton folded rel-L2 {gluon_err:.2e}")
+        if gluon_err < 1e-2:
+            cases["Gluon kernel, both permutations (sm_90)"] = lambda: varlen_block_sparse_attention_gluon(
+                tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
     times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]
     rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
-    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]
+    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}", *notes]
 
 
 def guarded(name: str, fn, *args):

@@ -114,6 +114,17 @@ def _tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.cons
 
 
 @gluon.jit
+def _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr, PACKED: gl.constexpr):
+    """First key (kernel order) of kv tile ``t``: of a kept block (:func:`_tile_start`), or with ``PACKED``
+    the ``t``-th run of ``BLOCK_N`` keys of one packed sequence."""
+    if PACKED:
+        start = t * BLOCK_N
+    else:
+        start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+    return start
+
+
+@gluon.jit
 def _issue_tile_load(desc, bar, smem, off_b, off_h, start):
     """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on ``bar``."""
     mbarrier.expect(bar, desc.block_type.nbytes)
@@ -164,13 +175,15 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
 
 @gluon.jit
 def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
-                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, FENCE: gl.constexpr):  # fmt: skip
+                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, FENCE: gl.constexpr,
+                       PACKED: gl.constexpr):  # fmt: skip
     """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
 
     Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
     softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
     GEMM has finished. ``FENCE``: the ring was filled by ordinary (not TMA) copies, so each slot is
-    fenced for the tensor cores' async proxy once it is ready. Returns the unnormalised output, the
+    fenced for the tensor cores' async proxy once it is ready. ``PACKED``: the tiles are consecutive
+    runs of one packed key sequence of ``S_K`` keys (:func:`_kv_tile_start`). Returns the unnormalised output, the
     row max and the row sum (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
@@ -202,7 +215,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
-        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
+        k_start = _kv_tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N, PACKED)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -218,7 +231,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         if FENCE:
             fence_async_shared()
         acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        k_start = _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N, PACKED)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
@@ -261,7 +274,7 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
     if n_tiles > 0:
         mbarrier.wait(q_bar, 0)
     acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
-                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False)  # fmt: skip
+                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False, False)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
     rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
     gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)

@@ -34,7 +34,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _attend_kept_tiles,
     _normalise,
     _ring_barriers,
-    _tile_start,
+    _kv_tile_start,
     gluon_ineligibility,
 )
 from sparse_compile.kernels.tile_configs import TileConfig, gluon_block_sparse_tile
@@ -86,9 +86,11 @@ def _signal_landed(bar):
 def _gather_producer(q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
                      stride_qp, stride_kvp, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                      idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK: gl.constexpr,
-                     CHUNK: gl.constexpr):  # fmt: skip
+                     CHUNK: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
     """The gathering warpgroup: the Q rows of every consumer, then K and V of each kept tile into ring
-    slot ``t % STAGES`` once every consumer has released it, each signalled when its rows have landed."""
+    slot ``t % STAGES`` once every consumer has released it, each signalled when its rows have landed.
+    Query rows at or past ``S_Q`` and keys at or past ``S_K`` (kernel order) are zero-filled; ``PACKED``
+    as in :func:`~sparse_compile.kernels.gluon_block_sparse._attend_kept_tiles`."""
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_smem.shape[3]
     D: gl.constexpr = q_smem.shape[4]
@@ -103,7 +105,7 @@ def _gather_producer(q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs,
     for t in range(n_tiles):
         slot = t % STAGES
         free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
-        start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+        start = _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N, PACKED)
         mbarrier.wait(k_empty.index(slot), free_phase)
         _gather_rows(k_ring.index(slot).reshape([BLOCK_N, D]), k_base, stride_ks, kv_perm_row, stride_kvp, start,
                      S_K, CHUNK, layout)  # fmt: skip
@@ -117,9 +119,10 @@ def _gather_producer(q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs,
 @gluon.jit
 def _gather_consumer(o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem, k_ring, v_ring, q_bar, k_ready,
                      k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, qk_scale,
-                     LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup ``WG``: kernel-order query rows ``off_m + WG * 64`` .. + 64 against every kept
-    tile, then O and LSE stored to their token rows."""
+                     LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr,
+                     PACKED: gl.constexpr):  # fmt: skip
+    """Consumer warpgroup ``WG``: kernel-order query rows ``off_m + WG * 64`` .. + 64 (those below
+    ``S_Q``) against every kept tile, then O and LSE stored to their token rows."""
     ROWS: gl.constexpr = q_smem.shape[3]
     D: gl.constexpr = q_smem.shape[4]
     q_tile = q_smem.index(WG).reshape([ROWS, D])
@@ -127,7 +130,7 @@ def _gather_consumer(o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem,
         mbarrier.wait(q_bar, 0)
         fence_async_shared()
     acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
-                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, True)  # fmt: skip
+                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, True, PACKED)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
     out_rows: gl.constexpr = gl.SliceLayout(1, out.type.layout)
     rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=out_rows)
@@ -198,22 +201,22 @@ def _block_sparse_fwd_gluon_gather(
         gl.warp_specialize([
             (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
                                 k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 0)),
+                                qk_scale, LAYOUT_BK, EVEN_K, 0, False)),
             (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
                                 k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 1)),
+                                qk_scale, LAYOUT_BK, EVEN_K, 1, False)),
             (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
                                 stride_qps, stride_kvps, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
-                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK)),
+                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, False)),
         ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
             (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
                                 k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 0)),
+                                qk_scale, LAYOUT_BK, EVEN_K, 0, False)),
             (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
                                 stride_qps, stride_kvps, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
-                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK)),
+                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, False)),
         ], [4], [PRODUCER_REGS])  # fmt: skip
 
 

@@ -1,0 +1,189 @@
+"""Cluster (variable-block) sparse attention for Hopper (sm_90), written in Gluon.
+
+The computation of :func:`~sparse_compile.kernels.varlen_block_sparse.varlen_block_sparse_attention`
+with both permutations (SVG2's layout; the specification is
+:mod:`~sparse_compile.kernels.varlen_block_sparse_reference`), on the structure of the gathering kernel
+(:mod:`~sparse_compile.kernels.gluon_gather_block_sparse`): the Triton path's prep stays (the kept-rows
+lists, each q cluster's kept keys as k/v token rows packed one after another, and the tile table of
+64- or 128-row tiles per q cluster; :mod:`~sparse_compile.kernels.varlen_block_sparse`), and one program
+per tile slot runs a producer warpgroup that gathers the tile's Q rows through ``q_perm`` and each run of
+``BLOCK_N`` kept keys' K and V rows with ``cp.async``, beside consumer warpgroups on the tensor cores
+(keys past the cluster's kept count masked). O and LSE go straight to the token rows. Surplus slots of
+the upper-bound grid and q clusters that keep nothing compute nothing (the latter store O = 0, LSE
+``-inf``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from sparse_compile.kernels.common import LOG2E, attention_output_like, default_scale
+from sparse_compile.kernels.gluon_block_sparse import CONSUMER_ROWS, _ring_barriers, gluon_ineligibility
+from sparse_compile.kernels.gluon_gather_block_sparse import (
+    GATHER_CHUNK_ROWS,
+    GATHER_REGS,
+    _gather_consumer,
+    _gather_producer,
+    _tile_layout,
+    gather_ineligibility,
+)
+from sparse_compile.kernels.tile_configs import TileConfig
+from sparse_compile.kernels.varlen_block_sparse import (
+    _flat_offsets,
+    _kept_rows,
+    kept_rows_plan,
+    rows_budget_bytes,
+    validate_kept_rows_args,
+    validate_varlen_inputs,
+)
+from sparse_compile.kernels.varlen_tiles import tile_tables
+
+GLUON_VARLEN_TILE = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
+"""Default tile: 64-row q tiles (one consumer warpgroup: little padding on clusters of ~100-200 rows),
+64-key K/V tiles, 3 ring slots (about 112 KB of shared memory, two programs per multiprocessor)."""
+
+
+@gluon.jit
+def _varlen_fwd_gluon(
+    Q, K, V, O, LSE, Q_PERM, TILE_CLUSTER, TILE_ROW, Q_OFF, TOTAL, STARTS, ROWS,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os, stride_qpb, stride_qph, stride_qps,
+    bh_start, H, NQC, num_tiles, S_Q, qk_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
+    CHUNK: gl.constexpr,
+    q_layout: gl.constexpr,
+    kv_layout: gl.constexpr,
+):  # fmt: skip
+    """One program per (tile slot, (batch, head) pair of the group): the slot's ``CONSUMERS * 64`` rows of
+    one q cluster (cluster order, token ``q_perm[r]``) against that cluster's packed kept keys.
+
+    ``TILE_CLUSTER`` / ``TILE_ROW`` int32 ``(G, num_tiles)``: each slot's cluster (``NQC``: surplus) and
+    first row; ``Q_OFF`` int32 ``(B*H, NQC + 1)``; ``TOTAL`` int32 ``(G, NQC)`` kept keys per cluster,
+    listed from ``ROWS + STARTS[pair * NQC + cluster]`` as k/v token rows. Launched with ``num_warps=4``.
+    """
+    ROWS_PER_WG: gl.constexpr = 64  # CONSUMER_ROWS
+    dtype: gl.constexpr = Q.dtype.element_ty
+    tile = gl.program_id(0)
+    local = gl.program_id(1)
+    bh = (local + bh_start).to(gl.int64)
+    table = local.to(gl.int64) * num_tiles + tile
+    cluster = gl.load(TILE_CLUSTER + table)
+    valid = cluster < NQC
+    c = gl.minimum(cluster, NQC - 1).to(gl.int64)
+    first_row = gl.where(valid, gl.load(TILE_ROW + table), 0)
+    q_end = gl.where(valid, gl.load(Q_OFF + bh * (NQC + 1) + c + 1), 0)
+    kept = local.to(gl.int64) * NQC + c
+    total = gl.where(valid, gl.load(TOTAL + kept), 0)
+    kept_rows = ROWS + gl.load(STARTS + kept)
+    n_tiles = (total + BLOCK_N - 1) // BLOCK_N
+    off_b = bh // H
+    off_h = bh % H
+
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, 1, 1, ROWS_PER_WG, HEAD_DIM], q_layout)
+    k_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], kv_layout)
+    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = O + off_b * stride_ob + off_h * stride_oh
+    lse_base = LSE + bh * S_Q
+    q_perm_row = Q_PERM + off_b * stride_qpb + off_h * stride_qph
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
+                                qk_scale, BLOCK_N, False, 0, True)),
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
+                                qk_scale, BLOCK_N, False, 1, True)),
+            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kept_rows, stride_qs, stride_ks, stride_vs,
+                                stride_qps, 1, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                kept_rows, 0, n_tiles, first_row, q_end, total, BLOCK_N, CHUNK, True)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
+                                qk_scale, BLOCK_N, False, 0, True)),
+            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kept_rows, stride_qs, stride_ks, stride_vs,
+                                stride_qps, 1, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                                kept_rows, 0, n_tiles, first_row, q_end, total, BLOCK_N, CHUNK, True)),
+        ], [4], [PRODUCER_REGS])  # fmt: skip
+
+
+def varlen_block_sparse_attention_gluon(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    q_perm: Tensor,
+    kv_perm: Tensor,
+    scale: float | None = None,
+    tile: TileConfig = GLUON_VARLEN_TILE,
+    out: Tensor | None = None,
+    lse_out: Tensor | None = None,
+    max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the Gluon cluster kernel (CUDA sm_90 only); returns (O, LSE) in token order.
+
+    Arguments as :func:`~sparse_compile.kernels.varlen_block_sparse.varlen_block_sparse_attention_triton`,
+    with both permutations required; ``tile``: ``block_m`` 64 or 128 (one consumer warpgroup per 64 rows),
+    ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
+    the kernel cannot take the call. Values are not checked (no host sync).
+    """
+    layout = validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts,
+                                    kv_cluster_indices, q_perm, kv_perm)  # fmt: skip
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    reason = (gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
+              or gather_ineligibility(q, k, v))  # fmt: skip
+    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or tile.block_n not in (64, 128):
+        reason = reason or f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
+    if reason is not None:
+        raise ValueError(reason)
+    b, h, s_q, d = q.shape
+    out = attention_output_like(q, v) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    if out.numel() == 0:
+        return out, lse_out
+    consumers = tile.block_m // CONSUMER_ROWS
+    consumer_regs, producer_regs = GATHER_REGS[consumers]
+    q_perm_bh = layout.q_perm
+    q_off = _flat_offsets(layout.q_offsets)
+    kv_off = _flat_offsets(layout.kv_offsets)
+    plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
+                          kept_rows_total=kept_rows_total)  # fmt: skip
+    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
+    qk_scale = default_scale(d, scale) * LOG2E
+    with torch.cuda.device(q.device):
+        for bh_start in range(0, b * h, plan.group):
+            group = min(plan.group, b * h - bh_start)
+            total = _kept_rows(layout, kv_off, plan.starts, bh_start, group, rows_buffer)
+            (tile_cluster, tile_row), _ = tile_tables(q_off, total, bh_start, s_q, tile.block_m, 0)
+            num_tiles = tile_cluster.shape[1]
+            _varlen_fwd_gluon[(num_tiles, group)](
+                q, k, v, out, lse_out, q_perm_bh, tile_cluster, tile_row, q_off, total, plan.starts, rows_buffer,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *q_perm_bh.stride(),
+                bh_start, h, layout.num_q_clusters, num_tiles, s_q, qk_scale,
+                HEAD_DIM=d, BLOCK_N=tile.block_n, CONSUMERS=consumers, STAGES=tile.num_stages,
+                CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, CHUNK=GATHER_CHUNK_ROWS,
+                q_layout=_tile_layout(CONSUMER_ROWS, d, q.dtype), kv_layout=_tile_layout(tile.block_n, d, q.dtype),
+                num_warps=4, maxnreg=(consumer_regs * consumers + producer_regs) // (consumers + 1) // 8 * 8,
+            )  # fmt: skip
+    return out, lse_out
