@@ -41,13 +41,13 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
+    block_sparse_attention_gluon_gather,
     block_sparse_attention_triton,
     kernel_choice,
     tma_eligible,
 )
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
-from sparse_compile.kernels.gluon_gather_block_sparse import block_sparse_attention_gluon_gather
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
 from sparse_compile.methods.svg_patterns import temporal_permutation
 

@@ -25,17 +25,15 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from sparse_compile.kernels.block_sparse import _cuda_capability, _output_buffers, validate_inputs
 from sparse_compile.kernels.block_sparse_reference import BlockLayout
-from sparse_compile.kernels.common import LOG2E, cdiv, default_scale
+from sparse_compile.kernels.common import LOG2E, cdiv
 from sparse_compile.kernels.gluon_block_sparse import (
     _GL_DTYPES,
     CONSUMER_ROWS,
     _attend_kept_tiles,
+    _kv_tile_start,
     _normalise,
     _ring_barriers,
-    _kv_tile_start,
-    gluon_ineligibility,
 )
 from sparse_compile.kernels.tile_configs import TileConfig, gluon_block_sparse_tile
 
@@ -229,7 +227,7 @@ def launch_gluon_gather_block_sparse(
     block_k: int, scale: float, out: Tensor, lse: Tensor, tile: TileConfig | None = None,
 ) -> None:  # fmt: skip
     """Run the kernel into ``out`` ``(B, H, S_q, D)`` (unit last stride) and ``lse`` (contiguous fp32
-    ``(B, H, S_q)``), both in token order. ``q_perm`` ``(B|1, H|1, S_q)`` and ``kv_perm`` ``(B|1, H|1, S_k)``
+    ``(B, H, S_q)``), both in token order. ``q_perm`` ``(B, H, S_q)`` and ``kv_perm`` ``(B, H, S_k)`` (stride 0 where broadcast)
     int32/int64 map kernel-order rows to tokens. Inputs must pass
     :func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility` (permutations aside) and
     :func:`gather_ineligibility`, and be valid; ``tile`` as for the TMA kernel.
@@ -255,37 +253,3 @@ def launch_gluon_gather_block_sparse(
             kv_layout=_tile_layout(tile.block_n, d, q.dtype), num_warps=4,
             maxnreg=(consumer_regs * consumers + producer_regs) * 128 // ((consumers + 1) * 128) // 8 * 8,
         )  # fmt: skip
-
-
-def block_sparse_attention_gluon_gather(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_block_counts: Tensor,
-    kv_block_indices: Tensor,
-    q_perm: Tensor,
-    kv_perm: Tensor,
-    *,
-    block_q: int,
-    block_k: int,
-    scale: float | None = None,
-    return_lse: bool = False,
-    tile: TileConfig | None = None,
-    out: Tensor | None = None,
-    lse_out: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the gathering Gluon kernel (CUDA sm_90 only): arguments as
-    :func:`~sparse_compile.kernels.block_sparse.block_sparse_attention_triton` with both permutations given.
-    Returns O (default: token-major ``(B, H, S_q, D)``) in token order, and the fp32 LSE ``(B, H, S_q)``
-    when ``return_lse``. Raises ``ValueError`` with the reason when the kernel cannot take the call;
-    layout and permutation values are not checked (no host sync)."""
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    reason = (gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
-              or gather_ineligibility(q, k, v))  # fmt: skip
-    if reason is not None:
-        raise ValueError(reason)
-    out, lse = _output_buffers(q, v, out, lse_out)
-    if out.numel() > 0:
-        launch_gluon_gather_block_sparse(q, k, v, lay, lay.q_perm, lay.kv_perm, block_q, block_k,
-                                         default_scale(q.shape[-1], scale), out, lse, tile)  # fmt: skip
-    return (out, lse) if return_lse else out

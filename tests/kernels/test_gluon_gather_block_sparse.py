@@ -16,13 +16,12 @@ from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resour
 from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
 from triton_interpreter_support import rel_l2
 
-from sparse_compile.kernels.block_sparse import block_sparse_attention_gluon
+from sparse_compile.kernels.block_sparse import block_sparse_attention_gluon, block_sparse_attention_gluon_gather
 from sparse_compile.kernels.common import attention_output_like, cdiv
 from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
     GATHER_REGS,
     _block_sparse_fwd_gluon_gather,
-    block_sparse_attention_gluon_gather,
     gather_ineligibility,
 )
 from sparse_compile.methods.svg_patterns import temporal_permutation
