@@ -41,7 +41,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
-    block_sparse_attention_gluon_gather,
     block_sparse_attention_triton,
     kernel_choice,
     tma_eligible,
@@ -175,8 +174,8 @@ def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, gluon: bool = F
     out = torch.full((b, s, h, d), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
     if gluon:
-        block_sparse_attention_gluon_gather(q, k, v, counts, indices, perm, perm, block_q=BLOCK, block_k=BLOCK,
-                                            out=out, lse_out=lse)  # fmt: skip
+        block_sparse_attention_gluon(q, k, v, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
+                                     block_k=BLOCK, out=out, lse_out=lse)  # fmt: skip
     else:
         block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm,
                                       kv_perm=perm, out=out, lse_out=lse)  # fmt: skip
@@ -289,7 +288,8 @@ def time_gluon_gather(bshd, counts, indices, perm, perm_name, density, timed, re
     except Exception:  # report, skip timing it, keep the run going
         log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
         return
-    fn = lambda: block_sparse_attention_gluon_gather(*bshd, counts, indices, perm, perm, block_q=BLOCK, block_k=BLOCK)
+    fn = lambda: block_sparse_attention_gluon(*bshd, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
+                                              block_k=BLOCK)  # fmt: skip
     timed(name, density, fn, **ref)
 
 

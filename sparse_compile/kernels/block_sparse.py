@@ -78,7 +78,6 @@ __all__ = [
     "BlockLayout",
     "block_sparse_attention",
     "block_sparse_attention_gluon",
-    "block_sparse_attention_gluon_gather",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
@@ -470,59 +469,37 @@ def block_sparse_attention_gluon(
     tile: Optional[TileConfig] = None,
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
+    q_perm: Optional[Tensor] = None,
+    kv_perm: Optional[Tensor] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the Gluon kernel (:mod:`~sparse_compile.kernels.gluon_block_sparse`, CUDA sm_90 only).
+    """Run a Gluon kernel (CUDA sm_90 only): arguments as :func:`block_sparse_attention_triton`.
 
-    Arguments as :func:`block_sparse_attention_triton`, without permutations; ``out`` must also have a
-    unit last stride and 16-byte aligned strides (the kernel stores it by TMA). ``tile`` defaults to
-    :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`. Raises ``ValueError`` with the
-    reason when the kernel cannot take the call. Layout values are not checked (no host sync).
+    Without permutations the TMA kernel (:mod:`~sparse_compile.kernels.gluon_block_sparse`; ``out`` must
+    then also have 16-byte aligned strides, it is stored by TMA); with both ``q_perm`` and ``kv_perm`` the
+    gathering kernel (:mod:`~sparse_compile.kernels.gluon_gather_block_sparse`), O and LSE in token order.
+    ``tile`` defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`. Raises
+    ``ValueError`` with the reason when the kernel cannot take the call. Layout and permutation values
+    are not checked (no host sync).
     """
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
-    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
+    if (q_perm is None) != (kv_perm is None):
+        raise ValueError("the Gluon kernels take both q_perm and kv_perm or neither")
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    gather = q_perm is not None
+    reason = (gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
+              or (gather_ineligibility(q, k, v) if gather else None))  # fmt: skip
     if reason is not None:
         raise ValueError(reason)
     out, lse_out = _output_buffers(q, v, out, lse_out)
     if out.numel() > 0:
-        if not tma_readable(out):
-            raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
         scale = default_scale(q.shape[-1], scale)
-        launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, scale, out, lse_out, tile)
+        if gather:
+            launch_gluon_gather_block_sparse(q, k, v, lay, lay.q_perm, lay.kv_perm, block_q, block_k, scale, out,
+                                             lse_out, tile)  # fmt: skip
+        elif tma_readable(out):
+            launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, scale, out, lse_out, tile)
+        else:
+            raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
     return (out, lse_out) if return_lse else out
-
-
-def block_sparse_attention_gluon_gather(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_block_counts: Tensor,
-    kv_block_indices: Tensor,
-    q_perm: Tensor,
-    kv_perm: Tensor,
-    *,
-    block_q: int,
-    block_k: int,
-    scale: Optional[float] = None,
-    return_lse: bool = False,
-    tile: Optional[TileConfig] = None,
-    out: Optional[Tensor] = None,
-    lse_out: Optional[Tensor] = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Run the gathering Gluon kernel (:mod:`~sparse_compile.kernels.gluon_gather_block_sparse`, CUDA sm_90
-    only): arguments as :func:`block_sparse_attention_triton` with both permutations given.
-    Returns O (default: token-major ``(B, H, S_q, D)``) in token order, and the fp32 LSE ``(B, H, S_q)``
-    when ``return_lse``. Raises ``ValueError`` with the reason when the kernel cannot take the call;
-    layout and permutation values are not checked (no host sync)."""
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    reason = (gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
-              or gather_ineligibility(q, k, v))  # fmt: skip
-    if reason is not None:
-        raise ValueError(reason)
-    out, lse = _output_buffers(q, v, out, lse_out)
-    if out.numel() > 0:
-        launch_gluon_gather_block_sparse(q, k, v, lay, lay.q_perm, lay.kv_perm, block_q, block_k,
-                                         default_scale(q.shape[-1], scale), out, lse, tile)  # fmt: skip
-    return (out, lse) if return_lse else out
 
 
 def _cuda_capability(t: Tensor) -> Optional[tuple[int, int]]:

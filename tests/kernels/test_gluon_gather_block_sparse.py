@@ -16,7 +16,7 @@ from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resour
 from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
 from triton_interpreter_support import rel_l2
 
-from sparse_compile.kernels.block_sparse import block_sparse_attention_gluon, block_sparse_attention_gluon_gather
+from sparse_compile.kernels.block_sparse import block_sparse_attention_gluon
 from sparse_compile.kernels.common import attention_output_like, cdiv
 from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
@@ -78,6 +78,13 @@ def test_kernel_compiles_for_sm90a_with_async_row_copies_and_no_spills(
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
 
 
+def test_the_gluon_entry_takes_both_permutations_or_neither() -> None:
+    q, k, v = make_qkv(1, 2, 300, 300, 128, torch.bfloat16, torch.Generator().manual_seed(0), bshd=True)
+    counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128, "cpu")
+    with pytest.raises(ValueError, match="both q_perm and kv_perm or neither"):
+        block_sparse_attention_gluon(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=torch.arange(300))
+
+
 def test_the_gathering_kernel_takes_diffusers_layout_and_refuses_rows_that_are_not_16_byte_vectors() -> None:
     gen = torch.Generator().manual_seed(0)
     q, k, v = make_qkv(1, 2, 300, 300, 128, torch.bfloat16, gen, bshd=True)
@@ -101,8 +108,8 @@ def _run_poisoned(q, k, v, counts, indices, perm, block, scale=None):
     b, h, s_q, _ = q.shape
     out = attention_output_like(q, v).fill_(float("nan"))
     lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = block_sparse_attention_gluon_gather(q, k, v, counts, indices, perm, perm, block_q=block, block_k=block,
-                                              scale=scale, out=out, lse_out=lse, return_lse=True)  # fmt: skip
+    got = block_sparse_attention_gluon(q, k, v, counts, indices, q_perm=perm, kv_perm=perm, block_q=block,
+                                       block_k=block, scale=scale, out=out, lse_out=lse, return_lse=True)  # fmt: skip
     assert got[0] is out and got[1] is lse
     return out, lse
 
