@@ -61,7 +61,7 @@ from sparse_compile.kernels.common import (
     online_softmax_step,
     permutation_strides,
 )
-from sparse_compile.kernels.gluon_gather_block_sparse import gather_ineligibility, launch_gluon_gather_block_sparse
+from sparse_compile.kernels.gluon_gather_block_sparse import launch_gluon_gather_block_sparse
 from sparse_compile.kernels.gluon_block_sparse import (
     gluon_ineligibility,
     launch_gluon_block_sparse,
@@ -484,15 +484,13 @@ def block_sparse_attention_gluon(
     if (q_perm is None) != (kv_perm is None):
         raise ValueError("the Gluon kernels take both q_perm and kv_perm or neither")
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    gather = q_perm is not None
-    reason = (gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
-              or (gather_ineligibility(q, k, v) if gather else None))  # fmt: skip
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
     if reason is not None:
         raise ValueError(reason)
     out, lse_out = _output_buffers(q, v, out, lse_out)
     if out.numel() > 0:
         scale = default_scale(q.shape[-1], scale)
-        if gather:
+        if q_perm is not None:
             launch_gluon_gather_block_sparse(q, k, v, lay, lay.q_perm, lay.kv_perm, block_q, block_k, scale, out,
                                              lse_out, tile)  # fmt: skip
         elif tma_readable(out):

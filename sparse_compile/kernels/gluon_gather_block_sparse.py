@@ -43,17 +43,6 @@ GATHER_CHUNK_ROWS = 32
 """Rows of one ``cp.async`` batch (bounds the producer's pointer registers)."""
 GATHER_REGS = {1: (200, 56), 2: (216, 72)}
 """Registers per thread (consumers, producer) after ``setmaxnreg``, by consumer warpgroups."""
-_VECTOR_BYTES = 16
-
-
-def gather_ineligibility(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why the gathering kernel cannot read these ``(B, H, S, D)`` tensors (rows must be whole 16-byte
-    vectors: unit last stride, 16-byte aligned base and row strides), or ``None``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        elem = t.element_size()
-        if t.stride(3) != 1 or t.data_ptr() % _VECTOR_BYTES or any((s * elem) % _VECTOR_BYTES for s in t.stride()[:3]):
-            return f"the gathering Gluon kernel needs {name} rows as aligned 16-byte vectors"
-    return None
 
 
 @gluon.jit
@@ -229,8 +218,8 @@ def launch_gluon_gather_block_sparse(
     """Run the kernel into ``out`` ``(B, H, S_q, D)`` (unit last stride) and ``lse`` (contiguous fp32
     ``(B, H, S_q)``), both in token order. ``q_perm`` ``(B, H, S_q)`` and ``kv_perm`` ``(B, H, S_k)`` (stride 0 where broadcast)
     int32/int64 map kernel-order rows to tokens. Inputs must pass
-    :func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility` (permutations aside) and
-    :func:`gather_ineligibility`, and be valid; ``tile`` as for the TMA kernel.
+    :func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility` (permutations aside: rows are
+    then read as 16-byte vectors) and be valid; ``tile`` as for the TMA kernel.
     """
     b, h, s_q, d = q.shape
     s_k = k.shape[2]

@@ -28,7 +28,6 @@ from sparse_compile.kernels.gluon_gather_block_sparse import (
     _gather_consumer,
     _gather_producer,
     _tile_layout,
-    gather_ineligibility,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
 from sparse_compile.kernels.varlen_block_sparse import (
@@ -151,8 +150,7 @@ def varlen_block_sparse_attention_gluon(
                                     kv_cluster_indices, q_perm, kv_perm)  # fmt: skip
     kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    reason = (gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
-              or gather_ineligibility(q, k, v))  # fmt: skip
+    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
     if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or tile.block_n not in (64, 128):
         reason = reason or f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
     if reason is not None:

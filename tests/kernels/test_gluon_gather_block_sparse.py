@@ -1,9 +1,9 @@
 """Tests of the gathering Gluon kernel: kept-block attention through token permutations on sm_90.
 
 On CPU: an ahead-of-time compile for sm_90a (``cp.async`` row copies in a producer warpgroup, the
-tensor cores' ``wgmma``, register hand-over, no spills, shared memory within Hopper's limit) and which
-strides it takes. GPU cases (``@pytest.mark.gpu``, sm_90) compare it, into NaN-poisoned outputs, with the
-reference through random, SVG-order and broadcast permutations, sequence tails and empty rows; with the
+tensor cores' ``wgmma``, register hand-over, no spills, shared memory within Hopper's limit), and that
+its entry takes both permutations or neither. GPU cases (``@pytest.mark.gpu``, sm_90) compare it, into
+NaN-poisoned outputs, with the reference through random, SVG-order and broadcast permutations, sequence tails and empty rows; with the
 TMA kernel on identity permutations; and at density 1 with SDPA.
 """
 
@@ -22,7 +22,6 @@ from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
     GATHER_REGS,
     _block_sparse_fwd_gluon_gather,
-    gather_ineligibility,
 )
 from sparse_compile.methods.svg_patterns import temporal_permutation
 
@@ -83,14 +82,6 @@ def test_the_gluon_entry_takes_both_permutations_or_neither() -> None:
     counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128, "cpu")
     with pytest.raises(ValueError, match="both q_perm and kv_perm or neither"):
         block_sparse_attention_gluon(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=torch.arange(300))
-
-
-def test_the_gathering_kernel_takes_diffusers_layout_and_refuses_rows_that_are_not_16_byte_vectors() -> None:
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = make_qkv(1, 2, 300, 300, 128, torch.bfloat16, gen, bshd=True)
-    assert gather_ineligibility(q, k, v) is None
-    odd = torch.randn(1, 300, 2, 129, dtype=torch.bfloat16)[..., 1:].transpose(1, 2)  # rows start at 2-byte offsets
-    assert "16-byte vectors" in gather_ineligibility(odd, k, v)
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
