@@ -3,8 +3,8 @@
 On CPU: an ahead-of-time compile for sm_90a (``cp.async`` row copies in a producer warpgroup, the
 tensor cores' ``wgmma``, register hand-over, no spills, shared memory within Hopper's limit), and that
 its entry takes both permutations or neither. GPU cases (``@pytest.mark.gpu``, sm_90) compare it, into
-NaN-poisoned outputs, with the reference through random, SVG-order and broadcast permutations, sequence tails and empty rows; with the
-TMA kernel on identity permutations; and at density 1 with SDPA.
+NaN-poisoned outputs, with the reference through random, SVG-order and broadcast permutations, sequence
+tails and empty rows; with the TMA kernel on identity permutations; and at density 1 with SDPA.
 """
 
 from __future__ import annotations
