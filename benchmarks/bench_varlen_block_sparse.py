@@ -43,7 +43,6 @@ from sparse_compile.kernels import block_select as bs
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.kernels.gluon_varlen_block_sparse import varlen_block_sparse_attention_gluon
 from sparse_compile.kernels.tile_configs import max_shared_memory, varlen_config
 from sparse_compile.kernels.varlen_block_sparse import validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
@@ -342,11 +341,11 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
     }  # fmt: skip
     notes = []
     if torch.cuda.get_device_capability() == (9, 0):
-        gluon = varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
+        gluon = vb.varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
         gluon_err = rel_l2(gluon[0], folded[0])
         notes.append(f"permutation fold, density {density}: Gluon vs Triton folded rel-L2 {gluon_err:.2e}")
         if gluon_err < 1e-2:
-            cases["Gluon kernel, both permutations (sm_90)"] = lambda: varlen_block_sparse_attention_gluon(
+            cases["Gluon kernel, both permutations (sm_90)"] = lambda: vb.varlen_block_sparse_attention_gluon(
                 tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
     times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]

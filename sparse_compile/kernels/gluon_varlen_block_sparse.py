@@ -5,7 +5,8 @@ with both permutations (SVG2's layout; the specification is
 :mod:`~sparse_compile.kernels.varlen_block_sparse_reference`), on the structure of the gathering kernel
 (:mod:`~sparse_compile.kernels.gluon_gather_block_sparse`): the Triton path's prep stays (the kept-rows
 lists, each q cluster's kept keys as k/v token rows packed one after another, and the tile table of
-64- or 128-row tiles per q cluster; :mod:`~sparse_compile.kernels.varlen_block_sparse`), and one program
+64- or 128-row tiles per q cluster; :func:`~sparse_compile.kernels.varlen_block_sparse.varlen_block_sparse_attention_gluon`
+runs it and launches this kernel per group), and one program
 per tile slot runs a producer warpgroup that gathers the tile's Q rows through ``q_perm`` and each run of
 ``BLOCK_N`` kept keys' K and V rows with ``cp.async``, beside consumer warpgroups on the tensor cores
 (keys past the cluster's kept count masked). O and LSE go straight to the token rows. Surplus slots of
@@ -20,8 +21,8 @@ from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from sparse_compile.kernels.common import LOG2E, attention_output_like, default_scale
-from sparse_compile.kernels.gluon_block_sparse import CONSUMER_ROWS, _ring_barriers, gluon_ineligibility
+from sparse_compile.kernels.common import LOG2E
+from sparse_compile.kernels.gluon_block_sparse import CONSUMER_ROWS, _ring_barriers
 from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
     GATHER_REGS,
@@ -30,15 +31,6 @@ from sparse_compile.kernels.gluon_gather_block_sparse import (
     _tile_layout,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
-from sparse_compile.kernels.varlen_block_sparse import (
-    _flat_offsets,
-    _kept_rows,
-    kept_rows_plan,
-    rows_budget_bytes,
-    validate_kept_rows_args,
-    validate_varlen_inputs,
-)
-from sparse_compile.kernels.varlen_tiles import tile_tables
 
 GLUON_VARLEN_TILE = TileConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 """Default tile: 64-row q tiles (one consumer warpgroup: little padding on clusters of ~100-200 rows),
@@ -120,68 +112,32 @@ def _varlen_fwd_gluon(
         ], [4], [PRODUCER_REGS])  # fmt: skip
 
 
-def varlen_block_sparse_attention_gluon(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_cluster_offsets: Tensor,
-    kv_cluster_offsets: Tensor,
-    kv_cluster_counts: Tensor,
-    kv_cluster_indices: Tensor,
-    *,
-    q_perm: Tensor,
-    kv_perm: Tensor,
-    scale: float | None = None,
-    tile: TileConfig = GLUON_VARLEN_TILE,
-    out: Tensor | None = None,
-    lse_out: Tensor | None = None,
-    max_kept_keys: int | None = None,
-    kept_keys: Tensor | None = None,
-    kept_rows_total: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Run the Gluon cluster kernel (CUDA sm_90 only); returns (O, LSE) in token order.
+def launch_gluon_varlen(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_perm: Tensor, q_offsets: Tensor, total: Tensor,
+    starts: Tensor, rows: Tensor, tile_cluster: Tensor, tile_row: Tensor, bh_start: int, scale: float,
+    tile: TileConfig,
+) -> None:  # fmt: skip
+    """Run the kernel for one launch group: pairs ``bh_start ..`` of ``total``'s ``G`` rows.
 
-    Arguments as :func:`~sparse_compile.kernels.varlen_block_sparse.varlen_block_sparse_attention_triton`,
-    with both permutations required; ``tile``: ``block_m`` 64 or 128 (one consumer warpgroup per 64 rows),
-    ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
-    the kernel cannot take the call. Values are not checked (no host sync).
+    q, k, v, out ``(B, H, S, D)`` views with unit last stride, ``lse`` contiguous fp32 ``(B, H, S_q)``;
+    ``q_perm`` ``(B, H, S_q)`` (stride 0 where broadcast); ``q_offsets`` contiguous int32 ``(B*H, NQC + 1)``;
+    ``total`` int32 ``(G, NQC)``, ``starts`` int64 and ``rows`` int32 the group's kept-rows lists
+    (:func:`~sparse_compile.kernels.varlen_block_sparse.kept_rows_plan`); ``tile_cluster`` / ``tile_row``
+    int32 ``(G, T)`` the tile table (:func:`~sparse_compile.kernels.varlen_tiles.tile_tables` at
+    ``tile.block_m``). Inputs must pass :func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`.
     """
-    layout = validate_varlen_inputs(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts,
-                                    kv_cluster_indices, q_perm, kv_perm)  # fmt: skip
-    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
-    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or tile.block_n not in (64, 128):
-        reason = reason or f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
-    if reason is not None:
-        raise ValueError(reason)
     b, h, s_q, d = q.shape
-    out = attention_output_like(q, v) if out is None else out
-    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    if out.numel() == 0:
-        return out, lse_out
+    group, nqc = total.shape
     consumers = tile.block_m // CONSUMER_ROWS
     consumer_regs, producer_regs = GATHER_REGS[consumers]
-    q_perm_bh = layout.q_perm
-    q_off = _flat_offsets(layout.q_offsets)
-    kv_off = _flat_offsets(layout.kv_offsets)
-    plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
-                          kept_rows_total=kept_rows_total)  # fmt: skip
-    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
-    qk_scale = default_scale(d, scale) * LOG2E
+    num_tiles = tile_cluster.shape[1]
     with torch.cuda.device(q.device):
-        for bh_start in range(0, b * h, plan.group):
-            group = min(plan.group, b * h - bh_start)
-            total = _kept_rows(layout, kv_off, plan.starts, bh_start, group, rows_buffer)
-            (tile_cluster, tile_row), _ = tile_tables(q_off, total, bh_start, s_q, tile.block_m, 0)
-            num_tiles = tile_cluster.shape[1]
-            _varlen_fwd_gluon[(num_tiles, group)](
-                q, k, v, out, lse_out, q_perm_bh, tile_cluster, tile_row, q_off, total, plan.starts, rows_buffer,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *q_perm_bh.stride(),
-                bh_start, h, layout.num_q_clusters, num_tiles, s_q, qk_scale,
-                HEAD_DIM=d, BLOCK_N=tile.block_n, CONSUMERS=consumers, STAGES=tile.num_stages,
-                CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, CHUNK=GATHER_CHUNK_ROWS,
-                q_layout=_tile_layout(CONSUMER_ROWS, d, q.dtype), kv_layout=_tile_layout(tile.block_n, d, q.dtype),
-                num_warps=4, maxnreg=(consumer_regs * consumers + producer_regs) // (consumers + 1) // 8 * 8,
-            )  # fmt: skip
-    return out, lse_out
+        _varlen_fwd_gluon[(num_tiles, group)](
+            q, k, v, out, lse, q_perm, tile_cluster, tile_row, q_offsets, total, starts, rows,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *q_perm.stride(),
+            bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_N=tile.block_n, CONSUMERS=consumers, STAGES=tile.num_stages,
+            CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, CHUNK=GATHER_CHUNK_ROWS,
+            q_layout=_tile_layout(CONSUMER_ROWS, d, q.dtype), kv_layout=_tile_layout(tile.block_n, d, q.dtype),
+            num_warps=4, maxnreg=(consumer_regs * consumers + producer_regs) // (consumers + 1) // 8 * 8,
+        )  # fmt: skip

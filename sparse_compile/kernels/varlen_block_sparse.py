@@ -46,6 +46,7 @@ Kernel design (CUDA):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import triton
@@ -68,9 +69,12 @@ from sparse_compile.kernels.common import (
     online_softmax_step,
     permutation_strides,
 )
+from sparse_compile.kernels.gluon_block_sparse import gluon_ineligibility
+from sparse_compile.kernels.gluon_varlen_block_sparse import GLUON_VARLEN_TILE, launch_gluon_varlen
 from sparse_compile.kernels.tile_configs import (
     KEPT_ROWS_KEYS,
     KEPT_ROWS_SLOTS,
+    TileConfig,
     VarlenConfig,
     max_shared_memory,
     varlen_config,
@@ -415,6 +419,48 @@ def _kept_rows(layout: VarlenLayout, kv_off: Tensor, starts: Tensor, bh_start: i
     return total
 
 
+@dataclass(frozen=True)
+class _PreparedCall:
+    """A checked call: its expanded layout, the O and LSE buffers, the flat q and kv offsets, and the
+    kept-rows plan with its buffer."""
+
+    layout: VarlenLayout
+    out: Tensor
+    lse: Tensor
+    q_off: Tensor
+    kv_off: Tensor
+    plan: KeptRowsPlan
+    rows: Tensor
+
+    def kept_row_groups(self) -> Iterator[tuple[int, int, Tensor]]:
+        """Per launch group: its first (batch, head) pair, its pairs, and its kept keys per q cluster
+        (int32 ``(G, NQC)``) once the prep kernel has written its lists."""
+        pairs = self.layout.q_offsets.shape[0] * self.layout.q_offsets.shape[1]
+        for bh_start in range(0, pairs, self.plan.group):
+            size = min(self.plan.group, pairs - bh_start)
+            yield bh_start, size, _kept_rows(self.layout, self.kv_off, self.plan.starts, bh_start, size, self.rows)
+
+
+def _prepare_call(
+    q: Tensor, k: Tensor, v: Tensor, layout_args: tuple[Tensor, ...], q_perm: Tensor | None, kv_perm: Tensor | None,
+    out: Tensor | None, lse_out: Tensor | None, max_kept_keys: int | None, kept_keys: Tensor | None,
+    kept_rows_total: int | None,
+) -> _PreparedCall:  # fmt: skip
+    """Check a call's inputs and buffers (default O token-major, LSE contiguous fp32) and plan its kept rows."""
+    layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
+    b, h, s_q, d = q.shape
+    out = attention_output_like(q, v) if out is None else out
+    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
+    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
+    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
+    plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
+                          kept_rows_total=kept_rows_total)  # fmt: skip
+    rows = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
+    return _PreparedCall(layout, out, lse_out, _flat_offsets(layout.q_offsets), _flat_offsets(layout.kv_offsets), plan,
+                         rows)  # fmt: skip
+
+
 def varlen_block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -445,21 +491,36 @@ def varlen_block_sparse_attention_triton(
     behaviour. Layout, permutation and bound values are not checked (no host sync):
     :func:`check_varlen_layout_values` and :func:`check_kept_rows_values` do that.
     """
-    layout = validate_varlen_inputs(
-        q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
-    )
-    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
     b, h, s_q, d = q.shape
-    s_k = k.shape[2]
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
-    out = attention_output_like(q, v) if out is None else out
-    lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
-    check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
-    check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
-    nqc = layout.num_q_clusters
+    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
+                         kept_rows_total)  # fmt: skip
+    out, lse_out, layout = call.out, call.lse, call.layout
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
+    nqc = layout.num_q_clusters
+    config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
+    scale = default_scale(d, scale)
+    for bh_start, size, total in call.kept_row_groups():
+        main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
+        launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
+        if tail is not None:
+            launches.append((tail, config.tail_block_m, config.tail_block_n or config.block_n, config.tail_num_warps,
+                             config.tail_num_stages or config.num_stages))
+        for (tile_cluster, tile_row), block_m, block_n, num_warps, num_stages in launches:
+            num_tiles = tile_cluster.shape[1]
+            _varlen_fwd_kernel[(num_tiles, size)](
+                q, k, v, out, lse_out, layout.q_perm,
+                tile_cluster, tile_row, call.q_off, total, call.plan.starts, call.rows,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
+                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
+                DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+    return out, lse_out
     config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
     scale = default_scale(d, scale)
     q_off = _flat_offsets(layout.q_offsets)
@@ -486,6 +547,64 @@ def varlen_block_sparse_attention_triton(
                 DOT_PRECISION=dot_precision(q.dtype),
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
+    return out, lse_out
+
+
+def varlen_block_sparse_attention_gluon(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    q_perm: Tensor,
+    kv_perm: Tensor,
+    scale: float | None = None,
+    tile: TileConfig = GLUON_VARLEN_TILE,
+    out: Tensor | None = None,
+    lse_out: Tensor | None = None,
+    max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the Gluon cluster kernel (:mod:`~sparse_compile.kernels.gluon_varlen_block_sparse`, CUDA sm_90
+    only); returns (O, LSE) in token order.
+
+    Arguments as :func:`varlen_block_sparse_attention_triton`, with both permutations required; ``tile``: ``block_m`` 64 or 128 (one consumer warpgroup per 64 rows),
+    ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
+    the kernel cannot take the call. Values are not checked (no host sync).
+    """
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
+    if tile.block_m not in (64, 128) or tile.block_n not in (64, 128):
+        reason = reason or f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
+    if reason is not None:
+        raise ValueError(reason)
+    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
+                         kept_rows_total)  # fmt: skip
+    if call.out.numel() == 0:
+        return call.out, call.lse
+    scale = default_scale(q.shape[-1], scale)
+    for bh_start, _, total in call.kept_row_groups():
+        (tile_cluster, tile_row), _ = tile_tables(call.q_off, total, bh_start, q.shape[2], tile.block_m, 0)
+        launch_gluon_varlen(q, k, v, call.out, call.lse, call.layout.q_perm, call.q_off, total, call.plan.starts,
+                            call.rows, tile_cluster, tile_row, bh_start, scale, tile)  # fmt: skip
+    return call.out, call.lse
+    q_off = _flat_offsets(layout.q_offsets)
+    kv_off = _flat_offsets(layout.kv_offsets)
+    plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
+                          kept_rows_total=kept_rows_total)  # fmt: skip
+    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
+    scale = default_scale(d, scale)
+    for bh_start in range(0, b * h, plan.group):
+        group = min(plan.group, b * h - bh_start)
+        total = _kept_rows(layout, kv_off, plan.starts, bh_start, group, rows_buffer)
+        (tile_cluster, tile_row), _ = tile_tables(q_off, total, bh_start, s_q, tile.block_m, 0)
+        launch_gluon_varlen(q, k, v, out, lse_out, layout.q_perm, q_off, total, plan.starts, rows_buffer, tile_cluster,
+                            tile_row, bh_start, scale, tile)  # fmt: skip
     return out, lse_out
 
 

@@ -18,11 +18,7 @@ from triton_interpreter_support import rel_l2
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.common import attention_output_like
 from sparse_compile.kernels.gluon_gather_block_sparse import GATHER_CHUNK_ROWS, GATHER_REGS
-from sparse_compile.kernels.gluon_varlen_block_sparse import (
-    GLUON_VARLEN_TILE,
-    _varlen_fwd_gluon,
-    varlen_block_sparse_attention_gluon,
-)
+from sparse_compile.kernels.gluon_varlen_block_sparse import GLUON_VARLEN_TILE, _varlen_fwd_gluon
 from sparse_compile.kernels.tile_configs import TileConfig
 from sparse_compile.kernels.varlen_block_sparse_reference import varlen_block_sparse_attention_reference, varlen_kept_keys
 
@@ -79,7 +75,7 @@ def test_the_gluon_cluster_kernel_refuses_a_call_it_cannot_take_with_the_reason(
     q, k, v, layout = random_problem(1, 2, 200, 200, 32, 5, 7, 0.5, seed=0)
     perms = random_permutations(1, 2, 200, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sm_90"):
-        varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=perms, kv_perm=perms)
+        vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=perms, kv_perm=perms)
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
@@ -95,7 +91,7 @@ def _require_hopper() -> None:
 def _run_poisoned(q, k, v, layout, q_perm, kv_perm, **kwargs):
     out = attention_output_like(q, v).fill_(float("nan"))
     lse = torch.full(q.shape[:3], float("nan"), device=q.device)
-    got = varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse,
+    got = vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse,
                                               **kwargs)  # fmt: skip
     assert got[0] is out and got[1] is lse and not out.isnan().any() and not lse.isnan().any()
     return out, lse
