@@ -130,6 +130,37 @@ def _gather_consumer(o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem,
 
 
 @gluon.jit
+def _run_partitions(q_base, k_base, v_base, o_base, lse_base, q_perm_row, kv_perm_row, stride_qs, stride_ks,
+                    stride_vs, stride_os, stride_qp, stride_kvp, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                    v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, qk_scale, LAYOUT_BK: gl.constexpr,
+                    EVEN_K: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr, CHUNK: gl.constexpr, PACKED: gl.constexpr):  # fmt: skip
+    """One program's warp specialization: ``CONSUMERS`` consumer warpgroups (:func:`_gather_consumer`; the
+    first is the launch's own 4 warps) and the gathering producer warpgroup (:func:`_gather_producer`)."""
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
+                                qk_scale, LAYOUT_BK, EVEN_K, 0, PACKED)),
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
+                                qk_scale, LAYOUT_BK, EVEN_K, 1, PACKED)),
+            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
+                                stride_qp, stride_kvp, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, PACKED)),
+        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
+    else:
+        gl.warp_specialize([
+            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qp, q_smem, k_ring, v_ring, q_bar,
+                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
+                                qk_scale, LAYOUT_BK, EVEN_K, 0, PACKED)),
+            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
+                                stride_qp, stride_kvp, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
+                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, PACKED)),
+        ], [4], [PRODUCER_REGS])  # fmt: skip
+
+
+@gluon.jit
 def _block_sparse_fwd_gluon_gather(
     Q, K, V, O, LSE, Q_PERM, KV_PERM, COUNTS, INDICES,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
@@ -184,27 +215,10 @@ def _block_sparse_fwd_gluon_gather(
     lse_base = LSE + pid_bh.to(gl.int64) * S_Q
     q_perm_row = Q_PERM + off_b * stride_qpb + off_h * stride_qph
     kv_perm_row = KV_PERM + off_b * stride_kvpb + off_h * stride_kvph
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 0, False)),
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 1, False)),
-            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
-                                stride_qps, stride_kvps, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
-                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, False)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
-    else:
-        gl.warp_specialize([
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K,
-                                qk_scale, LAYOUT_BK, EVEN_K, 0, False)),
-            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kv_perm_row, stride_qs, stride_ks, stride_vs,
-                                stride_qps, stride_kvps, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
-                                v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, LAYOUT_BK, CHUNK, False)),
-        ], [4], [PRODUCER_REGS])  # fmt: skip
+    _run_partitions(q_base, k_base, v_base, o_base, lse_base, q_perm_row, kv_perm_row, stride_qs, stride_ks,
+                    stride_vs, stride_os, stride_qps, stride_kvps, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                    v_ready, v_empty, idx_row, stride_ik, n_tiles, off_m, S_Q, S_K, qk_scale, LAYOUT_BK, EVEN_K,
+                    CONSUMERS, CONSUMER_REGS, PRODUCER_REGS, CHUNK, False)  # fmt: skip
 
 
 def _tile_layout(rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:

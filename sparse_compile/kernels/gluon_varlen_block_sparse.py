@@ -26,8 +26,7 @@ from sparse_compile.kernels.gluon_block_sparse import CONSUMER_ROWS, _ring_barri
 from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
     GATHER_REGS,
-    _gather_consumer,
-    _gather_producer,
+    _run_partitions,
     _tile_layout,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
@@ -89,27 +88,10 @@ def _varlen_fwd_gluon(
     o_base = O + off_b * stride_ob + off_h * stride_oh
     lse_base = LSE + bh * S_Q
     q_perm_row = Q_PERM + off_b * stride_qpb + off_h * stride_qph
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
-                                qk_scale, BLOCK_N, False, 0, True)),
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
-                                qk_scale, BLOCK_N, False, 1, True)),
-            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kept_rows, stride_qs, stride_ks, stride_vs,
-                                stride_qps, 1, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                kept_rows, 0, n_tiles, first_row, q_end, total, BLOCK_N, CHUNK, True)),
-        ], [4, 4], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
-    else:
-        gl.warp_specialize([
-            (_gather_consumer, (o_base, lse_base, q_perm_row, stride_os, stride_qps, q_smem, k_ring, v_ring, q_bar,
-                                k_ready, k_empty, v_ready, v_empty, kept_rows, 0, n_tiles, first_row, q_end, total,
-                                qk_scale, BLOCK_N, False, 0, True)),
-            (_gather_producer, (q_base, k_base, v_base, q_perm_row, kept_rows, stride_qs, stride_ks, stride_vs,
-                                stride_qps, 1, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                                kept_rows, 0, n_tiles, first_row, q_end, total, BLOCK_N, CHUNK, True)),
-        ], [4], [PRODUCER_REGS])  # fmt: skip
+    _run_partitions(q_base, k_base, v_base, o_base, lse_base, q_perm_row, kept_rows, stride_qs, stride_ks,
+                    stride_vs, stride_os, stride_qps, 1, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
+                    v_empty, kept_rows, 0, n_tiles, first_row, q_end, total, qk_scale, BLOCK_N, False, CONSUMERS,
+                    CONSUMER_REGS, PRODUCER_REGS, CHUNK, True)  # fmt: skip
 
 
 def launch_gluon_varlen(
