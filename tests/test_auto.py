@@ -7,6 +7,7 @@ import torch
 
 from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
+from sparse_compile.methods import adaspa_search
 from sparse_compile.methods.adaspa_search import normalised_mass
 from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import GUARD, TOP_P, candidate_recall, choose_heads, masks_to_layout, top_p_blocks
@@ -103,7 +104,9 @@ def test_the_guard_sends_a_uniform_head_dense():
     assert float(choice.kept_pairs) == SEQ**2
 
 
-def test_layout_lists_each_rows_kept_blocks_ascending():
+@pytest.mark.parametrize("heads_per_pass", [1, 3])
+def test_layout_lists_each_rows_kept_blocks_ascending(monkeypatch, heads_per_pass):
+    monkeypatch.setattr(adaspa_search, "_CHUNK_ENTRIES", heads_per_pass * 2 * 10 * 10)  # batch 2
     masks = torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(3)) < 0.3
     masks |= torch.eye(10, dtype=torch.bool)
     counts, indices = masks_to_layout(masks)

@@ -160,9 +160,26 @@ def test_the_kept_pairs_floor_on_every_row_is_below_the_cluster_candidates_pairs
     q, k = (torch.randn(2, 3, 200, 16, generator=gen) * 1.5 for _ in range(2))
     every_row = torch.arange(200)
     for target in (0.5, 0.9, 0.99):
-        candidate = cluster_candidate(q, k, attention_lse(q, k, 0.25), 0.25, target)
+        candidate = cluster_candidate(q, k, attention_lse(q, k, 0.25), torch.arange(3), 0.25, target)
         floor = kept_pairs_floor(q, k, 0.25, every_row, target)
         assert bool((floor <= candidate.kept_pairs).all()) and bool((floor > 0).all())
+
+
+def test_a_candidate_built_a_head_at_a_time_equals_one_built_in_one_piece(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 4, 200, 16, generator=gen) * 1.5 for _ in range(2))
+    lse, heads = attention_lse(q, k, 0.25), torch.tensor([3, 0, 2])
+    whole = cluster_candidate(q, k, lse, heads, 0.25, 0.9)
+    monkeypatch.setattr(auto_clusters, "_MASS_CHUNK_ENTRIES", 1)
+    assert len(auto_clusters.head_groups(heads, 2 * 200 * 16)) == 3
+    by_head = cluster_candidate(q, k, lse, heads, 0.25, 0.9)
+    for name in ("q_perm", "k_perm", "q_offsets", "k_offsets", "kept_pairs"):
+        assert torch.equal(getattr(by_head, name), getattr(whole, name)), name
+    torch.testing.assert_close(by_head.recall, whole.recall, rtol=1e-6, atol=0)  # matmuls batched otherwise
+    assert torch.equal(by_head.selection.counts, whole.selection.counts)  # ids may swap between near-equal masses
+    assert torch.equal(by_head.selection.kept_tokens, whole.selection.kept_tokens)
+    alone = cluster_candidate(q[:, 2:3], k[:, 2:3], lse[:, 2:3], torch.tensor([0]), 0.25, 0.9)
+    assert torch.equal(alone.k_perm[:, 0], whole.k_perm[:, 2])
 
 
 def test_the_kept_pairs_floor_of_a_uniform_head_is_the_target_share_of_all_pairs():

@@ -75,7 +75,7 @@ BLOCK_SIZES = (32, 64, 128)
 _CHECK_ROWS = 64
 _RECHECK_MARGIN = 0.03
 _ROW_SHIFT = 7919  # a prime: each check samples other rows than the last
-_CHECK_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of heads in a recall check
+_CHECK_CHUNK_ENTRIES = 1 << 24  # (batch, head, row, key) scores per chunk of heads in a recall check
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ class AutoMethod(AttentionMethod):
         on_clusters = [False] * q.shape[1]
         if not worth_heads.numel():
             return on_clusters, None, choice.recall, choice.kept_pairs
-        candidate = cluster_candidate(*(t.index_select(1, worth_heads) for t in (q, k, lse)), scale, target)
+        candidate = cluster_candidate(q, k, lse, worth_heads, scale, target)
         block_pairs, guarded = (t.index_select(1, worth_heads) for t in (choice.kept_pairs, choice.guarded))
         wins = heads_taking_clusters(block_pairs, guarded, candidate.kept_pairs, costs, clusters_cost, share, num_video)
         for h, win in zip(worth_heads.tolist(), wins.tolist()):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sparse_compile.methods.adaspa_search import ranked_masses
+from sparse_compile.methods.adaspa_search import head_chunks, ranked_masses
 from sparse_compile.methods.auto_patterns import Candidates
 from sparse_compile.methods.block_pairs import kept_pairs
 from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts
@@ -163,11 +163,15 @@ def heads_taking_clusters(block_pairs: Tensor, guarded: Tensor, cluster_pairs: T
 
 def masks_to_layout(masks: Tensor) -> tuple[Tensor, Tensor]:
     """Block keep-masks bool ``(B, H, N, N)`` -> kernel layout: counts int32 ``(B, H, N)`` and
-    indices int32 ``(B, H, N, MAXK)`` (kept ids ascending, then zeros). Reads ``MAXK`` on the host."""
-    n = masks.shape[-1]
-    counts = masks.sum(dim=-1)
-    max_kept = int(counts.max())
-    descending_ids = torch.where(masks, n - torch.arange(n, device=masks.device, dtype=torch.float32), 0.0)
-    ids = n - descending_ids.topk(max_kept, dim=-1).values.long()
-    in_row = torch.arange(max_kept, device=masks.device) < counts.unsqueeze(-1)
-    return counts.to(torch.int32), torch.where(in_row, ids, 0).to(torch.int32)
+    indices int32 ``(B, H, N, MAXK)`` (kept ids ascending, then zeros). Reads ``MAXK`` on the host;
+    ranks the ids a few heads at a time (:func:`~sparse_compile.methods.adaspa_search.head_chunks`)."""
+    batch, heads, n, _ = masks.shape
+    counts = masks.sum(dim=-1, dtype=torch.int32)
+    max_kept = int(counts.max()) if counts.numel() else 0
+    indices = torch.zeros(batch, heads, n, max_kept, dtype=torch.int32, device=masks.device)
+    descending_rank = n - torch.arange(n, device=masks.device, dtype=torch.float32)
+    slots = torch.arange(max_kept, device=masks.device)
+    for hs in head_chunks(batch, heads, n):
+        ids = n - torch.where(masks[:, hs], descending_rank, 0.0).topk(max_kept, dim=-1).values.int()
+        indices[:, hs] = torch.where(slots < counts[:, hs].unsqueeze(-1), ids, 0)
+    return counts, indices

@@ -47,7 +47,7 @@ KMEANS_ITERS = _SVG2_DEFAULTS.kmeans_iters_init
 QUERY_SEED, KEY_SEED = 0, 1
 MASS_ROWS_PER_CLUSTER = 16
 """Query rows per query cluster the masses are measured on, when that is fewer than all rows."""
-_MASS_CHUNK_ENTRIES = 1 << 25  # (batch, head, row, key) scores per chunk of the mass pass
+_MASS_CHUNK_ENTRIES = 1 << 24  # (batch, head, row, key) scores, or copied q/k entries, per chunk of a pass
 _MIN_CHUNK_ROWS = 64
 _TINY = 1e-30
 
@@ -153,9 +153,16 @@ class ClusterCandidate:
     kept_pairs: Tensor
 
 
-def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: float) -> ClusterCandidate:
-    """k-means, exact masses and the selection reaching ``target`` of video q, k ``(B, h, Sv, D)``
-    given their rows' full LSE fp32 ``(B, h, Sv)`` (module doc)."""
+def head_groups(heads: Tensor, entries_per_head: int) -> tuple[Tensor, ...]:
+    """``heads`` int64 ``(h,)`` in consecutive groups of at most :data:`_MASS_CHUNK_ENTRIES` entries
+    (one head at least), for a pass that copies ``entries_per_head`` entries of each head."""
+    return heads.split(max(1, _MASS_CHUNK_ENTRIES // max(1, entries_per_head)))
+
+
+def _clustered_heads(q: Tensor, k: Tensor, lse: Tensor, scale: float) -> tuple[Clustering, Clustering, Tensor,
+                                                                             Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The k-means of q and k ``(B, h, Sv, D)``, their token orders and offsets, and the cluster-pair
+    masses (:func:`cluster_mass`) given the rows' LSE fp32 ``(B, h, Sv)``."""
     num_video = q.shape[2]
     n_q, n_k = cluster_counts(num_video)
     query = kmeans(q, n_q, KMEANS_ITERS, seed=QUERY_SEED)
@@ -165,9 +172,27 @@ def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, scale: float, target: f
     rows = (sampled_rows(query, q_perm, q_offsets, MASS_ROWS_PER_CLUSTER) if n_q * MASS_ROWS_PER_CLUSTER < num_video
             else every_row(query))
     mass = cluster_mass(q, k, lse, rows, k_perm, k_offsets, scale)
+    return query, key, q_perm, q_offsets, k_perm, k_offsets, mass
+
+
+def _cat_clusterings(parts: list[Clustering]) -> Clustering:
+    """Cold-start clusterings of consecutive groups of heads as one."""
+    return Clustering(*(torch.cat([getattr(part, name) for part in parts], dim=1)
+                        for name in ("centroids", "labels", "sizes", "ranks")))  # fmt: skip
+
+
+def cluster_candidate(q: Tensor, k: Tensor, lse: Tensor, heads: Tensor, scale: float, target: float) -> ClusterCandidate:
+    """k-means, exact masses and the selection reaching ``target`` of the ``heads`` int64 ``(h,)`` of video
+    q, k ``(B, H, Sv, D)`` given their rows' full LSE fp32 ``(B, H, Sv)`` (module doc). The heads are
+    copied out a few at a time (:func:`head_groups`), so the pass never holds a copy of all of q or k."""
+    num_video = q.shape[2]
+    parts = [_clustered_heads(*(t.index_select(1, group) for t in (q, k, lse)), scale)
+             for group in head_groups(heads, q.shape[0] * num_video * q.shape[3])]  # fmt: skip
+    query, key = (_cat_clusterings([part[i] for part in parts]) for i in (0, 1))
+    q_perm, q_offsets, k_perm, k_offsets, mass = (torch.cat([part[i] for part in parts], dim=1) for i in range(2, 7))
     counts, indices = select_top_p(mass, max(0.0, target - RECALL_TOLERANCE))
     counts = torch.where(query.sizes > 0, counts, 0)
-    kept = keep_matrix(counts, indices, n_k)
+    kept = keep_matrix(counts, indices, mass.shape[-1])
     kept_tokens = kept_kv_tokens(key.sizes, counts, indices)
     q_sizes = query.sizes.double()
     recall = ((mass * kept).sum(dim=-1) * query.sizes / num_video).sum(dim=-1)
