@@ -183,6 +183,17 @@ def test_auto_runs_dense_sdpa_when_no_head_can_win():
     torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, q, v))
 
 
+def test_one_sparse_head_among_many_dense_ones_leaves_the_whole_call_dense():
+    q, k, v = synthetic_heads()
+    uniform = [2] * 7
+    few, many = ([0, *uniform], [0, 1, 0, 1, 0, 1, 2, 2])  # 1 / 6 of 8 heads could run sparse
+    states = SiteCache(), SiteCache()
+    for heads, state in zip((few, many), states):
+        _auto().attend(method_call(q[:, heads], k[:, heads], v[:, heads], LAYOUT, state))
+    assert _choice(states[0]).dense, "saving on 1 of 8 heads does not pay for splitting the call"
+    assert not _choice(states[1]).dense and _choice(states[1]).dense_heads.tolist() == [6, 7]
+
+
 def test_a_choice_is_reused_until_its_recall_check_fails():
     q, k, v = synthetic_heads()
     method, state = _auto(recheck_every=2), SiteCache()

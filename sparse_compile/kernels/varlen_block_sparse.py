@@ -550,6 +550,38 @@ def varlen_block_sparse_attention_triton(
     return out, lse_out
 
 
+def _cuda_capability(t: Tensor) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
+def gluon_varlen_ineligibility(q: Tensor, k: Tensor, v: Tensor, tile: TileConfig,
+                               capability: tuple[int, int] | None) -> str | None:  # fmt: skip
+    """Why the Gluon cluster kernel cannot take this call at ``tile`` (a sentence), or ``None`` when it can:
+    the fixed Gluon kernel's device, dtype, head-dim and TMA limits
+    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`) and 64- or 128-row tiles."""
+    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
+    if reason is None and (tile.block_m not in (64, 128) or tile.block_n not in (64, 128)):
+        reason = f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
+    return reason
+
+
+def varlen_kernel_choice(q: Tensor, k: Tensor, v: Tensor, has_permutations: bool,
+                         capability: tuple[int, int] | None = None) -> str:  # fmt: skip
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
+
+    On a CUDA device of ``capability`` (default: q's device's): the Gluon cluster kernel when both
+    permutations are given (its producer gathers rows through them; SVG2 and ``auto`` always pass
+    both) and it takes the call at its default tile (:func:`gluon_varlen_ineligibility`), else the
+    Triton kernel. Off CUDA: the reference.
+    """
+    capability = _cuda_capability(q) if capability is None else capability
+    if capability is None:
+        return "reference"
+    eligible = has_permutations and gluon_varlen_ineligibility(q, k, v, GLUON_VARLEN_TILE, capability) is None
+    return "gluon" if eligible else "triton"
+
+
 def varlen_block_sparse_attention_gluon(
     q: Tensor,
     k: Tensor,
@@ -576,10 +608,7 @@ def varlen_block_sparse_attention_gluon(
     ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
     the kernel cannot take the call. Values are not checked (no host sync).
     """
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
-    if tile.block_m not in (64, 128) or tile.block_n not in (64, 128):
-        reason = reason or f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
+    reason = gluon_varlen_ineligibility(q, k, v, tile, _cuda_capability(q))
     if reason is not None:
         raise ValueError(reason)
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
@@ -626,7 +655,12 @@ def _varlen_op(
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    if q.is_cuda:
+    choice = varlen_kernel_choice(q, k, v, q_perm is not None and kv_perm is not None)
+    if choice == "gluon":
+        return varlen_block_sparse_attention_gluon(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
+                                                   max_kept_keys=max_kept_keys, kept_keys=kept_keys,
+                                                   kept_rows_total=kept_rows_total)  # fmt: skip
+    if choice == "triton":
         return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
                                                     max_kept_keys=max_kept_keys, kept_keys=kept_keys,
                                                     kept_rows_total=kept_rows_total)  # fmt: skip
@@ -717,6 +751,9 @@ __all__ = [
     "rows_budget_bytes",
     "validate_kept_rows_args",
     "validate_varlen_inputs",
+    "gluon_varlen_ineligibility",
     "varlen_block_sparse_attention",
+    "varlen_block_sparse_attention_gluon",
     "varlen_block_sparse_attention_triton",
+    "varlen_kernel_choice",
 ]

@@ -10,7 +10,9 @@ cluster-pair masses from the same LSE) are scored on the heads where they could 
 takes them where its cluster-kernel time plus its share of the k-means is below its block choice's
 (:func:`~sparse_compile.methods.auto_choice.heads_taking_clusters`). The k-means runs once per
 choice, so its time is charged to the ``recheck_every`` calls a choice lasts at least. The whole
-call runs dense when sparse would not be faster. Heads whose scores are not finite (NaN or Inf in
+call runs dense unless its predicted time, the dense heads' included, is under :data:`~sparse_compile.methods.cost_model.GUARD_MARGIN`
+of dense SDPA's for every head: a few sparse heads beside many dense ones save less than splitting the
+call by heads costs. Heads whose scores are not finite (NaN or Inf in
 q or k) run dense, so they give what dense attention gives.
 
 **When.** At the last of the ``dense_steps`` steps when they are given, else at the first sparse
@@ -280,7 +282,8 @@ class AutoMethod(AttentionMethod):
             density=torch.tensor((block_pairs + cluster_pairs + head_pairs * n_dense) / (head_pairs * heads),
                                  dtype=torch.float64),
             block_density=torch.tensor(block_pairs / (head_pairs * max(1, n_block)), dtype=torch.float64),
-            dense=n_block + n_cluster == 0 or not sparse_time < costs.dense_limit(head_pairs * (n_block + n_cluster)),
+            dense=n_block + n_cluster == 0
+            or not sparse_time + costs.dense_pair_time * head_pairs * n_dense < costs.dense_limit(head_pairs * heads),
         )
 
     def _pick_clusters(

@@ -147,7 +147,8 @@ def test_gpu_identity_permutations_give_the_tma_kernels_result() -> None:
     identity = torch.arange(s, device="cuda").view(1, 1, s)
     gathered = _run_poisoned(q, k, v, counts, indices, identity, 128)
     tma = block_sparse_attention_gluon(q, k, v, counts, indices, block_q=128, block_k=128, return_lse=True)
-    assert rel_l2(gathered[0], tma[0]) <= 1e-3 and (gathered[1] - tma[1]).abs().max() <= 1e-4
+    assert rel_l2(gathered[0], tma[0]) <= 1e-3
+    torch.testing.assert_close(gathered[1], tma[1], atol=1e-4, rtol=0)  # empty rows: -inf in both
 
 
 @gpu

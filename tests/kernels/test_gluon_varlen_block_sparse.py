@@ -78,6 +78,37 @@ def test_the_gluon_cluster_kernel_refuses_a_call_it_cannot_take_with_the_reason(
         vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=perms, kv_perm=perms)
 
 
+def _bf16_problem():
+    q, k, v, layout = random_problem(1, 2, 200, 200, 128, 5, 7, 0.5, seed=0, dtype=torch.bfloat16)
+    return token_major(q), token_major(k), token_major(v), layout
+
+
+def test_the_op_takes_the_gluon_cluster_kernel_on_sm90_with_both_permutations() -> None:
+    q, k, v, _ = _bf16_problem()
+    assert vb.varlen_kernel_choice(q, k, v, True, capability=HOPPER) == "gluon"
+
+
+@pytest.mark.parametrize(
+    "case,capability,has_permutations",
+    [("another GPU", (8, 0), True), ("Blackwell", (10, 0), True), ("no permutations", HOPPER, False),
+     ("fp32", HOPPER, True)],
+)  # fmt: skip
+def test_the_op_takes_the_triton_cluster_kernel_where_gluon_cannot(case, capability, has_permutations) -> None:
+    q, k, v, _ = _bf16_problem()
+    if case == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    assert vb.varlen_kernel_choice(q, k, v, has_permutations, capability=capability) == "triton"
+
+
+def test_the_op_off_cuda_runs_the_reference() -> None:
+    q, k, v, layout = _bf16_problem()
+    perms = random_permutations(1, 2, 200, torch.Generator().manual_seed(0))
+    assert vb.varlen_kernel_choice(q, k, v, True) == "reference"
+    got = vb.varlen_block_sparse_attention(q, k, v, *layout, q_perm=perms, kv_perm=perms, return_lse=True)
+    want = varlen_block_sparse_attention_reference(q, k, v, *layout, q_perm=perms, kv_perm=perms, return_lse=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 # ---------------------------------------------------------------- GPU (sm_90)
 
 gpu = pytest.mark.gpu
@@ -133,3 +164,20 @@ def test_gpu_wan_480p_token_major_equals_the_triton_cluster_kernel_with_ragged_r
     assert rel_l2(out, want_out) <= 1e-2
     finite = torch.isfinite(want_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - want_lse[finite]).abs().max() <= 1e-3
+
+
+@gpu
+def test_gpu_op_dispatches_permuted_calls_to_the_gluon_cluster_kernel() -> None:
+    """The public op (eager and compiled) equals the Gluon entry on sm_90 when both permutations are given."""
+    _require_hopper()
+    q, k, v, layout = random_problem(1, 4, 3000, 3000, 128, 40, 90, 0.3, seed=9, dtype=torch.bfloat16, device="cuda")
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    g = torch.Generator().manual_seed(9)
+    q_perm, kv_perm = (random_permutations(1, 4, 3000, g, device="cuda") for _ in range(2))
+    assert vb.varlen_kernel_choice(q, k, v, True) == "gluon"
+    gluon = vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm)
+    eager = vb.varlen_block_sparse_attention(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, return_lse=True)
+    assert torch.equal(eager[0], gluon[0]) and torch.equal(eager[1], gluon[1])
+    compiled = torch.compile(lambda *a: vb.varlen_block_sparse_attention(*a, q_perm=q_perm, kv_perm=kv_perm),
+                             fullgraph=True)(q, k, v, *layout)  # fmt: skip
+    assert torch.equal(compiled, gluon[0])
