@@ -7,13 +7,13 @@ import torch
 
 from method_calls import method_call
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.methods import adaspa_search
+from sparse_compile.methods import adaspa_search, base
 from sparse_compile.methods.adaspa_search import normalised_mass
 from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import GUARD, TOP_P, candidate_recall, choose_heads, masks_to_layout, top_p_blocks
 from sparse_compile.methods.auto_patterns import static_candidates
 from sparse_compile.methods.base import SiteCache, TokenLayout
-from sparse_compile.methods.cost_model import NOMINAL_COSTS
+from sparse_compile.methods.cost_model import NOMINAL_COSTS, nominal_cluster_costs
 from sparse_compile.options import validate_options
 from sparse_compile.registry import METHODS
 from sparse_compile.runtime.session import SiteState
@@ -194,6 +194,22 @@ def test_one_sparse_head_among_many_dense_ones_leaves_the_whole_call_dense():
     assert not _choice(states[1]).dense and _choice(states[1]).dense_heads.tolist() == [6, 7]
 
 
+def test_a_site_that_chose_dense_skips_the_input_checks_until_it_chooses_again(monkeypatch):
+    q = torch.zeros(1, 2, SEQ, DIM)
+    v = torch.randn(1, 2, SEQ, DIM)
+    method, state = _auto(), SiteCache()
+    method.attend(method_call(q, q, v, LAYOUT, state, step=0))
+    assert _choice(state).dense
+
+    def no_check(*args):
+        raise AssertionError("the finiteness check reads the device")
+
+    monkeypatch.setattr(base, "nonfinite_problem", no_check)
+    result = method.attend(method_call(q, q, v, LAYOUT, state, step=1))
+    assert result.guarded_heads == (0, 1)
+    torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, q, v))
+
+
 def test_a_choice_is_reused_until_its_recall_check_fails():
     q, k, v = synthetic_heads()
     method, state = _auto(recheck_every=2), SiteCache()
@@ -231,8 +247,6 @@ def test_head_runs_count_sparse_guard_and_warmup_calls():
 @pytest.mark.parametrize("method_name, options", [("radial", {"block": 32}), ("adaspa", {"density": 0.9, "block": 32}),
                                                    ("svg", {"density": 0.9, "block": 32})])
 def test_the_guard_runs_a_single_method_dense_past_break_even(monkeypatch, method_name, options):
-    from sparse_compile.methods import base
-
     q, k, v = synthetic_heads()
     method = METHODS[method_name](validate_options({"method": method_name, **options}))
     call = method_call(q, k, v, LAYOUT)
@@ -269,6 +283,7 @@ def test_auto_on_the_gpu_matches_masked_sdpa_on_its_layout_in_bf16(monkeypatch):
     from sparse_compile.methods import auto
 
     monkeypatch.setattr(auto, "kernel_costs", lambda *args: NOMINAL_COSTS)  # this tiny call would run dense
+    monkeypatch.setattr(auto, "cluster_costs", lambda device, dtype, head_dim, *counts: nominal_cluster_costs(*counts))
     q, k, v = (t.cuda().bfloat16() for t in synthetic_heads())
     state = SiteCache()
     result = _auto().attend(method_call(q, k, v, LAYOUT, state))

@@ -28,7 +28,8 @@ layouts, the cluster heads one cluster-kernel launch with their permutations fol
 guard sent dense (in any batch element) run dense SDPA together, and their video rows report the
 LSE ``+inf`` (recall 1) (:func:`~sparse_compile.methods.base.attend_head_groups`). Text tokens of
 joint attention are dense (:func:`attend_video_and_text`). Calls the block kernels cannot take run
-dense with the reason reported.
+dense with the reason reported. A call whose choice is dense runs dense SDPA without reading its inputs
+(no finiteness check, so no host sync) until the site chooses again.
 
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
@@ -173,12 +174,15 @@ class AutoMethod(AttentionMethod):
     config: AutoConfig
 
     def attend(self, call: AttentionCall) -> AttentionResult:
+        heads = call.query.shape[1]
+        cached = self.cached(call, Choice)
+        if cached is not None and cached.dense:  # dense until the site chooses again: no input checks, no sync
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         reason = self.dense_reason(call)
         if reason is not None:
             return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
         video, _ = video_text_slices(call.layout)
         choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call)
-        heads = call.query.shape[1]
         if choice.dense:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         groups = self._head_groups(choice, call)
