@@ -188,6 +188,12 @@ def check_correctness(q, k, v, layout, fixed_layout) -> list[str]:
     return lines
 
 
+def kept_bounds(q, k, v, layout) -> dict:
+    """The kept-key bounds SVG2 and ``auto`` pass the cluster op (one launch over a ragged kept-rows buffer)."""
+    kept_keys = varlen_kept_keys(vb.validate_varlen_inputs(q, k, v, *layout, None, None))
+    return dict(kept_keys=kept_keys, kept_rows_total=int(kept_keys.sum()), max_kept_keys=int(kept_keys.max()))
+
+
 def time_dense(q, k, v) -> list[Row]:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v))
@@ -197,24 +203,25 @@ def time_dense(q, k, v) -> list[Row]:
 def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row], list[str]]:
     q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
     layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, density, g))
-    kept = density_of(q, k, v, layout)
+    kept, bounds = density_of(q, k, v, layout), kept_bounds(q, k, v, layout)
     fixed_layout = fixed_selection(kept, g)
     fixed_density = density_of(q, k, v, fixed_as_varlen(*fixed_layout))
     fixed_ms = bench_ms(lambda: block_sparse_attention(q, k, v, *fixed_layout, block_q=FIXED_BLOCK, block_k=FIXED_BLOCK))
     rows = [Row(f"fixed-block kernel {FIXED_BLOCK}x{FIXED_BLOCK} (autotuned)", "random blocks", fixed_density, fixed_ms)]
     for cfg in CONFIGS:
-        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg))
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg, **bounds))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
     default = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
-    ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
+    ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout, **bounds))
     rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
-    eager_ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout))
+    eager_ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout, **bounds))
     rows.append(Row("varlen public op, eager (with its Python launch cost)", f"{NQC}q/{NKC}kv clusters",
                     kept, eager_ms, fixed_ms))  # fmt: skip
     same = fixed_as_varlen(*fixed_layout)
+    same_bounds = kept_bounds(q, k, v, same)
     for cfg in (vb.VarlenConfig(128, 128, 8, 3), vb.VarlenConfig(128, 128, 8, 5)):
-        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg))
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg, **same_bounds))
         rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
     notes = [
@@ -308,7 +315,8 @@ class PermRow:
 
 
 def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[list[PermRow], list[str]]:
-    """Default-config kernel with and without folded permutations, one layout, (B, S, H, D) storage.
+    """Default-config kernel with and without folded permutations, one layout, (B, S, H, D) storage,
+    given the kept-key bounds SVG2 passes (ragged kept-rows buffer, one launch).
 
     "cluster order" runs on inputs already permuted (each kv cluster a contiguous run of rows);
     the folded rows read token-order inputs through the permutations. Also checks that folding
@@ -320,33 +328,37 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
     q_perm, kv_perm = random_permutations(S), random_permutations(S)
     tq, tk, tv = token_major(q), token_major(k), token_major(v)
     cq, ck, cv = (token_major(gather_rows(x, perm)) for x, perm in ((tq, q_perm), (tk, kv_perm), (tv, kv_perm)))
-    folded = vb.varlen_block_sparse_attention_triton(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
-    plain = vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout)
+    bounds = kept_bounds(q, k, v, layout)
+    folded = vb.varlen_block_sparse_attention_triton(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds)
+    plain = vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout, **bounds)
     err = rel_l2(folded[0], scatter_rows(plain[0], q_perm))
     assert err < 1e-3, f"folded vs cluster-order kernel: rel-L2 {err}"
 
     def unfolded():
         out, lse = vb.varlen_block_sparse_attention_triton(
-            gather_rows(tq, q_perm), gather_rows(tk, kv_perm), gather_rows(tv, kv_perm), *layout
+            gather_rows(tq, q_perm), gather_rows(tk, kv_perm), gather_rows(tv, kv_perm), *layout, **bounds
         )
         return scatter_rows(out, q_perm), scatter_rows(lse, q_perm)
 
     cases = {
-        "cluster-order inputs, no permutation": lambda: vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout),
-        "q permutation folded": lambda: vb.varlen_block_sparse_attention_triton(tq, ck, cv, *layout, q_perm=q_perm),
-        "kv permutation folded": lambda: vb.varlen_block_sparse_attention_triton(cq, tk, tv, *layout, kv_perm=kv_perm),
+        "cluster-order inputs, no permutation": lambda: vb.varlen_block_sparse_attention_triton(cq, ck, cv, *layout,
+                                                                                                **bounds),
+        "q permutation folded": lambda: vb.varlen_block_sparse_attention_triton(tq, ck, cv, *layout, q_perm=q_perm,
+                                                                                **bounds),
+        "kv permutation folded": lambda: vb.varlen_block_sparse_attention_triton(cq, tk, tv, *layout, kv_perm=kv_perm,
+                                                                                 **bounds),
         "q and kv permutations folded (SVG2 now)": lambda: vb.varlen_block_sparse_attention_triton(
-            tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm),
+            tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds),
         "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
     }  # fmt: skip
     notes = []
     if torch.cuda.get_device_capability() == (9, 0):
-        gluon = vb.varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)
+        gluon = vb.varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds)
         gluon_err = rel_l2(gluon[0], folded[0])
         notes.append(f"permutation fold, density {density}: Gluon vs Triton folded rel-L2 {gluon_err:.2e}")
         if gluon_err < 1e-2:
             cases["Gluon kernel, both permutations (sm_90)"] = lambda: vb.varlen_block_sparse_attention_gluon(
-                tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
+                tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds)  # fmt: skip
     times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]
     rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
