@@ -4,7 +4,8 @@ Modes (each writes ``<mode>.md`` and ``<mode>.json`` to ``--out``):
 
 - ``toy``: generation at the largest grid from the same noise: dense, ``auto`` at its defaults, every
   single method at its defaults and at about 25% / 12.5% kept density (svg2 and radial have no
-  density option: smaller ``top_p`` / ``decay`` stand in), and ``auto``'s ``recall`` sweep. Per
+  density option: smaller ``top_p`` stands in for svg2; radial's bands cannot narrow below a block,
+  so smaller blocks and ``decay`` give its lower densities), and ``auto``'s ``recall`` sweep. Per
   setting: mean kept density and exact recall (from the full row LSE) over the sparse calls, PSNR vs
   dense, and the steady-state attention time of one forward (the method on q/k/v captured from every
   layer at mid noise, summed over the layers) against cuDNN dense SDPA on the same q/k/v. Writes
@@ -63,8 +64,8 @@ TOY_SETTINGS = [
     {"method": "svg2", "top_p": 0.5},
     {"method": "svg2", "top_p": 0.25},
     {"method": "radial"},
-    {"method": "radial", "decay": 0.1},
-    {"method": "radial", "decay": 0.05},
+    {"method": "radial", "block": 64},
+    {"method": "radial", "block": 32, "decay": 0.05},
 ]
 WARMUP_FRACTIONS = (0.0, DEFAULT_DENSE_TIMESTEP_FRACTION, 0.1, 0.2, 0.3)
 TINY_OPTIONS = {"svg2": {"q_clusters": 8, "k_clusters": 16, "kmeans_iters_init": 3}, "svg": {"block": 16},
