@@ -14,7 +14,13 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   temporal order of the shape's grid on every head, and random permutations (no locality left);
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
   on sm_90 the gathering Gluon kernel (``cp.async`` row copies in its producer warpgroup). Compare with
-  the "(B,S,H,D).T" rows, the same inputs without permutations.
+  the "(B,S,H,D).T" rows, the same inputs without permutations;
+- the FP8 (e4m3) kernel (:func:`block_sparse_attention_fp8`, quantisation included in its time) in a second
+  table: ms, its time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and over the
+  Gluon kernel's at the same layout, and its rel L2 against the bf16 result at the same mask (flex; dense
+  SDPA at density 1). The inputs are zero-mean Gaussian, fp8's worst case (about 5e-2; see
+  ``tests/kernels/test_block_sparse_fp8.py``); the check only catches a broken kernel (NaN poison,
+  rel L2 <= 0.1).
 
 Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
 
@@ -45,6 +51,7 @@ from sparse_compile.kernels.block_sparse import (
     kernel_choice,
     tma_eligible,
 )
+from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
@@ -94,6 +101,30 @@ HEADER = ["shape", "kept density", "kernel", "ms", "dense-equiv TFLOP/s", "t / (
 
 def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Fp8Row:
+    shape: str
+    density: float
+    ms: float
+    triton_ms: float | None
+    gluon_ms: float | None
+    rel_l2_bf16: float
+
+    def cells(self) -> list[str]:
+        ratio = lambda ref: f"{self.ms / ref:.2f}" if ref else "-"  # noqa: E731
+        return [self.shape, f"{self.density:.4f}", f"{self.ms:.3f}", ratio(self.triton_ms), ratio(self.gluon_ms),
+                f"{self.rel_l2_bf16:.1e}"]  # fmt: skip
+
+
+FP8_HEADER = ["shape", "kept density", "FP8 ms", "FP8 / bf16 Triton", "FP8 / Gluon", "rel L2 vs bf16 (same mask)"]
+
+
+def markdown_fp8(rows: list[Fp8Row]) -> str:
+    lines = ["| " + " | ".join(FP8_HEADER) + " |", "|" + "---|" * len(FP8_HEADER)]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -192,7 +223,9 @@ def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, gluon: bool = F
     assert err <= 1e-2 and lse_err <= 1e-3, f"folded != gathered: rel-L2 {err:.2e}, LSE max err {lse_err:.2e}"
 
 
-def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row], log) -> None:
+def run_shape(
+    shape: Shape, densities: list[float], sweep: bool, rows: list[Row], fp8_rows: list[Fp8Row], log
+) -> None:
     b, h, s, d = shape.batch, shape.heads, shape.seq, shape.head_dim
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
@@ -229,8 +262,8 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
         log(f"-- density {real_density:.4f}: flex mask + first call {time.time() - t0:.1f} s")
         flex_ms = timed("flex_attention (compiled)", real_density, lambda: flex(q, k, v, block_mask=mask), cudnn_ms=cudnn_ms)
         ref = dict(cudnn_ms=cudnn_ms, flex_ms=flex_ms)
-        if gluon:
-            time_gluon(q, k, v, bshd, counts, indices, flex_out, real_density, timed, ref, log)
+        gluon_ms = time_gluon(q, k, v, bshd, counts, indices, flex_out, real_density, timed, ref, log) if gluon else None
+        triton_ms: list[float] = []
         for use_tma in (True, False):
             name = f"block_sparse ({'TMA' if use_tma else 'pointer'} K/V, autotuned)"
             try:
@@ -242,7 +275,12 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
                 continue
             log(f"   check ok ({name}); rel-L2 vs flex {flex_err:.1e}")
             fn = lambda: block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, use_tma=use_tma)
-            timed(name, real_density, fn, **ref)
+            ms = timed(name, real_density, fn, **ref)
+            triton_ms += [] if ms is None else [ms]
+        fp8 = time_fp8(q, k, v, counts, indices, flex_out, real_density, timed, ref, log)
+        if fp8 is not None:
+            fp8_ms, fp8_err = fp8
+            fp8_rows.append(Fp8Row(shape.name, real_density, fp8_ms, min(triton_ms, default=None), gluon_ms, fp8_err))
         fn_bshd = lambda: block_sparse_attention_triton(*bshd, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed("block_sparse (q/k/v as (B,S,H,D).T)", real_density, fn_bshd, **ref)
         for perm_name, perm in perms.items():
@@ -263,9 +301,30 @@ def run_shape(shape: Shape, densities: list[float], sweep: bool, rows: list[Row]
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
 
 
-def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, log) -> None:
+def time_fp8(q, k, v, counts, indices, flex_out, density, timed, ref, log) -> tuple[float, float] | None:
+    """Check the FP8 kernel (NaN-poisoned buffers, rel L2 vs the bf16 flex output <= 0.1), then time it;
+    ``(ms, rel L2)``, or ``None`` when the check or the timing failed."""
+    name = "block_sparse FP8 e4m3 (quantisation included)"
+    b, h, s, _ = q.shape
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
+    try:
+        block_sparse_attention_fp8(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse)
+        assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
+        err = rel_l2(out, flex_out)
+        assert err <= 0.1, f"FP8 kernel far from bf16 at the same mask: rel-L2 {err:.2e}"
+    except Exception:  # report, skip timing it, keep the run going
+        log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+        return None
+    log(f"   check ok ({name}); rel-L2 vs bf16 flex {err:.1e}")
+    ms = timed(name, density, lambda: block_sparse_attention_fp8(q, k, v, counts, indices, block_q=BLOCK,
+                                                                  block_k=BLOCK), **ref)  # fmt: skip
+    return None if ms is None else (ms, err)
+
+
+def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, log) -> float | None:
     """Check the Gluon kernel (poisoned buffers vs the reference, and vs flex), then time it on contiguous
-    and on (B,S,H,D).T inputs."""
+    and on (B,S,H,D).T inputs; the ms on contiguous inputs, or ``None`` when the check or timing failed."""
     name = "block_sparse Gluon (sm_90)"
     try:
         out = check_kernel(q, k, v, counts, indices, kernel=block_sparse_attention_gluon)
@@ -273,11 +332,13 @@ def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, lo
         assert flex_err <= 1e-2, f"kernel and flex disagree at the same mask: rel-L2 {flex_err:.2e}"
     except Exception:  # report, skip timing it, keep the run going
         log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
-        return
+        return None
     log(f"   check ok ({name}); rel-L2 vs flex {flex_err:.1e}")
+    times = []
     for label, inputs in ((name, (q, k, v)), (f"{name}, (B,S,H,D).T", bshd)):
         fn = lambda: block_sparse_attention_gluon(*inputs, counts, indices, block_q=BLOCK, block_k=BLOCK)
-        timed(label, density, fn, **ref)
+        times.append(timed(label, density, fn, **ref))
+    return times[0]
 
 
 def time_gluon_gather(bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
@@ -334,9 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     log(header)
     rows: list[Row] = []
+    fp8_rows: list[Fp8Row] = []
     for i, key in enumerate(args.shapes.split(",")):
-        run_shape(SHAPES[key], densities, args.sweep and i == 0, rows, log)
-        table = markdown(rows)
+        run_shape(SHAPES[key], densities, args.sweep and i == 0, rows, fp8_rows, log)
+        table = f"{markdown(rows)}\n\n{markdown_fp8(fp8_rows)}"
         if out_dir:
             with open(os.path.join(out_dir, "block_sparse.md"), "w") as f:
                 f.write(f"{header}\n\n`{' '.join(sys.argv)}`\n\n{table}\n")
@@ -345,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(header)
     print(markdown(rows))
+    print()
+    print(markdown_fp8(fp8_rows))
 
 
 if __name__ == "__main__":

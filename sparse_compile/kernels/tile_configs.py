@@ -14,6 +14,8 @@ fixed-block attention       :func:`block_sparse_tiles`        autotune candidate
                                                               Triton's CPU interpreter
 fixed-block attention,      :func:`gluon_block_sparse_tile`   by layout blocks
 Gluon (sm_90)
+fixed-block attention,      :func:`fp8_block_sparse_tile`     by layout blocks (no autotuning)
+FP8 (e4m3)
 cluster attention           :func:`varlen_config`             by mean q cluster size, element size,
                                                               head dim and shared memory
 k-means assignment          :data:`KMEANS_TILE`               one tile for every shape
@@ -122,6 +124,16 @@ def block_sparse_tiles(block_q: int, block_k: int) -> tuple[TileConfig, ...]:
     block (BLOCK_M <= block_q, BLOCK_N <= block_k), else :func:`interpreter_block_sparse_tile` alone."""
     kept = tuple(t for t in AUTOTUNE_TILES if t.block_m <= block_q and t.block_n <= block_k)
     return kept or (interpreter_block_sparse_tile(block_q, block_k),)
+
+
+def fp8_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
+    """Tile of the FP8 fixed-block kernel (:mod:`~sparse_compile.kernels.block_sparse_fp8`) on CUDA.
+
+    ``block_m`` = min(block_q, 128) query rows and ``block_n`` = min(block_k, 128) keys, 8 warps for a
+    128-row tile and 4 otherwise, 3 stages (128x128 at D = 128 holds 32 KiB of fp8 K/V per stage).
+    """
+    block_m = min(block_q, 128)
+    return TileConfig(block_m, min(block_k, 128), 8 if block_m == 128 else 4, 3)
 
 
 def gluon_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
