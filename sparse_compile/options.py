@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from sparse_compile.registry import METHODS, MethodConfig
 
 TEXT_POSITIONS = ("prefix", "suffix")
+PRECISIONS = ("native", "fp8")
 DEFAULT_DENSE_TIMESTEP_FRACTION = 0.07
 """Flow-matching schedules of 50 steps run their first 20% (shift 3) to 28% (shift 5) of steps dense
 under it, 36% at shift 7; a schedule linear in the noise level its first 8-10%."""
@@ -38,6 +39,10 @@ class SparseOptions:
         break_even_guard: on CUDA, a single method's call (svg2: head) whose kept density is past
             the device's break-even density runs dense SDPA (``False``: always the method's pattern,
             e.g. to check or time a method there). ``auto`` always chooses by the cost model.
+        precision: ``"native"``: the kernels compute in q/k/v's dtype; ``"fp8"``: the fixed-block kernel
+            without token permutations (adaspa, radial, auto's block heads) runs both GEMMs in e4m3 where
+            the GPU and the call allow it (:func:`~sparse_compile.methods.block_kernel.fixed_block_attention`),
+            the rest in q/k/v's dtype.
         method_config: the chosen method's own options (its typed config; ``None``: its defaults).
     """
 
@@ -50,6 +55,7 @@ class SparseOptions:
     text_tokens: int = 0
     text_position: str = "suffix"
     break_even_guard: bool = True
+    precision: str = "native"
     method_config: MethodConfig | None = None
 
 
@@ -125,6 +131,11 @@ def validate_options(options: Mapping[str, Any] | None) -> SparseOptions:
     checked["dense_timestep_fraction"] = _dense_timestep_fraction(options)
     if "grid" in options and options["grid"] is not None:
         checked["grid"] = _validate_grid(options["grid"])
+    if "precision" in options:
+        if options["precision"] not in PRECISIONS:
+            raise ValueError(f"sparse_video option 'precision' must be one of {list(PRECISIONS)}, "
+                             f"got {options['precision']!r}")
+        checked["precision"] = options["precision"]
     if "text_position" in options:
         if options["text_position"] not in TEXT_POSITIONS:
             raise ValueError(

@@ -24,6 +24,7 @@ from sparse_compile.backend import inductor_config_for_mode
         ({"grid": (3, 4, 5), "text_position": "middle"}, r"'text_position' must be one of \['prefix', 'suffix'\]"),
         ({"text_tokens": 6}, r"need 'grid' as well"),
         ({"dense_steps": True}, r"'dense_steps' must be an int"),
+        ({"precision": "int8"}, r"'precision' must be one of \['native', 'fp8'\], got 'int8'"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_key(options, message):
@@ -33,7 +34,7 @@ def test_bad_options_raise_value_error_naming_the_key(options, message):
 
 def test_the_default_method_is_auto():
     opts = sparse_compile.validate_options(None)
-    assert opts.method == "auto" and opts.dense_steps == 0 and opts.grid is None
+    assert opts.method == "auto" and opts.dense_steps == 0 and opts.grid is None and opts.precision == "native"
 
 
 def test_bad_option_fails_the_first_call_with_the_value_error():

@@ -16,7 +16,7 @@ import tiny_models
 from method_calls import method_call
 from sparse_compile.kernels.block_sparse import check_layout_values
 from sparse_compile.kernels.block_sparse_reference import layout_to_dense_mask
-from sparse_compile.methods import radial as radial_module
+from sparse_compile.methods import block_kernel
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.radial import RadialMethod
 from sparse_compile.methods.radial_pattern import radial_block_mask, radial_layout
@@ -231,8 +231,8 @@ def test_defaults_are_the_published_wan_settings():
 
 def test_end_to_end_on_a_wan_transformer(monkeypatch):
     kernel_calls = []
-    real_kernel = radial_module.block_sparse_attention
-    monkeypatch.setattr(radial_module, "block_sparse_attention",
+    real_kernel = block_kernel.block_sparse_attention
+    monkeypatch.setattr(block_kernel, "block_sparse_attention",
                         lambda *a, **kw: kernel_calls.append(a[0].shape) or real_kernel(*a, **kw))
     torch.manual_seed(0)
     model, inputs, expected = tiny_models.wan(frames=8, height=8, width=8)

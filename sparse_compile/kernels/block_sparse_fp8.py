@@ -34,7 +34,7 @@ from sparse_compile.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_attent
 from sparse_compile.kernels.masked_reference import SCORES_BUDGET_BYTES, keep_matrix
 from sparse_compile.kernels.tile_configs import TileConfig, fp8_block_sparse_tile, interpreter_block_sparse_tile
 
-__all__ = ["block_sparse_attention_fp8", "block_sparse_attention_fp8_reference", "check_fp8_inputs"]
+__all__ = ["block_sparse_attention_fp8", "block_sparse_attention_fp8_reference", "check_fp8_inputs", "fp8_problem"]
 
 FP8_INPUT_DTYPES = (torch.float16, torch.bfloat16)
 """q/k/v dtypes the FP8 entry quantises."""
@@ -46,24 +46,30 @@ FP8_CAPABILITY = (8, 9)
 """Oldest CUDA capability with e4m3 tensor cores (Ada; Hopper and later)."""
 
 
-def check_fp8_inputs(q: Tensor, block_q: int, block_k: int) -> None:
-    """Raise ``ValueError`` naming the argument unless the FP8 kernel takes q's dtype, head dim, device
-    and the layout blocks. Shapes are checked by :func:`~sparse_compile.kernels.block_sparse.validate_inputs`."""
+def fp8_problem(q: Tensor, block_q: int, block_k: int) -> str | None:
+    """Why the FP8 kernel cannot take q's dtype, head dim, device or the layout blocks (a sentence naming
+    the argument), or ``None``. Shapes are checked by :func:`~sparse_compile.kernels.block_sparse.validate_inputs`."""
     if q.dtype not in FP8_INPUT_DTYPES:
-        raise ValueError(f"q, k, v dtype must be float16 or bfloat16 for the fp8 kernel, got {q.dtype}")
+        return f"q, k, v dtype must be float16 or bfloat16 for the fp8 kernel, got {q.dtype}"
     if q.shape[-1] not in FP8_HEAD_DIMS:
-        raise ValueError(f"head dim D must be one of {FP8_HEAD_DIMS} for the fp8 kernel, got {q.shape[-1]}")
+        return f"head dim D must be one of {FP8_HEAD_DIMS} for the fp8 kernel, got {q.shape[-1]}"
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if block < FP8_MIN_BLOCK:
-            raise ValueError(f"{name} must be at least {FP8_MIN_BLOCK} for the fp8 kernel, got {block}")
+            return f"{name} must be at least {FP8_MIN_BLOCK} for the fp8 kernel, got {block}"
     if q.device.type == "cuda":
         capability = torch.cuda.get_device_capability(q.device)
         if capability < FP8_CAPABILITY:
-            raise ValueError(f"q's device must be sm_89 or newer for e4m3 tensor cores, got sm_{capability[0]}{capability[1]}")
+            return f"q's device must be sm_89 or newer for e4m3 tensor cores, got sm_{capability[0]}{capability[1]}"
     elif not interpreter_active():
-        raise ValueError(
-            f"q must be a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported (got {q.device})"
-        )
+        return f"q must be a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported (got {q.device})"
+    return None
+
+
+def check_fp8_inputs(q: Tensor, block_q: int, block_k: int) -> None:
+    """Raise ``ValueError`` with :func:`fp8_problem`'s sentence when there is one."""
+    problem = fp8_problem(q, block_q, block_k)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 # ------------------------------------------------------------------------------------------------

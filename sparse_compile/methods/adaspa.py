@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.kernels.block_sparse import block_sparse_attention
 from sparse_compile.methods.adaspa_search import SearchResult, block_budget, search_layout, video_blocks
 from sparse_compile.methods.base import AttentionCall, AttentionMethod
+from sparse_compile.methods.block_kernel import fixed_block_attention
 from sparse_compile.methods.text_tokens import video_text_slices
 from sparse_compile.registry import (
     MethodConfig,
@@ -125,10 +125,8 @@ class AdaSpaMethod(AttentionMethod):
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
         """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE fp32 ``(B, H, Sv)``, kept density 0-d)."""
         search = self._searched_state(q, k, call).search
-        out, lse = block_sparse_attention(
-            q, k, v, search.counts, search.indices,
-            block_q=search.block, block_k=search.block, scale=call.softmax_scale, return_lse=True,
-        )  # fmt: skip
+        out, lse = fixed_block_attention(q, k, v, search.counts, search.indices, search.block, call.softmax_scale,
+                                         self.options.precision)  # fmt: skip
         return out, lse, search.density
 
     def _searched_state(self, q: Tensor, k: Tensor, call: AttentionCall) -> BranchState:

@@ -46,7 +46,6 @@ import torch
 from torch import Tensor
 
 from sparse_compile.kernels.block_select import attention_lse
-from sparse_compile.kernels.block_sparse import block_sparse_attention
 from sparse_compile.kernels.masked_reference import keep_matrix
 from sparse_compile.methods.adaspa_search import head_chunks, normalised_mass
 from sparse_compile.methods.auto_choice import (
@@ -70,6 +69,7 @@ from sparse_compile.methods.auto_clusters import (
 )
 from sparse_compile.methods.auto_patterns import static_candidates
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, HeadGroup, attend_head_groups
+from sparse_compile.methods.block_kernel import fixed_block_attention
 from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts, cluster_costs, kernel_costs
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
@@ -322,9 +322,6 @@ class AutoMethod(AttentionMethod):
         self, q: Tensor, k: Tensor, v: Tensor, choice: Choice, call: AttentionCall
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Video tokens ``(B, Hb, Sv, D)`` of the block heads -> (out, LSE fp32 ``(B, Hb, Sv)``, kept density 0-d)."""
-        block = self.config.block
-        out, lse = block_sparse_attention(
-            q, k, v, choice.counts, choice.indices, block_q=block, block_k=block, scale=call.softmax_scale,
-            return_lse=True,
-        )  # fmt: skip
+        out, lse = fixed_block_attention(q, k, v, choice.counts, choice.indices, self.config.block, call.softmax_scale,
+                                         self.options.precision)  # fmt: skip
         return out, lse, choice.block_density

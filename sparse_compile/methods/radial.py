@@ -1,6 +1,6 @@
 """``method="radial"``: Radial attention, a static O(n log n) energy-decay block pattern.
 
-The video part of every call runs :func:`~sparse_compile.kernels.block_sparse.block_sparse_attention`
+The video part of every call runs the fixed-block kernel (:func:`~sparse_compile.methods.block_kernel.fixed_block_attention`)
 with the layout of :mod:`sparse_compile.methods.radial_pattern` (see there for the exact rule):
 same and adjacent frames dense, farther frame pairs a spatial band whose half-width halves each
 time the frame distance doubles (scaled by ``decay``), and below one block only every m-th frame
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_compile.kernels.block_sparse import block_sparse_attention
 from sparse_compile.methods.base import AttentionCall, AttentionMethod
+from sparse_compile.methods.block_kernel import fixed_block_attention
 from sparse_compile.methods.radial_pattern import RadialLayout, radial_layout
 from sparse_compile.registry import MethodConfig, bool_option, choice_option, fraction_option, register_method
 
@@ -64,10 +64,8 @@ class RadialMethod(AttentionMethod):
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE ``(B, H, Sv)`` fp32, density)."""
         layout = self.layout_for(call)
-        out, lse = block_sparse_attention(
-            q, k, v, layout.counts, layout.indices,
-            block_q=layout.block, block_k=layout.block, scale=call.softmax_scale, return_lse=True,
-        )  # fmt: skip
+        out, lse = fixed_block_attention(q, k, v, layout.counts, layout.indices, layout.block, call.softmax_scale,
+                                         self.options.precision)  # fmt: skip
         return out, lse, layout.kept_density
 
     def layout_for(self, call: AttentionCall) -> RadialLayout:
