@@ -5,7 +5,8 @@ Modes (each writes ``<mode>.md`` and ``<mode>.json`` to ``--out``):
 - ``toy``: generation at the largest grid from the same noise: dense, ``auto`` at its defaults, every
   single method at its defaults and at about 25% / 12.5% kept density (svg2 and radial have no
   density option: smaller ``top_p`` stands in for svg2; radial's bands cannot narrow below a block,
-  so smaller blocks and ``decay`` give its lower densities), and ``auto``'s ``recall`` sweep. Per
+  so smaller blocks and ``decay`` give its lower densities), adaspa and radial with ``precision="fp8"``,
+  and ``auto``'s ``recall`` sweep. Per
   setting: mean kept density and exact recall (from the full row LSE) over the sparse calls, PSNR vs
   dense, and the steady-state attention time of one forward (the method on q/k/v captured from every
   layer at mid noise, summed over the layers) against cuDNN dense SDPA on the same q/k/v. Writes
@@ -58,12 +59,14 @@ TOY_SETTINGS = [
     {"method": "svg"},
     {"method": "svg", "density": 0.125},
     {"method": "adaspa"},
+    {"method": "adaspa", "precision": "fp8"},
     {"method": "adaspa", "density": 0.25},
     {"method": "adaspa", "density": 0.125},
     {"method": "svg2"},
     {"method": "svg2", "top_p": 0.5},
     {"method": "svg2", "top_p": 0.25},
     {"method": "radial"},
+    {"method": "radial", "precision": "fp8"},
     {"method": "radial", "block": 64},
     {"method": "radial", "block": 32, "decay": 0.05},
 ]
