@@ -203,7 +203,7 @@ def timed_generation(model: RoutedModel, args, labels: torch.Tensor) -> tuple[to
     if model.model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    videos = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps)
+    videos = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps, shift=args.shift)
     if model.model.device.type == "cuda":
         torch.cuda.synchronize()
     return videos, time.perf_counter() - start
@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 20 (toy), 50 (warmup)")
     parser.add_argument("--dense-steps", type=int, default=None, help="dense steps instead of the default warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shift", type=float, default=1.0,
+                        help="the sampler's schedule: 1 linear in the noise, 3 as Wan2.1 at 480p (sampling.noise_levels)")
     parser.add_argument("--methods", default="auto,svg,adaspa,svg2,radial", help="toy: settings of these methods only")
     parser.add_argument("--tiny", action="store_true", help="a 4x16x16 grid, 2 steps, small method sizes (CPU smoke)")
     args = parser.parse_args(argv)
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(args.videos) * 3 % 8
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     env = (f"{name}, torch {torch.__version__}; toy DiT {args.frames}x{args.height}x{args.width} px "
-           f"({layout.video_tokens} tokens), {args.videos} videos, {args.steps} steps, CFG as two calls")
+           f"({layout.video_tokens} tokens), {args.videos} videos, {args.steps} steps (shift {args.shift}), CFG as two calls")
     args.out.mkdir(parents=True, exist_ok=True)
     to_markdown = toy_markdown if args.mode == "toy" else warmup_markdown
 

@@ -11,7 +11,7 @@ from sparse_compile.toy.attention_stats import capture_self_attention, local_att
 from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate, initial_noise, noise_level
+from sparse_compile.toy.sampling import generate, initial_noise, noise_level, noise_levels
 from sparse_compile.toy.train import main as train_main
 from sparse_compile.toy.train import train
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
@@ -155,3 +155,13 @@ def test_the_training_cli_refuses_without_a_gpu(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         train_main(["--out", str(tmp_path)])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_shifted_schedule_spends_more_steps_at_high_noise_between_the_same_ends():
+    linear, shifted = noise_levels(20), noise_levels(20, shift=3.0)
+    assert torch.equal(linear, torch.linspace(1.0, 0.0, 21))
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and bool((shifted.diff() < 0).all())
+    assert bool((shifted[1:-1] > linear[1:-1]).all())
+    assert noise_level(5, 20, shift=3.0) == float(shifted[5])
+    with pytest.raises(ValueError, match="shift must be >= 1"):
+        noise_levels(20, shift=0.5)

@@ -1,7 +1,9 @@
 """Flow-matching sampling of the toy model: Euler steps, classifier-free guidance as two calls.
 
 The model predicts the velocity ``v = noise - video`` at noise level ``sigma`` (timestep
-``1000 * sigma``); ``x_sigma = (1 - sigma) * video + sigma * noise``.
+``1000 * sigma``); ``x_sigma = (1 - sigma) * video + sigma * noise``. The steps' noise levels are
+linear in ``sigma``, or with ``shift`` > 1 bent towards high noise as diffusers' flow-matching
+schedulers do (``shift * s / (1 + (shift - 1) * s)``; Wan2.1 uses 3 at 480p, 5 at 720p).
 """
 
 from __future__ import annotations
@@ -29,20 +31,21 @@ def generate(
     guidance: float = 4.0,
     on_step: Callable[[int], None] | None = None,
     until: int | None = None,
+    shift: float = 1.0,
 ) -> torch.Tensor:
     """Videos ``(N, 3, F, H, W)`` (float32, about ``[-1, 1]``) for class ``labels`` ``(N,)`` on the model's device.
 
     Each step calls the model twice with the same timestep (conditional, then unconditional),
     like diffusers pipelines with CFG as two calls. ``until``: run only steps ``0 .. until - 1``
     of the ``steps``-step schedule and return the latent step ``until`` starts from (noise level
-    :func:`noise_level` of ``until``) instead of the video.
+    :func:`noise_level` of ``until``) instead of the video. ``shift``: :func:`noise_levels`.
     """
     param = next(iter(model.parameters()))
     device, dtype = param.device, param.dtype
     x = initial_noise(seed, (labels.shape[0], 3, frames, height, width), device, dtype)
     cond = class_embeddings(labels.to(device), dtype)
     uncond = class_embeddings(torch.full_like(labels, -1).to(device), dtype)
-    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    sigmas = noise_levels(steps, shift)
     last = steps if until is None else until
     if not 0 <= last <= steps:
         raise ValueError(f"until must be in [0, steps={steps}], got {until}")
@@ -58,6 +61,15 @@ def generate(
     return x.float()
 
 
-def noise_level(step: int, steps: int) -> float:
+def noise_levels(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The ``steps + 1`` noise levels of a ``steps``-step :func:`generate`, from 1 down to 0: linear, bent
+    towards 1 by ``shift`` >= 1 (module doc)."""
+    if shift < 1.0:
+        raise ValueError(f"shift must be >= 1, got {shift}")
+    linear = torch.linspace(1.0, 0.0, steps + 1)
+    return shift * linear / (1 + (shift - 1) * linear)
+
+
+def noise_level(step: int, steps: int, shift: float = 1.0) -> float:
     """``sigma`` at which step ``step`` of a ``steps``-step :func:`generate` calls the model (timestep ``1000 * sigma``)."""
-    return float(torch.linspace(1.0, 0.0, steps + 1)[step])
+    return float(noise_levels(steps, shift)[step])
