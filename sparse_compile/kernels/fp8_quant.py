@@ -7,6 +7,8 @@
   per (batch, head, channel) (:func:`quantize_channels`), each to ``float8_e4m3fn`` with fp32 scales
   ``amax / 448`` (an all-zero group gets scale 1), so ``x ~ x_fp8 * scale``.
 
+Each tensor is quantised one head at a time, so no fp32 copy larger than one head's is ever held.
+
 :func:`quantize_attention_inputs` does all of it for one call (:class:`Fp8Inputs`).
 """
 
@@ -32,15 +34,22 @@ def _scale_of(amax: Tensor) -> Tensor:
     return torch.where(amax > 0, amax / FP8_MAX, 1.0)
 
 
-def quantize_row_blocks(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """``x`` ``(B, H, S, D)`` -> ``float8_e4m3fn`` ``(B, H, S, D)`` (contiguous) and fp32 scales
-    ``(B, H, cdiv(S, block))``, one per run of ``block`` rows (the last run may be partial)."""
+def quantize_row_blocks(x: Tensor, block: int, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``x`` ``(B, H, S, D)`` (less ``mean`` fp32 ``(B, H, D)`` when given) -> ``float8_e4m3fn``
+    ``(B, H, S, D)`` (contiguous) and fp32 scales ``(B, H, cdiv(S, block))``, one per run of ``block``
+    rows (the last run may be partial)."""
     b, h, s, d = x.shape
     n = cdiv(s, block)
-    padded = F.pad(x.float(), (0, 0, 0, n * block - s)).view(b, h, n, block, d)
-    scale = _scale_of(padded.abs().amax(dim=(-1, -2)))
-    x_fp8 = (padded / scale[..., None, None]).to(FP8_DTYPE).view(b, h, n * block, d)[:, :, :s]
-    return x_fp8.contiguous(), scale
+    x_fp8 = torch.empty(b, h, s, d, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
+    for head in range(h):
+        rows = x[:, head].float()
+        if mean is not None:
+            rows -= mean[:, head].unsqueeze(1)
+        padded = F.pad(rows, (0, 0, 0, n * block - s)).view(b, n, block, d)
+        scale[:, head] = _scale_of(padded.abs().amax(dim=(-1, -2)))
+        x_fp8[:, head] = (padded / scale[:, head, :, None, None]).to(FP8_DTYPE).view(b, n * block, d)[:, :s]
+    return x_fp8, scale
 
 
 def dequantize_row_blocks(x_fp8: Tensor, scale: Tensor, block: int) -> Tensor:
@@ -55,9 +64,13 @@ def quantize_channels(x: Tensor) -> tuple[Tensor, Tensor]:
     The fp8 tensor is stored as a contiguous ``(B, H, D, S)`` (returned transposed): the layout the
     tensor cores want for the B operand of ``P V`` in fp8 (contiguous along the reduced keys).
     """
-    x = x.float()
-    scale = _scale_of(x.abs().amax(dim=2))
-    x_fp8 = (x / scale.unsqueeze(2)).transpose(-1, -2).to(FP8_DTYPE).contiguous()
+    b, h, s, d = x.shape
+    x_fp8 = torch.empty(b, h, d, s, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(b, h, d, dtype=torch.float32, device=x.device)
+    for head in range(h):
+        rows = x[:, head].float()
+        scale[:, head] = _scale_of(rows.abs().amax(dim=1))
+        x_fp8[:, head] = (rows / scale[:, head].unsqueeze(1)).transpose(-1, -2).to(FP8_DTYPE)
     return x_fp8.transpose(-1, -2), scale
 
 
@@ -66,17 +79,15 @@ def dequantize_channels(x_fp8: Tensor, scale: Tensor) -> Tensor:
     return x_fp8.float() * scale.unsqueeze(2)
 
 
-def smooth_keys(k: Tensor) -> tuple[Tensor, Tensor]:
-    """``k`` ``(B, H, S_k, D)`` -> fp32 ``k - k_mean`` and ``k_mean`` ``(B, H, D)``, the mean over tokens."""
-    k = k.float()
-    k_mean = k.mean(dim=2)
-    return k - k_mean.unsqueeze(2), k_mean
+def key_mean(k: Tensor) -> Tensor:
+    """``k`` ``(B, H, S_k, D)`` -> fp32 ``k_mean`` ``(B, H, D)``, its mean over tokens (accumulated in fp32)."""
+    return k.mean(dim=2, dtype=torch.float32)
 
 
 def smoothing_lse_shift(q: Tensor, k_mean: Tensor, scale: float) -> Tensor:
     """What smoothing K took off each row's natural-log LSE: fp32 ``scale * q . k_mean`` ``(B, H, S_q)``.
 
-    ``q`` ``(B, H, S_q, D)``, ``k_mean`` ``(B, H, D)`` from :func:`smooth_keys`.
+    ``q`` ``(B, H, S_q, D)``, ``k_mean`` ``(B, H, D)`` from :func:`key_mean`.
     """
     return torch.matmul(q.float(), k_mean.unsqueeze(-1)).squeeze(-1) * scale
 
@@ -121,8 +132,8 @@ def quantize_attention_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, blo
 
     q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any float dtype and strides.
     """
-    k_smooth, k_mean = smooth_keys(k)
+    k_mean = key_mean(k)
     q_fp8, q_scale = quantize_row_blocks(q, block_q)
-    k_fp8, k_scale = quantize_row_blocks(k_smooth, block_k)
+    k_fp8, k_scale = quantize_row_blocks(k, block_k, mean=k_mean)
     v_fp8, v_scale = quantize_channels(v)
     return Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)
