@@ -53,6 +53,7 @@ from sparse_compile.kernels.common import (
     check_out_buffer,
     check_permutation_values,
     check_strided_out_buffer,
+    cuda_capability,
     default_scale,
     dot_precision,
     expand_batch_head,
@@ -484,7 +485,7 @@ def block_sparse_attention_gluon(
     if (q_perm is None) != (kv_perm is None):
         raise ValueError("the Gluon kernels take both q_perm and kv_perm or neither")
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    reason = gluon_ineligibility(q, k, v, block_q, block_k, _cuda_capability(q), has_permutation=False)
+    reason = gluon_ineligibility(q, k, v, block_q, block_k, cuda_capability(q), has_permutation=False)
     if reason is not None:
         raise ValueError(reason)
     out, lse_out = _output_buffers(q, v, out, lse_out)
@@ -500,11 +501,6 @@ def block_sparse_attention_gluon(
     return (out, lse_out) if return_lse else out
 
 
-def _cuda_capability(t: Tensor) -> Optional[tuple[int, int]]:
-    """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
-
-
 def kernel_choice(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
     capability: Optional[tuple[int, int]] = None,
@@ -516,7 +512,7 @@ def kernel_choice(
     (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`), else the Triton kernel.
     Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
     """
-    capability = _cuda_capability(q) if capability is None else capability
+    capability = cuda_capability(q) if capability is None else capability
     if capability is None:
         return "triton" if interpreter_active() else "reference"
     reason = gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation)

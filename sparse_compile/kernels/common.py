@@ -181,6 +181,11 @@ def patch_interpreter_scalar_index() -> None:
     _interpreter._patch_lang_tensor = patched
 
 
+def cuda_capability(t: Tensor) -> tuple[int, int] | None:
+    """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
 def interpreter_active() -> bool:
     """Whether this process runs Triton kernels in the CPU interpreter.
 

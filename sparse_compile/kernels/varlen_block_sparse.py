@@ -61,6 +61,7 @@ from sparse_compile.kernels.common import (
     check_out_buffer,
     check_permutation_values,
     check_strided_out_buffer,
+    cuda_capability,
     default_scale,
     dot_precision,
     expand_batch_head,
@@ -550,11 +551,6 @@ def varlen_block_sparse_attention_triton(
     return out, lse_out
 
 
-def _cuda_capability(t: Tensor) -> tuple[int, int] | None:
-    """``(major, minor)`` of a CUDA tensor's device; ``None`` for other devices."""
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
-
-
 def gluon_varlen_ineligibility(q: Tensor, k: Tensor, v: Tensor, tile: TileConfig,
                                capability: tuple[int, int] | None) -> str | None:  # fmt: skip
     """Why the Gluon cluster kernel cannot take this call at ``tile`` (a sentence), or ``None`` when it can:
@@ -575,7 +571,7 @@ def varlen_kernel_choice(q: Tensor, k: Tensor, v: Tensor, has_permutations: bool
     both) and it takes the call at its default tile (:func:`gluon_varlen_ineligibility`), else the
     Triton kernel. Off CUDA: the reference.
     """
-    capability = _cuda_capability(q) if capability is None else capability
+    capability = cuda_capability(q) if capability is None else capability
     if capability is None:
         return "reference"
     eligible = has_permutations and gluon_varlen_ineligibility(q, k, v, GLUON_VARLEN_TILE, capability) is None
@@ -608,7 +604,7 @@ def varlen_block_sparse_attention_gluon(
     ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
     the kernel cannot take the call. Values are not checked (no host sync).
     """
-    reason = gluon_varlen_ineligibility(q, k, v, tile, _cuda_capability(q))
+    reason = gluon_varlen_ineligibility(q, k, v, tile, cuda_capability(q))
     if reason is not None:
         raise ValueError(reason)
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
@@ -744,6 +740,7 @@ def varlen_block_sparse_attention(
 
 __all__ = [
     "ROWS_BUDGET_SHARE",
+    "gluon_varlen_ineligibility",
     "KeptRowsPlan",
     "check_kept_rows_values",
     "check_varlen_layout_values",
@@ -751,7 +748,6 @@ __all__ = [
     "rows_budget_bytes",
     "validate_kept_rows_args",
     "validate_varlen_inputs",
-    "gluon_varlen_ineligibility",
     "varlen_block_sparse_attention",
     "varlen_block_sparse_attention_gluon",
     "varlen_block_sparse_attention_triton",
