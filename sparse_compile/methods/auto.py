@@ -182,7 +182,7 @@ class AutoMethod(AttentionMethod):
         if reason is not None:
             return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
         video, _ = video_text_slices(call.layout)
-        choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call)
+        choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call, cached)
         if choice.dense:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         groups = self._head_groups(choice, call)
@@ -207,10 +207,9 @@ class AutoMethod(AttentionMethod):
             groups.append((choice.cluster_heads, lambda q, k, v: layout.attend(q, k, v, scale)))
         return groups
 
-    def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall) -> Choice:
-        """This branch's choice, made anew when missing (new generation, grid or shape) or failing
-        its recall check."""
-        choice = self.cached(call, Choice)
+    def _current_choice(self, q: Tensor, k: Tensor, call: AttentionCall, choice: Choice | None) -> Choice:
+        """This branch's choice (``choice``: the cached one), made anew when missing (new generation, grid
+        or shape) or failing its recall check."""
         step = call.step.step
         if choice is not None and self._due_for_check(choice, step) and not choice.dense:
             if bool((self._checked_recall(q, k, choice, call, step) < self.config.recall - _RECHECK_MARGIN).any()):
