@@ -11,7 +11,7 @@ from sparse_compile.toy.model import class_embeddings
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
 
 
-@pytest.mark.parametrize("size", [(6, 32, 48), (13, 48, 64)], ids=["demo-cpu-size", "larger"])
+@pytest.mark.parametrize("size", [(6, 32, 48), (13, 48, 64), (16, 64, 96)], ids=["demo-cpu-size", "larger", "largest"])
 def test_the_judge_reads_the_class_of_ground_truth_clips(size):
     labels = balanced_labels(64)
     clips = make_videos(21, labels, *size)

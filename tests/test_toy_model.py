@@ -9,6 +9,7 @@ import torch
 
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
 from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
+from sparse_compile.toy.judge import judge, shape_mask
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
 from sparse_compile.toy.sampling import generate, initial_noise, noise_level, noise_levels
@@ -29,6 +30,17 @@ def test_videos_are_a_pure_function_of_the_seed():
 def test_videos_move_frame_to_frame():
     video = make_videos(0, torch.tensor([0]), 4, 32, 48)
     assert (video[:, :, 1:] - video[:, :, :-1]).abs().mean() > 0.01
+
+
+def test_shapes_have_the_same_size_and_speed_in_pixels_at_every_frame_size():
+    """The model sees positions only through relative RoPE: a frame's size must not change what a class looks like."""
+    labels = torch.arange(NUM_CLASSES)
+    small, large = make_videos(3, labels, 6, 32, 48), make_videos(3, labels, 6, 64, 96)
+    pixels_per_frame = lambda videos: shape_mask(videos).float().sum((2, 3)).mean(1)  # noqa: E731
+    # Equal up to where the pixel grid cuts the edges (a shape scaled with the frame would cover 4x the pixels).
+    assert torch.allclose(pixels_per_frame(small), pixels_per_frame(large), rtol=0.1)
+    for a, b in zip(judge(small), judge(large)):
+        assert a.label == b.label and a.motion == pytest.approx(b.motion, abs=0.4)  # pixels per frame
 
 
 def test_bad_labels_are_rejected():

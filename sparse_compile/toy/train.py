@@ -31,7 +31,7 @@ import torch
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
 from sparse_compile.toy.evaluate import score_generation
 from sparse_compile.toy.model import WEIGHTS, build_toy_wan, class_embeddings
-from sparse_compile.toy.videos import NUM_CLASSES, make_videos
+from sparse_compile.toy.videos import DATA_VERSION, NUM_CLASSES, make_videos
 
 # (frames, height, width, batch): about 55k tokens per batch each.
 TRAIN_SIZES = ((6, 32, 48, 24), (9, 32, 48, 16), (13, 48, 64, 6), (16, 64, 96, 2))
@@ -237,7 +237,8 @@ def _save_weights(state: TrainState, log: dict, out: Path, run_steps: int, run_m
     reader never sees half a file); returns the runs list with this run so far appended."""
     from safetensors.torch import save_file
 
-    runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps}]
+    runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps,
+                          "data": DATA_VERSION}]
     log.update(steps=run_steps, minutes=round(run_minutes, 2), runs=runs,
                total_minutes=round(sum(r["minutes"] for r in runs), 2))
     out.mkdir(parents=True, exist_ok=True)

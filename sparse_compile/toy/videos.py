@@ -4,7 +4,10 @@ Every video is a pure function of ``(seed, labels, frames, height, width)``. A g
 low-contrast background texture (sine grating, checkerboard or smooth waves, faintly tinted)
 moves with a camera pan of random direction and speed. Two shapes of saturated colours move
 over it in two parallel lanes, so they never overlap, and stay wholly inside the frame for the
-whole clip. The class label picks the shape kind and the direction of motion:
+whole clip. Sizes and speeds are in pixels, the same at every frame size: the model sees
+positions only through relative RoPE, so it cannot tell how large the frame is, and a scale
+drawn relative to the frame would make every grid a different task. The class label picks the
+shape kind and the direction of motion:
 
     label = 4 * shape_kind + direction,   shape_kind: 0 circle, 1 square
                                           direction: 0 right, 1 left, 2 down, 3 up
@@ -26,6 +29,11 @@ SHAPE_NAMES = ("circle", "square")
 DIRECTION_NAMES = ("right", "left", "down", "up")
 SHAPES_PER_VIDEO = 2
 MIN_SIZE = 16
+DATA_VERSION = "pixel-scale"  # recorded with each training run; earlier data scaled shapes with the frame
+RADIUS_PIXELS = (4.5, 6.0)  # half the width of a circle or square: two lanes fit 32 pixels
+SPEED_PIXELS = (1.0, 2.0)  # per frame, less where the frame is too short for the clip
+PAN_PIXELS = 1.0  # the camera pan's largest speed per frame
+PERIOD_PIXELS = (7.0, 18.0)  # the background texture's period
 _MARGIN = 2.0  # pixels between a shape and the frame edge
 _DIRECTIONS = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])  # (dx, dy) per direction
 
@@ -46,8 +54,7 @@ def _saturated_colours(hue: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return rgb01 * 2 - 1
 
 
-def _background(params: dict[str, torch.Tensor], t: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
-                height: int, width: int) -> torch.Tensor:
+def _background(params: dict[str, torch.Tensor], t: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Texture value in ``[-1, 1]``, ``(N, F, H, W)``, for each video's kind, scale and pan."""
     px = x - params["pan"][:, 0, None, None, None] * t
     py = y - params["pan"][:, 1, None, None, None] * t
@@ -55,7 +62,7 @@ def _background(params: dict[str, torch.Tensor], t: torch.Tensor, y: torch.Tenso
     angle = params["angle"][:, None, None, None]
     grating = torch.sin(2 * math.pi * (torch.cos(angle) * px + torch.sin(angle) * py) / period)
     checker = torch.tanh(4 * torch.sin(math.pi * px / period) * torch.sin(math.pi * py / period))
-    waves = 0.5 * torch.sin(2 * math.pi * px / width) + 0.5 * torch.cos(2 * math.pi * py / height)
+    waves = 0.5 * torch.sin(2 * math.pi * px / (3 * period)) + 0.5 * torch.cos(2 * math.pi * py / (2 * period))
     kind = params["texture"][:, None, None, None]
     return torch.where(kind == 0, grating, torch.where(kind == 1, checker, waves))
 
@@ -64,24 +71,25 @@ def _shape_paths(gen: torch.Generator, direction: torch.Tensor, frames: int, hei
                  width: int) -> dict[str, torch.Tensor]:
     """Radius ``(N, S)``, start centre ``(N, S, 2)`` and velocity ``(N, S, 2)`` (pixels, pixels per frame).
 
-    Shape ``s`` keeps to lane ``s`` across the motion; along it, it travels 35-75% of the free
-    length over the clip, from a start that keeps it ``_MARGIN`` pixels inside the frame.
+    Shape ``s`` keeps to lane ``s`` across the motion. Along it, it moves at a speed drawn from
+    ``SPEED_PIXELS``, slowed where the clip would carry it out of the frame, from a random start
+    that keeps it ``_MARGIN`` pixels inside the frame.
     """
     n = direction.shape[0]
-    size = min(height, width)
     horizontal = direction[:, 0] != 0  # (N,)
     along = torch.where(horizontal, float(width), float(height))[:, None]  # (N, 1)
     across = torch.where(horizontal, float(height), float(width))[:, None]
     lane_width = across / SHAPES_PER_VIDEO
-    radius = torch.minimum(_uniform(gen, (n, SHAPES_PER_VIDEO), 0.14, 0.2) * size, lane_width / 2 - _MARGIN)
+    radius = torch.minimum(_uniform(gen, (n, SHAPES_PER_VIDEO), *RADIUS_PIXELS), lane_width / 2 - _MARGIN)
     reach = radius + _MARGIN  # closest a centre comes to a frame edge
     lane_centre = (torch.arange(SHAPES_PER_VIDEO) + 0.5) * lane_width
     cross = lane_centre + _uniform(gen, (n, SHAPES_PER_VIDEO), -1.0, 1.0) * (lane_width / 2 - reach).clamp(min=0)
-    travel = _uniform(gen, (n, SHAPES_PER_VIDEO), 0.35, 0.75) * (along - 2 * reach)
-    first = reach + torch.rand((n, SHAPES_PER_VIDEO), generator=gen) * (along - 2 * reach - travel)
+    free = (along - 2 * reach).clamp(min=0)  # the length a centre can travel
+    speed = torch.minimum(_uniform(gen, (n, SHAPES_PER_VIDEO), *SPEED_PIXELS), free / max(frames - 1, 1))
+    travel = speed * (frames - 1)
+    first = reach + torch.rand((n, SHAPES_PER_VIDEO), generator=gen) * (free - travel)
     sign = direction.sum(1, keepdim=True)  # +1 right/down, -1 left/up
     start_along = torch.where(sign > 0, first, along - first)
-    speed = travel / max(frames - 1, 1)
     start = torch.where(horizontal[:, None, None], torch.stack([start_along, cross], -1),
                         torch.stack([cross, start_along], -1))
     velocity = direction[:, None, :] * speed[..., None]
@@ -92,15 +100,14 @@ def _video_params(seed: int, labels: torch.Tensor, frames: int, height: int, wid
     """Every random choice of ``len(labels)`` videos, drawn on the CPU from ``seed``."""
     n = labels.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    size = min(height, width)
     pan_angle = _uniform(gen, (n,), 0.0, 2 * math.pi)
-    pan_speed = _uniform(gen, (n,), 0.0, 1.0) * size / 32
+    pan_speed = _uniform(gen, (n,), 0.0, PAN_PIXELS)
     grey = _uniform(gen, (n, 1, 1), -0.7, 0.1)
     contrast = _uniform(gen, (n, 1, 1), 0.1, 0.35)
     tint = _uniform(gen, (n, 1, 3), -0.05, 0.05)
     params = {
         "texture": torch.randint(0, 3, (n,), generator=gen),
-        "period": _uniform(gen, (n,), 0.2, 0.5) * size,
+        "period": _uniform(gen, (n,), *PERIOD_PIXELS),
         "angle": _uniform(gen, (n,), 0.0, math.pi),
         "pan": torch.stack([torch.cos(pan_angle), torch.sin(pan_angle)], -1) * pan_speed[:, None],
         "bg_colours": grey + tint + torch.tensor([1.0, -1.0])[None, :, None] * contrast,  # (N, 2, 3)
@@ -128,7 +135,7 @@ def make_videos(
     t = torch.arange(frames, device=device, dtype=torch.float32)[:, None, None]
     y = torch.arange(height, device=device, dtype=torch.float32)[None, :, None] + 0.5
     x = torch.arange(width, device=device, dtype=torch.float32)[None, None, :] + 0.5
-    texture = _background(params, t, y, x, height, width)  # (N, F, H, W)
+    texture = _background(params, t, y, x)  # (N, F, H, W)
     colours = params["bg_colours"]  # (N, 2, 3)
     weight = ((texture + 1) / 2)[:, None]  # (N, 1, F, H, W)
     video = colours[:, 0, :, None, None, None] * weight + colours[:, 1, :, None, None, None] * (1 - weight)
