@@ -13,8 +13,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
-  on sm_90 the gathering Gluon kernel (``cp.async`` row copies in its producer warpgroup). Compare with
-  the "(B,S,H,D).T" rows, the same inputs without permutations;
+  on sm_90 the two Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, and kernel-order copies for the
+  TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations;
 - the FP8 (e4m3) kernel (:func:`block_sparse_attention_fp8`, quantisation included in its time) in a second
   table: ms, its time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and over the
   Gluon kernel's at the same layout, and its rel L2 against the bf16 result at the same mask (flex; dense
@@ -47,6 +47,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
+    block_sparse_attention_gluon_on_copies,
     block_sparse_attention_triton,
     kernel_choice,
     tma_eligible,
@@ -198,18 +199,23 @@ def permutations(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, gluon: bool = False) -> None:
-    """Folded permutations into NaN-poisoned token-major buffers (the Triton kernel, or with ``gluon`` the
-    gathering Gluon kernel) == the Triton kernel on gathered inputs, scattered back."""
+PERMUTED_KERNELS = {
+    "triton": block_sparse_attention_triton,
+    "Gluon gather": block_sparse_attention_gluon,
+    "Gluon on copies": block_sparse_attention_gluon_on_copies,
+}
+"""The ways to run a permuted call: Triton's folded gathers, the gathering Gluon kernel (``cp.async`` row copies
+in its producer), and q/k/v gathered into kernel-order copies for the TMA Gluon kernel, O and LSE scattered back."""
+
+
+def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, kernel: str = "triton") -> None:
+    """A permuted call of ``PERMUTED_KERNELS[kernel]`` into NaN-poisoned token-major buffers == the Triton kernel
+    on gathered inputs, scattered back."""
     b, h, s, d = q.shape
     out = torch.full((b, s, h, d), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
-    if gluon:
-        block_sparse_attention_gluon(q, k, v, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
-                                     block_k=BLOCK, out=out, lse_out=lse)  # fmt: skip
-    else:
-        block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, q_perm=perm,
-                                      kv_perm=perm, out=out, lse_out=lse)  # fmt: skip
+    PERMUTED_KERNELS[kernel](q, k, v, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK, block_k=BLOCK,
+                             out=out, lse_out=lse)  # fmt: skip
     assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
     index = perm.long().expand(b, h, s)
     rows = index.unsqueeze(-1).expand(b, h, s, d)
@@ -295,7 +301,8 @@ def run_shape(
             )
             timed(name, real_density, fn_perm, **ref)
             if gluon:
-                time_gluon_gather(bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
+                for kernel in ("Gluon gather", "Gluon on copies"):
+                    time_gluon_permuted(kernel, bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
@@ -341,16 +348,16 @@ def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, lo
     return times[0]
 
 
-def time_gluon_gather(bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
-    """Check the gathering Gluon kernel on one permutation (poisoned buffers vs gather + Triton), then time it."""
-    name = f"block_sparse Gluon gather ((B,S,H,D).T, {perm_name} perms)"
+def time_gluon_permuted(kernel, bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
+    """Check a Gluon way of ``PERMUTED_KERNELS`` on one permutation (poisoned buffers vs gather + Triton), then time it."""
+    name = f"block_sparse {kernel} ((B,S,H,D).T, {perm_name} perms)"
     try:
-        check_permuted(*bshd, counts, indices, perm, gluon=True)
+        check_permuted(*bshd, counts, indices, perm, kernel)
     except Exception:  # report, skip timing it, keep the run going
         log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
         return
-    fn = lambda: block_sparse_attention_gluon(*bshd, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
-                                              block_k=BLOCK)  # fmt: skip
+    fn = lambda: PERMUTED_KERNELS[kernel](*bshd, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
+                                          block_k=BLOCK)  # fmt: skip
     timed(name, density, fn, **ref)
 
 

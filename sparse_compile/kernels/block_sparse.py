@@ -79,6 +79,7 @@ __all__ = [
     "BlockLayout",
     "block_sparse_attention",
     "block_sparse_attention_gluon",
+    "block_sparse_attention_gluon_on_copies",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
@@ -499,6 +500,54 @@ def block_sparse_attention_gluon(
         else:
             raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
     return (out, lse_out) if return_lse else out
+
+
+COPY_GROUP_BYTES = 1 << 30
+"""Most bytes of kernel-order copies (q, k, v and O) that :func:`block_sparse_attention_gluon_on_copies` holds
+at once: it takes heads in groups under this bound."""
+
+
+def rows_in_order(x: Tensor, order: Tensor) -> Tensor:
+    """``x`` ``(B, H, S, D)`` with row ``i`` of each ``(b, h)`` taken from row ``order[b, h, i]``; contiguous."""
+    return torch.gather(x, 2, order.long()[..., None].expand(*order.shape, x.shape[-1]))
+
+
+def block_sparse_attention_gluon_on_copies(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    q_perm: Tensor,
+    kv_perm: Tensor,
+    scale: Optional[float] = None,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, k and v gathered into kernel order, the
+    kernel, then O and LSE scattered back to token order; heads in groups whose copies fit
+    ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon` with ``return_lse``.
+    """
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    b, h, s_q, d = q.shape
+    out, lse = _output_buffers(q, v, out, lse_out)
+    head_bytes = b * (s_q * (d + v.shape[-1]) + k.shape[2] * (d + v.shape[-1])) * q.element_size()
+    group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
+    for start in range(0, h, group):
+        heads = slice(start, min(h, start + group))
+        q_order, kv_order = lay.q_perm[:, heads], lay.kv_perm[:, heads]
+        copies = (rows_in_order(q[:, heads], q_order), rows_in_order(k[:, heads], kv_order),
+                  rows_in_order(v[:, heads], kv_order))
+        group_out, group_lse = block_sparse_attention_gluon(
+            *copies, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k, scale=scale,
+            return_lse=True)  # fmt: skip
+        rows = q_order.long()
+        out[:, heads].scatter_(2, rows[..., None].expand_as(group_out), group_out)
+        lse[:, heads].scatter_(2, rows, group_lse)
+    return out, lse
 
 
 def kernel_choice(

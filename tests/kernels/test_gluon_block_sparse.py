@@ -17,6 +17,7 @@ from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resour
 from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
 from triton_interpreter_support import rel_l2
 
+from sparse_compile.kernels import block_sparse, block_sparse_reference
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention,
     block_sparse_attention_gluon,
@@ -112,6 +113,34 @@ def test_op_on_cpu_still_runs_the_reference() -> None:
     counts, indices = random_layout(1, 2, 2, 2, 0.6, gen, empty_fraction=0.3)
     got = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, return_lse=True)
     assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-6)
+
+
+def _random_perms(b: int, h: int, s: int, gen: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    return torch.stack([torch.randperm(s, generator=gen) for _ in range(b * h)]).view(b, h, s).to(device, torch.int32)
+
+
+def test_copies_path_gathers_kernel_order_and_scatters_o_and_lse_back_in_head_groups(monkeypatch) -> None:
+    """The permuted call on copies: with the Gluon kernel stood in for by the reference (no permutations), head
+    groups of one head each (the byte bound) give the reference's permuted result in every poisoned row."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 3, 300, 260, 64, torch.float32, gen, bshd=True)
+    counts, indices = random_layout(2, 3, 3, 3, 0.6, gen, empty_fraction=0.2)
+    q_perm, kv_perm = _random_perms(2, 3, 300, gen), _random_perms(2, 3, 260, gen)
+    groups = []
+
+    def reference_in_kernel_order(q, k, v, counts, indices, **kw):
+        groups.append(q.shape[1])
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        return block_sparse_reference.block_sparse_attention_reference(q, k, v, counts, indices, **kw)
+
+    monkeypatch.setattr(block_sparse, "block_sparse_attention_gluon", reference_in_kernel_order)
+    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
+    out = attention_output_like(q, v).fill_(float("nan"))
+    lse = torch.full((2, 3, 300), float("nan"))
+    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
+                                                        q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
+    assert groups == [1, 1, 1]
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
 def test_gluon_entry_off_sm90_raises_with_the_reason() -> None:
@@ -290,6 +319,20 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
     permuted = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=identity,
                                       kv_perm=identity)  # fmt: skip
     assert rel_l2(permuted, gluon[0]) <= 1e-2
+
+
+@gpu
+def test_gpu_copies_path_matches_the_permuted_reference() -> None:
+    _require_hopper()
+    gen = torch.Generator().manual_seed(45)
+    q, k, v = make_qkv(1, 3, 1000, 1000, 128, torch.bfloat16, gen, "cuda", bshd=True)
+    counts, indices = random_layout(1, 3, 8, 8, 0.5, gen, "cuda", 0.1)
+    perm = _random_perms(1, 3, 1000, gen, "cuda")
+    out = attention_output_like(q, v).fill_(float("nan"))
+    lse = torch.full((1, 3, 1000), float("nan"), device="cuda")
+    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
+                                                        q_perm=perm, kv_perm=perm, out=out, lse_out=lse)
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-2, q_perm=perm, kv_perm=perm)
 
 
 WAN_SEQ = 32760
