@@ -5,7 +5,8 @@
   unchanged and the row's LSE drops by that amount; :func:`smoothing_lse_shift` gives it back.
 - Q and the smoothed K are quantised per (batch, head, block of rows) (:func:`quantize_row_blocks`), V
   per (batch, head, channel) (:func:`quantize_channels`), each to ``float8_e4m3fn`` with fp32 scales
-  ``amax / 448`` (an all-zero group gets scale 1), so ``x ~ x_fp8 * scale``.
+  ``amax * SCALE_PER_AMAX`` (about ``amax / 448``; an all-zero group gets scale 1), so
+  ``x ~ x_fp8 * scale``: ``x / scale`` (a true division) cast to e4m3, rounding to nearest even.
 
 Each tensor is quantised one head at a time, so no fp32 copy larger than one head's is ever held.
 
@@ -26,12 +27,16 @@ FP8_DTYPE = torch.float8_e4m3fn
 """The storage dtype of the quantised tensors."""
 FP8_MAX = 448.0
 """Largest finite ``float8_e4m3fn`` value: a group's amax maps onto it."""
+SCALE_PER_AMAX = 1.0 / FP8_MAX
+"""A group's scale is its fp32 amax times this, rounded to fp32: a multiply, which torch computes the same
+on every device (its CUDA division of a tensor by a Python scalar is this multiply, its CPU one a true
+division, one ulp apart for about half the amaxes)."""
 
 
 def _scale_of(amax: Tensor) -> Tensor:
-    """fp32 scales ``amax / FP8_MAX``, 1 where a group is all zeros."""
+    """fp32 scales ``amax * SCALE_PER_AMAX``, 1 where a group is all zeros."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    return torch.where(amax > 0, amax * SCALE_PER_AMAX, 1.0)
 
 
 def quantize_row_blocks(x: Tensor, block: int, mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
