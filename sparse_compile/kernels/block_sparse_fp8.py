@@ -30,7 +30,13 @@ from torch import Tensor
 from sparse_compile.kernels.block_sparse import _load_rows, _output_buffers, _tile_start, validate_inputs
 from sparse_compile.kernels.block_sparse_reference import expand_layout
 from sparse_compile.kernels.common import LOG2E, attention_output_like, cdiv, default_scale, interpreter_active
-from sparse_compile.kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_attention_inputs, smoothing_lse_shift
+from sparse_compile.kernels.fp8_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    quantize_attention_inputs,
+    smoothing_lse_shift,
+    to_e4m3,
+)
 from sparse_compile.kernels.masked_reference import SCORES_BUDGET_BYTES, keep_matrix
 from sparse_compile.kernels.tile_configs import TileConfig, fp8_block_sparse_tile, interpreter_block_sparse_tile
 
@@ -78,21 +84,6 @@ def check_fp8_inputs(q: Tensor, block_q: int, block_k: int) -> None:
 
 
 @triton.jit
-def _round_to_e4m3_grid(x):
-    """fp32 ``x`` in ``[0, 448]`` rounded to the nearest e4m3 value (ties to even), still fp32.
-
-    Triton 3.6's interpreter casts fp32 to e4m3 wrongly when the rounding carries into the exponent
-    (0.49 becomes 0.25); values already on the e4m3 grid it casts exactly. Normal range: round the fp32
-    mantissa to 3 bits; subnormal range (below 2^-6, steps of 2^-9): an add and subtract of 2^14.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)
-    normal = ((rounded >> 20) << 20).to(tl.float32, bitcast=True)
-    subnormal = (x + 16384.0) - 16384.0
-    return tl.where(x < 0.015625, subnormal, normal)
-
-
-@triton.jit
 def _fp8_tile(
     q, k_src, v_src, k_scales, idx_row, stride_ik, t, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
     S_K, q_scale, m_i, l_i, acc,
@@ -103,7 +94,7 @@ def _fp8_tile(
     ``q_scale`` is the q block's scale times softmax scale * log2(e); ``m_i`` the running row max (an
     integer, base 2), ``l_i`` the row sum of ``2^(s - m)``, ``acc`` the sum of ``e4m3(448 P) V_fp8``.
     ``MASKED``: keys past S_K read as 0 and score ``-inf``. ``EXACT_P_CAST``: round ``448 P`` onto the
-    e4m3 grid before the cast (:func:`_round_to_e4m3_grid`, for the interpreter).
+    e4m3 grid before the cast (:func:`~sparse_compile.kernels.fp8_quant.to_e4m3`, for the interpreter).
     """
     start_n = _tile_start(idx_row, stride_ik, t, True, LAYOUT_BK, BLOCK_N)
     k = _load_rows(k_src, k_src, start_n, offs_n, offs_d, stride_kn, stride_kd, 0, S_K, False, False, MASKED)
@@ -114,11 +105,8 @@ def _fp8_tile(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p * 448.0
-    if EXACT_P_CAST:
-        p = _round_to_e4m3_grid(p)
     v = _load_rows(v_src, v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, 0, S_K, False, False, MASKED)
-    acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+    acc = tl.dot(to_e4m3(p * 448.0, EXACT_P_CAST), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from sparse_compile.kernels.common import cdiv
@@ -95,6 +97,39 @@ def smoothing_lse_shift(q: Tensor, k_mean: Tensor, scale: float) -> Tensor:
     ``q`` ``(B, H, S_q, D)``, ``k_mean`` ``(B, H, D)`` from :func:`key_mean`.
     """
     return torch.matmul(q.float(), k_mean.unsqueeze(-1)).squeeze(-1) * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def round_to_e4m3_grid(x):
+    """fp32 ``x`` (``|x| <= 448``) rounded to the nearest e4m3 value (ties to even), still fp32, sign kept.
+
+    Triton 3.6's interpreter casts fp32 to e4m3 wrongly when the rounding carries into the exponent
+    (0.49 becomes 0.25); values already on the e4m3 grid it casts exactly. Normal range: round the fp32
+    mantissa of ``|x|`` to 3 bits; subnormal range (below 2^-6, steps of 2^-9): an add and subtract of
+    2^14; then ``x``'s sign bit back on (so ``-0.0`` and negatives that round to zero stay negative).
+    """
+    magnitude = tl.abs(x)
+    bits = magnitude.to(tl.uint32, bitcast=True)
+    rounded = bits + 0x7FFFF + ((bits >> 20) & 1)
+    normal = ((rounded >> 20) << 20).to(tl.float32, bitcast=True)
+    subnormal = (magnitude + 16384.0) - 16384.0
+    on_grid = tl.where(magnitude < 0.015625, subnormal, normal).to(tl.uint32, bitcast=True)
+    sign = (x.to(tl.uint32, bitcast=True) >> 31) << 31
+    return (on_grid | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_e4m3(x, EXACT_CAST: tl.constexpr):
+    """fp32 ``x`` (``|x| <= 448``) cast to e4m3, rounding to nearest even. ``EXACT_CAST``: round onto the
+    e4m3 grid first (:func:`round_to_e4m3_grid`, for the interpreter)."""
+    if EXACT_CAST:
+        x = round_to_e4m3_grid(x)
+    return x.to(tl.float8e4nv)
 
 
 @dataclass(frozen=True)
