@@ -1,4 +1,4 @@
-"""FP8 (e4m3) quantisation of attention inputs, SageAttention-style (pure PyTorch).
+"""FP8 (e4m3) quantisation of attention inputs, SageAttention-style: the PyTorch specification and Triton kernels.
 
 - K is *smoothed*: its per-(batch, head) mean over tokens ``k_mean`` ``(B, H, D)`` is subtracted.
   Every score of a query row then moves by the same ``scale * q . k_mean``, so the softmax (and O) is
@@ -8,13 +8,19 @@
   ``amax * SCALE_PER_AMAX`` (about ``amax / 448``; an all-zero group gets scale 1), so
   ``x ~ x_fp8 * scale``: ``x / scale`` (a true division) cast to e4m3, rounding to nearest even.
 
-Each tensor is quantised one head at a time, so no fp32 copy larger than one head's is ever held.
+The PyTorch functions are the specification; they quantise one head at a time, so no fp32 copy larger
+than one head's is ever held. :func:`quantize_row_blocks_triton` (one launch) and
+:func:`quantize_channels_triton` (two: the channel amax by atomic max, then the cast) give the same e4m3
+bits and scales on CUDA and under Triton's interpreter. The kernels divide with ``div_rn`` (Triton's
+``/`` is approximate on the GPU) and under the interpreter round onto the e4m3 grid before the cast
+(:func:`round_to_e4m3_grid`).
 
 :func:`quantize_attention_inputs` does all of it for one call (:class:`Fp8Inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.kernels.common import cdiv
+from sparse_compile.kernels.common import (
+    SUPPORTED_DTYPES,
+    cdiv,
+    check_out_buffer,
+    check_strided_out_buffer,
+    interpreter_active,
+)
+from sparse_compile.kernels.tile_configs import FP8_CHANNEL_TOKENS, fp8_quant_warps
 
 FP8_DTYPE = torch.float8_e4m3fn
 """The storage dtype of the quantised tensors."""
@@ -33,6 +46,8 @@ SCALE_PER_AMAX = 1.0 / FP8_MAX
 """A group's scale is its fp32 amax times this, rounded to fp32: a multiply, which torch computes the same
 on every device (its CUDA division of a tensor by a Python scalar is this multiply, its CPU one a true
 division, one ulp apart for about half the amaxes)."""
+_SCALE_PER_AMAX = tl.constexpr(SCALE_PER_AMAX)
+""":data:`SCALE_PER_AMAX` for the kernels."""
 
 
 def _scale_of(amax: Tensor) -> Tensor:
@@ -130,6 +145,219 @@ def to_e4m3(x, EXACT_CAST: tl.constexpr):
     if EXACT_CAST:
         x = round_to_e4m3_grid(x)
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _scale_of_amax(amax):
+    """fp32 scales of fp32 ``amax`` (any shape) as :func:`_scale_of` computes them."""
+    return tl.where(amax > 0, amax * _SCALE_PER_AMAX, 1.0)
+
+
+@triton.jit
+def _tile_pointers(base, off_b, off_h, rows, cols, stride_b, stride_h, stride_s, stride_d):
+    """Pointers ``(len(rows), len(cols))`` to ``base[off_b, off_h, rows, cols]`` of a strided ``(B, H, S, D)``."""
+    rows = rows.to(tl.int64)
+    return base + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_s + cols[None, :] * stride_d
+
+
+@triton.jit
+def _quantize_row_blocks_kernel(
+    X, MEAN, X_FP8, SCALE,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    stride_mb, stride_mh, stride_md,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, S, NUM_BLOCKS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):  # fmt: skip
+    """One program: run ``pid(0)`` of BLOCK rows of one (batch, head), grid (NUM_BLOCKS, B * H).
+
+    X ``(B, H, S, HEAD_DIM)`` and X_FP8 (e4m3, same shape) any strides; MEAN fp32 ``(B, H, HEAD_DIM)``
+    any strides, taken off X with SMOOTH; SCALE contiguous fp32 ``(B, H, NUM_BLOCKS)``. The tile is
+    ROWS x COLUMNS, BLOCK and HEAD_DIM rounded up to powers of two; rows past the run or past S and
+    columns past HEAD_DIM count as zeros.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_r = tl.arange(0, ROWS)
+    rows = pid_n * BLOCK + offs_r
+    cols = tl.arange(0, COLUMNS)
+    col_ok = cols < HEAD_DIM
+    ok = ((offs_r < BLOCK) & (rows < S))[:, None] & col_ok[None, :]
+    src = _tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    if SMOOTH:
+        mean = tl.load(MEAN + off_b * stride_mb + off_h * stride_mh + cols * stride_md, mask=col_ok, other=0.0)
+        x = tl.where(ok, x - mean[None, :], 0.0)
+    scale = _scale_of_amax(tl.max(tl.abs(x)))
+    tl.store(SCALE + pid_bh.to(tl.int64) * NUM_BLOCKS + pid_n, scale)
+    dst = _tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
+    tl.store(dst, to_e4m3(tl.math.div_rn(x, scale), EXACT_CAST), mask=ok)
+
+
+@triton.jit
+def _channel_amax_kernel(
+    X, AMAX,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    H, S,
+    HEAD_DIM: tl.constexpr,
+    TOKENS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):  # fmt: skip
+    """One program: ``|x|``'s max per channel over TOKENS tokens of one (batch, head), atomically maxed
+    into AMAX, grid (cdiv(S, TOKENS), B * H).
+
+    X ``(B, H, S, HEAD_DIM)`` any strides; AMAX contiguous fp32 ``(B, H, HEAD_DIM)``, zeros before the
+    first program (every amax is >= 0). The tile is TOKENS x COLUMNS (HEAD_DIM rounded up to a power of two).
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    rows = pid_s * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.arange(0, COLUMNS)
+    col_ok = cols < HEAD_DIM
+    src = _tile_pointers(X, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), rows, cols,
+                         stride_xb, stride_xh, stride_xs, stride_xd)  # fmt: skip
+    x = tl.load(src, mask=(rows < S)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tl.atomic_max(AMAX + pid_bh.to(tl.int64) * HEAD_DIM + cols, tl.max(tl.abs(x), 0), mask=col_ok, sem="relaxed")
+
+
+@triton.jit
+def _quantize_channels_kernel(
+    X, AMAX, X_FP8, SCALE,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    H, S,
+    HEAD_DIM: tl.constexpr,
+    TOKENS: tl.constexpr,
+    COLUMNS: tl.constexpr,
+    EXACT_CAST: tl.constexpr,
+):  # fmt: skip
+    """One program: TOKENS tokens of one (batch, head) divided by their channels' scales and cast to
+    e4m3, grid (cdiv(S, TOKENS) or 1, B * H); the first program of each (batch, head) writes its scales.
+
+    X ``(B, H, S, HEAD_DIM)`` and X_FP8 (e4m3, same shape) any strides; AMAX (from
+    :func:`_channel_amax_kernel`) and SCALE contiguous fp32 ``(B, H, HEAD_DIM)``.
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    rows = pid_s * TOKENS + tl.arange(0, TOKENS)
+    cols = tl.arange(0, COLUMNS)
+    col_ok = cols < HEAD_DIM
+    channels = pid_bh.to(tl.int64) * HEAD_DIM + cols
+    scale = _scale_of_amax(tl.load(AMAX + channels, mask=col_ok, other=0.0))
+    tl.store(SCALE + channels, scale, mask=col_ok & (pid_s == 0))
+    ok = (rows < S)[:, None] & col_ok[None, :]
+    src = _tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
+    x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    dst = _tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
+    tl.store(dst, to_e4m3(tl.math.div_rn(x, scale[None, :]), EXACT_CAST), mask=ok)
+
+
+def _check_kernel_input(x: Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float16, bfloat16 or float32 ``(B, H, S, D)`` tensor."""
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dims (B, H, S, D), got shape {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton quantisation, got {x.dtype}")
+
+
+def _fp8_out(out: Tensor | None, x: Tensor, channels_first: bool) -> Tensor:
+    """``out`` checked (e4m3 ``x.shape``, any non-overlapping strides), or a new one: contiguous, or with
+    ``channels_first`` a contiguous ``(B, H, D, S)`` seen as ``(B, H, S, D)``."""
+    if out is not None:
+        check_strided_out_buffer("out", out, tuple(x.shape), FP8_DTYPE, x.device)
+        return out
+    b, h, s, d = x.shape
+    if channels_first:
+        return torch.empty(b, h, d, s, dtype=FP8_DTYPE, device=x.device).transpose(-1, -2)
+    return torch.empty(b, h, s, d, dtype=FP8_DTYPE, device=x.device)
+
+
+def _scale_out(scale_out: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """``scale_out`` checked (contiguous fp32 of ``shape``), or a new one."""
+    if scale_out is not None:
+        check_out_buffer("scale_out", scale_out, shape, torch.float32, device)
+        return scale_out
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _launch_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """The context to launch the kernels on ``x``'s device: its CUDA device, or nothing under the
+    interpreter; ``ValueError`` for other devices."""
+    if x.is_cuda:
+        return torch.cuda.device(x.device)
+    if not interpreter_active():
+        raise ValueError(
+            f"x must be a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported (got {x.device})"
+        )
+    return contextlib.nullcontext()
+
+
+def quantize_row_blocks_triton(
+    x: Tensor, block: int, mean: Tensor | None = None, *, out: Tensor | None = None, scale_out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_row_blocks` in one Triton launch (CUDA, or Triton's interpreter): the same e4m3
+    values and scales.
+
+    ``x`` float16/bfloat16/float32 ``(B, H, S, D)``, any strides; ``mean`` fp32 ``(B, H, D)``, any
+    strides; ``block`` any positive run length. ``out``: e4m3 ``(B, H, S, D)`` with non-overlapping
+    strides (default contiguous); ``scale_out``: contiguous fp32 ``(B, H, cdiv(S, block))``; both are
+    written whole and returned. Raises ``ValueError`` naming the argument it cannot take.
+    """
+    _check_kernel_input(x)
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    b, h, s, d = x.shape
+    if mean is not None and (mean.shape != (b, h, d) or mean.dtype != torch.float32 or mean.device != x.device):
+        raise ValueError(f"mean must be a float32 tensor of shape {(b, h, d)} on {x.device}, got {mean.dtype} "
+                         f"{tuple(mean.shape)} on {mean.device}")  # fmt: skip
+    num_blocks = cdiv(s, block)
+    out = _fp8_out(out, x, channels_first=False)
+    scale_out = _scale_out(scale_out, (b, h, num_blocks), x.device)
+    rows, columns = triton.next_power_of_2(block), triton.next_power_of_2(d)
+    mean_strides = (0, 0, 0) if mean is None else mean.stride()
+    with _launch_device(x):
+        _quantize_row_blocks_kernel[(num_blocks, b * h)](
+            x, x if mean is None else mean, out, scale_out, *x.stride(), *mean_strides, *out.stride(),
+            h, s, num_blocks, HEAD_DIM=d, BLOCK=block, ROWS=rows, COLUMNS=columns, SMOOTH=mean is not None,
+            EXACT_CAST=interpreter_active(), num_warps=fp8_quant_warps(rows * columns),
+        )  # fmt: skip
+    return out, scale_out
+
+
+def quantize_channels_triton(
+    x: Tensor, *, out: Tensor | None = None, scale_out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_channels` in two Triton launches (CUDA, or Triton's interpreter): the same e4m3
+    values and scales.
+
+    ``x`` float16/bfloat16/float32 ``(B, H, S, D)``, any strides. ``out``: e4m3 ``(B, H, S, D)`` with
+    non-overlapping strides (default a contiguous ``(B, H, D, S)`` transposed, as
+    :func:`quantize_channels` returns); ``scale_out``: contiguous fp32 ``(B, H, D)``; both are written
+    whole and returned. Raises ``ValueError`` naming the argument it cannot take.
+    """
+    _check_kernel_input(x)
+    b, h, s, d = x.shape
+    out = _fp8_out(out, x, channels_first=True)
+    scale_out = _scale_out(scale_out, (b, h, d), x.device)
+    amax = torch.zeros((b, h, d), dtype=torch.float32, device=x.device)
+    grid = (max(cdiv(s, FP8_CHANNEL_TOKENS), 1), b * h)
+    columns = triton.next_power_of_2(d)
+    meta = dict(HEAD_DIM=d, TOKENS=FP8_CHANNEL_TOKENS, COLUMNS=columns,
+                num_warps=fp8_quant_warps(FP8_CHANNEL_TOKENS * columns))  # fmt: skip
+    with _launch_device(x):
+        _channel_amax_kernel[grid](x, amax, *x.stride(), h, s, **meta)
+        _quantize_channels_kernel[grid](x, amax, out, scale_out, *x.stride(), *out.stride(), h, s,
+                                        EXACT_CAST=interpreter_active(), **meta)  # fmt: skip
+    return out, scale_out
 
 
 @dataclass(frozen=True)

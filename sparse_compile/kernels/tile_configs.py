@@ -23,6 +23,9 @@ full-attention LSE          :func:`attention_lse_config`      by query block and
 exact block mass            :func:`block_mass_config`         by layout blocks and head dim
 top-p cluster selection     :func:`top_p_selection_warps`     warps by the padded cluster count
 cluster tile tables         :func:`tile_table_warps`          warps by the padded q-cluster count
+FP8 quantisation            :func:`fp8_quant_warps`           Q/K: one run of rows per program; V:
+                                                              :data:`FP8_CHANNEL_TOKENS` tokens; warps
+                                                              by the tile's elements
 ==========================  ================================  ===========================================
 
 The helper kernels' fixed block sizes (kept-rows prep, k-means finalize and permutation, tile-table
@@ -226,6 +229,21 @@ def block_mass_config(block_q: int, block_k: int, head_dim: int) -> TileConfig:
 def top_p_selection_warps(nk_pad: int) -> int:
     """Warps per row program of the top-p cluster selection: 4 up to 2048 clusters, then one per 512."""
     return 4 if nk_pad <= 2048 else nk_pad // 512
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 quantisation (sparse_compile.kernels.fp8_quant)
+# ------------------------------------------------------------------------------------------------
+
+FP8_CHANNEL_TOKENS = 64
+"""Tokens per program of V's two quantisation passes (channel amax, then the e4m3 cast)."""
+
+
+def fp8_quant_warps(tile_elements: int) -> int:
+    """Warps of a quantisation program over a tile of ``tile_elements`` (a power of two): one per 1024
+    elements (32 fp32 values per thread), 4 to 16. Tiles up to 128 x 128 compile for sm_90 without
+    spills (about 110 to 160 registers); a 256 x 128 run spills."""
+    return max(4, min(16, tile_elements // 1024))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,11 +1,112 @@
 """Tests of the FP8 (e4m3) quantisation of attention inputs (:mod:`sparse_compile.kernels.fp8_quant`).
 
 - The specification's scale: ``amax * SCALE_PER_AMAX`` rounded to fp32, the same on every device.
+- The Triton kernels (:func:`quantize_row_blocks_triton`, :func:`quantize_channels_triton`) equal the
+  PyTorch specification bit for bit (e4m3 bytes and fp32 scales, written into NaN-poisoned buffers):
+  fp16, bf16 and fp32, D 64 and 128 (and a padded 80), partial last runs, (B, S, H, D) storage seen
+  as (B, H, S, D), all-zero runs and channels, K smoothing; and the e4m3 rounding itself (ties to
+  even, carries into the exponent, subnormals, signs). Under Triton's interpreter (``test_interp_*``,
+  run in a child process by ``test_interpreter_suite``) and on the GPU (``@pytest.mark.gpu``).
+- The kernels compile for sm_90a (ahead of time, on the CPU) with correctly rounded divisions, the
+  division torch does, and without register spills at Wan's tiles.
+- Arguments the kernels cannot take raise ``ValueError`` naming the argument.
 """
 
+from __future__ import annotations
+
+import pytest
 import torch
 
-from sparse_compile.kernels.fp8_quant import FP8_MAX, SCALE_PER_AMAX, quantize_channels, quantize_row_blocks
+from gluon_compile import TRITON_BIN, compile_sm90a, resource_usage
+from triton_interpreter_support import interp, run_interpreted
+from sparse_compile.kernels import fp8_quant
+from sparse_compile.kernels.common import cdiv, interpreter_active
+from sparse_compile.kernels.fp8_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    SCALE_PER_AMAX,
+    key_mean,
+    quantize_channels,
+    quantize_channels_triton,
+    quantize_row_blocks,
+    quantize_row_blocks_triton,
+)
+from sparse_compile.kernels.tile_configs import FP8_CHANNEL_TOKENS, fp8_quant_warps
+
+IN_INTERPRETER = interpreter_active()
+FP8_NAN_BYTE = 0x7F
+"""An e4m3 NaN: the poison of the fp8 buffers (the specification never writes it for finite inputs)."""
+
+
+def quantisation_input(
+    b: int, h: int, s: int, d: int, dtype: torch.dtype, token_major: bool, seed: int, device: str = "cpu"
+) -> torch.Tensor:
+    """``(B, H, S, D)`` normal values around per-channel offsets (what smoothing takes off), the channels
+    spread over five decades (so e4m3 subnormals occur), with negative zeros, an all-zero run of 32 rows
+    and an all-zero channel (batch 0, head 0) and an all-zero head (the last: all-zero runs after
+    smoothing too); with ``token_major`` stored as a contiguous ``(B, S, H, D)`` (diffusers' layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, h, s, d, generator=gen) + 2 * torch.randn(1, h, 1, d, generator=gen)) * torch.logspace(-3, 2, d)
+    x.view(-1)[::97] = -0.0
+    x[0, 0, 32:64] = 0.0
+    x[0, 0, :, 5] = 0.0
+    x[-1, -1] = 0.0
+    x = x.to(dtype)
+    if token_major:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.to(device)
+
+
+def poisoned_fp8(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A contiguous e4m3 buffer of NaNs."""
+    return torch.full(shape, FP8_NAN_BYTE, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+
+
+def poisoned_scales(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A contiguous fp32 buffer of NaNs."""
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+
+
+def assert_same_quantisation(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The same e4m3 bytes (NaN poison, -0 against +0 and layouts told apart) and the same fp32 scales."""
+    (got_fp8, got_scale), (want_fp8, want_scale) = got, want
+    assert got_fp8.shape == want_fp8.shape and got_fp8.stride() == want_fp8.stride()
+    assert torch.equal(got_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
+    assert torch.equal(got_scale, want_scale)  # NaN never equals
+
+
+def assert_row_blocks_match(x: torch.Tensor, block: int, mean: torch.Tensor | None) -> None:
+    """The row-block kernel into poisoned buffers equals :func:`quantize_row_blocks`."""
+    b, h, s, d = x.shape
+    out, scale_out = poisoned_fp8((b, h, s, d), x.device), poisoned_scales((b, h, cdiv(s, block)), x.device)
+    got = quantize_row_blocks_triton(x, block, mean, out=out, scale_out=scale_out)
+    assert got[0] is out and got[1] is scale_out
+    assert_same_quantisation(got, quantize_row_blocks(x, block, mean))
+
+
+def assert_channels_match(x: torch.Tensor) -> None:
+    """The channel kernels into poisoned buffers (fp8 stored as a contiguous (B, H, D, S)) equal
+    :func:`quantize_channels`."""
+    b, h, s, d = x.shape
+    out = poisoned_fp8((b, h, d, s), x.device).transpose(-1, -2)
+    scale_out = poisoned_scales((b, h, d), x.device)
+    got = quantize_channels_triton(x, out=out, scale_out=scale_out)
+    assert got[0] is out and got[1] is scale_out
+    assert_same_quantisation(got, quantize_channels(x))
+
+
+def e4m3_rounding_cases() -> torch.Tensor:
+    """fp32 values in ``[-448, 448]`` at and around every rounding decision of e4m3: each e4m3 value,
+    the midpoints between neighbours (ties, to even) and the fp32 values either side of them (carries
+    into the next binade among them, 0.49 -> 0.5), in the subnormal range too; both signs, and 448."""
+    grid = torch.arange(0, 127, dtype=torch.uint8).view(FP8_DTYPE).float()  # +0 ... 448
+    mid = (grid[:-1] + grid[1:]) / 2
+    near = torch.cat([mid, torch.nextafter(mid, torch.zeros(())), torch.nextafter(mid, torch.full((), 448.0))])
+    values = torch.cat([grid, near, torch.tensor([0.49, 2.0**-10, 2.0**-11])])
+    return torch.cat([values, -values, torch.tensor([FP8_MAX])])
+
+
+# ---------------------------------------------------------------- specification (CPU, in process)
 
 
 def test_scale_is_amax_times_the_fp32_reciprocal_of_448() -> None:
@@ -19,3 +120,145 @@ def test_scale_is_amax_times_the_fp32_reciprocal_of_448() -> None:
     assert torch.equal(scale, amax * reciprocal) and not torch.equal(scale, amax / FP8_MAX)
     _, v_scale = quantize_channels(x)
     assert torch.equal(v_scale, x.abs().amax(dim=2) * reciprocal)
+
+
+# ---------------------------------------------------------------- argument checks (CPU, in process)
+
+
+def _bad_arguments() -> list[tuple[str, object, dict]]:
+    """(error pattern, kernel function, keyword arguments) of calls the kernels refuse."""
+    x = torch.zeros(1, 2, 100, 64, dtype=torch.float16)
+    mean = torch.zeros(1, 2, 64)
+    rows, channels = quantize_row_blocks_triton, quantize_channels_triton
+    return [
+        ("x must have 4 dims", rows, dict(x=x[0], block=32)),
+        ("x must be float16, bfloat16 or float32", rows, dict(x=x.double(), block=32)),
+        ("x must be float16, bfloat16 or float32", channels, dict(x=x.to(FP8_DTYPE))),
+        ("block must be a positive int", rows, dict(x=x, block=0)),
+        ("mean must be a float32 tensor of shape \\(1, 2, 64\\)", rows, dict(x=x, block=32, mean=mean.half())),
+        ("mean must be a float32 tensor of shape \\(1, 2, 64\\)", rows, dict(x=x, block=32, mean=mean[..., :32])),
+        ("out must be a torch.float8_e4m3fn tensor of shape", rows, dict(x=x, block=32, out=torch.empty_like(x))),
+        ("out must be .* non-overlapping strides", channels,
+         dict(x=x, out=torch.empty(1, 2, 1, 64, dtype=FP8_DTYPE).expand(1, 2, 100, 64))),
+        ("scale_out must be a contiguous torch.float32 tensor of shape \\(1, 2, 4\\)", rows,
+         dict(x=x, block=32, scale_out=torch.empty(1, 2, 3))),
+        ("scale_out must be a contiguous torch.float32 tensor of shape \\(1, 2, 64\\)", channels,
+         dict(x=x, scale_out=torch.empty(1, 64, 2).transpose(1, 2))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("match,kernel,kwargs", _bad_arguments(), ids=lambda a: a if isinstance(a, str) else "")
+def test_kernels_raise_value_error_naming_the_argument(match: str, kernel, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=match):
+        kernel(**kwargs)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="only meaningful without the interpreter")
+def test_kernels_need_cuda_tensors_or_the_interpreter() -> None:
+    x = torch.zeros(1, 1, 64, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor, or TRITON_INTERPRET=1"):
+        quantize_row_blocks_triton(x, 64)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor, or TRITON_INTERPRET=1"):
+        quantize_channels_triton(x)
+
+
+# ---------------------------------------------------------------- sm_90a compiles (CPU, ahead of time)
+
+
+def _ptx_sm90a(kernel, constants: dict, tile_elements: int):
+    """``kernel`` compiled for sm_90a on bf16 input and e4m3 output, as its launch's warps choose."""
+    pointers = {"X": "*bf16", "X_FP8": "*fp8e4nv", "MEAN": "*fp32", "SCALE": "*fp32", "AMAX": "*fp32"}
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
+    return compile_sm90a(kernel, signature, constants, {"num_warps": fp8_quant_warps(tile_elements)})
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="compiles for the GPU")
+def test_kernels_compile_for_sm90a_with_correctly_rounded_division_and_no_spills(tmp_path) -> None:
+    """Triton's fp32 ``/`` is ``div.full.f32`` on the GPU (approximate); the kernels divide with
+    ``div.rn.f32`` (IEEE, as torch's CUDA ``x / scale``) and cast with ``cvt.rn.satfinite`` (nearest
+    even). Wan's tiles (128 x 128 runs of Q/K, 64 tokens x 128 channels of V) keep everything in registers."""
+    tokens = FP8_CHANNEL_TOKENS
+    run = dict(HEAD_DIM=128, BLOCK=128, ROWS=128, COLUMNS=128, SMOOTH=True, EXACT_CAST=False)
+    rows = _ptx_sm90a(fp8_quant._quantize_row_blocks_kernel, run, 128 * 128)
+    amax = _ptx_sm90a(fp8_quant._channel_amax_kernel, dict(HEAD_DIM=128, TOKENS=tokens, COLUMNS=128), tokens * 128)
+    channel_tile = dict(HEAD_DIM=128, TOKENS=tokens, COLUMNS=128, EXACT_CAST=False)
+    channels = _ptx_sm90a(fp8_quant._quantize_channels_kernel, channel_tile, tokens * 128)
+    for kernel in (rows, channels):
+        ptx = kernel.asm["ptx"]
+        assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "atom.global.gpu.relaxed.max" in amax.asm["ptx"]
+    if (TRITON_BIN / "cuobjdump").exists():
+        for kernel in (rows, amax, channels):
+            usage = resource_usage(kernel, tmp_path)
+            assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
+
+
+# ---------------------------------------------------------------- Triton interpreter (child process)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the child process")
+def test_interpreter_suite() -> None:
+    """Run the ``test_interp_*`` cases in a fresh process with TRITON_INTERPRET=1 set before triton loads."""
+    run_interpreted(__file__, "test_interp_")
+
+
+ROW_CASES = [
+    (200, 64, 64, torch.float16, False, True),  # partial last run, token-major
+    (130, 128, 32, torch.bfloat16, True, True),  # smoothed K, 5 runs (last of 2 rows)
+    (256, 64, 128, torch.bfloat16, True, False),  # whole runs
+    (100, 128, 64, torch.float16, False, False),
+    (90, 80, 48, torch.float32, True, False),  # run and head dim padded to powers of two
+]
+"""(S, D, block, dtype, smooth, token_major)."""
+
+
+@interp
+@pytest.mark.parametrize("s,d,block,dtype,smooth,token_major", ROW_CASES)
+def test_interp_row_blocks_match_the_specification(s, d, block, dtype, smooth, token_major) -> None:
+    x = quantisation_input(2, 3, s, d, dtype, token_major, seed=s + d)
+    assert_row_blocks_match(x, block, key_mean(x) if smooth else None)
+
+
+@interp
+@pytest.mark.parametrize(
+    "s,d,dtype,token_major",
+    [
+        (200, 64, torch.float16, True),  # 4 programs per head, the last partial
+        (130, 128, torch.bfloat16, True),
+        (64, 128, torch.bfloat16, False),  # one whole program per head
+        (70, 80, torch.float32, False),  # head dim padded to a power of two
+    ],
+)
+def test_interp_channels_match_the_specification(s, d, dtype, token_major) -> None:
+    assert_channels_match(quantisation_input(2, 3, s, d, dtype, token_major, seed=s + d + 1))
+
+
+@interp
+def test_interp_e4m3_cast_rounds_like_torch_in_every_case() -> None:
+    """With amax 448 a run's scale is exactly 1, so the kernel casts these values as they are: the bytes of
+    torch's cast, which rounds to nearest even (the interpreter's own cast does not when the rounding
+    carries into the exponent; the kernels round onto the e4m3 grid first)."""
+    values = e4m3_rounding_cases()
+    x = torch.nn.functional.pad(values, (0, 64 - values.numel() % 64)).view(1, 1, -1, 64)
+    x_fp8, scale = quantize_row_blocks_triton(x, x.shape[2])
+    assert torch.equal(scale, torch.ones(1, 1, 1))
+    assert torch.equal(x_fp8.view(torch.uint8), x.to(FP8_DTYPE).view(torch.uint8))
+    assert_row_blocks_match(x, x.shape[2], None)
+
+
+# ---------------------------------------------------------------- GPU (compiled kernels)
+
+gpu = pytest.mark.gpu
+GPU_SEQ = 4096 - 37
+"""Wan-like (H=12) at a length the tests run quickly, with partial last runs."""
+
+
+@gpu
+@pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.float16)])
+@pytest.mark.parametrize("block", [128, 64])
+def test_gpu_kernels_match_the_specification(d: int, dtype: torch.dtype, block: int) -> None:
+    x = quantisation_input(1, 12, GPU_SEQ, d, dtype, True, seed=block + d, device="cuda")
+    assert_row_blocks_match(x, block, None)
+    assert_row_blocks_match(x, block, key_mean(x))
+    assert_channels_match(x)

@@ -8,12 +8,14 @@ import torch
 
 from sparse_compile.kernels.tile_configs import (
     AUTOTUNE_TILES,
+    FP8_CHANNEL_TOKENS,
     KMEANS_TILE,
     TileConfig,
     VarlenConfig,
     attention_lse_config,
     block_mass_config,
     block_sparse_tiles,
+    fp8_quant_warps,
     interpreter_block_sparse_tile,
     max_shared_memory,
     tile_table_warps,
@@ -125,3 +127,9 @@ def test_block_mass_tile(block_q, block_k, head_dim, want):
 def test_helper_kernel_warps_grow_with_the_row_length():
     assert [top_p_selection_warps(n) for n in (256, 1024, 2048, 4096, 8192)] == [4, 4, 4, 8, 16]
     assert [tile_table_warps(n) for n in (16, 2048, 4096, 8192)] == [4, 4, 8, 8]
+
+
+def test_fp8_quantisation_takes_a_warp_per_1024_elements_and_64_tokens_of_v():
+    """Q/K runs of 64 x 64 to 256 x 128 and V's 64-token tiles: 4 to 16 warps (Wan's 128 x 128: 16)."""
+    assert [fp8_quant_warps(n) for n in (2048, 4096, 8192, 16384, 32768)] == [4, 4, 8, 16, 16]
+    assert FP8_CHANNEL_TOKENS == 64
