@@ -15,7 +15,8 @@ bits and scales on CUDA and under Triton's interpreter. The kernels divide with 
 ``/`` is approximate on the GPU) and under the interpreter round onto the e4m3 grid before the cast
 (:func:`round_to_e4m3_grid`).
 
-:func:`quantize_attention_inputs` does all of it for one call (:class:`Fp8Inputs`).
+:func:`quantize_attention_inputs` does all of it for one call (:class:`Fp8Inputs`): the kernels on CUDA
+tensors and under the interpreter, the PyTorch functions otherwise.
 """
 
 from __future__ import annotations
@@ -398,10 +399,16 @@ class Fp8Inputs:
 def quantize_attention_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> Fp8Inputs:
     """Smooth K, then quantise Q per ``block_q`` rows, K per ``block_k`` rows and V per channel.
 
-    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any float dtype and strides.
+    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any strides. CUDA tensors and any tensors under
+    Triton's interpreter take the kernels (float16, bfloat16 or float32), other tensors the PyTorch
+    functions (any float dtype): the same results.
     """
     k_mean = key_mean(k)
-    q_fp8, q_scale = quantize_row_blocks(q, block_q)
-    k_fp8, k_scale = quantize_row_blocks(k, block_k, mean=k_mean)
-    v_fp8, v_scale = quantize_channels(v)
+    if q.is_cuda or interpreter_active():
+        row_blocks, channels = quantize_row_blocks_triton, quantize_channels_triton
+    else:
+        row_blocks, channels = quantize_row_blocks, quantize_channels
+    q_fp8, q_scale = row_blocks(q, block_q)
+    k_fp8, k_scale = row_blocks(k, block_k, mean=k_mean)
+    v_fp8, v_scale = channels(v)
     return Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)

@@ -7,6 +7,7 @@
   as (B, H, S, D), all-zero runs and channels, K smoothing; and the e4m3 rounding itself (ties to
   even, carries into the exponent, subnormals, signs). Under Triton's interpreter (``test_interp_*``,
   run in a child process by ``test_interpreter_suite``) and on the GPU (``@pytest.mark.gpu``).
+- :func:`quantize_attention_inputs` takes the kernels on CUDA and under the interpreter, PyTorch otherwise.
 - The kernels compile for sm_90a (ahead of time, on the CPU) with correctly rounded divisions, the
   division torch does, and without register spills at Wan's tiles.
 - Arguments the kernels cannot take raise ``ValueError`` naming the argument.
@@ -26,6 +27,7 @@ from sparse_compile.kernels.fp8_quant import (
     FP8_MAX,
     SCALE_PER_AMAX,
     key_mean,
+    quantize_attention_inputs,
     quantize_channels,
     quantize_channels_triton,
     quantize_row_blocks,
@@ -95,6 +97,25 @@ def assert_channels_match(x: torch.Tensor) -> None:
     assert_same_quantisation(got, quantize_channels(x))
 
 
+def assert_same_inputs(got: fp8_quant.Fp8Inputs, want: fp8_quant.Fp8Inputs) -> None:
+    """Every tensor of ``got`` the same as ``want``'s (fp8 bytes and layouts, scales, K's mean), the same blocks."""
+    for name in ("q", "k", "v"):
+        assert_same_quantisation((getattr(got, name), getattr(got, f"{name}_scale")),
+                                 (getattr(want, name), getattr(want, f"{name}_scale")))  # fmt: skip
+    assert torch.equal(got.k_mean, want.k_mean) and (got.block_q, got.block_k) == (want.block_q, want.block_k)
+
+
+def specified_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int, block_k: int
+) -> fp8_quant.Fp8Inputs:
+    """:class:`Fp8Inputs` from the PyTorch functions (what :func:`quantize_attention_inputs` specifies)."""
+    k_mean = key_mean(k)
+    q_fp8, q_scale = quantize_row_blocks(q, block_q)
+    k_fp8, k_scale = quantize_row_blocks(k, block_k, k_mean)
+    v_fp8, v_scale = quantize_channels(v)
+    return fp8_quant.Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)
+
+
 def e4m3_rounding_cases() -> torch.Tensor:
     """fp32 values in ``[-448, 448]`` at and around every rounding decision of e4m3: each e4m3 value,
     the midpoints between neighbours (ties, to even) and the fp32 values either side of them (carries
@@ -120,6 +141,19 @@ def test_scale_is_amax_times_the_fp32_reciprocal_of_448() -> None:
     assert torch.equal(scale, amax * reciprocal) and not torch.equal(scale, amax / FP8_MAX)
     _, v_scale = quantize_channels(x)
     assert torch.equal(v_scale, x.abs().amax(dim=2) * reciprocal)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="only meaningful without the interpreter")
+def test_quantize_attention_inputs_takes_pytorch_for_cpu_tensors_without_the_interpreter(monkeypatch) -> None:
+    q, k, v = (quantisation_input(1, 2, 100, 64, torch.bfloat16, True, seed) for seed in range(3))
+    want = specified_inputs(q, k, v, 64, 32)
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran for CPU tensors")
+
+    monkeypatch.setattr(fp8_quant, "quantize_row_blocks_triton", no_kernels)
+    monkeypatch.setattr(fp8_quant, "quantize_channels_triton", no_kernels)
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want)
 
 
 # ---------------------------------------------------------------- argument checks (CPU, in process)
@@ -247,6 +281,22 @@ def test_interp_e4m3_cast_rounds_like_torch_in_every_case() -> None:
     assert_row_blocks_match(x, x.shape[2], None)
 
 
+@interp
+def test_interp_quantize_attention_inputs_takes_the_kernels(monkeypatch) -> None:
+    """Under the interpreter :func:`quantize_attention_inputs` runs the kernels (the PyTorch functions
+    raise here), with the specification's results: token-major fp16, q and k of different lengths."""
+    q = quantisation_input(1, 2, 150, 64, torch.float16, True, seed=1)
+    k, v = (quantisation_input(1, 2, 170, 64, torch.float16, True, seed=seed) for seed in (2, 3))
+    want = specified_inputs(q, k, v, 64, 32)
+
+    def no_pytorch(*args, **kwargs):
+        raise AssertionError("the PyTorch quantisation ran under the interpreter")
+
+    monkeypatch.setattr(fp8_quant, "quantize_row_blocks", no_pytorch)
+    monkeypatch.setattr(fp8_quant, "quantize_channels", no_pytorch)
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want)
+
+
 # ---------------------------------------------------------------- GPU (compiled kernels)
 
 gpu = pytest.mark.gpu
@@ -262,3 +312,9 @@ def test_gpu_kernels_match_the_specification(d: int, dtype: torch.dtype, block: 
     assert_row_blocks_match(x, block, None)
     assert_row_blocks_match(x, block, key_mean(x))
     assert_channels_match(x)
+
+
+@gpu
+def test_gpu_quantize_attention_inputs_matches_the_specification() -> None:
+    q, k, v = (quantisation_input(2, 12, GPU_SEQ, 128, torch.bfloat16, True, seed, "cuda") for seed in range(3))
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 128, 64), specified_inputs(q, k, v, 128, 64))
