@@ -13,8 +13,9 @@ fixed-block kernel's grid, layout walk and base-2 online softmax with:
   on the order the tiles come in: the kernel equals :func:`block_sparse_attention_fp8_reference` up to
   fp32 rounding;
 - ``448 P`` (the row's largest entry lands in ``[224, 448]``, the top of e4m3's range) cast to e4m3 for
-  ``P V`` against e4m3 V, fp32 accumulation; O is divided by ``448 l`` and multiplied by V's
-  per-channel scale at the end.
+  ``P V`` against e4m3 V, each tile's product added to an fp32 accumulator in registers (not carried
+  through the MMA's own accumulator); O is divided by ``448 l`` and multiplied by V's per-channel scale
+  at the end.
 
 The row LSE the kernel writes is that of the smoothed scores; the entry adds back
 :func:`~sparse_compile.kernels.fp8_quant.smoothing_lse_shift`, so the returned LSE is the true one.
@@ -106,7 +107,9 @@ def _fp8_tile(
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_src, v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, 0, S_K, False, False, MASKED)
-    acc = tl.dot(to_e4m3(p * 448.0, EXACT_P_CAST), v, acc * alpha[:, None])
+    # A fresh accumulator per tile, added in fp32 registers: Hopper's e4m3 MMAs accumulate with fewer
+    # mantissa bits than fp32, which over a row's thousands of keys would cost about 1% of O.
+    acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * 448.0, EXACT_P_CAST), v)
     return m_new, l_i, acc
 
 
