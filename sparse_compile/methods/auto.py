@@ -31,6 +31,12 @@ joint attention are dense (:func:`attend_video_and_text`). Calls the block kerne
 dense with the reason reported. A call whose choice is dense runs dense SDPA without reading its inputs
 (no finiteness check, so no host sync) until the site chooses again.
 
+**Measured.** The cost model predicts from calibration shapes; on CUDA the site also times its own calls
+(:mod:`~sparse_compile.methods.call_timing`: CUDA events, read without a sync): the dense warm-up calls,
+then the calls of a sparse choice after its first. Once a sparse call took at least the dense calls'
+median, the choice turns dense (counted as guarded) until the site chooses again. Off with
+``break_even_guard=False``, like the guard.
+
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
         default 0.95.
@@ -40,7 +46,7 @@ Options:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -70,6 +76,7 @@ from sparse_compile.methods.auto_clusters import (
 from sparse_compile.methods.auto_patterns import static_candidates
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, HeadGroup, attend_head_groups
 from sparse_compile.methods.block_kernel import fixed_block_attention
+from sparse_compile.methods.call_timing import PathTimer, timing_available
 from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts, cluster_costs, kernel_costs
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.registry import MethodConfig, choice_option, fraction_option, int_option, register_method
@@ -105,7 +112,8 @@ class Choice:
         recall: fp32 ``(B, H)``: each head's exact recall at the choice.
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
         block_density: fp64 0-d: the same over the block heads only.
-        dense: the whole call runs dense SDPA (the cost model says sparse would not be faster).
+        dense: the whole call runs dense SDPA: the cost model says sparse would not be faster, or the
+            choice's calls were measured slower than dense ones (:mod:`~sparse_compile.methods.call_timing`).
     """
 
     step: int
@@ -175,9 +183,11 @@ class AutoMethod(AttentionMethod):
 
     def attend(self, call: AttentionCall) -> AttentionResult:
         heads = call.query.shape[1]
-        cached = self.cached(call, Choice)
+        timer = self._path_timer(call)
+        cached = self._measured(call, self.cached(call, Choice), timer)
         if cached is not None and cached.dense:  # dense until the site chooses again: no input checks, no sync
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
+        start = timer.start() if timer is not None else None
         reason = self.dense_reason(call)
         if reason is not None:
             return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
@@ -187,8 +197,51 @@ class AutoMethod(AttentionMethod):
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
         groups = self._head_groups(choice, call)
         if len(groups) == 1 and choice.dense_heads.numel() == 0:
-            return attend_video_and_text(call, groups[0][1])
-        return attend_head_groups(call, groups, choice.dense_heads)
+            result = attend_video_and_text(call, groups[0][1])
+        else:
+            result = attend_head_groups(call, groups, choice.dense_heads)
+        if timer is not None:
+            self._time_sparse_call(timer, choice, start)
+        return result
+
+    def dense_step_attention(self, call: AttentionCall) -> Tensor:
+        """Dense SDPA, timed on CUDA: the dense time a sparse choice must beat."""
+        timer = self._path_timer(call)
+        if timer is None:
+            return self._exact(call)
+        start = timer.start()
+        output = self._exact(call)
+        timer.stop("dense", start)
+        return output
+
+    def _path_timer(self, call: AttentionCall) -> PathTimer | None:
+        """This branch's :class:`PathTimer` with its finished timings read, on CUDA with the break-even guard on."""
+        if not (self.options.break_even_guard and timing_available(call.query)):
+            return None
+        timer = self.cached(call, PathTimer)
+        if timer is None:
+            timer = PathTimer()
+            self.store(call, timer)
+        timer.collect()
+        return timer
+
+    def _measured(self, call: AttentionCall, choice: Choice | None, timer: PathTimer | None) -> Choice | None:
+        """``choice``, made dense (and stored so) once its calls were measured slower than dense ones."""
+        if choice is None or choice.dense or timer is None or timer.choice_step != choice.step:
+            return choice
+        if timer.sparse_is_slower():
+            choice = replace(choice, dense=True)
+            self.store(call, choice)
+        return choice
+
+    @staticmethod
+    def _time_sparse_call(timer: PathTimer, choice: Choice, start: object) -> None:
+        """Count this sparse call of ``choice``, begun at event ``start``: its time is a sample unless it is
+        the choice's first call."""
+        if timer.choice_step != choice.step:
+            timer.new_choice(choice.step)
+        elif timer.count_sparse_call():
+            timer.stop("sparse", start)
 
     def observe_dense(self, call: AttentionCall) -> None:
         """At the last dense step, choose for the first sparse step."""

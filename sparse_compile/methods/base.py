@@ -175,7 +175,7 @@ class AttentionMethod:
             return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
         if self.is_dense_step(call.step):
             self.observe_dense(call)
-            return AttentionResult(self._exact(call), 1.0, scheduled_dense=True)
+            return AttentionResult(self.dense_step_attention(call), 1.0, scheduled_dense=True)
         return self.attend(call)
 
     def attend(self, call: AttentionCall) -> AttentionResult:
@@ -224,6 +224,10 @@ class AttentionMethod:
 
     def observe_dense(self, call: AttentionCall) -> None:
         """Called on the calls of the dense warm-up steps (e.g. to warm caches)."""
+
+    def dense_step_attention(self, call: AttentionCall) -> torch.Tensor:
+        """The output of a call at a dense warm-up step (after :meth:`observe_dense`): dense SDPA."""
+        return self._exact(call)
 
     def video_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall
