@@ -1,5 +1,5 @@
-"""Ahead-of-time compiles of Gluon kernels for sm_90a on any machine (the ptxas in Triton's wheel), and
-their resource usage (cuobjdump), for the kernels' CPU tests."""
+"""Ahead-of-time compiles of Gluon and Triton kernels for sm_90a on any machine (the ptxas in Triton's wheel),
+and their resource usage (cuobjdump), for the kernels' CPU tests."""
 
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ HOPPER_SHARED_BYTES = 232448  # 227 KiB per block
 
 
 def compile_sm90a(kernel, signature: dict, constants: dict, options: dict, aligned: tuple[str, ...] = ()):
-    """``kernel`` compiled for sm_90a: Triton's compiled-kernel object. ``aligned`` names the arguments
-    promised divisible by 16 (pointers and strides, as a launch specialises them)."""
+    """``kernel`` (Gluon or Triton) compiled for sm_90a: Triton's compiled-kernel object. ``aligned`` names the
+    arguments promised divisible by 16 (pointers and strides, as a launch specialises them)."""
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = GluonASTSource(kernel, signature, constants, attrs)
+    source_type = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    source = source_type(kernel, signature, constants, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
