@@ -68,6 +68,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     launch_gluon_block_sparse,
     tma_readable,
 )
+from sparse_compile.kernels.permute_rows import gather_rows, scatter_rows
 from sparse_compile.kernels.tile_configs import (
     AUTOTUNE_TILES,
     TileConfig,
@@ -507,11 +508,6 @@ COPY_GROUP_BYTES = 1 << 30
 at once: it takes heads in groups under this bound."""
 
 
-def rows_in_order(x: Tensor, order: Tensor) -> Tensor:
-    """``x`` ``(B, H, S, D)`` with row ``i`` of each ``(b, h)`` taken from row ``order[b, h, i]``; contiguous."""
-    return torch.gather(x, 2, order.long()[..., None].expand(*order.shape, x.shape[-1]))
-
-
 def block_sparse_attention_gluon_on_copies(
     q: Tensor,
     k: Tensor,
@@ -527,9 +523,11 @@ def block_sparse_attention_gluon_on_copies(
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, k and v gathered into kernel order, the
-    kernel, then O and LSE scattered back to token order; heads in groups whose copies fit
-    ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon` with ``return_lse``.
+    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, then k and v, gathered into kernel order
+    (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one launch each), the kernel, then O and LSE
+    scattered back to token order (:func:`~sparse_compile.kernels.permute_rows.scatter_rows`); heads in groups
+    whose copies fit ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon` with
+    ``return_lse``.
     """
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     b, h, s_q, d = q.shape
@@ -538,15 +536,14 @@ def block_sparse_attention_gluon_on_copies(
     group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
     for start in range(0, h, group):
         heads = slice(start, min(h, start + group))
-        q_order, kv_order = lay.q_perm[:, heads], lay.kv_perm[:, heads]
-        copies = (rows_in_order(q[:, heads], q_order), rows_in_order(k[:, heads], kv_order),
-                  rows_in_order(v[:, heads], kv_order))
+        q_order = lay.q_perm[:, heads]
+        (q_copy,) = gather_rows((q[:, heads],), q_order)
+        k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), lay.kv_perm[:, heads])
         group_out, group_lse = block_sparse_attention_gluon(
-            *copies, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k, scale=scale,
-            return_lse=True)  # fmt: skip
-        rows = q_order.long()
-        out[:, heads].scatter_(2, rows[..., None].expand_as(group_out), group_out)
-        lse[:, heads].scatter_(2, rows, group_lse)
+            q_copy, k_copy, v_copy, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k,
+            scale=scale, return_lse=True)  # fmt: skip
+        scatter_rows((group_out,), q_order, (out[:, heads],))
+        scatter_rows((group_lse[..., None],), q_order, (lse[:, heads, :, None],))
     return out, lse
 
 
