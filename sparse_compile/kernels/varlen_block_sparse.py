@@ -522,33 +522,6 @@ def varlen_block_sparse_attention_triton(
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
     return out, lse_out
-    config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
-    scale = default_scale(d, scale)
-    q_off = _flat_offsets(layout.q_offsets)
-    kv_off = _flat_offsets(layout.kv_offsets)
-    plan = kept_rows_plan(layout, s_k, rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
-                          kept_rows_total=kept_rows_total)  # fmt: skip
-    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
-    for bh_start in range(0, b * h, plan.group):
-        size = min(plan.group, b * h - bh_start)
-        total = _kept_rows(layout, kv_off, plan.starts, bh_start, size, rows_buffer)
-        main, tail = tile_tables(q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
-        launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
-        if tail is not None:
-            launches.append((tail, config.tail_block_m, config.tail_block_n or config.block_n, config.tail_num_warps,
-                             config.tail_num_stages or config.num_stages))
-        for (tile_cluster, tile_row), block_m, block_n, num_warps, num_stages in launches:
-            num_tiles = tile_cluster.shape[1]
-            _varlen_fwd_kernel[(num_tiles, size)](
-                q, k, v, out, lse_out, layout.q_perm,
-                tile_cluster, tile_row, q_off, total, plan.starts, rows_buffer,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
-                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
-                DOT_PRECISION=dot_precision(q.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-    return out, lse_out
 
 
 def gluon_varlen_ineligibility(q: Tensor, k: Tensor, v: Tensor, tile: TileConfig,
@@ -618,19 +591,6 @@ def varlen_block_sparse_attention_gluon(
         launch_gluon_varlen(q, k, v, call.out, call.lse, call.layout.q_perm, call.q_off, total, call.plan.starts,
                             call.rows, tile_cluster, tile_row, bh_start, scale, tile)  # fmt: skip
     return call.out, call.lse
-    q_off = _flat_offsets(layout.q_offsets)
-    kv_off = _flat_offsets(layout.kv_offsets)
-    plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
-                          kept_rows_total=kept_rows_total)  # fmt: skip
-    rows_buffer = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
-    scale = default_scale(d, scale)
-    for bh_start in range(0, b * h, plan.group):
-        group = min(plan.group, b * h - bh_start)
-        total = _kept_rows(layout, kv_off, plan.starts, bh_start, group, rows_buffer)
-        (tile_cluster, tile_row), _ = tile_tables(q_off, total, bh_start, s_q, tile.block_m, 0)
-        launch_gluon_varlen(q, k, v, out, lse_out, layout.q_perm, q_off, total, plan.starts, rows_buffer, tile_cluster,
-                            tile_row, bh_start, scale, tile)  # fmt: skip
-    return out, lse_out
 
 
 @torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
