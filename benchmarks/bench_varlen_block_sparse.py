@@ -189,9 +189,11 @@ def check_correctness(q, k, v, layout, fixed_layout) -> list[str]:
 
 
 def kept_bounds(q, k, v, layout) -> dict:
-    """The kept-key bounds SVG2 and ``auto`` pass the cluster op (one launch over a ragged kept-rows buffer)."""
+    """The kept-key bounds SVG2 and ``auto`` pass the cluster op (ragged kept-rows lists, in groups over the budget)."""
     kept_keys = varlen_kept_keys(vb.validate_varlen_inputs(q, k, v, *layout, None, None))
-    return dict(kept_keys=kept_keys, kept_rows_total=int(kept_keys.sum()), max_kept_keys=int(kept_keys.max()))
+    pair_kept_rows = kept_keys.flatten(0, 1).sum(-1).tolist()
+    return dict(kept_keys=kept_keys, kept_rows_total=sum(pair_kept_rows), max_kept_keys=int(kept_keys.max()),
+                pair_kept_rows=pair_kept_rows)
 
 
 def time_dense(q, k, v) -> list[Row]:

@@ -45,6 +45,7 @@ Kernel design (CUDA):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -176,26 +177,35 @@ def check_varlen_layout_values(layout: VarlenLayout, s_q: int, s_k: int) -> None
 
 
 def validate_kept_rows_args(
-    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None
+    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None,
+    pair_kept_rows: list[int] | None = None,
 ) -> Tensor | None:
-    """Check the kept-rows bounds' types and ``kept_keys``' shape, dtype and device (no device sync);
-    return ``kept_keys`` expanded to ``(B, H, NQC)``. Raises ``ValueError`` naming the argument."""
-    for name, bound in (("max_kept_keys", max_kept_keys), ("kept_rows_total", kept_rows_total)):
+    """Check the kept-rows bounds' types, ``pair_kept_rows``' length and ``kept_keys``' shape, dtype and device
+    (no device sync); return ``kept_keys`` expanded to ``(B, H, NQC)``. Raises ``ValueError`` naming the argument."""
+    b, h, nqc, _ = layout.indices.shape
+    bounds = [("max_kept_keys", max_kept_keys), ("kept_rows_total", kept_rows_total)]
+    if pair_kept_rows is not None:
+        if len(pair_kept_rows) != b * h:
+            raise ValueError(f"pair_kept_rows must hold one bound per (batch, head) pair, {b * h}, "
+                             f"got {len(pair_kept_rows)}")  # fmt: skip
+        bounds += [(f"pair_kept_rows[{i}]", bound) for i, bound in enumerate(pair_kept_rows)]
+    for name, bound in bounds:
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 0):
             raise ValueError(f"{name} must be None or an int >= 0, got {bound!r}")
     if kept_keys is None:
         return None
-    b, h, nqc, _ = layout.indices.shape
     if kept_keys.device != layout.indices.device:
         raise ValueError(f"kept_keys must be on the layout's device {layout.indices.device}, got {kept_keys.device}")
     return expand_batch_head(kept_keys, "kept_keys", b, h, (nqc,), (torch.int32, torch.int64))
 
 
 def check_kept_rows_values(
-    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None
+    layout: VarlenLayout, kept_keys: Tensor | None, max_kept_keys: int | None, kept_rows_total: int | None,
+    pair_kept_rows: list[int] | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``kept_keys`` (``(B, H, NQC)``) are the layout's kept keys per q cluster,
-    ``max_kept_keys`` bounds every q cluster's and ``kept_rows_total`` their sum (reads them: a device sync)."""
+    ``max_kept_keys`` bounds every q cluster's, ``kept_rows_total`` their sum and ``pair_kept_rows`` each
+    (batch, head) pair's (reads them: a device sync)."""
     kept = varlen_kept_keys(layout)
     if kept_keys is not None and not torch.equal(kept_keys.long(), kept):
         raise ValueError("kept_keys must hold each q cluster's kept keys: the sizes of its kept kv clusters summed")
@@ -205,6 +215,10 @@ def check_kept_rows_values(
     kept_sum = int(kept.sum())
     if kept_rows_total is not None and kept_rows_total < kept_sum:
         raise ValueError(f"kept_rows_total={kept_rows_total} is below the kept keys of all q clusters, {kept_sum}")
+    if pair_kept_rows is not None:
+        for i, (bound, actual) in enumerate(zip(pair_kept_rows, kept.flatten(0, 1).sum(-1).tolist())):
+            if bound < actual:
+                raise ValueError(f"pair_kept_rows[{i}]={bound} is below the kept keys of that pair's q clusters, {actual}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,16 +366,36 @@ def _varlen_fwd_kernel(
 
 @dataclass(frozen=True)
 class KeptRowsPlan:
-    """Where the kept-rows lists of one launch group lie, and how many (batch, head) pairs a group holds.
+    """Where the kept-rows lists of a call lie, launch group by launch group.
 
-    ``group``: pairs per launch group (the last group may hold fewer); ``starts`` int64
-    ``(group * NQC,)``: the first int32 element of each group-local (pair, q cluster) list, the same
-    in every group; ``size``: int32 elements of the buffer a group uses.
+    ``groups``: each launch group's first (batch, head) pair and number of pairs, in order; ``starts`` int64:
+    the first int32 element of each group-local (pair, q cluster) list, for every pair ``(B * H * NQC,)``,
+    or, when ``shared``, ``(G * NQC,)`` for the largest group and the same in every group; ``size``: int32
+    elements of the buffer the largest group uses.
     """
 
-    group: int
+    groups: tuple[tuple[int, int], ...]
     starts: Tensor
     size: int
+    shared: bool
+
+    def group_starts(self, first: int, pairs: int, nqc: int) -> Tensor:
+        """The ``starts`` of the lists of pairs ``first .. first + pairs - 1``, ``(pairs * NQC,)``."""
+        return self.starts[: pairs * nqc] if self.shared else self.starts[first * nqc: (first + pairs) * nqc]
+
+
+def ragged_groups(pair_rows: list[int], budget_rows: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive ``(first pair, pairs)`` groups whose ``pair_rows`` sum to at most ``budget_rows`` each (a pair
+    over it forms a group alone)."""
+    groups, first, used = [], 0, 0
+    for pair, rows in enumerate(pair_rows):
+        if pair > first and used + rows > budget_rows:
+            groups.append((first, pair - first))
+            first, used = pair, 0
+        used += rows
+    if pair_rows:
+        groups.append((first, len(pair_rows) - first))
+    return tuple(groups)
 
 
 def _flat_offsets(offsets: Tensor) -> Tensor:
@@ -383,25 +417,38 @@ def kept_rows_plan(
     kept_keys: Tensor | None = None,
     max_kept_keys: int | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> KeptRowsPlan:
     """The kept-rows buffer of a call with ``layout`` (``(B, H, ...)``) and ``s_k`` keys; no host sync.
 
     Ragged when ``kept_rows_total`` (a bound of the kept keys of all q clusters together) is given and
     ``4 * kept_rows_total`` fits ``budget_bytes``: one group of every pair, each list right after the
     previous one, at the exclusive cumsum of ``kept_keys`` ``(B, H, NQC)`` (each q cluster's kept keys;
-    computed from the layout when ``None``). Else padded: ``max_kept_keys`` (default ``S_k``) elements
-    per list and as many pairs per group as fit the budget (at least one). A ragged total that does
-    not fit falls back to padded groups: sizing ragged groups would need every pair's own total on
-    the host, where padded groups need only the maximum.
+    computed from the layout when ``None``). Else, with ``pair_kept_rows`` (a bound of each (batch, head)
+    pair's kept keys, ``B * H`` ints), ragged in groups: consecutive pairs whose bounds fit the budget
+    together (:func:`ragged_groups`), each pair's lists from the sum of the bounds before it in its group.
+    Else padded: ``max_kept_keys`` (default ``S_k``) elements per list and as many pairs per group as fit
+    the budget (at least one); a pair's bound never exceeds its padded room, so ragged groups hold at least
+    as many pairs.
     """
     b, h, nqc, _ = layout.indices.shape
+    pairs, device = b * h, layout.indices.device
     if kept_rows_total is not None and 4 * kept_rows_total <= budget_bytes:
         kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(-1).long()
-        return KeptRowsPlan(b * h, kept.cumsum(0) - kept, kept_rows_total)
+        return KeptRowsPlan(((0, pairs),), kept.cumsum(0) - kept, kept_rows_total, shared=False)
+    if pair_kept_rows is not None:
+        groups = ragged_groups(pair_kept_rows, budget_bytes // 4)
+        bases = [base for first, count in groups
+                 for base in itertools.accumulate(pair_kept_rows[first:first + count - 1], initial=0)]  # fmt: skip
+        kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(pairs, nqc).long()
+        starts = torch.tensor(bases, dtype=torch.int64, device=device)[:, None] + kept.cumsum(1) - kept
+        size = max(sum(pair_kept_rows[first:first + count]) for first, count in groups) if groups else 0
+        return KeptRowsPlan(groups, starts.reshape(-1), size, shared=False)
     rows_stride = s_k if max_kept_keys is None else max(1, min(s_k, max_kept_keys))
-    group = launch_group_size(b * h, nqc * rows_stride * 4, budget_bytes)
-    starts = torch.arange(group * nqc, dtype=torch.int64, device=layout.indices.device) * rows_stride
-    return KeptRowsPlan(group, starts, group * nqc * rows_stride)
+    group = launch_group_size(pairs, nqc * rows_stride * 4, budget_bytes)
+    starts = torch.arange(group * nqc, dtype=torch.int64, device=device) * rows_stride
+    groups = tuple((first, min(group, pairs - first)) for first in range(0, pairs, group))
+    return KeptRowsPlan(groups, starts, group * nqc * rows_stride, shared=True)
 
 
 def _kept_rows(layout: VarlenLayout, kv_off: Tensor, starts: Tensor, bh_start: int, group: int, rows: Tensor) -> Tensor:
@@ -433,30 +480,30 @@ class _PreparedCall:
     plan: KeptRowsPlan
     rows: Tensor
 
-    def kept_row_groups(self) -> Iterator[tuple[int, int, Tensor]]:
-        """Per launch group: its first (batch, head) pair, its pairs, and its kept keys per q cluster
-        (int32 ``(G, NQC)``) once the prep kernel has written its lists."""
-        pairs = self.layout.q_offsets.shape[0] * self.layout.q_offsets.shape[1]
-        for bh_start in range(0, pairs, self.plan.group):
-            size = min(self.plan.group, pairs - bh_start)
-            yield bh_start, size, _kept_rows(self.layout, self.kv_off, self.plan.starts, bh_start, size, self.rows)
+    def kept_row_groups(self) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+        """Per launch group: its first (batch, head) pair, its pairs, its kept keys per q cluster (int32
+        ``(G, NQC)``) once the prep kernel has written its lists, and where its lists start (int64 ``(G * NQC,)``)."""
+        nqc = self.layout.num_q_clusters
+        for bh_start, size in self.plan.groups:
+            starts = self.plan.group_starts(bh_start, size, nqc)
+            yield bh_start, size, _kept_rows(self.layout, self.kv_off, starts, bh_start, size, self.rows), starts
 
 
 def _prepare_call(
     q: Tensor, k: Tensor, v: Tensor, layout_args: tuple[Tensor, ...], q_perm: Tensor | None, kv_perm: Tensor | None,
     out: Tensor | None, lse_out: Tensor | None, max_kept_keys: int | None, kept_keys: Tensor | None,
-    kept_rows_total: int | None,
+    kept_rows_total: int | None, pair_kept_rows: list[int] | None,
 ) -> _PreparedCall:  # fmt: skip
     """Check a call's inputs and buffers (default O token-major, LSE contiguous fp32) and plan its kept rows."""
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
-    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total, pair_kept_rows)
     b, h, s_q, d = q.shape
     out = attention_output_like(q, v) if out is None else out
     lse_out = torch.empty((b, h, s_q), dtype=torch.float32, device=q.device) if lse_out is None else lse_out
     check_strided_out_buffer("out", out, (b, h, s_q, d), q.dtype, q.device)
     check_out_buffer("lse_out", lse_out, (b, h, s_q), torch.float32, q.device)
     plan = kept_rows_plan(layout, k.shape[2], rows_budget_bytes(q), kept_keys=kept_keys, max_kept_keys=max_kept_keys,
-                          kept_rows_total=kept_rows_total)  # fmt: skip
+                          kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
     rows = torch.empty(max(plan.size, 1), dtype=torch.int32, device=q.device)
     return _PreparedCall(layout, out, lse_out, _flat_offsets(layout.q_offsets), _flat_offsets(layout.kv_offsets), plan,
                          rows)  # fmt: skip
@@ -480,6 +527,7 @@ def varlen_block_sparse_attention_triton(
     max_kept_keys: int | None = None,
     kept_keys: Tensor | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); returns (O, LSE).
 
@@ -497,14 +545,14 @@ def varlen_block_sparse_attention_triton(
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
-                         kept_rows_total)  # fmt: skip
+                         kept_rows_total, pair_kept_rows)  # fmt: skip
     out, lse_out, layout = call.out, call.lse, call.layout
     if out.numel() == 0 and lse_out.numel() == 0:
         return out, lse_out
     nqc = layout.num_q_clusters
     config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
     scale = default_scale(d, scale)
-    for bh_start, size, total in call.kept_row_groups():
+    for bh_start, size, total, starts in call.kept_row_groups():
         main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
         launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
         if tail is not None:
@@ -514,7 +562,7 @@ def varlen_block_sparse_attention_triton(
             num_tiles = tile_cluster.shape[1]
             _varlen_fwd_kernel[(num_tiles, size)](
                 q, k, v, out, lse_out, layout.q_perm,
-                tile_cluster, tile_row, call.q_off, total, call.plan.starts, call.rows,
+                tile_cluster, tile_row, call.q_off, total, starts, call.rows,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
                 bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
                 HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
@@ -569,6 +617,7 @@ def varlen_block_sparse_attention_gluon(
     max_kept_keys: int | None = None,
     kept_keys: Tensor | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the Gluon cluster kernel (:mod:`~sparse_compile.kernels.gluon_varlen_block_sparse`, CUDA sm_90
     only); returns (O, LSE) in token order.
@@ -582,13 +631,13 @@ def varlen_block_sparse_attention_gluon(
         raise ValueError(reason)
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
-                         kept_rows_total)  # fmt: skip
+                         kept_rows_total, pair_kept_rows)  # fmt: skip
     if call.out.numel() == 0:
         return call.out, call.lse
     scale = default_scale(q.shape[-1], scale)
-    for bh_start, _, total in call.kept_row_groups():
+    for bh_start, _, total, starts in call.kept_row_groups():
         (tile_cluster, tile_row), _ = tile_tables(call.q_off, total, bh_start, q.shape[2], tile.block_m, 0)
-        launch_gluon_varlen(q, k, v, call.out, call.lse, call.layout.q_perm, call.q_off, total, call.plan.starts,
+        launch_gluon_varlen(q, k, v, call.out, call.lse, call.layout.q_perm, call.q_off, total, starts,
                             call.rows, tile_cluster, tile_row, bh_start, scale, tile)  # fmt: skip
     return call.out, call.lse
 
@@ -608,6 +657,7 @@ def _varlen_op(
     max_kept_keys: int | None = None,
     kept_keys: Tensor | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
@@ -615,15 +665,15 @@ def _varlen_op(
     if choice == "gluon":
         return varlen_block_sparse_attention_gluon(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
                                                    max_kept_keys=max_kept_keys, kept_keys=kept_keys,
-                                                   kept_rows_total=kept_rows_total)  # fmt: skip
+                                                   kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
     if choice == "triton":
         return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
                                                     max_kept_keys=max_kept_keys, kept_keys=kept_keys,
-                                                    kept_rows_total=kept_rows_total)  # fmt: skip
+                                                    kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
-    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
+    kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total, pair_kept_rows)
     check_varlen_layout_values(layout, q.shape[2], k.shape[2])
-    check_kept_rows_values(layout, kept_keys, max_kept_keys, kept_rows_total)
+    check_kept_rows_values(layout, kept_keys, max_kept_keys, kept_rows_total, pair_kept_rows)
     return varlen_block_sparse_attention_reference(
         q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, return_lse=True
     )
@@ -644,11 +694,12 @@ def _varlen_fake(
     max_kept_keys: int | None = None,
     kept_keys: Tensor | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     layout = validate_varlen_inputs(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, q_perm, kv_perm
     )
-    validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total)
+    validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total, pair_kept_rows)
     b, h, s_q, _ = q.shape
     return attention_output_like(q, v), q.new_empty((b, h, s_q), dtype=torch.float32)
 
@@ -669,6 +720,7 @@ def varlen_block_sparse_attention(
     max_kept_keys: int | None = None,
     kept_keys: Tensor | None = None,
     kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Cluster-sparse attention through the ``sparse_compile::varlen_block_sparse_attention`` op.
 
@@ -693,7 +745,7 @@ def varlen_block_sparse_attention(
     scale = default_scale(q.shape[-1], scale)
     out, lse = torch.ops.sparse_compile.varlen_block_sparse_attention(
         q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices, scale,
-        q_perm, kv_perm, max_kept_keys, kept_keys, kept_rows_total,
+        q_perm, kv_perm, max_kept_keys, kept_keys, kept_rows_total, pair_kept_rows,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -243,8 +243,9 @@ class ClusterLayout:
         q_offsets, k_offsets: int32 ``(B, h, K + 1)`` cluster offsets.
         selection: the key clusters each query cluster keeps.
         q_labels, k_labels: int32 ``(B, h, Sv)``: each token's cluster (for the recall check).
-        max_kept_keys: the most keys any query cluster keeps, and
-        kept_rows_total: the keys all query clusters keep together (these two size the kernel's kept-rows buffer).
+        max_kept_keys: the most keys any query cluster keeps,
+        pair_kept_rows: the keys each (batch element, head)'s query clusters keep together, ``B * h`` ints, and
+        kept_rows_total: their sum (these three size the kernel's kept-rows buffer).
         density: fp64 0-d: kept video pairs / ``Sv**2``, mean over (batch, head).
     """
 
@@ -256,6 +257,7 @@ class ClusterLayout:
     q_labels: Tensor
     k_labels: Tensor
     max_kept_keys: int
+    pair_kept_rows: list[int]
     kept_rows_total: int
     density: Tensor
 
@@ -265,7 +267,7 @@ class ClusterLayout:
         out, lse = varlen_block_sparse_attention(
             q, k, v, self.q_offsets, self.k_offsets, sel.counts, sel.indices, q_perm=self.q_perm,
             kv_perm=self.k_perm, scale=scale, return_lse=True, max_kept_keys=self.max_kept_keys,
-            kept_keys=sel.kept_tokens, kept_rows_total=self.kept_rows_total,
+            kept_keys=sel.kept_tokens, kept_rows_total=self.kept_rows_total, pair_kept_rows=self.pair_kept_rows,
         )  # fmt: skip
         return out, lse, self.density
 
@@ -285,11 +287,11 @@ class ClusterLayout:
 
 def cluster_layout(candidate: ClusterCandidate, heads: Tensor) -> ClusterLayout:
     """The layout of the candidate's ``heads`` (int64 indices into its heads, non-empty). Reads the
-    most kept keys of a query cluster and the kept keys of all of them on the host (one read)."""
+    most kept keys of a query cluster and the kept keys of each (batch element, head) on the host (one read)."""
     selection = ClusterSelection(*(_pick(t, heads) for t in candidate.selection))
     num_video = candidate.q_perm.shape[-1]
     kept = selection.kept_tokens.long()
-    max_kept_keys, kept_rows_total = torch.stack([kept.max(), kept.sum()]).tolist()
+    max_kept_keys, *pair_kept_rows = torch.cat([kept.max().view(1), kept.flatten(0, 1).sum(-1)]).tolist()
     return ClusterLayout(
         q_perm=_pick(candidate.q_perm, heads),
         q_offsets=_pick(candidate.q_offsets, heads),
@@ -299,6 +301,7 @@ def cluster_layout(candidate: ClusterCandidate, heads: Tensor) -> ClusterLayout:
         q_labels=_pick(candidate.query.labels, heads),
         k_labels=_pick(candidate.key.labels, heads),
         max_kept_keys=max(1, max_kept_keys),
-        kept_rows_total=kept_rows_total,
+        pair_kept_rows=pair_kept_rows,
+        kept_rows_total=sum(pair_kept_rows),
         density=_pick(candidate.kept_pairs, heads).mean() / float(num_video) ** 2,
     )

@@ -231,16 +231,17 @@ class Svg2Method(AttentionMethod):
         plan = self._plan(q, k, call)
         kept_tokens = plan.selection.kept_tokens
         past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > costs.break_even_density
-        # one host read per call, per head: whether it passes break-even, the most keys one of its q
-        # clusters keeps, and the keys all of them keep (in every batch element)
-        kept_by_head = kept_tokens.long().transpose(0, 1).flatten(1)
-        guarded, head_max_kept, head_kept = torch.stack(
-            [past.any(dim=0).long(), kept_by_head.amax(dim=1), kept_by_head.sum(dim=1)]
-        ).tolist()
+        # one host read per call, per head: whether it passes break-even and the most keys one of its q
+        # clusters keeps (in every batch element); per (batch element, head): the keys all its q clusters keep
+        kept = kept_tokens.long()
+        batch, heads = kept.shape[:2]
+        read = torch.cat([past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()]).tolist()
+        guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
         if not unguarded:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(len(guarded))))
-        bounds = max(head_max_kept[h] for h in unguarded), sum(head_kept[h] for h in unguarded)
+        pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
+        bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
         sparse_heads, dense_heads = (
@@ -272,15 +273,17 @@ class Svg2Method(AttentionMethod):
 
     def _attend_plan(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall,
-        max_kept_keys: int | None = None, kept_rows_total: int | None = None,
+        max_kept_keys: int | None = None, kept_rows_total: int | None = None, pair_kept_rows: list[int] | None = None,
     ):  # fmt: skip
         """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density.
-        ``max_kept_keys`` and ``kept_rows_total`` (read on the host by the guard: the most keys one q cluster
-        of the plan's heads keeps, and the keys all of them keep) size the kernel's kept-rows buffer."""
+        ``max_kept_keys``, ``kept_rows_total`` and ``pair_kept_rows`` (read on the host by the guard: the most
+        keys one q cluster of the plan's heads keeps, the keys all of them keep, and each (batch element, head)'s)
+        size the kernel's kept-rows buffer."""
         selection = plan.selection
         out, lse = varlen_block_sparse_attention(
             q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
             q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,
             max_kept_keys=max_kept_keys, kept_keys=selection.kept_tokens, kept_rows_total=kept_rows_total,
+            pair_kept_rows=pair_kept_rows,
         )  # fmt: skip
         return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])

@@ -415,7 +415,7 @@ def test_rows_plan_is_ragged_in_one_group_when_the_kept_total_fits_the_budget():
     flat = kept.reshape(-1)
     for given in (None, kept.int()):
         plan = vb.kept_rows_plan(expanded_layout, 90, 4 * total, kept_keys=given, kept_rows_total=total)
-        assert (plan.group, plan.size) == (6, total)
+        assert (plan.groups, plan.size) == (((0, 6),), total)
         assert torch.equal(plan.starts, flat.cumsum(0) - flat)  # each list right after the previous one
 
 
@@ -426,13 +426,71 @@ def test_rows_plan_is_padded_in_groups_without_a_total_or_when_it_does_not_fit()
     budget = 4 * total - 4  # one key short of the ragged buffer
     for given_total in (None, total):  # the full row length of 90: one pair per group
         plan = vb.kept_rows_plan(expanded_layout, 90, budget, kept_rows_total=given_total)
-        assert (plan.group, plan.size) == (1, 4 * 90)
-        assert torch.equal(plan.starts, torch.arange(4) * 90)
+        assert (plan.groups, plan.size) == (tuple((p, 1) for p in range(6)), 4 * 90)
+        assert torch.equal(plan.group_starts(3, 1, 4), torch.arange(4) * 90)  # the same room in every group
     most = int(kept.max())
     bounded = vb.kept_rows_plan(expanded_layout, 90, budget, max_kept_keys=most, kept_rows_total=total)
     group = launch_group_size(6, 4 * most * 4, budget)
-    assert group > 1 and (bounded.group, bounded.size) == (group, group * 4 * most)
-    assert torch.equal(bounded.starts, torch.arange(group * 4) * most)
+    assert group > 1 and bounded.groups[0] == (0, group) and bounded.size == group * 4 * most
+    assert torch.equal(bounded.group_starts(group, group, 4), torch.arange(group * 4) * most)
+
+
+def test_rows_plan_is_ragged_in_groups_given_each_pairs_bound():
+    """Over the budget, each pair's bound packs consecutive pairs into groups: the lists of a pair follow the
+    bounds of the pairs before it in its group, and no group's bounds exceed the budget."""
+    q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.3, seed=9)
+    expanded_layout = expanded(q, k, v, layout)
+    kept, total = kept_keys_of(q, k, layout)
+    pair_rows = kept.reshape(6, 4).sum(-1).tolist()
+    budget_rows = max(pair_rows) + min(pair_rows)  # below the total: more than one group, some of two pairs or more
+    plan = vb.kept_rows_plan(expanded_layout, 90, 4 * budget_rows, kept_rows_total=total, pair_kept_rows=pair_rows)
+    assert 1 < len(plan.groups) < 6 and sum(n for _, n in plan.groups) == 6
+    assert [first for first, _ in plan.groups] == sorted(first for first, _ in plan.groups)
+    assert plan.size == max(sum(pair_rows[f:f + n]) for f, n in plan.groups) <= budget_rows
+    for first, count in plan.groups:
+        starts = plan.group_starts(first, count, 4).view(count, 4)
+        lists = kept.reshape(6, 4)[first:first + count]
+        base = torch.tensor([sum(pair_rows[first:first + i]) for i in range(count)])
+        assert torch.equal(starts, base[:, None] + lists.cumsum(1) - lists)
+
+
+def test_ragged_groups_pack_consecutive_pairs_under_the_budget():
+    assert vb.ragged_groups([4, 4, 4, 4], 8) == ((0, 2), (2, 2))
+    assert vb.ragged_groups([9, 1, 1, 9], 8) == ((0, 1), (1, 2), (3, 1))  # a pair over the budget runs alone
+    assert vb.ragged_groups([], 8) == ()
+
+
+def test_pair_bounds_are_checked():
+    q, k, v, layout = random_problem(1, 2, 60, 90, 16, 4, 18, 0.3, seed=9)
+    expanded_layout = expanded(q, k, v, layout)
+    with pytest.raises(ValueError, match="one bound per"):
+        vb.validate_kept_rows_args(expanded_layout, None, None, None, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"pair_kept_rows\[1\]"):
+        vb.validate_kept_rows_args(expanded_layout, None, None, None, [1, -2])
+    kept, _ = kept_keys_of(q, k, layout)
+    pair_rows = kept.reshape(2, 4).sum(-1).tolist()
+    vb.check_kept_rows_values(expanded_layout, None, None, None, pair_rows)
+    with pytest.raises(ValueError, match=r"pair_kept_rows\[0\]"):
+        vb.check_kept_rows_values(expanded_layout, None, None, None, [pair_rows[0] - 1, pair_rows[1]])
+
+
+@interp
+def test_interp_ragged_groups_under_a_small_budget_match_reference(monkeypatch):
+    """Kept rows over the budget with each pair's bound given: consecutive pairs in ragged groups (here 2 for
+    3 pairs; padded rows of the largest count would need 3), the reference's result in every poisoned row."""
+    q, k, v, layout, perms = uneven_problem(torch.float32)
+    kept, total = kept_keys_of(q, k, layout)
+    pair_rows = kept.reshape(3, -1).sum(-1).tolist()
+    budget_rows = max(pair_rows[0] + pair_rows[1], pair_rows[2])
+    assert budget_rows < total and vb.ragged_groups(pair_rows, budget_rows) == ((0, 2), (2, 1))
+    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: 4 * budget_rows)
+    out = attention_output_like(q, v).fill_(float("nan"))
+    lse = torch.full(q.shape[:3], float("nan"))
+    vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **perms, kept_keys=kept.int(), kept_rows_total=total,
+                                            pair_kept_rows=pair_rows, scale=0.3, config=VarlenConfig(16, 16, 4, 1),
+                                            out=out, lse_out=lse)  # fmt: skip
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert_matches_reference(q, k, v, layout, (out, lse), **perms)
 
 
 def uneven_problem(dtype):
