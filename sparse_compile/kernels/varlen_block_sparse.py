@@ -386,10 +386,23 @@ class KeptRowsPlan:
 
 def ragged_groups(pair_rows: list[int], budget_rows: int) -> tuple[tuple[int, int], ...]:
     """Consecutive ``(first pair, pairs)`` groups whose ``pair_rows`` sum to at most ``budget_rows`` each (a pair
-    over it forms a group alone)."""
+    over it forms a group alone): as few groups as packing each one full needs, with the largest group's sum
+    as small as that many groups allow (so the last group is not left nearly empty)."""
+    groups = _packed_groups(pair_rows, budget_rows)
+    if not groups or max(pair_rows) > budget_rows:
+        return groups
+    low, high = max(max(pair_rows), -(-sum(pair_rows) // len(groups))), budget_rows
+    while low < high:  # the smallest cap that packs into as few groups
+        cap = (low + high) // 2
+        low, high = (low, cap) if len(_packed_groups(pair_rows, cap)) <= len(groups) else (cap + 1, high)
+    return _packed_groups(pair_rows, low)
+
+
+def _packed_groups(pair_rows: list[int], cap: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive groups, each filled with pairs while their ``pair_rows`` sum stays within ``cap``."""
     groups, first, used = [], 0, 0
     for pair, rows in enumerate(pair_rows):
-        if pair > first and used + rows > budget_rows:
+        if pair > first and used + rows > cap:
             groups.append((first, pair - first))
             first, used = pair, 0
         used += rows
