@@ -54,3 +54,26 @@ def test_when_every_head_is_past_break_even_the_call_runs_dense(monkeypatch):
     result, runs, (q, k, v) = _run(monkeypatch, all_dense)
     assert result.guarded_heads == (0, 1, 2) and runs.guard == [1, 1, 1]
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):
+    """Batch elements whose heads keep different key counts: the op gets each (batch element, sparse head)'s kept
+    keys as its bound, in (batch, head) order, and their sum as the total."""
+    monkeypatch.setattr(svg2, "guard_costs", lambda *args: NOMINAL_COSTS)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return varlen_op(*args, **kwargs)
+
+    varlen_op = svg2.varlen_block_sparse_attention
+    monkeypatch.setattr(svg2, "varlen_block_sparse_attention", recording)
+    q, k, v = synthetic_heads()
+    swapped = [1, 0, 2]  # the local and temporal heads trade places in the second batch element
+    q, k, v = (torch.cat([t, t[:, swapped]]) for t in (q, k, v))
+    result = Svg2Method(validate_options(OPTIONS)).run(method_call(q, k, v, LAYOUT, SiteCache()))
+    assert result.guarded_heads == (2,) and len(calls) == 1
+    per_pair = calls[0]["kept_keys"].long().sum(-1)  # (B, sparse heads)
+    assert per_pair[0, 0] != per_pair[0, 1] and torch.equal(per_pair[0], per_pair[1].flip(0))
+    assert calls[0]["pair_kept_rows"] == per_pair.flatten().tolist()
+    assert calls[0]["kept_rows_total"] == int(per_pair.sum())
