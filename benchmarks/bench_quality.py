@@ -40,7 +40,7 @@ from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import make_videos
 
 GENERATION_METHODS = {
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dense-steps", type=int, default=5)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="small sizes and method options: a CPU smoke run")
     args = parser.parse_args(argv)

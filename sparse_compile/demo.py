@@ -30,7 +30,7 @@ from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.judge import judge
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import MIN_SIZE, NUM_CLASSES, class_name
 
 PATCH = 2  # pixels per token along height and width
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="class: " + ", ".join(f"{i} {class_name(i)}" for i in range(NUM_CLASSES)))
     parser.add_argument("--steps", type=_at_least(1), default=20 if gpu else 6)
     parser.add_argument("--dense-steps", type=_at_least(0), default=5 if gpu else 2)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--frames", type=_at_least(1), default=16 if gpu else 6)
     parser.add_argument("--height", type=_at_least(MIN_SIZE), default=64 if gpu else 32,
                         help=f"pixels, even (tokens: height/{PATCH})")

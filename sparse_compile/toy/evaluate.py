@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from sparse_compile.toy.judge import judge
-from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import NUM_CLASSES
 
 
@@ -43,7 +43,7 @@ def generate_clips(
     clips: int = 32,
     seed: int = 0,
     batch: int = 16,
-    guidance: float = 4.0,
+    guidance: float = GUIDANCE,
     between_batches: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """``clips`` videos ``(clips, 3, F, H, W)`` of :func:`balanced_labels`, in batches of ``batch``

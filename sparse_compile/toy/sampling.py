@@ -14,6 +14,9 @@ import torch
 
 from sparse_compile.toy.model import class_embeddings
 
+GUIDANCE = 4.0
+"""The toy's default classifier-free guidance scale."""
+
 
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """Gaussian noise drawn on the CPU from ``seed`` (identical on every device)."""
@@ -28,7 +31,7 @@ def generate(
     height: int,
     width: int,
     steps: int,
-    guidance: float = 4.0,
+    guidance: float = GUIDANCE,
     on_step: Callable[[int], None] | None = None,
     until: int | None = None,
     shift: float = 1.0,
