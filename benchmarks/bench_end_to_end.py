@@ -10,7 +10,7 @@ branches pinned with ``sparse_compile.set_step``; CUDA events, one call at a tim
 * *special* steps, timed call by call: step 0 (compile warm-up aside, SVG2's initial k-means
   runs here while ``kmeans_during_dense``), the last dense step (AdaSpa caches the full LSE), the
   first sparse step, and any later step the method schedules extra work for (AdaSpa's second
-  search);
+  search; ``auto``'s timed second sparse step and its recall checks);
 * *steady* steps, sampled: the median call of ``--calls`` calls in the dense phase (steps
   ``< --dense-steps``) and in the sparse phase stands for every other step of that phase.
 

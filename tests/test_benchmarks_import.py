@@ -111,3 +111,13 @@ def test_end_to_end_total_extrapolates_steady_calls_and_sums_special_steps(bench
     result = extrapolate(schedule, {0: [10.0, 10.0], 1: [7.0, 5.0], 2: [4.0, 6.0]})
     assert result["total_s"] == pytest.approx((20 + 12 + 2 * 2 * 5.0) / 1e3)
     assert result["dense_phase_s"] == pytest.approx(0.020)
+
+
+def test_end_to_end_times_the_steps_a_method_does_extra_work_at_one_by_one(benchmarks_on_path):
+    """AdaSpa's searches; auto's timed second sparse step and its recall checks (choice at the last dense step)."""
+    from end_to_end.schedule import special_steps
+
+    assert special_steps(None, 10, 50) == ()
+    assert special_steps({"method": "adaspa", "dense_steps": 10}, 10, 50) == (0, 9, 10, 30)
+    assert special_steps({"method": "auto", "dense_steps": 10}, 10, 50) == (0, 9, 10, 11, 19, 29, 39, 49)
+    assert special_steps({"method": "radial", "dense_steps": 10}, 10, 50) == (0, 9, 10)

@@ -45,9 +45,7 @@ def special_steps(options: dict[str, Any] | None, dense_steps: int, total: int) 
         return ()
     steps = {0, dense_steps - 1, dense_steps}
     instance = METHODS[options["method"]](sparse_compile.validate_options(options))
-    is_search_step = getattr(instance, "is_search_step", None)
-    if is_search_step is not None:
-        steps |= {s for s in range(dense_steps, total) if is_search_step(s)}
+    steps |= {s for s in range(dense_steps, total) if instance.is_extra_work_step(s)}
     return tuple(sorted(s for s in steps if 0 <= s < total))
 
 

@@ -102,6 +102,10 @@ class AdaSpaMethod(AttentionMethod):
             return step in (self.first_sparse_step, self.first_sparse_step + self.config.search_interval)
         return step in steps
 
+    def is_extra_work_step(self, step: int) -> bool:
+        """The search steps."""
+        return self.is_search_step(step)
+
     def keeps_every_pair(self, call: AttentionCall) -> bool:
         """Whether the block budget at ``density`` is every block of this call's video tokens."""
         n = video_blocks(call.layout.video_tokens, self.config.block)

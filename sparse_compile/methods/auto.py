@@ -204,6 +204,13 @@ class AutoMethod(AttentionMethod):
             self._time_sparse_call(timer, choice, start)
         return result
 
+    def is_extra_work_step(self, step: int) -> bool:
+        """The step after the first sparse one, whose calls are timed against dense (and may still run sparse where
+        the site then turns dense), and the recall checks every ``recheck_every`` steps after a choice made at the
+        last dense step."""
+        since_choice = step - (self.first_sparse_step - 1)
+        return step == self.first_sparse_step + 1 or (since_choice > 0 and since_choice % self.config.recheck_every == 0)
+
     def dense_step_attention(self, call: AttentionCall) -> Tensor:
         """Dense SDPA, timed on CUDA: the dense time a sparse choice must beat."""
         timer = self._path_timer(call)

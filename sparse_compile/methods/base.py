@@ -164,6 +164,11 @@ class AttentionMethod:
         timestep is above ``1 - dense_timestep_fraction`` of its generation's first timestep."""
         return step.step < self.options.dense_steps or in_timestep_warmup(step, self.options.dense_timestep_fraction)
 
+    def is_extra_work_step(self, step: int) -> bool:
+        """Whether calls at sparse step ``step`` do scheduled work beyond a steady call (benchmarks time such
+        steps one by one); the first sparse step always may."""
+        return False
+
     @property
     def first_sparse_step(self) -> int:
         """The first step the step count lets run sparse (the timestep warm-up may keep later ones dense)."""
