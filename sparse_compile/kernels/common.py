@@ -161,6 +161,14 @@ def online_softmax_step(s, m_i, l_i, qk_scale, SCALED: tl.constexpr):
 _PATCH_FLAG = "_sparse_compile_scalar_index"
 
 
+@triton.jit
+def strided_tile_pointers(base, off_b, off_h, rows, cols, stride_b, stride_h, stride_s, stride_d):
+    """Pointers ``(len(rows), len(cols))`` to ``base[off_b, off_h, rows, cols]`` of a strided ``(B, H, S, D)``
+    tensor; int64 offsets."""
+    rows = rows.to(tl.int64)
+    return base + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_s + cols[None, :] * stride_d
+
+
 def patch_interpreter_scalar_index() -> None:
     """Let Triton 3.6's CPU interpreter use runtime scalars as ``range`` bounds under NumPy >= 2.4.
 

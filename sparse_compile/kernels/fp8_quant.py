@@ -36,6 +36,7 @@ from sparse_compile.kernels.common import (
     check_out_buffer,
     check_strided_out_buffer,
     interpreter_active,
+    strided_tile_pointers,
 )
 from sparse_compile.kernels.tile_configs import FP8_CHANNEL_TOKENS, fp8_quant_warps
 
@@ -155,13 +156,6 @@ def _scale_of_amax(amax):
 
 
 @triton.jit
-def _tile_pointers(base, off_b, off_h, rows, cols, stride_b, stride_h, stride_s, stride_d):
-    """Pointers ``(len(rows), len(cols))`` to ``base[off_b, off_h, rows, cols]`` of a strided ``(B, H, S, D)``."""
-    rows = rows.to(tl.int64)
-    return base + off_b * stride_b + off_h * stride_h + rows[:, None] * stride_s + cols[None, :] * stride_d
-
-
-@triton.jit
 def _quantize_row_blocks_kernel(
     X, MEAN, X_FP8, SCALE,
     stride_xb, stride_xh, stride_xs, stride_xd,
@@ -191,14 +185,14 @@ def _quantize_row_blocks_kernel(
     cols = tl.arange(0, COLUMNS)
     col_ok = cols < HEAD_DIM
     ok = ((offs_r < BLOCK) & (rows < S))[:, None] & col_ok[None, :]
-    src = _tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
+    src = strided_tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
     x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
     if SMOOTH:
         mean = tl.load(MEAN + off_b * stride_mb + off_h * stride_mh + cols * stride_md, mask=col_ok, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
     scale = _scale_of_amax(tl.max(tl.abs(x)))
     tl.store(SCALE + pid_bh.to(tl.int64) * NUM_BLOCKS + pid_n, scale)
-    dst = _tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
+    dst = strided_tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
     tl.store(dst, to_e4m3(tl.math.div_rn(x, scale), EXACT_CAST), mask=ok)
 
 
@@ -222,7 +216,7 @@ def _channel_amax_kernel(
     rows = pid_s * TOKENS + tl.arange(0, TOKENS)
     cols = tl.arange(0, COLUMNS)
     col_ok = cols < HEAD_DIM
-    src = _tile_pointers(X, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), rows, cols,
+    src = strided_tile_pointers(X, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), rows, cols,
                          stride_xb, stride_xh, stride_xs, stride_xd)  # fmt: skip
     x = tl.load(src, mask=(rows < S)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     tl.atomic_max(AMAX + pid_bh.to(tl.int64) * HEAD_DIM + cols, tl.max(tl.abs(x), 0), mask=col_ok, sem="relaxed")
@@ -256,9 +250,9 @@ def _quantize_channels_kernel(
     scale = _scale_of_amax(tl.load(AMAX + channels, mask=col_ok, other=0.0))
     tl.store(SCALE + channels, scale, mask=col_ok & (pid_s == 0))
     ok = (rows < S)[:, None] & col_ok[None, :]
-    src = _tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
+    src = strided_tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
     x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    dst = _tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
+    dst = strided_tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
     tl.store(dst, to_e4m3(tl.math.div_rn(x, scale[None, :]), EXACT_CAST), mask=ok)
 
 

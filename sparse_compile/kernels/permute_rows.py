@@ -37,6 +37,7 @@ from sparse_compile.kernels.common import (
     check_strided_out_buffer,
     expand_permutation,
     interpreter_active,
+    strided_tile_pointers,
 )
 
 MAX_ROW = 256
@@ -48,12 +49,6 @@ MAX_BLOCK_ROWS = 1024
 """Most rows per program (rows of D = 1, an LSE, are 4 bytes)."""
 
 __all__ = ["MAX_ROW", "gather_rows", "scatter_rows", "tile_shape"]
-
-
-@triton.jit
-def _rows_at(ptr, b, h, rows, cols, stride_b, stride_h, stride_s, stride_d):
-    """Pointers to ``ptr[b, h, rows, cols]`` (BLOCK_ROWS x BLOCK_D) of a ``(B, H, S, D)`` tensor; int64 offsets."""
-    return ptr + b * stride_b + h * stride_h + rows[:, None] * stride_s + cols[None, :] * stride_d
 
 
 @triton.jit
@@ -82,11 +77,11 @@ def _permute_rows_kernel(
     else:
         src_rows = tokens
         dst_rows = rows
-    rows0 = tl.load(_rows_at(x0, b, h, src_rows, cols, x0_b, x0_h, x0_s, x0_d), mask=mask)
+    rows0 = tl.load(strided_tile_pointers(x0, b, h, src_rows, cols, x0_b, x0_h, x0_s, x0_d), mask=mask)
     if TWO:  # both tensors' loads are issued before either store
-        rows1 = tl.load(_rows_at(x1, b, h, src_rows, cols, x1_b, x1_h, x1_s, x1_d), mask=mask)
-        tl.store(_rows_at(out1, b, h, dst_rows, cols, o1_b, o1_h, o1_s, o1_d), rows1, mask=mask)
-    tl.store(_rows_at(out0, b, h, dst_rows, cols, o0_b, o0_h, o0_s, o0_d), rows0, mask=mask)
+        rows1 = tl.load(strided_tile_pointers(x1, b, h, src_rows, cols, x1_b, x1_h, x1_s, x1_d), mask=mask)
+        tl.store(strided_tile_pointers(out1, b, h, dst_rows, cols, o1_b, o1_h, o1_s, o1_d), rows1, mask=mask)
+    tl.store(strided_tile_pointers(out0, b, h, dst_rows, cols, o0_b, o0_h, o0_s, o0_d), rows0, mask=mask)
 
 
 def _check_rows(xs: Sequence[Tensor]) -> None:
