@@ -20,6 +20,7 @@ class FakeEvent:
 
     def __init__(self, clock: "Clock") -> None:
         self.clock, self.time = clock, clock.now
+        clock.events += 1
 
     def query(self) -> bool:
         return self.time < self.clock.held_from
@@ -30,7 +31,7 @@ class FakeEvent:
 
 class Clock:
     def __init__(self) -> None:
-        self.now, self.held_from = 0.0, float("inf")
+        self.now, self.held_from, self.events = 0.0, float("inf"), 0
 
 
 @pytest.fixture
@@ -111,3 +112,5 @@ def test_auto_runs_dense_from_the_call_after_its_sparse_calls_are_measured_slowe
 def test_auto_keeps_a_choice_measured_faster_than_dense(clock, monkeypatch):
     runs = _run_steps(clock, monkeypatch, dense_ms=10.0, sparse_ms=8.0, steps=6).head_runs
     assert (runs.warmup, runs.sparse, runs.guard) == ([2, 2, 2], [4, 4, 0], [0, 0, 4])
+    # 2 per dense warm-up call, 1 at the choice's first call, 2 around the timed one: none once the samples are in
+    assert clock.events == 2 * 2 + 1 + 2

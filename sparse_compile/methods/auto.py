@@ -187,7 +187,7 @@ class AutoMethod(AttentionMethod):
         cached = self._measured(call, self.cached(call, Choice), timer)
         if cached is not None and cached.dense:  # dense until the site chooses again: no input checks, no sync
             return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
-        start = timer.start() if timer is not None else None
+        start = timer.start() if timer is not None and timer.collecting_sparse else None
         reason = self.dense_reason(call)
         if reason is not None:
             return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
@@ -243,8 +243,8 @@ class AutoMethod(AttentionMethod):
 
     @staticmethod
     def _time_sparse_call(timer: PathTimer, choice: Choice, start: object) -> None:
-        """Count this sparse call of ``choice``, begun at event ``start``: its time is a sample unless it is
-        the choice's first call."""
+        """Count this sparse call of ``choice``, begun at event ``start`` (recorded while the timer collects):
+        its time is a sample unless it is the choice's first call."""
         if timer.choice_step != choice.step:
             timer.new_choice(choice.step)
         elif timer.count_sparse_call():

@@ -54,6 +54,11 @@ class PathTimer:
         self.choice_step, self.sparse_calls, self.sparse_ms = step, 0, []
         self._pending = [entry for entry in self._pending if entry[0] == "dense"]
 
+    @property
+    def collecting_sparse(self) -> bool:
+        """Whether the next sparse call may be a sample: no choice timed yet, or its samples not all in."""
+        return self.choice_step is None or self.sparse_calls < SPARSE_SAMPLES
+
     def count_sparse_call(self) -> bool:
         """Count one more call of the current choice after its first; whether its time is a sample (until
         ``SPARSE_SAMPLES`` are in)."""
