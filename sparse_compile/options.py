@@ -38,7 +38,8 @@ class SparseOptions:
         text_position: where those text tokens sit in the sequence (only with ``grid``).
         break_even_guard: on CUDA, a single method's call (svg2: head) whose kept density is past
             the device's break-even density runs dense SDPA (``False``: always the method's pattern,
-            e.g. to check or time a method there). ``auto`` always chooses by the cost model.
+            e.g. to check or time a method there). ``auto`` always chooses by the cost model; ``False`` only
+            stops it timing its calls against dense (:mod:`~sparse_compile.methods.call_timing`).
         precision: ``"native"``: the kernels compute in q/k/v's dtype; ``"fp8"``: the fixed-block kernel
             without token permutations (adaspa, radial, auto's block heads) runs both GEMMs in e4m3 where
             the GPU and the call allow it (:func:`~sparse_compile.methods.block_kernel.fixed_block_attention`),

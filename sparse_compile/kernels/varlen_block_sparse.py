@@ -26,7 +26,9 @@ Kernel design (CUDA):
   read. *Ragged*, when the caller gives ``kept_rows_total`` (a bound of all q clusters' kept keys,
   which the host learns only by reading the selection) and it fits :func:`rows_budget_bytes`: the
   lists are packed back to back (offsets = exclusive cumsum of the kept keys, in (pair, cluster)
-  order) and every (batch, head) pair runs in one launch group. *Padded* otherwise: every list gets
+  order) and every (batch, head) pair runs in one launch group. *Ragged in groups* when the total does
+  not fit but the caller gives each pair's bound (``pair_kept_rows``): consecutive pairs whose bounds fit
+  the budget share a launch group and one reused buffer. *Padded* otherwise: every list gets
   ``max_kept_keys`` slots (default ``S_k``), and above the budget the pairs run in groups that reuse
   one buffer (:func:`kept_rows_plan`).
 - *Permutations folded into the loads and stores* (``PERMUTE_Q``, and ``kv_perm`` in the kept rows):
@@ -749,6 +751,8 @@ def varlen_block_sparse_attention(
     the selection) shrinks the GPU kernel's kept-rows buffer, so more (batch, head) pairs share a
     launch (:func:`kept_rows_plan`): ``max_kept_keys``, a bound of any q cluster's kept keys;
     ``kept_rows_total``, a bound of all q clusters' kept keys together, which makes the buffer ragged;
+    ``pair_kept_rows``, a bound of each (batch, head) pair's (``B * H`` ints), which keeps it ragged in
+    launch groups when the total is over the budget;
     ``kept_keys`` int32/int64 ``(B or 1, H or 1, NQC)``, each q cluster's kept keys (the sizes of its
     kept kv clusters summed), saves computing them for the ragged buffer.
     Shapes are checked by the op (``ValueError``); layout, permutation and bound *values* on the CPU

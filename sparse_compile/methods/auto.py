@@ -35,7 +35,7 @@ dense with the reason reported. A call whose choice is dense runs dense SDPA wit
 (:mod:`~sparse_compile.methods.call_timing`: CUDA events, read without a sync): the dense warm-up calls,
 then the calls of a sparse choice after its first. Once a sparse call took at least the dense calls'
 median, the choice turns dense (counted as guarded) until the site chooses again. Off with
-``break_even_guard=False``, like the guard.
+``break_even_guard=False``.
 
 Options:
     recall: the share of each query row's softmax mass the kept keys must carry, in (0, 1];
