@@ -108,7 +108,7 @@ def _fp8_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_src, v_src, start_n, offs_n, offs_d, stride_vn, stride_vd, 0, S_K, False, False, MASKED)
     # A fresh accumulator per tile, added in fp32 registers: Hopper's e4m3 MMAs accumulate with fewer
-    # mantissa bits than fp32, which over a row's thousands of keys would cost about 1% of O.
+    # mantissa bits than fp32, an error that would grow over a row's thousands of keys.
     acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * 448.0, EXACT_P_CAST), v)
     return m_new, l_i, acc
 

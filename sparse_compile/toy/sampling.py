@@ -15,8 +15,8 @@ import torch
 from sparse_compile.toy.model import class_embeddings
 
 GUIDANCE = 2.0
-"""The toy's default classifier-free guidance scale: the judge reads 53% of 32 clips right at 2, 34% at 4
-(6x32x48 px, 6 steps, 48.7-minute weights; at 4 the backgrounds take colour)."""
+"""The toy's default classifier-free guidance scale (chosen by the judge's accuracy: benchmarks/RESULTS.md,
+"Toy model training")."""
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
