@@ -18,6 +18,13 @@ def test_the_judge_reads_the_class_of_ground_truth_clips(size):
     assert accuracy(clips, labels) >= 0.98
 
 
+@pytest.mark.parametrize("size", [(6, 32, 48), (16, 64, 96)], ids=["demo-cpu-size", "largest"])
+def test_the_judge_reads_ground_truth_clips_whose_shapes_the_frame_edge_cuts(size):
+    labels = balanced_labels(64)
+    cropped = make_videos(21, labels, *size)[..., 3:-3, 3:-3]  # the 2-pixel margin and a pixel of the shapes gone
+    assert accuracy(cropped, labels) >= 0.95
+
+
 def test_the_judge_sees_the_opposite_direction_when_time_runs_backwards():
     labels = balanced_labels(16)
     clips = make_videos(5, labels, 6, 32, 48).flip(2)

@@ -11,8 +11,10 @@ After a 3x3 opening and closing of that mask the judge recovers:
 
 A clip gets no verdict (label -1, which counts as wrong) unless it looks like the procedural
 videos: shape pixels in at least two frames, at most ``MAX_MASK_FRACTION`` of the clip, at least
-``MIN_SHAPE_SHARE`` of them in components of at least ``MIN_COMPONENT_PIXELS`` that do not touch
-the frame border, and at most twice as many components per frame as the videos have shapes.
+``MIN_SHAPE_SHARE`` of them in components of at least ``MIN_COMPONENT_PIXELS``, and at most twice
+as many such components per frame as the videos have shapes. A shape the frame edge cuts still
+counts (where it sits is not part of the class); the fill ratio is read from the shapes clear of
+the edge when there are any, since a cut square stays a rectangle but a cut disc does not.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sparse_compile.toy.videos import SHAPES_PER_VIDEO
 CHROMA_THRESHOLD = 0.6
 SQUARE_FILL = 0.88
 MIN_COMPONENT_PIXELS = 6
-MIN_SHAPE_SHARE = 0.8  # of the mask's pixels that must lie in whole, inside-the-frame components
+MIN_SHAPE_SHARE = 0.8  # of the mask's pixels that must lie in components of MIN_COMPONENT_PIXELS or more
 MAX_MASK_FRACTION = 0.3  # of the clip's pixels the mask may cover
 
 
@@ -80,11 +82,10 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
         ids = grown
 
 
-def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per connected component of ``mask`` ``(B, H, W)``: fill ratio (area / bounding-box area),
-    index in ``B`` and area in pixels, ``(C,)`` each.
-
-    Components smaller than ``MIN_COMPONENT_PIXELS`` or touching the frame border are left out.
+def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per connected component of ``mask`` ``(B, H, W)`` with at least ``MIN_COMPONENT_PIXELS``:
+    fill ratio (area / bounding-box area), index in ``B``, area in pixels, and whether it is clear of
+    the frame border; ``(C,)`` each.
     """
     b, h, w = mask.shape
     ids = connected_components(mask)
@@ -92,7 +93,7 @@ def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     chosen = ids.flatten() > 0
     if not chosen.any():
         empty = torch.empty(0, device=mask.device)
-        return empty, empty.long(), empty
+        return empty, empty.long(), empty, empty.bool()
     _, component = torch.unique(flat[chosen], return_inverse=True)
     count = int(component.max()) + 1
     pos = torch.arange(b * h * w, device=mask.device)[chosen]
@@ -105,8 +106,9 @@ def fill_ratios(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     area = torch.zeros(count, device=mask.device).index_add_(0, component, torch.ones_like(component, dtype=torch.float32))
     y0, y1, x0, x1 = reduce(y, "amin"), reduce(y, "amax"), reduce(x, "amin"), reduce(x, "amax")
     box = ((y1 - y0 + 1) * (x1 - x0 + 1)).float()
-    inside = (y0 > 0) & (x0 > 0) & (y1 < h - 1) & (x1 < w - 1) & (area >= MIN_COMPONENT_PIXELS)
-    return (area / box)[inside], reduce(frame, "amax")[inside], area[inside]
+    big = area >= MIN_COMPONENT_PIXELS
+    inside = (y0 > 0) & (x0 > 0) & (y1 < h - 1) & (x1 < w - 1)
+    return (area / box)[big], reduce(frame, "amax")[big], area[big], inside[big]
 
 
 def _centroid_motion(mask: torch.Tensor) -> tuple[float, float] | None:
@@ -141,12 +143,12 @@ def judge(clips: torch.Tensor) -> list[Verdict]:
         raise ValueError(f"judge expects clips (N, 3, F, H, W), got shape {tuple(clips.shape)}")
     n, _, f, h, w = clips.shape
     masks = shape_mask(clips)  # (N, F, H, W)
-    fills, clip_of, areas = fill_ratios(masks.reshape(n * f, h, w))
+    fills, clip_of, areas, inside = fill_ratios(masks.reshape(n * f, h, w))
     clip_of = clip_of // f
     verdicts = []
     for i in range(n):
         motion = _centroid_motion(masks[i])
-        mine = fills[clip_of == i]
+        mine, mine_inside = fills[clip_of == i], inside[clip_of == i]
         shape_pixels = float(masks[i].sum())
         plausible = (
             float(areas[clip_of == i].sum()) >= MIN_SHAPE_SHARE * shape_pixels
@@ -156,7 +158,7 @@ def judge(clips: torch.Tensor) -> list[Verdict]:
         if motion is None or mine.numel() == 0 or not plausible:
             verdicts.append(Verdict(-1, motion or (0.0, 0.0), float("nan")))
             continue
-        fill = float(mine.median())
+        fill = float((mine[mine_inside] if mine_inside.any() else mine).median())
         verdicts.append(Verdict(4 * int(fill > SQUARE_FILL) + _direction(motion), motion, fill))
     return verdicts
 
