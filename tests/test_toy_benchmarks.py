@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,23 @@ def test_every_method_runs_at_its_defaults_and_at_each_density_it_can_be_set_to(
     assert names["svg2"] == ["svg2 (defaults)"]
     tiny = dict(task_score.method_settings("svg2", grid, tiny=True))
     assert tiny["svg2 (defaults)"]["q_clusters"] == 8
+
+
+def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_guidance
+
+    bench_guidance.main(["--guidance", "1", "2", "--clips", "2", "--tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "guidance.json").read_text())["rows"]
+    assert [(r["guidance"], r["clips"], r["frames"]) for r in rows] == [(1.0, 2, 2), (2.0, 2, 2)]
+    assert all(0.0 <= r["accuracy"] <= r["found"] <= 1.0 for r in rows)
+    assert "| 2 (default) |" in (tmp_path / "guidance.md").read_text()
+
+
+def test_the_guidance_sweep_refuses_scales_below_one(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_guidance
+
+    with pytest.raises(SystemExit):
+        bench_guidance.parse_args(["--guidance", "0.5"])
+    assert "--guidance scales must be at least 1" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Which classifier-free guidance scale makes the toy model's dense clips most recognisable?
+
+``python benchmarks/bench_guidance.py [--weights PATH] [--out DIR] [--guidance 1 1.5 2 3 4] [--clips 32]``
+
+For each scale, generates ``--clips`` clips (every class in turn, the same noise at every scale)
+with the toy model, eager and dense, at the sizes and step counts the training run judges
+(:data:`sparse_compile.toy.train.EVAL_SIZES`), and judges them (:mod:`sparse_compile.toy.judge`).
+A row gives the accuracy, the fraction of clips where the judge found shapes, and the accuracy
+per class. The toy's default scale is :data:`sparse_compile.toy.sampling.GUIDANCE`.
+
+Writes ``guidance.md`` and ``guidance.json`` to ``--out``. Meant for a GPU (bf16); ``--tiny``
+runs one small size for a CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_compile.toy.evaluate import score_generation
+from sparse_compile.toy.model import WEIGHTS, build_toy_wan
+from sparse_compile.toy.sampling import GUIDANCE
+from sparse_compile.toy.train import EVAL_SIZES
+
+TINY_SIZES = ((2, 16, 16, 1),)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="toy model weights (.safetensors)")
+    parser.add_argument("--out", type=Path, help="folder for guidance.md and guidance.json")
+    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="one 2x16x16 clip size, one step (CPU smoke)")
+    args = parser.parse_args(argv)
+    if min(args.guidance) < 1.0:
+        parser.error(f"--guidance scales must be at least 1, got {args.guidance}")
+    if args.clips < 1:
+        parser.error(f"--clips must be at least 1, got {args.clips}")
+    if not args.weights.exists():
+        parser.error(f"--weights: no such file {args.weights}")
+    if args.out is not None and not args.out.is_dir():
+        parser.error(f"--out: folder {args.out} does not exist")
+    return args
+
+
+def score_rows(model: torch.nn.Module, scales: list[float], sizes: tuple[tuple[int, int, int, int], ...],
+               clips: int) -> list[dict]:
+    """One row per (scale, size): the :class:`~sparse_compile.toy.evaluate.GenerationScore` fields,
+    ``guidance`` and the seconds it took."""
+    rows = []
+    for frames, height, width, steps in sizes:
+        for scale in scales:
+            start = time.perf_counter()
+            score = score_generation(model, frames, height, width, steps, clips, guidance=scale)
+            rows.append({"guidance": scale, **score.as_dict(), "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| CFG | clip (F×H×W px), steps | accuracy | found | per class (circles r/l/d/u, squares r/l/d/u) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        default = " (default)" if r["guidance"] == GUIDANCE else ""
+        per_class = " ".join(f"{a:.2f}" for a in r["per_class"])
+        lines.append(f"| {r['guidance']:g}{default} | {r['frames']}×{r['height']}×{r['width']}, {r['steps']} | "
+                     f"{r['accuracy']:.3f} | {r['found']:.3f} | {per_class} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_toy_wan(device, torch.bfloat16 if device.type == "cuda" else torch.float32, weights=args.weights)
+    header = (f"toy model {args.weights.name}, dense, {args.clips} clips per row (every class in turn, the same "
+              f"noise per row), {device.type}, torch {torch.__version__}")
+    rows = score_rows(model, args.guidance, TINY_SIZES if args.tiny else EVAL_SIZES, args.clips)
+    text = markdown(rows, header)
+    print(text)
+    if args.out is not None:
+        (args.out / "guidance.md").write_text(text + "\n")
+        (args.out / "guidance.json").write_text(json.dumps({"header": header, "weights": str(args.weights),
+                                                            "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
