@@ -66,9 +66,10 @@ def run_fp8_poisoned(q, k, v, counts, indices, block_q, block_k, **kw) -> tuple[
     return out, lse
 
 
-def assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got, tol=1e-3, scale=None) -> None:
+def assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got, tol=3e-3, scale=None) -> None:
     """(O, LSE) vs the fp8 reference: nothing NaN, rel L2 of O <= tol, the same empty rows (O 0, LSE -inf),
-    finite LSEs within 1e-4."""
+    finite LSEs within 1e-4. ``tol``: the kernel and the reference each round O to bf16 (about 1e-3 apart),
+    while P·V summed in the fp8 MMA's own accumulator lands near 1e-2."""
     out, lse = got
     ref_out, ref_lse = block_sparse_attention_fp8_reference(q, k, v, counts, indices, block_q=block_q,
                                                             block_k=block_k, scale=scale, return_lse=True)  # fmt: skip
