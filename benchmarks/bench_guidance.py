@@ -15,14 +15,13 @@ runs one small size for a CPU smoke test.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from common import add_toy_io_arguments, check_toy_io_arguments, write_toy_table
 
 from sparse_compile.toy.evaluate import score_generation
-from sparse_compile.toy.model import WEIGHTS, build_toy_wan
+from sparse_compile.toy.model import build_toy_wan
 from sparse_compile.toy.sampling import GUIDANCE
 from sparse_compile.toy.train import EVAL_SIZES
 
@@ -31,8 +30,7 @@ TINY_SIZES = ((2, 16, 16, 1),)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="toy model weights (.safetensors)")
-    parser.add_argument("--out", type=Path, help="folder for guidance.md and guidance.json")
+    add_toy_io_arguments(parser, "guidance.md and guidance.json")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="one 2x16x16 clip size, one step (CPU smoke)")
@@ -41,10 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--guidance scales must be at least 1, got {args.guidance}")
     if args.clips < 1:
         parser.error(f"--clips must be at least 1, got {args.clips}")
-    if not args.weights.exists():
-        parser.error(f"--weights: no such file {args.weights}")
-    if args.out is not None and not args.out.is_dir():
-        parser.error(f"--out: folder {args.out} does not exist")
+    check_toy_io_arguments(parser, args)
     return args
 
 
@@ -79,12 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"toy model {args.weights.name}, dense, {args.clips} clips per row (every class in turn, the same "
               f"noise per row), {device.type}, torch {torch.__version__}")
     rows = score_rows(model, args.guidance, TINY_SIZES if args.tiny else EVAL_SIZES, args.clips)
-    text = markdown(rows, header)
-    print(text)
-    if args.out is not None:
-        (args.out / "guidance.md").write_text(text + "\n")
-        (args.out / "guidance.json").write_text(json.dumps({"header": header, "weights": str(args.weights),
-                                                            "rows": rows}, indent=1))
+    write_toy_table(args.out, "guidance", markdown(rows, header), header, args.weights, rows)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ blocks and cluster counts for a grid of a few hundred tokens), e.g.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
-from common import TOY_PATCH, add_toy_arguments, check_toy_arguments
+from common import TOY_PATCH, add_toy_arguments, check_toy_arguments, write_toy_table
 
 import sparse_compile
 from sparse_compile.methods import METHODS
@@ -163,12 +162,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(grid {args.frames}x{args.height // TOY_PATCH}x{args.width // TOY_PATCH} tokens), {args.steps} steps with CFG "
               f"({args.dense_steps} dense), {device.type}, torch {torch.__version__}")
     rows = score_rows(model, args)
-    text = markdown(rows, header)
-    print(text)
-    if args.out is not None:
-        (args.out / "task_score.md").write_text(text + "\n")
-        (args.out / "task_score.json").write_text(json.dumps({"header": header, "weights": str(args.weights),
-                                                               "rows": rows}, indent=1))
+    write_toy_table(args.out, "task_score", markdown(rows, header), header, args.weights, rows)
 
 
 if __name__ == "__main__":

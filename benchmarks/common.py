@@ -136,15 +136,28 @@ def print_and_save(text: str, filename: str) -> None:
 TOY_PATCH = 2  # pixels per token along height and width of the toy model
 
 
-def add_toy_arguments(parser, outputs: str) -> None:
-    """``--weights``, ``--out`` (a folder for ``outputs``), the clip size (default: the largest grid,
-    16 frames of 64x96 px), ``--seed`` and ``--tiny`` of a toy-model benchmark."""
+def add_toy_io_arguments(parser, outputs: str) -> None:
+    """``--weights`` (toy model weights) and ``--out`` (a folder for ``outputs``) of a toy-model benchmark."""
     from pathlib import Path
 
     from sparse_compile.toy.model import WEIGHTS
 
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="toy model weights (.safetensors)")
     parser.add_argument("--out", type=Path, help=f"folder for {outputs}")
+
+
+def check_toy_io_arguments(parser, args) -> None:
+    """Exit through ``parser.error`` when ``--weights`` is missing or ``--out`` is not a folder."""
+    if not args.weights.exists():
+        parser.error(f"--weights: no such file {args.weights}")
+    if args.out is not None and not args.out.is_dir():
+        parser.error(f"--out: folder {args.out} does not exist")
+
+
+def add_toy_arguments(parser, outputs: str) -> None:
+    """:func:`add_toy_io_arguments`, the clip size (default: the largest grid, 16 frames of 64x96 px),
+    ``--seed`` and ``--tiny`` of a toy-model benchmark."""
+    add_toy_io_arguments(parser, outputs)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--height", type=int, default=64, help=f"pixels, a multiple of {TOY_PATCH}")
     parser.add_argument("--width", type=int, default=96, help=f"pixels, a multiple of {TOY_PATCH}")
@@ -158,7 +171,15 @@ def check_toy_arguments(parser, args) -> None:
         parser.error(f"--height and --width must be multiples of {TOY_PATCH}, got {args.height}x{args.width}")
     if args.frames < 1:
         parser.error(f"--frames must be at least 1, got {args.frames}")
-    if not args.weights.exists():
-        parser.error(f"--weights: no such file {args.weights}")
-    if args.out is not None and not args.out.is_dir():
-        parser.error(f"--out: folder {args.out} does not exist")
+    check_toy_io_arguments(parser, args)
+
+
+def write_toy_table(out, name: str, text: str, header: str, weights, rows: list[dict]) -> None:
+    """Print ``text`` (a markdown table under ``header``); when ``out`` is a folder, also write it as
+    ``name.md`` and ``{header, weights, rows}`` as ``name.json`` there."""
+    import json
+
+    print(text)
+    if out is not None:
+        (out / f"{name}.md").write_text(text + "\n")
+        (out / f"{name}.json").write_text(json.dumps({"header": header, "weights": str(weights), "rows": rows}, indent=1))
