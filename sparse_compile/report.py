@@ -20,7 +20,7 @@ from sparse_compile.runtime.sites import GraphRecord, SiteFacts, SiteRecord
 KEEPS_EVERYTHING = "sparse method, pattern keeps every pair"
 """Status of a sparse site whose every sparse-step call kept all (query, key) pairs."""
 
-GUARDED = "dense: sparse would not be faster on this GPU (break-even guard)"
+GUARDED = "dense: sparse would not be faster on this device (break-even guard)"
 """Status of a sparse site whose every sparse-step call the break-even guard ran dense."""
 
 
