@@ -53,7 +53,7 @@ GLUON_CAPABILITY = (9, 0)
 """The device capability the kernel is built for (sm_90a: ``warpgroup_mma`` and TMA)."""
 
 _TMA_ALIGN_BYTES = 16
-_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,10 +125,14 @@ def _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.c
 
 
 @gluon.jit
-def _issue_tile_load(desc, bar, smem, off_b, off_h, start):
-    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on ``bar``."""
+def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constexpr):
+    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on
+    ``bar``; with ``KEYS_LAST`` the column block at ``start`` of a ``(B, H, D, S)`` descriptor."""
     mbarrier.expect(bar, desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
+    if KEYS_LAST:
+        tma.async_copy_global_to_shared(desc, [off_b, off_h, 0, start], bar, smem)
+    else:
+        tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
 
 
 @gluon.jit
@@ -152,9 +156,11 @@ def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLO
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr):  # fmt: skip
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr,
+              V_KEYS_LAST: gl.constexpr):  # fmt: skip
     """The TMA warp: the Q rows of every consumer, then K and V of each kept tile into the ring slot
-    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``."""
+    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``.
+    ``V_KEYS_LAST``: ``v_desc`` is over V transposed, ``(B, H, D, S)``, its tiles ``(D, BLOCK_N)``."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_ring.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0]
@@ -168,9 +174,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
         free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
         start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         mbarrier.wait(k_empty.index(slot), free_phase)
-        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start)
+        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start, False)
         mbarrier.wait(v_empty.index(slot), free_phase)
-        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start)
+        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start, V_KEYS_LAST)
 
 
 @gluon.jit
@@ -353,7 +359,7 @@ def _block_sparse_fwd_gluon(
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
@@ -361,7 +367,7 @@ def _block_sparse_fwd_gluon(
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 0)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
         ], [1], [PRODUCER_REGS])  # fmt: skip
 
 
@@ -385,9 +391,10 @@ def launch_registers(consumers: int) -> int:
     return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
 
 
-def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
-    """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, D)`` blocks."""
-    block = [1, 1, rows, t.shape[3]]
+def _descriptor(t: Tensor, rows: int, columns: int | None = None) -> TensorDescriptor:
+    """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, columns)`` blocks (``columns``
+    defaults to all ``D``)."""
+    block = [1, 1, rows, t.shape[3] if columns is None else columns]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
