@@ -137,18 +137,26 @@ def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constex
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
-                  s_layout: gl.constexpr):  # fmt: skip
+                  s_layout: gl.constexpr, INTEGER_MAX: gl.constexpr):  # fmt: skip
     """Base-2 online softmax of raw scores ``s`` (rows x BLOCK_N) of the tile at key ``k_start``.
 
-    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). Returns the unnormalised
+    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). ``INTEGER_MAX``: the scores
+    are scaled first and the row max rounded up to an integer, so ``P = 2^(s - m)`` lies in ``(0, 1]``
+    and the rescale factor is a power of two (the FP8 kernel's softmax). Returns the unnormalised
     probabilities, the factor rescaling the running output, and the new row max and row sum.
     """
+    if INTEGER_MAX:
+        s = s * qk_scale
     if not EVEN_K:
         if k_start + BLOCK_N > S_K:
             offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(k_start + offs_n < S_K, 0), s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    if INTEGER_MAX:
+        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1)))
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -222,7 +230,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = _kv_tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N, PACKED)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
     for t in range(1, n_tiles):
@@ -240,7 +248,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         k_start = _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N, PACKED)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
         p_next = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(prev), count=1)

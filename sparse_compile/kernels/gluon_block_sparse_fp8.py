@@ -58,6 +58,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _normalise,
     _producer,
     _ring_barriers,
+    _softmax_step,
     _tile_start,
     launch_registers,
 )
@@ -91,27 +92,6 @@ def fp8_gluon_ineligibility(
 # ------------------------------------------------------------------------------------------------
 # Kernel
 # ------------------------------------------------------------------------------------------------
-
-
-@gluon.jit
-def _fp8_softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
-                      s_layout: gl.constexpr):  # fmt: skip
-    """Integer-max base-2 online softmax of e4m3 scores ``s`` (rows x BLOCK_N, fp32) of the tile at key ``k_start``.
-
-    ``s_scale`` is the q block's scale (times softmax scale * log2(e)) times the kv block's. Keys at or
-    past ``S_K`` score ``-inf`` (checked only when not ``EVEN_K``). Returns ``P = 2^(s - m)``, the factor
-    ``2^(m_old - m)`` rescaling the running output, the new (integer) row max and the row sum.
-    """
-    s = s * s_scale
-    if not EVEN_K:
-        if k_start + BLOCK_N > S_K:
-            offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(k_start + offs_n < S_K, 0), s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1)))
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(s - gl.expand_dims(m_new, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i
 
 
 @gluon.jit
@@ -155,7 +135,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = gl.load(idx_row) * LAYOUT_BK  # sub-tile 0 of the first kept block
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _fp8_softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
         p_prev = gl.convert_layout((p * _P_SCALE).to(p_dtype), p_layout)
 
     for t in range(1, n_tiles):
@@ -171,7 +151,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _fp8_softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
         p_next = gl.convert_layout((p * _P_SCALE).to(p_dtype), p_layout)
         pv = warpgroup_mma_wait(0, deps=[pv])
         mbarrier.arrive(v_empty.index(prev), count=1)
