@@ -4,7 +4,7 @@ The computation of :func:`~sparse_compile.kernels.block_sparse_fp8._block_sparse
 specification is :func:`~sparse_compile.kernels.block_sparse_fp8.block_sparse_attention_fp8_reference`)
 on the same quantised inputs (:func:`~sparse_compile.kernels.fp8_quant.quantize_attention_inputs`),
 laid out as :mod:`~sparse_compile.kernels.gluon_block_sparse` lays out the bf16 kernel, whose producer,
-barriers, tile walk and epilogue helpers it imports. The entry is
+barriers, tile walk, softmax step and normalisation it imports. The entry is
 :func:`~sparse_compile.kernels.block_sparse_fp8.block_sparse_attention_fp8_gluon`.
 
 One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
@@ -19,16 +19,17 @@ warp-specialized:
   ``t - 1`` back to back as asynchronous ``warpgroup_mma`` and runs the softmax of tile ``t`` while
   ``P V`` is on the tensor cores.
 
-The softmax is the Triton kernel's: scores times the q block's and kv block's scales (softmax scale
-and log2(e) folded into the q scale), the running row max an integer (base 2, rounded up) so
+The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's
+and kv block's scales (softmax scale and log2(e) folded into the q scale), the running row max an
+integer (base 2, rounded up) so
 ``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` cast to e4m3 in
 registers (the A operand, ``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is
 added to the fp32 running output in registers; since ``P V`` of tile ``t`` is added one step later,
 the running output is kept as ``(acc + PV_{t-1}) * alpha_t`` -- the same fp32 values as the Triton
-kernel's ``acc * alpha_t + PV_t``, as ``alpha_t`` is a power of two. O is divided by ``448 l``
-(``l / 448`` after ``_normalise``'s division by ``l``, as the Triton kernel orders it) and multiplied
-by V's channel scale, then stored from registers (any strides, rows past ``S_q`` dropped); LSE is
-that of the smoothed scores, natural log, ``-inf`` for rows that kept nothing (O = 0).
+kernel's ``acc * alpha_t + PV_t``, as ``alpha_t`` is a power of two. O is divided by ``l`` and
+multiplied by V's channel scale over 448 (the Triton kernel's order), then stored from registers (any
+strides, rows past ``S_q`` dropped); LSE is that of the smoothed scores, natural log, ``-inf`` for rows
+that kept nothing (O = 0).
 
 Q, K and V are read through 4-D descriptors over ``(B, H, S, D)`` (q, k) and ``(B, H, D, S_k)`` (V
 transposed), so rows and keys past the sequence read as zeros; keys past ``S_k`` score ``-inf``.
