@@ -1,4 +1,5 @@
-"""Tests of the Gluon FP8 (e4m3) fixed-block attention kernel for sm_90 (:mod:`sparse_compile.kernels.gluon_block_sparse_fp8`).
+"""Tests of the Gluon FP8 (e4m3) fixed-block attention kernel for sm_90
+(:mod:`sparse_compile.kernels.gluon_block_sparse_fp8`).
 
 On CPU: which FP8 kernel a call would take on each device capability, dtype, head dim and layout block
 (:func:`fp8_kernel_choice`) and the reasons :func:`fp8_gluon_ineligibility` gives; the entry's refusal
@@ -91,7 +92,12 @@ def test_fp8_kernel_choice_takes_triton_on_other_devices(capability) -> None:
 
 @pytest.mark.parametrize(
     "case,reason",
-    [("fp32", "fp16/bf16"), ("head dim 32", "head dim"), ("block_q 32", "layout blocks"), ("block_k 512", "layout blocks")],
+    [
+        ("fp32", "fp16/bf16"),
+        ("head dim 32", "head dim"),
+        ("block_q 32", "layout blocks"),
+        ("block_k 512", "layout blocks"),
+    ],
 )
 def test_fp8_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str, reason: str) -> None:
     q, k, v = _inputs(d=32 if case == "head dim 32" else 128)
