@@ -7,7 +7,7 @@ off sm_90; the tile for each layout and the launcher's argument checks; the V qu
 asks for (channels first, keys padded to 16: the same bytes, TMA-readable; under Triton's interpreter,
 ``test_interp_*`` in a child process); and an ahead-of-time compile of the kernel for sm_90a with the
 ptxas in Triton's wheel (e4m3 ``wgmma``, TMA, register hand-over, no register spills, shared memory
-within Hopper's limit) for D 64/128 and layout blocks 64/128/256.
+within Hopper's limit, P·V with P from registers) for D 64/128 and layout blocks 64/128/256.
 
 GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) run the kernel into NaN-poisoned O and LSE:
 O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` and finite LSEs within 1e-4 (the
@@ -19,6 +19,7 @@ S=32760, D=128, density 0.25) against the reference, the Triton FP8 kernel and b
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -234,8 +235,13 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, he
     kernel = _compile_sm90a(block_q, block_k, head_dim, even_k)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and "cp.async.bulk.tensor.4d" in ptx
-    assert "wgmma.mma_async.sync.aligned" in ptx and ".f32.e4m3.e4m3" in ptx  # both GEMMs on e4m3
-    assert "f16" not in "".join(line for line in ptx.splitlines() if "wgmma.mma_async" in line)
+    assert "wgmma.mma_async.sync.aligned" in ptx
+    wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+    assert all(".f32.e4m3.e4m3" in w for w in wgmmas)
+    # P V takes A (P) from registers, in BLOCK_N / 32 instructions per tile; S = Q K^T in D / 32 from shared memory
+    pv = len([w for w in wgmmas if re.search(r"\},\s*\{%r", w)])
+    block_n = gluon_fp8_block_sparse_tile(block_q, block_k).block_n
+    assert pv > 0 and pv * head_dim == (len(wgmmas) - pv) * block_n
     assert "setmaxnreg" in ptx  # the producer hands its registers to the consumers
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     usage = resource_usage(kernel, tmp_path)
