@@ -15,12 +15,13 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
   on sm_90 the two Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, and kernel-order copies for the
   TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations;
-- the FP8 (e4m3) kernel (:func:`block_sparse_attention_fp8`, quantisation included in its time) in a second
-  table: ms, its time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and over the
-  Gluon kernel's at the same layout, and its rel L2 against the bf16 result at the same mask (flex; dense
-  SDPA at density 1). The inputs are zero-mean Gaussian, fp8's worst case (about 5e-2; see
+- the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
+  sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times) in a
+  second table: ms, the time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and
+  over the bf16 Gluon kernel's at the same layout, and the rel L2 against the bf16 result at the same mask
+  (flex; dense SDPA at density 1). The inputs are zero-mean Gaussian, fp8's worst case (about 5e-2; see
   ``tests/kernels/test_block_sparse_fp8.py``); the check only catches a broken kernel (NaN poison,
-  rel L2 <= 0.1).
+  rel L2 <= 0.1). A kernel that fails its check or timing gets a row with the error.
 
 Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.md`` when OUT is set.
 
@@ -52,7 +53,7 @@ from sparse_compile.kernels.block_sparse import (
     kernel_choice,
     tma_eligible,
 )
-from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8
+from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8, block_sparse_attention_fp8_gluon
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
@@ -106,22 +107,30 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+FP8_KERNELS = {"FP8": block_sparse_attention_fp8, "FP8 Gluon": block_sparse_attention_fp8_gluon}
+"""The FP8 entries the second table times, by row name (each quantises its inputs inside the call)."""
+
+
 @dataclass
 class Fp8Row:
     shape: str
     density: float
-    ms: float
+    kernel: str
+    ms: float | None
     triton_ms: float | None
     gluon_ms: float | None
-    rel_l2_bf16: float
+    rel_l2_bf16: float | None
+    error: str | None = None
 
     def cells(self) -> list[str]:
+        head = [self.shape, f"{self.density:.4f}", self.kernel]
+        if self.error is not None or self.ms is None:
+            return head + ["-", "-", "-", f"failed: {self.error}"]
         ratio = lambda ref: f"{self.ms / ref:.2f}" if ref else "-"  # noqa: E731
-        return [self.shape, f"{self.density:.4f}", f"{self.ms:.3f}", ratio(self.triton_ms), ratio(self.gluon_ms),
-                f"{self.rel_l2_bf16:.1e}"]  # fmt: skip
+        return head + [f"{self.ms:.3f}", ratio(self.triton_ms), ratio(self.gluon_ms), f"{self.rel_l2_bf16:.1e}"]
 
 
-FP8_HEADER = ["shape", "kept density", "FP8 ms", "FP8 / bf16 Triton", "FP8 / Gluon", "rel L2 vs bf16 (same mask)"]
+FP8_HEADER = ["shape", "kept density", "kernel", "ms", "/ bf16 Triton", "/ bf16 Gluon", "rel L2 vs bf16 (same mask)"]
 
 
 def markdown_fp8(rows: list[Fp8Row]) -> str:
@@ -283,10 +292,10 @@ def run_shape(
             fn = lambda: block_sparse_attention_triton(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, use_tma=use_tma)
             ms = timed(name, real_density, fn, **ref)
             triton_ms += [] if ms is None else [ms]
-        fp8 = time_fp8(q, k, v, counts, indices, flex_out, real_density, timed, ref, log)
-        if fp8 is not None:
-            fp8_ms, fp8_err = fp8
-            fp8_rows.append(Fp8Row(shape.name, real_density, fp8_ms, min(triton_ms, default=None), gluon_ms, fp8_err))
+        for fp8_kernel in FP8_KERNELS:
+            fp8_ms, fp8_err, error = time_fp8(fp8_kernel, q, k, v, counts, indices, flex_out, real_density, timed, ref, log)
+            fp8_rows.append(Fp8Row(shape.name, real_density, fp8_kernel, fp8_ms, min(triton_ms, default=None),
+                                   gluon_ms, fp8_err, error))  # fmt: skip
         fn_bshd = lambda: block_sparse_attention_triton(*bshd, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed("block_sparse (q/k/v as (B,S,H,D).T)", real_density, fn_bshd, **ref)
         for perm_name, perm in perms.items():
@@ -308,25 +317,34 @@ def run_shape(
             sweep_tiles_permuted(bshd, counts, indices, perms["SVG temporal order"], real_density, timed, ref)
 
 
-def time_fp8(q, k, v, counts, indices, flex_out, density, timed, ref, log) -> tuple[float, float] | None:
-    """Check the FP8 kernel (NaN-poisoned buffers, rel L2 vs the bf16 flex output <= 0.1), then time it;
-    ``(ms, rel L2)``, or ``None`` when the check or the timing failed."""
-    name = "block_sparse FP8 e4m3 (quantisation included)"
+def time_fp8(
+    kernel: str, q, k, v, counts, indices, flex_out, density, timed, ref, log
+) -> tuple[float | None, float | None, str | None]:
+    """Check the FP8 entry ``FP8_KERNELS[kernel]`` (NaN-poisoned buffers, rel L2 vs the bf16 flex output
+    <= 0.1), then time it; ``(ms, rel L2, None)``, or with the check's or timing's error last."""
+    fn = FP8_KERNELS[kernel]
+    name = f"block_sparse {kernel} e4m3 (quantisation included)"
     b, h, s, _ = q.shape
     out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
     lse = torch.full((b, h, s), float("nan"), dtype=torch.float32, device=q.device)
     try:
-        block_sparse_attention_fp8(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse)
+        fn(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK, out=out, lse_out=lse)
         assert not out.isnan().any() and not lse.isnan().any(), "outputs left unwritten (NaN poison) or NaN"
         err = rel_l2(out, flex_out)
         assert err <= 0.1, f"FP8 kernel far from bf16 at the same mask: rel-L2 {err:.2e}"
-    except Exception:  # report, skip timing it, keep the run going
+    except Exception as e:  # report, skip timing it, keep the run going
         log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
-        return None
+        return None, None, short_error(e)
     log(f"   check ok ({name}); rel-L2 vs bf16 flex {err:.1e}")
-    ms = timed(name, density, lambda: block_sparse_attention_fp8(q, k, v, counts, indices, block_q=BLOCK,
-                                                                  block_k=BLOCK), **ref)  # fmt: skip
-    return None if ms is None else (ms, err)
+    ms = timed(name, density, lambda: fn(q, k, v, counts, indices, block_q=BLOCK, block_k=BLOCK), **ref)
+    return ms, err, None if ms is not None else "timing failed (see the log)"
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``e``'s type and the first line of its message, at most ``limit`` characters, fit for a table cell."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, log) -> float | None:

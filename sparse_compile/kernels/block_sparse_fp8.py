@@ -19,6 +19,10 @@ fixed-block kernel's grid, layout walk and base-2 online softmax with:
 
 The row LSE the kernel writes is that of the smoothed scores; the entry adds back
 :func:`~sparse_compile.kernels.fp8_quant.smoothing_lse_shift`, so the returned LSE is the true one.
+
+:func:`block_sparse_attention_fp8_gluon` runs the same computation in the Gluon kernel of
+:mod:`~sparse_compile.kernels.gluon_block_sparse_fp8` (sm_90 only); :func:`fp8_kernel_choice` says which
+of the two a call would take. :func:`block_sparse_attention_fp8` runs the Triton kernel.
 """
 
 from typing import Optional
@@ -30,7 +34,14 @@ from torch import Tensor
 
 from sparse_compile.kernels.block_sparse import _load_rows, _output_buffers, _tile_start, validate_inputs
 from sparse_compile.kernels.block_sparse_reference import expand_layout
-from sparse_compile.kernels.common import LOG2E, attention_output_like, cdiv, default_scale, interpreter_active
+from sparse_compile.kernels.common import (
+    LOG2E,
+    attention_output_like,
+    cdiv,
+    cuda_capability,
+    default_scale,
+    interpreter_active,
+)
 from sparse_compile.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
@@ -38,10 +49,22 @@ from sparse_compile.kernels.fp8_quant import (
     smoothing_lse_shift,
     to_e4m3,
 )
+from sparse_compile.kernels.gluon_block_sparse_fp8 import (
+    V_KEY_MULTIPLE,
+    fp8_gluon_ineligibility,
+    launch_gluon_block_sparse_fp8,
+)
 from sparse_compile.kernels.masked_reference import SCORES_BUDGET_BYTES, keep_matrix
 from sparse_compile.kernels.tile_configs import TileConfig, fp8_block_sparse_tile, interpreter_block_sparse_tile
 
-__all__ = ["block_sparse_attention_fp8", "block_sparse_attention_fp8_reference", "check_fp8_inputs", "fp8_problem"]
+__all__ = [
+    "block_sparse_attention_fp8",
+    "block_sparse_attention_fp8_gluon",
+    "block_sparse_attention_fp8_reference",
+    "check_fp8_inputs",
+    "fp8_kernel_choice",
+    "fp8_problem",
+]
 
 FP8_INPUT_DTYPES = (torch.float16, torch.bfloat16)
 """q/k/v dtypes the FP8 entry quantises."""
@@ -242,6 +265,59 @@ def block_sparse_attention_fp8(
     else:
         with torch.cuda.device(q.device):
             _block_sparse_fp8_fwd[grid](*args, **meta, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    lse_out.add_(smoothing_lse_shift(q, x.k_mean, scale))
+    return (out, lse_out) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Gluon kernel (sm_90)
+# ------------------------------------------------------------------------------------------------
+
+
+def fp8_kernel_choice(
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, capability: Optional[tuple[int, int]] = None
+) -> str:
+    """Which FP8 kernel would run a valid call: ``"gluon"`` where
+    :func:`~sparse_compile.kernels.gluon_block_sparse_fp8.fp8_gluon_ineligibility` finds no reason against
+    it on a device of ``capability`` (default: q's device's, ``None`` off CUDA), else ``"triton"``.
+    :func:`block_sparse_attention_fp8` does not consult it yet: it always runs the Triton kernel."""
+    capability = cuda_capability(q) if capability is None else capability
+    return "gluon" if fp8_gluon_ineligibility(q, k, v, block_q, block_k, capability) is None else "triton"
+
+
+def block_sparse_attention_fp8_gluon(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    tile: Optional[TileConfig] = None,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention_fp8` on the Gluon kernel (CUDA sm_90 only): the same arguments and results.
+
+    Layout blocks 64, 128 or 256; ``tile`` defaults to
+    :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. Raises ``ValueError``
+    with the reason when the kernel cannot take the call
+    (:func:`~sparse_compile.kernels.gluon_block_sparse_fp8.fp8_gluon_ineligibility`) or naming the
+    argument it cannot take. Layout values are not checked.
+    """
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
+    reason = fp8_gluon_ineligibility(q, k, v, block_q, block_k, cuda_capability(q))
+    if reason is not None:
+        raise ValueError(reason)
+    out, lse_out = _output_buffers(q, v, out, lse_out)
+    if out.numel() == 0:
+        return (out, lse_out) if return_lse else out
+    scale = default_scale(q.shape[-1], scale)
+    x = quantize_attention_inputs(q, k, v, block_q, block_k, v_key_multiple=V_KEY_MULTIPLE)
+    launch_gluon_block_sparse_fp8(x, lay, scale, out, lse_out, tile)
     lse_out.add_(smoothing_lse_shift(q, x.k_mean, scale))
     return (out, lse_out) if return_lse else out
 

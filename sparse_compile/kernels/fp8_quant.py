@@ -82,14 +82,22 @@ def dequantize_row_blocks(x_fp8: Tensor, scale: Tensor, block: int) -> Tensor:
     return x_fp8.float() * rows.unsqueeze(-1)
 
 
-def quantize_channels(x: Tensor) -> tuple[Tensor, Tensor]:
+def channels_first_fp8(b: int, h: int, s: int, d: int, device: torch.device, key_multiple: int = 1) -> Tensor:
+    """An empty e4m3 ``(B, H, S, D)`` stored channels first: a ``(B, H, D, S_pad)`` buffer (contiguous,
+    ``S_pad`` = ``S`` rounded up to ``key_multiple``) cut to ``S`` keys and transposed. A multiple of 16
+    gives 16-byte strides, as TMA needs."""
+    s_pad = cdiv(s, key_multiple) * key_multiple
+    return torch.empty(b, h, d, s_pad, dtype=FP8_DTYPE, device=device)[..., :s].transpose(-1, -2)
+
+
+def quantize_channels(x: Tensor, key_multiple: int = 1) -> tuple[Tensor, Tensor]:
     """``x`` ``(B, H, S, D)`` -> ``float8_e4m3fn`` ``(B, H, S, D)`` and fp32 scales ``(B, H, D)``, one per channel.
 
-    The fp8 tensor is stored as a contiguous ``(B, H, D, S)`` (returned transposed): the layout the
-    tensor cores want for the B operand of ``P V`` in fp8 (contiguous along the reduced keys).
+    The fp8 tensor is stored channels first (:func:`channels_first_fp8`, keys padded to ``key_multiple``):
+    the layout the tensor cores want for the B operand of ``P V`` in fp8 (contiguous along the reduced keys).
     """
     b, h, s, d = x.shape
-    x_fp8 = torch.empty(b, h, d, s, dtype=FP8_DTYPE, device=x.device)
+    x_fp8 = channels_first_fp8(b, h, s, d, x.device, key_multiple).transpose(-1, -2)
     scale = torch.empty(b, h, d, dtype=torch.float32, device=x.device)
     for head in range(h):
         rows = x[:, head].float()
@@ -264,15 +272,15 @@ def _check_kernel_input(x: Tensor) -> None:
         raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton quantisation, got {x.dtype}")
 
 
-def _fp8_out(out: Tensor | None, x: Tensor, channels_first: bool) -> Tensor:
+def _fp8_out(out: Tensor | None, x: Tensor, channels_first: bool, key_multiple: int = 1) -> Tensor:
     """``out`` checked (e4m3 ``x.shape``, any non-overlapping strides), or a new one: contiguous, or with
-    ``channels_first`` a contiguous ``(B, H, D, S)`` seen as ``(B, H, S, D)``."""
+    ``channels_first`` stored channels first with keys padded to ``key_multiple`` (:func:`channels_first_fp8`)."""
     if out is not None:
         check_strided_out_buffer("out", out, tuple(x.shape), FP8_DTYPE, x.device)
         return out
     b, h, s, d = x.shape
     if channels_first:
-        return torch.empty(b, h, d, s, dtype=FP8_DTYPE, device=x.device).transpose(-1, -2)
+        return channels_first_fp8(b, h, s, d, x.device, key_multiple)
     return torch.empty(b, h, s, d, dtype=FP8_DTYPE, device=x.device)
 
 
@@ -329,19 +337,22 @@ def quantize_row_blocks_triton(
 
 
 def quantize_channels_triton(
-    x: Tensor, *, out: Tensor | None = None, scale_out: Tensor | None = None
+    x: Tensor, *, out: Tensor | None = None, scale_out: Tensor | None = None, key_multiple: int = 1
 ) -> tuple[Tensor, Tensor]:
     """:func:`quantize_channels` in two Triton launches (CUDA, or Triton's interpreter): the same e4m3
     values and scales.
 
     ``x`` float16/bfloat16/float32 ``(B, H, S, D)``, any strides. ``out``: e4m3 ``(B, H, S, D)`` with
-    non-overlapping strides (default a contiguous ``(B, H, D, S)`` transposed, as
+    non-overlapping strides (default stored channels first, keys padded to ``key_multiple``, as
     :func:`quantize_channels` returns); ``scale_out``: contiguous fp32 ``(B, H, D)``; both are written
-    whole and returned. Raises ``ValueError`` naming the argument it cannot take.
+    whole (the padding keys are not written) and returned. Raises ``ValueError`` naming the argument it
+    cannot take.
     """
     _check_kernel_input(x)
+    if not isinstance(key_multiple, int) or key_multiple < 1:
+        raise ValueError(f"key_multiple must be a positive int, got {key_multiple!r}")
     b, h, s, d = x.shape
-    out = _fp8_out(out, x, channels_first=True)
+    out = _fp8_out(out, x, channels_first=True, key_multiple=key_multiple)
     scale_out = _scale_out(scale_out, (b, h, d), x.device)
     amax = torch.zeros((b, h, d), dtype=torch.float32, device=x.device)
     grid = (max(cdiv(s, FP8_CHANNEL_TOKENS), 1), b * h)
@@ -362,7 +373,7 @@ class Fp8Inputs:
     Attributes:
         q: ``(B, H, S_q, D)``, ``q ~ q_fp8 * q_scale`` of its row block.
         k: ``(B, H, S_k, D)``, ``k - k_mean ~ k_fp8 * k_scale`` of its row block.
-        v: ``(B, H, S_k, D)`` stored as a contiguous ``(B, H, D, S_k)``, ``v ~ v_fp8 * v_scale`` of its channel.
+        v: ``(B, H, S_k, D)`` stored channels first (:func:`channels_first_fp8`), ``v ~ v_fp8 * v_scale`` of its channel.
         q_scale: ``(B, H, cdiv(S_q, block_q))``.
         k_scale: ``(B, H, cdiv(S_k, block_k))``.
         v_scale: ``(B, H, D)``.
@@ -390,12 +401,15 @@ class Fp8Inputs:
         )
 
 
-def quantize_attention_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> Fp8Inputs:
+def quantize_attention_inputs(
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, v_key_multiple: int = 1
+) -> Fp8Inputs:
     """Smooth K, then quantise Q per ``block_q`` rows, K per ``block_k`` rows and V per channel.
 
     q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any strides. CUDA tensors and any tensors under
     Triton's interpreter take the kernels (float16, bfloat16 or float32), other tensors the PyTorch
-    functions (any float dtype): the same results.
+    functions (any float dtype): the same results. V's keys are padded to ``v_key_multiple`` in storage
+    (:func:`channels_first_fp8`).
     """
     k_mean = key_mean(k)
     if q.is_cuda or interpreter_active():
@@ -404,5 +418,5 @@ def quantize_attention_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, blo
         row_blocks, channels = quantize_row_blocks, quantize_channels
     q_fp8, q_scale = row_blocks(q, block_q)
     k_fp8, k_scale = row_blocks(k, block_k, mean=k_mean)
-    v_fp8, v_scale = channels(v)
+    v_fp8, v_scale = channels(v, key_multiple=v_key_multiple)
     return Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)

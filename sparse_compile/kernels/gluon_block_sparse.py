@@ -53,7 +53,7 @@ GLUON_CAPABILITY = (9, 0)
 """The device capability the kernel is built for (sm_90a: ``warpgroup_mma`` and TMA)."""
 
 _TMA_ALIGN_BYTES = 16
-_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+_GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,26 +125,38 @@ def _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.c
 
 
 @gluon.jit
-def _issue_tile_load(desc, bar, smem, off_b, off_h, start):
-    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on ``bar``."""
+def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constexpr):
+    """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on
+    ``bar``; with ``KEYS_LAST`` the column block at ``start`` of a ``(B, H, D, S)`` descriptor."""
     mbarrier.expect(bar, desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
+    if KEYS_LAST:
+        tma.async_copy_global_to_shared(desc, [off_b, off_h, 0, start], bar, smem)
+    else:
+        tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
 
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
-                  s_layout: gl.constexpr):  # fmt: skip
+                  s_layout: gl.constexpr, INTEGER_MAX: gl.constexpr):  # fmt: skip
     """Base-2 online softmax of raw scores ``s`` (rows x BLOCK_N) of the tile at key ``k_start``.
 
-    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). Returns the unnormalised
+    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). ``INTEGER_MAX``: the scores
+    are scaled first and the row max rounded up to an integer, so ``P = 2^(s - m)`` lies in ``(0, 1]``
+    and the rescale factor is a power of two (the FP8 kernel's softmax). Returns the unnormalised
     probabilities, the factor rescaling the running output, and the new row max and row sum.
     """
+    if INTEGER_MAX:
+        s = s * qk_scale
     if not EVEN_K:
         if k_start + BLOCK_N > S_K:
             offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(k_start + offs_n < S_K, 0), s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    if INTEGER_MAX:
+        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1)))
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -152,9 +164,11 @@ def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLO
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr):  # fmt: skip
+              idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr,
+              V_KEYS_LAST: gl.constexpr):  # fmt: skip
     """The TMA warp: the Q rows of every consumer, then K and V of each kept tile into the ring slot
-    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``."""
+    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``.
+    ``V_KEYS_LAST``: ``v_desc`` is over V transposed, ``(B, H, D, S)``, its tiles ``(D, BLOCK_N)``."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_ring.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0]
@@ -168,9 +182,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
         free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
         start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         mbarrier.wait(k_empty.index(slot), free_phase)
-        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start)
+        _issue_tile_load(k_desc, k_ready.index(slot), k_ring.index(slot), off_b, off_h, start, False)
         mbarrier.wait(v_empty.index(slot), free_phase)
-        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start)
+        _issue_tile_load(v_desc, v_ready.index(slot), v_ring.index(slot), off_b, off_h, start, V_KEYS_LAST)
 
 
 @gluon.jit
@@ -216,7 +230,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = _kv_tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N, PACKED)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
     for t in range(1, n_tiles):
@@ -234,7 +248,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         k_start = _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N, PACKED)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
         p_next = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(prev), count=1)
@@ -353,7 +367,7 @@ def _block_sparse_fwd_gluon(
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 1)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
@@ -361,7 +375,7 @@ def _block_sparse_fwd_gluon(
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 0)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
         ], [1], [PRODUCER_REGS])  # fmt: skip
 
 
@@ -385,9 +399,10 @@ def launch_registers(consumers: int) -> int:
     return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
 
 
-def _descriptor(t: Tensor, rows: int) -> TensorDescriptor:
-    """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, D)`` blocks."""
-    block = [1, 1, rows, t.shape[3]]
+def _descriptor(t: Tensor, rows: int, columns: int | None = None) -> TensorDescriptor:
+    """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, columns)`` blocks (``columns``
+    defaults to all ``D``)."""
+    block = [1, 1, rows, t.shape[3] if columns is None else columns]
     layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 

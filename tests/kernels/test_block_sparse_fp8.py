@@ -55,13 +55,16 @@ def activation_like_qkv(
     return one(s_q, 0.0), one(s_k, 3.0), one(s_k, 0.5)
 
 
-def run_fp8_poisoned(q, k, v, counts, indices, block_q, block_k, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel into NaN-poisoned token-major O and LSE buffers; returns them (every element must be written)."""
+def run_fp8_poisoned(
+    q, k, v, counts, indices, block_q, block_k, kernel=block_sparse_attention_fp8, **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernel`` (an FP8 entry) into NaN-poisoned token-major O and LSE buffers; returns them (every element
+    must be written)."""
     b, h, s_q, _ = q.shape
     out = attention_output_like(q, v).fill_(float("nan"))
     lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = block_sparse_attention_fp8(q, k, v, counts, indices, block_q=block_q, block_k=block_k, out=out,
-                                     lse_out=lse, return_lse=True, **kw)  # fmt: skip
+    got = kernel(q, k, v, counts, indices, block_q=block_q, block_k=block_k, out=out, lse_out=lse, return_lse=True,
+                 **kw)  # fmt: skip
     assert got[0] is out and got[1] is lse
     return out, lse
 

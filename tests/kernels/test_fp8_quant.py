@@ -4,7 +4,8 @@
 - The Triton kernels (:func:`quantize_row_blocks_triton`, :func:`quantize_channels_triton`) equal the
   PyTorch specification bit for bit (e4m3 bytes and fp32 scales, written into NaN-poisoned buffers):
   fp16, bf16 and fp32, D 64 and 128 (and a padded 80), partial last runs, (B, S, H, D) storage seen
-  as (B, H, S, D), all-zero runs and channels, K smoothing; and the e4m3 rounding itself (ties to
+  as (B, H, S, D), all-zero runs and channels, K smoothing, V stored channels first with its keys padded
+  (the Gluon FP8 kernel's TMA layout: the same bytes); and the e4m3 rounding itself (ties to
   even, carries into the exponent, subnormals, signs). Under Triton's interpreter (``test_interp_*``,
   run in a child process by ``test_interpreter_suite``) and on the GPU (``@pytest.mark.gpu``).
 - :func:`quantize_attention_inputs` takes the kernels on CUDA and under the interpreter, PyTorch otherwise.
@@ -174,6 +175,7 @@ def _bad_arguments() -> list[tuple[str, object, dict]]:
         ("out must be a torch.float8_e4m3fn tensor of shape", rows, dict(x=x, block=32, out=torch.empty_like(x))),
         ("out must be .* non-overlapping strides", channels,
          dict(x=x, out=torch.empty(1, 2, 1, 64, dtype=FP8_DTYPE).expand(1, 2, 100, 64))),
+        ("key_multiple must be a positive int", channels, dict(x=x, key_multiple=0)),
         ("scale_out must be a contiguous torch.float32 tensor of shape \\(1, 2, 4\\)", rows,
          dict(x=x, block=32, scale_out=torch.empty(1, 2, 3))),
         ("scale_out must be a contiguous torch.float32 tensor of shape \\(1, 2, 64\\)", channels,
@@ -266,6 +268,44 @@ def test_interp_row_blocks_match_the_specification(s, d, block, dtype, smooth, t
 )
 def test_interp_channels_match_the_specification(s, d, dtype, token_major) -> None:
     assert_channels_match(quantisation_input(2, 3, s, d, dtype, token_major, seed=s + d + 1))
+
+
+def assert_padded_channels_match(x: torch.Tensor, key_multiple: int) -> None:
+    """The channel kernels' default output with keys padded to ``key_multiple`` (what the Gluon FP8 kernel
+    reads by TMA): the bytes of the unpadded output, stored as ``(B, H, D, S)`` rows ``S_pad`` apart."""
+    b, h, s, d = x.shape
+    got_fp8, got_scale = quantize_channels_triton(x, key_multiple=key_multiple)
+    want_fp8, want_scale = quantize_channels(x)
+    s_pad = cdiv(s, key_multiple) * key_multiple
+    v_t = got_fp8.transpose(-1, -2)  # the (B, H, D, S) view the kernel's descriptor takes
+    assert v_t.shape == (b, h, d, s) and v_t.stride() == (h * d * s_pad, d * s_pad, s_pad, 1)
+    assert torch.equal(v_t.view(torch.uint8), want_fp8.transpose(-1, -2).view(torch.uint8))
+    assert torch.equal(got_scale, want_scale)
+    spec_fp8, spec_scale = quantize_channels(x, key_multiple=key_multiple)  # the specification pads alike
+    assert spec_fp8.stride() == got_fp8.stride() and torch.equal(spec_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
+
+
+@interp
+@pytest.mark.parametrize("s,d,key_multiple", [(200, 64, 16), (130, 128, 16), (64, 128, 16), (70, 64, 128)])
+def test_interp_channels_padded_keys_equal_the_unpadded_output(s, d, key_multiple) -> None:
+    assert_padded_channels_match(quantisation_input(2, 3, s, d, torch.bfloat16, True, seed=s + d + 2), key_multiple)
+
+
+@interp
+def test_interp_quantize_attention_inputs_pads_v_keys() -> None:
+    q, k, v = (quantisation_input(1, 2, 150, 64, torch.float16, True, seed=seed) for seed in range(3))
+    want = quantize_attention_inputs(q, k, v, 64, 32)
+    got = quantize_attention_inputs(q, k, v, 64, 32, v_key_multiple=16)
+    assert got.v.stride() == (2 * 64 * 160, 64 * 160, 1, 160)
+    assert torch.equal(got.v.view(torch.uint8), want.v.view(torch.uint8)) and torch.equal(got.v_scale, want.v_scale)
+
+
+def test_quantize_channels_pads_keys_on_cpu() -> None:
+    """The PyTorch specification stores V channels first with padded keys too, the same bytes."""
+    x = quantisation_input(1, 2, 100, 64, torch.bfloat16, True, seed=4)
+    got, want = quantize_channels(x, key_multiple=16), quantize_channels(x)
+    assert got[0].stride() == (2 * 64 * 112, 64 * 112, 1, 112)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
 
 
 @interp
