@@ -10,7 +10,9 @@ stay in token order); that module is the specification and the CPU path.
 Dispatch (:func:`kernel_choice`): CUDA tensors on sm_90 that the Gluon kernel takes
 (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`: fp16/bf16, D 64 or 128, layout
 blocks 64/128/256, no permutations, TMA-readable q/k/v) run the Gluon kernel of
-:mod:`~sparse_compile.kernels.gluon_block_sparse`; other CUDA tensors run the Triton kernel; CPU tensors
+:mod:`~sparse_compile.kernels.gluon_block_sparse`; permuted calls it would otherwise take run it on
+kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`); other CUDA tensors run the Triton
+kernel; CPU tensors
 run the PyTorch reference, or the Triton kernel under Triton's interpreter when the process started
 with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
 ``block_sparse_attention_gluon`` always run their kernel.
@@ -61,9 +63,11 @@ from sparse_compile.kernels.common import (
     interpreter_active,
     online_softmax_step,
     permutation_strides,
+    token_order,
 )
 from sparse_compile.kernels.gluon_gather_block_sparse import launch_gluon_gather_block_sparse
 from sparse_compile.kernels.gluon_block_sparse import (
+    gluon_config_ineligibility,
     gluon_ineligibility,
     launch_gluon_block_sparse,
     tma_readable,
@@ -503,9 +507,10 @@ def block_sparse_attention_gluon(
     return (out, lse_out) if return_lse else out
 
 
-COPY_GROUP_BYTES = 1 << 30
+COPY_GROUP_BYTES = 1 << 28
 """Most bytes of kernel-order copies (q, k, v and O) that :func:`block_sparse_attention_gluon_on_copies` holds
-at once: it takes heads in groups under this bound."""
+at once (at least one head's): it takes heads in groups under this bound, which keeps a permuted call's
+peak memory near dense SDPA's at long sequences."""
 
 
 def block_sparse_attention_gluon_on_copies(
@@ -517,13 +522,14 @@ def block_sparse_attention_gluon_on_copies(
     *,
     block_q: int,
     block_k: int,
-    q_perm: Tensor,
-    kv_perm: Tensor,
+    q_perm: Optional[Tensor],
+    kv_perm: Optional[Tensor],
     scale: Optional[float] = None,
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, then k and v, gathered into kernel order
+    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, then k and v (a side without a
+    permutation in token order), gathered into kernel order
     (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one launch each), the kernel, then O and LSE
     scattered back to token order (:func:`~sparse_compile.kernels.permute_rows.scatter_rows`); heads in groups
     whose copies fit ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon` with
@@ -534,11 +540,13 @@ def block_sparse_attention_gluon_on_copies(
     out, lse = _output_buffers(q, v, out, lse_out)
     head_bytes = b * (s_q * (d + v.shape[-1]) + k.shape[2] * (d + v.shape[-1])) * q.element_size()
     group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
+    q_orders = token_order(lay.q_perm, b, h, s_q, q.device)
+    kv_orders = token_order(lay.kv_perm, b, h, k.shape[2], q.device)
     for start in range(0, h, group):
         heads = slice(start, min(h, start + group))
-        q_order = lay.q_perm[:, heads]
+        q_order = q_orders[:, heads]
         (q_copy,) = gather_rows((q[:, heads],), q_order)
-        k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), lay.kv_perm[:, heads])
+        k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), kv_orders[:, heads])
         group_out, group_lse = block_sparse_attention_gluon(
             q_copy, k_copy, v_copy, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k,
             scale=scale, return_lse=True)  # fmt: skip
@@ -551,18 +559,24 @@ def kernel_choice(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
     capability: Optional[tuple[int, int]] = None,
 ) -> str:  # fmt: skip
-    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon_copies"``, ``"triton"`` or
+    ``"reference"``.
 
     On a CUDA device of ``capability`` (default: q's device's; CPU tensors without one are not on
-    CUDA): the Gluon kernel when it takes the call
-    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`), else the Triton kernel.
-    Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
+    CUDA): the Gluon kernel when it takes the call as it is
+    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`); a permuted call it could take
+    but for the permutation on kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`: the
+    copies beat the Triton kernel's permuted loads at every measured density, benchmarks/RESULTS.md); else
+    the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
     """
     capability = cuda_capability(q) if capability is None else capability
     if capability is None:
         return "triton" if interpreter_active() else "reference"
-    reason = gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation)
-    return "gluon" if reason is None else "triton"
+    if gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation) is None:
+        return "gluon"
+    if has_permutation and gluon_config_ineligibility(q, block_q, block_k, capability) is None:
+        return "gluon_copies"
+    return "triton"
 
 
 def _dispatch(
@@ -576,6 +590,9 @@ def _dispatch(
     kwargs = dict(block_q=block_q, block_k=block_k, scale=scale, return_lse=True)
     if choice == "gluon":
         return block_sparse_attention_gluon(q, k, v, counts, indices, **kwargs)
+    if choice == "gluon_copies":
+        return block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=block_q, block_k=block_k,
+                                                      q_perm=q_perm, kv_perm=kv_perm, scale=scale)
     if choice == "triton":
         return block_sparse_attention_triton(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
     check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))

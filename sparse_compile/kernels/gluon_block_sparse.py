@@ -70,15 +70,10 @@ def tma_readable(t: Tensor) -> bool:
     return all((s * elem) % _TMA_ALIGN_BYTES == 0 and s != 0 for s in t.stride()[:3])
 
 
-def gluon_ineligibility(
-    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None,
-    has_permutation: bool,
-) -> str | None:  # fmt: skip
-    """Why the Gluon kernel cannot run this call (a sentence), or ``None`` when it can.
-
-    ``capability`` is the CUDA device's ``(major, minor)``, ``None`` for tensors on another device.
-    Shapes are assumed valid (:func:`~sparse_compile.kernels.block_sparse.validate_inputs`).
-    """
+def gluon_config_ineligibility(q: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None) -> str | None:
+    """Why the Gluon kernel cannot take q's device ``capability`` (CUDA ``(major, minor)``, ``None`` off
+    CUDA), dtype, head dim or the layout blocks (a sentence), or ``None``. These are all a permuted call
+    on kernel-order copies (contiguous, so TMA-readable) must pass."""
     if capability != GLUON_CAPABILITY:
         return f"the Gluon kernel is built for sm_90 only (device capability {capability})"
     if q.dtype not in GLUON_DTYPES:
@@ -87,6 +82,21 @@ def gluon_ineligibility(
         return f"the Gluon kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
     if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
         return f"the Gluon kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
+    return None
+
+
+def gluon_ineligibility(
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None,
+    has_permutation: bool,
+) -> str | None:  # fmt: skip
+    """Why the Gluon kernel cannot run this call on q/k/v as they are (a sentence), or ``None`` when it can:
+    :func:`gluon_config_ineligibility`, then no token permutation and TMA-readable q/k/v.
+
+    Shapes are assumed valid (:func:`~sparse_compile.kernels.block_sparse.validate_inputs`).
+    """
+    reason = gluon_config_ineligibility(q, block_q, block_k, capability)
+    if reason is not None:
+        return reason
     if has_permutation:
         return "the Gluon kernel reads tiles by TMA, which cannot gather permuted rows"
     if not all(tma_readable(t) for t in (q, k, v)):

@@ -75,7 +75,6 @@ def test_kernel_choice_takes_triton_on_other_gpus(capability) -> None:
         ("head dim 32", "head dim"),
         ("block 32", "layout blocks"),
         ("block_k 16", "layout blocks"),
-        ("permutation", "cannot gather"),
         ("strided head dim", "unit last stride"),
         ("unaligned base", "16-byte aligned"),
     ],
@@ -83,7 +82,6 @@ def test_kernel_choice_takes_triton_on_other_gpus(capability) -> None:
 def test_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str, reason: str) -> None:
     q, k, v = _inputs()
     block_q = block_k = 128
-    has_permutation = False
     if case == "fp32":
         q, k, v = _inputs(torch.float32)
     elif case == "head dim 32":
@@ -92,14 +90,49 @@ def test_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str
         block_q = 32
     elif case == "block_k 16":
         block_k = 16
-    elif case == "permutation":
-        has_permutation = True
     elif case == "strided head dim":
         k = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]
     elif case == "unaligned base":
         v = torch.randn(1, 2, 300 * 128 + 1, dtype=torch.bfloat16)[..., 1:].view(1, 2, 300, 128)
-    assert kernel_choice(q, k, v, block_q, block_k, has_permutation, HOPPER) == "triton"
-    assert reason in gluon_ineligibility(q, k, v, block_q, block_k, HOPPER, has_permutation)
+    assert kernel_choice(q, k, v, block_q, block_k, False, HOPPER) == "triton"
+    assert reason in gluon_ineligibility(q, k, v, block_q, block_k, HOPPER, False)
+
+
+def test_kernel_choice_runs_permuted_calls_through_gluon_on_copies_on_sm90() -> None:
+    q, k, v = _inputs(bshd=True)
+    assert "cannot gather" in gluon_ineligibility(q, k, v, 128, 128, HOPPER, True)
+    assert kernel_choice(q, k, v, 128, 128, True, HOPPER) == "gluon_copies"
+    strided_k = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]  # copies are contiguous: TMA reads them
+    assert kernel_choice(q, strided_k, v, 128, 128, True, HOPPER) == "gluon_copies"
+
+
+@pytest.mark.parametrize("case", ["fp32", "head dim 32", "block 32", "sm_80"])
+def test_kernel_choice_keeps_permuted_calls_the_gluon_kernel_cannot_take_on_triton(case: str) -> None:
+    q, k, v = _inputs(torch.float32 if case == "fp32" else torch.bfloat16, d=32 if case == "head dim 32" else 128)
+    block_q = 32 if case == "block 32" else 128
+    assert kernel_choice(q, k, v, block_q, 128, True, (8, 0) if case == "sm_80" else HOPPER) == "triton"
+
+
+@pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
+def test_op_dispatch_hands_permuted_calls_to_the_copies_path(monkeypatch, given: str) -> None:
+    """The op's body with the choice forced to ``gluon_copies`` (CPU): the copies path gets the call's
+    permutations, a missing side as ``None``, and its (stood-in) kernel reproduces the permuted reference."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(1, 2, 300, 260, 64, torch.float32, gen)
+    counts, indices = random_layout(1, 2, 3, 3, 0.6, gen, empty_fraction=0.2)
+    q_perm = _random_perms(1, 2, 300, gen) if given in ("both", "q_perm") else None
+    kv_perm = _random_perms(1, 2, 260, gen) if given in ("both", "kv_perm") else None
+    calls = []
+
+    def reference_in_kernel_order(q, k, v, counts, indices, **kw):
+        calls.append(q.shape)
+        return block_sparse_reference.block_sparse_attention_reference(q, k, v, counts, indices, **kw)
+
+    monkeypatch.setattr(block_sparse, "kernel_choice", lambda *args, **kw: "gluon_copies")
+    monkeypatch.setattr(block_sparse, "block_sparse_attention_gluon", reference_in_kernel_order)
+    got = block_sparse._dispatch(q, k, v, counts, indices, 128, 128, None, q_perm, kv_perm)
+    assert calls == [torch.Size([1, 2, 300, 64])]
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
 def test_kernel_choice_off_cuda_is_the_reference() -> None:
