@@ -4,11 +4,12 @@
 
 For each scale, generates ``--clips`` clips (every class in turn, the same noise at every scale)
 with the toy model, eager and dense, at the sizes and step counts the training run judges
-(:data:`sparse_compile.toy.train.EVAL_SIZES`), and judges them (:mod:`sparse_compile.toy.judge`).
+(:data:`sparse_compile.toy.train.EVAL_SIZES`; fp32 weights under bf16 autocast on a GPU, as there), and
+judges them (:mod:`sparse_compile.toy.judge`). Each row is printed as it finishes.
 A row gives the accuracy, the fraction of clips where the judge found shapes, and the accuracy
 per class. The toy's default scale is :data:`sparse_compile.toy.sampling.GUIDANCE`.
 
-Writes ``guidance.md`` and ``guidance.json`` to ``--out``. Meant for a GPU (bf16); ``--tiny``
+Writes ``guidance.md`` and ``guidance.json`` to ``--out``. Meant for a GPU; ``--tiny``
 runs one small size for a CPU smoke test.
 """
 
@@ -48,11 +49,15 @@ def score_rows(model: torch.nn.Module, scales: list[float], sizes: tuple[tuple[i
     """One row per (scale, size): the :class:`~sparse_compile.toy.evaluate.GenerationScore` fields,
     ``guidance`` and the seconds it took."""
     rows = []
+    device = next(model.parameters()).device
     for frames, height, width, steps in sizes:
         for scale in scales:
             start = time.perf_counter()
-            score = score_generation(model, frames, height, width, steps, clips, guidance=scale)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                score = score_generation(model, frames, height, width, steps, clips, guidance=scale)
             rows.append({"guidance": scale, **score.as_dict(), "seconds": round(time.perf_counter() - start, 1)})
+            print(f"CFG {scale:g}, {frames}x{height}x{width}: accuracy {score.accuracy:.3f} ({rows[-1]['seconds']} s)",
+                  flush=True)
     return rows
 
 
@@ -70,7 +75,7 @@ def markdown(rows: list[dict], header: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_toy_wan(device, torch.bfloat16 if device.type == "cuda" else torch.float32, weights=args.weights)
+    model = build_toy_wan(device, torch.float32, weights=args.weights)
     header = (f"toy model {args.weights.name}, dense, {args.clips} clips per row (every class in turn, the same "
               f"noise per row), {device.type}, torch {torch.__version__}")
     rows = score_rows(model, args.guidance, TINY_SIZES if args.tiny else EVAL_SIZES, args.clips)
