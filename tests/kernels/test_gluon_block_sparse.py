@@ -334,7 +334,8 @@ def test_gpu_gluon_dense_layout_equals_sdpa(block: int) -> None:
 
 @gpu
 def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
-    """The public op (eager and compiled) runs the Gluon kernel on sm_90 and the Triton kernel with permutations."""
+    """The public op (eager and compiled) runs the Gluon kernel on sm_90, and on kernel-order copies with
+    permutations (both, or one side only)."""
     _require_hopper()
     gen = torch.Generator().manual_seed(44)
     q, k, v = make_qkv(1, 2, 1000, 1000, 128, torch.bfloat16, gen, "cuda", bshd=True)
@@ -348,10 +349,15 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
     )(q, k, v, counts, indices)  # fmt: skip
     assert torch.equal(compiled, gluon[0])
     identity = torch.arange(1000, device="cuda").expand(1, 2, 1000)
-    assert kernel_choice(q, k, v, 128, 128, True) == "triton"
+    assert kernel_choice(q, k, v, 128, 128, True) == "gluon_copies"
     permuted = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=identity,
                                       kv_perm=identity)  # fmt: skip
-    assert rel_l2(permuted, gluon[0]) <= 1e-2
+    assert rel_l2(permuted, gluon[0]) <= 1e-6
+    perm = _random_perms(1, 2, 1000, gen, "cuda")
+    for q_perm, kv_perm in ((perm, perm), (perm, None), (None, perm)):
+        got = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=q_perm,
+                                     kv_perm=kv_perm, return_lse=True)  # fmt: skip
+        assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-2, q_perm=q_perm, kv_perm=kv_perm)
 
 
 @gpu
