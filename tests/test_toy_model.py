@@ -11,7 +11,7 @@ from sparse_compile.toy.attention_stats import capture_self_attention, local_att
 from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
 from sparse_compile.toy.judge import judge, shape_mask
 from sparse_compile.toy.metrics import psnr, ssim
-from sparse_compile.toy.model import CONFIG, build_toy_wan, class_embeddings
+from sparse_compile.toy.model import CONFIG, WEIGHTS, build_toy_wan, class_embeddings
 from sparse_compile.toy.sampling import generate, initial_noise, noise_level, noise_levels
 from sparse_compile.toy.train import main as train_main
 from sparse_compile.toy.train import train
@@ -177,3 +177,11 @@ def test_a_shifted_schedule_spends_more_steps_at_high_noise_between_the_same_end
     assert noise_level(5, 20, shift=3.0) == float(shifted[5])
     with pytest.raises(ValueError, match="shift must be >= 1"):
         noise_levels(20, shift=0.5)
+
+
+def test_the_shipped_weights_are_fp16_and_at_most_40_mib():
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS), "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.float16}
+    assert WEIGHTS.stat().st_size <= 40 * 2**20
