@@ -9,7 +9,9 @@ judges them (:mod:`sparse_compile.toy.judge`). Each row is printed as it finishe
 A row gives the accuracy, the fraction of clips where the judge found shapes, and the accuracy
 per class. The toy's default scale is :data:`sparse_compile.toy.sampling.GUIDANCE`.
 
-Writes ``guidance.md`` and ``guidance.json`` to ``--out``. Meant for a GPU; ``--tiny``
+Writes ``guidance.md`` and ``guidance.json`` to ``--out``, and with ``--strips`` a labelled frame strip
+per row of its first clip of each class (``guidance_<CFG>_<F>x<H>x<W>.png``: what was asked, what the
+judge read). Meant for a GPU; ``--tiny``
 runs one small size for a CPU smoke test.
 """
 
@@ -17,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from common import add_toy_io_arguments, check_toy_io_arguments, write_toy_table
 
-from sparse_compile.toy.evaluate import score_generation
+from sparse_compile.toy.evaluate import generate_clips, score_clips
+from sparse_compile.toy.frames import save_frame_strip
+from sparse_compile.toy.judge import judge
 from sparse_compile.toy.model import build_toy_wan
+from sparse_compile.toy.videos import NUM_CLASSES, class_name
 from sparse_compile.toy.sampling import GUIDANCE
 from sparse_compile.toy.train import EVAL_SIZES
 
@@ -34,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_toy_io_arguments(parser, "guidance.md and guidance.json")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--strips", action="store_true", help="also write a frame strip per row to --out")
     parser.add_argument("--tiny", action="store_true", help="one 2x16x16 clip size, one step (CPU smoke)")
     args = parser.parse_args(argv)
     if min(args.guidance) < 1.0:
@@ -41,20 +48,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.clips < 1:
         parser.error(f"--clips must be at least 1, got {args.clips}")
     check_toy_io_arguments(parser, args)
+    if args.strips and args.out is None:
+        parser.error("--strips needs --out")
     return args
 
 
+def write_strip(path: Path, videos: torch.Tensor) -> None:
+    """A frame strip of the first clip of each class among ``videos`` ``(N, 3, F, H, W)`` (generated for
+    :func:`~sparse_compile.toy.evaluate.balanced_labels`), each captioned with the class asked and read."""
+    frames = videos.shape[2]
+    rows = {f"asked {class_name(i)}; judged {class_name(v.label) if v.found else 'no shapes'}": videos[i:i + 1]
+            for i, v in enumerate(judge(videos[:NUM_CLASSES]))}
+    save_frame_strip(path, rows, sorted({0, frames // 3, 2 * frames // 3, frames - 1}))
+
+
 def score_rows(model: torch.nn.Module, scales: list[float], sizes: tuple[tuple[int, int, int, int], ...],
-               clips: int) -> list[dict]:
+               clips: int, strips: Path | None = None) -> list[dict]:
     """One row per (scale, size): the :class:`~sparse_compile.toy.evaluate.GenerationScore` fields,
-    ``guidance`` and the seconds it took."""
+    ``guidance`` and the seconds it took; with ``strips`` (a folder) a :func:`write_strip` per row."""
     rows = []
     device = next(model.parameters()).device
     for frames, height, width, steps in sizes:
         for scale in scales:
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                score = score_generation(model, frames, height, width, steps, clips, guidance=scale)
+                videos = generate_clips(model, frames, height, width, steps, clips, guidance=scale)
+            score = score_clips(videos, steps)
+            if strips is not None:
+                write_strip(strips / f"guidance_{scale:g}_{frames}x{height}x{width}.png", videos)
             rows.append({"guidance": scale, **score.as_dict(), "seconds": round(time.perf_counter() - start, 1)})
             print(f"CFG {scale:g}, {frames}x{height}x{width}: accuracy {score.accuracy:.3f} ({rows[-1]['seconds']} s)",
                   flush=True)
@@ -78,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     model = build_toy_wan(device, torch.float32, weights=args.weights)
     header = (f"toy model {args.weights.name}, dense, {args.clips} clips per row (every class in turn, the same "
               f"noise per row), {device.type}, torch {torch.__version__}")
-    rows = score_rows(model, args.guidance, TINY_SIZES if args.tiny else EVAL_SIZES, args.clips)
+    rows = score_rows(model, args.guidance, TINY_SIZES if args.tiny else EVAL_SIZES, args.clips,
+                      args.out if args.strips else None)
     write_toy_table(args.out, "guidance", markdown(rows, header), header, args.weights, rows)
 
 

@@ -43,11 +43,12 @@ def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tm
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_guidance
 
-    bench_guidance.main(["--guidance", "1", "2", "--clips", "2", "--tiny", "--out", str(tmp_path)])
+    bench_guidance.main(["--guidance", "1", "2", "--clips", "2", "--tiny", "--strips", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "guidance.json").read_text())["rows"]
     assert [(r["guidance"], r["clips"], r["frames"]) for r in rows] == [(1.0, 2, 2), (2.0, 2, 2)]
     assert all(0.0 <= r["accuracy"] <= r["found"] <= 1.0 for r in rows)
     assert "| 2 (default) |" in (tmp_path / "guidance.md").read_text()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["guidance_1_2x16x16.png", "guidance_2_2x16x16.png"]
 
 
 def test_the_guidance_sweep_refuses_scales_below_one(monkeypatch, capsys):
