@@ -67,6 +67,10 @@ from sparse_compile.kernels.tile_configs import TileConfig, gluon_fp8_block_spar
 
 V_KEY_MULTIPLE = _TMA_ALIGN_BYTES
 """V's keys are padded to this multiple in its channels-first e4m3 storage: 16-byte strides for TMA."""
+MMA_CHUNK = 128
+"""Longest e4m3 ``wgmma`` chain (K length): Hopper sums a chain's products with fewer mantissa bits than
+fp32; each chunk of a GEMM gets a fresh accumulator and the chunks are added in fp32. 32 (one
+instruction per chain) does not compile without register spills yet, so the default keeps whole tiles."""
 _P_SCALE = gl.constexpr(FP8_MAX)
 
 
@@ -96,20 +100,98 @@ def fp8_gluon_ineligibility(
 
 
 @gluon.jit
-def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
-                           k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+def _scores_fp8(q_tile, k_tile, s_zero, turn_next, PINGPONG: gl.constexpr, CHUNK: gl.constexpr):
+    """``S = Q K^T`` (``(ROWS, BLOCK_N)`` fp32) of e4m3 ``q_tile`` ``(ROWS, D)`` and ``k_tile`` ``(BLOCK_N, D)``.
+
+    One ``wgmma`` chain of ``CHUNK`` channels per fresh accumulator, the chunks summed in fp32 registers
+    (the first two in flight together). With ``PINGPONG`` the other consumer's turn barrier ``turn_next``
+    is arrived on once the last chunk is issued.
+    """
+    NC: gl.constexpr = q_tile.shape[1] // CHUNK
+    gl.static_assert(NC * CHUNK == q_tile.shape[1])
+    s = warpgroup_mma(q_tile.slice(0, CHUNK, 1), k_tile.slice(0, CHUNK, 1).permute((1, 0)), s_zero,
+                      use_acc=False, is_async=True)  # fmt: skip
+    if NC == 1:
+        if PINGPONG:
+            mbarrier.arrive(turn_next, count=1)
+        s = warpgroup_mma_wait(0, deps=[s])
+    for c in gl.static_range(1, NC):
+        part = warpgroup_mma(q_tile.slice(c * CHUNK, CHUNK, 1), k_tile.slice(c * CHUNK, CHUNK, 1).permute((1, 0)),
+                             s_zero, use_acc=False, is_async=True)  # fmt: skip
+        if PINGPONG and c == NC - 1:
+            mbarrier.arrive(turn_next, count=1)
+        if c == 1:
+            s = warpgroup_mma_wait(1, deps=[s])
+        part = warpgroup_mma_wait(0, deps=[part])
+        s = s + part
+    return s
+
+
+@gluon.jit
+def _halves(x):
+    """The left and right column halves of ``x`` ``(ROWS, N)``, split in registers."""
+    return gl.split(x.reshape([x.shape[0], 2, x.shape[1] // 2]).permute((0, 2, 1)))
+
+
+@gluon.jit
+def _e4m3_operand(p, p_layout: gl.constexpr):
+    """``e4m3(448 p)`` in the A-operand layout ``p_layout``."""
+    return gl.convert_layout((p * _P_SCALE).to(gl.float8e4nv), p_layout)
+
+
+@gluon.jit
+def _p_operand(p, p_layout: gl.constexpr, NC: gl.constexpr):
+    """``e4m3(448 p)`` of fp32 ``p`` ``(ROWS, BLOCK_N)`` as a tuple of ``NC`` (1, 2 or 4) key chunks, left
+    to right, each in the A-operand layout ``p_layout``."""
+    if NC == 1:
+        chunks = (_e4m3_operand(p, p_layout),)
+    elif NC == 2:
+        left, right = _halves(p)
+        chunks = (_e4m3_operand(left, p_layout), _e4m3_operand(right, p_layout))
+    else:
+        left, right = _halves(p)
+        left_0, left_1 = _halves(left)
+        right_0, right_1 = _halves(right)
+        chunks = (_e4m3_operand(left_0, p_layout), _e4m3_operand(left_1, p_layout),
+                  _e4m3_operand(right_0, p_layout), _e4m3_operand(right_1, p_layout))  # fmt: skip
+    return chunks
+
+
+@gluon.jit
+def _add_pv_fp8(acc, p_chunks, v_tile, pv_zero):
+    """``acc + P V`` for e4m3 P as key chunks ``p_chunks`` (:func:`_p_operand`) and ``v_tile``
+    ``(D, BLOCK_N)`` (V^T): one ``wgmma`` per chunk into a fresh accumulator, each added to the fp32
+    ``acc`` in registers, two chunks in flight."""
+    NC: gl.constexpr = len(p_chunks)
+    CHUNK: gl.constexpr = v_tile.shape[1] // NC
+    pending = warpgroup_mma(p_chunks[0], v_tile.slice(0, CHUNK, 1).permute((1, 0)), pv_zero, use_acc=False,
+                            is_async=True)  # fmt: skip
+    for c in gl.static_range(1, NC):
+        issued = warpgroup_mma(p_chunks[c], v_tile.slice(c * CHUNK, CHUNK, 1).permute((1, 0)), pv_zero,
+                               use_acc=False, is_async=True)  # fmt: skip
+        acc = acc + warpgroup_mma_wait(1, deps=[pending])
+        pending = issued
+    return acc + warpgroup_mma_wait(0, deps=[pending])
+
+
+@gluon.jit
+def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row, stride_ik,
+                           n_tiles, k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr,
+                           WG: gl.constexpr, PINGPONG: gl.constexpr, CHUNK: gl.constexpr):  # fmt: skip
     """One consumer warpgroup's main loop: its 64 e4m3 query rows ``q_tile`` against every kept tile.
 
     ``k_ring`` holds ``(BLOCK_N, D)`` K tiles, ``v_ring`` ``(D, BLOCK_N)`` V^T tiles; ``k_scales`` points at
     the head's kv-block scales; ``q_scale`` is the q block's scale times softmax scale * log2(e).
-    Returns the fp32 sum of ``e4m3(448 P) V_fp8`` (tile products added in registers), the integer row
-    max and the row sum (base 2).
+    Per tile ``t`` the GEMM step issues ``P V`` of tile ``t - 1`` (:func:`_add_pv_fp8`) then ``S`` of tile
+    ``t`` (:func:`_scores_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long; the softmax follows. With
+    ``PINGPONG`` (two consumers) the GEMM steps of the two warpgroups alternate on the ``turn`` barriers
+    (``turn[WG]`` is this warpgroup's), so one's softmax runs while the other's GEMMs do.
+    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
-    p_dtype: gl.constexpr = q_tile.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
     )
@@ -119,61 +201,66 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     alpha_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    S_CHUNK: gl.constexpr = min(CHUNK, HEAD_DIM)
+    PV_CHUNK: gl.constexpr = min(CHUNK, BLOCK_N)
+    turn_mine = turn.index(WG)
+    turn_next = turn.index(1 - WG)
 
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    p_prev = gl.zeros([ROWS, BLOCK_N], p_dtype, layout=p_layout)
+    p_prev = _p_operand(s_zero, p_layout, BLOCK_N // PV_CHUNK)
 
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
+        if PINGPONG:
+            mbarrier.wait(turn_mine, 1 - WG)  # the first warpgroup goes first
         mbarrier.wait(k_ready.index(0), 0)
-        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s])
+        s = _scores_fp8(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
+                        S_CHUNK)  # fmt: skip
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = gl.load(idx_row) * LAYOUT_BK  # sub-tile 0 of the first kept block
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
-        p_prev = gl.convert_layout((p * _P_SCALE).to(p_dtype), p_layout)
+        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
 
     for t in range(1, n_tiles):
         slot = t % STAGES
         prev = (t - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
-        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.wait(turn_mine, (t + 1 - WG) & 1)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        v_tile = v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N])
-        pv = warpgroup_mma(p_prev, v_tile.permute((1, 0)), pv_zero, use_acc=False, is_async=True)
+        acc = _add_pv_fp8(acc, p_prev, v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        s = _scores_fp8(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
+                        S_CHUNK)  # fmt: skip
+        mbarrier.arrive(k_empty.index(slot), count=1)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        s = warpgroup_mma_wait(1, deps=[s])
-        mbarrier.arrive(k_empty.index(slot), count=1)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
-        p_next = gl.convert_layout((p * _P_SCALE).to(p_dtype), p_layout)
-        pv = warpgroup_mma_wait(0, deps=[pv])
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = (acc + pv) * gl.expand_dims(gl.convert_layout(alpha, alpha_layout), 1)
-        p_prev = p_next
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, alpha_layout), 1)
+        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
 
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
+        if PINGPONG:
+            mbarrier.wait(turn_mine, (n_tiles + 1 - WG) & 1)
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        v_tile = v_ring.index(last).reshape([HEAD_DIM, BLOCK_N])
-        pv = warpgroup_mma(p_prev, v_tile.permute((1, 0)), pv_zero, use_acc=False, is_async=True)
-        pv = warpgroup_mma_wait(0, deps=[pv])
-        acc = acc + pv
+        acc = _add_pv_fp8(acc, p_prev, v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
+        if PINGPONG:
+            mbarrier.arrive(turn_next, count=1)
     return acc, m_i, l_i
 
 
 @gluon.jit
 def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
-                  v_empty, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
+                  v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
                   stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                  LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+                  LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+                  CHUNK: gl.constexpr):  # fmt: skip
     """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile
     (:func:`_attend_kept_tiles_fp8`), then O (scaled back, stored from registers) and LSE."""
     ROWS: gl.constexpr = q_smem.shape[3]
@@ -183,8 +270,9 @@ def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_b
     k_scales = K_SCALE + pid_bh.to(gl.int64) * NK
     if n_tiles > 0:
         mbarrier.wait(q_bar, 0)
-    acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
-                                           stride_ik, n_tiles, k_scales, q_scale, S_K, LAYOUT_BK, EVEN_K)  # fmt: skip
+    acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row,
+                                           stride_ik, n_tiles, k_scales, q_scale, S_K, LAYOUT_BK, EVEN_K, WG,
+                                           PINGPONG, CHUNK)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
     rows_lse = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
     gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows_lse, lse, mask=rows_lse < S_Q)
@@ -213,6 +301,8 @@ def _block_sparse_fp8_fwd_gluon(
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    CHUNK: gl.constexpr,
 ):  # fmt: skip
     """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
 
@@ -221,7 +311,9 @@ def _block_sparse_fp8_fwd_gluon(
     ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q) and ``(1, 1, BLOCK_N, D)`` (k), and over V
     transposed ``(B, H, D, S_K)`` with blocks ``(1, 1, D, BLOCK_N)``. Q_SCALE ``(B, H, NQ)``, K_SCALE
     ``(B, H, NK)``, V_SCALE ``(B, H, D)`` and LSE ``(B, H, S_Q)`` contiguous fp32; O ``(B, H, S_Q, D)``
-    fp16/bf16, any strides; ``qk_scale`` is softmax scale * log2(e).
+    fp16/bf16, any strides; ``qk_scale`` is softmax scale * log2(e). ``CHUNK`` (32, 64 or 128) caps the K
+    length of every e4m3 ``wgmma`` chain; ``PINGPONG`` alternates the two consumers'
+    GEMMs (no effect with one consumer).
     """
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
@@ -238,6 +330,9 @@ def _block_sparse_fp8_fwd_gluon(
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)  # fenced with the ring's barriers
     q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
@@ -246,22 +341,22 @@ def _block_sparse_fp8_fwd_gluon(
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
-                             stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale, LAYOUT_BK,
-                             EVEN_K, 0)),
+                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                             LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
             (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
-                             stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale, LAYOUT_BK,
-                             EVEN_K, 1)),
+                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                             LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
             (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
             (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
-                             stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale, LAYOUT_BK,
-                             EVEN_K, 0)),
+                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                             LAYOUT_BK, EVEN_K, 0, False, CHUNK)),
             (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True)),
         ], [1], [PRODUCER_REGS])  # fmt: skip
@@ -274,6 +369,7 @@ def _block_sparse_fp8_fwd_gluon(
 
 def launch_gluon_block_sparse_fp8(
     x: Fp8Inputs, layout: BlockLayout, scale: float, out: Tensor, lse: Tensor, tile: TileConfig | None = None,
+    pingpong: bool = False,
 ) -> None:  # fmt: skip
     """Run the kernel on quantised inputs ``x`` into ``out`` ``(B, H, S_q, D)`` (any strides) and ``lse``
     (contiguous fp32 ``(B, H, S_q)``, the LSE of the smoothed scores).
@@ -282,7 +378,8 @@ def launch_gluon_block_sparse_fp8(
     (``quantize_attention_inputs(..., v_key_multiple=V_KEY_MULTIPLE)``); the layout blocks are
     ``x.block_q`` and ``x.block_k``. ``tile`` (``block_m`` 64 or 128 rows, one consumer warpgroup per 64;
     ``block_n`` keys per K/V tile; ``num_stages`` ring slots) defaults to
-    :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`.
+    :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. ``pingpong``: the two
+    consumer warpgroups of a 128-row tile take turns at the tensor cores.
     """
     b, h, s_q, d = x.q.shape
     s_k = x.k.shape[2]
@@ -305,5 +402,5 @@ def launch_gluon_block_sparse_fp8(
             h, s_q, s_k, x.q_scale.shape[-1], x.k_scale.shape[-1], scale * LOG2E,
             LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
             STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-            num_warps=4, maxnreg=launch_registers(consumers),
+            PINGPONG=pingpong, CHUNK=MMA_CHUNK, num_warps=4, maxnreg=launch_registers(consumers),
         )  # fmt: skip

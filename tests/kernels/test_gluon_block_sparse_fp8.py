@@ -45,6 +45,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     tma_readable,
 )
 from sparse_compile.kernels.gluon_block_sparse_fp8 import (
+    MMA_CHUNK,
     V_KEY_MULTIPLE,
     fp8_gluon_ineligibility,
     launch_gluon_block_sparse_fp8,
@@ -195,7 +196,8 @@ def test_interp_entry_quantisation_is_the_triton_entrys_with_v_transposed_tma_re
 # ---------------------------------------------------------------- sm_90a compile (CPU, ahead of time)
 
 
-def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool):
+def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, pingpong: bool = False,
+                   chunk: int = MMA_CHUNK):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
     from triton.experimental.gluon import language as gl
 
@@ -210,7 +212,8 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool):
         return f"tensordesc<fp8e4nv[{', '.join(map(str, block))}],{layout!r}>"
 
     constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, CONSUMERS=consumers,
-                     STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)  # fmt: skip
+                     STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+                     PINGPONG=pingpong, CHUNK=chunk)  # fmt: skip
     signature = {
         "q_desc": descriptor(CONSUMER_ROWS, head_dim), "k_desc": descriptor(tile.block_n, head_dim),
         "vt_desc": descriptor(head_dim, tile.block_n),
@@ -227,12 +230,13 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool):
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+@pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize(
     "block_q,block_k,head_dim,even_k",
     [(128, 128, 128, False), (128, 128, 64, True), (64, 64, 128, False), (64, 64, 64, True), (256, 256, 128, False)],
 )
-def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, head_dim, even_k) -> None:
-    kernel = _compile_sm90a(block_q, block_k, head_dim, even_k)
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, head_dim, even_k, pingpong) -> None:
+    kernel = _compile_sm90a(block_q, block_k, head_dim, even_k, pingpong)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and "cp.async.bulk.tensor.4d" in ptx
     assert "wgmma.mma_async.sync.aligned" in ptx
@@ -246,6 +250,25 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, he
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     usage = resource_usage(kernel, tmp_path)
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
+
+
+def _wgmma_scale_d(ptx: str) -> list[str]:
+    """The scale-d operand (0: the accumulator starts fresh) of every wgmma in ``ptx``, in order."""
+    return re.findall(r"wgmma\.mma_async[^;]*,\s*([^,\s]+),\s*1,\s*1;", ptx)
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+@pytest.mark.parametrize("head_dim,chunk", [(128, 32), (128, 64), (64, 32)])
+def test_kernel_chunks_each_e4m3_wgmma_chain(head_dim, chunk, pingpong) -> None:
+    """With ``CHUNK`` every e4m3 chain is ``chunk / 32`` instructions long: a fresh accumulator (scale-d 0)
+    every ``chunk / 32`` wgmmas and nowhere else; the 128x128 tile's count of wgmmas does not change."""
+    ptx = _compile_sm90a(128, 128, head_dim, False, pingpong, chunk).asm["ptx"]
+    scale_d = _wgmma_scale_d(ptx)
+    wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
+    assert len(scale_d) == len(wgmmas) and all(".f32.e4m3.e4m3" in w for w in wgmmas)
+    per_chain = chunk // 32
+    assert len(wgmmas) == 2 * 2 * (head_dim + 128) // 32  # two consumers; S and P V twice each (peeled tiles)
+    assert scale_d.count("0") == len(wgmmas) // per_chain
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
