@@ -296,6 +296,17 @@ GPU_SEQ = 4096 - 37
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_triton_fp8_matches_reference_with_large_scores(dtype) -> None:
+    """The Gluon FP8 kernel's tails case (scale 0.3: scores about 3x the default's) through the Triton kernel."""
+    gen = torch.Generator().manual_seed(1000 + 777 + 128 + 128)
+    q, k, v = activation_like_qkv(2, 3, 1000, 777, 128, dtype, gen, "cuda")
+    counts, indices = random_layout(2, 3, cdiv(1000, 128), cdiv(777, 128), 0.5, gen, "cuda", 0.2)
+    got = run_fp8_poisoned(q, k, v, counts, indices, 128, 128, scale=0.3)
+    assert_matches_fp8_reference(q, k, v, counts, indices, 128, 128, got, scale=0.3)
+
+
+@gpu
 @pytest.mark.parametrize("block", [128, 64])
 def test_gpu_wan_like_sparse_matches_fp8_reference_and_bf16(block: int) -> None:
     gen = torch.Generator().manual_seed(block)
