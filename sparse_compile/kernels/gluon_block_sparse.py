@@ -175,18 +175,20 @@ def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLO
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
               idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK: gl.constexpr,
-              V_KEYS_LAST: gl.constexpr):  # fmt: skip
-    """The TMA warp: the Q rows of every consumer, then K and V of each kept tile into the ring slot
-    ``t % STAGES`` once every consumer has released it (``*_empty``), signalling ``*_ready``.
-    ``V_KEYS_LAST``: ``v_desc`` is over V transposed, ``(B, H, D, S)``, its tiles ``(D, BLOCK_N)``."""
+              V_KEYS_LAST: gl.constexpr, LOAD_Q: gl.constexpr):  # fmt: skip
+    """The TMA warp: the Q rows of every consumer (with ``LOAD_Q``; else the consumers load them), then K
+    and V of each kept tile into the ring slot ``t % STAGES`` once every consumer has released it
+    (``*_empty``), signalling ``*_ready``. ``V_KEYS_LAST``: ``v_desc`` is over V transposed,
+    ``(B, H, D, S)``, its tiles ``(D, BLOCK_N)``."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     STAGES: gl.constexpr = k_ring.shape[0]
     CONSUMERS: gl.constexpr = q_smem.shape[0]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
-    if n_tiles > 0:
-        mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
-        for i in gl.static_range(CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m + i * ROWS, 0], q_bar, q_smem.index(i))
+    if LOAD_Q:
+        if n_tiles > 0:
+            mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+            for i in gl.static_range(CONSUMERS):
+                tma.async_copy_global_to_shared(q_desc, [off_b, off_h, off_m + i * ROWS, 0], q_bar, q_smem.index(i))
     for t in range(n_tiles):
         slot = t % STAGES
         free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
@@ -286,26 +288,83 @@ def _normalise(acc, m_i, l_i):
 
 
 @gluon.jit
+def _row_tokens(perm_row, stride_ps, start, S_Q, ROWS: gl.constexpr, layout: gl.constexpr):
+    """Tokens ``perm_row[start ..]`` of ``ROWS`` kernel-order rows (int64, in ``layout``) and which are below ``S_Q``."""
+    rows = start + gl.arange(0, ROWS, layout=layout)
+    ok = rows < S_Q
+    token = gl.load(perm_row + rows.to(gl.int64) * stride_ps, mask=ok, other=0).to(gl.int64)
+    return token, ok
+
+
+@gluon.jit
+def _load_permuted_q(q_tile, q_base, stride_qs, perm_row, stride_ps, start, S_Q):
+    """Kernel-order query rows ``start ..`` of one head into ``q_tile`` ``[ROWS, D]`` (shared memory), through
+    registers: row ``r`` is token ``perm_row[r]`` of ``q_base``; rows at or past ``S_Q`` are zeros. Ends
+    fenced for the tensor cores' async proxy and with the warpgroup synchronised."""
+    ROWS: gl.constexpr = q_tile.shape[0]
+    D: gl.constexpr = q_tile.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte vectors
+    token, ok = _row_tokens(perm_row, stride_ps, start, S_Q, ROWS, gl.SliceLayout(1, layout))
+    dims = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    q = gl.load(q_base + gl.expand_dims(token * stride_qs, 1) + gl.expand_dims(dims, 0), mask=gl.expand_dims(ok, 1),
+                other=0.0)  # fmt: skip
+    q_tile.store(q)
+    fence_async_shared()
+    gl.thread_barrier()  # every warp's rows are in shared memory before the warpgroup's GEMMs read them
+
+
+@gluon.jit
+def _store_permuted(out, lse, q_tile, o_base, stride_os, lse_base, perm_row, stride_ps, start, S_Q):
+    """O rows and LSE entries of kernel-order query rows ``start ..`` to their tokens ``perm_row[r]`` (pointer
+    stores, rows at or past ``S_Q`` dropped). O goes through ``q_tile`` (shared memory no longer read) to be
+    stored in 16-byte vectors."""
+    ROWS: gl.constexpr = q_tile.shape[0]
+    D: gl.constexpr = q_tile.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16-byte vectors
+    q_tile.store(out.to(q_tile.dtype))
+    gl.thread_barrier()  # the warpgroup's rows are all in shared memory before any warp reads them back
+    rows_out = q_tile.load(layout)
+    token, ok = _row_tokens(perm_row, stride_ps, start, S_Q, ROWS, gl.SliceLayout(1, layout))
+    dims = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    gl.store(o_base + gl.expand_dims(token * stride_os, 1) + gl.expand_dims(dims, 0), rows_out,
+             mask=gl.expand_dims(ok, 1))  # fmt: skip
+    lse_layout: gl.constexpr = lse.type.layout
+    lse_token, lse_ok = _row_tokens(perm_row, stride_ps, start, S_Q, ROWS, lse_layout)
+    gl.store(lse_base + lse_token, lse, mask=lse_ok)
+
+
+@gluon.jit
 def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
               idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
-              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+              LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr, PERMUTE_Q: gl.constexpr,
+              q_base, stride_qs, o_base, stride_os, perm_row, stride_ps):  # fmt: skip
     """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile
-    (:func:`_attend_kept_tiles`), then LSE and, through its Q rows' shared memory, O (TMA store)."""
+    (:func:`_attend_kept_tiles`), then LSE and, through its Q rows' shared memory, O (TMA store).
+    ``PERMUTE_Q``: it gathers its Q rows itself (:func:`_load_permuted_q`; the producer loads no Q) and
+    stores O and LSE to their tokens (:func:`_store_permuted`)."""
     ROWS: gl.constexpr = o_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
     q_rows = q_smem.index(WG)
     q_tile = q_rows.reshape([ROWS, HEAD_DIM])
-    if n_tiles > 0:
-        mbarrier.wait(q_bar, 0)
+    if PERMUTE_Q:
+        if n_tiles > 0:
+            _load_permuted_q(q_tile, q_base, stride_qs, perm_row, stride_ps, off_m + WG * ROWS, S_Q)
+    else:
+        if n_tiles > 0:
+            mbarrier.wait(q_bar, 0)
     acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
                                        stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False, False)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
-    rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
-    gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
-    q_tile.store(out.to(o_desc.dtype))  # this warpgroup's Q rows are no longer read
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m + WG * ROWS, 0], q_rows)
-    tma.store_wait(0)
+    if PERMUTE_Q:
+        _store_permuted(out, lse, q_tile, o_base, stride_os, LSE + pid_bh.to(gl.int64) * S_Q, perm_row, stride_ps,
+                        off_m + WG * ROWS, S_Q)  # fmt: skip
+    else:
+        rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
+        gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows, lse, mask=rows < S_Q)
+        q_tile.store(out.to(o_desc.dtype))  # this warpgroup's Q rows are no longer read
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [off_b, off_h, off_m + WG * ROWS, 0], q_rows)
+        tma.store_wait(0)
 
 
 @gluon.jit
@@ -340,6 +399,11 @@ def _block_sparse_fwd_gluon(
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
+    PERMUTE_Q: gl.constexpr = False,
+    Q=None, O=None, Q_PERM=None,
+    stride_qb=None, stride_qh=None, stride_qs=None,
+    stride_ob=None, stride_oh=None, stride_os=None,
+    stride_pb=None, stride_ph=None, stride_ps=None,
 ):  # fmt: skip
     """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
 
@@ -347,6 +411,11 @@ def _block_sparse_fwd_gluon(
     ``CONSUMERS`` is 2) and the producer warp are worker partitions. Descriptors are 4-D over
     ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q, o) and ``(1, 1, BLOCK_N, D)`` (k, v); LSE is
     contiguous fp32 ``(B, H, S_Q)``; ``qk_scale`` is softmax scale * log2(e).
+
+    ``PERMUTE_Q``: kernel-order query row ``i`` is token ``Q_PERM[b, h, i]`` (int32/int64 ``(B, H, S_Q)``, any
+    strides): the consumers gather their Q rows from ``Q`` and store O rows to ``O`` (both ``(B, H, S_Q, D)``
+    with a unit last stride, strides given) and LSE entries at those tokens; ``q_desc`` and ``o_desc`` then
+    only give the tile type and are not read. Without it those arguments stay ``None``.
     """
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
@@ -368,24 +437,37 @@ def _block_sparse_fwd_gluon(
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
     n_tiles = count * SUB_N
+    if PERMUTE_Q:
+        q_base = Q + off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh
+        o_base = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+        perm_row = Q_PERM + off_b.to(gl.int64) * stride_pb + off_h.to(gl.int64) * stride_ph
+        row_strides = (stride_qs, stride_os, stride_ps)
+    else:  # constexpr placeholders: the partitions take no None
+        q_base = 0
+        o_base = 0
+        perm_row = 0
+        row_strides = (0, 0, 0)
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
-                         LAYOUT_BK, EVEN_K, 0)),
+                         LAYOUT_BK, EVEN_K, 0, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
+                         perm_row, row_strides[2])),
             (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
-                         LAYOUT_BK, EVEN_K, 1)),
+                         LAYOUT_BK, EVEN_K, 1, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
+                         perm_row, row_strides[2])),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False, not PERMUTE_Q)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
             (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
-                         LAYOUT_BK, EVEN_K, 0)),
+                         LAYOUT_BK, EVEN_K, 0, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
+                         perm_row, row_strides[2])),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, False, not PERMUTE_Q)),
         ], [1], [PRODUCER_REGS])  # fmt: skip
 
 

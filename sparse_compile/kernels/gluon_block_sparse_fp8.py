@@ -349,7 +349,7 @@ def _block_sparse_fp8_fwd_gluon(
                              q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
                              LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
             (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
@@ -358,7 +358,7 @@ def _block_sparse_fp8_fwd_gluon(
                              q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
                              LAYOUT_BK, EVEN_K, 0, False, CHUNK)),
             (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True)),
+                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
         ], [1], [PRODUCER_REGS])  # fmt: skip
 
 

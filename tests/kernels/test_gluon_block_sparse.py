@@ -211,8 +211,14 @@ def test_gluon_entry_rejects_a_tile_that_does_not_fit_the_consumers() -> None:
         launch_gluon_block_sparse(*_inputs(), None, 256, 256, 1.0, None, None, TileConfig(256, 128, 16, 2))
 
 
-def _compile_sm90a(block_q: int, block_k: int, head_dim: int, dtype, even_k: bool):
-    """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
+PERMUTE_Q_ARGS = ("Q", "O", "Q_PERM", "stride_qb", "stride_qh", "stride_qs", "stride_ob", "stride_oh", "stride_os",
+                  "stride_pb", "stride_ph", "stride_ps")
+"""The kernel's ``PERMUTE_Q`` arguments (``None`` without it)."""
+
+
+def _compile_sm90a(block_q: int, block_k: int, head_dim: int, dtype, even_k: bool, permute_q: bool = False):
+    """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object.
+    ``permute_q``: the variant gathering Q rows and scattering O/LSE through an int32 permutation."""
     from triton.experimental.gluon import language as gl
 
     from sparse_compile.kernels.gluon_block_sparse import _block_sparse_fwd_gluon
@@ -226,17 +232,24 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, dtype, even_k: boo
         return f"tensordesc<{name}[{', '.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, dtype)!r}>"
 
     constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, CONSUMERS=consumers,
-                     STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS)  # fmt: skip
+                     STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+                     PERMUTE_Q=permute_q)  # fmt: skip
+    permuted = {"Q": f"*{name}", "O": f"*{name}", "Q_PERM": "*i32", **{n: "i32" for n in PERMUTE_Q_ARGS[3:]}}
+    if not permute_q:
+        constants.update(dict.fromkeys(PERMUTE_Q_ARGS))
     signature = {
         "q_desc": descriptor(CONSUMER_ROWS), "k_desc": descriptor(tile.block_n), "v_desc": descriptor(tile.block_n),
         "o_desc": descriptor(CONSUMER_ROWS), "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32",
         **{n: "i32" for n in ("stride_cb", "stride_ch", "stride_cq", "stride_ib", "stride_ih", "stride_iq",
                               "stride_ik", "H", "S_Q", "S_K")},
         "qk_scale": "fp32",
-        **{n: "constexpr" for n in constants},
+        **{n: "constexpr" for n in constants if n not in PERMUTE_Q_ARGS},
+        **{n: "constexpr" if n in constants else permuted[n] for n in PERMUTE_Q_ARGS},
     }  # fmt: skip
     options = {"num_warps": 4, "maxnreg": launch_registers(consumers)}
-    return compile_sm90a(_block_sparse_fwd_gluon, signature, constants, options)
+    aligned = () if not permute_q else ("Q", "O", "stride_qb", "stride_qh", "stride_qs", "stride_ob", "stride_oh",
+                                        "stride_os")  # as a launch on 16-byte aligned q/out specialises them
+    return compile_sm90a(_block_sparse_fwd_gluon, signature, constants, options, aligned)
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
@@ -251,6 +264,24 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, he
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor.4d" in ptx
     assert "setmaxnreg" in ptx  # the producer hands its registers to the consumers
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    usage = resource_usage(kernel, tmp_path)
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block", GLUON_LAYOUT_BLOCKS)
+def test_permute_q_kernel_compiles_for_sm90a_without_spills(tmp_path, block, head_dim) -> None:
+    """``PERMUTE_Q``: the consumers gather Q (no TMA load of Q, no wait on its barrier) and store O/LSE by
+    pointer (no TMA store); K/V still come by TMA; no spills."""
+    from triton.experimental.gluon import language as gl
+
+    kernel = _compile_sm90a(block, block, head_dim, gl.bfloat16, block != 64, permute_q=True)
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "cp.async.bulk.tensor.4d" in ptx
+    assert "cp.async.bulk.tensor.4d.global.shared" not in ptx  # O is not stored by TMA
+    assert "setmaxnreg" in ptx
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     usage = resource_usage(kernel, tmp_path)
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, usage
