@@ -85,6 +85,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_gluon",
     "block_sparse_attention_gluon_on_copies",
+    "block_sparse_attention_gluon_on_kv_copies",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
     "check_layout_values",
@@ -552,6 +553,55 @@ def block_sparse_attention_gluon_on_copies(
             scale=scale, return_lse=True)  # fmt: skip
         scatter_rows((group_out,), q_order, (out[:, heads],))
         scatter_rows((group_lse[..., None],), q_order, (lse[:, heads, :, None],))
+    return out, lse
+
+
+def block_sparse_attention_gluon_on_kv_copies(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int,
+    block_k: int,
+    q_perm: Optional[Tensor],
+    kv_perm: Optional[Tensor],
+    scale: Optional[float] = None,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """A permuted call through the TMA Gluon kernel (CUDA sm_90) with only K and V copied: k and v gathered
+    into kernel order (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one launch for both; without
+    ``kv_perm`` in token order), q read in place and O/LSE written in token order by the kernel's
+    ``PERMUTE_Q`` variant (rows ``q_perm[b, h, i]``, the identity without ``q_perm``); heads in groups whose
+    K/V copies fit ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon_on_copies`
+    (q ``(B, H, S_q, D)`` with any strides, copied only without a unit last stride). Raises ``ValueError``
+    with the reason when the kernel cannot take the call.
+    """
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    reason = gluon_config_ineligibility(q, block_q, block_k, cuda_capability(q))
+    if reason is not None:
+        raise ValueError(reason)
+    b, h, s_q, d = q.shape
+    out, lse = _output_buffers(q, v, out, lse_out)
+    if out.numel() == 0:
+        return out, lse
+    q_in = q if q.stride(3) == 1 else q.contiguous()
+    out_in = out if out.stride(3) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
+    scale = default_scale(d, scale)
+    q_order = lay.q_perm if lay.q_perm is not None else token_order(None, b, h, s_q, q.device)
+    kv_orders = token_order(lay.kv_perm, b, h, k.shape[2], q.device)
+    head_bytes = b * k.shape[2] * (d + v.shape[-1]) * q.element_size()
+    group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
+    for start in range(0, h, group):
+        heads = slice(start, min(h, start + group))
+        k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), kv_orders[:, heads])
+        group_layout = BlockLayout(lay.counts[:, heads], lay.indices[:, heads])
+        launch_gluon_block_sparse(q_in[:, heads], k_copy, v_copy, group_layout, block_q, block_k, scale,
+                                  out_in[:, heads], lse[:, heads], q_perm=q_order[:, heads])  # fmt: skip
+    if out_in is not out:
+        out.copy_(out_in)
     return out, lse
 
 

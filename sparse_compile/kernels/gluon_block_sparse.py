@@ -341,7 +341,7 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
     """Consumer warpgroup ``WG``: query rows ``off_m + WG * 64`` .. + 64 against every kept tile
     (:func:`_attend_kept_tiles`), then LSE and, through its Q rows' shared memory, O (TMA store).
     ``PERMUTE_Q``: it gathers its Q rows itself (:func:`_load_permuted_q`; the producer loads no Q) and
-    stores O and LSE to their tokens (:func:`_store_permuted`)."""
+    stores O and LSE (``LSE`` then this head's row) to their tokens (:func:`_store_permuted`)."""
     ROWS: gl.constexpr = o_desc.block_type.shape[2]
     HEAD_DIM: gl.constexpr = o_desc.block_type.shape[3]
     q_rows = q_smem.index(WG)
@@ -356,7 +356,7 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
                                        stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False, False)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
     if PERMUTE_Q:
-        _store_permuted(out, lse, q_tile, o_base, stride_os, LSE + pid_bh.to(gl.int64) * S_Q, perm_row, stride_ps,
+        _store_permuted(out, lse, q_tile, o_base, stride_os, LSE, perm_row, stride_ps,
                         off_m + WG * ROWS, S_Q)  # fmt: skip
     else:
         rows = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
@@ -404,6 +404,7 @@ def _block_sparse_fwd_gluon(
     stride_qb=None, stride_qh=None, stride_qs=None,
     stride_ob=None, stride_oh=None, stride_os=None,
     stride_pb=None, stride_ph=None, stride_ps=None,
+    stride_lb=None, stride_lh=None,
 ):  # fmt: skip
     """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
 
@@ -414,8 +415,9 @@ def _block_sparse_fwd_gluon(
 
     ``PERMUTE_Q``: kernel-order query row ``i`` is token ``Q_PERM[b, h, i]`` (int32/int64 ``(B, H, S_Q)``, any
     strides): the consumers gather their Q rows from ``Q`` and store O rows to ``O`` (both ``(B, H, S_Q, D)``
-    with a unit last stride, strides given) and LSE entries at those tokens; ``q_desc`` and ``o_desc`` then
-    only give the tile type and are not read. Without it those arguments stay ``None``.
+    with a unit last stride, strides given) and LSE entries at those tokens (LSE ``(B, H, S_Q)`` fp32 with
+    a unit last stride, batch and head strides given); ``q_desc`` and ``o_desc`` then only give the tile
+    type and are not read. Without it those arguments stay ``None``.
     """
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
@@ -442,18 +444,20 @@ def _block_sparse_fwd_gluon(
         o_base = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
         perm_row = Q_PERM + off_b.to(gl.int64) * stride_pb + off_h.to(gl.int64) * stride_ph
         row_strides = (stride_qs, stride_os, stride_ps)
+        lse_ptr = LSE + off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
     else:  # constexpr placeholders: the partitions take no None
         q_base = 0
         o_base = 0
         perm_row = 0
         row_strides = (0, 0, 0)
+        lse_ptr = LSE
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+            (_consumer, (o_desc, lse_ptr, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 0, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
                          perm_row, row_strides[2])),
-            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+            (_consumer, (o_desc, lse_ptr, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 1, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
                          perm_row, row_strides[2])),
@@ -462,7 +466,7 @@ def _block_sparse_fwd_gluon(
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
-            (_consumer, (o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+            (_consumer, (o_desc, lse_ptr, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                          idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, S_Q, S_K, qk_scale,
                          LAYOUT_BK, EVEN_K, 0, PERMUTE_Q, q_base, row_strides[0], o_base, row_strides[1],
                          perm_row, row_strides[2])),
@@ -501,13 +505,17 @@ def _descriptor(t: Tensor, rows: int, columns: int | None = None) -> TensorDescr
 
 def launch_gluon_block_sparse(
     q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout, block_q: int, block_k: int, scale: float,
-    out: Tensor, lse: Tensor, tile: TileConfig | None = None,
+    out: Tensor, lse: Tensor, tile: TileConfig | None = None, q_perm: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Run the kernel into ``out`` ``(B, H, S_q, D)`` (TMA-readable strides) and ``lse`` (contiguous fp32 ``(B, H, S_q)``).
 
     Inputs must pass :func:`gluon_ineligibility` and be valid (shapes checked, layout values in range);
     ``tile`` (``block_m`` rows: 64 or 128, one consumer warpgroup per 64; ``block_n`` keys per K/V tile;
     ``num_stages`` ring slots) defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`.
+
+    ``q_perm`` int32/int64 ``(B, H, S_q)`` (any strides): kernel-order query row ``i`` is token ``q_perm[b, h, i]``
+    (the ``PERMUTE_Q`` kernel): q is then gathered in place and O/LSE scattered to token rows, so q and
+    ``out`` need only a unit last stride and ``lse`` a unit last stride; k and v stay TMA-read in kernel order.
     """
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
@@ -517,13 +525,26 @@ def launch_gluon_block_sparse(
     consumers = tile.block_m // CONSUMER_ROWS
     counts, indices = layout.counts, layout.indices
     grid = (cdiv(s_q, tile.block_m), b * h)
+    if q_perm is None:
+        q_desc, o_desc, permuted = _descriptor(q, CONSUMER_ROWS), _descriptor(out, CONSUMER_ROWS), {}
+    else:
+        if q.stride(3) != 1 or out.stride(3) != 1 or lse.stride(2) != 1:
+            raise ValueError("with q_perm, q, out and lse need a unit last stride")
+        q_desc = o_desc = _descriptor(k, CONSUMER_ROWS)  # the tile type only: Q and O go by pointer
+        permuted = dict(
+            PERMUTE_Q=True, Q=q, O=out, Q_PERM=q_perm,
+            stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qs=q.stride(2),
+            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_os=out.stride(2),
+            stride_pb=q_perm.stride(0), stride_ph=q_perm.stride(1), stride_ps=q_perm.stride(2),
+            stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        )  # fmt: skip
     with torch.cuda.device(q.device):
         _block_sparse_fwd_gluon[grid](
-            _descriptor(q, CONSUMER_ROWS), _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
-            _descriptor(out, CONSUMER_ROWS), lse, counts, indices,
+            q_desc, _descriptor(k, tile.block_n), _descriptor(v, tile.block_n),
+            o_desc, lse, counts, indices,
             *counts.stride(), *indices.stride(),
             h, s_q, s_k, scale * LOG2E,
             LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
             STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-            num_warps=4, maxnreg=launch_registers(consumers),
+            num_warps=4, maxnreg=launch_registers(consumers), **permuted,
         )  # fmt: skip

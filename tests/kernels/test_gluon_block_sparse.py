@@ -176,6 +176,18 @@ def test_copies_path_gathers_kernel_order_and_scatters_o_and_lse_back_in_head_gr
     assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
+@pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
+def test_kv_copies_entry_off_sm90_raises_with_the_reason(given: str) -> None:
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = _inputs()
+    counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128)
+    perm = _random_perms(1, 2, 300, gen)
+    with pytest.raises(ValueError, match="sm_90 only"):
+        block_sparse.block_sparse_attention_gluon_on_kv_copies(
+            q, k, v, counts, indices, block_q=128, block_k=128, q_perm=perm if given != "kv_perm" else None,
+            kv_perm=perm if given != "q_perm" else None)  # fmt: skip
+
+
 def test_gluon_entry_off_sm90_raises_with_the_reason() -> None:
     q, k, v = _inputs()
     counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128)
@@ -212,7 +224,7 @@ def test_gluon_entry_rejects_a_tile_that_does_not_fit_the_consumers() -> None:
 
 
 PERMUTE_Q_ARGS = ("Q", "O", "Q_PERM", "stride_qb", "stride_qh", "stride_qs", "stride_ob", "stride_oh", "stride_os",
-                  "stride_pb", "stride_ph", "stride_ps")
+                  "stride_pb", "stride_ph", "stride_ps", "stride_lb", "stride_lh")
 """The kernel's ``PERMUTE_Q`` arguments (``None`` without it)."""
 
 
@@ -403,6 +415,47 @@ def test_gpu_copies_path_matches_the_permuted_reference() -> None:
     block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
                                                         q_perm=perm, kv_perm=perm, out=out, lse_out=lse)
     assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-2, q_perm=perm, kv_perm=perm)
+
+
+@gpu
+@pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
+@pytest.mark.parametrize("head_dim", [128, 64])
+@pytest.mark.parametrize(
+    "s_q,s_k,block_q,block_k",
+    [(1000, 777, 128, 128), (1000, 1024, 64, 64), (777, 1000, 128, 64), (700, 900, 64, 128), (1100, 1300, 256, 256)],
+)
+def test_gpu_kv_copies_path_matches_the_permuted_reference(s_q, s_k, block_q, block_k, head_dim, given) -> None:
+    """Only K/V copied (Q gathered, O/LSE scattered in the kernel): poisoned token-major out/lse, tails,
+    empty q blocks, permutations on both sides or one, B=2 in head groups of one head."""
+    _require_hopper()
+    gen = torch.Generator().manual_seed(s_q + s_k + block_q + head_dim + len(given))
+    q, k, v = make_qkv(2, 3, s_q, s_k, head_dim, torch.bfloat16, gen, "cuda", bshd=True)
+    counts, indices = random_layout(2, 3, cdiv(s_q, block_q), cdiv(s_k, block_k), 0.5, gen, "cuda", 0.2)
+    counts[0, 0, 0] = 0  # at least one q block keeps nothing
+    q_perm = _random_perms(2, 3, s_q, gen, "cuda") if given != "kv_perm" else None
+    kv_perm = _random_perms(2, 3, s_k, gen, "cuda") if given != "q_perm" else None
+    out = attention_output_like(q, v).fill_(float("nan"))
+    lse = torch.full((2, 3, s_q), float("nan"), device="cuda")
+    got = block_sparse.block_sparse_attention_gluon_on_kv_copies(
+        q, k, v, counts, indices, block_q=block_q, block_k=block_k, q_perm=q_perm, kv_perm=kv_perm, scale=0.3,
+        out=out, lse_out=lse)  # fmt: skip
+    assert got[0] is out and got[1] is lse
+    assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, 1e-2, scale=0.3, q_perm=q_perm,
+                             kv_perm=kv_perm)  # fmt: skip
+
+
+@gpu
+def test_gpu_kv_copies_path_in_head_groups_with_strided_q_and_int64_perms(monkeypatch) -> None:
+    _require_hopper()
+    gen = torch.Generator().manual_seed(46)
+    q, k, v = make_qkv(2, 3, 1000, 900, 128, torch.bfloat16, gen, "cuda", bshd=True)
+    q = torch.randn(2, 3, 1000, 129, generator=gen).to("cuda", torch.bfloat16)[..., 1:]  # not 16-byte aligned
+    counts, indices = random_layout(2, 3, 8, 8, 0.5, gen, "cuda", 0.1)
+    q_perm, kv_perm = _random_perms(2, 3, 1000, gen, "cuda").long(), _random_perms(1, 3, 900, gen, "cuda")
+    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
+    got = block_sparse.block_sparse_attention_gluon_on_kv_copies(q, k, v, counts, indices, block_q=128, block_k=128,
+                                                                 q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-2, q_perm=q_perm, kv_perm=kv_perm)
 
 
 WAN_SEQ = 32760
