@@ -13,8 +13,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
-  on sm_90 the two Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, and kernel-order copies for the
-  TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations;
+  on sm_90 the Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, kernel-order copies of q/k/v for the
+  TMA kernel, and copies of K/V only with Q gathered and O/LSE scattered in the TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations;
 - the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
   sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times) in a
   second table: ms, the time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and
@@ -49,6 +49,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
     block_sparse_attention_gluon_on_copies,
+    block_sparse_attention_gluon_on_kv_copies,
     block_sparse_attention_triton,
     kernel_choice,
     tma_eligible,
@@ -86,12 +87,15 @@ class Row:
     shape: str
     density: float
     kernel: str
-    ms: float
+    ms: float | None
     dense_flops: float
     cudnn_ms: float | None = None
     flex_ms: float | None = None
+    error: str | None = None
 
     def cells(self) -> list[str]:
+        if self.error is not None or self.ms is None:
+            return [self.shape, f"{self.density:.4f}", self.kernel, "-", "-", "-", f"failed: {self.error}"]
         tflops = self.dense_flops / (self.ms * 1e-3) / 1e12
         vs_cudnn = f"{self.ms / (self.cudnn_ms * self.density):.2f}" if self.cudnn_ms else "-"
         vs_flex = f"{self.flex_ms / self.ms:.2f}x" if self.flex_ms else "-"
@@ -212,9 +216,11 @@ PERMUTED_KERNELS = {
     "triton": block_sparse_attention_triton,
     "Gluon gather": block_sparse_attention_gluon,
     "Gluon on copies": block_sparse_attention_gluon_on_copies,
+    "Gluon on K/V copies": block_sparse_attention_gluon_on_kv_copies,
 }
 """The ways to run a permuted call: Triton's folded gathers, the gathering Gluon kernel (``cp.async`` row copies
-in its producer), and q/k/v gathered into kernel-order copies for the TMA Gluon kernel, O and LSE scattered back."""
+in its producer), q/k/v gathered into kernel-order copies for the TMA Gluon kernel, O and LSE scattered back,
+and only K/V copied (the TMA kernel gathering Q and scattering O/LSE itself)."""
 
 
 def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, kernel: str = "triton") -> None:
@@ -253,11 +259,16 @@ def run_shape(
     gluon = kernel_choice(q, k, v, BLOCK, BLOCK, False) == "gluon"
     log(f"== {shape.name}: TMA eligible {tma_eligible(k, v)}; the op runs the {'Gluon' if gluon else 'Triton'} kernel")
 
-    def timed(kernel: str, density: float, fn, **ref) -> float | None:
+    def timed(kernel: str, density: float, fn, error: str | None = None, **ref) -> float | None:
+        """Time ``fn`` into a row; a failure (or a given ``error``, ``fn`` then unused) gets a row with the error."""
+        if error is not None:
+            rows.append(Row(shape.name, density, kernel, None, flops, error=error, **ref))
+            return None
         try:
             ms = bench_ms(fn, rep_ms=budget, warmup_ms=max(25.0, budget / 8))
-        except Exception:  # one failing kernel must not lose the rest of the run
+        except Exception as e:  # one failing kernel must not lose the rest of the run
             log(f"   {kernel}: FAILED\n{traceback.format_exc(limit=3)}")
+            rows.append(Row(shape.name, density, kernel, None, flops, error=short_error(e), **ref))
             return None
         rows.append(Row(shape.name, density, kernel, ms, flops, **ref))
         log(f"   {kernel:34s} density {density:.4f}: {ms:9.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s")
@@ -310,7 +321,7 @@ def run_shape(
             )
             timed(name, real_density, fn_perm, **ref)
             if gluon:
-                for kernel in ("Gluon gather", "Gluon on copies"):
+                for kernel in ("Gluon gather", "Gluon on copies", "Gluon on K/V copies"):
                     time_gluon_permuted(kernel, bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)
@@ -367,12 +378,14 @@ def time_gluon(q, k, v, bshd, counts, indices, flex_out, density, timed, ref, lo
 
 
 def time_gluon_permuted(kernel, bshd, counts, indices, perm, perm_name, density, timed, ref, log) -> None:
-    """Check a Gluon way of ``PERMUTED_KERNELS`` on one permutation (poisoned buffers vs gather + Triton), then time it."""
+    """Check a Gluon way of ``PERMUTED_KERNELS`` on one permutation (poisoned buffers vs gather + Triton), then time it;
+    a failed check gets a row with its error."""
     name = f"block_sparse {kernel} ((B,S,H,D).T, {perm_name} perms)"
     try:
         check_permuted(*bshd, counts, indices, perm, kernel)
-    except Exception:  # report, skip timing it, keep the run going
+    except Exception as e:  # report it in the row, skip timing it, keep the run going
         log(f"   CHECK FAILED ({name}):\n{traceback.format_exc(limit=4)}")
+        timed(name, density, None, error=f"check: {short_error(e)}", **ref)
         return
     fn = lambda: PERMUTED_KERNELS[kernel](*bshd, counts, indices, q_perm=perm, kv_perm=perm, block_q=BLOCK,
                                           block_k=BLOCK)  # fmt: skip
