@@ -121,3 +121,26 @@ def test_end_to_end_times_the_steps_a_method_does_extra_work_at_one_by_one(bench
     assert special_steps({"method": "adaspa", "dense_steps": 10}, 10, 50) == (0, 9, 10, 30)
     assert special_steps({"method": "auto", "dense_steps": 10}, 10, 50) == (0, 9, 10, 11, 19, 29, 39, 49)
     assert special_steps({"method": "radial", "dense_steps": 10}, 10, 50) == (0, 9, 10)
+
+
+def test_end_to_end_records_the_source_tree_it_ran_uncommitted_changes_included(benchmarks_on_path):
+    """A run's ``git_tree`` is the working tree's tree hash: HEAD's tree when clean, another after an edit or a
+    new file, and the checkout's own index is left alone."""
+    from end_to_end import report
+
+    def git(*args: str) -> str:
+        return report._git(list(args))
+
+    clean = git("diff", "--quiet", "HEAD") is not None and not git("status", "--porcelain")
+    if clean:
+        assert report.source_tree() == git("rev-parse", "HEAD^{tree}")
+    staged_before = git("diff", "--cached", "--name-only")
+    probe = BENCHMARKS / "end_to_end" / "_source_tree_probe.txt"
+    probe.write_text("an untracked file changes the tree\n")
+    try:
+        with_probe = report.source_tree()
+    finally:
+        probe.unlink()
+    assert with_probe is not None and with_probe != git("rev-parse", "HEAD^{tree}")
+    assert with_probe != report.source_tree()
+    assert git("diff", "--cached", "--name-only") == staged_before

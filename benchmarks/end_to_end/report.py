@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,30 @@ from .variants import INDUCTOR
 SCHEMA = "bench_end_to_end/1"
 
 
+def _git(args: list[str], env: dict[str, str] | None = None) -> str | None:
+    """``git args`` run in this file's repository: its stripped output, or ``None`` where git fails."""
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, env=env,
+                              cwd=Path(__file__).parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_tree() -> str | None:
+    """The git tree hash of the working tree as it is (uncommitted changes and untracked, not ignored, files
+    included), written from a scratch index; ``git log --format='%h %T'`` finds the commit with that tree.
+    ``None`` outside a git checkout."""
+    root = _git(["rev-parse", "--show-toplevel"])
+    if not root:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
+        if _git(["-C", root, "add", "-A"], env) is None:
+            return None
+        return _git(["-C", root, "write-tree"], env) or None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, device and command line of this run."""
     try:
@@ -28,11 +54,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     return {
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -43,7 +64,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "triton": triton_version,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
-        "git_commit": commit,
+        "git_commit": _git(["rev-parse", "HEAD"]) or None,
+        "git_tree": source_tree(),
     }
 
 
@@ -135,7 +157,8 @@ def markdown(data: dict[str, Any]) -> str:
              "(benchmarks/bench_end_to_end.py says how); random weights.", ""]
     for run in data["runs"]:
         lines.append(f"- run {run['started']}: {run['device']}, torch {run['torch']}, triton {run['triton']}, "
-                     f"diffusers {run['diffusers']}, commit {run['git_commit']}: `{run['command']}`")
+                     f"diffusers {run['diffusers']}, commit {run['git_commit']}, source tree "
+                     f"{run.get('git_tree')}: `{run['command']}`")
     lines.append("")
     for model, info in data["models"].items():
         lines += model_table(model, info, [v for v in data["variants"] if v["model"] == model])
