@@ -4,7 +4,8 @@ The same computation and layout as the Triton kernel of :mod:`sparse_compile.ker
 (the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
 :func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
 no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
-here on sm_90 and keeps the Triton kernel for every other device and input.
+here on sm_90 (permuted calls on kernel-order copies) and keeps the Triton kernel for every other device
+and input.
 
 One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
 warp-specialized:
@@ -21,7 +22,9 @@ warp-specialized:
 Q, K and V are read through 4-D ``(B, H, S, D)`` descriptors (any strides with a unit last stride), so
 rows past ``S`` read as zeros; keys past ``S_k`` (the last, partial kv block) are masked to ``-inf``; O
 is written by a TMA store that drops rows past ``S_q``. Rows whose q block keeps nothing get O = 0 and
-LSE = ``-inf``.
+LSE = ``-inf``. The ``PERMUTE_Q`` variant takes a query permutation instead: each consumer gathers its Q
+rows by pointer loads and writes O and LSE to their token rows by pointer stores (K and V still come
+by TMA, so they must already be in kernel order).
 """
 
 from __future__ import annotations
