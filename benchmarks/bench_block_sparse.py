@@ -321,7 +321,7 @@ def run_shape(
             )
             timed(name, real_density, fn_perm, **ref)
             if gluon:
-                for kernel in ("Gluon gather", "Gluon on copies", "Gluon on K/V copies"):
+                for kernel in (name for name in PERMUTED_KERNELS if name != "triton"):
                     time_gluon_permuted(kernel, bshd, counts, indices, perm, perm_name, real_density, timed, ref, log)
         if sweep and density == densities[min(1, len(densities) - 1)]:
             sweep_tiles(q, k, v, counts, indices, real_density, timed, ref)

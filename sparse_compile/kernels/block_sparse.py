@@ -514,6 +514,13 @@ at once (at least one head's): it takes heads in groups under this bound, which 
 peak memory near dense SDPA's at long sequences."""
 
 
+def _copy_head_groups(heads: int, head_bytes: int) -> list[slice]:
+    """Consecutive head slices of ``heads`` whose copies (``head_bytes`` per head) fit ``COPY_GROUP_BYTES``,
+    at least one head each."""
+    group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
+    return [slice(start, min(heads, start + group)) for start in range(0, heads, group)]
+
+
 def block_sparse_attention_gluon_on_copies(
     q: Tensor,
     k: Tensor,
@@ -540,11 +547,9 @@ def block_sparse_attention_gluon_on_copies(
     b, h, s_q, d = q.shape
     out, lse = _output_buffers(q, v, out, lse_out)
     head_bytes = b * (s_q * (d + v.shape[-1]) + k.shape[2] * (d + v.shape[-1])) * q.element_size()
-    group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
     q_orders = token_order(lay.q_perm, b, h, s_q, q.device)
     kv_orders = token_order(lay.kv_perm, b, h, k.shape[2], q.device)
-    for start in range(0, h, group):
-        heads = slice(start, min(h, start + group))
+    for heads in _copy_head_groups(h, head_bytes):
         q_order = q_orders[:, heads]
         (q_copy,) = gather_rows((q[:, heads],), q_order)
         k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), kv_orders[:, heads])
@@ -593,9 +598,7 @@ def block_sparse_attention_gluon_on_kv_copies(
     q_order = lay.q_perm if lay.q_perm is not None else token_order(None, b, h, s_q, q.device)
     kv_orders = token_order(lay.kv_perm, b, h, k.shape[2], q.device)
     head_bytes = b * k.shape[2] * (d + v.shape[-1]) * q.element_size()
-    group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
-    for start in range(0, h, group):
-        heads = slice(start, min(h, start + group))
+    for heads in _copy_head_groups(h, head_bytes):
         k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), kv_orders[:, heads])
         group_layout = BlockLayout(lay.counts[:, heads], lay.indices[:, heads])
         launch_gluon_block_sparse(q_in[:, heads], k_copy, v_copy, group_layout, block_q, block_k, scale,
