@@ -30,7 +30,7 @@ from sparse_compile.toy.judge import judge
 from sparse_compile.toy.model import build_toy_wan
 from sparse_compile.toy.videos import NUM_CLASSES, class_name
 from sparse_compile.toy.sampling import GUIDANCE
-from sparse_compile.toy.train import EVAL_SIZES
+from sparse_compile.toy.train import EVAL_SIZES, training_autocast
 
 TINY_SIZES = ((2, 16, 16, 1),)
 
@@ -71,7 +71,7 @@ def score_rows(model: torch.nn.Module, scales: list[float], sizes: tuple[tuple[i
     for frames, height, width, steps in sizes:
         for scale in scales:
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with training_autocast(device):
                 videos = generate_clips(model, frames, height, width, steps, clips, guidance=scale)
             score = score_clips(videos, steps)
             if strips is not None:

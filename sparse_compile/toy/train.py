@@ -106,7 +106,7 @@ def attention_locality(
     labels = torch.arange(2) % NUM_CLASSES
     videos = make_videos(10**6, labels, frames, height, width, device)
     noisy = 0.5 * videos + 0.5 * torch.randn(videos.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad(), _autocast(device), capture_self_attention() as calls:
+    with torch.no_grad(), training_autocast(device), capture_self_attention() as calls:
         model(hidden_states=noisy, timestep=torch.full((2,), 500.0, device=device),
               encoder_hidden_states=class_embeddings(labels).to(device))
     grid = (frames, height // 2, width // 2)
@@ -117,7 +117,7 @@ def attention_locality(
     return stats
 
 
-def _autocast(device: torch.device) -> torch.autocast:
+def training_autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast on CUDA; none on the CPU (where bf16 matmuls are slow)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -198,7 +198,7 @@ def train(
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
         batch = training_batch(state.step, sizes, device, seed)
-        with _autocast(device):
+        with training_autocast(device):
             prediction = model(hidden_states=batch.noisy, timestep=batch.timesteps,
                                encoder_hidden_states=batch.conditioning).sample
         loss = (batch.loss_weight * (prediction.float() - batch.target) ** 2).mean()
@@ -263,7 +263,7 @@ def _score(model: torch.nn.Module, eval_sizes: tuple[tuple[int, int, int, int], 
     """Judge ``clips`` clips sampled from ``model`` at each ``(frames, height, width, steps)`` of ``eval_sizes``."""
     scores = []
     for frames, height, width, steps in eval_sizes:
-        with _autocast(next(model.parameters()).device):
+        with training_autocast(next(model.parameters()).device):
             score = score_generation(model, frames, height, width, steps, clips).as_dict()
         print(f"judge accuracy {frames}x{height}x{width}, {steps} steps: {score['accuracy']:.3f} "
               f"(shapes found in {score['found']:.3f})", flush=True)
