@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from sparse_compile.graph_friendly import graph_breaking_attention_note
+from sparse_compile.methods.cost_model import calibration_lines
 from sparse_compile.runtime.session import HeadRuns, Session, SiteState, find_session, scoped_key
 from sparse_compile.runtime.sites import GraphRecord, SiteFacts, SiteRecord
 
@@ -66,7 +67,8 @@ class SiteReport:
 @dataclass(frozen=True)
 class Report:
     """All attention sites of a model, in the order of its graphs; ``graphs``: how many compiled
-    graphs the model has; ``notes``: lines about the model as a whole."""
+    graphs the model has; ``notes``: lines about the model as a whole, and the break-even kept
+    densities this process measured on its GPUs (what the guard decided by)."""
 
     sites: tuple[SiteReport, ...]
     graphs: int = 0
@@ -166,7 +168,7 @@ def report(model: torch.nn.Module) -> Report:
                 latest.pop(path, None)  # keep the order of the most recent graph
                 latest[path] = (record, scoped_key(record.key, scope))
     sites = tuple(_site_report(r, session.site_states.get(key), path) for path, (r, key) in latest.items())
-    return Report(sites=sites, graphs=len(graphs), notes=notes + _window_notes(sites))
+    return Report(sites=sites, graphs=len(graphs), notes=notes + _window_notes(sites) + calibration_lines())
 
 
 def _window_notes(sites: tuple[SiteReport, ...]) -> tuple[str, ...]:

@@ -169,13 +169,13 @@ def test_identical_and_zero_tokens_stay_finite():
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pair_time, sparse_heads", [(NOMINAL_COSTS.pair_time, 2), (1e-3, 3)],
+@pytest.mark.parametrize("break_even, sparse_heads", [(NOMINAL_COSTS.break_even_density, 2), (1e3, 3)],
                          ids=["uniform head guarded", "no head guarded"])  # fmt: skip
-def test_the_guards_host_read_sizes_the_kernels_kept_rows(monkeypatch, pair_time, sparse_heads):
+def test_the_guards_host_read_sizes_the_kernels_kept_rows(monkeypatch, break_even, sparse_heads):
     """The guard's one host read also gives the kernel the most keys a query cluster keeps and the kept
     keys of all query clusters of the heads it runs, with each cluster's kept keys: what a ragged
     kept-rows buffer needs. The CPU op checks them against the layout (an understated bound raises)."""
-    monkeypatch.setattr(svg2_module, "guard_costs", lambda *args: type(NOMINAL_COSTS)(pair_time, 0.0, 1.0))
+    monkeypatch.setattr(svg2_module, "cluster_guard_density", lambda *args: break_even)
     seen = record_kernel_calls(monkeypatch, svg2_module, "varlen_block_sparse_attention")
     q, k, v = synthetic_heads()
     result = _method(q_clusters=8, k_clusters=8, top_p=0.9).attend(_call(q, k, v, GUARD_LAYOUT))

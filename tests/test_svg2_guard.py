@@ -9,18 +9,20 @@ import torch.nn.functional as F
 from method_calls import method_call
 from sparse_compile.methods import svg2
 from sparse_compile.methods.base import SiteCache
-from sparse_compile.methods.cost_model import NOMINAL_COSTS
+from sparse_compile.methods.cost_model import NOMINAL_COSTS, nominal_cluster_costs
 from sparse_compile.methods.svg2 import Svg2Method
 from sparse_compile.options import validate_options
 from sparse_compile.runtime.session import SiteState
 from test_auto import LAYOUT, synthetic_heads
 
 OPTIONS = {"method": "svg2", "q_clusters": 8, "k_clusters": 8, "top_p": 0.9}
+BREAK_EVEN = nominal_cluster_costs(8, 8, 1).break_even_density(NOMINAL_COSTS.dense_pair_time)
 
 
-def _run(monkeypatch, costs, **options) -> tuple:
-    """The synthetic heads (local, temporal, uniform) through svg2 with the guard's costs ``costs``."""
-    monkeypatch.setattr(svg2, "guard_costs", lambda *args: costs)
+def _run(monkeypatch, break_even, **options) -> tuple:
+    """The synthetic heads (local, temporal, uniform) through svg2 with the guard's break-even density
+    ``break_even`` (``None``: not measured, as off CUDA)."""
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: break_even)
     q, k, v = synthetic_heads()
     state = SiteState()
     result = Svg2Method(validate_options({**OPTIONS, **options})).run(method_call(q, k, v, LAYOUT, state.cache))
@@ -29,7 +31,7 @@ def _run(monkeypatch, costs, **options) -> tuple:
 
 
 def test_heads_past_break_even_run_dense_sdpa_and_the_rest_stay_sparse(monkeypatch):
-    guarded, runs, (q, k, v) = _run(monkeypatch, NOMINAL_COSTS)
+    guarded, runs, (q, k, v) = _run(monkeypatch, BREAK_EVEN)
     unguarded, _, _ = _run(monkeypatch, None)
     assert guarded.guarded_heads == (2,), "the uniform head's clusters keep every pair: past break-even"
     assert (runs.sparse, runs.guard, runs.warmup) == ([1, 1, 0], [0, 0, 1], [0, 0, 0])
@@ -45,13 +47,12 @@ def test_without_measured_costs_every_head_runs_sparse(monkeypatch):
 
 
 def test_break_even_guard_false_keeps_every_head_sparse(monkeypatch):
-    result, runs, _ = _run(monkeypatch, NOMINAL_COSTS, break_even_guard=False)
+    result, runs, _ = _run(monkeypatch, BREAK_EVEN, break_even_guard=False)
     assert result.guarded_heads == () and runs.sparse == [1, 1, 1]
 
 
 def test_when_every_head_is_past_break_even_the_call_runs_dense(monkeypatch):
-    all_dense = type(NOMINAL_COSTS)(pair_time=1e3, launch=0.0, dense_pair_time=1.0)  # break-even below any head
-    result, runs, (q, k, v) = _run(monkeypatch, all_dense)
+    result, runs, (q, k, v) = _run(monkeypatch, 1e-3)  # break-even below any head
     assert result.guarded_heads == (0, 1, 2) and runs.guard == [1, 1, 1]
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
 
@@ -59,7 +60,7 @@ def test_when_every_head_is_past_break_even_the_call_runs_dense(monkeypatch):
 def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):
     """Batch elements whose heads keep different key counts: the op gets each (batch element, sparse head)'s kept
     keys as its bound, in (batch, head) order, and their sum as the total."""
-    monkeypatch.setattr(svg2, "guard_costs", lambda *args: NOMINAL_COSTS)
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: BREAK_EVEN)
     calls = []
 
     def recording(*args, **kwargs):

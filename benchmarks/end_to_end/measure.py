@@ -11,6 +11,7 @@ import torch
 
 import sparse_compile
 from sparse_compile.backend import sparse_video
+from sparse_compile.methods.cost_model import calibration_lines
 
 from .models import ModelSpec, build_model, make_inputs, timestep_dtype
 from .schedule import Schedule, build_schedule, extrapolate
@@ -53,6 +54,7 @@ def measure_variant(spec: ModelSpec, method: str, args: argparse.Namespace, devi
     }
     if options is not None:
         record.update(kept_density(compiled, schedule.dense_steps))
+        record["break_even"] = list(calibration_lines())  # what the guard decided by, in this process
     else:
         record["attention"] = attention_share(runner, 0)
     if device.type == "cuda":

@@ -181,4 +181,4 @@ def describe(record: dict[str, Any]) -> str:
     if "attention" in record:
         parts.append(f"attention share {fmt(record['attention']['share'], '.1%')}")
     parts.append(f"extrapolated total {record['extrapolated']['total_s']:.1f} s")
-    return ", ".join(parts)
+    return "; ".join([", ".join(parts), *record.get("break_even", [])])

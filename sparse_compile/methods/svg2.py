@@ -42,9 +42,10 @@ Text tokens of joint attention are handled by :func:`attend_video_and_text` (den
 rows and columns).
 
 The break-even guard is per head: after step 3 each head's kept density is known, and where the
-device's costs are measured (CUDA, :func:`~sparse_compile.methods.cost_model.guard_costs`) the heads
-past the break-even density (in any batch element) run dense SDPA together, the others through the
-kernel (:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
+device's costs are measured (CUDA: the cluster kernel's break-even against dense SDPA,
+:func:`~sparse_compile.methods.cost_model.cluster_guard_density`) the heads past it (in any batch
+element) run dense SDPA together, the others through the kernel
+(:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
 per call: the heads' densities for that decision (with the most keys any q cluster keeps and each
 head's kept keys of all q clusters, which size the cluster kernel's kept-rows buffer), and the check
 for NaN or Inf in q, k and v (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also
@@ -63,7 +64,7 @@ from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_c
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
-from sparse_compile.methods.cost_model import guard_costs
+from sparse_compile.methods.cost_model import cluster_guard_density
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import (
@@ -76,7 +77,6 @@ from sparse_compile.registry import (
 )
 
 logger = logging.getLogger("sparse_compile")
-_GUARD_BLOCK = 64  # the block size of the block-sparse kernel whose costs the guard compares
 
 
 REUSE_PROBE_STRIDE = 8
@@ -221,16 +221,17 @@ class Svg2Method(AttentionMethod):
         """As every method, with the break-even guard per head where the device's costs are measured:
         the heads whose kept density passes it (in any batch element) run dense SDPA together (never
         with ``break_even_guard=False``)."""
-        query = call.query
-        costs = (guard_costs(query.device, query.dtype, query.shape[-1], _GUARD_BLOCK)
-                 if self.options.break_even_guard else None)
-        if costs is None or self.dense_reason(call) is not None:
+        query, config = call.query, self.config
+        break_even = (cluster_guard_density(query.device, query.dtype, query.shape[-1], config.q_clusters,
+                                            config.k_clusters, config.kmeans_iters_step)
+                      if self.options.break_even_guard else None)  # fmt: skip
+        if break_even is None or self.dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
         kept_tokens = plan.selection.kept_tokens
-        past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > costs.break_even_density
+        past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > break_even
         # one host read per call, per head: whether it passes break-even and the most keys one of its q
         # clusters keeps (in every batch element); per (batch element, head): the keys all its q clusters keep
         kept = kept_tokens.long()
