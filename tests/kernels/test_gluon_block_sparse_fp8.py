@@ -10,8 +10,8 @@ ptxas in Triton's wheel (e4m3 ``wgmma``, TMA, register hand-over, no register sp
 within Hopper's limit, P·V with P from registers) for D 64/128 and layout blocks 64/128/256.
 
 GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) run the kernel into NaN-poisoned O and LSE:
-O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` and finite LSEs within 1e-4 (the
-same empty rows) on random layouts with sequence tails and empty rows; token-major inputs, a broadcast
+O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` (1e-2 at scale 0.3) and finite LSEs
+within 1e-3 (the same empty rows) on random layouts with sequence tails and empty rows; token-major inputs, a broadcast
 layout and a custom tile; a dense layout against bf16 SDPA (rel L2 <= 3e-2); and Wan 480p (H=12,
 S=32760, D=128, density 0.25) against the reference, the Triton FP8 kernel and bf16 attention.
 """
@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
 from test_block_sparse import dense_block_layout, random_layout
-from test_block_sparse_fp8 import activation_like_qkv, assert_matches_fp8_reference, run_fp8_poisoned
+from test_block_sparse_fp8 import (
+    FP8_LSE_TOL,
+    LARGE_SCORE_TOL,
+    activation_like_qkv,
+    assert_matches_fp8_reference,
+    run_fp8_poisoned,
+)
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 
 from sparse_compile.kernels.block_sparse_fp8 import (
@@ -307,7 +313,7 @@ def test_gpu_gluon_fp8_matches_reference_with_tails_and_empty_rows(s_q, s_k, blo
     counts, indices = random_layout(2, 3, cdiv(s_q, block_q), cdiv(s_k, block_k), 0.5, gen, "cuda", 0.2)
     counts[0, 0, 0] = 0  # at least one q block keeps nothing
     got = _run_gluon_fp8_poisoned(q, k, v, counts, indices, block_q, block_k, scale=0.3)
-    assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got, scale=0.3)
+    assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got, tol=LARGE_SCORE_TOL, scale=0.3)
 
 
 @gpu
@@ -370,6 +376,6 @@ def test_gpu_gluon_fp8_wan_480p_matches_reference_triton_fp8_and_bf16() -> None:
                                                         return_lse=True)  # fmt: skip
     assert rel_l2(got[0], triton_out) <= 3e-3
     finite = torch.isfinite(triton_lse)
-    assert torch.equal(finite, torch.isfinite(got[1])) and (got[1][finite] - triton_lse[finite]).abs().max() <= 1e-4
+    assert torch.equal(finite, torch.isfinite(got[1])) and (got[1][finite] - triton_lse[finite]).abs().max() <= FP8_LSE_TOL
     ref_out = block_sparse_attention_reference(q, k, v, counts, indices, block_q=block, block_k=block)
     assert rel_l2(got[0], ref_out) <= 3e-2
