@@ -47,7 +47,6 @@ Kernel design (CUDA):
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -441,7 +440,8 @@ def kept_rows_plan(
     previous one, at the exclusive cumsum of ``kept_keys`` ``(B, H, NQC)`` (each q cluster's kept keys;
     computed from the layout when ``None``). Else, with ``pair_kept_rows`` (a bound of each (batch, head)
     pair's kept keys, ``B * H`` ints), ragged in groups: consecutive pairs whose bounds fit the budget
-    together (:func:`ragged_groups`), each pair's lists from the sum of the bounds before it in its group.
+    together (:func:`ragged_groups`), each pair's lists after the kept keys of the pairs before it in its group
+    (device arithmetic only, so the plan is CUDA-graph capturable).
     Else padded: ``max_kept_keys`` (default ``S_k``) elements per list and as many pairs per group as fit
     the budget (at least one); a pair's bound never exceeds its padded room, so ragged groups hold at least
     as many pairs.
@@ -453,10 +453,10 @@ def kept_rows_plan(
         return KeptRowsPlan(((0, pairs),), kept.cumsum(0) - kept, kept_rows_total, shared=False)
     if pair_kept_rows is not None:
         groups = ragged_groups(pair_kept_rows, budget_bytes // 4)
-        bases = [base for first, count in groups
-                 for base in itertools.accumulate(pair_kept_rows[first:first + count - 1], initial=0)]  # fmt: skip
         kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(pairs, nqc).long()
-        starts = torch.tensor(bases, dtype=torch.int64, device=device)[:, None] + kept.cumsum(1) - kept
+        pair_kept = kept.sum(1)
+        bases = [pair_kept[first:first + count].cumsum(0) - pair_kept[first:first + count] for first, count in groups]
+        starts = (torch.cat(bases) if bases else pair_kept)[:, None] + kept.cumsum(1) - kept
         size = max(sum(pair_kept_rows[first:first + count]) for first, count in groups) if groups else 0
         return KeptRowsPlan(groups, starts.reshape(-1), size, shared=False)
     rows_stride = s_k if max_kept_keys is None else max(1, min(s_k, max_kept_keys))

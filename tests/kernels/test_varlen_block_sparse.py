@@ -437,7 +437,7 @@ def test_rows_plan_is_padded_in_groups_without_a_total_or_when_it_does_not_fit()
 
 def test_rows_plan_is_ragged_in_groups_given_each_pairs_bound():
     """Over the budget, each pair's bound packs consecutive pairs into groups: the lists of a pair follow the
-    bounds of the pairs before it in its group, and no group's bounds exceed the budget."""
+    kept keys of the pairs before it in its group, and no group's bounds exceed the budget."""
     q, k, v, layout = random_problem(2, 3, 60, 90, 16, 4, 18, 0.3, seed=9)
     expanded_layout = expanded(q, k, v, layout)
     kept, total = kept_keys_of(q, k, layout)
@@ -738,6 +738,23 @@ def test_gpu_ragged_rows_in_one_group_equal_padded_rows_bf16(monkeypatch):
         finite = torch.isfinite(want_lse)
         assert torch.equal(finite, torch.isfinite(ragged[1][:, sl]))
         assert (ragged[1][:, sl][finite] - want_lse[finite]).abs().max() < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_ragged_groups_capture_in_a_cuda_graph(monkeypatch):
+    """Kept rows over the budget in ragged groups (pair bounds given) build their plan on the device: the call
+    captures in a CUDA graph and its replay gives the eager result."""
+    q, k, v, layout = wan_problem(4, 0.2, seed=6)
+    kept, total = kept_keys_of(q, k, layout)
+    pair_rows = kept.reshape(4, -1).sum(-1).tolist()
+    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: 4 * max(pair_rows))  # one pair's rows: 4 groups
+    bounds = dict(kept_keys=kept.int(), kept_rows_total=total, pair_kept_rows=pair_rows)
+    eager = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **bounds)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **bounds)
+    graph.replay()
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
 
 
 @pytest.mark.gpu
