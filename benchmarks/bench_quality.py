@@ -14,7 +14,7 @@ Two parts, one command:
 Writes ``quality.json``, ``quality.md``, a frame strip (``frames.png``: rows dense, then each
 method) and per-layer plots (``layers.png``, when matplotlib is installed) to ``--out``.
 
-    python benchmarks/bench_quality.py --out benchmarks/results/quality
+    python benchmarks/bench_quality.py --out $OUT
 """
 
 from __future__ import annotations
