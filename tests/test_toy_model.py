@@ -13,6 +13,7 @@ from sparse_compile.toy.judge import judge, shape_mask
 from sparse_compile.toy.metrics import psnr, ssim
 from sparse_compile.toy.model import CONFIG, WEIGHTS, build_toy_wan, class_embeddings
 from sparse_compile.toy.sampling import generate, initial_noise, noise_level, noise_levels
+from sparse_compile.toy import train as train_module
 from sparse_compile.toy.train import main as train_main
 from sparse_compile.toy.train import train
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
@@ -167,6 +168,24 @@ def test_the_training_cli_refuses_without_a_gpu(monkeypatch, capsys, tmp_path):
     with pytest.raises(SystemExit):
         train_main(["--out", str(tmp_path)])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ["16x64x96", "16x64x95:2", "0x32x48:4", "16x64x96:two"])
+def test_the_training_cli_names_a_bad_size_entry(monkeypatch, capsys, tmp_path, entry):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path), "--sizes", entry])
+    err = capsys.readouterr().err
+    assert "--sizes" in err and repr(entry) in err
+
+
+def test_the_training_cli_passes_its_sizes_in_order(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    log = {"locality": [], "steps": 0, "minutes": 0.0, "total_minutes": 0.0, "losses": [(0, 0.0, 0.0)]}
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: seen.update(kwargs) or log)
+    train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24"])
+    assert seen["sizes"] == ((16, 64, 96, 2), (6, 32, 48, 24))
 
 
 def test_a_shifted_schedule_spends_more_steps_at_high_noise_between_the_same_ends():

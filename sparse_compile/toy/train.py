@@ -271,6 +271,19 @@ def _score(model: torch.nn.Module, eval_sizes: tuple[tuple[int, int, int, int], 
     return scores
 
 
+def _size_entry(text: str) -> tuple[int, int, int, int]:
+    """``FxHxW:B`` (frames, even height and width in pixels, batch) -> ``(F, H, W, B)``."""
+    try:
+        grid, batch = text.split(":")
+        frames, height, width = (int(x) for x in grid.split("x"))
+        entry = (frames, height, width, int(batch))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FRAMESxHEIGHTxWIDTH:BATCH such as 16x64x96:2, got {text!r}") from None
+    if min(entry) <= 0 or height % 2 or width % 2:
+        raise argparse.ArgumentTypeError(f"sizes must be positive with even height and width, got {text!r}")
+    return entry
+
+
 def _positive(kind: type):
     def parse(text: str):
         value = kind(text)
@@ -295,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
     parser.add_argument("--save-every", type=_positive(float),
                         help="also write the weights and log every this many minutes of the run")
+    parser.add_argument("--sizes", type=_size_entry, nargs="+", default=list(TRAIN_SIZES),
+                        help="training sizes FxHxW:B, one per step in turn (default: "
+                             + " ".join(f"{f}x{h}x{w}:{b}" for f, h, w, b in TRAIN_SIZES) + ")")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
                         help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
@@ -304,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.from_scratch and not args.resume.exists():
         parser.error(f"--resume: no such file {args.resume}")
     log = train(args.minutes, args.out, None if args.from_scratch else args.resume, args.checkpoint, args.lr,
-                args.seed, max_steps=args.max_steps, eval_clips=args.eval_clips, score_start=args.score_start,
+                args.seed, sizes=tuple(args.sizes), max_steps=args.max_steps, eval_clips=args.eval_clips,
+                score_start=args.score_start,
                 prior_minutes=args.prior_minutes, save_every=args.save_every)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
     print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
