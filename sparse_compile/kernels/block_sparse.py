@@ -11,8 +11,8 @@ Dispatch (:func:`kernel_choice`): CUDA tensors on sm_90 that the Gluon kernel ta
 (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`: fp16/bf16, D 64 or 128, layout
 blocks 64/128/256, no permutations, TMA-readable q/k/v) run the Gluon kernel of
 :mod:`~sparse_compile.kernels.gluon_block_sparse`; permuted calls it would otherwise take run it on
-kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`); other CUDA tensors run the Triton
-kernel; CPU tensors
+kernel-order copies of K and V, the kernel gathering Q and scattering O/LSE itself
+(:func:`block_sparse_attention_gluon_on_kv_copies`); other CUDA tensors run the Triton kernel; CPU tensors
 run the PyTorch reference, or the Triton kernel under Triton's interpreter when the process started
 with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
 ``block_sparse_attention_gluon`` always run their kernel.
@@ -612,15 +612,16 @@ def kernel_choice(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
     capability: Optional[tuple[int, int]] = None,
 ) -> str:  # fmt: skip
-    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon_copies"``, ``"triton"`` or
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon_kv_copies"``, ``"triton"`` or
     ``"reference"``.
 
     On a CUDA device of ``capability`` (default: q's device's; CPU tensors without one are not on
     CUDA): the Gluon kernel when it takes the call as it is
     (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`); a permuted call it could take
-    but for the permutation on kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`: the
-    copies beat the Triton kernel's permuted loads at every measured density, benchmarks/RESULTS.md); else
-    the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
+    but for the permutation on kernel-order K/V copies (:func:`block_sparse_attention_gluon_on_kv_copies`:
+    they beat the Triton kernel's permuted loads, and copies of q, k, v and O too, at every measured density,
+    benchmarks/RESULTS.md); else the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter,
+    else the reference.
     """
     capability = cuda_capability(q) if capability is None else capability
     if capability is None:
@@ -628,7 +629,7 @@ def kernel_choice(
     if gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation) is None:
         return "gluon"
     if has_permutation and gluon_config_ineligibility(q, block_q, block_k, capability) is None:
-        return "gluon_copies"
+        return "gluon_kv_copies"
     return "triton"
 
 
@@ -643,9 +644,9 @@ def _dispatch(
     kwargs = dict(block_q=block_q, block_k=block_k, scale=scale, return_lse=True)
     if choice == "gluon":
         return block_sparse_attention_gluon(q, k, v, counts, indices, **kwargs)
-    if choice == "gluon_copies":
-        return block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=block_q, block_k=block_k,
-                                                      q_perm=q_perm, kv_perm=kv_perm, scale=scale)
+    if choice == "gluon_kv_copies":
+        return block_sparse_attention_gluon_on_kv_copies(q, k, v, counts, indices, block_q=block_q, block_k=block_k,
+                                                         q_perm=q_perm, kv_perm=kv_perm, scale=scale)
     if choice == "triton":
         return block_sparse_attention_triton(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
     check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))

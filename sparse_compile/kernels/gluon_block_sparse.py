@@ -4,8 +4,8 @@ The same computation and layout as the Triton kernel of :mod:`sparse_compile.ker
 (the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
 :func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
 no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
-here on sm_90 (permuted calls on kernel-order copies) and keeps the Triton kernel for every other device
-and input.
+here on sm_90 (permuted calls to the ``PERMUTE_Q`` variant on kernel-order copies of K and V) and keeps the
+Triton kernel for every other device and input.
 
 One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
 warp-specialized:
