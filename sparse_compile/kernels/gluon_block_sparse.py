@@ -76,7 +76,7 @@ def tma_readable(t: Tensor) -> bool:
 def gluon_config_ineligibility(q: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None) -> str | None:
     """Why the Gluon kernel cannot take q's device ``capability`` (CUDA ``(major, minor)``, ``None`` off
     CUDA), dtype, head dim or the layout blocks (a sentence), or ``None``. These are all a permuted call
-    on kernel-order copies (contiguous, so TMA-readable) must pass."""
+    on kernel-order K/V copies (contiguous, so TMA-readable; q read by pointer) must pass."""
     if capability != GLUON_CAPABILITY:
         return f"the Gluon kernel is built for sm_90 only (device capability {capability})"
     if q.dtype not in GLUON_DTYPES:

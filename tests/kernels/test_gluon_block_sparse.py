@@ -169,28 +169,29 @@ def _random_perms(b: int, h: int, s: int, gen: torch.Generator, device: str = "c
     return torch.stack([torch.randperm(s, generator=gen) for _ in range(b * h)]).view(b, h, s).to(device, torch.int32)
 
 
-def test_copies_path_gathers_kernel_order_and_scatters_o_and_lse_back_in_head_groups(monkeypatch) -> None:
-    """The permuted call on copies: with the Gluon kernel stood in for by the reference (no permutations), head
-    groups of one head each (the byte bound) give the reference's permuted result in every poisoned row."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_kv_copies_path_gathers_k_and_v_in_head_groups_and_writes_o_and_lse_in_token_order(
+    monkeypatch, strided: bool
+) -> None:
+    """The permuted call on K/V copies, the ``PERMUTE_Q`` kernel stood in for by the reference: head groups of
+    one head each (the byte bound) give the reference's permuted result in every poisoned row of the caller's
+    buffers; ``strided``: q and ``out`` without a unit last stride go through unit-stride copies."""
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_qkv(2, 3, 300, 260, 64, torch.float32, gen, bshd=True)
     counts, indices = random_layout(2, 3, 3, 3, 0.6, gen, empty_fraction=0.2)
     q_perm, kv_perm = _random_perms(2, 3, 300, gen), _random_perms(2, 3, 260, gen)
-    groups = []
-
-    def reference_in_kernel_order(q, k, v, counts, indices, **kw):
-        groups.append(q.shape[1])
-        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-        return block_sparse_reference.block_sparse_attention_reference(q, k, v, counts, indices, **kw)
-
-    monkeypatch.setattr(block_sparse, "block_sparse_attention_gluon", reference_in_kernel_order)
-    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
-    out = attention_output_like(q, v).fill_(float("nan"))
+    out = attention_output_like(q, v)
+    if strided:
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # (B, H, D, S) storage
+        out = torch.empty(2, 3, 64, 300).transpose(2, 3)
+    out.fill_(float("nan"))
     lse = torch.full((2, 3, 300), float("nan"))
-    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
-                                                        q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
-    assert groups == [1, 1, 1]
-    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-6, q_perm=q_perm, kv_perm=kv_perm)
+    launches = _permute_q_kernel_is_the_reference(monkeypatch)
+    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
+    got = block_sparse.block_sparse_attention_gluon_on_kv_copies(
+        q, k, v, counts, indices, block_q=128, block_k=128, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
+    assert launches == [1, 1, 1] and got[0] is out and got[1] is lse
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
 @pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
@@ -418,20 +419,6 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
         got = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=q_perm,
                                      kv_perm=kv_perm, return_lse=True)  # fmt: skip
         assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-2, q_perm=q_perm, kv_perm=kv_perm)
-
-
-@gpu
-def test_gpu_copies_path_matches_the_permuted_reference() -> None:
-    _require_hopper()
-    gen = torch.Generator().manual_seed(45)
-    q, k, v = make_qkv(1, 3, 1000, 1000, 128, torch.bfloat16, gen, "cuda", bshd=True)
-    counts, indices = random_layout(1, 3, 8, 8, 0.5, gen, "cuda", 0.1)
-    perm = _random_perms(1, 3, 1000, gen, "cuda")
-    out = attention_output_like(q, v).fill_(float("nan"))
-    lse = torch.full((1, 3, 1000), float("nan"), device="cuda")
-    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
-                                                        q_perm=perm, kv_perm=perm, out=out, lse_out=lse)
-    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-2, q_perm=perm, kv_perm=perm)
 
 
 @gpu
