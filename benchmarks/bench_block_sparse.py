@@ -13,8 +13,9 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
-  on sm_90 the Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, kernel-order copies of q/k/v for the
-  TMA kernel, and copies of K/V only with Q gathered and O/LSE scattered in the TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without permutations;
+  on sm_90 the Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, and copies of K/V only with Q gathered
+  and O/LSE scattered in the TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without
+  permutations;
 - the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
   sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times) in a
   second table: ms, the time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and
@@ -48,7 +49,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention_gluon,
-    block_sparse_attention_gluon_on_copies,
     block_sparse_attention_gluon_on_kv_copies,
     block_sparse_attention_triton,
     kernel_choice,
@@ -215,12 +215,11 @@ def permutations(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
 PERMUTED_KERNELS = {
     "triton": block_sparse_attention_triton,
     "Gluon gather": block_sparse_attention_gluon,
-    "Gluon on copies": block_sparse_attention_gluon_on_copies,
     "Gluon on K/V copies": block_sparse_attention_gluon_on_kv_copies,
 }
 """The ways to run a permuted call: Triton's folded gathers, the gathering Gluon kernel (``cp.async`` row copies
-in its producer), q/k/v gathered into kernel-order copies for the TMA Gluon kernel, O and LSE scattered back,
-and only K/V copied (the TMA kernel gathering Q and scattering O/LSE itself)."""
+in its producer), and K/V gathered into kernel-order copies for the TMA Gluon kernel, which gathers Q and
+scatters O/LSE itself (the op's way on sm_90)."""
 
 
 def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, kernel: str = "triton") -> None:

@@ -11,8 +11,8 @@ Dispatch (:func:`kernel_choice`): CUDA tensors on sm_90 that the Gluon kernel ta
 (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`: fp16/bf16, D 64 or 128, layout
 blocks 64/128/256, no permutations, TMA-readable q/k/v) run the Gluon kernel of
 :mod:`~sparse_compile.kernels.gluon_block_sparse`; permuted calls it would otherwise take run it on
-kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`); other CUDA tensors run the Triton
-kernel; CPU tensors
+kernel-order copies of K and V, the kernel gathering Q and scattering O/LSE itself
+(:func:`block_sparse_attention_gluon_on_kv_copies`); other CUDA tensors run the Triton kernel; CPU tensors
 run the PyTorch reference, or the Triton kernel under Triton's interpreter when the process started
 with ``TRITON_INTERPRET=1`` (see :func:`interpreter_active`). ``block_sparse_attention_triton`` and
 ``block_sparse_attention_gluon`` always run their kernel.
@@ -72,7 +72,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     launch_gluon_block_sparse,
     tma_readable,
 )
-from sparse_compile.kernels.permute_rows import gather_rows, scatter_rows
+from sparse_compile.kernels.permute_rows import gather_rows
 from sparse_compile.kernels.tile_configs import (
     AUTOTUNE_TILES,
     TileConfig,
@@ -84,7 +84,6 @@ __all__ = [
     "BlockLayout",
     "block_sparse_attention",
     "block_sparse_attention_gluon",
-    "block_sparse_attention_gluon_on_copies",
     "block_sparse_attention_gluon_on_kv_copies",
     "block_sparse_attention_reference",
     "block_sparse_attention_triton",
@@ -509,56 +508,16 @@ def block_sparse_attention_gluon(
 
 
 COPY_GROUP_BYTES = 1 << 28
-"""Most bytes of kernel-order copies (q, k, v and O) that :func:`block_sparse_attention_gluon_on_copies` holds
-at once (at least one head's): it takes heads in groups under this bound, which keeps a permuted call's
-peak memory near dense SDPA's at long sequences."""
+"""Most bytes of kernel-order K/V copies that :func:`block_sparse_attention_gluon_on_kv_copies` holds at once
+(at least one head's): it takes heads in groups under this bound, which keeps a permuted call's peak memory
+near dense SDPA's at long sequences."""
 
 
 def _copy_head_groups(heads: int, head_bytes: int) -> list[slice]:
-    """Consecutive head slices of ``heads`` whose copies (``head_bytes`` per head) fit ``COPY_GROUP_BYTES``,
+    """Consecutive head slices of ``heads`` whose K/V copies (``head_bytes`` per head) fit ``COPY_GROUP_BYTES``,
     at least one head each."""
     group = max(1, COPY_GROUP_BYTES // max(head_bytes, 1))
     return [slice(start, min(heads, start + group)) for start in range(0, heads, group)]
-
-
-def block_sparse_attention_gluon_on_copies(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kv_block_counts: Tensor,
-    kv_block_indices: Tensor,
-    *,
-    block_q: int,
-    block_k: int,
-    q_perm: Optional[Tensor],
-    kv_perm: Optional[Tensor],
-    scale: Optional[float] = None,
-    out: Optional[Tensor] = None,
-    lse_out: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
-    """A permuted call through the TMA Gluon kernel (CUDA sm_90): q, then k and v (a side without a
-    permutation in token order), gathered into kernel order
-    (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one launch each), the kernel, then O and LSE
-    scattered back to token order (:func:`~sparse_compile.kernels.permute_rows.scatter_rows`); heads in groups
-    whose copies fit ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon` with
-    ``return_lse``.
-    """
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
-    b, h, s_q, d = q.shape
-    out, lse = _output_buffers(q, v, out, lse_out)
-    head_bytes = b * (s_q * (d + v.shape[-1]) + k.shape[2] * (d + v.shape[-1])) * q.element_size()
-    q_orders = token_order(lay.q_perm, b, h, s_q, q.device)
-    kv_orders = token_order(lay.kv_perm, b, h, k.shape[2], q.device)
-    for heads in _copy_head_groups(h, head_bytes):
-        q_order = q_orders[:, heads]
-        (q_copy,) = gather_rows((q[:, heads],), q_order)
-        k_copy, v_copy = gather_rows((k[:, heads], v[:, heads]), kv_orders[:, heads])
-        group_out, group_lse = block_sparse_attention_gluon(
-            q_copy, k_copy, v_copy, lay.counts[:, heads], lay.indices[:, heads], block_q=block_q, block_k=block_k,
-            scale=scale, return_lse=True)  # fmt: skip
-        scatter_rows((group_out,), q_order, (out[:, heads],))
-        scatter_rows((group_lse[..., None],), q_order, (lse[:, heads, :, None],))
-    return out, lse
 
 
 def block_sparse_attention_gluon_on_kv_copies(
@@ -576,13 +535,16 @@ def block_sparse_attention_gluon_on_kv_copies(
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """A permuted call through the TMA Gluon kernel (CUDA sm_90) with only K and V copied: k and v gathered
-    into kernel order (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one launch for both; without
-    ``kv_perm`` in token order), q read in place and O/LSE written in token order by the kernel's
-    ``PERMUTE_Q`` variant (rows ``q_perm[b, h, i]``, the identity without ``q_perm``); heads in groups whose
-    K/V copies fit ``COPY_GROUP_BYTES``. Arguments and results as :func:`block_sparse_attention_gluon_on_copies`
-    (q ``(B, H, S_q, D)`` with any strides, copied only without a unit last stride). Raises ``ValueError``
-    with the reason when the kernel cannot take the call.
+    """A permuted call through the TMA Gluon kernel (CUDA sm_90) with only K and V copied.
+
+    q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)`` in token order with any strides; layout, ``q_perm``
+    ``(B, H, S_q)`` and ``kv_perm`` ``(B, H, S_k)`` (either may be ``None``) as :func:`block_sparse_attention`.
+    k and v are gathered into kernel order (:func:`~sparse_compile.kernels.permute_rows.gather_rows`, one
+    launch for both), heads in groups whose copies fit ``COPY_GROUP_BYTES``; the kernel's ``PERMUTE_Q``
+    variant reads q rows ``q_perm[b, h, i]`` in place (q copied only without a unit last stride) and writes O
+    and LSE to them. Returns ``(O, LSE)`` in token order: ``out`` (``(B, H, S_q, D)`` in q's dtype, any
+    non-overlapping strides; default a new token-major one) and ``lse_out`` (contiguous fp32 ``(B, H, S_q)``,
+    natural log; default new). Raises ``ValueError`` with the reason when the kernel cannot take the call.
     """
     lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
     reason = gluon_config_ineligibility(q, block_q, block_k, cuda_capability(q))
@@ -612,15 +574,16 @@ def kernel_choice(
     q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, has_permutation: bool,
     capability: Optional[tuple[int, int]] = None,
 ) -> str:  # fmt: skip
-    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon_copies"``, ``"triton"`` or
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"gluon_kv_copies"``, ``"triton"`` or
     ``"reference"``.
 
     On a CUDA device of ``capability`` (default: q's device's; CPU tensors without one are not on
     CUDA): the Gluon kernel when it takes the call as it is
     (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`); a permuted call it could take
-    but for the permutation on kernel-order copies (:func:`block_sparse_attention_gluon_on_copies`: the
-    copies beat the Triton kernel's permuted loads at every measured density, benchmarks/RESULTS.md); else
-    the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter, else the reference.
+    but for the permutation on kernel-order K/V copies (:func:`block_sparse_attention_gluon_on_kv_copies`:
+    they beat the Triton kernel's permuted loads, and copies of q, k, v and O too, at every measured density,
+    benchmarks/RESULTS.md); else the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter,
+    else the reference.
     """
     capability = cuda_capability(q) if capability is None else capability
     if capability is None:
@@ -628,7 +591,7 @@ def kernel_choice(
     if gluon_ineligibility(q, k, v, block_q, block_k, capability, has_permutation) is None:
         return "gluon"
     if has_permutation and gluon_config_ineligibility(q, block_q, block_k, capability) is None:
-        return "gluon_copies"
+        return "gluon_kv_copies"
     return "triton"
 
 
@@ -643,9 +606,9 @@ def _dispatch(
     kwargs = dict(block_q=block_q, block_k=block_k, scale=scale, return_lse=True)
     if choice == "gluon":
         return block_sparse_attention_gluon(q, k, v, counts, indices, **kwargs)
-    if choice == "gluon_copies":
-        return block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=block_q, block_k=block_k,
-                                                      q_perm=q_perm, kv_perm=kv_perm, scale=scale)
+    if choice == "gluon_kv_copies":
+        return block_sparse_attention_gluon_on_kv_copies(q, k, v, counts, indices, block_q=block_q, block_k=block_k,
+                                                         q_perm=q_perm, kv_perm=kv_perm, scale=scale)
     if choice == "triton":
         return block_sparse_attention_triton(q, k, v, counts, indices, q_perm=q_perm, kv_perm=kv_perm, **kwargs)
     check_layout_values(lay.counts, lay.indices, cdiv(k.shape[2], block_k))

@@ -4,8 +4,8 @@ The same computation and layout as the Triton kernel of :mod:`sparse_compile.ker
 (the specification is :mod:`~sparse_compile.kernels.block_sparse_reference`), for the inputs
 :func:`gluon_ineligibility` accepts: fp16/bf16, head dim 64 or 128, layout blocks of 64, 128 or 256,
 no token permutations, q/k/v readable by TMA. :mod:`~sparse_compile.kernels.block_sparse` dispatches
-here on sm_90 (permuted calls on kernel-order copies) and keeps the Triton kernel for every other device
-and input.
+here on sm_90 (permuted calls to the ``PERMUTE_Q`` variant on kernel-order copies of K and V) and keeps the
+Triton kernel for every other device and input.
 
 One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
 warp-specialized:
@@ -76,7 +76,7 @@ def tma_readable(t: Tensor) -> bool:
 def gluon_config_ineligibility(q: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None) -> str | None:
     """Why the Gluon kernel cannot take q's device ``capability`` (CUDA ``(major, minor)``, ``None`` off
     CUDA), dtype, head dim or the layout blocks (a sentence), or ``None``. These are all a permuted call
-    on kernel-order copies (contiguous, so TMA-readable) must pass."""
+    on kernel-order K/V copies (contiguous, so TMA-readable; q read by pointer) must pass."""
     if capability != GLUON_CAPABILITY:
         return f"the Gluon kernel is built for sm_90 only (device capability {capability})"
     if q.dtype not in GLUON_DTYPES:

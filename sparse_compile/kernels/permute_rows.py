@@ -3,7 +3,7 @@
 ``gather_rows(xs, perm)`` returns, for each ``x`` of ``xs``, the contiguous ``out[b, h, i, :] =
 x[b, h, perm[b, h, i], :]`` (token order into kernel order); ``scatter_rows(xs, perm, outs)`` writes
 ``outs[j][b, h, perm[b, h, i], :] = xs[j][b, h, i, :]`` (kernel order back into token order). One call
-moves one or two tensors that share the permutation (q alone; k and v together) in one launch. The
+moves one or two tensors that share the permutation (e.g. k and v together) in one launch. The
 tensors have any strides (typically ``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``); ``perm``
 int32/int64 ``(B or 1, H or 1, S)`` may broadcast its batch and head dims with stride 0. Outputs must
 not overlap the inputs (not checked).

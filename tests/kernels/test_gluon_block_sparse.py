@@ -98,12 +98,13 @@ def test_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case: str
     assert reason in gluon_ineligibility(q, k, v, block_q, block_k, HOPPER, False)
 
 
-def test_kernel_choice_runs_permuted_calls_through_gluon_on_copies_on_sm90() -> None:
+def test_kernel_choice_runs_permuted_calls_through_gluon_on_kv_copies_on_sm90() -> None:
     q, k, v = _inputs(bshd=True)
     assert "cannot gather" in gluon_ineligibility(q, k, v, 128, 128, HOPPER, True)
-    assert kernel_choice(q, k, v, 128, 128, True, HOPPER) == "gluon_copies"
-    strided_k = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]  # copies are contiguous: TMA reads them
-    assert kernel_choice(q, strided_k, v, 128, 128, True, HOPPER) == "gluon_copies"
+    assert kernel_choice(q, k, v, 128, 128, True, HOPPER) == "gluon_kv_copies"
+    strided = torch.randn(1, 2, 300, 256, dtype=torch.bfloat16)[..., ::2]  # K/V copies are contiguous: TMA reads them
+    assert kernel_choice(q, strided, v, 128, 128, True, HOPPER) == "gluon_kv_copies"
+    assert kernel_choice(strided, k, v, 128, 128, True, HOPPER) == "gluon_kv_copies"  # q is read by pointer
 
 
 @pytest.mark.parametrize("case", ["fp32", "head dim 32", "block 32", "sm_80"])
@@ -113,25 +114,41 @@ def test_kernel_choice_keeps_permuted_calls_the_gluon_kernel_cannot_take_on_trit
     assert kernel_choice(q, k, v, block_q, 128, True, (8, 0) if case == "sm_80" else HOPPER) == "triton"
 
 
+def _permute_q_kernel_is_the_reference(monkeypatch) -> list[int]:
+    """On CPU, stand the reference in for the Gluon kernel's ``PERMUTE_Q`` variant behind
+    :func:`block_sparse.block_sparse_attention_gluon_on_kv_copies` (its device check passes): each launch
+    asserts what the kernel needs (k and v contiguous kernel-order copies, q and O with a unit last stride)
+    and writes O and LSE to the token rows ``q_perm`` names. Returns the list of each launch's head count."""
+    launches: list[int] = []
+
+    def launch(q, k, v, layout, block_q, block_k, scale, out, lse, tile=None, q_perm=None) -> None:
+        assert q_perm is not None and k.is_contiguous() and v.is_contiguous()
+        assert q.stride(3) == 1 and out.stride(3) == 1 and lse.stride(2) == 1
+        launches.append(q.shape[1])
+        got = block_sparse_reference.block_sparse_attention_reference(
+            q, k, v, layout.counts, layout.indices, block_q=block_q, block_k=block_k, q_perm=q_perm, scale=scale,
+            return_lse=True)  # fmt: skip
+        out.copy_(got[0])
+        lse.copy_(got[1])
+
+    monkeypatch.setattr(block_sparse, "gluon_config_ineligibility", lambda *args: None)
+    monkeypatch.setattr(block_sparse, "launch_gluon_block_sparse", launch)
+    return launches
+
+
 @pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
-def test_op_dispatch_hands_permuted_calls_to_the_copies_path(monkeypatch, given: str) -> None:
-    """The op's body with the choice forced to ``gluon_copies`` (CPU): the copies path gets the call's
-    permutations, a missing side as ``None``, and its (stood-in) kernel reproduces the permuted reference."""
+def test_op_dispatch_hands_permuted_calls_to_the_kv_copies_path(monkeypatch, given: str) -> None:
+    """The op's body with the choice forced to ``gluon_kv_copies`` (CPU): the K/V copies path gets the call's
+    permutations, a missing side as the identity, and its (stood-in) kernel reproduces the permuted reference."""
     gen = torch.Generator().manual_seed(7)
     q, k, v = make_qkv(1, 2, 300, 260, 64, torch.float32, gen)
     counts, indices = random_layout(1, 2, 3, 3, 0.6, gen, empty_fraction=0.2)
     q_perm = _random_perms(1, 2, 300, gen) if given in ("both", "q_perm") else None
     kv_perm = _random_perms(1, 2, 260, gen) if given in ("both", "kv_perm") else None
-    calls = []
-
-    def reference_in_kernel_order(q, k, v, counts, indices, **kw):
-        calls.append(q.shape)
-        return block_sparse_reference.block_sparse_attention_reference(q, k, v, counts, indices, **kw)
-
-    monkeypatch.setattr(block_sparse, "kernel_choice", lambda *args, **kw: "gluon_copies")
-    monkeypatch.setattr(block_sparse, "block_sparse_attention_gluon", reference_in_kernel_order)
+    launches = _permute_q_kernel_is_the_reference(monkeypatch)
+    monkeypatch.setattr(block_sparse, "kernel_choice", lambda *args, **kw: "gluon_kv_copies")
     got = block_sparse._dispatch(q, k, v, counts, indices, 128, 128, None, q_perm, kv_perm)
-    assert calls == [torch.Size([1, 2, 300, 64])]
+    assert launches == [2]
     assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
@@ -152,28 +169,29 @@ def _random_perms(b: int, h: int, s: int, gen: torch.Generator, device: str = "c
     return torch.stack([torch.randperm(s, generator=gen) for _ in range(b * h)]).view(b, h, s).to(device, torch.int32)
 
 
-def test_copies_path_gathers_kernel_order_and_scatters_o_and_lse_back_in_head_groups(monkeypatch) -> None:
-    """The permuted call on copies: with the Gluon kernel stood in for by the reference (no permutations), head
-    groups of one head each (the byte bound) give the reference's permuted result in every poisoned row."""
+@pytest.mark.parametrize("strided", [False, True])
+def test_kv_copies_path_gathers_k_and_v_in_head_groups_and_writes_o_and_lse_in_token_order(
+    monkeypatch, strided: bool
+) -> None:
+    """The permuted call on K/V copies, the ``PERMUTE_Q`` kernel stood in for by the reference: head groups of
+    one head each (the byte bound) give the reference's permuted result in every poisoned row of the caller's
+    buffers; ``strided``: q and ``out`` without a unit last stride go through unit-stride copies."""
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_qkv(2, 3, 300, 260, 64, torch.float32, gen, bshd=True)
     counts, indices = random_layout(2, 3, 3, 3, 0.6, gen, empty_fraction=0.2)
     q_perm, kv_perm = _random_perms(2, 3, 300, gen), _random_perms(2, 3, 260, gen)
-    groups = []
-
-    def reference_in_kernel_order(q, k, v, counts, indices, **kw):
-        groups.append(q.shape[1])
-        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-        return block_sparse_reference.block_sparse_attention_reference(q, k, v, counts, indices, **kw)
-
-    monkeypatch.setattr(block_sparse, "block_sparse_attention_gluon", reference_in_kernel_order)
-    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
-    out = attention_output_like(q, v).fill_(float("nan"))
+    out = attention_output_like(q, v)
+    if strided:
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # (B, H, D, S) storage
+        out = torch.empty(2, 3, 64, 300).transpose(2, 3)
+    out.fill_(float("nan"))
     lse = torch.full((2, 3, 300), float("nan"))
-    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
-                                                        q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
-    assert groups == [1, 1, 1]
-    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-6, q_perm=q_perm, kv_perm=kv_perm)
+    launches = _permute_q_kernel_is_the_reference(monkeypatch)
+    monkeypatch.setattr(block_sparse, "COPY_GROUP_BYTES", 1)
+    got = block_sparse.block_sparse_attention_gluon_on_kv_copies(
+        q, k, v, counts, indices, block_q=128, block_k=128, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
+    assert launches == [1, 1, 1] and got[0] is out and got[1] is lse
+    assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-6, q_perm=q_perm, kv_perm=kv_perm)
 
 
 @pytest.mark.parametrize("given", ["both", "q_perm", "kv_perm"])
@@ -377,7 +395,7 @@ def test_gpu_gluon_dense_layout_equals_sdpa(block: int) -> None:
 
 @gpu
 def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
-    """The public op (eager and compiled) runs the Gluon kernel on sm_90, and on kernel-order copies with
+    """The public op (eager and compiled) runs the Gluon kernel on sm_90, and on kernel-order K/V copies with
     permutations (both, or one side only)."""
     _require_hopper()
     gen = torch.Generator().manual_seed(44)
@@ -392,7 +410,7 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
     )(q, k, v, counts, indices)  # fmt: skip
     assert torch.equal(compiled, gluon[0])
     identity = torch.arange(1000, device="cuda").expand(1, 2, 1000)
-    assert kernel_choice(q, k, v, 128, 128, True) == "gluon_copies"
+    assert kernel_choice(q, k, v, 128, 128, True) == "gluon_kv_copies"
     permuted = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=identity,
                                       kv_perm=identity)  # fmt: skip
     assert rel_l2(permuted, gluon[0]) <= 1e-6
@@ -401,20 +419,6 @@ def test_gpu_op_dispatches_to_gluon_on_sm90() -> None:
         got = block_sparse_attention(q, k, v, counts, indices, block_q=128, block_k=128, q_perm=q_perm,
                                      kv_perm=kv_perm, return_lse=True)  # fmt: skip
         assert_matches_reference(q, k, v, counts, indices, 128, 128, got, 1e-2, q_perm=q_perm, kv_perm=kv_perm)
-
-
-@gpu
-def test_gpu_copies_path_matches_the_permuted_reference() -> None:
-    _require_hopper()
-    gen = torch.Generator().manual_seed(45)
-    q, k, v = make_qkv(1, 3, 1000, 1000, 128, torch.bfloat16, gen, "cuda", bshd=True)
-    counts, indices = random_layout(1, 3, 8, 8, 0.5, gen, "cuda", 0.1)
-    perm = _random_perms(1, 3, 1000, gen, "cuda")
-    out = attention_output_like(q, v).fill_(float("nan"))
-    lse = torch.full((1, 3, 1000), float("nan"), device="cuda")
-    block_sparse.block_sparse_attention_gluon_on_copies(q, k, v, counts, indices, block_q=128, block_k=128,
-                                                        q_perm=perm, kv_perm=perm, out=out, lse_out=lse)
-    assert_matches_reference(q, k, v, counts, indices, 128, 128, (out, lse), 1e-2, q_perm=perm, kv_perm=perm)
 
 
 @gpu

@@ -312,23 +312,15 @@ WAN_SEQ = 32760
 
 @gpu
 @pytest.mark.parametrize("d, dtype", [(128, torch.bfloat16), (64, torch.float16)])
-def test_gpu_wan_480p_copies_path_moves_as_torch(d: int, dtype: torch.dtype) -> None:
-    """q gathered, k and v gathered together, O scattered into token-major storage and LSE as rows of one,
-    per-head permutations, at B = 1, H = 12, S = 32760."""
+def test_gpu_wan_480p_kv_copies_gather_k_and_v_as_torch(d: int, dtype: torch.dtype) -> None:
+    """k and v gathered together from token-major storage by per-head permutations, at B = 1, H = 12,
+    S = 32760."""
     gen = torch.Generator().manual_seed(8)
-    q, k, v = (random_rows(1, 12, WAN_SEQ, d, dtype, gen, token_major=True, device="cuda") for _ in range(3))
-    q_perm, kv_perm = (random_perms(1, 12, WAN_SEQ, gen, device="cuda") for _ in range(2))
-    (q_rows,) = gather_rows((q,), q_perm)
-    k_rows, v_rows = gather_rows((k, v), kv_perm)
-    for got, x, perm in ((q_rows, q, q_perm), (k_rows, k, kv_perm), (v_rows, v, kv_perm)):
-        assert_same_bits(got, torch_gather(x, perm))
-    out = poisoned(q_rows, token_major=True)
-    scatter_rows((q_rows,), q_perm, (out,))
-    assert_same_bits(out, q)
-    lse = torch.randn(1, 12, WAN_SEQ, generator=gen).cuda()
-    lse_out = torch.full_like(lse, float("nan"))
-    scatter_rows((lse[..., None],), q_perm, (lse_out[..., None],))
-    assert_same_bits(lse_out, torch.zeros_like(lse).scatter_(2, q_perm.long(), lse))
+    k, v = (random_rows(1, 12, WAN_SEQ, d, dtype, gen, token_major=True, device="cuda") for _ in range(2))
+    perm = random_perms(1, 12, WAN_SEQ, gen, device="cuda")
+    k_rows, v_rows = gather_rows((k, v), perm)
+    assert_same_bits(k_rows, torch_gather(k, perm))
+    assert_same_bits(v_rows, torch_gather(v, perm))
 
 
 @gpu
