@@ -48,7 +48,7 @@ from sparse_compile.runtime.session import Session
 from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.metrics import psnr
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate
+from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import make_videos
 
 LAYERS = 8
@@ -203,7 +203,8 @@ def timed_generation(model: RoutedModel, args, labels: torch.Tensor) -> tuple[to
     if model.model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    videos = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps, shift=args.shift)
+    videos = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps, args.guidance,
+                      shift=args.shift)
     if model.model.device.type == "cuda":
         torch.cuda.synchronize()
     return videos, time.perf_counter() - start
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shift", type=float, default=1.0,
                         help="the sampler's schedule: 1 linear in the noise, 3 as Wan2.1 at 480p (sampling.noise_levels)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help=f"CFG scale (default {GUIDANCE}, the demo's)")
     parser.add_argument("--methods", default="auto,svg,adaspa,svg2,radial", help="toy: settings of these methods only")
     parser.add_argument("--tiny", action="store_true", help="a 4x16x16 grid, 2 steps, small method sizes (CPU smoke)")
     args = parser.parse_args(argv)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = torch.arange(args.videos) * 3 % 8
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     env = (f"{name}, torch {torch.__version__}; toy DiT {args.frames}x{args.height}x{args.width} px "
-           f"({layout.video_tokens} tokens), {args.videos} videos, {args.steps} steps (shift {args.shift}), CFG as two calls")
+           f"({layout.video_tokens} tokens), {args.videos} videos, {args.steps} steps (shift {args.shift}), CFG {args.guidance} as two calls")
     args.out.mkdir(parents=True, exist_ok=True)
     to_markdown = toy_markdown if args.mode == "toy" else warmup_markdown
 
