@@ -1,25 +1,20 @@
-"""Rows of ``(B, H, S, D)`` tensors moved by a token permutation: a memory-bound Triton kernel.
+"""Rows of ``(B, H, S, D)`` tensors gathered by a token permutation: a memory-bound Triton kernel.
 
 ``gather_rows(xs, perm)`` returns, for each ``x`` of ``xs``, the contiguous ``out[b, h, i, :] =
-x[b, h, perm[b, h, i], :]`` (token order into kernel order); ``scatter_rows(xs, perm, outs)`` writes
-``outs[j][b, h, perm[b, h, i], :] = xs[j][b, h, i, :]`` (kernel order back into token order). One call
-moves one or two tensors that share the permutation (e.g. k and v together) in one launch. The
-tensors have any strides (typically ``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``); ``perm``
-int32/int64 ``(B or 1, H or 1, S)`` may broadcast its batch and head dims with stride 0. Outputs must
-not overlap the inputs (not checked).
-
-A ``(B, H, S)`` tensor such as an fp32 LSE moves as rows of D = 1 (``lse[..., None]``) through the same
-kernel: those 4-byte rows are not coalesced, but they are 2/D of a 16-bit O's bytes (2D per row).
+x[b, h, perm[b, h, i], :]`` (token order into kernel order). One call moves one or two tensors that
+share the permutation (e.g. k and v together) in one launch. The inputs have any strides (typically
+``(B, S, H, D)`` storage viewed as ``(B, H, S, D)``); ``perm`` int32/int64 ``(B or 1, H or 1, S)`` may
+broadcast its batch and head dims with stride 0. Outputs must not overlap the inputs (not checked).
+A ``(B, H, S)`` tensor moves as rows of D = 1 (``x[..., None]``).
 
 Each program moves ``BLOCK_ROWS`` rows of every tensor: it loads their ``BLOCK_ROWS`` permutation
 entries once, then copies each tensor's ``BLOCK_ROWS x D`` tile with loads and stores coalesced along D
 (the D elements of a row are contiguous in the usual layouts; 16 bytes per thread), both tensors' loads
 before their stores. A copy is exact: the kernel never converts a value.
 
-CUDA tensors run the kernel, CPU tensors the PyTorch path (``torch.gather`` / ``scatter_``, the
-specification), or the kernel under Triton's interpreter (:func:`interpreter_active`). Permutation
-values are not checked (no host sync): a scatter by a perm with repeated entries leaves some rows
-unwritten and others written in an undefined order.
+CUDA tensors run the kernel, CPU tensors the PyTorch path (``torch.gather``, the specification), or the
+kernel under Triton's interpreter (:func:`interpreter_active`). Permutation values are not checked (no
+host sync).
 """
 
 from __future__ import annotations
@@ -34,7 +29,6 @@ from torch import Tensor
 
 from sparse_compile.kernels.common import (
     check_out_buffer,
-    check_strided_out_buffer,
     expand_permutation,
     interpreter_active,
     strided_tile_pointers,
@@ -46,9 +40,9 @@ TILE_ELEMENTS = 4096
 """Elements of one tensor a program moves: ``BLOCK_ROWS = TILE_ELEMENTS / BLOCK_D`` rows (32 rows of D = 128),
 at most :data:`MAX_BLOCK_ROWS`."""
 MAX_BLOCK_ROWS = 1024
-"""Most rows per program (rows of D = 1, an LSE, are 4 bytes)."""
+"""Most rows per program (the cap for short rows: D <= 2)."""
 
-__all__ = ["MAX_ROW", "gather_rows", "scatter_rows", "tile_shape"]
+__all__ = ["MAX_ROW", "gather_rows", "tile_shape"]
 
 
 @triton.jit
@@ -58,11 +52,11 @@ def _permute_rows_kernel(
     x0_b, x0_h, x0_s, x0_d, o0_b, o0_h, o0_s, o0_d,
     x1_b, x1_h, x1_s, x1_d, o1_b, o1_h, o1_s, o1_d,
     num_heads, seq_len,
-    D: tl.constexpr, SCATTER: tl.constexpr, TWO: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, TWO: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(cdiv(S, BLOCK_ROWS), B*H)``. Gather: ``out[b, h, i] = x[b, h, perm[b, h, i]]``; ``SCATTER``:
-    ``out[b, h, perm[b, h, i]] = x[b, h, i]``; for ``(x0, out0)`` and, when ``TWO``, ``(x1, out1)``, all
-    ``(B, H, S, D)`` with the strides given; perm ``(B, H, S)`` by its strides."""
+    """Grid ``(cdiv(S, BLOCK_ROWS), B*H)``: ``out[b, h, i] = x[b, h, perm[b, h, i]]`` for ``(x0, out0)`` and,
+    when ``TWO``, ``(x1, out1)``, all ``(B, H, S, D)`` with the strides given; perm ``(B, H, S)`` by its
+    strides."""
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
@@ -71,17 +65,11 @@ def _permute_rows_kernel(
     tokens = tl.load(perm + b * p_b + h * p_h + rows * p_s, mask=in_seq, other=0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = in_seq[:, None] & (cols < D)[None, :]
-    if SCATTER:
-        src_rows = rows
-        dst_rows = tokens
-    else:
-        src_rows = tokens
-        dst_rows = rows
-    rows0 = tl.load(strided_tile_pointers(x0, b, h, src_rows, cols, x0_b, x0_h, x0_s, x0_d), mask=mask)
+    rows0 = tl.load(strided_tile_pointers(x0, b, h, tokens, cols, x0_b, x0_h, x0_s, x0_d), mask=mask)
     if TWO:  # both tensors' loads are issued before either store
-        rows1 = tl.load(strided_tile_pointers(x1, b, h, src_rows, cols, x1_b, x1_h, x1_s, x1_d), mask=mask)
-        tl.store(strided_tile_pointers(out1, b, h, dst_rows, cols, o1_b, o1_h, o1_s, o1_d), rows1, mask=mask)
-    tl.store(strided_tile_pointers(out0, b, h, dst_rows, cols, o0_b, o0_h, o0_s, o0_d), rows0, mask=mask)
+        rows1 = tl.load(strided_tile_pointers(x1, b, h, tokens, cols, x1_b, x1_h, x1_s, x1_d), mask=mask)
+        tl.store(strided_tile_pointers(out1, b, h, rows, cols, o1_b, o1_h, o1_s, o1_d), rows1, mask=mask)
+    tl.store(strided_tile_pointers(out0, b, h, rows, cols, o0_b, o0_h, o0_s, o0_d), rows0, mask=mask)
 
 
 def _check_rows(xs: Sequence[Tensor]) -> None:
@@ -110,24 +98,19 @@ def _checked_perm(xs: Sequence[Tensor], perm: Tensor) -> Tensor:
     return expand_permutation(perm, "perm", b, h, s)
 
 
-def _check_outs(xs: Sequence[Tensor], outs: Sequence[Tensor], strided: bool) -> None:
-    """Raise ``ValueError`` unless ``outs`` has one buffer of each x's shape, dtype and device: contiguous, or
-    with any non-overlapping strides when ``strided``."""
+def _check_outs(xs: Sequence[Tensor], outs: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` unless ``outs`` has one contiguous buffer of each x's shape, dtype and device."""
     if len(outs) != len(xs):
         raise ValueError(f"outs must hold one buffer per tensor of xs ({len(xs)}), got {len(outs)}")
-    check = check_strided_out_buffer if strided else check_out_buffer
     for i, (x, out) in enumerate(zip(xs, outs)):
-        check(f"outs[{i}]", out, tuple(x.shape), x.dtype, x.device)
+        check_out_buffer(f"outs[{i}]", out, tuple(x.shape), x.dtype, x.device)
 
 
-def _move_rows_torch(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor], scatter: bool) -> None:
-    """The PyTorch path and specification: ``torch.gather`` / ``Tensor.scatter_`` along S, perm ``(B, H, S)``."""
+def _move_rows_torch(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor]) -> None:
+    """The PyTorch path and specification: ``torch.gather`` along S, perm ``(B, H, S)``."""
     index = perm.long()[..., None].expand(xs[0].shape)
     for x, out in zip(xs, outs):
-        if scatter:
-            out.scatter_(2, index, x)
-        else:
-            torch.gather(x, 2, index, out=out)
+        torch.gather(x, 2, index, out=out)
 
 
 def tile_shape(d: int) -> tuple[int, int]:
@@ -136,7 +119,7 @@ def tile_shape(d: int) -> tuple[int, int]:
     return min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_d), block_d
 
 
-def _launch(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor], scatter: bool) -> None:
+def _launch(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor]) -> None:
     """One kernel launch moving the rows of every tensor of ``xs`` into ``outs``; perm ``(B, H, S)``."""
     b, h, s, d = xs[0].shape
     block_rows, block_d = tile_shape(d)
@@ -145,18 +128,18 @@ def _launch(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor], scatter:
         _permute_rows_kernel[(triton.cdiv(s, block_rows), b * h)](
             perm, xs[0], outs[0], x1, out1, *perm.stride(),
             *xs[0].stride(), *outs[0].stride(), *x1.stride(), *out1.stride(), h, s,
-            D=d, SCATTER=scatter, TWO=len(xs) == 2, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
+            D=d, TWO=len(xs) == 2, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
         )  # fmt: skip
 
 
-def _move_rows(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor], scatter: bool) -> None:
+def _move_rows(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor]) -> None:
     """The kernel on CUDA or under the interpreter, else the PyTorch path; nothing to do for empty tensors."""
     if xs[0].numel() == 0:
         return
     if xs[0].is_cuda or interpreter_active():
-        _launch(xs, perm, outs, scatter)
+        _launch(xs, perm, outs)
     else:
-        _move_rows_torch(xs, perm, outs, scatter)
+        _move_rows_torch(xs, perm, outs)
 
 
 def gather_rows(xs: Sequence[Tensor], perm: Tensor, outs: Optional[Sequence[Tensor]] = None) -> tuple[Tensor, ...]:
@@ -171,19 +154,6 @@ def gather_rows(xs: Sequence[Tensor], perm: Tensor, outs: Optional[Sequence[Tens
     perm = _checked_perm(xs, perm)
     if outs is None:
         outs = tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
-    _check_outs(xs, outs, strided=False)
-    _move_rows(xs, perm, outs, scatter=False)
+    _check_outs(xs, outs)
+    _move_rows(xs, perm, outs)
     return tuple(outs)
-
-
-def scatter_rows(xs: Sequence[Tensor], perm: Tensor, outs: Sequence[Tensor]) -> None:
-    """``out[b, h, perm[b, h, i], :] = x[b, h, i, :]`` for each pair of ``xs`` and ``outs``, in one launch.
-
-    ``xs`` and ``perm`` as :func:`gather_rows`; ``outs`` one ``(B, H, S, D)`` buffer per x, in its dtype,
-    with any non-overlapping strides (e.g. token-major). Every row of an out is written when ``perm``
-    is a permutation. Raises ``ValueError`` naming the argument on bad shapes, dtypes or devices.
-    """
-    _check_rows(xs)
-    perm = _checked_perm(xs, perm)
-    _check_outs(xs, outs, strided=True)
-    _move_rows(xs, perm, outs, scatter=True)

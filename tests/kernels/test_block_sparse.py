@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from row_order import row_index, to_token_order
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention,
@@ -100,20 +101,9 @@ def token_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _row_index(perm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``perm`` ``(B or 1, H or 1, R)`` as a gather/scatter index of ``x``'s rows, ``x`` ``(B, H, S, ...)``."""
-    perm = perm.long().expand(*x.shape[:2], perm.shape[-1])
-    return perm.reshape(*perm.shape, *[1] * (x.dim() - 3)).expand(*perm.shape, *x.shape[3:])
-
-
 def gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x[b, h, perm[b, h, i]]``: kernel order from token order (or any rows, ``perm`` ``(B, H, R)``)."""
-    return torch.gather(x, 2, _row_index(perm, x))
-
-
-def scatter_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`gather_rows`: ``out[b, h, perm[b, h, i]] = x[b, h, i]``."""
-    return torch.empty_like(x).scatter_(2, _row_index(perm, x), x)
+    return torch.gather(x, 2, row_index(perm, x))
 
 
 def assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, tol, scale=None, **perms) -> None:
@@ -255,7 +245,7 @@ def test_reference_with_permutations_equals_reference_on_gathered_inputs(seed: i
     want = block_sparse_attention_reference(q_in, k_in, v_in, counts, indices, block_q=32, block_k=16, scale=0.3,
                                             return_lse=True)  # fmt: skip
     if q_perm is not None:
-        want = scatter_rows(want[0], q_perm), scatter_rows(want[1], q_perm)
+        want = to_token_order(want[0], q_perm), to_token_order(want[1], q_perm)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert got[0].stride() == attention_output_like(q, v).stride() and got[1].is_contiguous()
     assert torch.isneginf(got[1]).any() and torch.isfinite(got[1]).any()  # the case has empty and kept rows
@@ -527,8 +517,8 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs() -> Non
     folded = _run_kernel_poisoned(q, k, v, counts, indices, 32, 32, q_perm=q_perm, kv_perm=kv_perm, tile=tile)
     gathered = _run_kernel_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts,
                                     indices, 32, 32, tile=tile)  # fmt: skip
-    assert torch.equal(folded[0], scatter_rows(gathered[0], q_perm))
-    assert torch.equal(folded[1], scatter_rows(gathered[1], q_perm))
+    assert torch.equal(folded[0], to_token_order(gathered[0], q_perm))
+    assert torch.equal(folded[1], to_token_order(gathered[1], q_perm))
 
 
 @interp
@@ -689,8 +679,8 @@ def test_gpu_folded_permutations_wan_480p(kind: str, block: int) -> None:
         gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts, indices, block_q=block,
         block_k=block, return_lse=True,
     )  # fmt: skip
-    gathered_lse = scatter_rows(gathered_lse, q_perm)
-    assert rel_l2(out, scatter_rows(gathered_out, q_perm)) <= 1e-3
+    gathered_lse = to_token_order(gathered_lse, q_perm)
+    assert rel_l2(out, to_token_order(gathered_out, q_perm)) <= 1e-3
     finite = torch.isfinite(gathered_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - gathered_lse[finite]).abs().max() <= 1e-3
     nq = cdiv(WAN_SEQ, block)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from row_order import row_index, to_token_order
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
@@ -67,20 +68,9 @@ def token_major(x):
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def row_index(perm, x):
-    """``perm`` ``(B or 1, H or 1, S)`` as a gather/scatter index of ``x``'s rows: ``x``'s shape ``(B, H, S, ...)``."""
-    perm = perm.long().expand(*x.shape[:3])
-    return perm.reshape(*perm.shape, *[1] * (x.dim() - 3)).expand(x.shape)
-
-
 def gather_rows(x, perm):
     """``x[b, h, perm[b, h, i]]``: cluster order from token order."""
     return torch.gather(x, 2, row_index(perm, x))
-
-
-def scatter_rows(x, perm):
-    """Inverse of :func:`gather_rows`: ``out[b, h, perm[b, h, i]] = x[b, h, i]``."""
-    return torch.empty_like(x).scatter_(2, row_index(perm, x), x)
 
 
 def masked_dense(q, k, v, mask, scale):
@@ -182,8 +172,8 @@ def test_reference_with_permutations_equals_reference_on_gathered_inputs(
     on_gathered = varlen_block_sparse_attention_reference(
         gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout, scale=0.3, return_lse=True
     )
-    assert torch.equal(got[0], scatter_rows(on_gathered[0], q_perm))
-    assert torch.equal(got[1], scatter_rows(on_gathered[1], q_perm))
+    assert torch.equal(got[0], to_token_order(on_gathered[0], q_perm))
+    assert torch.equal(got[1], to_token_order(on_gathered[1], q_perm))
 
 
 def test_reference_identity_permutations_change_nothing():
@@ -635,8 +625,8 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs():
     folded = run_triton_poisoned(q, k, v, layout, config, q_perm=q_perm, kv_perm=kv_perm)
     gathered = run_triton_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), layout,
                                    config)  # fmt: skip
-    assert torch.equal(folded[0], scatter_rows(gathered[0], q_perm))
-    assert torch.equal(folded[1], scatter_rows(gathered[1], q_perm))
+    assert torch.equal(folded[0], to_token_order(gathered[0], q_perm))
+    assert torch.equal(folded[1], to_token_order(gathered[1], q_perm))
 
 
 @interp
@@ -801,8 +791,8 @@ def test_gpu_folded_permutations_on_token_major_inputs_bf16():
     gathered_out, gathered_lse = vb.varlen_block_sparse_attention_triton(
         gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout
     )
-    gathered_lse = scatter_rows(gathered_lse, q_perm)
-    assert rel_l2(out, scatter_rows(gathered_out, q_perm)) < 1e-3
+    gathered_lse = to_token_order(gathered_lse, q_perm)
+    assert rel_l2(out, to_token_order(gathered_out, q_perm)) < 1e-3
     finite = torch.isfinite(gathered_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and (lse[finite] - gathered_lse[finite]).abs().max() < 1e-3
     for head in (0, 11):
