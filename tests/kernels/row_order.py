@@ -16,3 +16,9 @@ def to_token_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``out[b, h, perm[b, h, i]] = x[b, h, i]``: rows of ``x`` ``(B, H, S, ...)`` in kernel order put back in
     token order, the inverse of gathering by ``perm`` ``(B or 1, H or 1, S)``."""
     return torch.empty_like(x).scatter_(2, row_index(perm, x), x)
+
+
+def to_kernel_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[b, h, perm[b, h, i]]``: rows of ``x`` ``(B, H, S, ...)`` gathered into kernel order by ``perm``
+    ``(B or 1, H or 1, R)`` (any ``R`` rows)."""
+    return torch.gather(x, 2, row_index(perm, x))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from row_order import row_index, to_token_order
+from row_order import to_kernel_order, to_token_order
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels.block_sparse import (
     block_sparse_attention,
@@ -99,11 +99,6 @@ def random_permutation(
 def token_major(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage and viewed back as ``(B, H, S, D)``."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x[b, h, perm[b, h, i]]``: kernel order from token order (or any rows, ``perm`` ``(B, H, R)``)."""
-    return torch.gather(x, 2, row_index(perm, x))
 
 
 def assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, tol, scale=None, **perms) -> None:
@@ -240,8 +235,8 @@ def test_reference_with_permutations_equals_reference_on_gathered_inputs(seed: i
     got = block_sparse_attention_reference(q, k, v, counts, indices, block_q=32, block_k=16, scale=0.3,
                                            return_lse=True, **perms)  # fmt: skip
     q_perm, kv_perm = perms.get("q_perm"), perms.get("kv_perm")
-    q_in = q if q_perm is None else gather_rows(q, q_perm)
-    k_in, v_in = (k, v) if kv_perm is None else (gather_rows(k, kv_perm), gather_rows(v, kv_perm))
+    q_in = q if q_perm is None else to_kernel_order(q, q_perm)
+    k_in, v_in = (k, v) if kv_perm is None else (to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm))
     want = block_sparse_attention_reference(q_in, k_in, v_in, counts, indices, block_q=32, block_k=16, scale=0.3,
                                             return_lse=True)  # fmt: skip
     if q_perm is not None:
@@ -267,7 +262,7 @@ def test_reference_q_blocks_with_permutations_are_the_kernel_order_rows() -> Non
                                                           return_lse=True, **perms)  # fmt: skip
     out, lse = reference_q_blocks(q, k, v, counts, indices, [4, 1], block_q=32, block_k=16, **perms)
     tokens = torch.cat([perms["q_perm"][:, :, 128:150], perms["q_perm"][:, :, 32:64]], dim=2)
-    assert torch.equal(out, gather_rows(full_out, tokens)) and torch.equal(lse, gather_rows(full_lse, tokens))
+    assert torch.equal(out, to_kernel_order(full_out, tokens)) and torch.equal(lse, to_kernel_order(full_lse, tokens))
 
 
 def test_op_rejects_bad_permutations() -> None:
@@ -515,7 +510,7 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs() -> Non
     q_perm, kv_perm = random_permutation(2, 2, 150, gen), random_permutation(2, 2, 170, gen)
     tile = TileConfig(32, 32)
     folded = _run_kernel_poisoned(q, k, v, counts, indices, 32, 32, q_perm=q_perm, kv_perm=kv_perm, tile=tile)
-    gathered = _run_kernel_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts,
+    gathered = _run_kernel_poisoned(to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), counts,
                                     indices, 32, 32, tile=tile)  # fmt: skip
     assert torch.equal(folded[0], to_token_order(gathered[0], q_perm))
     assert torch.equal(folded[1], to_token_order(gathered[1], q_perm))
@@ -676,7 +671,7 @@ def test_gpu_folded_permutations_wan_480p(kind: str, block: int) -> None:
     out, lse = _run_kernel_poisoned(q, k, v, counts, indices, block, block, q_perm=q_perm, kv_perm=kv_perm)
     assert not out.isnan().any() and not lse.isnan().any()
     gathered_out, gathered_lse = block_sparse_attention_triton(
-        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), counts, indices, block_q=block,
+        to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), counts, indices, block_q=block,
         block_k=block, return_lse=True,
     )  # fmt: skip
     gathered_lse = to_token_order(gathered_lse, q_perm)
@@ -688,9 +683,9 @@ def test_gpu_folded_permutations_wan_480p(kind: str, block: int) -> None:
     ref_out, ref_lse = reference_q_blocks(q, k, v, counts, indices, picks, block_q=block, block_k=block,
                                           q_perm=q_perm, kv_perm=kv_perm)  # fmt: skip
     tokens = torch.cat([q_perm[:, :, p * block : (p + 1) * block] for p in picks], dim=2)
-    assert rel_l2(gather_rows(out, tokens), ref_out) <= 1e-2
+    assert rel_l2(to_kernel_order(out, tokens), ref_out) <= 1e-2
     finite = torch.isfinite(ref_lse)
-    got_lse = gather_rows(lse, tokens)
+    got_lse = to_kernel_order(lse, tokens)
     assert torch.equal(finite, torch.isfinite(got_lse)) and (got_lse[finite] - ref_lse[finite]).abs().max() <= 2e-3
 
 

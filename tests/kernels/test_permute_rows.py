@@ -16,6 +16,7 @@ import re
 import pytest
 import torch
 from gluon_compile import compile_sm90a, resource_usage
+from row_order import to_kernel_order
 from triton_interpreter_support import interp, run_interpreted
 
 from sparse_compile.kernels import permute_rows
@@ -58,12 +59,6 @@ def poisoned(x: torch.Tensor, token_major=False) -> torch.Tensor:
     return out.fill_(float("nan"))
 
 
-def torch_gather(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """The specification of a gather: ``torch.gather`` along S, perm broadcast to ``(B, H, S)``."""
-    b, h, s, d = x.shape
-    return torch.gather(x, 2, perm.expand(b, h, s).long()[..., None].expand(b, h, s, d))
-
-
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal shapes and dtypes and the same bits in every element (a NaN poison left unwritten fails)."""
     assert got.shape == want.shape and got.dtype == want.dtype
@@ -75,7 +70,7 @@ def gathered_as_torch(x: torch.Tensor, perm: torch.Tensor) -> None:
     """Gather x into a poisoned contiguous buffer, returned as the output: bit for bit torch's."""
     gathered = poisoned(x)
     assert gather_rows((x,), perm, (gathered,))[0] is gathered
-    assert_same_bits(gathered, torch_gather(x, perm))
+    assert_same_bits(gathered, to_kernel_order(x, perm))
 
 
 # ---------------------------------------------------------------- Triton interpreter (child process)
@@ -106,8 +101,8 @@ def test_interp_k_and_v_move_in_one_launch(monkeypatch) -> None:
     outs = (poisoned(k), poisoned(v))
     k_rows, v_rows = gather_rows((k, v), perm, outs)
     assert k_rows is outs[0] and v_rows is outs[1]
-    assert_same_bits(outs[0], torch_gather(k, perm))
-    assert_same_bits(outs[1], torch_gather(v, perm))
+    assert_same_bits(outs[0], to_kernel_order(k, perm))
+    assert_same_bits(outs[1], to_kernel_order(v, perm))
     assert len(launches) == 1
 
 
@@ -118,8 +113,8 @@ def test_interp_gather_returns_new_contiguous_buffers() -> None:
     perm = random_perms(B, H, S, gen)
     k_rows, v_rows = gather_rows((k, v), perm)
     assert k_rows.is_contiguous() and v_rows.is_contiguous()
-    assert_same_bits(k_rows, torch_gather(k, perm))
-    assert_same_bits(v_rows, torch_gather(v, perm))
+    assert_same_bits(k_rows, to_kernel_order(k, perm))
+    assert_same_bits(v_rows, to_kernel_order(v, perm))
 
 
 @interp
@@ -170,8 +165,8 @@ def test_cpu_tensors_take_the_pytorch_path(monkeypatch) -> None:
     k, v = (random_rows(B, H, S, 64, torch.bfloat16, gen, token_major=True) for _ in range(2))
     perm = random_perms(1, H, S, gen)
     k_rows, v_rows = gather_rows((k, v), perm)
-    assert_same_bits(k_rows, torch_gather(k, perm))
-    assert_same_bits(v_rows, torch_gather(v, perm))
+    assert_same_bits(k_rows, to_kernel_order(k, perm))
+    assert_same_bits(v_rows, to_kernel_order(v, perm))
 
 
 @pytest.mark.parametrize("perm", [torch.empty(B, H, 0, dtype=torch.int64), torch.empty(1, 1, 0, dtype=torch.int32)])
@@ -279,8 +274,8 @@ def test_gpu_wan_480p_kv_copies_gather_k_and_v_as_torch(d: int, dtype: torch.dty
     k, v = (random_rows(1, 12, WAN_SEQ, d, dtype, gen, token_major=True, device="cuda") for _ in range(2))
     perm = random_perms(1, 12, WAN_SEQ, gen, device="cuda")
     k_rows, v_rows = gather_rows((k, v), perm)
-    assert_same_bits(k_rows, torch_gather(k, perm))
-    assert_same_bits(v_rows, torch_gather(v, perm))
+    assert_same_bits(k_rows, to_kernel_order(k, perm))
+    assert_same_bits(v_rows, to_kernel_order(v, perm))
 
 
 @gpu
@@ -290,5 +285,5 @@ def test_gpu_broadcast_perm_and_masked_row_lengths(d: int) -> None:
     k, v = (random_rows(2, 12, WAN_SEQ, d, torch.float32, gen, token_major=True, device="cuda") for _ in range(2))
     perm = random_perms(1, 1, WAN_SEQ, gen, torch.int64, device="cuda")
     k_rows, v_rows = gather_rows((k, v), perm)
-    assert_same_bits(k_rows, torch_gather(k, perm))
-    assert_same_bits(v_rows, torch_gather(v, perm))
+    assert_same_bits(k_rows, to_kernel_order(k, perm))
+    assert_same_bits(v_rows, to_kernel_order(v, perm))

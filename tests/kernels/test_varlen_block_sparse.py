@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from row_order import row_index, to_token_order
+from row_order import to_kernel_order, to_token_order
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
@@ -66,11 +66,6 @@ def random_permutations(b, h, seq, g, dtype=torch.int64, device="cpu"):
 def token_major(x):
     """``x`` ``(B, H, S, D)`` copied into ``(B, S, H, D)`` storage and viewed back as ``(B, H, S, D)``."""
     return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def gather_rows(x, perm):
-    """``x[b, h, perm[b, h, i]]``: cluster order from token order."""
-    return torch.gather(x, 2, row_index(perm, x))
 
 
 def masked_dense(q, k, v, mask, scale):
@@ -170,7 +165,7 @@ def test_reference_with_permutations_equals_reference_on_gathered_inputs(
     got = varlen_block_sparse_attention_reference(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, scale=0.3,
                                                   return_lse=True)  # fmt: skip
     on_gathered = varlen_block_sparse_attention_reference(
-        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout, scale=0.3, return_lse=True
+        to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), *layout, scale=0.3, return_lse=True
     )
     assert torch.equal(got[0], to_token_order(on_gathered[0], q_perm))
     assert torch.equal(got[1], to_token_order(on_gathered[1], q_perm))
@@ -403,8 +398,8 @@ def test_rows_plan_is_ragged_in_one_group_when_the_kept_total_fits_the_budget():
     expanded_layout = expanded(q, k, v, layout)
     kept, total = kept_keys_of(q, k, layout)
     flat = kept.reshape(-1)
-    for given in (None, kept.int()):
-        plan = vb.kept_rows_plan(expanded_layout, 90, 4 * total, kept_keys=given, kept_rows_total=total)
+    for kept_keys in (None, kept.int()):
+        plan = vb.kept_rows_plan(expanded_layout, 90, 4 * total, kept_keys=kept_keys, kept_rows_total=total)
         assert (plan.groups, plan.size) == (((0, 6),), total)
         assert torch.equal(plan.starts, flat.cumsum(0) - flat)  # each list right after the previous one
 
@@ -623,7 +618,7 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs():
     q_perm, kv_perm = random_permutations(2, 2, 100, g), random_permutations(2, 2, 90, g)
     config = VarlenConfig(16, 16, 4, 1)
     folded = run_triton_poisoned(q, k, v, layout, config, q_perm=q_perm, kv_perm=kv_perm)
-    gathered = run_triton_poisoned(gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), layout,
+    gathered = run_triton_poisoned(to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), layout,
                                    config)  # fmt: skip
     assert torch.equal(folded[0], to_token_order(gathered[0], q_perm))
     assert torch.equal(folded[1], to_token_order(gathered[1], q_perm))
@@ -789,7 +784,7 @@ def test_gpu_folded_permutations_on_token_major_inputs_bf16():
     vb.varlen_block_sparse_attention_triton(q, k, v, *layout, q_perm=q_perm, kv_perm=kv_perm, out=out, lse_out=lse)
     assert not out.isnan().any() and not lse.isnan().any()
     gathered_out, gathered_lse = vb.varlen_block_sparse_attention_triton(
-        gather_rows(q, q_perm), gather_rows(k, kv_perm), gather_rows(v, kv_perm), *layout
+        to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), *layout
     )
     gathered_lse = to_token_order(gathered_lse, q_perm)
     assert rel_l2(out, to_token_order(gathered_out, q_perm)) < 1e-3
