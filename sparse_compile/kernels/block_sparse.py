@@ -581,8 +581,8 @@ def kernel_choice(
     CUDA): the Gluon kernel when it takes the call as it is
     (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`); a permuted call it could take
     but for the permutation on kernel-order K/V copies (:func:`block_sparse_attention_gluon_on_kv_copies`:
-    they beat the Triton kernel's permuted loads, and copies of q, k, v and O too, at every measured density,
-    benchmarks/RESULTS.md); else the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter,
+    faster than the Triton kernel's permuted loads at every measured density, and than copies of q, k, v and O
+    at low density, benchmarks/RESULTS.md); else the Triton kernel. Off CUDA: the Triton kernel under Triton's interpreter,
     else the reference.
     """
     capability = cuda_capability(q) if capability is None else capability
