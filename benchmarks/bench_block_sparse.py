@@ -28,6 +28,12 @@ Prints versions, the GPU and a markdown table; writes it to ``$OUT/block_sparse.
 
     python benchmarks/bench_block_sparse.py [--shapes wan,hunyuan] [--densities 1,0.25,0.125,0.05] [--sweep]
 
+``--profile-one KERNEL`` runs only one call of ``KERNEL`` (``PROFILED_KERNELS``) at the first shape and
+density, inside ``torch.cuda.profiler`` start/stop, for Nsight Compute::
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \
+        python benchmarks/bench_block_sparse.py --shapes wan --densities 0.05 --profile-one gluon_fp8
+
 (from the repository root; ``--sweep`` also times every autotune candidate at the first shape, plain and
 permuted).
 """
@@ -38,6 +44,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -412,13 +419,54 @@ def sweep_tiles_permuted(bshd, counts, indices, perm, density, timed, ref) -> No
         timed(name, density, fn, **ref)
 
 
+PROFILED_KERNELS = ("gluon", "gluon_fp8", "gluon_kv_copies", "triton")
+
+
+def profiled_call(kernel: str, shape: Shape, density: float) -> Callable[[], object]:
+    """One of ``PROFILED_KERNELS`` on this script's inputs at ``shape`` and ``density`` (q/k/v as (B,S,H,D).T;
+    ``gluon_kv_copies`` with SVG's temporal order on q and k/v)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape.batch, shape.seq, shape.heads, shape.head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=gen).transpose(1, 2) for _ in range(3))  # fmt: skip
+    n = cdiv(shape.seq, BLOCK)
+    counts, indices = random_layout(shape.heads, n, n, density, gen)
+    blocks = dict(block_q=BLOCK, block_k=BLOCK)
+    if kernel == "gluon_kv_copies":
+        perm = permutations(shape, gen)["SVG temporal order"]
+        return lambda: block_sparse_attention_gluon_on_kv_copies(q, k, v, counts, indices, q_perm=perm, kv_perm=perm,
+                                                                 **blocks)  # fmt: skip
+    entry = {"gluon": block_sparse_attention_gluon, "gluon_fp8": block_sparse_attention_fp8_gluon,
+             "triton": block_sparse_attention_triton}[kernel]  # fmt: skip
+    return lambda: entry(q, k, v, counts, indices, **blocks)
+
+
+def profile_one(kernel: str, shape: Shape, density: float, warmup: int = 3) -> None:
+    """``warmup`` calls of ``profiled_call``, then one between ``torch.cuda.profiler.start()`` and ``stop()``:
+    what Nsight Compute reads with ``--profile-from-start off``."""
+    call = profiled_call(kernel, shape, density)
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"profiled one {kernel} call: {shape.name}, kept density {density}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="wan,hunyuan")
     parser.add_argument("--densities", default="1.0,0.25,0.125,0.05")
     parser.add_argument("--sweep", action="store_true", help="also time each autotune candidate (first shape)")
+    parser.add_argument("--profile-one", choices=PROFILED_KERNELS,
+                        help="instead of the benchmark, one call of this kernel at the first shape and density, "
+                             "for ncu --profile-from-start off")
     args = parser.parse_args(argv)
     densities = [float(x) for x in args.densities.split(",")]
+    if args.profile_one:
+        profile_one(args.profile_one, SHAPES[args.shapes.split(",")[0]], densities[0])
+        return
     out_dir = os.environ.get("OUT")
     log_lines: list[str] = []
 
