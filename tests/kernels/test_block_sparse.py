@@ -389,23 +389,21 @@ def test_interpreter_suite() -> None:
     run_interpreted(__file__, "test_interp_")
 
 
-def _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale=None, out=None, **kw):
-    """Kernel into NaN-poisoned output buffers (``out`` token-major, the op's layout, unless given);
-    returns (out, lse), which must be the buffers themselves."""
+def run_poisoned(q, k, v, counts, indices, block_q, block_k, kernel=block_sparse_attention_triton, out=None, **kw):
+    """``kernel`` (a fixed-block entry: Triton, Gluon, FP8) into NaN-poisoned output buffers (``out``
+    token-major, the op's layout, unless given); returns (out, lse), which must be the buffers themselves."""
     b, h, s_q, _ = q.shape
     out = (attention_output_like(q, v) if out is None else out).fill_(float("nan"))
     lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = block_sparse_attention_triton(
-        q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale, out=out, lse_out=lse,
-        return_lse=True, **kw,
-    )  # fmt: skip
+    got = kernel(q, k, v, counts, indices, block_q=block_q, block_k=block_k, out=out, lse_out=lse, return_lse=True,
+                 **kw)  # fmt: skip
     assert got[0] is out and got[1] is lse
     return out, lse
 
 
 def _check_against_reference(q, k, v, counts, indices, block_q, block_k, tol, scale=None, out=None, **kw) -> None:
     """The kernel (poisoned outputs, ``kw`` passed on: tile, use_tma, q_perm, kv_perm) vs the reference."""
-    got = _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, scale, out, **kw)
+    got = run_poisoned(q, k, v, counts, indices, block_q, block_k, scale=scale, out=out, **kw)
     perms = {name: kw[name] for name in ("q_perm", "kv_perm") if name in kw}
     assert_matches_reference(q, k, v, counts, indices, block_q, block_k, got, tol, scale, **perms)
 
@@ -436,7 +434,7 @@ def test_interp_dense_layout_equals_sdpa() -> None:
     gen = torch.Generator().manual_seed(11)
     q, k, v = make_qkv(1, 2, 200, 150, 64, torch.float32, gen)
     counts, indices = dense_block_layout(1, 2, 200, 150, 64, 64)
-    out, _ = _run_kernel_poisoned(q, k, v, counts, indices, 64, 64)
+    out, _ = run_poisoned(q, k, v, counts, indices, 64, 64)
     assert rel_l2(out, F.scaled_dot_product_attention(q, k, v)) <= 1e-4
 
 
@@ -509,8 +507,8 @@ def test_interp_folded_permutations_equal_the_kernel_on_gathered_inputs() -> Non
     counts, indices = random_layout(2, 2, cdiv(150, 32), cdiv(170, 32), 0.5, gen, empty_fraction=0.1)
     q_perm, kv_perm = random_permutation(2, 2, 150, gen), random_permutation(2, 2, 170, gen)
     tile = TileConfig(32, 32)
-    folded = _run_kernel_poisoned(q, k, v, counts, indices, 32, 32, q_perm=q_perm, kv_perm=kv_perm, tile=tile)
-    gathered = _run_kernel_poisoned(to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), counts,
+    folded = run_poisoned(q, k, v, counts, indices, 32, 32, q_perm=q_perm, kv_perm=kv_perm, tile=tile)
+    gathered = run_poisoned(to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), counts,
                                     indices, 32, 32, tile=tile)  # fmt: skip
     assert torch.equal(folded[0], to_token_order(gathered[0], q_perm))
     assert torch.equal(folded[1], to_token_order(gathered[1], q_perm))
@@ -522,7 +520,7 @@ def test_interp_all_rows_empty() -> None:
     q, k, v = make_qkv(1, 1, 100, 100, 16, torch.float32, gen)
     counts = torch.zeros(1, 1, 2, dtype=torch.int32)
     indices = torch.full((1, 1, 2, 0), 0, dtype=torch.int32)  # MAXK = 0
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, 64, 64, q_perm=random_permutation(1, 1, 100, gen))
+    out, lse = run_poisoned(q, k, v, counts, indices, 64, 64, q_perm=random_permutation(1, 1, 100, gen))
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
@@ -566,7 +564,7 @@ def test_gpu_bf16_real_size(block_q: int, block_k: int, use_tma: bool | None) ->
     s_q = s_k = 4096 - 37
     q, k, v = make_qkv(1, 4, s_q, s_k, 128, torch.bfloat16, gen, "cuda")
     counts, indices = random_layout(1, 4, cdiv(s_q, block_q), cdiv(s_k, block_k), 0.3, gen, "cuda", 0.05)
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, block_q, block_k, use_tma=use_tma)
+    out, lse = run_poisoned(q, k, v, counts, indices, block_q, block_k, use_tma=use_tma)
     assert not out.isnan().any() and not lse.isnan().any()
     nq = cdiv(s_q, block_q)
     _sdpa_sampled_check(q, k, v, counts, indices, out, lse, block_q, block_k, [0, nq // 2, nq - 1], 1e-2)
@@ -591,7 +589,7 @@ def test_gpu_dense_layout_equals_sdpa() -> None:
     gen = torch.Generator().manual_seed(22)
     q, k, v = make_qkv(1, 4, 4096, 4096, 128, torch.bfloat16, gen, "cuda")
     counts, indices = dense_block_layout(1, 4, 4096, 4096, 128, 128, "cuda")
-    out, _ = _run_kernel_poisoned(q, k, v, counts, indices, 128, 128)
+    out, _ = run_poisoned(q, k, v, counts, indices, 128, 128)
     assert rel_l2(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float())) <= 1e-2
 
 
@@ -642,7 +640,7 @@ def test_gpu_token_major_inputs_and_output_wan_480p(use_tma: bool | None) -> Non
         pytest.skip("TMA needs sm_90+")
     q, k, v, counts, indices = _wan_problem(31, 128)
     assert tma_eligible(k, v) == (torch.cuda.get_device_capability()[0] >= 9)
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, 128, 128, use_tma=use_tma)
+    out, lse = run_poisoned(q, k, v, counts, indices, 128, 128, use_tma=use_tma)
     assert out.stride() == attention_output_like(q, v).stride()
     assert not out.isnan().any() and not lse.isnan().any()
     nq = cdiv(WAN_SEQ, 128)
@@ -668,7 +666,7 @@ def test_gpu_folded_permutations_wan_480p(kind: str, block: int) -> None:
         kv_perm = random_permutation(1, 12, WAN_SEQ, gen, torch.int32, "cuda")
     else:
         q_perm = kv_perm = _svg_like_permutation("cuda")
-    out, lse = _run_kernel_poisoned(q, k, v, counts, indices, block, block, q_perm=q_perm, kv_perm=kv_perm)
+    out, lse = run_poisoned(q, k, v, counts, indices, block, block, q_perm=q_perm, kv_perm=kv_perm)
     assert not out.isnan().any() and not lse.isnan().any()
     gathered_out, gathered_lse = block_sparse_attention_triton(
         to_kernel_order(q, q_perm), to_kernel_order(k, kv_perm), to_kernel_order(v, kv_perm), counts, indices, block_q=block,

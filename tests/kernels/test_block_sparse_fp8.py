@@ -11,13 +11,14 @@
   of noise, and e4m3's 3-bit mantissa in Q K^T and P V costs that much of it.
 """
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from test_block_sparse import JUNK_INDEX, dense_block_layout, random_layout
+from test_block_sparse import JUNK_INDEX, dense_block_layout, random_layout, run_poisoned
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8, block_sparse_attention_fp8_reference
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
@@ -55,18 +56,8 @@ def activation_like_qkv(
     return one(s_q, 0.0), one(s_k, 3.0), one(s_k, 0.5)
 
 
-def run_fp8_poisoned(
-    q, k, v, counts, indices, block_q, block_k, kernel=block_sparse_attention_fp8, **kw
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kernel`` (an FP8 entry) into NaN-poisoned token-major O and LSE buffers; returns them (every element
-    must be written)."""
-    b, h, s_q, _ = q.shape
-    out = attention_output_like(q, v).fill_(float("nan"))
-    lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = kernel(q, k, v, counts, indices, block_q=block_q, block_k=block_k, out=out, lse_out=lse, return_lse=True,
-                 **kw)  # fmt: skip
-    assert got[0] is out and got[1] is lse
-    return out, lse
+run_fp8_poisoned = functools.partial(run_poisoned, kernel=block_sparse_attention_fp8)
+"""The Triton FP8 entry into NaN-poisoned token-major O and LSE buffers (:func:`run_poisoned`)."""
 
 
 LARGE_SCORE_TOL = 1e-2

@@ -10,11 +10,13 @@ token-major inputs, both dtypes and head dims, and a dense layout against SDPA.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
-from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
+from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout, run_poisoned
 from triton_interpreter_support import rel_l2
 
 from sparse_compile.kernels import block_sparse, block_sparse_reference
@@ -327,15 +329,8 @@ def _require_hopper() -> None:
         pytest.skip("the Gluon kernel runs on sm_90 only")
 
 
-def _run_gluon_poisoned(q, k, v, counts, indices, block_q, block_k, scale=None):
-    """The Gluon kernel into NaN-poisoned token-major O and LSE buffers; returns those buffers."""
-    b, h, s_q, _ = q.shape
-    out = attention_output_like(q, v).fill_(float("nan"))
-    lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = block_sparse_attention_gluon(q, k, v, counts, indices, block_q=block_q, block_k=block_k, scale=scale,
-                                       out=out, lse_out=lse, return_lse=True)  # fmt: skip
-    assert got[0] is out and got[1] is lse
-    return out, lse
+_run_gluon_poisoned = functools.partial(run_poisoned, kernel=block_sparse_attention_gluon)
+"""The Gluon kernel into NaN-poisoned token-major O and LSE buffers (:func:`run_poisoned`)."""
 
 
 @gpu

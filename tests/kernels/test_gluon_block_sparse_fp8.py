@@ -18,6 +18,7 @@ S=32760, D=128, density 0.25) against the reference, the Triton FP8 kernel and b
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -25,13 +26,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
-from test_block_sparse import dense_block_layout, random_layout
+from test_block_sparse import dense_block_layout, random_layout, run_poisoned
 from test_block_sparse_fp8 import (
     FP8_LSE_TOL,
     LARGE_SCORE_TOL,
     activation_like_qkv,
     assert_matches_fp8_reference,
-    run_fp8_poisoned,
 )
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 
@@ -287,9 +287,8 @@ def _require_hopper() -> None:
         pytest.skip("the Gluon FP8 kernel runs on sm_90 only")
 
 
-def _run_gluon_fp8_poisoned(q, k, v, counts, indices, block_q, block_k, **kw):
-    """The Gluon FP8 entry into NaN-poisoned token-major O and LSE buffers; returns those buffers."""
-    return run_fp8_poisoned(q, k, v, counts, indices, block_q, block_k, kernel=block_sparse_attention_fp8_gluon, **kw)
+_run_gluon_fp8_poisoned = functools.partial(run_poisoned, kernel=block_sparse_attention_fp8_gluon)
+"""The Gluon FP8 entry into NaN-poisoned token-major O and LSE buffers (:func:`run_poisoned`)."""
 
 
 @gpu

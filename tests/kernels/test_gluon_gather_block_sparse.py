@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
-from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout
+from test_block_sparse import assert_matches_reference, dense_block_layout, make_qkv, random_layout, run_poisoned
 from triton_interpreter_support import rel_l2
 
 from sparse_compile.kernels.block_sparse import block_sparse_attention_gluon
-from sparse_compile.kernels.common import attention_output_like, cdiv
+from sparse_compile.kernels.common import cdiv
 from sparse_compile.kernels.gluon_gather_block_sparse import (
     GATHER_CHUNK_ROWS,
     GATHER_REGS,
@@ -95,14 +95,10 @@ def _require_hopper() -> None:
 
 
 def _run_poisoned(q, k, v, counts, indices, perm, block, scale=None):
-    """The gathering kernel into NaN-poisoned token-major O and LSE buffers; returns those buffers."""
-    b, h, s_q, _ = q.shape
-    out = attention_output_like(q, v).fill_(float("nan"))
-    lse = torch.full((b, h, s_q), float("nan"), dtype=torch.float32, device=q.device)
-    got = block_sparse_attention_gluon(q, k, v, counts, indices, q_perm=perm, kv_perm=perm, block_q=block,
-                                       block_k=block, scale=scale, out=out, lse_out=lse, return_lse=True)  # fmt: skip
-    assert got[0] is out and got[1] is lse
-    return out, lse
+    """The gathering kernel, ``perm`` on q and k/v, into NaN-poisoned token-major O and LSE buffers
+    (:func:`run_poisoned`); returns those buffers."""
+    return run_poisoned(q, k, v, counts, indices, block, block, kernel=block_sparse_attention_gluon, q_perm=perm,
+                        kv_perm=perm, scale=scale)  # fmt: skip
 
 
 def _random_perm(b: int, h: int, s: int, gen: torch.Generator) -> torch.Tensor:
