@@ -9,7 +9,7 @@ import triton.testing
 import sparse_compile
 import tiny_models
 from sparse_compile.methods import cost_model
-from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts, fastest_seconds
+from sparse_compile.methods.cost_model import ClusterCosts, KernelCosts, fastest_seconds, line_fit
 
 
 def test_each_timing_is_the_fastest_of_interleaved_repeats(monkeypatch):
@@ -26,6 +26,17 @@ def test_each_timing_is_the_fastest_of_interleaved_repeats(monkeypatch):
     seconds = fastest_seconds([lambda: "a", lambda: "b"])
     assert order == ["a", "b"] * 4
     assert seconds == pytest.approx([1e-3, 2e-3])
+
+
+def test_two_timed_points_give_the_per_pair_time_and_the_launch():
+    assert line_fit([100.0, 300.0], [3.0, 7.0]) == pytest.approx((0.02, 1.0))
+
+
+@pytest.mark.parametrize("pairs,times", [([100.0, 100.0], [3.0, 4.0]), ([100.0, 300.0], [4.0, 3.0])])
+def test_points_without_a_positive_slope_charge_the_slower_time_to_its_pairs(pairs, times):
+    """The same kept pairs at both densities (one or two clusters keep everything) or a noisy pair of
+    timings: no division by zero, no negative per-pair time, no launch."""
+    assert line_fit(pairs, times) == pytest.approx((0.04, 0.0))
 
 
 def test_the_report_lists_the_break_even_densities_this_process_measured(monkeypatch, recording_method):

@@ -142,10 +142,16 @@ def fastest_seconds(fns: Sequence[Callable[[], object]]) -> list[float]:
     return best
 
 
-def _line_fit(pairs: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
-    """Slope (seconds per kept pair) and intercept (launch, at least 0) of two timed points."""
-    pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
-    return pair_time, max(0.0, times[0] - pair_time * pairs[0])
+def line_fit(pairs: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
+    """Slope (seconds per kept pair) and intercept (launch, at least 0) of two timed points. Where the
+    points do not give a positive slope (the same kept pairs, as when a layout of one or two clusters
+    keeps everything at both densities, or timing noise), all of the slower time is charged to its
+    pairs: no launch, so the sparse path never looks cheaper than it was timed."""
+    if pairs[1] != pairs[0] and (times[1] - times[0]) / (pairs[1] - pairs[0]) > 0:
+        pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
+        return pair_time, max(0.0, times[0] - pair_time * pairs[0])
+    slow = max(range(2), key=lambda i: times[i] / pairs[i])
+    return times[slow] / pairs[slow], 0.0
 
 
 _measured_kernels: dict[tuple[torch.device, torch.dtype, int, int], KernelCosts] = {}
@@ -165,7 +171,7 @@ def measured_costs(device: torch.device, dtype: torch.dtype, head_dim: int, bloc
         calls = [functools.partial(block_sparse_attention, q, k, v, *layout, block_q=block, block_k=block)
                  for layout in layouts]  # fmt: skip
         *times, dense_s = fastest_seconds([*calls, functools.partial(F.scaled_dot_product_attention, q, k, v)])
-        pair_time, launch = _line_fit([_CALIBRATION_HEADS * n_blocks * n * block * block for n in kept], times)
+        pair_time, launch = line_fit([_CALIBRATION_HEADS * n_blocks * n * block * block for n in kept], times)
         _measured_kernels[key] = KernelCosts(pair_time=pair_time, launch=launch,
                                              dense_pair_time=dense_s / (_CALIBRATION_HEADS * _CALIBRATION_TOKENS**2))
     return _measured_kernels[key]
@@ -195,7 +201,7 @@ def measured_cluster_costs(
                 cluster_permutation(clustering.labels, clustering.sizes, clustering.ranks)
 
         *times, clustering_s = fastest_seconds([*calls, cluster_both])
-        pair_time, launch = _line_fit([_CALIBRATION_HEADS * layout[-1] for layout in layouts], times)
+        pair_time, launch = line_fit([_CALIBRATION_HEADS * layout[-1] for layout in layouts], times)
         _measured_clusters[key] = ClusterCosts(pair_time=pair_time, launch=launch,
                                                clustering_time=clustering_s / (_CALIBRATION_HEADS * _CALIBRATION_TOKENS))
     return _measured_clusters[key]
