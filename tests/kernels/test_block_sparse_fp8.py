@@ -67,12 +67,17 @@ more than at the default scale (both FP8 kernels measured 3-9e-3 there on the H2
 FP8_LSE_TOL = 1e-3
 """Finite LSEs against the fp8 reference: the e4m3 Q·K products sum in the fp8 MMA's own accumulator (both
 FP8 kernels measured 1-3e-4 on the H200)."""
+LARGE_SCORE_LSE_TOL = 1e-2
+"""Finite LSEs at scale 0.3: the accumulator's error grows with the scores (the Triton and Gluon FP8 kernels
+measured up to 5.2e-3 and 2.9e-3 on the H200)."""
 
 
-def assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got, tol=3e-3, scale=None) -> None:
+def assert_matches_fp8_reference(
+    q, k, v, counts, indices, block_q, block_k, got, tol=3e-3, scale=None, lse_tol=FP8_LSE_TOL
+) -> None:  # fmt: skip
     """(O, LSE) vs the fp8 reference: nothing NaN, rel L2 of O <= tol, the same empty rows (O 0, LSE -inf),
-    finite LSEs within :data:`FP8_LSE_TOL`. ``tol``: the kernel and the reference each round O to bf16 (about
-    1e-3 apart); :data:`LARGE_SCORE_TOL` at large scores."""
+    finite LSEs within ``lse_tol``. ``tol``: the kernel and the reference each round O to bf16 (about
+    1e-3 apart); :data:`LARGE_SCORE_TOL` and :data:`LARGE_SCORE_LSE_TOL` at large scores."""
     out, lse = got
     ref_out, ref_lse = block_sparse_attention_fp8_reference(q, k, v, counts, indices, block_q=block_q,
                                                             block_k=block_k, scale=scale, return_lse=True)  # fmt: skip
@@ -80,7 +85,7 @@ def assert_matches_fp8_reference(q, k, v, counts, indices, block_q, block_k, got
     assert rel_l2(out, ref_out) <= tol
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     finite = torch.isfinite(ref_lse)
-    assert (lse[finite] - ref_lse[finite]).abs().max() <= FP8_LSE_TOL
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= lse_tol
     assert (out[~finite] == 0).all()
 
 
@@ -303,7 +308,8 @@ def test_gpu_triton_fp8_matches_reference_with_large_scores(dtype) -> None:
     q, k, v = activation_like_qkv(2, 3, 1000, 777, 128, dtype, gen, "cuda")
     counts, indices = random_layout(2, 3, cdiv(1000, 128), cdiv(777, 128), 0.5, gen, "cuda", 0.2)
     got = run_fp8_poisoned(q, k, v, counts, indices, 128, 128, scale=0.3)
-    assert_matches_fp8_reference(q, k, v, counts, indices, 128, 128, got, tol=LARGE_SCORE_TOL, scale=0.3)
+    assert_matches_fp8_reference(q, k, v, counts, indices, 128, 128, got, tol=LARGE_SCORE_TOL, scale=0.3,
+                                 lse_tol=LARGE_SCORE_LSE_TOL)
 
 
 @gpu
