@@ -26,19 +26,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels.block_select import select_top_p_clusters
 from sparse_compile.kernels.kmeans import cluster_permutation
-from sparse_compile.kernels.varlen_block_sparse import (
-    varlen_block_sparse_attention,
-    varlen_block_sparse_attention_triton,
-)
+from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.svg2 import Svg2Method
 from sparse_compile.methods.base import SiteCache
 from sparse_compile.options import validate_options
 
 
-def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> tuple[float, float]:
-    """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout:
-    as the op dispatches it (Gluon on sm_90), and the Triton kernel."""
+def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> float:
+    """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
     clusters_q, clusters_k = method._cluster(q, k, method_call(q, k, v, grid, cache))
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
@@ -46,9 +42,8 @@ def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> tuple[float, flo
     counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
                                                q.shape[-1] ** -0.5, method.config.top_p, min_blocks)  # fmt: skip
     layout = (q_off, k_off, counts, indices)
-    return (bench_ms(lambda: varlen_block_sparse_attention(q, k, v, *layout, q_perm=q_perm, kv_perm=k_perm,
-                                                           return_lse=True)),
-            bench_ms(lambda: varlen_block_sparse_attention_triton(q, k, v, *layout, q_perm=q_perm, kv_perm=k_perm)))
+    return bench_ms(lambda: varlen_block_sparse_attention(q, k, v, *layout, q_perm=q_perm, kv_perm=k_perm,
+                                                          return_lse=True))
 
 
 SETTINGS = [
@@ -70,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
     rows = ["| shape | method | kept density | rel. L2 vs dense | cuDNN dense ms | method ms | speedup vs cuDNN | "
-            "SVG2 kernel ms (Triton kernel ms) | SVG2 overhead share |",
+            "SVG2 kernel ms | SVG2 overhead share |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name in args.shapes:
         heads, grid = SHAPES[name]
@@ -89,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             ms = bench_ms(lambda: method.attend(method_call(q, k, v, grid, state)))
             extra = "| - | - |"
             if isinstance(method, Svg2Method):
-                kernel_ms, triton_ms = kernel_only_ms(method, q, k, v, grid, state)
-                extra = f"| {kernel_ms:.2f} ({triton_ms:.2f}) | {1 - kernel_ms / ms:.1%} |"
+                kernel_ms = kernel_only_ms(method, q, k, v, grid, state)
+                extra = f"| {kernel_ms:.2f} | {1 - kernel_ms / ms:.1%} |"
             label = ", ".join(f"{key}={value}" for key, value in setting.items())
             rows.append(f"| {name} | {label} | {float(result.kept_density):.3f} | {rel:.3e} | {dense_ms:.2f} | "
                         f"{ms:.2f} | {dense_ms / ms:.2f}x {extra}")

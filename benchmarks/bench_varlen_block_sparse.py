@@ -13,8 +13,7 @@ medians (L2 flushed between reps) of
 - the cost of folding SVG2's token permutations into the kernel: on one layout and inputs in
   ``(B, S, H, D)`` storage (as diffusers passes them), the default config in cluster order (no
   permutation), with the q permutation, the kv permutation and both folded in (token-order
-  inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back); on
-  sm_90 also the Gluon cluster kernel (gathers in its producer warpgroup), checked against the Triton one.
+  inputs), and the unfolded path (gather Q/K/V into cluster order, kernel, scatter O/LSE back).
 
 The varlen op is timed as CUDA-graph replays (``graph_replay_ms``): eagerly it is a dozen small torch ops
 and three Triton launches, and at 5% density its eager call is launch-bound (about 2 ms against
@@ -353,18 +352,10 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
             tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds),
         "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
     }  # fmt: skip
-    notes = []
-    if torch.cuda.get_device_capability() == (9, 0):
-        gluon = vb.varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds)
-        gluon_err = rel_l2(gluon[0], folded[0])
-        notes.append(f"permutation fold, density {density}: Gluon vs Triton folded rel-L2 {gluon_err:.2e}")
-        if gluon_err < 1e-2:
-            cases["Gluon kernel, both permutations (sm_90)"] = lambda: vb.varlen_block_sparse_attention_gluon(
-                tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds)  # fmt: skip
     times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]
     rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
-    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}", *notes]
+    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]
 
 
 def guarded(name: str, fn, *args):

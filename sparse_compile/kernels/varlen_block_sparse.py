@@ -63,7 +63,6 @@ from sparse_compile.kernels.common import (
     check_out_buffer,
     check_permutation_values,
     check_strided_out_buffer,
-    cuda_capability,
     default_scale,
     dot_precision,
     expand_batch_head,
@@ -72,12 +71,9 @@ from sparse_compile.kernels.common import (
     online_softmax_step,
     permutation_strides,
 )
-from sparse_compile.kernels.gluon_block_sparse import gluon_ineligibility
-from sparse_compile.kernels.gluon_varlen_block_sparse import GLUON_VARLEN_TILE, launch_gluon_varlen
 from sparse_compile.kernels.tile_configs import (
     KEPT_ROWS_KEYS,
     KEPT_ROWS_SLOTS,
-    TileConfig,
     VarlenConfig,
     max_shared_memory,
     varlen_config,
@@ -587,76 +583,6 @@ def varlen_block_sparse_attention_triton(
     return out, lse_out
 
 
-def gluon_varlen_ineligibility(q: Tensor, k: Tensor, v: Tensor, tile: TileConfig,
-                               capability: tuple[int, int] | None) -> str | None:  # fmt: skip
-    """Why the Gluon cluster kernel cannot take this call at ``tile`` (a sentence), or ``None`` when it can:
-    the fixed Gluon kernel's device, dtype, head-dim and TMA limits
-    (:func:`~sparse_compile.kernels.gluon_block_sparse.gluon_ineligibility`) and 64- or 128-row tiles."""
-    reason = gluon_ineligibility(q, k, v, tile.block_m, tile.block_n, capability, has_permutation=False)
-    if reason is None and (tile.block_m not in (64, 128) or tile.block_n not in (64, 128)):
-        reason = f"{tile} must have block_m 64 or 128 and block_n 64 or 128"
-    return reason
-
-
-def varlen_kernel_choice(q: Tensor, k: Tensor, v: Tensor, has_permutations: bool,
-                         capability: tuple[int, int] | None = None) -> str:  # fmt: skip
-    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
-
-    On a CUDA device of ``capability`` (default: q's device's): the Gluon cluster kernel when both
-    permutations are given (its producer gathers rows through them; SVG2 and ``auto`` always pass
-    both) and it takes the call at its default tile (:func:`gluon_varlen_ineligibility`), else the
-    Triton kernel. Off CUDA: the reference.
-    """
-    capability = cuda_capability(q) if capability is None else capability
-    if capability is None:
-        return "reference"
-    eligible = has_permutations and gluon_varlen_ineligibility(q, k, v, GLUON_VARLEN_TILE, capability) is None
-    return "gluon" if eligible else "triton"
-
-
-def varlen_block_sparse_attention_gluon(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_cluster_offsets: Tensor,
-    kv_cluster_offsets: Tensor,
-    kv_cluster_counts: Tensor,
-    kv_cluster_indices: Tensor,
-    *,
-    q_perm: Tensor,
-    kv_perm: Tensor,
-    scale: float | None = None,
-    tile: TileConfig = GLUON_VARLEN_TILE,
-    out: Tensor | None = None,
-    lse_out: Tensor | None = None,
-    max_kept_keys: int | None = None,
-    kept_keys: Tensor | None = None,
-    kept_rows_total: int | None = None,
-    pair_kept_rows: list[int] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Run the Gluon cluster kernel (:mod:`~sparse_compile.kernels.gluon_varlen_block_sparse`, CUDA sm_90
-    only); returns (O, LSE) in token order.
-
-    Arguments as :func:`varlen_block_sparse_attention_triton`, with both permutations required; ``tile``: ``block_m`` 64 or 128 (one consumer warpgroup per 64 rows),
-    ``block_n`` keys per K/V tile, ``num_stages`` ring slots. Raises ``ValueError`` with the reason when
-    the kernel cannot take the call. Values are not checked (no host sync).
-    """
-    reason = gluon_varlen_ineligibility(q, k, v, tile, cuda_capability(q))
-    if reason is not None:
-        raise ValueError(reason)
-    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
-                         kept_rows_total, pair_kept_rows)  # fmt: skip
-    if call.out.numel() == 0:
-        return call.out, call.lse
-    scale = default_scale(q.shape[-1], scale)
-    for bh_start, _, total, starts in call.kept_row_groups():
-        (tile_cluster, tile_row), _ = tile_tables(call.q_off, total, bh_start, q.shape[2], tile.block_m, 0)
-        launch_gluon_varlen(q, k, v, call.out, call.lse, call.layout.q_perm, call.q_off, total, starts,
-                            call.rows, tile_cluster, tile_row, bh_start, scale, tile)  # fmt: skip
-    return call.out, call.lse
-
-
 @torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
 def _varlen_op(
     q: Tensor,
@@ -676,12 +602,7 @@ def _varlen_op(
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    choice = varlen_kernel_choice(q, k, v, q_perm is not None and kv_perm is not None)
-    if choice == "gluon":
-        return varlen_block_sparse_attention_gluon(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
-                                                   max_kept_keys=max_kept_keys, kept_keys=kept_keys,
-                                                   kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
-    if choice == "triton":
+    if q.is_cuda:
         return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
                                                     max_kept_keys=max_kept_keys, kept_keys=kept_keys,
                                                     kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
@@ -769,7 +690,6 @@ def varlen_block_sparse_attention(
 
 __all__ = [
     "ROWS_BUDGET_SHARE",
-    "gluon_varlen_ineligibility",
     "KeptRowsPlan",
     "check_kept_rows_values",
     "check_varlen_layout_values",
@@ -778,7 +698,5 @@ __all__ = [
     "validate_kept_rows_args",
     "validate_varlen_inputs",
     "varlen_block_sparse_attention",
-    "varlen_block_sparse_attention_gluon",
     "varlen_block_sparse_attention_triton",
-    "varlen_kernel_choice",
 ]
