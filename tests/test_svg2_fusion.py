@@ -117,10 +117,12 @@ def test_the_code_check_sees_a_gather_in_front_of_the_op(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 ALLOWED_FULL_SIZE_KERNELS = (
-    "_varlen_fwd_kernel", "_kept_rows_kernel", "_tile_tables_kernel", "_assign_kernel", "_finalize_kernel"
+    "_varlen_fwd_kernel", "_kept_rows_kernel", "_tile_tables_kernel", "_assign_kernel", "_finalize_kernel",
+    "_probe_kernel",
 )  # fmt: skip
 """Triton kernels that may be launched by an op holding full-size tensors: the attention op's own
-(kept rows, tile tables and attention) and k-means' (which reads Q and K once per iteration)."""
+(kept rows, tile tables and attention) and k-means' (which reads Q and K once per iteration, and a
+strided sample of them for the reuse rule's probe)."""
 FULL_SIZE_READS = ("aten::aminmax",)
 """ATen ops that may take full-size tensors: the finiteness check (``nonfinite_problem``) reduces Q, K
 and V to their 0-d minimum and maximum: one read, nothing written at their size."""
