@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 
 from gpu_checks import save_result
 from method_calls import method_call
-from sparse_compile.methods import METHODS, auto, base
+from sparse_compile.methods import METHODS, auto, base, svg2
 from sparse_compile.methods.base import AttentionResult, TokenLayout
-from sparse_compile.methods.cost_model import NOMINAL_COSTS
+from sparse_compile.methods.cost_model import NOMINAL_COSTS, nominal_cluster_costs
 from sparse_compile.methods.exact import dense_attention
 from sparse_compile.methods.fallback import nonfinite_problem
 from sparse_compile.options import validate_options
@@ -257,10 +257,13 @@ def check_every_method(strategy: str, call: HostileCall, device: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def nominal_cost_model():
     """The CPU's nominal cost model on every device: each method takes its sparse path wherever its
-    pattern allows (the break-even guard has tests of its own), and no call times kernels at full size."""
+    pattern allows (the break-even guards have tests of their own), and no call times kernels (on CUDA
+    the calibration would time each new dtype, head dim and cluster count of the drawn calls)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(base, "guard_costs", lambda *args: None)
+        patch.setattr(svg2, "cluster_guard_density", lambda *args: None)
         patch.setattr(auto, "kernel_costs", lambda *args: NOMINAL_COSTS)
+        patch.setattr(auto, "cluster_costs", lambda device, dtype, head_dim, *counts: nominal_cluster_costs(*counts))
         yield
 
 
