@@ -57,6 +57,27 @@ def test_when_every_head_is_past_break_even_the_call_runs_dense(monkeypatch):
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("break_even,step_stride", [(1e-3, svg2.GUARD_RECHECK_STEPS), (None, 1)])
+def test_a_site_whose_every_head_passed_break_even_runs_dense_without_clustering_until_its_recheck(
+    monkeypatch, break_even, step_stride
+):  # fmt: skip
+    """Every head past break-even at step 1: the next GUARD_RECHECK_STEPS - 1 steps run dense SDPA and cluster
+    nothing, then one clusters and decides again. Without measured costs every step clusters."""
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: break_even)
+    clustered = []
+    real_cluster = Svg2Method._cluster
+    monkeypatch.setattr(Svg2Method, "_cluster",
+                        lambda self, q, k, call: clustered.append(call.step.step) or real_cluster(self, q, k, call))
+    q, k, v = synthetic_heads()
+    method, cache = Svg2Method(validate_options(OPTIONS)), SiteCache()
+    for step in range(1, 22):
+        result = method.run(method_call(q, k, v, LAYOUT, cache, step=step))
+        if break_even is not None:
+            assert result.guarded_heads == (0, 1, 2)
+            torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
+    assert clustered == list(range(1, 22, step_stride))
+
+
 def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):
     """Batch elements whose heads keep different key counts: the op gets each (batch element, sparse head)'s kept
     keys as its bound, in (batch, head) order, and their sum as the total."""

@@ -45,7 +45,9 @@ The break-even guard is per head: after step 3 each head's kept density is known
 device's costs are measured (CUDA: the cluster kernel's break-even against dense SDPA,
 :func:`~sparse_compile.methods.cost_model.cluster_guard_density`) the heads past it (in any batch
 element) run dense SDPA together, the others through the kernel
-(:func:`~sparse_compile.methods.base.attend_split_heads`). The host reads device values twice
+(:func:`~sparse_compile.methods.base.attend_split_heads`). A site and CFG branch whose every head passed
+it runs dense SDPA without clustering for the next ``GUARD_RECHECK_STEPS`` steps, then clusters and
+decides again (near-uniform attention then costs no k-means). The host reads device values twice
 per call: the heads' densities for that decision (with the most keys any q cluster keeps and each
 head's kept keys of all q clusters, which size the cluster kernel's kept-rows buffer), and the check
 for NaN or Inf in q, k and v (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also
@@ -80,7 +82,16 @@ logger = logging.getLogger("sparse_compile")
 
 
 REUSE_PROBE_STRIDE = 8
+GUARD_RECHECK_STEPS = 10
+"""Steps a site runs dense SDPA, without clustering, after a call where every head passed break-even."""
 """The reuse rule probes every 8th video token: an eighth of an assignment pass per call."""
+
+
+@dataclass(frozen=True)
+class AllHeadsGuarded:
+    """The step of this site and CFG branch's last call where every head passed break-even."""
+
+    step: int
 
 
 @dataclass(frozen=True)
@@ -228,6 +239,10 @@ class Svg2Method(AttentionMethod):
                       if self.options.break_even_guard else None)  # fmt: skip
         if break_even is None or self.dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
+        every_head = tuple(range(query.shape[1]))
+        all_guarded = self.cached(call, AllHeadsGuarded)
+        if all_guarded is not None and call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=every_head)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
@@ -241,7 +256,8 @@ class Svg2Method(AttentionMethod):
         guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
         if not unguarded:
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(len(guarded))))
+            self.store(call, AllHeadsGuarded(call.step.step))
+            return AttentionResult(self._exact(call), 1.0, guarded_heads=every_head)
         pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
