@@ -144,3 +144,17 @@ def test_end_to_end_records_the_source_tree_it_ran_uncommitted_changes_included(
     assert with_probe is not None and with_probe != git("rev-parse", "HEAD^{tree}")
     assert with_probe != report.source_tree()
     assert git("diff", "--cached", "--name-only") == staged_before
+
+
+def test_fp8_error_budget_splits_the_error_by_rounding(benchmarks_on_path):
+    """Each rounding alone errs, all of the FP8 kernels' together err at least as much as the worst alone (the
+    errors add, they do not cancel), and INT8 per block rounds Q and K closer than e4m3 does."""
+    import fp8_error_budget
+
+    table = fp8_error_budget.error_table(seq=512, heads=1, block=128)
+    assert all(0 < error < 1 for errors in table.values() for error in errors)
+    together = table["**Q, K, V and P e4m3 (the FP8 kernels)**"]
+    singles = ("Q, K e4m3 per block (K smoothed)", "V e4m3 per channel", "P e4m3")
+    for i in range(2):
+        assert together[i] >= max(table[name][i] for name in singles)
+        assert table["Q, K INT8 per block"][i] < table["Q, K e4m3 per block (K smoothed)"][i]
