@@ -13,8 +13,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   (B,S,H,D).T, O token-major): identity permutations (the gathered-load code path alone), SVG's
   temporal order of the shape's grid on every head, and random permutations (no locality left);
   each checked first against the kernel on gathered inputs, scattered back, for the Triton kernel and
-  on sm_90 the Gluon ways (``PERMUTED_KERNELS``: the gathering kernel, and copies of K/V only with Q gathered
-  and O/LSE scattered in the TMA kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without
+  on sm_90 the Gluon way (``PERMUTED_KERNELS``: copies of K/V only, Q gathered and O/LSE scattered in the TMA
+  kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without
   permutations;
 - the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
   sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times) in a
@@ -221,12 +221,10 @@ def permutations(shape: Shape, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 PERMUTED_KERNELS = {
     "triton": block_sparse_attention_triton,
-    "Gluon gather": block_sparse_attention_gluon,
     "Gluon on K/V copies": block_sparse_attention_gluon_on_kv_copies,
 }
-"""The ways to run a permuted call: Triton's folded gathers, the gathering Gluon kernel (``cp.async`` row copies
-in its producer), and K/V gathered into kernel-order copies for the TMA Gluon kernel, which gathers Q and
-scatters O/LSE itself (the op's way on sm_90)."""
+"""The ways to run a permuted call: Triton's folded gathers, and K/V gathered into kernel-order copies for the
+TMA Gluon kernel, which gathers Q and scatters O/LSE itself (the op's way on sm_90)."""
 
 
 def check_permuted(q, k, v, counts, indices, perm: torch.Tensor, kernel: str = "triton") -> None:

@@ -65,7 +65,6 @@ from sparse_compile.kernels.common import (
     permutation_strides,
     token_order,
 )
-from sparse_compile.kernels.gluon_gather_block_sparse import launch_gluon_gather_block_sparse
 from sparse_compile.kernels.gluon_block_sparse import (
     gluon_config_ineligibility,
     gluon_ineligibility,
@@ -476,34 +475,24 @@ def block_sparse_attention_gluon(
     tile: Optional[TileConfig] = None,
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
-    q_perm: Optional[Tensor] = None,
-    kv_perm: Optional[Tensor] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Run a Gluon kernel (CUDA sm_90 only): arguments as :func:`block_sparse_attention_triton`.
-
-    Without permutations the TMA kernel (:mod:`~sparse_compile.kernels.gluon_block_sparse`; ``out`` must
-    then also have 16-byte aligned strides, it is stored by TMA); with both ``q_perm`` and ``kv_perm`` the
-    gathering kernel (:mod:`~sparse_compile.kernels.gluon_gather_block_sparse`), O and LSE in token order.
-    ``tile`` defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`. Raises
-    ``ValueError`` with the reason when the kernel cannot take the call. Layout and permutation values
-    are not checked (no host sync).
+    """Run the TMA Gluon kernel (:mod:`~sparse_compile.kernels.gluon_block_sparse`, CUDA sm_90 only): arguments
+    as :func:`block_sparse_attention_triton` without permutations (permuted calls:
+    :func:`block_sparse_attention_gluon_on_kv_copies`); ``out`` must also have 16-byte aligned strides, it is
+    stored by TMA. ``tile`` defaults to :func:`~sparse_compile.kernels.tile_configs.gluon_block_sparse_tile`.
+    Raises ``ValueError`` with the reason when the kernel cannot take the call. Layout values are not checked
+    (no host sync).
     """
-    if (q_perm is None) != (kv_perm is None):
-        raise ValueError("the Gluon kernels take both q_perm and kv_perm or neither")
-    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k, q_perm, kv_perm)
+    lay = validate_inputs(q, k, v, kv_block_counts, kv_block_indices, block_q, block_k)
     reason = gluon_ineligibility(q, k, v, block_q, block_k, cuda_capability(q), has_permutation=False)
     if reason is not None:
         raise ValueError(reason)
     out, lse_out = _output_buffers(q, v, out, lse_out)
     if out.numel() > 0:
-        scale = default_scale(q.shape[-1], scale)
-        if q_perm is not None:
-            launch_gluon_gather_block_sparse(q, k, v, lay, lay.q_perm, lay.kv_perm, block_q, block_k, scale, out,
-                                             lse_out, tile)  # fmt: skip
-        elif tma_readable(out):
-            launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, scale, out, lse_out, tile)
-        else:
+        if not tma_readable(out):
             raise ValueError("out must have a unit last stride and 16-byte aligned base and strides (TMA store)")
+        launch_gluon_block_sparse(q, k, v, lay, block_q, block_k, default_scale(q.shape[-1], scale), out, lse_out,
+                                  tile)  # fmt: skip
     return (out, lse_out) if return_lse else out
 
 

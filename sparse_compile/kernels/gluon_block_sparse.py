@@ -127,17 +127,6 @@ def _tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.cons
 
 
 @gluon.jit
-def _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr, PACKED: gl.constexpr):
-    """First key (kernel order) of kv tile ``t``: of a kept block (:func:`_tile_start`), or with ``PACKED``
-    the ``t``-th run of ``BLOCK_N`` keys of one packed sequence."""
-    if PACKED:
-        start = t * BLOCK_N
-    else:
-        start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
-    return start
-
-
-@gluon.jit
 def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constexpr):
     """TMA-load the row block of ``desc`` at row ``start`` of head (off_b, off_h) into ``smem``, completing on
     ``bar``; with ``KEYS_LAST`` the column block at ``start`` of a ``(B, H, D, S)`` descriptor."""
@@ -204,16 +193,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
 
 @gluon.jit
 def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
-                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, FENCE: gl.constexpr,
-                       PACKED: gl.constexpr):  # fmt: skip
+                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
     """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
 
     Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
     softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
-    GEMM has finished. ``FENCE``: the ring was filled by ordinary (not TMA) copies, so each slot is
-    fenced for the tensor cores' async proxy once it is ready. ``PACKED``: the tiles are consecutive
-    runs of one packed key sequence of ``S_K`` keys (:func:`_kv_tile_start`). Returns the unnormalised output, the
-    row max and the row sum (base 2).
+    GEMM has finished. Returns the unnormalised output, the row max and the row sum (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
@@ -238,13 +223,11 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
         mbarrier.wait(k_ready.index(0), 0)
-        if FENCE:
-            fence_async_shared()
         k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
-        k_start = _kv_tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N, PACKED)
+        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -252,15 +235,11 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         slot = t % STAGES
         prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
-        if FENCE:
-            fence_async_shared()
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        if FENCE:
-            fence_async_shared()
         acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        k_start = _kv_tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N, PACKED)
+        k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
@@ -273,8 +252,6 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        if FENCE:
-            fence_async_shared()
         acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
     return acc, m_i, l_i
@@ -356,7 +333,7 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
         if n_tiles > 0:
             mbarrier.wait(q_bar, 0)
     acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row,
-                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K, False, False)  # fmt: skip
+                                       stride_ik, n_tiles, S_K, qk_scale, LAYOUT_BK, EVEN_K)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i)
     if PERMUTE_Q:
         _store_permuted(out, lse, q_tile, o_base, stride_os, LSE, perm_row, stride_ps,
