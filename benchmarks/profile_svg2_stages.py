@@ -41,7 +41,7 @@ from end_to_end.variants import split_variant
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels.block_select import select_top_p_clusters, select_top_p_clusters_torch
-from sparse_compile.kernels.kmeans import Clustering, cluster_permutation, kmeans
+from sparse_compile.kernels.kmeans import Clustering, cluster_permutation
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.base import SiteCache
 from sparse_compile.methods.svg2 import CachedClusters, Svg2Method, kept_pair_fraction

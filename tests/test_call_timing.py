@@ -4,7 +4,6 @@ dense once its calls are measured slower than dense ones. CUDA events are stood 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from method_calls import method_call
 from sparse_compile.methods import auto, call_timing
