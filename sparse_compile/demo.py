@@ -9,9 +9,8 @@ call, how close the sparse video stays to the dense one (PSNR, SSIM), what the j
 
 On a GPU the dense baseline is the model compiled by Inductor; on the CPU it is the eager model
 and the sparse methods run their PyTorch reference kernels, so the CPU times show the
-mechanics, not the speed (see benchmarks/RESULTS.md for GPU numbers). The default method is
-``svg2`` on a GPU and ``auto`` on the CPU, whose reference kernels cost a fraction of svg2's
-(k-means and the cluster kernel) there.
+mechanics, not the speed (see benchmarks/RESULTS.md for GPU numbers). The default method is the
+backend's, ``auto``.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The demo's options, checked before any model is built (bad values exit with a message naming the option)."""
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="svg2" if gpu else "auto", choices=sparse_compile.available_methods())
+    parser.add_argument("--method", default="auto", choices=sparse_compile.available_methods())
     parser.add_argument("--label", type=int, default=4, choices=range(NUM_CLASSES),
                         help="class: " + ", ".join(f"{i} {class_name(i)}" for i in range(NUM_CLASSES)))
     parser.add_argument("--steps", type=_at_least(1), default=20 if gpu else 6)
