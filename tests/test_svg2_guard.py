@@ -76,6 +76,8 @@ def test_a_site_whose_every_head_passed_break_even_runs_dense_without_clustering
             assert result.guarded_heads == (0, 1, 2)
             torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
     assert clustered == list(range(1, 22, step_stride))
+    method.run(method_call(q, k, v, LAYOUT, cache, step=0))  # an earlier step (a loop that restarted): decides anew
+    assert clustered[-1] == 0
 
 
 def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):

@@ -241,7 +241,7 @@ class Svg2Method(AttentionMethod):
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         every_head = tuple(range(query.shape[1]))
         all_guarded = self.cached(call, AllHeadsGuarded)
-        if all_guarded is not None and call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
+        if all_guarded is not None and 0 <= call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
             return AttentionResult(self._exact(call), 1.0, guarded_heads=every_head)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
