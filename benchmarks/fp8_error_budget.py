@@ -21,6 +21,7 @@ import torch
 from common import print_and_save, rel_l2
 from torch import Tensor
 
+from sparse_compile.kernels.common import LOG2E
 from sparse_compile.kernels.fp8_quant import (
     FP8_DTYPE,
     FP8_MAX,
@@ -32,7 +33,6 @@ from sparse_compile.kernels.fp8_quant import (
 )
 
 INT8_MAX = 127.0
-LOG2E = 1.0 / math.log(2.0)
 
 
 def e4m3_row_blocks(x: Tensor, block: int, mean: Tensor | None = None) -> Tensor:

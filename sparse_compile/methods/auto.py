@@ -182,11 +182,10 @@ class AutoMethod(AttentionMethod):
     config: AutoConfig
 
     def attend(self, call: AttentionCall) -> AttentionResult:
-        heads = call.query.shape[1]
         timer = self._path_timer(call)
         cached = self._measured(call, self.cached(call, Choice), timer)
         if cached is not None and cached.dense:  # dense until the site chooses again: no input checks, no sync
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
+            return self._guarded_dense(call)
         start = timer.start() if timer is not None and timer.collecting_sparse else None
         reason = self.dense_reason(call)
         if reason is not None:
@@ -194,7 +193,7 @@ class AutoMethod(AttentionMethod):
         video, _ = video_text_slices(call.layout)
         choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call, cached)
         if choice.dense:
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(heads)))
+            return self._guarded_dense(call)
         groups = self._head_groups(choice, call)
         if len(groups) == 1 and choice.dense_heads.numel() == 0:
             result = attend_video_and_text(call, groups[0][1])

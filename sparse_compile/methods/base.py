@@ -192,7 +192,7 @@ class AttentionMethod:
         if self.keeps_every_pair(call):
             return AttentionResult(self._exact(call), 1.0)
         if self.guard_sends_dense(call):
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=tuple(range(call.query.shape[1])))
+            return self._guarded_dense(call)
         return attend_video_and_text(call, self._bound_video_attention(call))
 
     # What a method may refine.
@@ -264,6 +264,11 @@ class AttentionMethod:
     @staticmethod
     def _exact(call: AttentionCall) -> torch.Tensor:
         return dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale)
+
+    @classmethod
+    def _guarded_dense(cls, call: AttentionCall) -> AttentionResult:
+        """The call as dense SDPA, every head counted as sent dense by the break-even guard."""
+        return AttentionResult(cls._exact(call), 1.0, guarded_heads=tuple(range(call.query.shape[1])))
 
     def _bound_video_attention(self, call: AttentionCall) -> VideoAttention:
         return lambda q, k, v: self.video_attention(q, k, v, call)

@@ -147,8 +147,8 @@ def line_fit(pairs: Sequence[float], times: Sequence[float]) -> tuple[float, flo
     points do not give a positive slope (the same kept pairs, as when a layout of one or two clusters
     keeps everything at both densities, or timing noise), all of the slower time is charged to its
     pairs: no launch, so the sparse path never looks cheaper than it was timed."""
-    if pairs[1] != pairs[0] and (times[1] - times[0]) / (pairs[1] - pairs[0]) > 0:
-        pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0])
+    pair_time = (times[1] - times[0]) / (pairs[1] - pairs[0]) if pairs[1] != pairs[0] else 0.0
+    if pair_time > 0:
         return pair_time, max(0.0, times[0] - pair_time * pairs[0])
     slow = max(range(2), key=lambda i: times[i] / pairs[i])
     return times[slow] / pairs[slow], 0.0

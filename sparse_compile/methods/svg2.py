@@ -239,10 +239,9 @@ class Svg2Method(AttentionMethod):
                       if self.options.break_even_guard else None)  # fmt: skip
         if break_even is None or self.dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
-        every_head = tuple(range(query.shape[1]))
         all_guarded = self.cached(call, AllHeadsGuarded)
         if all_guarded is not None and 0 <= call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=every_head)
+            return self._guarded_dense(call)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
@@ -257,7 +256,7 @@ class Svg2Method(AttentionMethod):
         unguarded = [h for h, g in enumerate(guarded) if not g]
         if not unguarded:
             self.store(call, AllHeadsGuarded(call.step.step))
-            return AttentionResult(self._exact(call), 1.0, guarded_heads=every_head)
+            return self._guarded_dense(call)
         pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
