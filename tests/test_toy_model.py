@@ -136,8 +136,9 @@ def test_a_training_batch_weights_the_shapes_pixels_and_draws_mid_noise_levels_m
 def test_training_resumes_from_its_checkpoint_and_writes_fp16_weights_that_load(tmp_path):
     tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
                 device=torch.device("cpu"))
-    first = train(1.0, tmp_path / "a", max_steps=2, checkpoint=tmp_path / "state.pt", **tiny)
+    first = train(1.0, tmp_path / "a", max_steps=2, checkpoint=tmp_path / "state.pt", attention_entropy=0.03, **tiny)
     assert first["steps"] == 2 and all(torch.isfinite(torch.tensor(loss)) for _, _, loss in first["losses"])
+    assert first["attention_entropy_weight"] == 0.03 and all(0 < e < 1 for _, e in first["attention_entropy"])
     assert len(first["locality"]) == CONFIG["num_layers"] and len(first["scores"]) == 1
     assert first["runs"][-1]["steps"] == 2 and first["runs"][-1]["device"] == "cpu"
     second = train(1.0, tmp_path / "b", resume=tmp_path / "state.pt", max_steps=1, **tiny)
@@ -184,8 +185,15 @@ def test_the_training_cli_passes_its_sizes_in_order(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     log = {"locality": [], "steps": 0, "minutes": 0.0, "total_minutes": 0.0, "losses": [(0, 0.0, 0.0)]}
     monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: seen.update(kwargs) or log)
-    train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24"])
-    assert seen["sizes"] == ((16, 64, 96, 2), (6, 32, 48, 24))
+    train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24", "--attention-entropy", "0.03"])
+    assert seen["sizes"] == ((16, 64, 96, 2), (6, 32, 48, 24)) and seen["attention_entropy"] == 0.03
+
+
+def test_the_training_cli_refuses_a_negative_attention_entropy_weight(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path), "--attention-entropy", "-1"])
+    assert "--attention-entropy" in capsys.readouterr().err
 
 
 def test_a_shifted_schedule_spends_more_steps_at_high_noise_between_the_same_ends():

@@ -4,8 +4,11 @@ Flow matching on procedural videos (:mod:`sparse_compile.toy.videos`), drawn fre
 from the seed and the step number, at a mix of sizes so the model serves several grids. Noise
 levels are logit-normal (most steps at mid noise, where the shapes and their motion are decided),
 and the shapes' pixels weigh ``1 + SHAPE_LOSS_WEIGHT`` in the loss, since they carry the class but
-cover a few percent of a frame. bf16 autocast, AdamW with warm-up and cosine decay over the time
-budget, classifier-free-guidance label dropout, an EMA of the weights.
+cover a few percent of a frame. With ``--attention-entropy W`` the loss also carries ``W`` times the
+normalised entropy of sampled query rows of every self-attention
+(:mod:`sparse_compile.toy.attention_penalty`), which concentrates the attention. bf16 autocast,
+AdamW with warm-up and cosine decay over the time budget, classifier-free-guidance label dropout,
+an EMA of the weights.
 
 Training resumes by default from the shipped weights (``--resume``: a ``.safetensors`` file or a
 checkpoint written by ``--checkpoint``). Written to ``--out``: the EMA as fp16 safetensors
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_compile.toy.attention_penalty import attention_entropy_penalty
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
 from sparse_compile.toy.evaluate import score_generation
 from sparse_compile.toy.model import WEIGHTS, build_toy_wan, class_embeddings
@@ -42,6 +46,7 @@ SHAPE_LOSS_WEIGHT = 4.0
 SHAPE_CHROMA = 0.8  # between the shapes' chroma (>= 1.6) and the background's (<= 0.15)
 EMA_DECAY = 0.999
 LOG_EVERY = 50
+PENALTY_ROWS = 64  # query rows per (batch, head) and self-attention call in the entropy penalty
 
 
 @dataclass
@@ -174,6 +179,7 @@ def train(
     locality_size: tuple[int, int, int] = (16, 64, 96),
     prior_minutes: float = 0.0,
     save_every: float | None = None,
+    attention_entropy: float = 0.0,
     device: torch.device | None = None,
 ) -> dict:
     """Train for ``minutes`` (or ``max_steps``) from ``resume``; write weights and log to ``out``.
@@ -181,6 +187,7 @@ def train(
     ``eval_sizes`` lists ``(frames, height, width, steps)`` at which ``eval_clips`` sampled clips
     are judged at the end (and at the start with ``score_start``). With ``save_every`` (minutes),
     the EMA weights and the log are also written every ``save_every`` minutes of the run.
+    ``attention_entropy`` weighs the attention-entropy penalty (0: off; its mean is logged either way).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -189,21 +196,24 @@ def train(
     model, params = state.model, [p for p in state.model.parameters() if p.requires_grad]
     log: dict = {"resumed_from": str(resume), "start_step": state.step, "seed": seed, "peak_lr": peak_lr,
                  "sizes": sizes, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "losses": []}
+                 "torch": torch.__version__, "attention_entropy_weight": attention_entropy, "losses": [],
+                 "attention_entropy": []}
     if score_start:
         log["start_scores"] = _score(_ema_model(model, state.ema), eval_sizes, eval_clips)
-    budget, start, run_steps, window = minutes * 60, time.perf_counter(), 0, []
+    budget, start, run_steps, window, entropy_window = minutes * 60, time.perf_counter(), 0, [], []
     next_save = None if save_every is None else save_every * 60
     while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or run_steps < max_steps):
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
         batch = training_batch(state.step, sizes, device, seed)
-        with training_autocast(device):
+        rows = torch.Generator().manual_seed(seed * 10**9 + state.step)
+        with training_autocast(device), attention_entropy_penalty(PENALTY_ROWS, rows) as entropies:
             prediction = model(hidden_states=batch.noisy, timestep=batch.timesteps,
                                encoder_hidden_states=batch.conditioning).sample
         loss = (batch.loss_weight * (prediction.float() - batch.target) ** 2).mean()
+        entropy = torch.stack(entropies).mean()
         state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + attention_entropy * entropy if attention_entropy else loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         state.optimizer.step()
         decay = min(EMA_DECAY, (1 + run_steps) / (10 + run_steps))
@@ -211,13 +221,15 @@ def train(
             current = model.state_dict()
             torch._foreach_lerp_(list(state.ema.values()), [current[k] for k in state.ema], 1 - decay)
         window.append(loss.detach())
+        entropy_window.append(entropy.detach())
         state.step, run_steps = state.step + 1, run_steps + 1
         if run_steps % LOG_EVERY == 0 or run_steps == 1:
-            mean_loss = float(torch.stack(window).mean())
-            window = []
+            mean_loss, mean_entropy = float(torch.stack(window).mean()), float(torch.stack(entropy_window).mean())
+            window, entropy_window = [], []
             log["losses"].append((state.step, round(time.perf_counter() - start, 1), mean_loss))
-            print(f"step {state.step} ({run_steps} this run) {log['losses'][-1][1]:.0f}s loss {mean_loss:.4f}",
-                  flush=True)
+            log["attention_entropy"].append((state.step, mean_entropy))
+            print(f"step {state.step} ({run_steps} this run) {log['losses'][-1][1]:.0f}s loss {mean_loss:.4f} "
+                  f"attention entropy {mean_entropy:.3f}", flush=True)
         if next_save is not None and elapsed >= next_save:
             next_save += save_every * 60
             _save_weights(state, log, out, run_steps, (time.perf_counter() - start) / 60)
@@ -293,6 +305,13 @@ def _positive(kind: type):
     return parse
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=_positive(float), default=5.0, help="training time budget")
@@ -311,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=_size_entry, nargs="+", default=list(TRAIN_SIZES),
                         help="training sizes FxHxW:B, one per step in turn (default: "
                              + " ".join(f"{f}x{h}x{w}:{b}" for f, h, w, b in TRAIN_SIZES) + ")")
+    parser.add_argument("--attention-entropy", type=_non_negative, default=0.0,
+                        help="weight of the sampled rows' normalised attention entropy in the loss "
+                             "(concentrates the attention; default 0: off)")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
                         help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
@@ -322,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     log = train(args.minutes, args.out, None if args.from_scratch else args.resume, args.checkpoint, args.lr,
                 args.seed, sizes=tuple(args.sizes), max_steps=args.max_steps, eval_clips=args.eval_clips,
                 score_start=args.score_start,
-                prior_minutes=args.prior_minutes, save_every=args.save_every)
+                prior_minutes=args.prior_minutes, save_every=args.save_every,
+                attention_entropy=args.attention_entropy)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
     print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
           f"{log['losses'][-1][2]:.4f}; attention near-mass / near-share per layer: {ratios}")

@@ -1,0 +1,51 @@
+"""A training penalty that concentrates the toy's attention: the normalised entropy of sampled query rows.
+
+:func:`attention_entropy_penalty` wraps ``torch.nn.functional.scaled_dot_product_attention`` during
+one training forward. Every call still runs the real SDPA; a self-attention call (queries and keys of
+equal length) also computes, for ``rows`` of its query rows per (batch, head), the softmax over every
+key explicitly, with gradients to q and k, and appends the rows' mean entropy divided by ``log(S)``
+(1: uniform over the keys, 0: all mass on one key) to the yielded list. Memory ``O(B * H * rows * S)``
+per call.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+def normalised_entropy(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean entropy / ``log(S)`` of ``softmax(scale * q_rows @ k^T)``: q_rows ``(B, H, R, D)``, k
+    ``(B, H, S, D)`` -> a 0-dim fp32 tensor in ``[0, 1]``."""
+    logits = torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale
+    log_probs = logits.log_softmax(dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return entropy.mean() / math.log(k.shape[-2])
+
+
+@contextmanager
+def attention_entropy_penalty(rows: int, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+    """Within the block, collect :func:`normalised_entropy` of ``rows`` query rows (drawn with
+    ``generator``, a CPU generator) of every self-attention SDPA call, in call order."""
+    if rows < 1:
+        raise ValueError(f"rows must be at least 1, got {rows}")
+    entropies: list[torch.Tensor] = []
+    original: Callable = F.scaled_dot_product_attention
+
+    def penalised(query, key, value, *args, **kwargs):
+        seq = key.shape[-2]
+        if query.shape[-2] == seq and seq > 1:
+            pick = torch.randint(0, seq, (min(rows, seq),), generator=generator).to(query.device)
+            scale = kwargs.get("scale") or query.shape[-1] ** -0.5
+            entropies.append(normalised_entropy(query[..., pick, :], key, scale))
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = penalised
+    try:
+        yield entropies
+    finally:
+        F.scaled_dot_product_attention = original
