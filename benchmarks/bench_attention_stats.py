@@ -3,8 +3,8 @@
 ``python benchmarks/bench_attention_stats.py [--weights PATH] [--out DIR] [--frames 16 --height 64 --width 96]``
 
 Samples ``--clips`` clips (classes in turn) densely up to the first sparse step (step
-``--dense-steps`` of ``--steps``, the noise level where a method with that warm-up first runs
-sparse), captures the Q/K/V of every self-attention layer there (conditional branch) and, per
+``--dense-steps`` of ``--steps``; by default the first step past the backend's default warm-up,
+``dense_timestep_fraction`` 0.07: step 2 of 20 on the toy's schedule), captures the Q/K/V of every self-attention layer there (conditional branch) and, per
 layer and head, averaged over the clips (:mod:`sparse_compile.toy.method_recall` defines each):
 
 - the kept density each method (and the oracle) needs for recall 0.9 and 0.95;
@@ -33,8 +33,11 @@ import time
 import torch
 from common import TOY_PATCH, add_toy_arguments, check_toy_arguments
 
+from sparse_compile import options
 from sparse_compile.methods.adaspa import AdaSpaConfig
 from sparse_compile.methods.auto import AutoConfig
+from sparse_compile.methods.base import in_timestep_warmup
+from sparse_compile.methods.call import StepInfo
 from sparse_compile.methods.radial import RadialConfig
 from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
 from sparse_compile.methods.svg import SvgConfig
@@ -44,7 +47,7 @@ from sparse_compile.toy.attention_stats import CapturedAttention, capture_self_a
 from sparse_compile.toy.evaluate import balanced_labels
 from sparse_compile.toy.method_recall import METHODS, RECALLS, CallAnalysis, MethodConfigs, analyse_call
 from sparse_compile.toy.model import build_toy_wan, class_embeddings
-from sparse_compile.toy.sampling import generate, noise_level
+from sparse_compile.toy.sampling import generate, noise_level, noise_levels
 
 DENSITY_TARGET = 0.35  # the best method's layer-mean density for recall 0.95
 TINY_CONFIGS = MethodConfigs(adaspa=AdaSpaConfig(block=16), svg=SvgConfig(block=16), radial=RadialConfig(block=16),
@@ -178,17 +181,27 @@ def anchors_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def default_warmup_steps(steps: int) -> int:
+    """Steps of a ``steps``-step toy sampling that the backend's default ``dense_timestep_fraction`` runs dense."""
+    timesteps = (noise_levels(steps)[:steps] * 1000).tolist()
+    return sum(in_timestep_warmup(StepInfo(i, 0, 0, t, timesteps[0]), options.DEFAULT_DENSE_TIMESTEP_FRACTION)
+               for i, t in enumerate(timesteps))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_toy_arguments(parser, "attention_stats.md and attention_stats.json")
     parser.add_argument("--clips", type=int, default=2, help="clips (classes in turn) the statistics average over")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dense-steps", type=int, default=5, help="capture at this step (the first sparse one)")
+    parser.add_argument("--dense-steps", type=int,
+                        help="capture at this step (the first sparse one; default: past the default warm-up)")
     parser.add_argument("--rows", type=int, default=512, help="sampled query rows per head (row-level recalls)")
     args = parser.parse_args(argv)
     check_toy_arguments(parser, args)
     if min(args.clips, args.steps, args.rows) < 1:
         parser.error("--clips, --steps and --rows must be at least 1")
+    if args.dense_steps is None:
+        args.dense_steps = min(default_warmup_steps(args.steps), args.steps - 1)
     if not 0 <= args.dense_steps < args.steps:
         parser.error(f"--dense-steps must be in [0, --steps={args.steps}), got {args.dense_steps}")
     return args

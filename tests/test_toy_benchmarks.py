@@ -58,3 +58,14 @@ def test_the_guidance_sweep_refuses_scales_below_one(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench_guidance.parse_args(["--guidance", "0.5"])
     assert "--guidance scales must be at least 1" in capsys.readouterr().err
+
+
+def test_attention_statistics_are_captured_at_the_first_step_past_the_default_warm_up(monkeypatch, default_timestep_warmup):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_attention_stats
+
+    # the toy's linear schedule: sigma 1, 0.95 are above (1 - 0.07) of the first; 0.90 is not
+    assert bench_attention_stats.parse_args([]).dense_steps == 2
+    assert bench_attention_stats.parse_args(["--steps", "50"]).dense_steps == 4  # 1, .98, .96, .94 > .93
+    assert bench_attention_stats.parse_args(["--steps", "1"]).dense_steps == 0
+    assert bench_attention_stats.parse_args(["--dense-steps", "5"]).dense_steps == 5
