@@ -23,13 +23,13 @@ from torch import Tensor
 
 from sparse_compile.kernels.common import LOG2E
 from sparse_compile.kernels.fp8_quant import (
-    FP8_DTYPE,
     FP8_MAX,
     dequantize_channels,
     dequantize_row_blocks,
     key_mean,
     quantize_channels,
     quantize_row_blocks,
+    scaled_probabilities_e4m3,
 )
 
 INT8_MAX = 127.0
@@ -53,7 +53,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, round_p: bool) -> Tensor:
     through e4m3 in ``P V`` when ``round_p`` (the normaliser unrounded, as in the kernels)."""
     s = q @ k.transpose(-1, -2) * (LOG2E / math.sqrt(q.shape[-1]))
     p = torch.exp2(s - s.amax(dim=-1, keepdim=True).ceil())
-    pv = (p * FP8_MAX).to(FP8_DTYPE).float() / FP8_MAX if round_p else p
+    pv = scaled_probabilities_e4m3(p) / FP8_MAX if round_p else p
     return (pv @ v) / p.sum(dim=-1, keepdim=True)
 
 

@@ -43,9 +43,9 @@ from sparse_compile.kernels.common import (
     interpreter_active,
 )
 from sparse_compile.kernels.fp8_quant import (
-    FP8_DTYPE,
     FP8_MAX,
     quantize_attention_inputs,
+    scaled_probabilities_e4m3,
     smoothing_lse_shift,
     to_e4m3,
 )
@@ -368,7 +368,7 @@ def block_sparse_attention_fp8_reference(
         m = torch.where(torch.isinf(m), 0.0, m)
         p = torch.exp2(s - m.unsqueeze(-1))
         l = p.sum(dim=-1)
-        p_fp8 = (p * FP8_MAX).to(FP8_DTYPE).float()
+        p_fp8 = scaled_probabilities_e4m3(p)
         l_safe = torch.where(l == 0, 1.0, l)
         out[:, :, rows] = (torch.matmul(p_fp8, v_deq) / (FP8_MAX * l_safe.unsqueeze(-1))).to(q.dtype)
         lse[:, :, rows] = torch.where(l == 0, float("-inf"), (m + torch.log2(l_safe)) / LOG2E)

@@ -111,6 +111,12 @@ def dequantize_channels(x_fp8: Tensor, scale: Tensor) -> Tensor:
     return x_fp8.float() * scale.unsqueeze(2)
 
 
+def scaled_probabilities_e4m3(p: Tensor) -> Tensor:
+    """fp32 probabilities ``p`` (any shape, in ``[0, 1]``) as the kernels feed them to ``P V``: times
+    :data:`FP8_MAX`, rounded to e4m3, back in fp32 (still times :data:`FP8_MAX`)."""
+    return (p * FP8_MAX).to(FP8_DTYPE).float()
+
+
 def key_mean(k: Tensor) -> Tensor:
     """``k`` ``(B, H, S_k, D)`` -> fp32 ``k_mean`` ``(B, H, D)``, its mean over tokens (accumulated in fp32)."""
     return k.mean(dim=2, dtype=torch.float32)
