@@ -17,8 +17,8 @@ fixed-block kernel's grid, layout walk and base-2 online softmax with:
   through the MMA's own accumulator); O is divided by ``448 l`` and multiplied by V's per-channel scale
   at the end.
 
-The row LSE the kernel writes is that of the smoothed scores; the entry adds back
-:func:`~sparse_compile.kernels.fp8_quant.smoothing_lse_shift`, so the returned LSE is the true one.
+The row LSE the kernel writes is that of the smoothed scores; the entry adds back the shift
+(:attr:`~sparse_compile.kernels.fp8_quant.Fp8Inputs.lse_shift`), so the returned LSE is the true one.
 
 :func:`block_sparse_attention_fp8_gluon` runs the same computation in the Gluon kernel of
 :mod:`~sparse_compile.kernels.gluon_block_sparse_fp8` (sm_90 only); :func:`fp8_kernel_choice` says which
@@ -46,7 +46,6 @@ from sparse_compile.kernels.fp8_quant import (
     FP8_MAX,
     quantize_attention_inputs,
     scaled_probabilities_e4m3,
-    smoothing_lse_shift,
     to_e4m3,
 )
 from sparse_compile.kernels.gluon_block_sparse_fp8 import (
@@ -251,7 +250,7 @@ def block_sparse_attention_fp8(
     if block_q % tile.block_m or block_k % tile.block_n:
         raise ValueError(f"tile {tile} must tile block_q={block_q} and block_k={block_k}")
     scale = default_scale(d, scale)
-    x = quantize_attention_inputs(q, k, v, block_q, block_k)
+    x = quantize_attention_inputs(q, k, v, block_q, block_k, scale=scale)
     grid = (cdiv(s_q, tile.block_m), b * h)
     args = (
         x.q, x.k, x.v, x.q_scale, x.k_scale, x.v_scale, out, lse_out, lay.counts, lay.indices,
@@ -265,7 +264,7 @@ def block_sparse_attention_fp8(
     else:
         with torch.cuda.device(q.device):
             _block_sparse_fp8_fwd[grid](*args, **meta, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    lse_out.add_(smoothing_lse_shift(q, x.k_mean, scale))
+    lse_out.add_(x.lse_shift)
     return (out, lse_out) if return_lse else out
 
 
@@ -316,9 +315,9 @@ def block_sparse_attention_fp8_gluon(
     if out.numel() == 0:
         return (out, lse_out) if return_lse else out
     scale = default_scale(q.shape[-1], scale)
-    x = quantize_attention_inputs(q, k, v, block_q, block_k, v_key_multiple=V_KEY_MULTIPLE)
+    x = quantize_attention_inputs(q, k, v, block_q, block_k, v_key_multiple=V_KEY_MULTIPLE, scale=scale)
     launch_gluon_block_sparse_fp8(x, lay, scale, out, lse_out, tile)
-    lse_out.add_(smoothing_lse_shift(q, x.k_mean, scale))
+    lse_out.add_(x.lse_shift)
     return (out, lse_out) if return_lse else out
 
 
@@ -353,7 +352,7 @@ def block_sparse_attention_fp8_reference(
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     scale = default_scale(d, scale)
-    x = quantize_attention_inputs(q, k, v, block_q, block_k)
+    x = quantize_attention_inputs(q, k, v, block_q, block_k, scale=scale)
     q_deq, k_deq, v_deq = x.dequantized()
     keep = keep_matrix(lay.counts, lay.indices, cdiv(s_k, block_k))  # (B, H, NQ, NK)
     key_blocks = torch.arange(s_k, device=q.device) // block_k
@@ -372,5 +371,5 @@ def block_sparse_attention_fp8_reference(
         l_safe = torch.where(l == 0, 1.0, l)
         out[:, :, rows] = (torch.matmul(p_fp8, v_deq) / (FP8_MAX * l_safe.unsqueeze(-1))).to(q.dtype)
         lse[:, :, rows] = torch.where(l == 0, float("-inf"), (m + torch.log2(l_safe)) / LOG2E)
-    lse.add_(smoothing_lse_shift(q, x.k_mean, scale))
+    lse.add_(x.lse_shift)
     return (out, lse) if return_lse else out

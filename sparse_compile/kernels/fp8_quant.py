@@ -2,7 +2,8 @@
 
 - K is *smoothed*: its per-(batch, head) mean over tokens ``k_mean`` ``(B, H, D)`` is subtracted.
   Every score of a query row then moves by the same ``scale * q . k_mean``, so the softmax (and O) is
-  unchanged and the row's LSE drops by that amount; :func:`smoothing_lse_shift` gives it back.
+  unchanged and the row's LSE drops by that amount; :func:`smoothing_lse_shift` gives it back (the
+  kernels compute it in Q's quantisation pass, with no fp32 copy of Q).
 - Q and the smoothed K are quantised per (batch, head, block of rows) (:func:`quantize_row_blocks`), V
   per (batch, head, channel) (:func:`quantize_channels`), each to ``float8_e4m3fn`` with fp32 scales
   ``amax * SCALE_PER_AMAX`` (about ``amax / 448``; an all-zero group gets scale 1), so
@@ -35,6 +36,7 @@ from sparse_compile.kernels.common import (
     cdiv,
     check_out_buffer,
     check_strided_out_buffer,
+    default_scale,
     interpreter_active,
     strided_tile_pointers,
 )
@@ -69,7 +71,7 @@ def quantize_row_blocks(x: Tensor, block: int, mean: Tensor | None = None) -> tu
     for head in range(h):
         rows = x[:, head].float()
         if mean is not None:
-            rows -= mean[:, head].unsqueeze(1)
+            rows = rows - mean[:, head].unsqueeze(1)  # not in place: .float() of fp32 x is x itself
         padded = F.pad(rows, (0, 0, 0, n * block - s)).view(b, n, block, d)
         scale[:, head] = _scale_of(padded.abs().amax(dim=(-1, -2)))
         x_fp8[:, head] = (padded / scale[:, head, :, None, None]).to(FP8_DTYPE).view(b, n * block, d)[:, :s]
@@ -171,22 +173,26 @@ def _scale_of_amax(amax):
 
 @triton.jit
 def _quantize_row_blocks_kernel(
-    X, MEAN, X_FP8, SCALE,
+    X, MEAN, X_FP8, SCALE, DOT_WITH, DOT_OUT,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_mb, stride_mh, stride_md,
     stride_ob, stride_oh, stride_os, stride_od,
+    stride_db, stride_dh, stride_dd,
     H, S, NUM_BLOCKS,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     ROWS: tl.constexpr,
     COLUMNS: tl.constexpr,
     SMOOTH: tl.constexpr,
+    ROW_DOT: tl.constexpr,
     EXACT_CAST: tl.constexpr,
 ):  # fmt: skip
     """One program: run ``pid(0)`` of BLOCK rows of one (batch, head), grid (NUM_BLOCKS, B * H).
 
     X ``(B, H, S, HEAD_DIM)`` and X_FP8 (e4m3, same shape) any strides; MEAN fp32 ``(B, H, HEAD_DIM)``
-    any strides, taken off X with SMOOTH; SCALE contiguous fp32 ``(B, H, NUM_BLOCKS)``. The tile is
+    any strides, taken off X with SMOOTH; SCALE contiguous fp32 ``(B, H, NUM_BLOCKS)``. With ROW_DOT, the
+    fp32 dot of each row of X (before smoothing) with DOT_WITH fp32 ``(B, H, HEAD_DIM)`` (any strides) goes
+    to DOT_OUT, contiguous fp32 ``(B, H, S)``. The tile is
     ROWS x COLUMNS, BLOCK and HEAD_DIM rounded up to powers of two; rows past the run or past S and
     columns past HEAD_DIM count as zeros.
     """
@@ -201,6 +207,10 @@ def _quantize_row_blocks_kernel(
     ok = ((offs_r < BLOCK) & (rows < S))[:, None] & col_ok[None, :]
     src = strided_tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
     x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    if ROW_DOT:
+        vec = tl.load(DOT_WITH + off_b * stride_db + off_h * stride_dh + cols * stride_dd, mask=col_ok, other=0.0)
+        tl.store(DOT_OUT + pid_bh.to(tl.int64) * S + rows, tl.sum(x * vec[None, :], axis=1),
+                 mask=(offs_r < BLOCK) & (rows < S))
     if SMOOTH:
         mean = tl.load(MEAN + off_b * stride_mb + off_h * stride_mh + cols * stride_md, mask=col_ok, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
@@ -311,7 +321,14 @@ def _launch_device(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 def quantize_row_blocks_triton(
-    x: Tensor, block: int, mean: Tensor | None = None, *, out: Tensor | None = None, scale_out: Tensor | None = None
+    x: Tensor,
+    block: int,
+    mean: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
+    scale_out: Tensor | None = None,
+    dot_with: Tensor | None = None,
+    dot_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`quantize_row_blocks` in one Triton launch (CUDA, or Triton's interpreter): the same e4m3
     values and scales.
@@ -319,7 +336,10 @@ def quantize_row_blocks_triton(
     ``x`` float16/bfloat16/float32 ``(B, H, S, D)``, any strides; ``mean`` fp32 ``(B, H, D)``, any
     strides; ``block`` any positive run length. ``out``: e4m3 ``(B, H, S, D)`` with non-overlapping
     strides (default contiguous); ``scale_out``: contiguous fp32 ``(B, H, cdiv(S, block))``; both are
-    written whole and returned. Raises ``ValueError`` naming the argument it cannot take.
+    written whole and returned. With ``dot_with`` (fp32 ``(B, H, D)``, any strides) the same pass writes
+    each row's fp32 dot with it (before ``mean`` is taken off) into ``dot_out`` (contiguous fp32
+    ``(B, H, S)``, required then), with no second read of ``x``. Raises ``ValueError`` naming the argument
+    it cannot take.
     """
     _check_kernel_input(x)
     if not isinstance(block, int) or block < 1:
@@ -328,16 +348,25 @@ def quantize_row_blocks_triton(
     if mean is not None and (mean.shape != (b, h, d) or mean.dtype != torch.float32 or mean.device != x.device):
         raise ValueError(f"mean must be a float32 tensor of shape {(b, h, d)} on {x.device}, got {mean.dtype} "
                          f"{tuple(mean.shape)} on {mean.device}")  # fmt: skip
+    if (dot_with is None) != (dot_out is None):
+        raise ValueError("dot_with and dot_out must be given together")
+    if dot_with is not None:
+        if dot_with.shape != (b, h, d) or dot_with.dtype != torch.float32 or dot_with.device != x.device:
+            raise ValueError(f"dot_with must be a float32 tensor of shape {(b, h, d)} on {x.device}, got "
+                             f"{dot_with.dtype} {tuple(dot_with.shape)} on {dot_with.device}")  # fmt: skip
+        check_out_buffer("dot_out", dot_out, (b, h, s), torch.float32, x.device)
     num_blocks = cdiv(s, block)
     out = _fp8_out(out, x, channels_first=False)
     scale_out = _scale_out(scale_out, (b, h, num_blocks), x.device)
     rows, columns = triton.next_power_of_2(block), triton.next_power_of_2(d)
     mean_strides = (0, 0, 0) if mean is None else mean.stride()
+    dot_strides = (0, 0, 0) if dot_with is None else dot_with.stride()
     with _launch_device(x):
         _quantize_row_blocks_kernel[(num_blocks, b * h)](
-            x, x if mean is None else mean, out, scale_out, *x.stride(), *mean_strides, *out.stride(),
+            x, x if mean is None else mean, out, scale_out, x if dot_with is None else dot_with,
+            scale_out if dot_out is None else dot_out, *x.stride(), *mean_strides, *out.stride(), *dot_strides,
             h, s, num_blocks, HEAD_DIM=d, BLOCK=block, ROWS=rows, COLUMNS=columns, SMOOTH=mean is not None,
-            EXACT_CAST=interpreter_active(), num_warps=fp8_quant_warps(rows * columns),
+            ROW_DOT=dot_with is not None, EXACT_CAST=interpreter_active(), num_warps=fp8_quant_warps(rows * columns),
         )  # fmt: skip
     return out, scale_out
 
@@ -384,6 +413,8 @@ class Fp8Inputs:
         k_scale: ``(B, H, cdiv(S_k, block_k))``.
         v_scale: ``(B, H, D)``.
         k_mean: ``(B, H, D)``, the mean over tokens taken off k.
+        lse_shift: ``(B, H, S_q)``, ``scale * q . k_mean``: what the smoothing takes off each row's
+            natural-log LSE (:func:`smoothing_lse_shift`).
         block_q: rows per q scale.
         block_k: rows per k scale.
     """
@@ -395,6 +426,7 @@ class Fp8Inputs:
     k_scale: Tensor
     v_scale: Tensor
     k_mean: Tensor
+    lse_shift: Tensor
     block_q: int
     block_k: int
 
@@ -408,21 +440,27 @@ class Fp8Inputs:
 
 
 def quantize_attention_inputs(
-    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, v_key_multiple: int = 1
+    q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int, v_key_multiple: int = 1, scale: float | None = None
 ) -> Fp8Inputs:
     """Smooth K, then quantise Q per ``block_q`` rows, K per ``block_k`` rows and V per channel.
 
-    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any strides. CUDA tensors and any tensors under
-    Triton's interpreter take the kernels (float16, bfloat16 or float32), other tensors the PyTorch
-    functions (any float dtype): the same results. V's keys are padded to ``v_key_multiple`` in storage
+    q ``(B, H, S_q, D)``, k and v ``(B, H, S_k, D)``, any strides; ``scale`` the softmax scale (default
+    ``D ** -0.5``) of the LSE shift. CUDA tensors and any tensors under Triton's interpreter take the
+    kernels (float16, bfloat16 or float32; the LSE shift comes from Q's quantisation pass, against
+    ``scale * k_mean``), other tensors the PyTorch functions (any float dtype): the same fp8 values and
+    scales, the LSE shift to fp32 rounding. V's keys are padded to ``v_key_multiple`` in storage
     (:func:`channels_first_fp8`).
     """
+    scale = default_scale(q.shape[-1], scale)
     k_mean = key_mean(k)
     if q.is_cuda or interpreter_active():
-        row_blocks, channels = quantize_row_blocks_triton, quantize_channels_triton
+        lse_shift = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        q_fp8, q_scale = quantize_row_blocks_triton(q, block_q, dot_with=k_mean * scale, dot_out=lse_shift)
+        k_fp8, k_scale = quantize_row_blocks_triton(k, block_k, mean=k_mean)
+        v_fp8, v_scale = quantize_channels_triton(v, key_multiple=v_key_multiple)
     else:
-        row_blocks, channels = quantize_row_blocks, quantize_channels
-    q_fp8, q_scale = row_blocks(q, block_q)
-    k_fp8, k_scale = row_blocks(k, block_k, mean=k_mean)
-    v_fp8, v_scale = channels(v, key_multiple=v_key_multiple)
-    return Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)
+        lse_shift = smoothing_lse_shift(q, k_mean, scale)
+        q_fp8, q_scale = quantize_row_blocks(q, block_q)
+        k_fp8, k_scale = quantize_row_blocks(k, block_k, mean=k_mean)
+        v_fp8, v_scale = quantize_channels(v, key_multiple=v_key_multiple)
+    return Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, lse_shift, block_q, block_k)

@@ -6,7 +6,8 @@
   fp16, bf16 and fp32, D 64 and 128 (and a padded 80), partial last runs, (B, S, H, D) storage seen
   as (B, H, S, D), all-zero runs and channels, K smoothing, V stored channels first with its keys padded
   (the Gluon FP8 kernel's TMA layout: the same bytes); and the e4m3 rounding itself (ties to
-  even, carries into the exponent, subnormals, signs). Under Triton's interpreter (``test_interp_*``,
+  even, carries into the exponent, subnormals, signs); the row-block kernel's row dots (Q's pass writes
+  the LSE shift of K's smoothing) equal fp32 matmul to rounding. Under Triton's interpreter (``test_interp_*``,
   run in a child process by ``test_interpreter_suite``) and on the GPU (``@pytest.mark.gpu``).
 - :func:`quantize_attention_inputs` takes the kernels on CUDA and under the interpreter, PyTorch otherwise.
 - The kernels compile for sm_90a (ahead of time, on the CPU) with correctly rounded divisions, the
@@ -33,6 +34,7 @@ from sparse_compile.kernels.fp8_quant import (
     quantize_channels_triton,
     quantize_row_blocks,
     quantize_row_blocks_triton,
+    smoothing_lse_shift,
 )
 from sparse_compile.kernels.tile_configs import FP8_CHANNEL_TOKENS, fp8_quant_warps
 
@@ -78,13 +80,26 @@ def assert_same_quantisation(got: tuple[torch.Tensor, torch.Tensor], want: tuple
     assert torch.equal(got_scale, want_scale)  # NaN never equals
 
 
-def assert_row_blocks_match(x: torch.Tensor, block: int, mean: torch.Tensor | None) -> None:
-    """The row-block kernel into poisoned buffers equals :func:`quantize_row_blocks`."""
+def assert_row_blocks_match(x: torch.Tensor, block: int, mean: torch.Tensor | None, row_dot: bool = False) -> None:
+    """The row-block kernel into poisoned buffers equals :func:`quantize_row_blocks`; with ``row_dot`` the
+    same launch also writes each row's dot with a vector (taken before ``mean``) as fp32 matmul gives it."""
     b, h, s, d = x.shape
     out, scale_out = poisoned_fp8((b, h, s, d), x.device), poisoned_scales((b, h, cdiv(s, block)), x.device)
-    got = quantize_row_blocks_triton(x, block, mean, out=out, scale_out=scale_out)
+    vector = torch.randn(b, h, d, generator=torch.Generator().manual_seed(s)).to(x.device) if row_dot else None
+    dot_out = poisoned_scales((b, h, s), x.device) if row_dot else None
+    got = quantize_row_blocks_triton(x, block, mean, out=out, scale_out=scale_out, dot_with=vector, dot_out=dot_out)
     assert got[0] is out and got[1] is scale_out
     assert_same_quantisation(got, quantize_row_blocks(x, block, mean))
+    if row_dot:
+        assert_dots_close(dot_out, x, vector)
+
+
+def assert_dots_close(got: torch.Tensor, x: torch.Tensor, vector: torch.Tensor) -> None:
+    """``got`` ``(B, H, S)`` is fp32 ``x . vector`` per row to fp32 rounding (1e-5 of the sum of the
+    terms' magnitudes, so cancelling terms do not decide it); no NaN."""
+    want = torch.matmul(x.float(), vector.unsqueeze(-1)).squeeze(-1)
+    bound = 1e-5 * torch.matmul(x.float().abs(), vector.abs().unsqueeze(-1)).squeeze(-1)
+    assert not got.isnan().any() and ((got - want).abs() <= bound).all()
 
 
 def assert_channels_match(x: torch.Tensor) -> None:
@@ -104,6 +119,7 @@ def assert_same_inputs(got: fp8_quant.Fp8Inputs, want: fp8_quant.Fp8Inputs) -> N
         assert_same_quantisation((getattr(got, name), getattr(got, f"{name}_scale")),
                                  (getattr(want, name), getattr(want, f"{name}_scale")))  # fmt: skip
     assert torch.equal(got.k_mean, want.k_mean) and (got.block_q, got.block_k) == (want.block_q, want.block_k)
+    torch.testing.assert_close(got.lse_shift, want.lse_shift, rtol=1e-5, atol=1e-5)
 
 
 def specified_inputs(
@@ -114,7 +130,8 @@ def specified_inputs(
     q_fp8, q_scale = quantize_row_blocks(q, block_q)
     k_fp8, k_scale = quantize_row_blocks(k, block_k, k_mean)
     v_fp8, v_scale = quantize_channels(v)
-    return fp8_quant.Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, block_q, block_k)
+    lse_shift = smoothing_lse_shift(q, k_mean, q.shape[-1] ** -0.5)
+    return fp8_quant.Fp8Inputs(q_fp8, k_fp8, v_fp8, q_scale, k_scale, v_scale, k_mean, lse_shift, block_q, block_k)
 
 
 def e4m3_rounding_cases() -> torch.Tensor:
@@ -144,6 +161,14 @@ def test_scale_is_amax_times_the_fp32_reciprocal_of_448() -> None:
     assert torch.equal(v_scale, x.abs().amax(dim=2) * reciprocal)
 
 
+def test_the_specification_leaves_its_fp32_input_unchanged() -> None:
+    x = quantisation_input(1, 2, 100, 64, torch.float32, False, seed=5)
+    before = x.clone()
+    quantize_row_blocks(x, 32, key_mean(x))
+    quantize_channels(x)
+    assert torch.equal(x, before)
+
+
 @pytest.mark.skipif(IN_INTERPRETER, reason="only meaningful without the interpreter")
 def test_quantize_attention_inputs_takes_pytorch_for_cpu_tensors_without_the_interpreter(monkeypatch) -> None:
     q, k, v = (quantisation_input(1, 2, 100, 64, torch.bfloat16, True, seed) for seed in range(3))
@@ -170,6 +195,11 @@ def _bad_arguments() -> list[tuple[str, object, dict]]:
         ("x must be float16, bfloat16 or float32", rows, dict(x=x.double(), block=32)),
         ("x must be float16, bfloat16 or float32", channels, dict(x=x.to(FP8_DTYPE))),
         ("block must be a positive int", rows, dict(x=x, block=0)),
+        ("dot_with and dot_out must be given together", rows, dict(x=x, block=32, dot_with=mean)),
+        ("dot_with must be a float32 tensor of shape \\(1, 2, 64\\)", rows,
+         dict(x=x, block=32, dot_with=mean[..., :32], dot_out=torch.empty(1, 2, 100))),
+        ("dot_out must be a contiguous torch.float32 tensor of shape \\(1, 2, 100\\)", rows,
+         dict(x=x, block=32, dot_with=mean, dot_out=torch.empty(1, 2, 99))),
         ("mean must be a float32 tensor of shape \\(1, 2, 64\\)", rows, dict(x=x, block=32, mean=mean.half())),
         ("mean must be a float32 tensor of shape \\(1, 2, 64\\)", rows, dict(x=x, block=32, mean=mean[..., :32])),
         ("out must be a torch.float8_e4m3fn tensor of shape", rows, dict(x=x, block=32, out=torch.empty_like(x))),
@@ -203,7 +233,8 @@ def test_kernels_need_cuda_tensors_or_the_interpreter() -> None:
 
 def _ptx_sm90a(kernel, constants: dict, tile_elements: int):
     """``kernel`` compiled for sm_90a on bf16 input and e4m3 output, as its launch's warps choose."""
-    pointers = {"X": "*bf16", "X_FP8": "*fp8e4nv", "MEAN": "*fp32", "SCALE": "*fp32", "AMAX": "*fp32"}
+    pointers = {"X": "*bf16", "X_FP8": "*fp8e4nv", "MEAN": "*fp32", "SCALE": "*fp32", "AMAX": "*fp32",
+                "DOT_WITH": "*fp32", "DOT_OUT": "*fp32"}
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
     return compile_sm90a(kernel, signature, constants, {"num_warps": fp8_quant_warps(tile_elements)})
 
@@ -214,7 +245,7 @@ def test_kernels_compile_for_sm90a_with_correctly_rounded_division_and_no_spills
     ``div.rn.f32`` (IEEE, as torch's CUDA ``x / scale``) and cast with ``cvt.rn.satfinite`` (nearest
     even). Wan's tiles (128 x 128 runs of Q/K, 64 tokens x 128 channels of V) keep everything in registers."""
     tokens = FP8_CHANNEL_TOKENS
-    run = dict(HEAD_DIM=128, BLOCK=128, ROWS=128, COLUMNS=128, SMOOTH=True, EXACT_CAST=False)
+    run = dict(HEAD_DIM=128, BLOCK=128, ROWS=128, COLUMNS=128, SMOOTH=True, ROW_DOT=True, EXACT_CAST=False)
     rows = _ptx_sm90a(fp8_quant._quantize_row_blocks_kernel, run, 128 * 128)
     amax = _ptx_sm90a(fp8_quant._channel_amax_kernel, dict(HEAD_DIM=128, TOKENS=tokens, COLUMNS=128), tokens * 128)
     channel_tile = dict(HEAD_DIM=128, TOKENS=tokens, COLUMNS=128, EXACT_CAST=False)
@@ -253,7 +284,7 @@ ROW_CASES = [
 @pytest.mark.parametrize("s,d,block,dtype,smooth,token_major", ROW_CASES)
 def test_interp_row_blocks_match_the_specification(s, d, block, dtype, smooth, token_major) -> None:
     x = quantisation_input(2, 3, s, d, dtype, token_major, seed=s + d)
-    assert_row_blocks_match(x, block, key_mean(x) if smooth else None)
+    assert_row_blocks_match(x, block, key_mean(x) if smooth else None, row_dot=True)
 
 
 @interp
@@ -349,8 +380,8 @@ GPU_SEQ = 4096 - 37
 @pytest.mark.parametrize("block", [128, 64])
 def test_gpu_kernels_match_the_specification(d: int, dtype: torch.dtype, block: int) -> None:
     x = quantisation_input(1, 12, GPU_SEQ, d, dtype, True, seed=block + d, device="cuda")
-    assert_row_blocks_match(x, block, None)
-    assert_row_blocks_match(x, block, key_mean(x))
+    assert_row_blocks_match(x, block, None, row_dot=True)
+    assert_row_blocks_match(x, block, key_mean(x), row_dot=True)
     assert_channels_match(x)
 
 
