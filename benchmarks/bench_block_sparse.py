@@ -17,7 +17,8 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without
   permutations;
 - the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
-  sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times) in a
+  sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times, and
+  the quantisation alone, ``QUANTISATION_ROW``) in a
   second table: ms, the time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and
   over the bf16 Gluon kernel's at the same layout, and the rel L2 against the bf16 result at the same mask
   (flex; dense SDPA at density 1). The inputs are zero-mean Gaussian, fp8's worst case (about 5e-2; see
@@ -64,6 +65,8 @@ from sparse_compile.kernels.block_sparse import (
 from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8, block_sparse_attention_fp8_gluon
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
+from sparse_compile.kernels.fp8_quant import quantize_attention_inputs
+from sparse_compile.kernels.gluon_block_sparse_fp8 import V_KEY_MULTIPLE
 from sparse_compile.kernels.tile_configs import AUTOTUNE_TILES
 from sparse_compile.methods.svg_patterns import temporal_permutation
 
@@ -120,6 +123,8 @@ def markdown(rows: list[Row]) -> str:
 
 FP8_KERNELS = {"FP8": block_sparse_attention_fp8, "FP8 Gluon": block_sparse_attention_fp8_gluon}
 """The FP8 entries the second table times, by row name (each quantises its inputs inside the call)."""
+QUANTISATION_ROW = "quantisation alone"
+"""The second table's row timing :func:`quantize_attention_inputs` by itself (the Gluon kernel's V padding)."""
 
 
 @dataclass
@@ -138,7 +143,8 @@ class Fp8Row:
         if self.error is not None or self.ms is None:
             return head + ["-", "-", "-", f"failed: {self.error}"]
         ratio = lambda ref: f"{self.ms / ref:.2f}" if ref else "-"  # noqa: E731
-        return head + [f"{self.ms:.3f}", ratio(self.triton_ms), ratio(self.gluon_ms), f"{self.rel_l2_bf16:.1e}"]
+        err = "-" if self.rel_l2_bf16 is None else f"{self.rel_l2_bf16:.1e}"
+        return head + [f"{self.ms:.3f}", ratio(self.triton_ms), ratio(self.gluon_ms), err]
 
 
 FP8_HEADER = ["shape", "kept density", "kernel", "ms", "/ bf16 Triton", "/ bf16 Gluon", "rel L2 vs bf16 (same mask)"]
@@ -311,6 +317,10 @@ def run_shape(
             fp8_ms, fp8_err, error = time_fp8(fp8_kernel, q, k, v, counts, indices, flex_out, real_density, timed, ref, log)
             fp8_rows.append(Fp8Row(shape.name, real_density, fp8_kernel, fp8_ms, min(triton_ms, default=None),
                                    gluon_ms, fp8_err, error))  # fmt: skip
+        quantise = lambda: quantize_attention_inputs(q, k, v, BLOCK, BLOCK, v_key_multiple=V_KEY_MULTIPLE)  # noqa: E731
+        quant_ms = timed("FP8 quantisation alone (Q, K, V, LSE shift)", real_density, quantise, **ref)
+        fp8_rows.append(Fp8Row(shape.name, real_density, QUANTISATION_ROW, quant_ms, min(triton_ms, default=None),
+                               gluon_ms, None, None if quant_ms is not None else "timing failed (see the log)"))
         fn_bshd = lambda: block_sparse_attention_triton(*bshd, counts, indices, block_q=BLOCK, block_k=BLOCK)
         timed("block_sparse (q/k/v as (B,S,H,D).T)", real_density, fn_bshd, **ref)
         for perm_name, perm in perms.items():

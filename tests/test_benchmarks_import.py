@@ -158,3 +158,13 @@ def test_fp8_error_budget_splits_the_error_by_rounding(benchmarks_on_path):
     for i in range(2):
         assert together[i] >= max(table[name][i] for name in singles)
         assert table["Q, K INT8 per block"][i] < table["Q, K e4m3 per block (K smoothed)"][i]
+
+
+def test_the_fp8_table_shows_quantisation_alone_as_a_share_of_the_bf16_kernels(benchmarks_on_path):
+    import bench_block_sparse as bench
+
+    rows = [bench.Fp8Row("wan", 0.05, "FP8 Gluon", 1.45, 0.81, 0.629, 5.3e-2),
+            bench.Fp8Row("wan", 0.05, bench.QUANTISATION_ROW, 0.3, 0.81, 0.6, None)]  # fmt: skip
+    table = bench.markdown_fp8(rows).splitlines()
+    assert table[2] == "| wan | 0.0500 | FP8 Gluon | 1.450 | 1.79 | 2.31 | 5.3e-02 |"
+    assert table[3] == "| wan | 0.0500 | quantisation alone | 0.300 | 0.37 | 0.50 | - |"
