@@ -1,7 +1,8 @@
 """A training penalty that concentrates the toy's attention: the normalised entropy of sampled query rows.
 
 :func:`attention_entropy_penalty` wraps ``torch.nn.functional.scaled_dot_product_attention`` during
-one training forward. Every call still runs the real SDPA; a self-attention call (queries and keys of
+one training forward (:func:`~sparse_compile.toy.attention_stats.on_self_attention`). Every call still
+runs the real SDPA; a self-attention call (queries and keys of
 equal length) also computes, for ``rows`` of its query rows per (batch, head), the softmax over every
 key explicitly, with gradients to q and k, and appends the rows' mean entropy divided by ``log(S)``
 (1: uniform over the keys, 0: all mass on one key) to the yielded list. Memory ``O(B * H * rows * S)``
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
+
+from sparse_compile.toy.attention_stats import on_self_attention
 
 
 def normalised_entropy(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -34,18 +36,13 @@ def attention_entropy_penalty(rows: int, generator: torch.Generator) -> Iterator
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     entropies: list[torch.Tensor] = []
-    original: Callable = F.scaled_dot_product_attention
 
-    def penalised(query, key, value, *args, **kwargs):
+    def penalise(query, key, value, kwargs):
         seq = key.shape[-2]
-        if query.shape[-2] == seq and seq > 1:
+        if seq > 1:
             pick = torch.randint(0, seq, (min(rows, seq),), generator=generator).to(query.device)
             scale = kwargs.get("scale") or query.shape[-1] ** -0.5
             entropies.append(normalised_entropy(query[..., pick, :], key, scale))
-        return original(query, key, value, *args, **kwargs)
 
-    F.scaled_dot_product_attention = penalised
-    try:
+    with on_self_attention(penalise):
         yield entropies
-    finally:
-        F.scaled_dot_product_attention = original

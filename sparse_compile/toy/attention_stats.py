@@ -2,7 +2,8 @@
 
 :func:`capture_self_attention` records the ``(B, H, S, D)`` inputs of every SDPA call whose
 queries and keys have the same length (self-attention), in call order, by wrapping
-``torch.nn.functional.scaled_dot_product_attention`` during one eager forward.
+``torch.nn.functional.scaled_dot_product_attention`` during one eager forward
+(:func:`on_self_attention`, which other observers use too).
 :func:`near_mask` marks the keys near each query in the video grid and :func:`local_attention_mass`
 tells whether attention is local there.
 """
@@ -28,21 +29,33 @@ class CapturedAttention:
 
 
 @contextmanager
+def on_self_attention(observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], None]) -> Iterator[None]:
+    """Within the block, call ``observe(query, key, value, kwargs)`` before every self-attention SDPA call
+    (queries and keys of the same length), by wrapping ``F.scaled_dot_product_attention`` (eager code only)."""
+    original: Callable = F.scaled_dot_product_attention
+
+    def observed(query, key, value, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:
+            observe(query, key, value, kwargs)
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = observed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@contextmanager
 def capture_self_attention() -> Iterator[list[CapturedAttention]]:
     """Record every self-attention SDPA call made inside the block (eager code only)."""
     captured: list[CapturedAttention] = []
-    original: Callable = F.scaled_dot_product_attention
 
-    def recording(query, key, value, *args, **kwargs):
-        if query.shape[-2] == key.shape[-2]:
-            captured.append(CapturedAttention(query.detach(), key.detach(), value.detach(), kwargs.get("scale")))
-        return original(query, key, value, *args, **kwargs)
+    def record(query, key, value, kwargs):
+        captured.append(CapturedAttention(query.detach(), key.detach(), value.detach(), kwargs.get("scale")))
 
-    F.scaled_dot_product_attention = recording
-    try:
+    with on_self_attention(record):
         yield captured
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def _grid_coords(index: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
