@@ -288,6 +288,14 @@ def _check_kernel_input(x: Tensor) -> None:
         raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton quantisation, got {x.dtype}")
 
 
+def _check_head_vectors(name: str, vectors: Tensor, x: Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``vectors`` is fp32 ``(B, H, D)`` on ``x``'s device."""
+    b, h, _, d = x.shape
+    if vectors.shape != (b, h, d) or vectors.dtype != torch.float32 or vectors.device != x.device:
+        raise ValueError(f"{name} must be a float32 tensor of shape {(b, h, d)} on {x.device}, got "
+                         f"{vectors.dtype} {tuple(vectors.shape)} on {vectors.device}")
+
+
 def _fp8_out(out: Tensor | None, x: Tensor, channels_first: bool, key_multiple: int = 1) -> Tensor:
     """``out`` checked (e4m3 ``x.shape``, any non-overlapping strides), or a new one: contiguous, or with
     ``channels_first`` stored channels first with keys padded to ``key_multiple`` (:func:`channels_first_fp8`)."""
@@ -345,15 +353,12 @@ def quantize_row_blocks_triton(
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     b, h, s, d = x.shape
-    if mean is not None and (mean.shape != (b, h, d) or mean.dtype != torch.float32 or mean.device != x.device):
-        raise ValueError(f"mean must be a float32 tensor of shape {(b, h, d)} on {x.device}, got {mean.dtype} "
-                         f"{tuple(mean.shape)} on {mean.device}")  # fmt: skip
+    if mean is not None:
+        _check_head_vectors("mean", mean, x)
     if (dot_with is None) != (dot_out is None):
         raise ValueError("dot_with and dot_out must be given together")
     if dot_with is not None:
-        if dot_with.shape != (b, h, d) or dot_with.dtype != torch.float32 or dot_with.device != x.device:
-            raise ValueError(f"dot_with must be a float32 tensor of shape {(b, h, d)} on {x.device}, got "
-                             f"{dot_with.dtype} {tuple(dot_with.shape)} on {dot_with.device}")  # fmt: skip
+        _check_head_vectors("dot_with", dot_with, x)
         check_out_buffer("dot_out", dot_out, (b, h, s), torch.float32, x.device)
     num_blocks = cdiv(s, block)
     out = _fp8_out(out, x, channels_first=False)
