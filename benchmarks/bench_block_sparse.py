@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton
-from common import bench_ms, rel_l2
+from common import bench_ms, profile_once, rel_l2
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -448,20 +448,6 @@ def profiled_call(kernel: str, shape: Shape, density: float) -> Callable[[], obj
     return lambda: entry(q, k, v, counts, indices, **blocks)
 
 
-def profile_one(kernel: str, shape: Shape, density: float, warmup: int = 3) -> None:
-    """``warmup`` calls of ``profiled_call``, then one between ``torch.cuda.profiler.start()`` and ``stop()``:
-    what Nsight Compute reads with ``--profile-from-start off``."""
-    call = profiled_call(kernel, shape, density)
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.start()
-    call()
-    torch.cuda.synchronize()
-    torch.cuda.profiler.stop()
-    print(f"profiled one {kernel} call: {shape.name}, kept density {density}")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="wan,hunyuan")
@@ -473,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     densities = [float(x) for x in args.densities.split(",")]
     if args.profile_one:
-        profile_one(args.profile_one, SHAPES[args.shapes.split(",")[0]], densities[0])
+        shape = SHAPES[args.shapes.split(",")[0]]
+        profile_once(profiled_call(args.profile_one, shape, densities[0]),
+                     f"{args.profile_one}, {shape.name}, kept density {densities[0]}")
         return
     out_dir = os.environ.get("OUT")
     log_lines: list[str] = []

@@ -22,6 +22,13 @@ is also timed eagerly beside it.
 
 Prints a markdown table and writes it to ``$OUT/varlen.md`` when OUT is set.
 Usage: ``python benchmarks/bench_varlen_block_sparse.py [--sections ...]``
+
+``--profile-one cluster|fixed`` runs only one call of the public cluster op on the attention section's
+SVG2-like layout (or the fixed-block op on a layout of the same kept density) at ``--profile-density``,
+for Nsight Compute::
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+        python benchmarks/bench_varlen_block_sparse.py --profile-one cluster
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import triton
-from common import bench_ms, graph_replay_ms, print_and_save, rel_l2, token_major
+from common import bench_ms, graph_replay_ms, print_and_save, profile_once, rel_l2, token_major
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels import block_select as bs
@@ -114,6 +121,13 @@ def cluster_selection(q_off: torch.Tensor, kv_off: torch.Tensor, density: float,
     keep_sorted = before < target.unsqueeze(-1) * kv_off[..., -1:].unsqueeze(-1)
     mask = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return bs.keep_mask_to_layout(mask)
+
+
+def svg2_like_layout(density: float, g: torch.Generator):
+    """``(q_offsets, kv_offsets, counts, indices)``: NQC / NKC log-normal clusters per head and
+    :func:`cluster_selection` at ``density``."""
+    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
+    return (q_off, kv_off, *cluster_selection(q_off, kv_off, density, g))
 
 
 def fixed_selection(density: float, g: torch.Generator):
@@ -202,8 +216,7 @@ def time_dense(q, k, v) -> list[Row]:
 
 
 def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row], list[str]]:
-    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
-    layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, density, g))
+    layout = svg2_like_layout(density, g)
     kept, bounds = density_of(q, k, v, layout), kept_bounds(q, k, v, layout)
     fixed_layout = fixed_selection(kept, g)
     fixed_density = density_of(q, k, v, fixed_as_varlen(*fixed_layout))
@@ -240,8 +253,7 @@ def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
     Capture fails if the launch path syncs with the host. Replays time the GPU work without the
     Python launch overhead; the eager time of the prep alone is launch-bound.
     """
-    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
-    raw = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
+    raw = svg2_like_layout(0.125, g)
     layout = validate_varlen_inputs(q, k, v, *raw)
     flat_q = vb._flat_offsets(layout.q_offsets)
     config = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
@@ -323,8 +335,7 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
     the folded rows read token-order inputs through the permutations. Also checks that folding
     changes no result.
     """
-    q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
-    layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, density, g))
+    layout = svg2_like_layout(density, g)
     kept = density_of(q, k, v, layout)
     q_perm, kv_perm = random_permutations(S), random_permutations(S)
     tq, tk, tv = token_major(q), token_major(k), token_major(v)
@@ -369,6 +380,18 @@ def guarded(name: str, fn, *args):
 
 
 SECTIONS = ("correctness", "attention", "graphs", "selection", "permutation")
+PROFILED_OPS = ("cluster", "fixed")
+
+
+def profiled_call(op: str, q, k, v, density: float, g: torch.Generator):
+    """The public cluster op on :func:`time_density`'s layout at ``density``, or (``fixed``) the fixed-block
+    op on random 128-blocks of that layout's kept density."""
+    layout = svg2_like_layout(density, g)
+    if op == "fixed":
+        fixed_layout = fixed_selection(density_of(q, k, v, layout), g)
+        return lambda: block_sparse_attention(q, k, v, *fixed_layout, block_q=FIXED_BLOCK, block_k=FIXED_BLOCK)
+    bounds = kept_bounds(q, k, v, layout)
+    return lambda: vb.varlen_block_sparse_attention(q, k, v, *layout, **bounds)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -377,6 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sections to run (default: all)")  # fmt: skip
     parser.add_argument("--perm-densities", nargs="+", type=float, default=[0.25, 0.125],
                         help="kept densities of the permutation section")  # fmt: skip
+    parser.add_argument("--profile-one", choices=PROFILED_OPS,
+                        help="instead of the benchmark, one call of this op, for ncu --profile-from-start off")
+    parser.add_argument("--profile-density", type=float, default=0.125, help="kept density of --profile-one")
     return parser.parse_args(argv)
 
 
@@ -385,6 +411,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=DTYPE) for _ in range(3))
+    if args.profile_one:
+        profile_once(profiled_call(args.profile_one, q, k, v, args.profile_density, g),
+                     f"{args.profile_one} op, Wan 480p, kept density {args.profile_density}")
+        return
     device = torch.cuda.get_device_name()
     header = [
         f"# varlen block-sparse attention, Wan 480p (B={B}, H={H}, S={S}, D={D}) {DTYPE}",
@@ -395,8 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     checks: list[str] = []
     if "correctness" in args.sections:
-        q_off, kv_off = lognormal_offsets(NQC, S, 0.6, g), lognormal_offsets(NKC, S, 0.6, g)
-        layout = (q_off, kv_off, *cluster_selection(q_off, kv_off, 0.125, g))
+        layout = svg2_like_layout(0.125, g)
         checks = guarded("correctness", check_correctness, q, k, v, layout, fixed_selection(0.125, g)) or ["FAILED"]
         print("\n".join(checks), flush=True)
     dense = guarded("dense", time_dense, q, k, v) or []

@@ -49,6 +49,19 @@ def graph_replay_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
+def profile_once(call: Callable[[], object], label: str, warmup: int = 3) -> None:
+    """``warmup`` calls of ``call``, then one between ``torch.cuda.profiler.start()`` and ``stop()``: what
+    Nsight Compute reads with ``--profile-from-start off``."""
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"profiled one call: {label}")
+
+
 def device_header() -> str:
     """``torch X, triton Y, GPU NAME``: the versions and device a table was measured with."""
     import triton
