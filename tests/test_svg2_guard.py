@@ -80,6 +80,19 @@ def test_a_site_whose_every_head_passed_break_even_runs_dense_without_clustering
     assert clustered[-1] == 0
 
 
+def test_a_call_skipped_as_all_guarded_does_not_scan_its_inputs(monkeypatch):
+    """The skipped call runs dense SDPA whatever q, k and v hold, so it spends no pass over them (and no
+    host read) on the non-finite check."""
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: 1e-3)
+    q, k, v = synthetic_heads()
+    method, cache = Svg2Method(validate_options(OPTIONS)), SiteCache()
+    method.run(method_call(q, k, v, LAYOUT, cache, step=1))
+    monkeypatch.setattr(Svg2Method, "dense_reason", lambda self, call: pytest.fail("the inputs were scanned"))
+    result = method.run(method_call(q, k, v, LAYOUT, cache, step=2))
+    assert result.guarded_heads == (0, 1, 2)
+    torch.testing.assert_close(result.output, F.scaled_dot_product_attention(q, k, v))
+
+
 def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):
     """Batch elements whose heads keep different key counts: the op gets each (batch element, sparse head)'s kept
     keys as its bound, in (batch, head) order, and their sum as the total."""

@@ -237,11 +237,11 @@ class Svg2Method(AttentionMethod):
         break_even = (cluster_guard_density(query.device, query.dtype, query.shape[-1], config.q_clusters,
                                             config.k_clusters, config.kmeans_iters_step)
                       if self.options.break_even_guard else None)  # fmt: skip
+        all_guarded = self.cached(call, AllHeadsGuarded) if break_even is not None else None
+        if all_guarded is not None and 0 <= call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
+            return self._guarded_dense(call)  # before the input scan: dense SDPA whatever the inputs hold
         if break_even is None or self.dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
-        all_guarded = self.cached(call, AllHeadsGuarded)
-        if all_guarded is not None and 0 <= call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
-            return self._guarded_dense(call)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
         plan = self._plan(q, k, call)
