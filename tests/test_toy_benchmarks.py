@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
 
@@ -49,6 +50,35 @@ def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tm
     assert all(0.0 <= r["accuracy"] <= r["found"] <= 1.0 for r in rows)
     assert "| 2 (default) |" in (tmp_path / "guidance.md").read_text()
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["guidance_1_2x16x16.png", "guidance_2_2x16x16.png"]
+
+
+def test_the_guidance_sweep_takes_sizes_with_steps_and_schedule_shifts(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_guidance
+
+    args = bench_guidance.parse_args(["--sizes", "16x64x96:6", "6x32x48:20", "--shift", "1", "3"])
+    assert args.sizes == [(16, 64, 96, 6), (6, 32, 48, 20)] and args.shift == [1.0, 3.0]
+    with pytest.raises(SystemExit):
+        bench_guidance.parse_args(["--sizes", "16x64x96"])
+    assert "FRAMESxHEIGHTxWIDTH:STEPS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_guidance.parse_args(["--shift", "0.5"])
+    assert "--shift values must be at least 1" in capsys.readouterr().err
+
+
+def test_the_guidance_rows_sample_each_size_at_each_schedule_shift(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_guidance
+    from sparse_compile.toy.model import build_toy_wan
+
+    model = build_toy_wan(torch.device("cpu"), torch.float32)
+    shifts = []
+    real_generate = bench_guidance.generate_clips
+    monkeypatch.setattr(bench_guidance, "generate_clips",
+                        lambda *args, **kwargs: shifts.append(kwargs["shift"]) or real_generate(*args, **kwargs))
+    rows = bench_guidance.score_rows(model, [2.0], ((2, 16, 16, 2),), clips=1, shifts=(1.0, 3.0))
+    assert shifts == [1.0, 3.0] and [r["shift"] for r in rows] == [1.0, 3.0]
+    assert "| 2 (default) | 3 | 2×16×16, 2 |" in bench_guidance.markdown(rows, "header")
 
 
 def test_the_guidance_sweep_refuses_scales_below_one(monkeypatch, capsys):

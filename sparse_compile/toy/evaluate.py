@@ -45,13 +45,15 @@ def generate_clips(
     batch: int = 16,
     guidance: float = GUIDANCE,
     between_batches: Callable[[], None] | None = None,
+    shift: float = 1.0,
 ) -> torch.Tensor:
     """``clips`` videos ``(clips, 3, F, H, W)`` of :func:`balanced_labels`, in batches of ``batch``
     (noise seed ``seed + batch index``), so every model given the same arguments starts each clip
     from the same noise.
 
     ``between_batches`` runs before every batch but the first (e.g. ``sparse_compile.reset`` of a
-    compiled model, so that each batch is a new generation).
+    compiled model, so that each batch is a new generation). ``shift``: the schedule's
+    (:func:`~sparse_compile.toy.sampling.noise_levels`).
     """
     labels = balanced_labels(clips)
     videos = []
@@ -59,7 +61,7 @@ def generate_clips(
         if start and between_batches is not None:
             between_batches()
         videos.append(generate(model, labels[start:start + batch], seed + start // batch, frames, height, width,
-                               steps, guidance).cpu())
+                               steps, guidance, shift=shift).cpu())
     return torch.cat(videos)
 
 

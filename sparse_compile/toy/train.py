@@ -283,14 +283,18 @@ def _score(model: torch.nn.Module, eval_sizes: tuple[tuple[int, int, int, int], 
     return scores
 
 
-def _size_entry(text: str) -> tuple[int, int, int, int]:
-    """``FxHxW:B`` (frames, even height and width in pixels, batch) -> ``(F, H, W, B)``."""
+def size_entry(text: str, count: str = "BATCH") -> tuple[int, int, int, int]:
+    """``FxHxW:N`` (frames, even height and width in pixels, a positive count: the batch here, the
+    sampling steps for an evaluation size) -> ``(F, H, W, N)``; ``argparse.ArgumentTypeError`` (naming
+    ``count``) otherwise."""
     try:
-        grid, batch = text.split(":")
+        grid, number = text.split(":")
         frames, height, width = (int(x) for x in grid.split("x"))
-        entry = (frames, height, width, int(batch))
+        entry = (frames, height, width, int(number))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FRAMESxHEIGHTxWIDTH:BATCH such as 16x64x96:2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected FRAMESxHEIGHTxWIDTH:{count} such as 16x64x96:2, got {text!r}"
+        ) from None
     if min(entry) <= 0 or height % 2 or width % 2:
         raise argparse.ArgumentTypeError(f"sizes must be positive with even height and width, got {text!r}")
     return entry
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
     parser.add_argument("--save-every", type=_positive(float),
                         help="also write the weights and log every this many minutes of the run")
-    parser.add_argument("--sizes", type=_size_entry, nargs="+", default=list(TRAIN_SIZES),
+    parser.add_argument("--sizes", type=size_entry, nargs="+", default=list(TRAIN_SIZES),
                         help="training sizes FxHxW:B, one per step in turn (default: "
                              + " ".join(f"{f}x{h}x{w}:{b}" for f, h, w, b in TRAIN_SIZES) + ")")
     parser.add_argument("--attention-entropy", type=_non_negative, default=0.0,
