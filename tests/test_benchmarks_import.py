@@ -148,7 +148,8 @@ def test_end_to_end_records_the_source_tree_it_ran_uncommitted_changes_included(
 
 def test_fp8_error_budget_splits_the_error_by_rounding(benchmarks_on_path):
     """Each rounding alone errs, all of the FP8 kernels' together err at least as much as the worst alone (the
-    errors add, they do not cancel), and INT8 per block rounds Q and K closer than e4m3 does."""
+    errors add, they do not cancel), and 8-bit integers (Q and K per block, V per channel, P per row and key
+    block) round each closer than e4m3 does."""
     import fp8_error_budget
 
     table = fp8_error_budget.error_table(seq=512, heads=1, block=128)
@@ -158,6 +159,9 @@ def test_fp8_error_budget_splits_the_error_by_rounding(benchmarks_on_path):
     for i in range(2):
         assert together[i] >= max(table[name][i] for name in singles)
         assert table["Q, K INT8 per block"][i] < table["Q, K e4m3 per block (K smoothed)"][i]
+        assert table["V INT8 per channel"][i] < table["V e4m3 per channel"][i]
+        assert table["P UINT8 per row and key block"][i] < table["P e4m3"][i]
+        assert table["**Q, K, V INT8, P UINT8 (both GEMMs 8-bit integer)**"][i] < together[i]
 
 
 def test_the_fp8_table_shows_quantisation_alone_as_a_share_of_the_bf16_kernels(benchmarks_on_path):
