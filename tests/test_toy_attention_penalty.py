@@ -30,6 +30,18 @@ def test_self_attention_calls_add_one_entropy_each_and_cross_attention_none():
     assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0 and v.grad is None
 
 
+def test_without_grad_the_entropy_is_the_same_statistic_with_no_graph():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 32, 8, generator=gen, requires_grad=True) for _ in range(3))
+    results = []
+    for grad in (True, False):
+        with attention_entropy_penalty(rows=4, generator=torch.Generator().manual_seed(0), grad=grad) as entropies:
+            F.scaled_dot_product_attention(q, k, v)
+        results.append(entropies[0])
+    assert results[0].requires_grad and not results[1].requires_grad
+    assert torch.equal(results[0].detach(), results[1])
+
+
 def test_the_sampled_rows_follow_the_generator():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 64, 8, generator=gen) for _ in range(3))

@@ -30,9 +30,12 @@ def normalised_entropy(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> t
 
 
 @contextmanager
-def attention_entropy_penalty(rows: int, generator: torch.Generator) -> Iterator[list[torch.Tensor]]:
+def attention_entropy_penalty(
+    rows: int, generator: torch.Generator, grad: bool = True
+) -> Iterator[list[torch.Tensor]]:
     """Within the block, collect :func:`normalised_entropy` of ``rows`` query rows (drawn with
-    ``generator``, a CPU generator) of every self-attention SDPA call, in call order."""
+    ``generator``, a CPU generator) of every self-attention SDPA call, in call order; with ``grad``
+    False from detached q and k (a statistic only: no graph kept)."""
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
     entropies: list[torch.Tensor] = []
@@ -42,7 +45,9 @@ def attention_entropy_penalty(rows: int, generator: torch.Generator) -> Iterator
         if seq > 1:
             pick = torch.randint(0, seq, (min(rows, seq),), generator=generator).to(query.device)
             scale = kwargs.get("scale") or query.shape[-1] ** -0.5
-            entropies.append(normalised_entropy(query[..., pick, :], key, scale))
+            q_rows = query[..., pick, :]
+            entropies.append(normalised_entropy(q_rows, key, scale) if grad
+                             else normalised_entropy(q_rows.detach(), key.detach(), scale))
 
     with on_self_attention(penalise):
         yield entropies

@@ -207,7 +207,8 @@ def train(
             group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
         batch = training_batch(state.step, sizes, device, seed)
         rows = torch.Generator().manual_seed(seed * 10**9 + state.step)
-        with training_autocast(device), attention_entropy_penalty(PENALTY_ROWS, rows) as entropies:
+        penalty = attention_entropy_penalty(PENALTY_ROWS, rows, grad=attention_entropy > 0)
+        with training_autocast(device), penalty as entropies:
             prediction = model(hidden_states=batch.noisy, timestep=batch.timesteps,
                                encoder_hidden_states=batch.conditioning).sample
         loss = (batch.loss_weight * (prediction.float() - batch.target) ** 2).mean()
