@@ -301,41 +301,35 @@ def size_entry(text: str, count: str = "BATCH") -> tuple[int, int, int, int]:
     return entry
 
 
-def _positive(kind: type):
+def _above_zero(kind: type, or_equal: bool = False):
+    """An argparse type: ``kind(text)``, refused unless it is > 0 (``or_equal``: >= 0; NaN never passes)."""
     def parse(text: str):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if or_equal else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if or_equal else '>'} 0, got {text}")
         return value
     return parse
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=_positive(float), default=5.0, help="training time budget")
+    parser.add_argument("--minutes", type=_above_zero(float), default=5.0, help="training time budget")
     parser.add_argument("--out", type=Path, required=True, help="folder for toy_wan.safetensors and train_log.json")
     parser.add_argument("--resume", type=Path, default=WEIGHTS,
                         help="weights (.safetensors) or a --checkpoint file to continue from (default: shipped weights)")
     parser.add_argument("--from-scratch", action="store_true", help="random initial weights instead of --resume")
     parser.add_argument("--checkpoint", type=Path, help="also save the full training state here")
-    parser.add_argument("--lr", type=_positive(float), default=3e-4, help="peak learning rate")
+    parser.add_argument("--lr", type=_above_zero(float), default=3e-4, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=_positive(int), help="stop after this many steps (reproducible runs)")
-    parser.add_argument("--eval-clips", type=_positive(int), default=32, help="sampled clips judged per eval size")
+    parser.add_argument("--max-steps", type=_above_zero(int), help="stop after this many steps (reproducible runs)")
+    parser.add_argument("--eval-clips", type=_above_zero(int), default=32, help="sampled clips judged per eval size")
     parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
-    parser.add_argument("--save-every", type=_positive(float),
+    parser.add_argument("--save-every", type=_above_zero(float),
                         help="also write the weights and log every this many minutes of the run")
     parser.add_argument("--sizes", type=size_entry, nargs="+", default=list(TRAIN_SIZES),
                         help="training sizes FxHxW:B, one per step in turn (default: "
                              + " ".join(f"{f}x{h}x{w}:{b}" for f, h, w, b in TRAIN_SIZES) + ")")
-    parser.add_argument("--attention-entropy", type=_non_negative, default=0.0,
+    parser.add_argument("--attention-entropy", type=_above_zero(float, or_equal=True), default=0.0,
                         help="weight of the sampled rows' normalised attention entropy in the loss "
                              "(concentrates the attention; default 0: off)")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
