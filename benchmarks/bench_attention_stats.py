@@ -4,8 +4,9 @@
 
 Samples ``--clips`` clips (classes in turn) densely up to the first sparse step (step
 ``--dense-steps`` of ``--steps``; by default the first step past the backend's default warm-up,
-``dense_timestep_fraction`` 0.07: step 2 of 20 on the toy's schedule), captures the Q/K/V of every self-attention layer there (conditional branch) and, per
-layer and head, averaged over the clips (:mod:`sparse_compile.toy.method_recall` defines each):
+``dense_timestep_fraction`` 0.07: step 2 of 20 on the toy's schedule), captures the Q/K/V of every
+self-attention layer there (conditional branch) and, per layer and head, averaged over the clips
+(:mod:`sparse_compile.toy.method_recall` defines each):
 
 - the kept density each method (and the oracle) needs for recall 0.9 and 0.95;
 - each method's recall and density at its defaults;

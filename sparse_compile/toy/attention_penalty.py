@@ -2,11 +2,10 @@
 
 :func:`attention_entropy_penalty` wraps ``torch.nn.functional.scaled_dot_product_attention`` during
 one training forward (:func:`~sparse_compile.toy.attention_stats.on_self_attention`). Every call still
-runs the real SDPA; a self-attention call (queries and keys of
-equal length) also computes, for ``rows`` of its query rows per (batch, head), the softmax over every
-key explicitly, with gradients to q and k, and appends the rows' mean entropy divided by ``log(S)``
-(1: uniform over the keys, 0: all mass on one key) to the yielded list. Memory ``O(B * H * rows * S)``
-per call.
+runs the real SDPA; a self-attention call (queries and keys of equal length) also computes, for
+``rows`` of its query rows per (batch, head), the softmax over every key explicitly, with gradients to
+q and k, and appends the rows' mean entropy divided by ``log(S)`` (1: uniform over the keys, 0: all
+mass on one key) to the yielded list. Memory ``O(B * H * rows * S)`` per call.
 """
 
 from __future__ import annotations
@@ -46,8 +45,9 @@ def attention_entropy_penalty(
             pick = torch.randint(0, seq, (min(rows, seq),), generator=generator).to(query.device)
             scale = kwargs.get("scale") or query.shape[-1] ** -0.5
             q_rows = query[..., pick, :]
-            entropies.append(normalised_entropy(q_rows, key, scale) if grad
-                             else normalised_entropy(q_rows.detach(), key.detach(), scale))
+            if not grad:
+                q_rows, key = q_rows.detach(), key.detach()
+            entropies.append(normalised_entropy(q_rows, key, scale))
 
     with on_self_attention(penalise):
         yield entropies
