@@ -185,8 +185,29 @@ def test_the_training_cli_passes_its_sizes_in_order(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     log = {"locality": [], "steps": 0, "minutes": 0.0, "total_minutes": 0.0, "losses": [(0, 0.0, 0.0)]}
     monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: seen.update(kwargs) or log)
-    train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24", "--attention-entropy", "0.03"])
+    train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24", "--attention-entropy", "0.03",
+                "--qk-gain-lr", "10"])
     assert seen["sizes"] == ((16, 64, 96, 2), (6, 32, 48, 24)) and seen["attention_entropy"] == 0.03
+    assert seen["qk_gain_lr"] == 10
+
+
+def test_the_q_and_k_gains_of_each_self_attention_train_at_their_own_learning_rate(tmp_path):
+    model = build_toy_wan(weights=None)
+    rest, gains = train_module.parameter_groups(model, qk_gain_lr=10.0)
+    assert gains["lr_scale"] == 10.0 and rest["lr_scale"] == 1.0
+    assert len(gains["params"]) == 2 * CONFIG["num_layers"]  # norm_q and norm_k of every layer's attn1
+    assert len(gains["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    captured = {}
+    real_step = torch.optim.AdamW.step
+    def step(optimizer, *args, **kwargs):
+        captured["lr"] = [group["lr"] for group in optimizer.param_groups]
+        return real_step(optimizer, *args, **kwargs)
+    tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
+                device=torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", step)
+        log = train(1.0, tmp_path, resume=None, max_steps=1, qk_gain_lr=10.0, **tiny)
+    assert log["qk_gain_lr"] == 10.0 and captured["lr"][1] == pytest.approx(10 * captured["lr"][0])
 
 
 def test_the_training_cli_refuses_a_negative_attention_entropy_weight(monkeypatch, capsys, tmp_path):

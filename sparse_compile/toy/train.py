@@ -6,7 +6,8 @@ levels are logit-normal (most steps at mid noise, where the shapes and their mot
 and the shapes' pixels weigh ``1 + SHAPE_LOSS_WEIGHT`` in the loss, since they carry the class but
 cover a few percent of a frame. With ``--attention-entropy W`` the loss also carries ``W`` times the
 normalised entropy of sampled query rows of every self-attention
-(:mod:`sparse_compile.toy.attention_penalty`), which concentrates the attention. bf16 autocast,
+(:mod:`sparse_compile.toy.attention_penalty`), which concentrates the attention; ``--qk-gain-lr`` lets
+the q/k RMSNorm gains, which bound how sharp it can get, move faster. bf16 autocast,
 AdamW with warm-up and cosine decay over the time budget, classifier-free-guidance label dropout,
 an EMA of the weights.
 
@@ -47,6 +48,7 @@ SHAPE_CHROMA = 0.8  # between the shapes' chroma (>= 1.6) and the background's (
 EMA_DECAY = 0.999
 LOG_EVERY = 50
 PENALTY_ROWS = 64  # query rows per (batch, head) and self-attention call in the entropy penalty
+QK_GAIN_SUFFIXES = ("attn1.norm_q.weight", "attn1.norm_k.weight")  # self-attention's temperature, per channel
 
 
 @dataclass
@@ -127,18 +129,30 @@ def training_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def load_state(resume: Path | None, device: torch.device, peak_lr: float, prior_minutes: float) -> TrainState:
+def parameter_groups(model: torch.nn.Module, qk_gain_lr: float) -> list[dict]:
+    """AdamW groups: self-attention's q/k RMSNorm gains (they scale every logit, so they set how sharp
+    the attention can be) with ``lr_scale`` ``qk_gain_lr``, and every other trainable parameter at 1."""
+    gains, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (gains if name.endswith(QK_GAIN_SUFFIXES) else rest).append(param)
+    return [{"params": rest, "lr_scale": 1.0}, {"params": gains, "lr_scale": qk_gain_lr}]
+
+
+def load_state(resume: Path | None, device: torch.device, peak_lr: float, prior_minutes: float,
+               qk_gain_lr: float = 1.0) -> TrainState:
     """A :class:`TrainState` from ``resume``: a checkpoint file of :func:`save_checkpoint`, a
     ``.safetensors`` weights file (EMA and model both start from it), or ``None`` (random init).
 
-    ``prior_minutes`` is the training time of weights whose metadata does not record it.
+    ``prior_minutes`` is the training time of weights whose metadata does not record it; ``qk_gain_lr``
+    multiplies the learning rate of the q/k gains (:func:`parameter_groups`).
     """
     from safetensors import safe_open
 
     is_weights = resume is not None and resume.suffix == ".safetensors"
     model = build_toy_wan(device, torch.float32, weights=resume if is_weights else None).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    optimizer = torch.optim.AdamW(parameter_groups(model, qk_gain_lr), lr=peak_lr, betas=(0.9, 0.99),
+                                  weight_decay=0.01)
     state = TrainState(model, {k: v.detach().clone() for k, v in model.state_dict().items()}, optimizer)
     if resume is None:
         return state
@@ -152,6 +166,8 @@ def load_state(resume: Path | None, device: torch.device, peak_lr: float, prior_
     saved = torch.load(resume, map_location=device, weights_only=True)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:  # the scale is this run's choice, not the checkpoint's
+        group["lr_scale"] = 1.0 if group is optimizer.param_groups[0] else qk_gain_lr
     state.ema = {k: v.to(device) for k, v in saved["ema"].items()}
     state.step, state.runs = saved["step"], json.loads(saved["runs"])
     return state
@@ -180,6 +196,7 @@ def train(
     prior_minutes: float = 0.0,
     save_every: float | None = None,
     attention_entropy: float = 0.0,
+    qk_gain_lr: float = 1.0,
     device: torch.device | None = None,
 ) -> dict:
     """Train for ``minutes`` (or ``max_steps``) from ``resume``; write weights and log to ``out``.
@@ -187,24 +204,26 @@ def train(
     ``eval_sizes`` lists ``(frames, height, width, steps)`` at which ``eval_clips`` sampled clips
     are judged at the end (and at the start with ``score_start``). With ``save_every`` (minutes),
     the EMA weights and the log are also written every ``save_every`` minutes of the run.
-    ``attention_entropy`` weighs the attention-entropy penalty (0: off; its mean is logged either way).
+    ``attention_entropy`` weighs the attention-entropy penalty (0: off; its mean is logged either way);
+    ``qk_gain_lr`` multiplies the learning rate of self-attention's q/k gains.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(seed)
-    state = load_state(resume, device, peak_lr, prior_minutes)
+    state = load_state(resume, device, peak_lr, prior_minutes, qk_gain_lr)
     model, params = state.model, [p for p in state.model.parameters() if p.requires_grad]
     log: dict = {"resumed_from": str(resume), "start_step": state.step, "seed": seed, "peak_lr": peak_lr,
                  "sizes": sizes, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "attention_entropy_weight": attention_entropy, "losses": [],
+                 "torch": torch.__version__, "attention_entropy_weight": attention_entropy, "qk_gain_lr": qk_gain_lr, "losses": [],
                  "attention_entropy": []}
     if score_start:
         log["start_scores"] = _score(_ema_model(model, state.ema), eval_sizes, eval_clips)
     budget, start, run_steps, window, entropy_window = minutes * 60, time.perf_counter(), 0, [], []
     next_save = None if save_every is None else save_every * 60
     while (elapsed := time.perf_counter() - start) < budget and (max_steps is None or run_steps < max_steps):
+        lr = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
         for group in state.optimizer.param_groups:
-            group["lr"] = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
+            group["lr"] = lr * group["lr_scale"]
         batch = training_batch(state.step, sizes, device, seed)
         rows = torch.Generator().manual_seed(seed * 10**9 + state.step)
         penalty = attention_entropy_penalty(PENALTY_ROWS, rows, grad=attention_entropy > 0)
@@ -332,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attention-entropy", type=_above_zero(float, or_equal=True), default=0.0,
                         help="weight of the sampled rows' normalised attention entropy in the loss "
                              "(concentrates the attention; default 0: off)")
+    parser.add_argument("--qk-gain-lr", type=_above_zero(float), default=1.0,
+                        help="learning-rate multiplier of self-attention's q/k RMSNorm gains, which bound "
+                             "how sharp the attention can be (default 1)")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
                         help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
@@ -344,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.seed, sizes=tuple(args.sizes), max_steps=args.max_steps, eval_clips=args.eval_clips,
                 score_start=args.score_start,
                 prior_minutes=args.prior_minutes, save_every=args.save_every,
-                attention_entropy=args.attention_entropy)
+                attention_entropy=args.attention_entropy, qk_gain_lr=args.qk_gain_lr)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
     print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
           f"{log['losses'][-1][2]:.4f}; attention near-mass / near-share per layer: {ratios}")
