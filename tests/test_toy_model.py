@@ -133,6 +133,20 @@ def test_a_training_batch_weights_the_shapes_pixels_and_draws_mid_noise_levels_m
     assert float(((sigma > 0.25) & (sigma < 0.75)).float().mean()) > 0.55  # logit-normal: ~0.73 in the middle half
 
 
+def test_a_uniform_noise_share_trains_the_nearly_clean_and_nearly_pure_noise_ends():
+    from sparse_compile.toy.train import training_batch
+
+    def ends(uniform_noise: float) -> float:
+        levels = torch.cat([training_batch(step, ((1, 16, 16, 256),), torch.device("cpu"), 0, uniform_noise).timesteps
+                            for step in range(4)]) / 1000
+        return float(((levels < 0.1) | (levels > 0.9)).float().mean())
+
+    assert ends(0.0) < 0.06  # logit-normal: ~2.8% of the clips beyond 0.1 of either end
+    assert 0.06 < ends(0.5) < 0.16  # half of them uniform: ~0.5 * 20% + 0.5 * 2.8%
+    assert torch.equal(training_batch(5, ((1, 16, 16, 8),), torch.device("cpu"), 0, 0.5).noisy,
+                       training_batch(5, ((1, 16, 16, 8),), torch.device("cpu"), 0, 0.5).noisy)
+
+
 def test_training_resumes_from_its_checkpoint_and_writes_fp16_weights_that_load(tmp_path):
     tiny = dict(sizes=((2, 16, 16, 2),), eval_sizes=((2, 16, 16, 1),), eval_clips=1, locality_size=(2, 16, 16),
                 device=torch.device("cpu"))
@@ -186,9 +200,9 @@ def test_the_training_cli_passes_its_sizes_in_order(monkeypatch, tmp_path):
     log = {"locality": [], "steps": 0, "minutes": 0.0, "total_minutes": 0.0, "losses": [(0, 0.0, 0.0)]}
     monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: seen.update(kwargs) or log)
     train_main(["--out", str(tmp_path), "--sizes", "16x64x96:2", "6x32x48:24", "--attention-entropy", "0.03",
-                "--qk-gain-lr", "10"])
+                "--qk-gain-lr", "10", "--uniform-noise", "0.25"])
     assert seen["sizes"] == ((16, 64, 96, 2), (6, 32, 48, 24)) and seen["attention_entropy"] == 0.03
-    assert seen["qk_gain_lr"] == 10
+    assert seen["qk_gain_lr"] == 10 and seen["uniform_noise"] == 0.25
 
 
 def test_the_q_and_k_gains_of_each_self_attention_train_at_their_own_learning_rate(tmp_path):
@@ -210,11 +224,13 @@ def test_the_q_and_k_gains_of_each_self_attention_train_at_their_own_learning_ra
     assert log["qk_gain_lr"] == 10.0 and captured["lr"][1] == pytest.approx(10 * captured["lr"][0])
 
 
-def test_the_training_cli_refuses_a_negative_attention_entropy_weight(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("option, value", [("--attention-entropy", "-1"), ("--qk-gain-lr", "0"),
+                                           ("--uniform-noise", "1.5"), ("--uniform-noise", "nan")])
+def test_the_training_cli_names_an_option_out_of_range(monkeypatch, capsys, tmp_path, option, value):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit):
-        train_main(["--out", str(tmp_path), "--attention-entropy", "-1"])
-    assert "--attention-entropy" in capsys.readouterr().err
+        train_main(["--out", str(tmp_path), option, value])
+    assert option in capsys.readouterr().err
 
 
 def test_a_shifted_schedule_spends_more_steps_at_high_noise_between_the_same_ends():

@@ -82,10 +82,13 @@ class TrainingBatch:
 
 
 def training_batch(
-    step: int, sizes: tuple[tuple[int, int, int, int], ...], device: torch.device, seed: int = 0
+    step: int, sizes: tuple[tuple[int, int, int, int], ...], device: torch.device, seed: int = 0,
+    uniform_noise: float = 0.0,
 ) -> TrainingBatch:
-    """The batch of step ``step`` of a run with ``seed``: logit-normal noise levels, shape pixels
-    weighted ``1 + SHAPE_LOSS_WEIGHT``.
+    """The batch of step ``step`` of a run with ``seed``: logit-normal noise levels (each clip's level
+    uniform in (0, 1) instead with probability ``uniform_noise``, so the nearly clean and nearly pure
+    noise ends that a sampler's first and last steps visit are trained too), shape pixels weighted
+    ``1 + SHAPE_LOSS_WEIGHT``.
 
     ``sizes`` lists ``(frames, height, width, batch)``; step ``i`` uses entry ``i % len(sizes)``.
     """
@@ -95,7 +98,11 @@ def training_batch(
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     videos = make_videos(step_seed, labels, frames, height, width, device)
     noise = torch.randn(videos.shape, generator=gen).to(device)
-    sigma = torch.sigmoid(torch.randn((batch,), generator=gen)).to(device)
+    sigma = torch.sigmoid(torch.randn((batch,), generator=gen))
+    if uniform_noise > 0:
+        uniform = torch.rand((batch,), generator=gen)
+        sigma = torch.where(torch.rand((batch,), generator=gen) < uniform_noise, uniform, sigma)
+    sigma = sigma.to(device)
     noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * videos + sigma.view(-1, 1, 1, 1, 1) * noise
     dropped = torch.rand((batch,), generator=gen) < LABEL_DROPOUT
     conditioning = class_embeddings(torch.where(dropped, -1, labels)).to(device)
@@ -197,6 +204,7 @@ def train(
     save_every: float | None = None,
     attention_entropy: float = 0.0,
     qk_gain_lr: float = 1.0,
+    uniform_noise: float = 0.0,
     device: torch.device | None = None,
 ) -> dict:
     """Train for ``minutes`` (or ``max_steps``) from ``resume``; write weights and log to ``out``.
@@ -205,7 +213,8 @@ def train(
     are judged at the end (and at the start with ``score_start``). With ``save_every`` (minutes),
     the EMA weights and the log are also written every ``save_every`` minutes of the run.
     ``attention_entropy`` weighs the attention-entropy penalty (0: off; its mean is logged either way);
-    ``qk_gain_lr`` multiplies the learning rate of self-attention's q/k gains.
+    ``qk_gain_lr`` multiplies the learning rate of self-attention's q/k gains; ``uniform_noise`` is the share
+    of clips whose noise level is uniform (:func:`training_batch`).
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -214,7 +223,8 @@ def train(
     model, params = state.model, [p for p in state.model.parameters() if p.requires_grad]
     log: dict = {"resumed_from": str(resume), "start_step": state.step, "seed": seed, "peak_lr": peak_lr,
                  "sizes": sizes, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "attention_entropy_weight": attention_entropy, "qk_gain_lr": qk_gain_lr, "losses": [],
+                 "torch": torch.__version__, "attention_entropy_weight": attention_entropy,
+                 "qk_gain_lr": qk_gain_lr, "uniform_noise": uniform_noise, "losses": [],
                  "attention_entropy": []}
     if score_start:
         log["start_scores"] = _score(_ema_model(model, state.ema), eval_sizes, eval_clips)
@@ -224,7 +234,7 @@ def train(
         lr = learning_rate(elapsed / budget, run_steps, peak_lr, warmup=100)
         for group in state.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        batch = training_batch(state.step, sizes, device, seed)
+        batch = training_batch(state.step, sizes, device, seed, uniform_noise)
         rows = torch.Generator().manual_seed(seed * 10**9 + state.step)
         penalty = attention_entropy_penalty(PENALTY_ROWS, rows, grad=attention_entropy > 0)
         with training_autocast(device), penalty as entropies:
@@ -330,6 +340,14 @@ def _above_zero(kind: type, or_equal: bool = False):
     return parse
 
 
+def _share(text: str) -> float:
+    """An argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=_above_zero(float), default=5.0, help="training time budget")
@@ -354,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qk-gain-lr", type=_above_zero(float), default=1.0,
                         help="learning-rate multiplier of self-attention's q/k RMSNorm gains, which bound "
                              "how sharp the attention can be (default 1)")
+    parser.add_argument("--uniform-noise", type=_share, default=0.0,
+                        help="share of clips whose noise level is drawn uniformly instead of logit-normal "
+                             "(trains the sampler's first and last steps; default 0)")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
                         help="training minutes of --resume weights that do not record them")
     args = parser.parse_args(argv)
@@ -366,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.seed, sizes=tuple(args.sizes), max_steps=args.max_steps, eval_clips=args.eval_clips,
                 score_start=args.score_start,
                 prior_minutes=args.prior_minutes, save_every=args.save_every,
-                attention_entropy=args.attention_entropy, qk_gain_lr=args.qk_gain_lr)
+                attention_entropy=args.attention_entropy, qk_gain_lr=args.qk_gain_lr,
+                uniform_noise=args.uniform_noise)
     ratios = ", ".join(f"{s['ratio']:.1f}" for s in log["locality"])
     print(f"{log['steps']} steps in {log['minutes']} min ({log['total_minutes']} min in all); final loss "
           f"{log['losses'][-1][2]:.4f}; attention near-mass / near-share per layer: {ratios}")
