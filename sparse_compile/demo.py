@@ -25,6 +25,7 @@ from typing import Callable, TextIO
 import torch
 
 import sparse_compile
+from sparse_compile.cli_types import number_in
 from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.judge import judge
 from sparse_compile.toy.metrics import psnr, ssim
@@ -62,15 +63,6 @@ def timed_generation(model, labels: torch.Tensor, args: argparse.Namespace, labe
     return videos, (time.perf_counter() - start) / (2 * args.steps)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The demo's options, checked before any model is built (bad values exit with a message naming the option)."""
     gpu = torch.cuda.is_available()
@@ -78,13 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", default="auto", choices=sparse_compile.available_methods())
     parser.add_argument("--label", type=int, default=4, choices=range(NUM_CLASSES),
                         help="class: " + ", ".join(f"{i} {class_name(i)}" for i in range(NUM_CLASSES)))
-    parser.add_argument("--steps", type=_at_least(1), default=20 if gpu else 6)
-    parser.add_argument("--dense-steps", type=_at_least(0), default=5 if gpu else 2)
+    parser.add_argument("--steps", type=number_in(int, 1), default=20 if gpu else 6)
+    parser.add_argument("--dense-steps", type=number_in(int, 0), default=5 if gpu else 2)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
-    parser.add_argument("--frames", type=_at_least(1), default=16 if gpu else 6)
-    parser.add_argument("--height", type=_at_least(MIN_SIZE), default=64 if gpu else 32,
+    parser.add_argument("--frames", type=number_in(int, 1), default=16 if gpu else 6)
+    parser.add_argument("--height", type=number_in(int, MIN_SIZE), default=64 if gpu else 32,
                         help=f"pixels, even (tokens: height/{PATCH})")
-    parser.add_argument("--width", type=_at_least(MIN_SIZE), default=96 if gpu else 48,
+    parser.add_argument("--width", type=number_in(int, MIN_SIZE), default=96 if gpu else 48,
                         help=f"pixels, even (tokens: width/{PATCH})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if gpu else "cpu", help="cpu or cuda[:index]")

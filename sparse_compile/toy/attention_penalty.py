@@ -16,14 +16,13 @@ from typing import Iterator
 
 import torch
 
-from sparse_compile.toy.attention_stats import on_self_attention
+from sparse_compile.toy.attention_stats import on_self_attention, row_log_probs
 
 
 def normalised_entropy(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Mean entropy / ``log(S)`` of ``softmax(scale * q_rows @ k^T)``: q_rows ``(B, H, R, D)``, k
     ``(B, H, S, D)`` -> a 0-dim fp32 tensor in ``[0, 1]``."""
-    logits = torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale
-    log_probs = logits.log_softmax(dim=-1)
+    log_probs = row_log_probs(q_rows, k, scale)
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     return entropy.mean() / math.log(k.shape[-2])
 

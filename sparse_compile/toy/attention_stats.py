@@ -4,8 +4,8 @@
 queries and keys have the same length (self-attention), in call order, by wrapping
 ``torch.nn.functional.scaled_dot_product_attention`` during one eager forward
 (:func:`on_self_attention`, which other observers use too).
-:func:`near_mask` marks the keys near each query in the video grid and :func:`local_attention_mass`
-tells whether attention is local there.
+:func:`row_log_probs` is the exact attention of sampled query rows, :func:`near_mask` marks the keys
+near each query in the video grid and :func:`local_attention_mass` tells whether attention is local there.
 """
 
 from __future__ import annotations
@@ -75,6 +75,12 @@ def near_mask(rows: torch.Tensor, grid: tuple[int, int, int], radius: int = 2) -
     )
 
 
+def row_log_probs(q_rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``log_softmax(scale * q_rows @ k^T)`` in fp32, the exact attention of some query rows over every key:
+    q_rows ``(B, H, R, D)``, k ``(B, H, S, D)`` -> ``(B, H, R, S)``."""
+    return (torch.matmul(q_rows.float(), k.float().transpose(-1, -2)) * scale).log_softmax(-1)
+
+
 def local_attention_mass(
     q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], radius: int = 2, rows: int = 256, seed: int = 0
 ) -> tuple[float, float]:
@@ -87,8 +93,7 @@ def local_attention_mass(
     """
     seq = q.shape[2]
     pick = torch.randperm(seq, generator=torch.Generator().manual_seed(seed))[:rows].to(q.device)
-    scores = (q[:, :, pick].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    probs = scores.softmax(-1)  # (B, H, rows, S)
+    probs = row_log_probs(q[:, :, pick], k, q.shape[-1] ** -0.5).exp()  # (B, H, rows, S)
     near = near_mask(pick, grid, radius)  # (rows, S)
     mass = (probs * near).sum(-1).mean()
     return float(mass), float(near.float().mean())

@@ -46,7 +46,7 @@ from sparse_compile.methods.svg import SvgConfig
 from sparse_compile.methods.svg2 import Svg2Config
 from sparse_compile.methods.svg_patterns import build_patterns
 from sparse_compile.methods.svg_profile import classify_heads, sample_rows
-from sparse_compile.toy.attention_stats import near_mask
+from sparse_compile.toy.attention_stats import near_mask, row_log_probs
 
 RECALLS = (0.9, 0.95)
 METHODS = ("oracle", "top-p blocks", "adaspa", "svg", "radial", "svg2", "auto")
@@ -103,11 +103,6 @@ def needed_density(curve: Curve, target: float) -> Tensor:
     """Least density of ``curve`` whose recall reaches ``target``, ``(B, H)``; 1 (dense) where none does."""
     reached = curve.recall >= target - _TOLERANCE
     return torch.where(reached, curve.density, torch.inf).amin(-1).clamp(max=1.0)
-
-
-def row_probs(q: Tensor, k: Tensor, rows: Tensor, scale: float) -> Tensor:
-    """Exact attention rows of query ``rows`` (int64 ``(R,)``) over every key: fp32 ``(B, H, R, Sv)``."""
-    return ((q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale).softmax(-1)
 
 
 def oracle_density(probs: Tensor, target: float) -> Tensor:
@@ -210,7 +205,7 @@ def auto_density(mass: Tensor, grid: tuple[int, int, int], block: int, target: f
 def analyse_call(q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int, int], rows: Tensor, scale: float,
                  configs: MethodConfigs = MethodConfigs()) -> CallAnalysis:
     """Every statistic of one self-attention call over the video tokens ``(B, H, Sv, D)`` (see the module doc)."""
-    probs = row_probs(q, k, rows, scale)
+    probs = row_log_probs(q[:, :, rows], k, scale).exp()  # exact attention of the rows: (B, H, R, S)
     lse = attention_lse(q, k, scale)
     masses: dict[int, Tensor] = {}
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sparse_compile.cli_types import number_in
 from sparse_compile.toy.attention_penalty import attention_entropy_penalty
 from sparse_compile.toy.attention_stats import capture_self_attention, local_attention_mass
 from sparse_compile.toy.evaluate import score_generation
@@ -330,49 +331,33 @@ def size_entry(text: str, count: str = "BATCH") -> tuple[int, int, int, int]:
     return entry
 
 
-def _above_zero(kind: type, or_equal: bool = False):
-    """An argparse type: ``kind(text)``, refused unless it is > 0 (``or_equal``: >= 0; NaN never passes)."""
-    def parse(text: str):
-        value = kind(text)
-        if not (value >= 0 if or_equal else value > 0):
-            raise argparse.ArgumentTypeError(f"must be {'>=' if or_equal else '>'} 0, got {text}")
-        return value
-    return parse
-
-
-def _share(text: str) -> float:
-    """An argparse type: a float in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=_above_zero(float), default=5.0, help="training time budget")
+    positive = number_in(float, 0, low_open=True)
+    parser.add_argument("--minutes", type=positive, default=5.0, help="training time budget")
     parser.add_argument("--out", type=Path, required=True, help="folder for toy_wan.safetensors and train_log.json")
     parser.add_argument("--resume", type=Path, default=WEIGHTS,
                         help="weights (.safetensors) or a --checkpoint file to continue from (default: shipped weights)")
     parser.add_argument("--from-scratch", action="store_true", help="random initial weights instead of --resume")
     parser.add_argument("--checkpoint", type=Path, help="also save the full training state here")
-    parser.add_argument("--lr", type=_above_zero(float), default=3e-4, help="peak learning rate")
+    parser.add_argument("--lr", type=positive, default=3e-4, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=_above_zero(int), help="stop after this many steps (reproducible runs)")
-    parser.add_argument("--eval-clips", type=_above_zero(int), default=32, help="sampled clips judged per eval size")
+    parser.add_argument("--max-steps", type=number_in(int, 1),
+                        help="stop after this many steps (reproducible runs)")
+    parser.add_argument("--eval-clips", type=number_in(int, 1), default=32, help="sampled clips judged per eval size")
     parser.add_argument("--score-start", action="store_true", help="also judge the starting weights")
-    parser.add_argument("--save-every", type=_above_zero(float),
+    parser.add_argument("--save-every", type=positive,
                         help="also write the weights and log every this many minutes of the run")
     parser.add_argument("--sizes", type=size_entry, nargs="+", default=list(TRAIN_SIZES),
                         help="training sizes FxHxW:B, one per step in turn (default: "
                              + " ".join(f"{f}x{h}x{w}:{b}" for f, h, w, b in TRAIN_SIZES) + ")")
-    parser.add_argument("--attention-entropy", type=_above_zero(float, or_equal=True), default=0.0,
+    parser.add_argument("--attention-entropy", type=number_in(float, 0), default=0.0,
                         help="weight of the sampled rows' normalised attention entropy in the loss "
                              "(concentrates the attention; default 0: off)")
-    parser.add_argument("--qk-gain-lr", type=_above_zero(float), default=1.0,
+    parser.add_argument("--qk-gain-lr", type=positive, default=1.0,
                         help="learning-rate multiplier of self-attention's q/k RMSNorm gains, which bound "
                              "how sharp the attention can be (default 1)")
-    parser.add_argument("--uniform-noise", type=_share, default=0.0,
+    parser.add_argument("--uniform-noise", type=number_in(float, 0, 1), default=0.0,
                         help="share of clips whose noise level is drawn uniformly instead of logit-normal "
                              "(trains the sampler's first and last steps; default 0)")
     parser.add_argument("--prior-minutes", type=float, default=0.0,
