@@ -222,6 +222,7 @@ def test_the_q_and_k_gains_of_each_self_attention_train_at_their_own_learning_ra
         patch.setattr(torch.optim.AdamW, "step", step)
         log = train(1.0, tmp_path, resume=None, max_steps=1, qk_gain_lr=10.0, **tiny)
     assert log["qk_gain_lr"] == 10.0 and captured["lr"][1] == pytest.approx(10 * captured["lr"][0])
+    assert log["runs"][-1]["recipe"]["qk_gain_lr"] == 10.0  # the weights' metadata says how they were trained
 
 
 @pytest.mark.parametrize("option, value", [("--attention-entropy", "-1"), ("--qk-gain-lr", "0"),

@@ -49,6 +49,8 @@ SHAPE_CHROMA = 0.8  # between the shapes' chroma (>= 1.6) and the background's (
 EMA_DECAY = 0.999
 LOG_EVERY = 50
 PENALTY_ROWS = 64  # query rows per (batch, head) and self-attention call in the entropy penalty
+RECIPE_KEYS = ("seed", "peak_lr", "sizes", "attention_entropy_weight", "qk_gain_lr", "uniform_noise")
+"""What each run's record in the weights' metadata keeps of its log, besides device, minutes, steps and data."""
 QK_GAIN_SUFFIXES = ("attn1.norm_q.weight", "attn1.norm_k.weight")  # self-attention's temperature, per channel
 
 
@@ -223,7 +225,8 @@ def train(
     state = load_state(resume, device, peak_lr, prior_minutes, qk_gain_lr)
     model, params = state.model, [p for p in state.model.parameters() if p.requires_grad]
     log: dict = {"resumed_from": str(resume), "start_step": state.step, "seed": seed, "peak_lr": peak_lr,
-                 "sizes": sizes, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "sizes": [list(size) for size in sizes],
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "attention_entropy_weight": attention_entropy,
                  "qk_gain_lr": qk_gain_lr, "uniform_noise": uniform_noise, "losses": [],
                  "attention_entropy": []}
@@ -281,7 +284,7 @@ def _save_weights(state: TrainState, log: dict, out: Path, run_steps: int, run_m
     from safetensors.torch import save_file
 
     runs = state.runs + [{"device": log["device"], "minutes": round(run_minutes, 2), "steps": run_steps,
-                          "data": DATA_VERSION}]
+                          "data": DATA_VERSION, "recipe": {key: log[key] for key in RECIPE_KEYS}}]
     log.update(steps=run_steps, minutes=round(run_minutes, 2), runs=runs,
                total_minutes=round(sum(r["minutes"] for r in runs), 2))
     out.mkdir(parents=True, exist_ok=True)
