@@ -5,8 +5,8 @@
 Generates ``--clips`` clips (every class in turn, the same noise for every setting) with the toy
 model (:mod:`sparse_compile.toy`) compiled with ``backend="sparse_video"``: first
 ``method="dense"`` (the same compiled graph with exact attention: the reference), then every
-sparse method at its defaults and at kept densities 0.25 and 0.125 where the method has a knob
-for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
+sparse method at its defaults and (without ``--defaults-only``) at kept densities 0.25 and 0.125 where
+the method has a knob for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
 keeps at most that density at this grid, when one does). Every setting runs the first
 ``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`);
 a row gives the fraction read back as the class asked for, the fraction where the judge found
@@ -61,10 +61,14 @@ def radial_decay_for(grid: tuple[int, int, int], block: int, density: float) -> 
     return low
 
 
-def method_settings(method: str, grid: tuple[int, int, int], tiny: bool) -> list[tuple[str, dict]]:
-    """``(row name, method options)`` of one method: its defaults, then each of ``DENSITIES`` it can be set to."""
+def method_settings(method: str, grid: tuple[int, int, int], tiny: bool,
+                    defaults_only: bool = False) -> list[tuple[str, dict]]:
+    """``(row name, method options)`` of one method: its defaults, then (unless ``defaults_only``) each of
+    ``DENSITIES`` it can be set to."""
     base = dict(TINY_OPTIONS.get(method, {})) if tiny else {}
     settings = [(f"{method} (defaults)", base)]
+    if defaults_only:
+        return settings
     defaults = METHODS[method].config_type().as_dict()
     if "density" in defaults:
         settings += [(f"{method} density {d}", {**base, "density": d}) for d in DENSITIES if d != defaults["density"]]
@@ -106,7 +110,7 @@ def score_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
              "psnr_db": None, **facts}]
     print(f"dense: accuracy {rows[0]['accuracy']:.3f} ({facts['seconds']} s)", flush=True)
     for method in args.methods:
-        for name, extra in method_settings(method, grid, args.tiny):
+        for name, extra in method_settings(method, grid, args.tiny, args.defaults_only):
             options = {"method": method, **common_options, **extra}
             videos, facts = run_setting(model, options, args)
             score = score_clips(videos, args.steps).as_dict()
@@ -143,6 +147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="clips per generation batch")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dense-steps", type=int, default=5)
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only each method's defaults (the rows the 3-point target is about), no density rows")
     parser.add_argument("--methods", nargs="+", default=[m for m in sparse_compile.available_methods() if m != "dense"],
                         choices=[m for m in sparse_compile.available_methods() if m != "dense"])
     args = parser.parse_args(argv)

@@ -38,6 +38,8 @@ def test_every_method_runs_at_its_defaults_and_at_each_density_it_can_be_set_to(
     assert names["svg2"] == ["svg2 (defaults)"]
     tiny = dict(task_score.method_settings("svg2", grid, tiny=True))
     assert tiny["svg2 (defaults)"]["q_clusters"] == 8
+    assert [name for name, _ in task_score.method_settings("adaspa", grid, False, defaults_only=True)] == [
+        "adaspa (defaults)"]
 
 
 def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tmp_path):
