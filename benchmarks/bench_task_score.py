@@ -3,16 +3,15 @@
 ``python benchmarks/bench_task_score.py [--weights PATH] [--out DIR] [--clips 32] [--frames 16 --height 64 --width 96]``
 
 Generates ``--clips`` clips (every class in turn, the same noise for every setting) with the toy
-model (:mod:`sparse_compile.toy`) compiled with ``backend="sparse_video"``: first
-``method="dense"`` (the same compiled graph with exact attention: the reference), then every
-sparse method at its defaults and (without ``--defaults-only``) at kept densities 0.25 and 0.125 where
-the method has a knob for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
+model (:mod:`sparse_compile.toy`) compiled with ``backend="sparse_video"``: first ``method="dense"``
+(the same compiled graph with exact attention: the reference), then every sparse method at its
+defaults and (without ``--defaults-only``) at kept densities 0.25 and 0.125 where the method has a
+knob for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
 keeps at most that density at this grid, when one does). Every setting runs the first
-``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`);
-a row gives the fraction read back as the class asked for, the fraction where the judge found
-shapes at all, the mean PSNR against the dense clip of the same noise, the mean kept density of
-the sparse steps (from :func:`sparse_compile.report`) and the seconds the setting took (compile
-included).
+``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`); a row
+gives the fraction read back as the class asked for, the fraction where the judge found shapes at
+all, the mean PSNR against the dense clip of the same noise, the mean kept density of the sparse
+steps (from :func:`sparse_compile.report`) and the seconds the setting took (compile included).
 
 Writes ``task_score.md`` and ``task_score.json`` to ``--out``. Meant for a GPU (bf16); on the
 CPU the methods run their reference kernels, so use the smoke size with ``--tiny`` (small
