@@ -11,10 +11,10 @@ import math
 from typing import Callable
 
 
-def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], int | float]:
     """An argparse type: ``kind(text)`` (int or float), refused unless ``low <= value <= high``
     (``low < value`` with ``low_open``)."""
-    def parse(text: str):
+    def parse(text: str) -> int | float:
         value = kind(text)
         above = value > low if low_open else value >= low
         if not (above and value <= high):
