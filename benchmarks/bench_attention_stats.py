@@ -35,6 +35,7 @@ import torch
 from common import TOY_PATCH, add_toy_arguments, check_toy_arguments
 
 from sparse_compile import options
+from sparse_compile.kernels.common import default_scale
 from sparse_compile.methods.adaspa import AdaSpaConfig
 from sparse_compile.methods.auto import AutoConfig
 from sparse_compile.methods.base import in_timestep_warmup
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = TINY_CONFIGS if args.tiny else MethodConfigs()
     analyses = []
     for call in calls:
-        scale = call.scale if call.scale is not None else call.query.shape[-1] ** -0.5
+        scale = default_scale(call.query.shape[-1], call.scale)
         analyses.append(analyse_call(call.query, call.key, call.value, grid, rows_sampled, scale, configs))
     rows = head_rows(analyses)
     header = (f"toy model {args.weights.name}, grid {grid[0]}x{grid[1]}x{grid[2]} tokens ({args.frames} frames "

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from sparse_compile.kernels.common import default_scale
 from sparse_compile.toy.attention_stats import on_self_attention, row_log_probs
 
 
@@ -42,7 +43,7 @@ def attention_entropy_penalty(
         seq = key.shape[-2]
         if seq > 1:
             pick = torch.randint(0, seq, (min(rows, seq),), generator=generator).to(query.device)
-            scale = kwargs.get("scale") or query.shape[-1] ** -0.5
+            scale = default_scale(query.shape[-1], kwargs.get("scale"))
             q_rows = query[..., pick, :]
             if not grad:
                 q_rows, key = q_rows.detach(), key.detach()

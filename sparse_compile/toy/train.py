@@ -175,9 +175,10 @@ def load_state(resume: Path | None, device: torch.device, peak_lr: float, prior_
         return state
     saved = torch.load(resume, map_location=device, weights_only=True)
     model.load_state_dict(saved["model"])
+    scales = [group["lr_scale"] for group in optimizer.param_groups]  # this run's choice, not the checkpoint's
     optimizer.load_state_dict(saved["optimizer"])
-    for group in optimizer.param_groups:  # the scale is this run's choice, not the checkpoint's
-        group["lr_scale"] = 1.0 if group is optimizer.param_groups[0] else qk_gain_lr
+    for group, lr_scale in zip(optimizer.param_groups, scales):
+        group["lr_scale"] = lr_scale
     state.ema = {k: v.to(device) for k, v in saved["ema"].items()}
     state.step, state.runs = saved["step"], json.loads(saved["runs"])
     return state
