@@ -19,23 +19,24 @@ warp-specialized:
   ``t - 1`` back to back as asynchronous ``warpgroup_mma`` and runs the softmax of tile ``t`` while
   ``P V`` is on the tensor cores.
 
-The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's
-and kv block's scales (softmax scale and log2(e) folded into the q scale), the running row max an
-integer (base 2, rounded up) so
-``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` cast to e4m3 in
-registers (the A operand, ``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is
-added to the fp32 running output in registers; since ``P V`` of tile ``t`` is added one step later,
-the running output is kept as ``(acc + PV_{t-1}) * alpha_t`` -- the same fp32 values as the Triton
-kernel's ``acc * alpha_t + PV_t``, as ``alpha_t`` is a power of two. O is divided by ``l`` and
-multiplied by V's channel scale over 448 (the Triton kernel's order), then stored from registers (any
-strides, rows past ``S_q`` dropped); LSE is that of the smoothed scores, natural log, ``-inf`` for rows
-that kept nothing (O = 0).
+The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's and kv
+block's scales (softmax scale and log2(e) folded into the q scale), the running row max an integer (base 2,
+rounded up) so ``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` (the factor
+folded into the exponent, the row sum divided by it at the end) cast to e4m3 in registers (the A operand,
+``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is added to the fp32 running output
+in registers one step later, with the rescale of that tile's softmax step: ``acc = acc * alpha_{t-1} +
+PV_{t-1}``, one fused multiply-add per element -- the same fp32 values as the Triton kernel's ``acc * alpha_t
++ PV_t``, as ``alpha`` is a power of two. O is divided by ``l`` and multiplied by V's channel scale over 448
+(the Triton kernel's order), then stored from registers (any strides, rows past ``S_q`` dropped); LSE is that
+of the smoothed scores, natural log, ``-inf`` for rows that kept nothing (O = 0).
 
 Q, K and V are read through 4-D descriptors over ``(B, H, S, D)`` (q, k) and ``(B, H, D, S_k)`` (V
 transposed), so rows and keys past the sequence read as zeros; keys past ``S_k`` score ``-inf``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -72,6 +73,7 @@ MMA_CHUNK = 128
 fp32; each chunk of a GEMM gets a fresh accumulator and the chunks are added in fp32. 32 (one
 instruction per chain) does not compile without register spills yet, so the default keeps whole tiles."""
 _P_SCALE = gl.constexpr(FP8_MAX)
+_P_LOG2 = gl.constexpr(math.log2(FP8_MAX))
 
 
 def fp8_gluon_ineligibility(
@@ -135,14 +137,14 @@ def _halves(x):
 
 @gluon.jit
 def _e4m3_operand(p, p_layout: gl.constexpr):
-    """``e4m3(448 p)`` in the A-operand layout ``p_layout``."""
-    return gl.convert_layout((p * _P_SCALE).to(gl.float8e4nv), p_layout)
+    """``e4m3(p)`` in the A-operand layout ``p_layout`` (``p`` is already times 448, by the softmax's ``P_LOG2``)."""
+    return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
 
 
 @gluon.jit
 def _p_operand(p, p_layout: gl.constexpr, NC: gl.constexpr):
-    """``e4m3(448 p)`` of fp32 ``p`` ``(ROWS, BLOCK_N)`` as a tuple of ``NC`` (1, 2 or 4) key chunks, left
-    to right, each in the A-operand layout ``p_layout``."""
+    """``e4m3(p)`` of fp32 ``p`` ``(ROWS, BLOCK_N)`` (probabilities times 448) as a tuple of ``NC`` (1, 2 or 4)
+    key chunks, left to right, each in the A-operand layout ``p_layout``."""
     if NC == 1:
         chunks = (_e4m3_operand(p, p_layout),)
     elif NC == 2:
@@ -158,20 +160,29 @@ def _p_operand(p, p_layout: gl.constexpr, NC: gl.constexpr):
 
 
 @gluon.jit
-def _add_pv_fp8(acc, p_chunks, v_tile, pv_zero):
-    """``acc + P V`` for e4m3 P as key chunks ``p_chunks`` (:func:`_p_operand`) and ``v_tile``
-    ``(D, BLOCK_N)`` (V^T): one ``wgmma`` per chunk into a fresh accumulator, each added to the fp32
-    ``acc`` in registers, two chunks in flight."""
+def _add_pv_fp8(acc, alpha, p_chunks, v_tile, pv_zero):
+    """``acc * alpha + P V`` for e4m3 P as key chunks ``p_chunks`` (:func:`_p_operand`) and ``v_tile``
+    ``(D, BLOCK_N)`` (V^T): one ``wgmma`` per chunk into a fresh accumulator, the first added to the
+    rescaled fp32 ``acc`` by one fused multiply-add per element (``alpha`` ``(ROWS,)``, a power of two), the
+    others added after it in registers, two chunks in flight."""
     NC: gl.constexpr = len(p_chunks)
     CHUNK: gl.constexpr = v_tile.shape[1] // NC
+    scale = gl.expand_dims(alpha, 1)
     pending = warpgroup_mma(p_chunks[0], v_tile.slice(0, CHUNK, 1).permute((1, 0)), pv_zero, use_acc=False,
                             is_async=True)  # fmt: skip
     for c in gl.static_range(1, NC):
         issued = warpgroup_mma(p_chunks[c], v_tile.slice(c * CHUNK, CHUNK, 1).permute((1, 0)), pv_zero,
                                use_acc=False, is_async=True)  # fmt: skip
-        acc = acc + warpgroup_mma_wait(1, deps=[pending])
+        if c == 1:
+            acc = acc * scale + warpgroup_mma_wait(1, deps=[pending])
+        else:
+            acc = acc + warpgroup_mma_wait(1, deps=[pending])
         pending = issued
-    return acc + warpgroup_mma_wait(0, deps=[pending])
+    if NC == 1:
+        acc = acc * scale + warpgroup_mma_wait(0, deps=[pending])
+    else:
+        acc = acc + warpgroup_mma_wait(0, deps=[pending])
+    return acc
 
 
 @gluon.jit
@@ -212,6 +223,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     p_prev = _p_operand(s_zero, p_layout, BLOCK_N // PV_CHUNK)
+    alpha_prev = gl.full([ROWS], 0.0, gl.float32, layout=alpha_layout)
 
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
@@ -223,7 +235,9 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = gl.load(idx_row) * LAYOUT_BK  # sub-tile 0 of the first kept block
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
+                                           _P_LOG2)
+        alpha_prev = gl.convert_layout(alpha, alpha_layout)
         p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
 
     for t in range(1, n_tiles):
@@ -232,7 +246,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         if PINGPONG:
             mbarrier.wait(turn_mine, (t + 1 - WG) & 1)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, p_prev, v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
+        acc = _add_pv_fp8(acc, alpha_prev, p_prev, v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
         mbarrier.arrive(v_empty.index(prev), count=1)
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
         s = _scores_fp8(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
@@ -240,8 +254,9 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         mbarrier.arrive(k_empty.index(slot), count=1)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, alpha_layout), 1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
+                                           _P_LOG2)
+        alpha_prev = gl.convert_layout(alpha, alpha_layout)
         p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
 
     if n_tiles > 0:
@@ -249,7 +264,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         if PINGPONG:
             mbarrier.wait(turn_mine, (n_tiles + 1 - WG) & 1)
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, p_prev, v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
+        acc = _add_pv_fp8(acc, alpha_prev, p_prev, v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
         if PINGPONG:
             mbarrier.arrive(turn_next, count=1)
     return acc, m_i, l_i
@@ -273,7 +288,7 @@ def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_b
     acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row,
                                            stride_ik, n_tiles, k_scales, q_scale, S_K, LAYOUT_BK, EVEN_K, WG,
                                            PINGPONG, CHUNK)  # fmt: skip
-    out, lse = _normalise(acc, m_i, l_i)
+    out, lse = _normalise(acc, m_i, l_i * (1.0 / _P_SCALE))  # l summed the probabilities times 448
     rows_lse = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
     gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows_lse, lse, mask=rows_lse < S_Q)
 
