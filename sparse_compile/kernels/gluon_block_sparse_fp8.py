@@ -15,18 +15,16 @@ warp-specialized:
   ``STAGES``-deep ring. Hopper's e4m3 ``wgmma`` takes shared operands K-major only: K rows are for
   ``S = Q K^T``, and V is quantised channels first (keys padded to 16 for TMA's strides,
   :func:`~sparse_compile.kernels.fp8_quant.channels_first_fp8`) so its tiles are K-major for ``P V``;
-- one consumer warpgroup per 64 query rows issues ``S = Q K^T`` of tile ``t`` and ``P V`` of tile
-  ``t - 1`` back to back as asynchronous ``warpgroup_mma`` and runs the softmax of tile ``t`` while
-  ``P V`` is on the tensor cores.
+- one consumer warpgroup per 64 query rows runs, per kept tile, ``S = Q K^T``, the softmax and ``P V``
+  (asynchronous ``warpgroup_mma``; the two consumers' GEMMs and softmaxes overlap each other).
 
 The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's and kv
 block's scales (softmax scale and log2(e) folded into the q scale), the running row max an integer (base 2,
 rounded up) so ``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` (the factor
 folded into the exponent, the row sum divided by it at the end) cast to e4m3 in registers (the A operand,
-``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is added to the fp32 running output
-in registers one step later, with the rescale of that tile's softmax step: ``acc = acc * alpha_{t-1} +
-PV_{t-1}``, one fused multiply-add per element -- the same fp32 values as the Triton kernel's ``acc * alpha_t
-+ PV_t``, as ``alpha`` is a power of two. O is divided by ``l`` and multiplied by V's channel scale over 448
+``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is added to the rescaled fp32
+running output in registers, ``acc = acc * alpha_t + PV_t``, one fused multiply-add per element: the same
+fp32 values as the Triton kernel's, as ``alpha`` is a power of two. O is divided by ``l`` and multiplied by V's channel scale over 448
 (the Triton kernel's order), then stored from registers (any strides, rows past ``S_q`` dropped); LSE is that
 of the smoothed scores, natural log, ``-inf`` for rows that kept nothing (O = 0).
 
@@ -193,11 +191,12 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
 
     ``k_ring`` holds ``(BLOCK_N, D)`` K tiles, ``v_ring`` ``(D, BLOCK_N)`` V^T tiles; ``k_scales`` points at
     the head's kv-block scales; ``q_scale`` is the q block's scale times softmax scale * log2(e).
-    Per tile ``t`` the GEMM step issues ``P V`` of tile ``t - 1`` (:func:`_add_pv_fp8`) then ``S`` of tile
-    ``t`` (:func:`_scores_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long; the softmax follows. With
-    ``PINGPONG`` (two consumers) the GEMM steps of the two warpgroups alternate on the ``turn`` barriers
-    (``turn[WG]`` is this warpgroup's), so one's softmax runs while the other's GEMMs do.
-    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum (base 2).
+    Per tile: ``S`` (:func:`_scores_fp8`), the softmax, then ``P V`` added to the rescaled running output
+    (:func:`_add_pv_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long. P is used in the step that makes
+    it, never carried across the loop's back edge (a carried fp8 tensor is unpacked to bytes and packed
+    again for the ``wgmma``). With ``PINGPONG`` (two consumers) the ``S``
+    GEMMs of the two warpgroups alternate on the ``turn`` barriers (``turn[WG]`` is this warpgroup's).
+    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum of ``448 P`` (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
@@ -222,33 +221,13 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    p_prev = _p_operand(s_zero, p_layout, BLOCK_N // PV_CHUNK)
-    alpha_prev = gl.full([ROWS], 0.0, gl.float32, layout=alpha_layout)
 
-    if n_tiles > 0:
-        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
-        if PINGPONG:
-            mbarrier.wait(turn_mine, 1 - WG)  # the first warpgroup goes first
-        mbarrier.wait(k_ready.index(0), 0)
-        s = _scores_fp8(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
-                        S_CHUNK)  # fmt: skip
-        mbarrier.arrive(k_empty.index(0), count=1)
-        k_start = gl.load(idx_row) * LAYOUT_BK  # sub-tile 0 of the first kept block
-        s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
-                                           _P_LOG2)
-        alpha_prev = gl.convert_layout(alpha, alpha_layout)
-        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
-
-    for t in range(1, n_tiles):
+    for t in range(n_tiles):
         slot = t % STAGES
-        prev = (t - 1) % STAGES
+        phase = (t // STAGES) & 1
         if PINGPONG:
-            mbarrier.wait(turn_mine, (t + 1 - WG) & 1)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, alpha_prev, p_prev, v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            mbarrier.wait(turn_mine, (t + 1 - WG) & 1)  # the first warpgroup goes first
+        mbarrier.wait(k_ready.index(slot), phase)
         s = _scores_fp8(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
                         S_CHUNK)  # fmt: skip
         mbarrier.arrive(k_empty.index(slot), count=1)
@@ -256,17 +235,11 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
                                            _P_LOG2)
-        alpha_prev = gl.convert_layout(alpha, alpha_layout)
-        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
-
-    if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        if PINGPONG:
-            mbarrier.wait(turn_mine, (n_tiles + 1 - WG) & 1)
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, alpha_prev, p_prev, v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
-        if PINGPONG:
-            mbarrier.arrive(turn_next, count=1)
+        p_chunks = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc = _add_pv_fp8(acc, gl.convert_layout(alpha, alpha_layout), p_chunks,
+                          v_ring.index(slot).reshape([HEAD_DIM, BLOCK_N]), pv_zero)  # fmt: skip
+        mbarrier.arrive(v_empty.index(slot), count=1)
     return acc, m_i, l_i
 
 

@@ -25,7 +25,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
+from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, attention_loop_mix, resource_usage
 from test_block_sparse import dense_block_layout, random_layout, run_poisoned
 from test_block_sparse_fp8 import (
     FP8_LSE_TOL,
@@ -274,8 +274,23 @@ def test_kernel_chunks_each_e4m3_wgmma_chain(head_dim, chunk, pingpong) -> None:
     wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
     assert len(scale_d) == len(wgmmas) and all(".f32.e4m3.e4m3" in w for w in wgmmas)
     per_chain = chunk // 32
-    assert len(wgmmas) == 2 * 2 * (head_dim + 128) // 32  # two consumers; S and P V twice each (peeled tiles)
+    assert len(wgmmas) == 2 * (head_dim + 128) // 32  # two consumers; S and P V once each (one loop, no peeling)
     assert scale_d.count("0") == len(wgmmas) // per_chain
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_path) -> None:
+    """Both GEMMs run at twice the bf16 rate only if the consumer's softmax and P packing issue no more than the
+    bf16 kernel's: the score scale and 448 ride in the exponent's FMA, the rescale in the P V add, and P is
+    packed once (two e4m3 pairs per register), never carried across the loop as bytes."""
+    from test_gluon_block_sparse import _compile_sm90a as compile_bf16
+    from triton.experimental.gluon import language as gl
+
+    fp8 = attention_loop_mix(_compile_sm90a(128, 128, 128, False), tmp_path)
+    bf16 = attention_loop_mix(compile_bf16(128, 128, 128, gl.bfloat16, False), tmp_path)
+    assert sum(fp8.values()) <= 1.1 * sum(bf16.values())
+    assert fp8["F2FP"] == 32 and fp8["PRMT"] <= 16  # 64 probabilities per thread, 4 per register
+    assert fp8["FMUL"] <= 4  # no per-score multiply left
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
