@@ -7,15 +7,14 @@ laid out as :mod:`~sparse_compile.kernels.gluon_block_sparse` lays out the bf16 
 barriers, tile walk, softmax step and normalisation it imports. The entry is
 :func:`~sparse_compile.kernels.block_sparse_fp8.block_sparse_attention_fp8_gluon`.
 
-One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
-warp-specialized:
+One program computes 128 query rows of one (batch, head) (grid ``(cdiv(S_q, 128), B * H)``), warp-specialized:
 
 - the producer warp (:func:`~sparse_compile.kernels.gluon_block_sparse._producer`) TMA-loads the e4m3
   Q rows, then K ``(BLOCK_N, D)`` and V transposed ``(D, BLOCK_N)`` tiles of the kept blocks into a
   ``STAGES``-deep ring. Hopper's e4m3 ``wgmma`` takes shared operands K-major only: K rows are for
   ``S = Q K^T``, and V is quantised channels first (keys padded to 16 for TMA's strides,
   :func:`~sparse_compile.kernels.fp8_quant.channels_first_fp8`) so its tiles are K-major for ``P V``;
-- one consumer warpgroup per 64 query rows runs, per kept tile, ``S = Q K^T``, the softmax and ``P V``
+- each of two consumer warpgroups (64 query rows each) runs, per kept tile, ``S = Q K^T``, the softmax and ``P V``
   (asynchronous ``warpgroup_mma``; the two consumers' GEMMs and softmaxes overlap each other).
 
 The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's and kv
@@ -72,6 +71,11 @@ fp32; each chunk of a GEMM gets a fresh accumulator and the chunks are added in 
 instruction per chain) does not compile without register spills yet, so the default keeps whole tiles."""
 _P_SCALE = gl.constexpr(FP8_MAX)
 _P_LOG2 = gl.constexpr(math.log2(FP8_MAX))
+_CONSUMERS = gl.constexpr(2)
+"""Consumer warpgroups per program. One (64-row programs) hangs on the H200 with a ring of 3 or more
+slots once a row keeps 32 tiles or more, for a reason not found (benchmarks/NOTES.md)."""
+GLUON_FP8_QUERY_BLOCKS = (128, 256)
+"""Query layout blocks the kernel takes: whole 128-row programs."""
 
 
 def fp8_gluon_ineligibility(
@@ -89,8 +93,9 @@ def fp8_gluon_ineligibility(
         return f"the Gluon FP8 kernel quantises fp16/bf16 (got {q.dtype})"
     if q.shape[-1] not in GLUON_HEAD_DIMS:
         return f"the Gluon FP8 kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
-    if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
-        return f"the Gluon FP8 kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
+    if block_q not in GLUON_FP8_QUERY_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
+        return (f"the Gluon FP8 kernel takes layout blocks of {GLUON_FP8_QUERY_BLOCKS} query rows (two consumer "
+                f"warpgroups) and {GLUON_LAYOUT_BLOCKS} keys (got {block_q} x {block_k})")
     return None
 
 
@@ -285,23 +290,21 @@ def _block_sparse_fp8_fwd_gluon(
     LAYOUT_BQ: gl.constexpr,
     LAYOUT_BK: gl.constexpr,
     EVEN_K: gl.constexpr,
-    CONSUMERS: gl.constexpr,
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     PINGPONG: gl.constexpr,
     CHUNK: gl.constexpr,
 ):  # fmt: skip
-    """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
+    """One program: 128 query rows of one (batch, head) against the kept kv blocks of their q block.
 
-    Launched with ``num_warps=4`` (the first consumer warpgroup); a second consumer warpgroup (when
-    ``CONSUMERS`` is 2) and the producer warp are worker partitions. Descriptors (e4m3) are 4-D over
+    Launched with ``num_warps=4`` (the first consumer warpgroup); the second consumer warpgroup and the
+    producer warp are worker partitions. Descriptors (e4m3) are 4-D over
     ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q) and ``(1, 1, BLOCK_N, D)`` (k), and over V
     transposed ``(B, H, D, S_K)`` with blocks ``(1, 1, D, BLOCK_N)``. Q_SCALE ``(B, H, NQ)``, K_SCALE
     ``(B, H, NK)``, V_SCALE ``(B, H, D)`` and LSE ``(B, H, S_Q)`` contiguous fp32; O ``(B, H, S_Q, D)``
     fp16/bf16, any strides; ``qk_scale`` is softmax scale * log2(e). ``CHUNK`` (32, 64 or 128) caps the K
-    length of every e4m3 ``wgmma`` chain; ``PINGPONG`` alternates the two consumers'
-    GEMMs (no effect with one consumer).
+    length of every e4m3 ``wgmma`` chain; ``PINGPONG`` alternates the two consumers' GEMMs.
     """
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
@@ -312,42 +315,32 @@ def _block_sparse_fp8_fwd_gluon(
     pid_bh = gl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
-    off_m = pid_m * (CONSUMERS * ROWS)
-    q_block = pid_m // (LAYOUT_BQ // (CONSUMERS * ROWS))
+    off_m = pid_m * (_CONSUMERS * ROWS)
+    q_block = pid_m // (LAYOUT_BQ // (_CONSUMERS * ROWS))
 
-    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)  # fenced with the ring's barriers
-    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, _CONSUMERS)
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
     n_tiles = count * SUB_N
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
-            (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
-    else:
-        gl.warp_specialize([
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 0, False, CHUNK)),
-            (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
-        ], [1], [PRODUCER_REGS])  # fmt: skip
+    gl.warp_specialize([
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                         q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                         q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                         LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
+        (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,22 +357,23 @@ def launch_gluon_block_sparse_fp8(
 
     ``x.v`` must be stored channels first with 16-byte key strides
     (``quantize_attention_inputs(..., v_key_multiple=V_KEY_MULTIPLE)``); the layout blocks are
-    ``x.block_q`` and ``x.block_k``. ``tile`` (``block_m`` 64 or 128 rows, one consumer warpgroup per 64;
+    ``x.block_q`` and ``x.block_k``. ``tile`` (``block_m`` 128 rows, two consumer warpgroups of 64;
     ``block_n`` keys per K/V tile; ``num_stages`` ring slots) defaults to
     :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. ``pingpong``: the two
-    consumer warpgroups of a 128-row tile take turns at the tensor cores.
+    consumer warpgroups take turns at the tensor cores.
     """
     b, h, s_q, d = x.q.shape
     s_k = x.k.shape[2]
     block_q, block_k = x.block_q, x.block_k
-    tile = gluon_fp8_block_sparse_tile(block_q, block_k) if tile is None else tile
-    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or block_q % tile.block_m or block_k % tile.block_n:
-        raise ValueError(f"{tile} must have block_m 64 or 128 and tile block_q={block_q} and block_k={block_k}")
+    tile = gluon_fp8_block_sparse_tile(block_k) if tile is None else tile
+    rows = _CONSUMERS.value * CONSUMER_ROWS
+    if tile.block_m != rows or block_q % tile.block_m or block_k % tile.block_n:
+        raise ValueError(f"{tile} must have block_m {rows} and tile block_q={block_q} and "
+                         f"block_k={block_k}")  # fmt: skip
     v_t = x.v.transpose(-1, -2)  # (B, H, D, S_k), keys contiguous
     if v_t.stride(3) != 1 or v_t.stride(2) % V_KEY_MULTIPLE:
         raise ValueError(f"x.v must be stored channels first with keys padded to {V_KEY_MULTIPLE}, got strides "
                          f"{x.v.stride()}")  # fmt: skip
-    consumers = tile.block_m // CONSUMER_ROWS
     counts, indices = layout.counts, layout.indices
     grid = (cdiv(s_q, tile.block_m), b * h)
     with torch.cuda.device(x.q.device):
@@ -388,7 +382,7 @@ def launch_gluon_block_sparse_fp8(
             x.q_scale, x.k_scale, x.v_scale, out, lse, counts, indices,
             *out.stride(), *counts.stride(), *indices.stride(),
             h, s_q, s_k, x.q_scale.shape[-1], x.k_scale.shape[-1], scale * LOG2E,
-            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
+            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0,
             STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-            PINGPONG=pingpong, CHUNK=MMA_CHUNK, num_warps=4, maxnreg=launch_registers(consumers),
+            PINGPONG=pingpong, CHUNK=MMA_CHUNK, num_warps=4, maxnreg=launch_registers(_CONSUMERS.value),
         )  # fmt: skip
