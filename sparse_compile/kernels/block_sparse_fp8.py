@@ -301,7 +301,7 @@ def block_sparse_attention_fp8_gluon(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention_fp8` on the Gluon kernel (CUDA sm_90 only): the same arguments and results.
 
-    Layout blocks 64, 128 or 256; ``tile`` defaults to
+    Query layout blocks of 128 or 256 rows, key blocks of 64, 128 or 256; ``tile`` defaults to
     :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. Raises ``ValueError``
     with the reason when the kernel cannot take the call
     (:func:`~sparse_compile.kernels.gluon_block_sparse_fp8.fp8_gluon_ineligibility`) or naming the

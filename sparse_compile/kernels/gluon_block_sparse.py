@@ -139,26 +139,29 @@ def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constex
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
-                  s_layout: gl.constexpr, INTEGER_MAX: gl.constexpr):  # fmt: skip
+                  s_layout: gl.constexpr, INTEGER_MAX: gl.constexpr, P_LOG2: gl.constexpr):  # fmt: skip
     """Base-2 online softmax of raw scores ``s`` (rows x BLOCK_N) of the tile at key ``k_start``.
 
-    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). ``INTEGER_MAX``: the scores
-    are scaled first and the row max rounded up to an integer, so ``P = 2^(s - m)`` lies in ``(0, 1]``
-    and the rescale factor is a power of two (the FP8 kernel's softmax). Returns the unnormalised
-    probabilities, the factor rescaling the running output, and the new row max and row sum.
+    Keys at or past ``S_K`` are masked (only checked when not ``EVEN_K``). ``INTEGER_MAX``: the row max of
+    the scaled scores is rounded up to an integer, so ``P = 2^(s * qk_scale - m)`` lies in ``(0, 1]`` and
+    the rescale factor is a power of two (the FP8 kernel's softmax). Either way ``qk_scale > 0`` scales the
+    row max rather than every score (the same value: rounding is monotonic) and each exponent is one
+    fused multiply-add. Returns the unnormalised probabilities times ``2^P_LOG2`` (a scale folded into the
+    exponent), the factor rescaling the running output, and the new row max and row sum (of the scaled
+    probabilities).
     """
-    if INTEGER_MAX:
-        s = s * qk_scale
     if not EVEN_K:
         if k_start + BLOCK_N > S_K:
             offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(k_start + offs_n < S_K, 0), s, float("-inf"))
     if INTEGER_MAX:
-        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1)))
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        m_new = gl.maximum(m_i, gl.ceil(gl.max(s, 1) * qk_scale))
     else:
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    if P_LOG2 == 0.0:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    else:
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new - P_LOG2, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -228,7 +231,8 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
+                                           0.0)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
     for t in range(1, n_tiles):
@@ -242,7 +246,8 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
+                                           0.0)
         p_next = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
         mbarrier.arrive(v_empty.index(prev), count=1)

@@ -7,35 +7,33 @@ laid out as :mod:`~sparse_compile.kernels.gluon_block_sparse` lays out the bf16 
 barriers, tile walk, softmax step and normalisation it imports. The entry is
 :func:`~sparse_compile.kernels.block_sparse_fp8.block_sparse_attention_fp8_gluon`.
 
-One program computes 64 or 128 query rows of one (batch, head) (grid ``(cdiv(S_q, rows), B * H)``),
-warp-specialized:
+One program computes 128 query rows of one (batch, head) (grid ``(cdiv(S_q, 128), B * H)``), warp-specialized:
 
 - the producer warp (:func:`~sparse_compile.kernels.gluon_block_sparse._producer`) TMA-loads the e4m3
   Q rows, then K ``(BLOCK_N, D)`` and V transposed ``(D, BLOCK_N)`` tiles of the kept blocks into a
   ``STAGES``-deep ring. Hopper's e4m3 ``wgmma`` takes shared operands K-major only: K rows are for
   ``S = Q K^T``, and V is quantised channels first (keys padded to 16 for TMA's strides,
   :func:`~sparse_compile.kernels.fp8_quant.channels_first_fp8`) so its tiles are K-major for ``P V``;
-- one consumer warpgroup per 64 query rows issues ``S = Q K^T`` of tile ``t`` and ``P V`` of tile
-  ``t - 1`` back to back as asynchronous ``warpgroup_mma`` and runs the softmax of tile ``t`` while
-  ``P V`` is on the tensor cores.
+- each of two consumer warpgroups (64 query rows each) runs, per kept tile, ``S = Q K^T``, the softmax and ``P V``
+  (asynchronous ``warpgroup_mma``; the two consumers' GEMMs and softmaxes overlap each other).
 
-The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's
-and kv block's scales (softmax scale and log2(e) folded into the q scale), the running row max an
-integer (base 2, rounded up) so
-``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` cast to e4m3 in
-registers (the A operand, ``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is
-added to the fp32 running output in registers; since ``P V`` of tile ``t`` is added one step later,
-the running output is kept as ``(acc + PV_{t-1}) * alpha_t`` -- the same fp32 values as the Triton
-kernel's ``acc * alpha_t + PV_t``, as ``alpha_t`` is a power of two. O is divided by ``l`` and
-multiplied by V's channel scale over 448 (the Triton kernel's order), then stored from registers (any
-strides, rows past ``S_q`` dropped); LSE is that of the smoothed scores, natural log, ``-inf`` for rows
-that kept nothing (O = 0).
+The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's and kv
+block's scales (softmax scale and log2(e) folded into the q scale), the running row max an integer (base 2,
+rounded up) so ``P = 2^(S - m)`` lies in ``(0, 1]`` and every rescale is a power of two, ``448 P`` (the factor
+folded into the exponent, the row sum divided by it at the end) cast to e4m3 in registers (the A operand,
+``k_width`` 4). Each tile's ``P V`` goes into a fresh MMA accumulator and is added to the rescaled fp32
+running output in registers, ``acc = acc * alpha_t + PV_t``, one fused multiply-add per element: the same
+fp32 values as the Triton kernel's, as ``alpha`` is a power of two. O is divided by ``l`` and multiplied by V's channel scale over 448
+(the Triton kernel's order), then stored from registers (any strides, rows past ``S_q`` dropped); LSE is that
+of the smoothed scores, natural log, ``-inf`` for rows that kept nothing (O = 0).
 
 Q, K and V are read through 4-D descriptors over ``(B, H, S, D)`` (q, k) and ``(B, H, D, S_k)`` (V
 transposed), so rows and keys past the sequence read as zeros; keys past ``S_k`` score ``-inf``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -72,6 +70,12 @@ MMA_CHUNK = 128
 fp32; each chunk of a GEMM gets a fresh accumulator and the chunks are added in fp32. 32 (one
 instruction per chain) does not compile without register spills yet, so the default keeps whole tiles."""
 _P_SCALE = gl.constexpr(FP8_MAX)
+_P_LOG2 = gl.constexpr(math.log2(FP8_MAX))
+_CONSUMERS = gl.constexpr(2)
+"""Consumer warpgroups per program. One (64-row programs) hangs on the H200 with a ring of 3 or more
+slots once a row keeps 32 tiles or more, for a reason not found (benchmarks/NOTES.md)."""
+GLUON_FP8_QUERY_BLOCKS = (128, 256)
+"""Query layout blocks the kernel takes: whole 128-row programs."""
 
 
 def fp8_gluon_ineligibility(
@@ -89,8 +93,9 @@ def fp8_gluon_ineligibility(
         return f"the Gluon FP8 kernel quantises fp16/bf16 (got {q.dtype})"
     if q.shape[-1] not in GLUON_HEAD_DIMS:
         return f"the Gluon FP8 kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
-    if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
-        return f"the Gluon FP8 kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
+    if block_q not in GLUON_FP8_QUERY_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
+        return (f"the Gluon FP8 kernel takes layout blocks of {GLUON_FP8_QUERY_BLOCKS} query rows (two consumer "
+                f"warpgroups) and {GLUON_LAYOUT_BLOCKS} keys (got {block_q} x {block_k})")
     return None
 
 
@@ -135,14 +140,14 @@ def _halves(x):
 
 @gluon.jit
 def _e4m3_operand(p, p_layout: gl.constexpr):
-    """``e4m3(448 p)`` in the A-operand layout ``p_layout``."""
-    return gl.convert_layout((p * _P_SCALE).to(gl.float8e4nv), p_layout)
+    """``e4m3(p)`` in the A-operand layout ``p_layout`` (``p`` is already times 448, by the softmax's ``P_LOG2``)."""
+    return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
 
 
 @gluon.jit
 def _p_operand(p, p_layout: gl.constexpr, NC: gl.constexpr):
-    """``e4m3(448 p)`` of fp32 ``p`` ``(ROWS, BLOCK_N)`` as a tuple of ``NC`` (1, 2 or 4) key chunks, left
-    to right, each in the A-operand layout ``p_layout``."""
+    """``e4m3(p)`` of fp32 ``p`` ``(ROWS, BLOCK_N)`` (probabilities times 448) as a tuple of ``NC`` (1, 2 or 4)
+    key chunks, left to right, each in the A-operand layout ``p_layout``."""
     if NC == 1:
         chunks = (_e4m3_operand(p, p_layout),)
     elif NC == 2:
@@ -158,20 +163,29 @@ def _p_operand(p, p_layout: gl.constexpr, NC: gl.constexpr):
 
 
 @gluon.jit
-def _add_pv_fp8(acc, p_chunks, v_tile, pv_zero):
-    """``acc + P V`` for e4m3 P as key chunks ``p_chunks`` (:func:`_p_operand`) and ``v_tile``
-    ``(D, BLOCK_N)`` (V^T): one ``wgmma`` per chunk into a fresh accumulator, each added to the fp32
-    ``acc`` in registers, two chunks in flight."""
+def _add_pv_fp8(acc, alpha, p_chunks, v_tile, pv_zero):
+    """``acc * alpha + P V`` for e4m3 P as key chunks ``p_chunks`` (:func:`_p_operand`) and ``v_tile``
+    ``(D, BLOCK_N)`` (V^T): one ``wgmma`` per chunk into a fresh accumulator, the first added to the
+    rescaled fp32 ``acc`` by one fused multiply-add per element (``alpha`` ``(ROWS,)``, a power of two), the
+    others added after it in registers, two chunks in flight."""
     NC: gl.constexpr = len(p_chunks)
     CHUNK: gl.constexpr = v_tile.shape[1] // NC
+    scale = gl.expand_dims(alpha, 1)
     pending = warpgroup_mma(p_chunks[0], v_tile.slice(0, CHUNK, 1).permute((1, 0)), pv_zero, use_acc=False,
                             is_async=True)  # fmt: skip
     for c in gl.static_range(1, NC):
         issued = warpgroup_mma(p_chunks[c], v_tile.slice(c * CHUNK, CHUNK, 1).permute((1, 0)), pv_zero,
                                use_acc=False, is_async=True)  # fmt: skip
-        acc = acc + warpgroup_mma_wait(1, deps=[pending])
+        if c == 1:
+            acc = acc * scale + warpgroup_mma_wait(1, deps=[pending])
+        else:
+            acc = acc + warpgroup_mma_wait(1, deps=[pending])
         pending = issued
-    return acc + warpgroup_mma_wait(0, deps=[pending])
+    if NC == 1:
+        acc = acc * scale + warpgroup_mma_wait(0, deps=[pending])
+    else:
+        acc = acc + warpgroup_mma_wait(0, deps=[pending])
+    return acc
 
 
 @gluon.jit
@@ -182,11 +196,12 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
 
     ``k_ring`` holds ``(BLOCK_N, D)`` K tiles, ``v_ring`` ``(D, BLOCK_N)`` V^T tiles; ``k_scales`` points at
     the head's kv-block scales; ``q_scale`` is the q block's scale times softmax scale * log2(e).
-    Per tile ``t`` the GEMM step issues ``P V`` of tile ``t - 1`` (:func:`_add_pv_fp8`) then ``S`` of tile
-    ``t`` (:func:`_scores_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long; the softmax follows. With
-    ``PINGPONG`` (two consumers) the GEMM steps of the two warpgroups alternate on the ``turn`` barriers
-    (``turn[WG]`` is this warpgroup's), so one's softmax runs while the other's GEMMs do.
-    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum (base 2).
+    Per tile: ``S`` (:func:`_scores_fp8`), the softmax, then ``P V`` added to the rescaled running output
+    (:func:`_add_pv_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long. P is used in the step that makes
+    it, never carried across the loop's back edge (a carried fp8 tensor is unpacked to bytes and packed
+    again for the ``wgmma``). With ``PINGPONG`` (two consumers) the ``S``
+    GEMMs of the two warpgroups alternate on the ``turn`` barriers (``turn[WG]`` is this warpgroup's).
+    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum of ``448 P`` (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
@@ -211,47 +226,25 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    p_prev = _p_operand(s_zero, p_layout, BLOCK_N // PV_CHUNK)
 
-    if n_tiles > 0:
-        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
-        if PINGPONG:
-            mbarrier.wait(turn_mine, 1 - WG)  # the first warpgroup goes first
-        mbarrier.wait(k_ready.index(0), 0)
-        s = _scores_fp8(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
-                        S_CHUNK)  # fmt: skip
-        mbarrier.arrive(k_empty.index(0), count=1)
-        k_start = gl.load(idx_row) * LAYOUT_BK  # sub-tile 0 of the first kept block
-        s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
-        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
-
-    for t in range(1, n_tiles):
+    for t in range(n_tiles):
         slot = t % STAGES
-        prev = (t - 1) % STAGES
+        phase = (t // STAGES) & 1
         if PINGPONG:
-            mbarrier.wait(turn_mine, (t + 1 - WG) & 1)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, p_prev, v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            mbarrier.wait(turn_mine, (t + 1 - WG) & 1)  # the first warpgroup goes first
+        mbarrier.wait(k_ready.index(slot), phase)
         s = _scores_fp8(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
                         S_CHUNK)  # fmt: skip
         mbarrier.arrive(k_empty.index(slot), count=1)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, alpha_layout), 1)
-        p_prev = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
-
-    if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        if PINGPONG:
-            mbarrier.wait(turn_mine, (n_tiles + 1 - WG) & 1)
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = _add_pv_fp8(acc, p_prev, v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]), pv_zero)
-        if PINGPONG:
-            mbarrier.arrive(turn_next, count=1)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
+                                           _P_LOG2)
+        p_chunks = _p_operand(p, p_layout, BLOCK_N // PV_CHUNK)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc = _add_pv_fp8(acc, gl.convert_layout(alpha, alpha_layout), p_chunks,
+                          v_ring.index(slot).reshape([HEAD_DIM, BLOCK_N]), pv_zero)  # fmt: skip
+        mbarrier.arrive(v_empty.index(slot), count=1)
     return acc, m_i, l_i
 
 
@@ -273,7 +266,7 @@ def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_b
     acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row,
                                            stride_ik, n_tiles, k_scales, q_scale, S_K, LAYOUT_BK, EVEN_K, WG,
                                            PINGPONG, CHUNK)  # fmt: skip
-    out, lse = _normalise(acc, m_i, l_i)
+    out, lse = _normalise(acc, m_i, l_i * (1.0 / _P_SCALE))  # l summed the probabilities times 448
     rows_lse = off_m + WG * ROWS + gl.arange(0, ROWS, layout=lse.type.layout)
     gl.store(LSE + pid_bh.to(gl.int64) * S_Q + rows_lse, lse, mask=rows_lse < S_Q)
 
@@ -297,23 +290,21 @@ def _block_sparse_fp8_fwd_gluon(
     LAYOUT_BQ: gl.constexpr,
     LAYOUT_BK: gl.constexpr,
     EVEN_K: gl.constexpr,
-    CONSUMERS: gl.constexpr,
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     PINGPONG: gl.constexpr,
     CHUNK: gl.constexpr,
 ):  # fmt: skip
-    """One program: ``CONSUMERS * 64`` query rows of one (batch, head) against the kept kv blocks of their q block.
+    """One program: 128 query rows of one (batch, head) against the kept kv blocks of their q block.
 
-    Launched with ``num_warps=4`` (the first consumer warpgroup); a second consumer warpgroup (when
-    ``CONSUMERS`` is 2) and the producer warp are worker partitions. Descriptors (e4m3) are 4-D over
+    Launched with ``num_warps=4`` (the first consumer warpgroup); the second consumer warpgroup and the
+    producer warp are worker partitions. Descriptors (e4m3) are 4-D over
     ``(B, H, S, D)`` with blocks ``(1, 1, 64, D)`` (q) and ``(1, 1, BLOCK_N, D)`` (k), and over V
     transposed ``(B, H, D, S_K)`` with blocks ``(1, 1, D, BLOCK_N)``. Q_SCALE ``(B, H, NQ)``, K_SCALE
     ``(B, H, NK)``, V_SCALE ``(B, H, D)`` and LSE ``(B, H, S_Q)`` contiguous fp32; O ``(B, H, S_Q, D)``
     fp16/bf16, any strides; ``qk_scale`` is softmax scale * log2(e). ``CHUNK`` (32, 64 or 128) caps the K
-    length of every e4m3 ``wgmma`` chain; ``PINGPONG`` alternates the two consumers'
-    GEMMs (no effect with one consumer).
+    length of every e4m3 ``wgmma`` chain; ``PINGPONG`` alternates the two consumers' GEMMs.
     """
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     ROWS: gl.constexpr = q_desc.block_type.shape[2]
@@ -324,42 +315,32 @@ def _block_sparse_fp8_fwd_gluon(
     pid_bh = gl.program_id(1)
     off_b = pid_bh // H
     off_h = pid_bh % H
-    off_m = pid_m * (CONSUMERS * ROWS)
-    q_block = pid_m // (LAYOUT_BQ // (CONSUMERS * ROWS))
+    off_m = pid_m * (_CONSUMERS * ROWS)
+    q_block = pid_m // (LAYOUT_BQ // (_CONSUMERS * ROWS))
 
-    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_ring = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_ring = gl.allocate_shared_memory(dtype, [STAGES] + vt_desc.block_type.shape, vt_desc.layout)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)  # fenced with the ring's barriers
-    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, _CONSUMERS)
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
     n_tiles = count * SUB_N
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
-            (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
-    else:
-        gl.warp_specialize([
-            (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
-                             v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
-                             q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
-                             LAYOUT_BK, EVEN_K, 0, False, CHUNK)),
-            (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
-        ], [1], [PRODUCER_REGS])  # fmt: skip
+    gl.warp_specialize([
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                         q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                         LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+                         q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
+                         LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
+        (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,22 +357,23 @@ def launch_gluon_block_sparse_fp8(
 
     ``x.v`` must be stored channels first with 16-byte key strides
     (``quantize_attention_inputs(..., v_key_multiple=V_KEY_MULTIPLE)``); the layout blocks are
-    ``x.block_q`` and ``x.block_k``. ``tile`` (``block_m`` 64 or 128 rows, one consumer warpgroup per 64;
+    ``x.block_q`` and ``x.block_k``. ``tile`` (``block_m`` 128 rows, two consumer warpgroups of 64;
     ``block_n`` keys per K/V tile; ``num_stages`` ring slots) defaults to
     :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. ``pingpong``: the two
-    consumer warpgroups of a 128-row tile take turns at the tensor cores.
+    consumer warpgroups take turns at the tensor cores.
     """
     b, h, s_q, d = x.q.shape
     s_k = x.k.shape[2]
     block_q, block_k = x.block_q, x.block_k
-    tile = gluon_fp8_block_sparse_tile(block_q, block_k) if tile is None else tile
-    if tile.block_m not in (CONSUMER_ROWS, 2 * CONSUMER_ROWS) or block_q % tile.block_m or block_k % tile.block_n:
-        raise ValueError(f"{tile} must have block_m 64 or 128 and tile block_q={block_q} and block_k={block_k}")
+    tile = gluon_fp8_block_sparse_tile(block_k) if tile is None else tile
+    rows = _CONSUMERS.value * CONSUMER_ROWS
+    if tile.block_m != rows or block_q % tile.block_m or block_k % tile.block_n:
+        raise ValueError(f"{tile} must have block_m {rows} and tile block_q={block_q} and "
+                         f"block_k={block_k}")  # fmt: skip
     v_t = x.v.transpose(-1, -2)  # (B, H, D, S_k), keys contiguous
     if v_t.stride(3) != 1 or v_t.stride(2) % V_KEY_MULTIPLE:
         raise ValueError(f"x.v must be stored channels first with keys padded to {V_KEY_MULTIPLE}, got strides "
                          f"{x.v.stride()}")  # fmt: skip
-    consumers = tile.block_m // CONSUMER_ROWS
     counts, indices = layout.counts, layout.indices
     grid = (cdiv(s_q, tile.block_m), b * h)
     with torch.cuda.device(x.q.device):
@@ -400,7 +382,7 @@ def launch_gluon_block_sparse_fp8(
             x.q_scale, x.k_scale, x.v_scale, out, lse, counts, indices,
             *out.stride(), *counts.stride(), *indices.stride(),
             h, s_q, s_k, x.q_scale.shape[-1], x.k_scale.shape[-1], scale * LOG2E,
-            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0, CONSUMERS=consumers,
+            LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=s_k % block_k == 0,
             STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-            PINGPONG=pingpong, CHUNK=MMA_CHUNK, num_warps=4, maxnreg=launch_registers(consumers),
+            PINGPONG=pingpong, CHUNK=MMA_CHUNK, num_warps=4, maxnreg=launch_registers(_CONSUMERS.value),
         )  # fmt: skip

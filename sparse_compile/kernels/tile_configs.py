@@ -150,15 +150,12 @@ def gluon_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
     return TileConfig(block_m, min(block_k, 128), block_m // 16, 2)
 
 
-def gluon_fp8_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
-    """Tile of the Gluon FP8 fixed-block kernel (sm_90), for layout blocks of 64, 128 or 256.
-
-    As :func:`gluon_block_sparse_tile` (one consumer warpgroup per 64 of ``block_m`` = min(block_q, 128)
-    rows; ``block_n`` = min(block_k, 128) keys) with 3 K/V ring slots: e4m3 tiles take half the shared
-    memory of 16-bit ones (at most 112 KiB at D = 128).
+def gluon_fp8_block_sparse_tile(block_k: int) -> TileConfig:
+    """Tile of the Gluon FP8 fixed-block kernel (sm_90), for query blocks of 128 or 256 and key blocks of
+    64, 128 or 256: 128 rows (two consumer warpgroups), ``block_n`` = min(block_k, 128) keys, 3 K/V ring
+    slots (e4m3 tiles take half the shared memory of 16-bit ones: at most 112 KiB at D = 128).
     """
-    block_m = min(block_q, 128)
-    return TileConfig(block_m, min(block_k, 128), block_m // 16, 3)
+    return TileConfig(128, min(block_k, 128), 8, 3)
 
 
 # ------------------------------------------------------------------------------------------------

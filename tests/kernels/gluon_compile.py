@@ -1,10 +1,11 @@
 """Ahead-of-time compiles of Gluon and Triton kernels for sm_90a on any machine (the ptxas in Triton's
-wheel), and their resource usage (cuobjdump), for the kernels' CPU tests."""
+wheel), their resource usage and their main loop's instruction mix (cuobjdump), for the kernels' CPU tests."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import triton
@@ -35,3 +36,25 @@ def resource_usage(compiled, tmp_path: Path) -> dict[str, int]:
     usage = subprocess.run([str(TRITON_BIN / "cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True,
                            text=True, check=True).stdout  # fmt: skip
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
+
+
+def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
+    """Opcode counts of the shortest loop of a compiled attention kernel's SASS (``cuobjdump -sass``) that
+    issues both a ``wgmma`` (HGMMA, QGMMA or IGMMA) and a tile's exponentials (at least 32 MUFU per thread,
+    which no epilogue has): one trip of a consumer's main loop, i.e. its instructions per kept tile."""
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout  # fmt: skip
+    code = [(int(at, 16), text.strip()) for at, text in re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    loops = []
+    for at, text in code:
+        branch = re.search(r"\bBRA\s+`?\(?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < at:
+            body = [t for a, t in code if int(branch.group(1), 16) <= a <= at]
+            ops = Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for t in body)
+            if ops["HGMMA"] + ops["QGMMA"] + ops["IGMMA"] and ops["MUFU"] >= 32:
+                loops.append(ops)
+    if not loops:
+        raise AssertionError("no loop issuing a wgmma and exponentials in the kernel's SASS")
+    return min(loops, key=lambda ops: sum(ops.values()))

@@ -7,7 +7,7 @@ off sm_90; the tile for each layout and the launcher's argument checks; the V qu
 asks for (channels first, keys padded to 16: the same bytes, TMA-readable; under Triton's interpreter,
 ``test_interp_*`` in a child process); and an ahead-of-time compile of the kernel for sm_90a with the
 ptxas in Triton's wheel (e4m3 ``wgmma``, TMA, register hand-over, no register spills, shared memory
-within Hopper's limit, P·V with P from registers) for D 64/128 and layout blocks 64/128/256.
+within Hopper's limit, P·V with P from registers) for D 64/128, query blocks 128/256 and key blocks 64/128/256.
 
 GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) run the kernel into NaN-poisoned O and LSE:
 O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` (1e-2 at scale 0.3) and finite LSEs
@@ -25,7 +25,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, resource_usage
+from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, attention_loop_mix, resource_usage
 from test_block_sparse import dense_block_layout, random_layout, run_poisoned
 from test_block_sparse_fp8 import (
     FP8_LSE_TOL,
@@ -52,6 +52,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     tma_readable,
 )
 from sparse_compile.kernels.gluon_block_sparse_fp8 import (
+    GLUON_FP8_QUERY_BLOCKS,
     MMA_CHUNK,
     V_KEY_MULTIPLE,
     fp8_gluon_ineligibility,
@@ -78,7 +79,7 @@ def test_fp8_kernel_choice_takes_gluon_on_sm90_for_bf16_and_fp16_d64_d128() -> N
     for dtype in (torch.bfloat16, torch.float16):
         for d in (64, 128):
             q, k, v = _inputs(dtype, d)
-            for block_q in GLUON_LAYOUT_BLOCKS:
+            for block_q in GLUON_FP8_QUERY_BLOCKS:
                 for block_k in GLUON_LAYOUT_BLOCKS:
                     assert fp8_kernel_choice(q, k, v, block_q, block_k, HOPPER) == "gluon"
 
@@ -104,7 +105,7 @@ def test_fp8_kernel_choice_takes_triton_on_other_devices(capability) -> None:
     [
         ("fp32", "fp16/bf16"),
         ("head dim 32", "head dim"),
-        ("block_q 32", "layout blocks"),
+        ("block_q 64", "two consumer warpgroups"),
         ("block_k 512", "layout blocks"),
     ],
 )
@@ -113,8 +114,8 @@ def test_fp8_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case:
     block_q, block_k = 128, 128
     if case == "fp32":
         q, k, v = q.float(), k.float(), v.float()
-    elif case == "block_q 32":
-        block_q = 32
+    elif case == "block_q 64":
+        block_q = 64
     elif case == "block_k 512":
         block_k = 512
     assert fp8_kernel_choice(q, k, v, block_q, block_k, HOPPER) == "triton"
@@ -138,11 +139,11 @@ def test_gluon_fp8_entry_checks_shapes_first() -> None:
 # ---------------------------------------------------------------- tile and launcher checks (CPU)
 
 
-@pytest.mark.parametrize("block_q", GLUON_LAYOUT_BLOCKS)
+@pytest.mark.parametrize("block_q", GLUON_FP8_QUERY_BLOCKS)
 @pytest.mark.parametrize("block_k", GLUON_LAYOUT_BLOCKS)
-def test_fp8_tile_tiles_the_layout_blocks_with_one_consumer_warpgroup_per_64_rows(block_q, block_k) -> None:
-    tile = gluon_fp8_block_sparse_tile(block_q, block_k)
-    assert tile.block_m in (64, 128) and block_q % tile.block_m == 0 and block_k % tile.block_n == 0
+def test_fp8_tile_tiles_the_layout_blocks_with_two_consumer_warpgroups(block_q, block_k) -> None:
+    tile = gluon_fp8_block_sparse_tile(block_k)
+    assert tile.block_m == 2 * CONSUMER_ROWS and block_q % tile.block_m == 0 and block_k % tile.block_n == 0
     assert tile.num_warps == tile.block_m // 16 and tile.num_stages == 3
 
 
@@ -155,10 +156,9 @@ def _quantised(s: int = 300, block: int = 128, v_key_multiple: int = V_KEY_MULTI
 
 def test_fp8_launcher_rejects_a_tile_that_does_not_fit_the_consumers() -> None:
     x, lay, out, lse = _quantised()
-    with pytest.raises(ValueError, match="block_m 64 or 128"):
-        launch_gluon_block_sparse_fp8(x, lay, 1.0, out, lse, TileConfig(256, 128, 16, 2))
-    with pytest.raises(ValueError, match="block_m 64 or 128"):
-        launch_gluon_block_sparse_fp8(x, lay, 1.0, out, lse, TileConfig(128, 256, 8, 2))
+    for tile in (TileConfig(256, 128, 16, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 256, 8, 2)):
+        with pytest.raises(ValueError, match="block_m 128"):
+            launch_gluon_block_sparse_fp8(x, lay, 1.0, out, lse, tile)
 
 
 def test_fp8_launcher_rejects_v_without_padded_key_strides() -> None:
@@ -210,16 +210,14 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, ping
 
     from sparse_compile.kernels.gluon_block_sparse_fp8 import _block_sparse_fp8_fwd_gluon
 
-    tile = gluon_fp8_block_sparse_tile(block_q, block_k)
-    consumers = tile.block_m // CONSUMER_ROWS
+    tile = gluon_fp8_block_sparse_tile(block_k)
 
     def descriptor(rows: int, columns: int) -> str:
         block = [1, 1, rows, columns]
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
         return f"tensordesc<fp8e4nv[{', '.join(map(str, block))}],{layout!r}>"
 
-    constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, CONSUMERS=consumers,
-                     STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+    constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
                      PINGPONG=pingpong, CHUNK=chunk)  # fmt: skip
     signature = {
         "q_desc": descriptor(CONSUMER_ROWS, head_dim), "k_desc": descriptor(tile.block_n, head_dim),
@@ -232,7 +230,7 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, ping
         "qk_scale": "fp32",
         **{n: "constexpr" for n in constants},
     }  # fmt: skip
-    options = {"num_warps": 4, "maxnreg": launch_registers(consumers)}
+    options = {"num_warps": 4, "maxnreg": launch_registers(tile.block_m // CONSUMER_ROWS)}
     return compile_sm90a(_block_sparse_fp8_fwd_gluon, signature, constants, options)
 
 
@@ -240,7 +238,7 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, ping
 @pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize(
     "block_q,block_k,head_dim,even_k",
-    [(128, 128, 128, False), (128, 128, 64, True), (64, 64, 128, False), (64, 64, 64, True), (256, 256, 128, False)],
+    [(128, 128, 128, False), (128, 128, 64, True), (128, 64, 128, False), (256, 64, 64, True), (256, 256, 128, False)],
 )
 def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, head_dim, even_k, pingpong) -> None:
     kernel = _compile_sm90a(block_q, block_k, head_dim, even_k, pingpong)
@@ -251,7 +249,7 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, he
     assert all(".f32.e4m3.e4m3" in w for w in wgmmas)
     # P V takes A (P) from registers, in BLOCK_N / 32 instructions per tile; S = Q K^T in D / 32 from shared memory
     pv = len([w for w in wgmmas if re.search(r"\},\s*\{%r", w)])
-    block_n = gluon_fp8_block_sparse_tile(block_q, block_k).block_n
+    block_n = gluon_fp8_block_sparse_tile(block_k).block_n
     assert pv > 0 and pv * head_dim == (len(wgmmas) - pv) * block_n
     assert "setmaxnreg" in ptx  # the producer hands its registers to the consumers
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
@@ -274,8 +272,23 @@ def test_kernel_chunks_each_e4m3_wgmma_chain(head_dim, chunk, pingpong) -> None:
     wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
     assert len(scale_d) == len(wgmmas) and all(".f32.e4m3.e4m3" in w for w in wgmmas)
     per_chain = chunk // 32
-    assert len(wgmmas) == 2 * 2 * (head_dim + 128) // 32  # two consumers; S and P V twice each (peeled tiles)
+    assert len(wgmmas) == 2 * (head_dim + 128) // 32  # two consumers; S and P V once each (one loop, no peeling)
     assert scale_d.count("0") == len(wgmmas) // per_chain
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_path) -> None:
+    """Both GEMMs run at twice the bf16 rate only if the consumer's softmax and P packing issue no more than the
+    bf16 kernel's: the score scale and 448 ride in the exponent's FMA, the rescale in the P V add, and P is
+    packed once (two e4m3 pairs per register), never carried across the loop as bytes."""
+    from test_gluon_block_sparse import _compile_sm90a as compile_bf16
+    from triton.experimental.gluon import language as gl
+
+    fp8 = attention_loop_mix(_compile_sm90a(128, 128, 128, False), tmp_path)
+    bf16 = attention_loop_mix(compile_bf16(128, 128, 128, gl.bfloat16, False), tmp_path)
+    assert sum(fp8.values()) <= 1.1 * sum(bf16.values())
+    assert fp8["F2FP"] == 32 and fp8["PRMT"] <= 16  # 64 probabilities per thread, 4 per register
+    assert fp8["FMUL"] <= 4  # no per-score multiply left
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
@@ -304,7 +317,7 @@ def test_gpu_fp8_kernel_choice_is_gluon_on_the_h200() -> None:
 @pytest.mark.parametrize("head_dim", [128, 64])
 @pytest.mark.parametrize(
     "s_q,s_k,block_q,block_k",
-    [(1000, 777, 128, 128), (1000, 1024, 64, 64), (777, 1000, 128, 64), (700, 900, 64, 128), (1100, 1300, 256, 256)],
+    [(1000, 777, 128, 128), (1000, 1024, 128, 64), (777, 1000, 256, 64), (700, 900, 256, 128), (1100, 1300, 256, 256)],
 )
 def test_gpu_gluon_fp8_matches_reference_with_tails_and_empty_rows(s_q, s_k, block_q, block_k, head_dim, dtype):
     _require_hopper()
@@ -319,15 +332,15 @@ def test_gpu_gluon_fp8_matches_reference_with_tails_and_empty_rows(s_q, s_k, blo
 
 @gpu
 def test_gpu_gluon_fp8_token_major_inputs_broadcast_layout_and_custom_tile() -> None:
-    """(B, S, H, D) inputs (O token-major too), a layout broadcast over batch and heads, and 64x64 tiles on
-    128-blocks with 2 ring slots (two programs per q block, two sub-tiles per kv block)."""
+    """(B, S, H, D) inputs (O token-major too), a layout broadcast over batch and heads, and 128x64 tiles on
+    128-blocks with 2 ring slots (two sub-tiles per kv block)."""
     _require_hopper()
     gen = torch.Generator().manual_seed(11)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2)
                for t in activation_like_qkv(2, 3, 1000, 900, 128, torch.bfloat16, gen, "cuda"))  # fmt: skip
     counts, indices = random_layout(1, 1, cdiv(1000, 128), cdiv(900, 128), 0.6, gen, "cuda", 0.2)
     counts, indices = counts.expand(2, 3, -1), indices.expand(2, 3, -1, -1)
-    for tile in (None, TileConfig(64, 64, 4, 2)):
+    for tile in (None, TileConfig(128, 64, 8, 2)):
         got = _run_gluon_fp8_poisoned(q, k, v, counts, indices, 128, 128, tile=tile)
         assert got[0].stride() == attention_output_like(q, v).stride()
         assert_matches_fp8_reference(q, k, v, counts, indices, 128, 128, got)
@@ -345,7 +358,7 @@ def test_gpu_gluon_fp8_all_rows_empty() -> None:
 
 
 @gpu
-@pytest.mark.parametrize("block,head_dim", [(128, 128), (64, 128), (128, 64)])
+@pytest.mark.parametrize("block,head_dim", [(128, 128), (256, 128), (128, 64)])
 def test_gpu_gluon_fp8_dense_layout_is_close_to_bf16_sdpa(block: int, head_dim: int) -> None:
     _require_hopper()
     gen = torch.Generator().manual_seed(13 + block + head_dim)
