@@ -9,7 +9,8 @@ defaults and (without ``--defaults-only``) at kept densities 0.25 and 0.125 wher
 knob for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
 keeps at most that density at this grid, when one does). Every setting runs the first
 ``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`); a row
-gives the fraction read back as the class asked for, the fraction where the judge found shapes at
+gives the fraction read back as the class asked for, the clips it reads right where dense does not and
+the reverse (the same noise: the paired difference), the fraction where the judge found shapes at
 all, the mean PSNR against the dense clip of the same noise, the mean kept density of the sparse
 steps (from :func:`sparse_compile.report`) and the seconds the setting took (compile included).
 
@@ -30,7 +31,7 @@ from common import TOY_PATCH, add_toy_arguments, check_toy_arguments, write_toy_
 import sparse_compile
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
-from sparse_compile.toy.evaluate import generate_clips, score_clips
+from sparse_compile.toy.evaluate import clips_gained_and_lost, generate_clips, score_clips
 from sparse_compile.toy.metrics import psnr
 from sparse_compile.toy.model import build_toy_wan
 
@@ -123,12 +124,14 @@ def markdown(rows: list[dict], header: str) -> str:
     """The table, then the targets: dense accuracy and every method's defaults against dense."""
     dense = rows[0]["accuracy"]
     lines = [header, "",
-             "| setting | judge accuracy | vs dense (points) | shapes found | PSNR vs dense (dB) | kept density | sparse sites | s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| setting | judge accuracy | vs dense (points) | clips right only here / only dense | shapes found "
+             "| PSNR vs dense (dB) | kept density | sparse sites | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = "-" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}"
         density = "-" if r["density"] is None else f"{r['density']:.3f}"
-        lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {100 * (r['accuracy'] - dense):+.1f} | "
+        gained, lost = clips_gained_and_lost(r["correct"], rows[0]["correct"])
+        lines.append(f"| {r['setting']} | {r['accuracy']:.3f} | {100 * (r['accuracy'] - dense):+.1f} | {gained} / {lost} | "
                      f"{r['found']:.3f} | {value} | {density} | {r['sparse_sites']}/{r['sites']} | {r['seconds']} |")
     defaults = [r for r in rows[1:] if r["setting"].endswith("(defaults)")]
     behind = [r["setting"] for r in defaults if r["accuracy"] < dense - DEFAULTS_WITHIN]

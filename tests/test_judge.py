@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_compile.toy.evaluate import balanced_labels, generate_clips, score_generation
+from sparse_compile.toy.evaluate import balanced_labels, clips_gained_and_lost, generate_clips, score_generation
 from sparse_compile.toy.judge import accuracy, connected_components, judge, shape_mask
 from sparse_compile.toy.model import class_embeddings
 from sparse_compile.toy.videos import NUM_CLASSES, make_videos
@@ -99,6 +99,14 @@ class _ReplayModel(torch.nn.Module):
 def test_score_generation_judges_every_class_of_the_generated_clips(shift, expected):
     score = score_generation(_ReplayModel(6, 32, 48, shift), 6, 32, 48, steps=2, clips=16, batch=8, guidance=1.0)
     assert score.accuracy == expected and score.clips == 16 and len(score.per_class) == NUM_CLASSES
+    assert score.correct == [expected == 1.0] * 16
+
+
+def test_clips_gained_and_lost_count_the_clips_only_one_side_reads_right():
+    assert clips_gained_and_lost([True, False, True, False], [True, True, False, False]) == (1, 1)
+    assert clips_gained_and_lost([False, False], [True, True]) == (0, 2)
+    with pytest.raises(ValueError, match="same clips"):
+        clips_gained_and_lost([True], [True, False])
 
 
 def test_generate_clips_runs_the_between_batches_hook_before_every_batch_but_the_first():

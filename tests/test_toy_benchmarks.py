@@ -42,6 +42,17 @@ def test_every_method_runs_at_its_defaults_and_at_each_density_it_can_be_set_to(
         "adaspa (defaults)"]
 
 
+def test_the_task_score_table_gives_each_setting_its_clips_gained_and_lost_against_dense(task_score):
+    facts = {"found": 1.0, "density": None, "sites": 16, "sparse_sites": 8, "seconds": 1.0}
+    rows = [{"setting": "dense", "accuracy": 0.75, "correct": [True, True, True, False], "psnr_db": None, **facts},
+            {"setting": "svg (defaults)", "accuracy": 0.75, "correct": [False, True, True, True], "psnr_db": 30.0, **facts},
+            {"setting": "radial (defaults)", "accuracy": 0.5, "correct": [True, True, False, False], "psnr_db": 40.0,
+             **facts}]  # fmt: skip
+    table = task_score.markdown(rows, "header")
+    assert "| svg (defaults) | 0.750 | +0.0 | 1 / 1 |" in table and "| radial (defaults) | 0.500 | -25.0 | 0 / 1 |" in table
+    assert "within 3 points of dense: no: radial (defaults)" in table and "(target >= 0.9): NOT met" in table
+
+
 def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_guidance

@@ -24,6 +24,7 @@ class GenerationScore:
     accuracy: float
     found: float  # fraction of clips where the judge found shapes at all
     per_class: list[float]
+    correct: list[bool]  # per clip, in generation order: read back as the class asked for
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +75,17 @@ def score_clips(videos: torch.Tensor, steps: int) -> GenerationScore:
     found = torch.tensor([v.found for v in verdicts], dtype=torch.bool)
     per_class = [float(correct[labels == c].float().mean()) for c in range(NUM_CLASSES) if (labels == c).any()]
     return GenerationScore(frames, height, width, steps, clips, float(correct.float().mean()),
-                           float(found.float().mean()), per_class)
+                           float(found.float().mean()), per_class, correct.tolist())
+
+
+def clips_gained_and_lost(correct: list[bool], reference: list[bool]) -> tuple[int, int]:
+    """Clips judged right in ``correct`` but not in ``reference`` (same noise, same class asked), and the reverse:
+    what moves a paired accuracy difference, which a difference of two accuracies hides."""
+    if len(correct) != len(reference):
+        raise ValueError(f"correct and reference must judge the same clips, got {len(correct)} and {len(reference)}")
+    gained = sum(c and not r for c, r in zip(correct, reference))
+    lost = sum(r and not c for c, r in zip(correct, reference))
+    return gained, lost
 
 
 def score_generation(model: Callable[..., object], frames: int, height: int, width: int, steps: int, clips: int = 32,
