@@ -16,7 +16,7 @@ One run: for each video-DiT shape (bf16, D=128) and kept density, one random lay
   on sm_90 the Gluon way (``PERMUTED_KERNELS``: copies of K/V only, Q gathered and O/LSE scattered in the TMA
   kernel). Compare with the "(B,S,H,D).T" rows, the same inputs without
   permutations;
-- the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8` and the
+- the FP8 (e4m3) kernels (``FP8_KERNELS``: the Triton kernel :func:`block_sparse_attention_fp8_triton` and the
   sm_90 Gluon kernel :func:`block_sparse_attention_fp8_gluon`, quantisation included in their times, and
   the quantisation alone, ``QUANTISATION_ROW``) in a
   second table: ms, the time over the bf16 Triton kernel's (the faster of TMA and pointer K/V loads) and
@@ -62,7 +62,7 @@ from sparse_compile.kernels.block_sparse import (
     kernel_choice,
     tma_eligible,
 )
-from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8, block_sparse_attention_fp8_gluon
+from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8_gluon, block_sparse_attention_fp8_triton
 from sparse_compile.kernels.block_sparse_reference import reference_q_blocks
 from sparse_compile.kernels.common import cdiv
 from sparse_compile.kernels.fp8_quant import quantize_attention_inputs
@@ -121,7 +121,7 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-FP8_KERNELS = {"FP8": block_sparse_attention_fp8, "FP8 Gluon": block_sparse_attention_fp8_gluon}
+FP8_KERNELS = {"FP8": block_sparse_attention_fp8_triton, "FP8 Gluon": block_sparse_attention_fp8_gluon}
 """The FP8 entries the second table times, by row name (each quantises its inputs inside the call)."""
 QUANTISATION_ROW = "quantisation alone"
 """The second table's row timing :func:`quantize_attention_inputs` by itself (the Gluon kernel's V padding)."""

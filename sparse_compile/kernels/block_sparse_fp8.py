@@ -21,8 +21,8 @@ The row LSE the kernel writes is that of the smoothed scores; the entry adds bac
 (:attr:`~sparse_compile.kernels.fp8_quant.Fp8Inputs.lse_shift`), so the returned LSE is the true one.
 
 :func:`block_sparse_attention_fp8_gluon` runs the same computation in the Gluon kernel of
-:mod:`~sparse_compile.kernels.gluon_block_sparse_fp8` (sm_90 only); :func:`fp8_kernel_choice` says which
-of the two a call would take. :func:`block_sparse_attention_fp8` runs the Triton kernel.
+:mod:`~sparse_compile.kernels.gluon_block_sparse_fp8` (sm_90 only), :func:`block_sparse_attention_fp8_triton`
+in the Triton kernel; :func:`block_sparse_attention_fp8` runs the one :func:`fp8_kernel_choice` picks.
 """
 
 from typing import Optional
@@ -60,6 +60,7 @@ __all__ = [
     "block_sparse_attention_fp8",
     "block_sparse_attention_fp8_gluon",
     "block_sparse_attention_fp8_reference",
+    "block_sparse_attention_fp8_triton",
     "check_fp8_inputs",
     "fp8_kernel_choice",
     "fp8_problem",
@@ -221,11 +222,35 @@ def block_sparse_attention_fp8(
     block_k: int = 128,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    out: Optional[Tensor] = None,
+    lse_out: Optional[Tensor] = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention_fp8_triton` (the arguments and results, less ``tile``) on the kernel
+    :func:`fp8_kernel_choice` picks: the Gluon kernel on sm_90 where it takes the call, else Triton's (either
+    entry checks the call)."""
+    entry = (block_sparse_attention_fp8_gluon if fp8_kernel_choice(q, k, v, block_q, block_k) == "gluon"
+             else block_sparse_attention_fp8_triton)  # fmt: skip
+    return entry(q, k, v, kv_block_counts, kv_block_indices, block_q=block_q, block_k=block_k, scale=scale,
+                 return_lse=return_lse, out=out, lse_out=lse_out)  # fmt: skip
+
+
+def block_sparse_attention_fp8_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_block_counts: Tensor,
+    kv_block_indices: Tensor,
+    *,
+    block_q: int = 128,
+    block_k: int = 128,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
     tile: Optional[TileConfig] = None,
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Block-sparse attention with e4m3 ``Q K^T`` and ``P V`` (CUDA sm_89+, or Triton's interpreter).
+    """Block-sparse attention with e4m3 ``Q K^T`` and ``P V`` in the Triton kernel (CUDA sm_89+, or Triton's
+    interpreter).
 
     q ``(B, H, S_q, D)``, k/v ``(B, H, S_k, D)``: fp16/bf16, D 64 or 128, any strides. Layout as
     :func:`~sparse_compile.kernels.block_sparse.block_sparse_attention` (``block_q``/``block_k`` powers
@@ -278,8 +303,7 @@ def fp8_kernel_choice(
 ) -> str:
     """Which FP8 kernel would run a valid call: ``"gluon"`` where
     :func:`~sparse_compile.kernels.gluon_block_sparse_fp8.fp8_gluon_ineligibility` finds no reason against
-    it on a device of ``capability`` (default: q's device's, ``None`` off CUDA), else ``"triton"``.
-    :func:`block_sparse_attention_fp8` does not consult it yet: it always runs the Triton kernel."""
+    it on a device of ``capability`` (default: q's device's, ``None`` off CUDA), else ``"triton"``."""
     capability = cuda_capability(q) if capability is None else capability
     return "gluon" if fp8_gluon_ineligibility(q, k, v, block_q, block_k, capability) is None else "triton"
 
@@ -299,7 +323,7 @@ def block_sparse_attention_fp8_gluon(
     out: Optional[Tensor] = None,
     lse_out: Optional[Tensor] = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """:func:`block_sparse_attention_fp8` on the Gluon kernel (CUDA sm_90 only): the same arguments and results.
+    """:func:`block_sparse_attention_fp8_triton` on the Gluon kernel (CUDA sm_90 only): the same arguments and results.
 
     Query layout blocks of 128 or 256 rows, key blocks of 64, 128 or 256; ``tile`` defaults to
     :func:`~sparse_compile.kernels.tile_configs.gluon_fp8_block_sparse_tile`. Raises ``ValueError``

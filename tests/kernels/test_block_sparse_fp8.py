@@ -20,7 +20,11 @@ import torch.nn.functional as F
 
 from test_block_sparse import JUNK_INDEX, dense_block_layout, random_layout, run_poisoned
 from triton_interpreter_support import interp, rel_l2, run_interpreted
-from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8, block_sparse_attention_fp8_reference
+from sparse_compile.kernels.block_sparse_fp8 import (
+    block_sparse_attention_fp8,
+    block_sparse_attention_fp8_reference,
+    block_sparse_attention_fp8_triton,
+)
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
 from sparse_compile.kernels.common import attention_output_like, cdiv, interpreter_active
 from sparse_compile.kernels.fp8_quant import (
@@ -56,7 +60,7 @@ def activation_like_qkv(
     return one(s_q, 0.0), one(s_k, 3.0), one(s_k, 0.5)
 
 
-run_fp8_poisoned = functools.partial(run_poisoned, kernel=block_sparse_attention_fp8)
+run_fp8_poisoned = functools.partial(run_poisoned, kernel=block_sparse_attention_fp8_triton)
 """The Triton FP8 entry into NaN-poisoned token-major O and LSE buffers (:func:`run_poisoned`)."""
 
 

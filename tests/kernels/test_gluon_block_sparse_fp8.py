@@ -122,6 +122,31 @@ def test_fp8_kernel_choice_takes_triton_on_sm90_for_what_gluon_cannot_take(case:
     assert reason in fp8_gluon_ineligibility(q, k, v, block_q, block_k, HOPPER)
 
 
+@pytest.mark.parametrize("choice", ["gluon", "triton"])
+def test_the_fp8_entry_runs_the_kernel_fp8_kernel_choice_picks_with_every_argument(monkeypatch, choice) -> None:
+    import sparse_compile.kernels.block_sparse_fp8 as fp8
+
+    calls = []
+
+    def entry(name: str):
+        def run(*args, **kwargs):
+            calls.append((name, len(args), kwargs))
+            return "result"
+
+        return run
+
+    monkeypatch.setattr(fp8, "fp8_kernel_choice", lambda q, k, v, block_q, block_k: choice)
+    monkeypatch.setattr(fp8, "block_sparse_attention_fp8_gluon", entry("gluon"))
+    monkeypatch.setattr(fp8, "block_sparse_attention_fp8_triton", entry("triton"))
+    q, k, v = _inputs()
+    counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128)
+    out, lse_out = object(), object()
+    got = fp8.block_sparse_attention_fp8(q, k, v, counts, indices, block_q=128, block_k=64, scale=0.5, return_lse=True,
+                                         out=out, lse_out=lse_out)  # fmt: skip
+    assert got == "result"
+    assert calls == [(choice, 5, dict(block_q=128, block_k=64, scale=0.5, return_lse=True, out=out, lse_out=lse_out))]
+
+
 def test_gluon_fp8_entry_off_sm90_raises_with_the_reason() -> None:
     q, k, v = _inputs()
     counts, indices = dense_block_layout(1, 2, 300, 300, 128, 128)
@@ -376,7 +401,7 @@ def test_gpu_gluon_fp8_dense_layout_is_close_to_bf16_sdpa(block: int, head_dim: 
 def test_gpu_gluon_fp8_wan_480p_matches_reference_triton_fp8_and_bf16() -> None:
     """Wan 480p (B=1, H=12, S=32760, D=128, (B, S, H, D) storage), density 0.25 in 128-blocks."""
     _require_hopper()
-    from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8
+    from sparse_compile.kernels.block_sparse_fp8 import block_sparse_attention_fp8_triton
 
     gen = torch.Generator().manual_seed(14)
     s, block = 32760, 128
@@ -386,7 +411,7 @@ def test_gpu_gluon_fp8_wan_480p_matches_reference_triton_fp8_and_bf16() -> None:
     counts, indices = random_layout(1, 12, n, n, 0.25, gen, "cuda", empty_fraction=0.02)
     got = _run_gluon_fp8_poisoned(q, k, v, counts, indices, block, block)
     assert_matches_fp8_reference(q, k, v, counts, indices, block, block, got)
-    triton_out, triton_lse = block_sparse_attention_fp8(q, k, v, counts, indices, block_q=block, block_k=block,
+    triton_out, triton_lse = block_sparse_attention_fp8_triton(q, k, v, counts, indices, block_q=block, block_k=block,
                                                         return_lse=True)  # fmt: skip
     assert rel_l2(got[0], triton_out) <= 3e-3
     finite = torch.isfinite(triton_lse)
