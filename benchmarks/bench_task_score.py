@@ -14,7 +14,8 @@ the reverse (the same noise: the paired difference), the fraction where the judg
 all, the mean PSNR against the dense clip of the same noise, the mean kept density of the sparse
 steps (from :func:`sparse_compile.report`) and the seconds the setting took (compile included).
 
-Writes ``task_score.md`` and ``task_score.json`` to ``--out``. Meant for a GPU (bf16); on the
+Writes ``task_score.md`` and ``task_score.json`` to ``--out``, after every setting (a run cut short
+leaves the rows it finished, its header saying so). Meant for a GPU (bf16); on the
 CPU the methods run their reference kernels, so use the smoke size with ``--tiny`` (small
 blocks and cluster counts for a grid of a few hundred tokens), e.g.
 ``--frames 4 --height 32 --width 48 --steps 3 --dense-steps 1 --clips 2 --tiny``.
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
-from common import TOY_PATCH, add_toy_arguments, check_toy_arguments, write_toy_table
+from common import TOY_PATCH, add_toy_arguments, check_toy_arguments, save_toy_table, write_toy_table
 
 import sparse_compile
 from sparse_compile.methods import METHODS
@@ -101,14 +103,17 @@ def run_setting(model: torch.nn.Module, options: dict, args: argparse.Namespace)
     return videos, facts
 
 
-def score_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
-    """One row per setting: dense first, then every sparse method's settings."""
+def score_rows(model: torch.nn.Module, args: argparse.Namespace,
+               on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """One row per setting: dense first, then every sparse method's settings; ``on_row`` gets the rows so far
+    after each one."""
     grid = (args.frames, args.height // TOY_PATCH, args.width // TOY_PATCH)
     common_options = {"dense_steps": args.dense_steps, "min_seq_len": 256}
     dense, facts = run_setting(model, {"method": "dense", **common_options}, args)
     rows = [{"setting": "dense", "options": {"method": "dense"}, **score_clips(dense, args.steps).as_dict(),
              "psnr_db": None, **facts}]
     print(f"dense: accuracy {rows[0]['accuracy']:.3f} ({facts['seconds']} s)", flush=True)
+    on_row(rows)
     for method in args.methods:
         for name, extra in method_settings(method, grid, args.tiny, args.defaults_only):
             options = {"method": method, **common_options, **extra}
@@ -117,6 +122,7 @@ def score_rows(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
             quality = float(psnr(videos, dense).clamp(max=100).mean())
             rows.append({"setting": name, "options": {"method": method, **extra}, **score, "psnr_db": quality, **facts})
             print(f"{name}: accuracy {score['accuracy']:.3f}, PSNR {quality:.1f} dB ({facts['seconds']} s)", flush=True)
+            on_row(rows)
     return rows
 
 
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"toy model {args.weights.name}, {args.clips} clips of {args.frames}x{args.height}x{args.width} px "
               f"(grid {args.frames}x{args.height // TOY_PATCH}x{args.width // TOY_PATCH} tokens), {args.steps} steps with CFG "
               f"({args.dense_steps} dense), {device.type}, torch {torch.__version__}")
-    rows = score_rows(model, args)
+    partial = header + " (partial: the run stopped before every setting)"
+    rows = score_rows(model, args, lambda rows: save_toy_table(args.out, "task_score", markdown(rows, partial), partial,
+                                                                args.weights, rows))
     write_toy_table(args.out, "task_score", markdown(rows, header), header, args.weights, rows)
 
 

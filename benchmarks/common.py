@@ -188,11 +188,16 @@ def check_toy_arguments(parser, args) -> None:
 
 
 def write_toy_table(out, name: str, text: str, header: str, weights, rows: list[dict]) -> None:
-    """Print ``text`` (a markdown table under ``header``); when ``out`` is a folder, also write it as
-    ``name.md`` and ``{header, weights, rows}`` as ``name.json`` there."""
+    """Print ``text`` (a markdown table under ``header``) and :func:`save_toy_table` it."""
+    print(text)
+    save_toy_table(out, name, text, header, weights, rows)
+
+
+def save_toy_table(out, name: str, text: str, header: str, weights, rows: list[dict]) -> None:
+    """When ``out`` is a folder, write ``text`` as ``name.md`` and ``{header, weights, rows}`` as ``name.json``
+    there (replacing what an earlier call wrote)."""
     import json
 
-    print(text)
     if out is not None:
         (out / f"{name}.md").write_text(text + "\n")
         (out / f"{name}.json").write_text(json.dumps({"header": header, "weights": str(weights), "rows": rows}, indent=1))

@@ -53,6 +53,24 @@ def test_the_task_score_table_gives_each_setting_its_clips_gained_and_lost_again
     assert "within 3 points of dense: no: radial (defaults)" in table and "(target >= 0.9): NOT met" in table
 
 
+def test_the_task_score_hands_over_the_rows_so_far_after_every_setting(task_score, monkeypatch):
+    """A run cut short still leaves the settings it finished (``on_row`` after each one)."""
+    from argparse import Namespace
+
+    from sparse_compile.toy.evaluate import balanced_labels
+    from sparse_compile.toy.videos import make_videos
+
+    clips = make_videos(3, balanced_labels(8), 4, 32, 48)
+    facts = {"sites": 16, "sparse_sites": 8, "density": 0.5, "seconds": 1.0}
+    monkeypatch.setattr(task_score, "run_setting", lambda model, options, args: (clips, facts))
+    args = Namespace(frames=4, height=32, width=48, steps=2, dense_steps=1, tiny=True, defaults_only=True,
+                     methods=["svg", "radial"])  # fmt: skip
+    seen = []
+    rows = task_score.score_rows(None, args, lambda so_far: seen.append([r["setting"] for r in so_far]))
+    assert seen == [["dense"], ["dense", "svg (defaults)"], ["dense", "svg (defaults)", "radial (defaults)"]]
+    assert [r["accuracy"] for r in rows] == [1.0, 1.0, 1.0] and rows[1]["psnr_db"] == 100.0
+
+
 def test_the_guidance_sweep_scores_every_scale_on_the_same_clips(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_guidance
