@@ -48,7 +48,7 @@ from sparse_compile.methods.svg_profile import sample_rows
 from sparse_compile.toy.attention_stats import CapturedAttention, capture_self_attention
 from sparse_compile.toy.evaluate import balanced_labels
 from sparse_compile.toy.method_recall import METHODS, RECALLS, CallAnalysis, MethodConfigs, analyse_call
-from sparse_compile.toy.model import build_toy_wan, class_embeddings
+from sparse_compile.toy.model import build_toy_wan, class_embeddings, compute_dtype
 from sparse_compile.toy.sampling import generate, noise_level, noise_levels
 
 DENSITY_TARGET = 0.35  # the best method's layer-mean density for recall 0.95
@@ -82,12 +82,11 @@ PUBLISHED_GRIDS = {"radial_hunyuan": ((33, 45, 80), 0.95, False), "radial_wan": 
 
 def capture(model: torch.nn.Module, args: argparse.Namespace) -> tuple[list[CapturedAttention], float]:
     """Self-attention calls of one conditional forward at step ``--dense-steps`` of a dense ``--steps`` sampling."""
-    device = next(model.parameters()).device
+    device, dtype = compute_dtype(model)
     labels = balanced_labels(args.clips)
     latent = generate(model, labels, args.seed, args.frames, args.height, args.width, args.steps,
                       until=args.dense_steps)
     sigma = noise_level(args.dense_steps, args.steps)
-    dtype = next(model.parameters()).dtype
     with torch.no_grad(), capture_self_attention() as calls:
         model(hidden_states=latent.to(dtype), timestep=torch.full((args.clips,), sigma * 1000, device=device),
               encoder_hidden_states=class_embeddings(labels.to(device), dtype))

@@ -47,7 +47,7 @@ from sparse_compile.quality import attention_recall
 from sparse_compile.runtime.session import Session
 from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.metrics import psnr
-from sparse_compile.toy.model import build_toy_wan, class_embeddings
+from sparse_compile.toy.model import build_toy_wan, class_embeddings, compute_dtype
 from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import make_videos
 
@@ -170,7 +170,7 @@ def captured_layers(model, args, device: torch.device) -> list:
     labels = torch.arange(2)
     videos = make_videos(10**6, labels, args.frames, args.height, args.width, device)
     noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)[1]
     with torch.no_grad(), capture_self_attention() as calls:
         model(hidden_states=(0.5 * videos + 0.5 * noise).to(dtype), timestep=torch.full((2,), 500.0, device=device),
               encoder_hidden_states=class_embeddings(labels.to(device), dtype))  # fmt: skip

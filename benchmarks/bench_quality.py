@@ -39,7 +39,7 @@ from sparse_compile.methods.base import SiteCache
 from sparse_compile.toy.attention_stats import capture_self_attention
 from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.metrics import psnr, ssim
-from sparse_compile.toy.model import build_toy_wan, class_embeddings
+from sparse_compile.toy.model import build_toy_wan, class_embeddings, compute_dtype
 from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import make_videos
 
@@ -112,10 +112,10 @@ def generation_quality(args, model, labels: torch.Tensor, save: Callable[[dict],
 def captured_attention(model, args) -> list:
     """Self-attention Q/K/V of every layer at mid noise on two procedural videos (eager model)."""
     labels = torch.arange(2)
-    device = next(model.parameters()).device
+    device, dtype = compute_dtype(model)
     videos = make_videos(10**6, labels, args.frames, args.height, args.width, device)
     noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(1)).to(device)
-    noisy = (0.5 * videos + 0.5 * noise).to(next(model.parameters()).dtype)
+    noisy = (0.5 * videos + 0.5 * noise).to(dtype)
     with torch.no_grad(), capture_self_attention() as calls:
         model(hidden_states=noisy, timestep=torch.full((2,), 500.0, device=device),
               encoder_hidden_states=class_embeddings(labels.to(device), noisy.dtype))

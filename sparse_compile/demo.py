@@ -29,7 +29,7 @@ from sparse_compile.cli_types import number_in
 from sparse_compile.toy.frames import save_frame_strip
 from sparse_compile.toy.judge import judge
 from sparse_compile.toy.metrics import psnr, ssim
-from sparse_compile.toy.model import build_toy_wan, class_embeddings
+from sparse_compile.toy.model import build_toy_wan, class_embeddings, compute_dtype
 from sparse_compile.toy.sampling import GUIDANCE, generate
 from sparse_compile.toy.videos import MIN_SIZE, NUM_CLASSES, class_name
 
@@ -105,12 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def compile_call(model, labels: torch.Tensor, args: argparse.Namespace) -> None:
     """One conditional call at the first step's timestep: compiles ``model`` before the timed generation."""
-    param = next(model.parameters())
-    noise = torch.zeros((labels.shape[0], 3, args.frames, args.height, args.width), device=param.device,
-                        dtype=param.dtype)
+    device, dtype = compute_dtype(model)
+    noise = torch.zeros((labels.shape[0], 3, args.frames, args.height, args.width), device=device, dtype=dtype)
     with torch.no_grad():
-        model(hidden_states=noise, timestep=torch.full((labels.shape[0],), 1000.0, device=param.device),
-              encoder_hidden_states=class_embeddings(labels.to(param.device), param.dtype))
+        model(hidden_states=noise, timestep=torch.full((labels.shape[0],), 1000.0, device=device),
+              encoder_hidden_states=class_embeddings(labels.to(device), dtype))
 
 
 def verdict_text(clip: torch.Tensor, asked: int) -> str:

@@ -11,7 +11,7 @@ from sparse_compile.toy.attention_stats import capture_self_attention, local_att
 from sparse_compile.toy.frames import CAPTION_HEIGHT, frame_strip
 from sparse_compile.toy.judge import judge, shape_mask
 from sparse_compile.toy.metrics import psnr, ssim
-from sparse_compile.toy.model import CONFIG, WEIGHTS, build_toy_wan, class_embeddings
+from sparse_compile.toy.model import CONFIG, WEIGHTS, build_toy_wan, class_embeddings, compute_dtype
 from sparse_compile.toy.sampling import generate, initial_noise, noise_level, noise_levels
 from sparse_compile.toy import train as train_module
 from sparse_compile.toy.train import main as train_main
@@ -80,6 +80,29 @@ def test_generation_is_deterministic_in_the_seed_and_finite():
     a = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
     b = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
     assert a.shape == (1, 3, 2, 16, 16) and torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def test_a_bf16_toy_keeps_in_fp32_what_diffusers_keeps_in_fp32_with_the_fp32_values():
+    fp32, bf16 = build_toy_wan(), build_toy_wan(dtype=torch.bfloat16)
+    weights = dict(fp32.named_parameters())
+    kept = {n for n, p in bf16.named_parameters() if p.dtype == torch.float32}
+    assert {"scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.norm2.weight",
+            "condition_embedder.time_embedder.linear_1.weight"} <= kept  # fmt: skip
+    assert all(torch.equal(bf16.get_parameter(n), weights[n]) for n in kept)  # not rounded through bf16
+    assert bf16.get_parameter("blocks.0.attn1.to_q.weight").dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in bf16.named_buffers() if n.startswith("rope."))
+    assert compute_dtype(bf16) == (torch.device("cpu"), torch.bfloat16)
+    assert compute_dtype(fp32) == (torch.device("cpu"), torch.float32)
+
+
+def test_generation_keeps_the_latent_in_fp32_and_calls_the_model_in_its_dtype():
+    model = build_toy_wan(dtype=torch.bfloat16)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["hidden_states"].dtype),
+                                    with_kwargs=True)  # fmt: skip
+    video = generate(model, torch.tensor([1]), seed=5, frames=2, height=16, width=16, steps=2)
+    assert video.dtype == torch.float32 and torch.isfinite(video).all()
+    assert seen == [torch.bfloat16] * 4  # two steps, conditional and unconditional
 
 
 def test_generation_stopped_at_a_step_returns_the_latent_that_step_starts_from():

@@ -34,7 +34,9 @@ CONFIG = dict(
 
 def build_toy_wan(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   weights: Path | None = WEIGHTS) -> torch.nn.Module:
-    """The toy Wan transformer in eval mode, with the shipped weights (``weights=None``: random init)."""
+    """The toy Wan transformer in eval mode, with the shipped weights (``weights=None``: random init), in
+    ``dtype`` but for what diffusers keeps in fp32 (:func:`kept_in_fp32`), as ``from_pretrained(...,
+    torch_dtype=dtype)`` loads Wan."""
     from diffusers import WanTransformer3DModel
     from safetensors.torch import load_file
 
@@ -45,7 +47,26 @@ def build_toy_wan(device: torch.device | str = "cpu", dtype: torch.dtype = torch
             raise FileNotFoundError(f"toy model weights not found at {weights}: train them with "
                                     "python -m sparse_compile.toy.train")
         model.load_state_dict(load_file(str(weights)))
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device).eval()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not kept_in_fp32(model, name):
+            tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def kept_in_fp32(model: torch.nn.Module, name: str) -> bool:
+    """Whether parameter or buffer ``name`` of ``model`` (or of its torch.compile wrapper) belongs to a module
+    diffusers keeps in fp32 whatever the model's dtype (``_keep_in_fp32_modules``: Wan's RoPE, time
+    embedding, modulation tables and block norms)."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(part in keep for part in name.split("."))
+
+
+def compute_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and the dtype ``model`` computes in: its parameters' but those :func:`kept_in_fp32`."""
+    params = [(name, p) for name, p in model.named_parameters()]
+    device = params[0][1].device
+    return device, next((p.dtype for name, p in params if not kept_in_fp32(model, name)), params[0][1].dtype)
 
 
 def class_embeddings(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

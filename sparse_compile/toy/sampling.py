@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from sparse_compile.toy.model import class_embeddings
+from sparse_compile.toy.model import class_embeddings, compute_dtype
 
 GUIDANCE = 2.0
 """The toy's default classifier-free guidance scale (chosen by the judge's accuracy: benchmarks/RESULTS.md,
@@ -40,13 +40,14 @@ def generate(
     """Videos ``(N, 3, F, H, W)`` (float32, about ``[-1, 1]``) for class ``labels`` ``(N,)`` on the model's device.
 
     Each step calls the model twice with the same timestep (conditional, then unconditional),
-    like diffusers pipelines with CFG as two calls. ``until``: run only steps ``0 .. until - 1``
-    of the ``steps``-step schedule and return the latent step ``until`` starts from (noise level
-    :func:`noise_level` of ``until``) instead of the video. ``shift``: :func:`noise_levels`.
+    like diffusers pipelines with CFG as two calls; as in those, the latent and the Euler steps stay in
+    fp32 and only the model's inputs are cast to its dtype (:func:`~sparse_compile.toy.model.compute_dtype`).
+    ``until``: run only steps ``0 .. until - 1`` of the ``steps``-step schedule and return the latent
+    (fp32) step ``until`` starts from (noise level :func:`noise_level` of ``until``) instead of the video.
+    ``shift``: :func:`noise_levels`.
     """
-    param = next(iter(model.parameters()))
-    device, dtype = param.device, param.dtype
-    x = initial_noise(seed, (labels.shape[0], 3, frames, height, width), device, dtype)
+    device, dtype = compute_dtype(model)
+    x = initial_noise(seed, (labels.shape[0], 3, frames, height, width), device, torch.float32)
     cond = class_embeddings(labels.to(device), dtype)
     uncond = class_embeddings(torch.full_like(labels, -1).to(device), dtype)
     sigmas = noise_levels(steps, shift)
@@ -56,13 +57,14 @@ def generate(
     with torch.no_grad():
         for i in range(last):
             t = torch.full((labels.shape[0],), float(sigmas[i]) * 1000, device=device)
-            v_cond = model(hidden_states=x, timestep=t, encoder_hidden_states=cond).sample
-            v_uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond).sample
+            x_in = x.to(dtype)
+            v_cond = model(hidden_states=x_in, timestep=t, encoder_hidden_states=cond).sample.float()
+            v_uncond = model(hidden_states=x_in, timestep=t, encoder_hidden_states=uncond).sample.float()
             velocity = v_uncond + guidance * (v_cond - v_uncond)
             x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * velocity
             if on_step is not None:
                 on_step(i)
-    return x.float()
+    return x
 
 
 def noise_levels(steps: int, shift: float = 1.0) -> torch.Tensor:
