@@ -30,6 +30,18 @@ def test_a_recompiled_model_keeps_one_row_per_site_with_the_latest_facts(recordi
     assert str(rep).endswith("4 attention sites: 2 sparse, 2 dense")
 
 
+def test_a_model_compiled_again_with_other_options_reports_only_the_new_options_calls(recording_method):
+    model, inputs, _ = tiny_models.wan(layers=1)
+    for options in ({"method": "dense", "min_seq_len": 16}, {**OPTIONS, "dense_steps": 1}):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sparse_video", options=options)
+        for t in (900, 700):
+            _call(compiled, inputs, t)
+    (site,) = sparse_compile.report(compiled).rewritten
+    assert site.density_by_step == {0: 1.0, 1: 0.5} and site.warmup_steps == {0} and site.mean_density == 0.5
+    assert sum(site.head_runs.sparse) == sum(site.head_runs.warmup)  # one call each, no dense-method calls
+
+
 def test_mean_density_leaves_out_the_dense_warm_up_steps(recording_method):
     model, inputs, _ = tiny_models.wan(layers=1)
     compiled = torch.compile(model, backend="sparse_video", options={**OPTIONS, "dense_steps": 2})

@@ -136,7 +136,7 @@ def sparse_attention(
     step, branch, generation, session_id, scope = (int(x) for x in step_token.tolist())
     session: Session = SESSIONS[session_id]
     state_key = scoped_key(site.key, scope)
-    state = session.state_of(state_key)
+    state = session.state_of(state_key, site.attention.options)
     layout, reason = TokenLayout(frames, height, width, text_tokens, text_first, context_tokens), None
     if site.facts.grid_from_call:
         layout, reason = _call_layout(session, layout, query.shape[2])

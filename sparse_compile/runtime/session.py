@@ -97,6 +97,7 @@ class SiteState:
             and dense by the options (warm-up steps and layers): :class:`HeadRuns`.
         last_call: the sizes of the last call as it ran (the compiler knows them only as hints where
             they are data-dependent or dynamic), or ``None`` before a call.
+        options: the backend options of the compile whose calls these are (:meth:`Session.state_of`).
     """
 
     densities: dict[int, list[float | torch.Tensor]] = field(default_factory=dict)
@@ -105,6 +106,7 @@ class SiteState:
     fallback_reason: str | None = None
     head_runs: HeadRuns = field(default_factory=HeadRuns)
     last_call: CallSizes | None = None
+    options: Any = None
 
     def record(self, site_name: str, step: int, result: AttentionResult) -> None:
         """Keep a call's density and how its heads ran; log the site's first run-time dense fallback
@@ -125,7 +127,8 @@ class Session:
     Models of one class share compiled graphs (their parameters are graph inputs), so a
     session is found at run time from the parameters the graph is called with, never
     baked into the graph. Site state is keyed by the site's key within the model (its module
-    path), so recompiles share it and it is bounded by the model's sites. ``probe``, when set,
+    path), so recompiles share it and it is bounded by the model's sites; a compile with other
+    options (the model compiled again for another method) starts it afresh. ``probe``, when set,
     sees every sparse call (for quality measurements).
     """
 
@@ -168,12 +171,16 @@ class Session:
             del self._graphs[graph_id]
             self._scopes_of_graph.pop(graph_id, None)
 
-    def state_of(self, site_key: str) -> SiteState:
-        """This model's state for one site, created on first use."""
+    def state_of(self, site_key: str, options: Any = None) -> SiteState:
+        """This model's state for one site under the backend ``options`` its call was compiled with: created
+        on first use, and again when the options differ from those of the state's calls (densities, warm-up
+        steps, head counts and caches of another method are not this one's)."""
         state = self.site_states.get(site_key)
-        if state is None:
+        if state is None or state.options != options:
             with self._lock:
-                state = self.site_states.setdefault(site_key, SiteState())
+                state = self.site_states.get(site_key)
+                if state is None or state.options != options:
+                    state = self.site_states[site_key] = SiteState(options=options)
         return state
 
     def layer_index(self, module_path: str) -> int:
