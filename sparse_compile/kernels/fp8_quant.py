@@ -251,7 +251,7 @@ def _quantize_channels_kernel(
     X, AMAX, X_FP8, SCALE,
     stride_xb, stride_xh, stride_xs, stride_xd,
     stride_ob, stride_oh, stride_os, stride_od,
-    H, S,
+    H, S, S_STORE,
     HEAD_DIM: tl.constexpr,
     TOKENS: tl.constexpr,
     COLUMNS: tl.constexpr,
@@ -260,8 +260,10 @@ def _quantize_channels_kernel(
     """One program: TOKENS tokens of one (batch, head) divided by their channels' scales and cast to
     e4m3, grid (cdiv(S, TOKENS) or 1, B * H); the first program of each (batch, head) writes its scales.
 
-    X ``(B, H, S, HEAD_DIM)`` and X_FP8 (e4m3, same shape) any strides; AMAX (from
-    :func:`_channel_amax_kernel`) and SCALE contiguous fp32 ``(B, H, HEAD_DIM)``.
+    X ``(B, H, S, HEAD_DIM)`` any strides; X_FP8 (e4m3) any strides over ``S_STORE >= S`` tokens, those past
+    S written as zeros (a channels-first X_FP8 with S_STORE a multiple of 16 gets whole 16-byte stores
+    along its tokens, not one store per byte); AMAX (from :func:`_channel_amax_kernel`) and SCALE
+    contiguous fp32 ``(B, H, HEAD_DIM)``.
     """
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -273,11 +275,11 @@ def _quantize_channels_kernel(
     channels = pid_bh.to(tl.int64) * HEAD_DIM + cols
     scale = _scale_of_amax(tl.load(AMAX + channels, mask=col_ok, other=0.0))
     tl.store(SCALE + channels, scale, mask=col_ok & (pid_s == 0))
-    ok = (rows < S)[:, None] & col_ok[None, :]
     src = strided_tile_pointers(X, off_b, off_h, rows, cols, stride_xb, stride_xh, stride_xs, stride_xd)
-    x = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(src, mask=(rows < S)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     dst = strided_tile_pointers(X_FP8, off_b, off_h, rows, cols, stride_ob, stride_oh, stride_os, stride_od)
-    tl.store(dst, to_e4m3(tl.math.div_rn(x, scale[None, :]), EXACT_CAST), mask=ok)
+    stored = (rows < S_STORE)[:, None] & col_ok[None, :]
+    tl.store(dst, to_e4m3(tl.math.div_rn(x, scale[None, :]), EXACT_CAST), mask=stored)
 
 
 def _check_kernel_input(x: Tensor) -> None:
@@ -384,24 +386,25 @@ def quantize_channels_triton(
 
     ``x`` float16/bfloat16/float32 ``(B, H, S, D)``, any strides. ``out``: e4m3 ``(B, H, S, D)`` with
     non-overlapping strides (default stored channels first, keys padded to ``key_multiple``, as
-    :func:`quantize_channels` returns); ``scale_out``: contiguous fp32 ``(B, H, D)``; both are written
-    whole (the padding keys are not written) and returned. Raises ``ValueError`` naming the argument it
+    :func:`quantize_channels` returns, the padding keys written as zeros); ``scale_out``: contiguous fp32
+    ``(B, H, D)``; both are written whole and returned. Raises ``ValueError`` naming the argument it
     cannot take.
     """
     _check_kernel_input(x)
     if not isinstance(key_multiple, int) or key_multiple < 1:
         raise ValueError(f"key_multiple must be a positive int, got {key_multiple!r}")
     b, h, s, d = x.shape
+    s_store = s if out is not None else cdiv(s, key_multiple) * key_multiple  # the tokens out's storage holds
     out = _fp8_out(out, x, channels_first=True, key_multiple=key_multiple)
     scale_out = _scale_out(scale_out, (b, h, d), x.device)
     amax = torch.zeros((b, h, d), dtype=torch.float32, device=x.device)
-    grid = (max(cdiv(s, FP8_CHANNEL_TOKENS), 1), b * h)
+    grid = (max(cdiv(s_store, FP8_CHANNEL_TOKENS), 1), b * h)
     columns = triton.next_power_of_2(d)
     meta = dict(HEAD_DIM=d, TOKENS=FP8_CHANNEL_TOKENS, COLUMNS=columns,
                 num_warps=fp8_quant_warps(FP8_CHANNEL_TOKENS * columns))  # fmt: skip
     with _launch_device(x):
         _channel_amax_kernel[grid](x, amax, *x.stride(), h, s, **meta)
-        _quantize_channels_kernel[grid](x, amax, out, scale_out, *x.stride(), *out.stride(), h, s,
+        _quantize_channels_kernel[grid](x, amax, out, scale_out, *x.stride(), *out.stride(), h, s, s_store,
                                         EXACT_CAST=interpreter_active(), **meta)  # fmt: skip
     return out, scale_out
 

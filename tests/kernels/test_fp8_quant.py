@@ -231,12 +231,14 @@ def test_kernels_need_cuda_tensors_or_the_interpreter() -> None:
 # ---------------------------------------------------------------- sm_90a compiles (CPU, ahead of time)
 
 
-def _ptx_sm90a(kernel, constants: dict, tile_elements: int):
-    """``kernel`` compiled for sm_90a on bf16 input and e4m3 output, as its launch's warps choose."""
+def _ptx_sm90a(kernel, constants: dict, tile_elements: int, aligned: tuple[str, ...] = ()):
+    """``kernel`` compiled for sm_90a on bf16 input and e4m3 output, as its launch's warps choose; ``aligned``:
+    the arguments a launch would find divisible by 16 (constants given by name in ``constants`` are fixed)."""
     pointers = {"X": "*bf16", "X_FP8": "*fp8e4nv", "MEAN": "*fp32", "SCALE": "*fp32", "AMAX": "*fp32",
                 "DOT_WITH": "*fp32", "DOT_OUT": "*fp32"}
-    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
-    return compile_sm90a(kernel, signature, constants, {"num_warps": fp8_quant_warps(tile_elements)})
+    signature = {p.name: "constexpr" if p.is_constexpr or p.name in constants else pointers.get(p.name, "i32")
+                 for p in kernel.params}  # fmt: skip
+    return compile_sm90a(kernel, signature, constants, {"num_warps": fp8_quant_warps(tile_elements)}, aligned)
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="compiles for the GPU")
@@ -255,6 +257,11 @@ def test_kernels_compile_for_sm90a_with_correctly_rounded_division_and_no_spills
         assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "atom.global.gpu.relaxed.max" in amax.asm["ptx"]
+    # V stored channels first with its keys padded to 16 (V_KEY_MULTIPLE): whole 16-byte stores along the keys
+    padded = _ptx_sm90a(fp8_quant._quantize_channels_kernel, {**channel_tile, "stride_xd": 1, "stride_os": 1},
+                        tokens * 128, aligned=("X", "X_FP8", "stride_xs", "stride_ob", "stride_oh", "stride_od",
+                                               "S_STORE"))  # fmt: skip
+    assert "st.global.v4.b32" in padded.asm["ptx"] and "st.global.b8" not in padded.asm["ptx"]
     if (TRITON_BIN / "cuobjdump").exists():
         for kernel in (rows, amax, channels):
             usage = resource_usage(kernel, tmp_path)
@@ -311,6 +318,8 @@ def assert_padded_channels_match(x: torch.Tensor, key_multiple: int) -> None:
     v_t = got_fp8.transpose(-1, -2)  # the (B, H, D, S) view the kernel's descriptor takes
     assert v_t.shape == (b, h, d, s) and v_t.stride() == (h * d * s_pad, d * s_pad, s_pad, 1)
     assert torch.equal(v_t.view(torch.uint8), want_fp8.transpose(-1, -2).view(torch.uint8))
+    padding = torch.as_strided(v_t, (b, h, d, s_pad), v_t.stride())[..., s:]
+    assert (padding.view(torch.uint8) == 0).all()  # written as zeros: whole 16-byte stores
     assert torch.equal(got_scale, want_scale)
     spec_fp8, spec_scale = quantize_channels(x, key_multiple=key_multiple)  # the specification pads alike
     assert spec_fp8.stride() == got_fp8.stride() and torch.equal(spec_fp8.view(torch.uint8), want_fp8.view(torch.uint8))
@@ -318,7 +327,15 @@ def assert_padded_channels_match(x: torch.Tensor, key_multiple: int) -> None:
 
 @interp
 @pytest.mark.parametrize("s,d,key_multiple", [(200, 64, 16), (130, 128, 16), (64, 128, 16), (70, 64, 128)])
-def test_interp_channels_padded_keys_equal_the_unpadded_output(s, d, key_multiple) -> None:
+def test_interp_channels_padded_keys_equal_the_unpadded_output(monkeypatch, s, d, key_multiple) -> None:
+    allocate = fp8_quant.channels_first_fp8
+
+    def poisoned(*args, **kwargs) -> torch.Tensor:  # padding included: the kernel must write it
+        buffer = allocate(*args, **kwargs)
+        torch.empty(0, dtype=torch.uint8).set_(buffer.untyped_storage()).fill_(FP8_NAN_BYTE)
+        return buffer
+
+    monkeypatch.setattr(fp8_quant, "channels_first_fp8", poisoned)
     assert_padded_channels_match(quantisation_input(2, 3, s, d, torch.bfloat16, True, seed=s + d + 2), key_multiple)
 
 
