@@ -192,7 +192,48 @@ def _add_pv_fp8(acc, alpha, p_chunks, v_tile, pv_zero):
 def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row, stride_ik,
                            n_tiles, k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr,
                            WG: gl.constexpr, PINGPONG: gl.constexpr, CHUNK: gl.constexpr):  # fmt: skip
-    """One consumer warpgroup's main loop: its 64 e4m3 query rows ``q_tile`` against every kept tile.
+    """One consumer warpgroup's main loop: its 64 e4m3 query rows ``q_tile`` against every kept tile
+    (:func:`_attend_tile_range_fp8`).
+
+    Kept blocks ascend, so only the last kept block can reach past ``S_K``: without ``EVEN_K`` its tiles run
+    in a second loop, the only one that masks keys (a compare and a select per score). Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row
+    sum of ``448 P`` (base 2).
+    """
+    ROWS: gl.constexpr = q_tile.shape[0]
+    HEAD_DIM: gl.constexpr = q_tile.shape[1]
+    BLOCK_N: gl.constexpr = k_ring.shape[3]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
+    )
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    if EVEN_K:
+        acc, m_i, l_i = _attend_tile_range_fp8(0, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
+                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
+                                               LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
+    else:
+        unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 0)
+        acc, m_i, l_i = _attend_tile_range_fp8(0, unmasked, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
+                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
+                                               LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
+        acc, m_i, l_i = _attend_tile_range_fp8(unmasked, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready,
+                                               k_empty, v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale,
+                                               S_K, LAYOUT_BK, False, WG, PINGPONG, CHUNK)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty,
+                           turn, idx_row, stride_ik, k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr,
+                           EVEN_K: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
+                           CHUNK: gl.constexpr):  # fmt: skip
+    """Kept tiles ``first`` .. ``end - 1`` of the row into the running ``acc``, ``m_i`` and ``l_i``; keys at or
+    past ``S_K`` masked unless ``EVEN_K``.
 
     ``k_ring`` holds ``(BLOCK_N, D)`` K tiles, ``v_ring`` ``(D, BLOCK_N)`` V^T tiles; ``k_scales`` points at
     the head's kv-block scales; ``q_scale`` is the q block's scale times softmax scale * log2(e).
@@ -201,7 +242,6 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     it, never carried across the loop's back edge (a carried fp8 tensor is unpacked to bytes and packed
     again for the ``wgmma``). With ``PINGPONG`` (two consumers) the ``S``
     GEMMs of the two warpgroups alternate on the ``turn`` barriers (``turn[WG]`` is this warpgroup's).
-    Returns the fp32 sum of ``e4m3(448 P) V_fp8``, the integer row max and the row sum of ``448 P`` (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
@@ -214,20 +254,15 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     alpha_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     S_CHUNK: gl.constexpr = min(CHUNK, HEAD_DIM)
     PV_CHUNK: gl.constexpr = min(CHUNK, BLOCK_N)
     turn_mine = turn.index(WG)
     turn_next = turn.index(1 - WG)
-
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
-    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
 
-    for t in range(n_tiles):
+    for t in range(first, end):
         slot = t % STAGES
         phase = (t // STAGES) & 1
         if PINGPONG:

@@ -291,13 +291,14 @@ def _wgmma_scale_d(ptx: str) -> list[str]:
 @pytest.mark.parametrize("head_dim,chunk", [(128, 32), (128, 64), (64, 32)])
 def test_kernel_chunks_each_e4m3_wgmma_chain(head_dim, chunk, pingpong) -> None:
     """With ``CHUNK`` every e4m3 chain is ``chunk / 32`` instructions long: a fresh accumulator (scale-d 0)
-    every ``chunk / 32`` wgmmas and nowhere else; the 128x128 tile's count of wgmmas does not change."""
+    every ``chunk / 32`` wgmmas and nowhere else; the 128x128 tile's count of wgmmas does not change. (Keys not
+    a multiple of the block: each consumer has the unmasked loop and the last block's masked one.)"""
     ptx = _compile_sm90a(128, 128, head_dim, False, pingpong, chunk).asm["ptx"]
     scale_d = _wgmma_scale_d(ptx)
     wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
     assert len(scale_d) == len(wgmmas) and all(".f32.e4m3.e4m3" in w for w in wgmmas)
     per_chain = chunk // 32
-    assert len(wgmmas) == 2 * (head_dim + 128) // 32  # two consumers; S and P V once each (one loop, no peeling)
+    assert len(wgmmas) == 2 * 2 * (head_dim + 128) // 32  # two consumers, two loops; S and P V once in each
     assert scale_d.count("0") == len(wgmmas) // per_chain
 
 
@@ -314,6 +315,15 @@ def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_pat
     assert sum(fp8.values()) <= 1.1 * sum(bf16.values())
     assert fp8["F2FP"] == 32 and fp8["PRMT"] <= 16  # 64 probabilities per thread, 4 per register
     assert fp8["FMUL"] <= 4  # no per-score multiply left
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+def test_fp8_main_loop_masks_no_keys_when_the_keys_are_not_a_multiple_of_the_block(tmp_path) -> None:
+    """Wan 480p's 32760 keys are not a multiple of 128: only the last kept block's tiles mask keys (kept blocks
+    ascend), so the main loop issues what it issues for even keys (no compare and select per score)."""
+    uneven = attention_loop_mix(_compile_sm90a(128, 128, 128, False), tmp_path)
+    even = attention_loop_mix(_compile_sm90a(128, 128, 128, True), tmp_path)
+    assert sum(uneven.values()) <= sum(even.values()) + 4 and uneven["FSEL"] == 0
 
 
 # ---------------------------------------------------------------- GPU (sm_90)
