@@ -200,8 +200,9 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
 
     Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
-    softmax of tile ``t`` while ``P V`` is on the tensor cores, and releases each ring slot once its
-    GEMM has finished. Returns the unnormalised output, the row max and the row sum (base 2).
+    softmax of tile ``t`` while ``P V`` is on the tensor cores (:func:`_attend_tile_range`), and releases
+    each ring slot once its GEMM has finished. Returns the unnormalised output, the row max and the row sum
+    (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
@@ -235,7 +236,47 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
                                            0.0)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
-    for t in range(1, n_tiles):
+    # Kept blocks ascend: only the last kept block's tiles can reach past S_K, so only they mask keys.
+    if EVEN_K:
+        acc, m_i, l_i, p_prev = _attend_tile_range(1, n_tiles, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
+                                                   k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
+                                                   LAYOUT_BK, True)  # fmt: skip
+    else:
+        unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 1)
+        acc, m_i, l_i, p_prev = _attend_tile_range(1, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
+                                                   k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
+                                                   LAYOUT_BK, True)  # fmt: skip
+        acc, m_i, l_i, p_prev = _attend_tile_range(unmasked, n_tiles, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring,
+                                                   k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, S_K,
+                                                   qk_scale, LAYOUT_BK, False)  # fmt: skip
+
+    if n_tiles > 0:
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty,
+                       idx_row, stride_ik, S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    """Tiles ``first`` .. ``end - 1`` of :func:`_attend_kept_tiles`' loop (``first >= 1``): per tile ``t``, ``S`` of
+    ``t`` and the ``P V`` of ``t - 1`` (``p_prev``) issued back to back, the softmax of ``t`` (keys at or past
+    ``S_K`` masked unless ``EVEN_K``) while ``P V`` runs. Returns the running output, row max and row sum, and
+    the last tile's P."""
+    ROWS: gl.constexpr = q_tile.shape[0]
+    HEAD_DIM: gl.constexpr = q_tile.shape[1]
+    BLOCK_N: gl.constexpr = k_ring.shape[3]
+    STAGES: gl.constexpr = k_ring.shape[0]
+    dtype: gl.constexpr = k_ring.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = p_prev.type.layout
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    for t in range(first, end):
         slot = t % STAGES
         prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
@@ -253,13 +294,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_prev = p_next
-
-    if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-    return acc, m_i, l_i
+    return acc, m_i, l_i, p_prev
 
 
 @gluon.jit
