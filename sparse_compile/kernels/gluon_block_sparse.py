@@ -137,6 +137,13 @@ def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constex
         tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
 
 
+@gluon.constexpr_function
+def warpgroup_mma_layout(columns, k):
+    """The layout of one warpgroup's ``warpgroup_mma`` accumulator: 64 rows x ``columns``, instruction K ``k``
+    (16 for 16-bit operands, 32 for e4m3)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, columns, k])
+
+
 @gluon.jit
 def _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, BLOCK_N: gl.constexpr,
                   s_layout: gl.constexpr, INTEGER_MAX: gl.constexpr, P_LOG2: gl.constexpr):  # fmt: skip
@@ -209,12 +216,8 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
     dtype: gl.constexpr = k_ring.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
+    s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 16)
+    o_layout: gl.constexpr = warpgroup_mma_layout(HEAD_DIM, 16)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -270,9 +273,7 @@ def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
     dtype: gl.constexpr = k_ring.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
-    )
+    s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 16)
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = p_prev.type.layout
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)

@@ -60,6 +60,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _softmax_step,
     _tile_start,
     launch_registers,
+    warpgroup_mma_layout,
 )
 from sparse_compile.kernels.tile_configs import TileConfig, gluon_fp8_block_sparse_tile
 
@@ -202,12 +203,8 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
-    )
+    s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 32)
+    o_layout: gl.constexpr = warpgroup_mma_layout(HEAD_DIM, 32)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
@@ -247,12 +244,8 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
-    )
+    s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 32)
+    o_layout: gl.constexpr = warpgroup_mma_layout(HEAD_DIM, 32)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     alpha_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
     S_CHUNK: gl.constexpr = min(CHUNK, HEAD_DIM)
