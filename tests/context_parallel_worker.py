@@ -65,8 +65,10 @@ def main(rank: int, world: int, store: str, out: str, options: dict, latent: lis
     # two cores) and scalar C++ kernels (faster to generate and build; speed is not tested here).
     inductor_config.compile_threads = 1
     inductor_config.cpp.vec_isa_ok = False
+    # A rank waits in a collective while the other compiles; on a loaded machine that took over 60 s once (gloo
+    # then aborts the process). The test's own limit (RANKS_TIMEOUT_S) still catches a hang.
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=240)
     )
     try:
         model, inputs = build_wan(*latent)
