@@ -376,7 +376,7 @@ def block_sparse_attention_fp8_reference(
     b, h, s_q, d = q.shape
     s_k = k.shape[2]
     scale = default_scale(d, scale)
-    x = quantize_attention_inputs(q, k, v, block_q, block_k, v_key_multiple=V_KEY_MULTIPLE, scale=scale)
+    x = quantize_attention_inputs(q, k, v, block_q, block_k, scale=scale)
     q_deq, k_deq, v_deq = x.dequantized()
     keep = keep_matrix(lay.counts, lay.indices, cdiv(s_k, block_k))  # (B, H, NQ, NK)
     key_blocks = torch.arange(s_k, device=q.device) // block_k

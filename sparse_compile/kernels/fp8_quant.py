@@ -398,14 +398,15 @@ def quantize_channels_triton(
     out = _fp8_out(out, x, channels_first=True, key_multiple=key_multiple)
     scale_out = _scale_out(scale_out, (b, h, d), x.device)
     amax = torch.zeros((b, h, d), dtype=torch.float32, device=x.device)
-    grid = (max(cdiv(s_store, FP8_CHANNEL_TOKENS), 1), b * h)
     columns = triton.next_power_of_2(d)
     meta = dict(HEAD_DIM=d, TOKENS=FP8_CHANNEL_TOKENS, COLUMNS=columns,
                 num_warps=fp8_quant_warps(FP8_CHANNEL_TOKENS * columns))  # fmt: skip
     with _launch_device(x):
-        _channel_amax_kernel[grid](x, amax, *x.stride(), h, s, **meta)
-        _quantize_channels_kernel[grid](x, amax, out, scale_out, *x.stride(), *out.stride(), h, s, s_store,
-                                        EXACT_CAST=interpreter_active(), **meta)  # fmt: skip
+        # the amax pass reads the S tokens; the cast writes every token the storage holds (zeros past S)
+        _channel_amax_kernel[(max(cdiv(s, FP8_CHANNEL_TOKENS), 1), b * h)](x, amax, *x.stride(), h, s, **meta)
+        _quantize_channels_kernel[(max(cdiv(s_store, FP8_CHANNEL_TOKENS), 1), b * h)](
+            x, amax, out, scale_out, *x.stride(), *out.stride(), h, s, s_store, EXACT_CAST=interpreter_active(), **meta
+        )
     return out, scale_out
 
 
