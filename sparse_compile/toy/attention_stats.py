@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from sparse_compile.kernels.common import default_scale
+
 
 @dataclass(frozen=True)
 class CapturedAttention:
@@ -93,7 +95,7 @@ def local_attention_mass(
     """
     seq = q.shape[2]
     pick = torch.randperm(seq, generator=torch.Generator().manual_seed(seed))[:rows].to(q.device)
-    probs = row_log_probs(q[:, :, pick], k, q.shape[-1] ** -0.5).exp()  # (B, H, rows, S)
+    probs = row_log_probs(q[:, :, pick], k, default_scale(q.shape[-1], None)).exp()  # (B, H, rows, S)
     near = near_mask(pick, grid, radius)  # (rows, S)
     mass = (probs * near).sum(-1).mean()
     return float(mass), float(near.float().mean())

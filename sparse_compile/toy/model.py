@@ -64,9 +64,9 @@ def kept_in_fp32(model: torch.nn.Module, name: str) -> bool:
 
 def compute_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and the dtype ``model`` computes in: its parameters' but those :func:`kept_in_fp32`."""
-    params = [(name, p) for name, p in model.named_parameters()]
-    device = params[0][1].device
-    return device, next((p.dtype for name, p in params if not kept_in_fp32(model, name)), params[0][1].dtype)
+    computing = [p for name, p in model.named_parameters() if not kept_in_fp32(model, name)]
+    first = computing[0] if computing else next(model.parameters())
+    return first.device, first.dtype
 
 
 def class_embeddings(labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
