@@ -113,13 +113,14 @@ def assert_channels_match(x: torch.Tensor) -> None:
     assert_same_quantisation(got, quantize_channels(x))
 
 
-def assert_same_inputs(got: fp8_quant.Fp8Inputs, want: fp8_quant.Fp8Inputs) -> None:
-    """Every tensor of ``got`` the same as ``want``'s (fp8 bytes and layouts, scales, K's mean), the same blocks."""
+def assert_same_inputs(got: fp8_quant.Fp8Inputs, want: fp8_quant.Fp8Inputs, q: torch.Tensor) -> None:
+    """Every tensor of ``got`` the same as ``want``'s (fp8 bytes and layouts, scales, K's mean), the same
+    blocks; the LSE shift ``scale * q . k_mean`` to fp32 rounding (:func:`assert_dots_close`)."""
     for name in ("q", "k", "v"):
         assert_same_quantisation((getattr(got, name), getattr(got, f"{name}_scale")),
                                  (getattr(want, name), getattr(want, f"{name}_scale")))  # fmt: skip
     assert torch.equal(got.k_mean, want.k_mean) and (got.block_q, got.block_k) == (want.block_q, want.block_k)
-    torch.testing.assert_close(got.lse_shift, want.lse_shift, rtol=1e-5, atol=1e-5)
+    assert_dots_close(got.lse_shift, q, want.k_mean * q.shape[-1] ** -0.5)
 
 
 def specified_inputs(
@@ -179,7 +180,7 @@ def test_quantize_attention_inputs_takes_pytorch_for_cpu_tensors_without_the_int
 
     monkeypatch.setattr(fp8_quant, "quantize_row_blocks_triton", no_kernels)
     monkeypatch.setattr(fp8_quant, "quantize_channels_triton", no_kernels)
-    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want)
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want, q)
 
 
 # ---------------------------------------------------------------- argument checks (CPU, in process)
@@ -382,7 +383,7 @@ def test_interp_quantize_attention_inputs_takes_the_kernels(monkeypatch) -> None
 
     monkeypatch.setattr(fp8_quant, "quantize_row_blocks", no_pytorch)
     monkeypatch.setattr(fp8_quant, "quantize_channels", no_pytorch)
-    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want)
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 64, 32), want, q)
 
 
 # ---------------------------------------------------------------- GPU (compiled kernels)
@@ -405,4 +406,4 @@ def test_gpu_kernels_match_the_specification(d: int, dtype: torch.dtype, block: 
 @gpu
 def test_gpu_quantize_attention_inputs_matches_the_specification() -> None:
     q, k, v = (quantisation_input(2, 12, GPU_SEQ, 128, torch.bfloat16, True, seed, "cuda") for seed in range(3))
-    assert_same_inputs(quantize_attention_inputs(q, k, v, 128, 64), specified_inputs(q, k, v, 128, 64))
+    assert_same_inputs(quantize_attention_inputs(q, k, v, 128, 64), specified_inputs(q, k, v, 128, 64), q)
