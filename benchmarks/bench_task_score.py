@@ -6,8 +6,10 @@ Generates ``--clips`` clips (every class in turn, the same noise for every setti
 model (:mod:`sparse_compile.toy`) compiled with ``backend="sparse_video"``: first ``method="dense"``
 (the same compiled graph with exact attention: the reference), then every sparse method at its
 defaults and (without ``--defaults-only``) at kept densities 0.25 and 0.125 where the method has a
-knob for its density (``density`` for svg and adaspa; for radial the largest ``decay`` whose layout
-keeps at most that density at this grid, when one does). Every setting runs the first
+knob for its density and its layouts can keep that little of this grid (``density`` for svg and adaspa;
+for radial the largest ``decay`` whose layout keeps at most that density; svg2, whose density follows
+the attention, at ``top_p`` 0.75 and 0.5); the table names the densities a method cannot reach at the
+grid and why (a static layout keeps a query's own frame and the first frame). Every setting runs the first
 ``--dense-steps`` of ``--steps`` dense. Each clip is judged (:mod:`sparse_compile.toy.judge`); a row
 gives the fraction read back as the class asked for, the clips it reads right where dense does not and
 the reverse (the same noise: the paired difference), the fraction where the judge found shapes at
@@ -33,11 +35,13 @@ from common import TOY_PATCH, add_toy_arguments, check_toy_arguments, save_toy_t
 import sparse_compile
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.radial_pattern import kept_pair_density, radial_block_mask
+from sparse_compile.methods.svg_patterns import build_patterns
 from sparse_compile.toy.evaluate import clips_gained_and_lost, generate_clips, score_clips
 from sparse_compile.toy.metrics import psnr
 from sparse_compile.toy.model import build_toy_wan
 
 DENSITIES = (0.25, 0.125)
+SVG2_TOP_P = (0.75, 0.5)  # svg2's kept density follows the attention: lower top_p keeps fewer cluster pairs
 ACCURACY_TARGET = 0.90
 DEFAULTS_WITHIN = 0.03  # judge accuracy of every method at its defaults within this of dense
 TINY_OPTIONS = {"svg2": {"q_clusters": 8, "k_clusters": 16, "kmeans_iters_init": 3}, "svg": {"block": 16},
@@ -63,24 +67,42 @@ def radial_decay_for(grid: tuple[int, int, int], block: int, density: float) -> 
     return low
 
 
+def svg_floor_density(grid: tuple[int, int, int], block: int, density: float) -> float:
+    """The kept density of svg's denser pattern over ``grid`` at ``density`` (what a head may keep): above
+    ``density`` where the narrowest band (a query's own frame and the first frame) keeps more."""
+    patterns = build_patterns(*grid, block, density, torch.device("cpu"))
+    return max(float(patterns.spatial.kept), float(patterns.temporal.kept))
+
+
 def method_settings(method: str, grid: tuple[int, int, int], tiny: bool,
-                    defaults_only: bool = False) -> list[tuple[str, dict]]:
+                    defaults_only: bool = False) -> tuple[list[tuple[str, dict]], list[str]]:
     """``(row name, method options)`` of one method: its defaults, then (unless ``defaults_only``) each of
-    ``DENSITIES`` it can be set to."""
+    ``DENSITIES`` it can be set to at ``grid``; and a note for each density it cannot reach there."""
     base = dict(TINY_OPTIONS.get(method, {})) if tiny else {}
     settings = [(f"{method} (defaults)", base)]
+    notes: list[str] = []
     if defaults_only:
-        return settings
+        return settings, notes
     defaults = METHODS[method].config_type().as_dict()
-    if "density" in defaults:
-        settings += [(f"{method} density {d}", {**base, "density": d}) for d in DENSITIES if d != defaults["density"]]
-    elif method == "radial":
-        block = base.get("block", defaults["block"])
-        for d in DENSITIES:
+    block = base.get("block", defaults.get("block"))
+    for d in DENSITIES:
+        if method == "svg":
+            floor = svg_floor_density(grid, block, d)
+            if floor > d:
+                notes.append(f"svg cannot keep {d} of this grid: its narrowest patterns keep {floor:.3f}")
+            elif d != defaults["density"]:
+                settings.append((f"svg density {d}", {**base, "density": d}))
+        elif "density" in defaults and d != defaults["density"] and method != "svg":
+            settings.append((f"{method} density {d}", {**base, "density": d}))
+        elif method == "radial":
             decay = radial_decay_for(grid, block, d)
             if decay is not None:
                 settings.append((f"radial density <= {d} (decay {decay:.3g})", {**base, "decay": decay}))
-    return settings
+            else:
+                notes.append(f"radial cannot keep {d} of this grid: its smallest decay keeps more")
+    if method == "svg2":
+        settings += [(f"svg2 top_p {p}", {**base, "top_p": p}) for p in SVG2_TOP_P]
+    return settings, notes
 
 
 def mean_kept_density(model: torch.nn.Module) -> float | None:
@@ -115,7 +137,7 @@ def score_rows(model: torch.nn.Module, args: argparse.Namespace,
     print(f"dense: accuracy {rows[0]['accuracy']:.3f} ({facts['seconds']} s)", flush=True)
     on_row(rows)
     for method in args.methods:
-        for name, extra in method_settings(method, grid, args.tiny, args.defaults_only):
+        for name, extra in method_settings(method, grid, args.tiny, args.defaults_only)[0]:
             options = {"method": method, **common_options, **extra}
             videos, facts = run_setting(model, options, args)
             score = score_clips(videos, args.steps).as_dict()
@@ -126,8 +148,9 @@ def score_rows(model: torch.nn.Module, args: argparse.Namespace,
     return rows
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    """The table, then the targets: dense accuracy and every method's defaults against dense."""
+def markdown(rows: list[dict], header: str, notes: list[str] = ()) -> str:
+    """The table, then the targets (dense accuracy, every method's defaults against dense) and ``notes``
+    (the densities a method cannot reach at the grid)."""
     dense = rows[0]["accuracy"]
     lines = [header, "",
              "| setting | judge accuracy | vs dense (points) | clips right only here / only dense | shapes found "
@@ -145,6 +168,7 @@ def markdown(rows: list[dict], header: str) -> str:
               + ("met" if dense >= ACCURACY_TARGET else "NOT met"),
               f"- every method at its defaults within {100 * DEFAULTS_WITHIN:.0f} points of dense: "
               + ("yes" if not behind else "no: " + ", ".join(behind))]
+    lines += [f"- {note}" for note in notes]
     return "\n".join(lines)
 
 
@@ -176,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
               f"(grid {args.frames}x{args.height // TOY_PATCH}x{args.width // TOY_PATCH} tokens), {args.steps} steps with CFG "
               f"({args.dense_steps} dense), {device.type}, torch {torch.__version__}")
     partial = header + " (partial: the run stopped before every setting)"
-    rows = score_rows(model, args, lambda rows: save_toy_table(args.out, "task_score", markdown(rows, partial), partial,
-                                                                args.weights, rows))
-    write_toy_table(args.out, "task_score", markdown(rows, header), header, args.weights, rows)
+    grid = (args.frames, args.height // TOY_PATCH, args.width // TOY_PATCH)
+    notes = [note for method in args.methods for note in method_settings(method, grid, args.tiny, args.defaults_only)[1]]
+    rows = score_rows(model, args, lambda rows: save_toy_table(args.out, "task_score", markdown(rows, partial, notes),
+                                                                partial, args.weights, rows))  # fmt: skip
+    write_toy_table(args.out, "task_score", markdown(rows, header, notes), header, args.weights, rows)
 
 
 if __name__ == "__main__":

@@ -32,14 +32,26 @@ def test_radial_gets_the_largest_decay_that_keeps_at_most_the_density(task_score
 
 def test_every_method_runs_at_its_defaults_and_at_each_density_it_can_be_set_to(task_score):
     grid = (16, 32, 48)
-    names = {m: [name for name, _ in task_score.method_settings(m, grid, tiny=False)] for m in ("svg", "adaspa", "svg2")}
+    settings = {m: task_score.method_settings(m, grid, tiny=False) for m in ("svg", "adaspa", "svg2", "radial")}
+    names = {m: [name for name, _ in rows] for m, (rows, _) in settings.items()}
     assert names["svg"] == ["svg (defaults)", "svg density 0.125"]  # its default density is 0.25
     assert names["adaspa"] == ["adaspa (defaults)", "adaspa density 0.25", "adaspa density 0.125"]
-    assert names["svg2"] == ["svg2 (defaults)"]
-    tiny = dict(task_score.method_settings("svg2", grid, tiny=True))
-    assert tiny["svg2 (defaults)"]["q_clusters"] == 8
-    assert [name for name, _ in task_score.method_settings("adaspa", grid, False, defaults_only=True)] == [
-        "adaspa (defaults)"]
+    assert names["svg2"] == ["svg2 (defaults)", "svg2 top_p 0.75", "svg2 top_p 0.5"]  # no density option
+    assert names["radial"] == ["radial (defaults)"] and len(settings["radial"][1]) == 2
+    tiny = dict(task_score.method_settings("svg2", grid, tiny=True)[0])
+    assert tiny["svg2 (defaults)"]["q_clusters"] == 8 and tiny["svg2 top_p 0.5"] == {**tiny["svg2 (defaults)"], "top_p": 0.5}
+    assert task_score.method_settings("adaspa", grid, False, defaults_only=True) == ([("adaspa (defaults)", {})], [])
+
+
+def test_a_density_the_method_cannot_keep_at_the_grid_is_a_note_not_a_row(task_score):
+    """At 6 frames a query's own frame and the first frame are a third of the keys: svg stops there."""
+    rows, notes = task_score.method_settings("svg", (6, 16, 24), tiny=False)
+    assert [name for name, _ in rows] == ["svg (defaults)"]
+    assert notes == ["svg cannot keep 0.25 of this grid: its narrowest patterns keep 0.333",
+                     "svg cannot keep 0.125 of this grid: its narrowest patterns keep 0.333"]  # fmt: skip
+    table = task_score.markdown([{"setting": "dense", "accuracy": 1.0, "correct": [True], "psnr_db": None, "found": 1.0,
+                                  "density": None, "sites": 1, "sparse_sites": 0, "seconds": 1.0}], "header", notes)
+    assert table.endswith("- svg cannot keep 0.125 of this grid: its narrowest patterns keep 0.333")
 
 
 def test_the_task_score_table_gives_each_setting_its_clips_gained_and_lost_against_dense(task_score):
