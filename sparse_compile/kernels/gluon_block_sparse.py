@@ -389,26 +389,20 @@ def _consumer(o_desc, LSE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_re
 
 
 @gluon.jit
-def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr, ONE_EMPTY: gl.constexpr = False):
+def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     """The Q barrier and, per ring slot, the K and V ready barriers (one arrival: the producer's) and
-    empty barriers (one arrival per consumer warpgroup), initialised and fenced. With ``ONE_EMPTY`` a slot's
-    K and V share one empty barrier (returned as both): consumers release the slot once, after ``P V``
-    (each release is a warpgroup ``bar.sync`` and a one-thread arrive)."""
+    empty barriers (one arrival per consumer warpgroup), initialised and fenced."""
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
         mbarrier.init(v_empty.index(i), count=CONSUMERS)
-    if ONE_EMPTY:
-        k_empty = v_empty
-    else:
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_empty.index(i), count=CONSUMERS)
     fence_async_shared()
     return q_bar, k_ready, k_empty, v_ready, v_empty
 

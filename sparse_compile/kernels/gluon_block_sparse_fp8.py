@@ -190,7 +190,7 @@ def _add_pv_fp8(acc, alpha, p_chunks, v_tile, pv_zero):
 
 
 @gluon.jit
-def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, idx_row, stride_ik,
+def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row, stride_ik,
                            n_tiles, k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr,
                            WG: gl.constexpr, PINGPONG: gl.constexpr, CHUNK: gl.constexpr):  # fmt: skip
     """One consumer warpgroup's main loop: its 64 e4m3 query rows ``q_tile`` against every kept tile
@@ -210,22 +210,22 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, v_ready, kv_empty, t
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
     if EVEN_K:
-        acc, m_i, l_i = _attend_tile_range_fp8(0, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, v_ready,
-                                               kv_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
+        acc, m_i, l_i = _attend_tile_range_fp8(0, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
+                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
                                                LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
     else:
         unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 0)
-        acc, m_i, l_i = _attend_tile_range_fp8(0, unmasked, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, v_ready,
-                                               kv_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
+        acc, m_i, l_i = _attend_tile_range_fp8(0, unmasked, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
+                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
                                                LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
         acc, m_i, l_i = _attend_tile_range_fp8(unmasked, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready,
-                                               v_ready, kv_empty, turn, idx_row, stride_ik, k_scales, q_scale,
+                                               k_empty, v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale,
                                                S_K, LAYOUT_BK, False, WG, PINGPONG, CHUNK)  # fmt: skip
     return acc, m_i, l_i
 
 
 @gluon.jit
-def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, v_ready, kv_empty,
+def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty,
                            turn, idx_row, stride_ik, k_scales, q_scale, S_K, LAYOUT_BK: gl.constexpr,
                            EVEN_K: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                            CHUNK: gl.constexpr):  # fmt: skip
@@ -235,8 +235,7 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_
     ``k_ring`` holds ``(BLOCK_N, D)`` K tiles, ``v_ring`` ``(D, BLOCK_N)`` V^T tiles; ``k_scales`` points at
     the head's kv-block scales; ``q_scale`` is the q block's scale times softmax scale * log2(e).
     Per tile: ``S`` (:func:`_scores_fp8`), the softmax, then ``P V`` added to the rescaled running output
-    (:func:`_add_pv_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long; then one arrive on ``kv_empty``
-    releases the slot's K and V together. P is used in the step that makes
+    (:func:`_add_pv_fp8`), every e4m3 ``wgmma`` chain at most ``CHUNK`` long. P is used in the step that makes
     it, never carried across the loop's back edge (a carried fp8 tensor is unpacked to bytes and packed
     again for the ``wgmma``). With ``PINGPONG`` (two consumers) the ``S``
     GEMMs of the two warpgroups alternate on the ``turn`` barriers (``turn[WG]`` is this warpgroup's).
@@ -264,6 +263,7 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_
         mbarrier.wait(k_ready.index(slot), phase)
         s = _scores_fp8(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]), s_zero, turn_next, PINGPONG,
                         S_CHUNK)  # fmt: skip
+        mbarrier.arrive(k_empty.index(slot), count=1)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
@@ -272,13 +272,13 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, q_tile, k_ring, v_ring, k_
         mbarrier.wait(v_ready.index(slot), phase)
         acc = _add_pv_fp8(acc, gl.convert_layout(alpha, alpha_layout), p_chunks,
                           v_ring.index(slot).reshape([HEAD_DIM, BLOCK_N]), pv_zero)  # fmt: skip
-        mbarrier.arrive(kv_empty.index(slot), count=1)  # K's and V's reads are done
+        mbarrier.arrive(v_empty.index(slot), count=1)
     return acc, m_i, l_i
 
 
 @gluon.jit
-def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready,
-                  kv_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
+def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready,
+                  v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh, q_block,
                   stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
                   LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr,
                   CHUNK: gl.constexpr):  # fmt: skip
@@ -291,7 +291,7 @@ def _fp8_consumer(O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_b
     k_scales = K_SCALE + pid_bh.to(gl.int64) * NK
     if n_tiles > 0:
         mbarrier.wait(q_bar, 0)
-    acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, v_ready, kv_empty, turn, idx_row,
+    acc, m_i, l_i = _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, turn, idx_row,
                                            stride_ik, n_tiles, k_scales, q_scale, S_K, LAYOUT_BK, EVEN_K, WG,
                                            PINGPONG, CHUNK)  # fmt: skip
     out, lse = _normalise(acc, m_i, l_i * (1.0 / _P_SCALE))  # l summed the probabilities times 448
@@ -352,21 +352,21 @@ def _block_sparse_fp8_fwd_gluon(
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)  # fenced with the ring's barriers
-    q_bar, k_ready, kv_empty, v_ready, _ = _ring_barriers(STAGES, _CONSUMERS, True)  # one release per slot
+    q_bar, k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, _CONSUMERS)
 
     count = gl.load(COUNTS + off_b.to(gl.int64) * stride_cb + off_h * stride_ch + q_block * stride_cq)
     idx_row = INDICES + off_b.to(gl.int64) * stride_ib + off_h * stride_ih + q_block * stride_iq
     n_tiles = count * SUB_N
     gl.warp_specialize([
-        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready,
-                         kv_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
                          q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
                          LAYOUT_BK, EVEN_K, 0, PINGPONG, CHUNK)),
-        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, v_ready,
-                         kv_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
+        (_fp8_consumer, (O, LSE, Q_SCALE, K_SCALE, V_SCALE, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty,
+                         v_ready, v_empty, turn, idx_row, stride_ik, n_tiles, off_b, off_h, off_m, pid_bh,
                          q_block, stride_ob, stride_oh, stride_om, stride_od, S_Q, S_K, NQ, NK, qk_scale,
                          LAYOUT_BK, EVEN_K, 1, PINGPONG, CHUNK)),
-        (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, kv_empty, v_ready, kv_empty,
+        (_producer, (q_desc, k_desc, vt_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_empty, v_ready, v_empty,
                      idx_row, stride_ik, n_tiles, off_b, off_h, off_m, LAYOUT_BK, True, True)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
 

@@ -318,15 +318,6 @@ def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_pat
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
-def test_fp8_consumer_releases_each_ring_slot_once_per_tile(tmp_path) -> None:
-    """Every mbarrier arrive of a consumer is a warpgroup ``bar.sync`` and then one thread's arrive: K and V
-    of a slot are released together after ``P V`` (one arrive), so a tile costs two warpgroup barriers (that
-    release and the one before the next tile's wait), not four."""
-    loop = attention_loop_mix(_compile_sm90a(128, 128, 128, False), tmp_path)
-    assert loop["BAR"] == 2
-
-
-@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
 def test_fp8_main_loop_masks_no_keys_when_the_keys_are_not_a_multiple_of_the_block(tmp_path) -> None:
     """Wan 480p's 32760 keys are not a multiple of 128: only the last kept block's tiles mask keys (kept blocks
     ascend), so the main loop issues what it issues for even keys (no compare and select per score)."""
