@@ -24,6 +24,9 @@ KEEPS_EVERYTHING = "sparse method, pattern keeps every pair"
 GUARDED = "dense: sparse would not be faster on this device (break-even guard)"
 """Status of a sparse site whose every sparse-step call the break-even guard ran dense."""
 
+DENSITY_NOTE_RATIO = 1.1
+"""A sparse site is noted when its mean kept density passes its method's ``density`` option by this factor."""
+
 
 @dataclass(frozen=True)
 class SiteReport:
@@ -167,8 +170,26 @@ def report(model: torch.nn.Module) -> Report:
                 path = prefix + record.key
                 latest.pop(path, None)  # keep the order of the most recent graph
                 latest[path] = (record, scoped_key(record.key, scope))
-    sites = tuple(_site_report(r, session.site_states.get(key), path) for path, (r, key) in latest.items())
-    return Report(sites=sites, graphs=len(graphs), notes=notes + _window_notes(sites) + calibration_lines())
+    states = [session.site_states.get(key) for _, key in latest.values()]
+    sites = tuple(_site_report(r, state, path) for (path, (r, _)), state in zip(latest.items(), states))
+    notes += _window_notes(sites) + _density_notes(sites, states)
+    return Report(sites=sites, graphs=len(graphs), notes=notes + calibration_lines())
+
+
+def _density_notes(sites: tuple[SiteReport, ...], states: list[SiteState | None]) -> tuple[str, ...]:
+    """One line per method, grid and ``density`` option whose sparse sites kept more than the option asked
+    (by :data:`DENSITY_NOTE_RATIO`): the method's layouts cannot keep less of that grid (svg's narrowest band
+    is a query's own frame and the first frame)."""
+    lines: dict[str, list[str]] = {}
+    for site, state in zip(sites, states):
+        config = None if state is None or state.options is None else state.options.method_config
+        asked = getattr(config, "density", None)
+        if site.sparse and asked is not None and site.mean_density is not None:
+            if site.mean_density > asked * DENSITY_NOTE_RATIO:
+                line = (f"{site.method} asked for density={asked} keeps {site.mean_density:.3f} of grid "
+                        f"{'x'.join(map(str, site.grid))}: its layouts cannot keep less of this grid")
+                lines.setdefault(line, []).append(site.module_path)
+    return tuple(f"{line} ({', '.join(paths)})" for line, paths in lines.items())
 
 
 def _window_notes(sites: tuple[SiteReport, ...]) -> tuple[str, ...]:

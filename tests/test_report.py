@@ -79,3 +79,24 @@ def test_dense_layers_report_their_density_as_one(recording_method):
     _call(compiled, inputs, 900)
     densities = {s.module_path: (s.status, s.mean_density) for s in sparse_compile.report(compiled).rewritten}
     assert densities == {"blocks.0.attn1": ("dense: dense_layers=1", 1.0), "blocks.1.attn1": ("sparse", 0.5)}
+
+
+def test_a_density_the_method_cannot_keep_at_the_grid_is_noted_with_what_it_kept():
+    """At 3 frames svg's narrowest band (a query's own frame and the first frame) keeps two thirds of the pairs:
+    density=0.25 cannot be met, and the report says what was kept instead; adaspa keeps what it is asked."""
+    model, inputs, expected = tiny_models.wan(layers=1)
+    grid = "x".join(map(str, expected.grid))
+    for method, noted in (("svg", True), ("adaspa", False)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sparse_video",
+                                 options={"method": method, "min_seq_len": 16, "block": 16, "density": 0.25})
+        _call(compiled, inputs, 900)
+        rep = sparse_compile.report(compiled)
+        (site,) = rep.rewritten
+        notes = [n for n in rep.notes if "asked for density" in n]
+        if noted:
+            assert site.mean_density > 0.5
+            assert notes == [f"svg asked for density=0.25 keeps {site.mean_density:.3f} of grid {grid}: its layouts "
+                             f"cannot keep less of this grid (blocks.0.attn1)"]
+        else:
+            assert notes == []
