@@ -92,7 +92,7 @@ def method_settings(method: str, grid: tuple[int, int, int], tiny: bool,
                 notes.append(f"svg cannot keep {d} of this grid: its narrowest patterns keep {floor:.3f}")
             elif d != defaults["density"]:
                 settings.append((f"svg density {d}", {**base, "density": d}))
-        elif "density" in defaults and d != defaults["density"] and method != "svg":
+        elif "density" in defaults and d != defaults["density"]:
             settings.append((f"{method} density {d}", {**base, "density": d}))
         elif method == "radial":
             decay = radial_decay_for(grid, block, d)

@@ -70,8 +70,9 @@ class SiteReport:
 @dataclass(frozen=True)
 class Report:
     """All attention sites of a model, in the order of its graphs; ``graphs``: how many compiled
-    graphs the model has; ``notes``: lines about the model as a whole, and the break-even kept
-    densities this process measured on its GPUs (what the guard decided by)."""
+    graphs the model has; ``notes``: lines about the model as a whole, the sites that kept more than their
+    method's ``density`` asked, and the break-even kept densities this process measured on its GPUs (what
+    the guard decided by)."""
 
     sites: tuple[SiteReport, ...]
     graphs: int = 0
