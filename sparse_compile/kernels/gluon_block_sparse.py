@@ -240,15 +240,13 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
     # Kept blocks ascend: only the last kept block's tiles can reach past S_K, so only they mask keys.
-    if EVEN_K:
-        acc, m_i, l_i, p_prev = _attend_tile_range(1, n_tiles, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
-                                                   k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
-                                                   LAYOUT_BK, True)  # fmt: skip
-    else:
+    unmasked = n_tiles
+    if not EVEN_K:
         unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 1)
-        acc, m_i, l_i, p_prev = _attend_tile_range(1, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
-                                                   k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
-                                                   LAYOUT_BK, True)  # fmt: skip
+    acc, m_i, l_i, p_prev = _attend_tile_range(1, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
+                                               k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
+                                               LAYOUT_BK, True)  # fmt: skip
+    if not EVEN_K:
         acc, m_i, l_i, p_prev = _attend_tile_range(unmasked, n_tiles, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring,
                                                    k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, S_K,
                                                    qk_scale, LAYOUT_BK, False)  # fmt: skip

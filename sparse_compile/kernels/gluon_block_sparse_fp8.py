@@ -209,15 +209,13 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
     l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-    if EVEN_K:
-        acc, m_i, l_i = _attend_tile_range_fp8(0, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
-                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
-                                               LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
-    else:
+    unmasked = n_tiles
+    if not EVEN_K:
         unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 0)
-        acc, m_i, l_i = _attend_tile_range_fp8(0, unmasked, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
-                                               v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
-                                               LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
+    acc, m_i, l_i = _attend_tile_range_fp8(0, unmasked, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready, k_empty,
+                                           v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale, S_K,
+                                           LAYOUT_BK, True, WG, PINGPONG, CHUNK)  # fmt: skip
+    if not EVEN_K:
         acc, m_i, l_i = _attend_tile_range_fp8(unmasked, n_tiles, acc, m_i, l_i, q_tile, k_ring, v_ring, k_ready,
                                                k_empty, v_ready, v_empty, turn, idx_row, stride_ik, k_scales, q_scale,
                                                S_K, LAYOUT_BK, False, WG, PINGPONG, CHUNK)  # fmt: skip
