@@ -4,7 +4,9 @@ One run: correctness checks at the benchmark shapes (sampled heads), then ``trit
 medians (L2 flushed between reps) of
 
 - the varlen kernel on SVG2-like layouts (300 q clusters, 1000 kv clusters, log-normal sizes, a
-  per-q-cluster kept fraction varying around the target density) for several tile configs;
+  per-q-cluster kept fraction varying around the target density): the Triton kernel for several tile
+  configs and, on sm_90, the Gluon kernel (checked against the Triton one on every head), and the public op
+  (which runs the Gluon kernel there);
 - the fixed-block kernel (128 x 128 blocks) at the same kept density;
 - the varlen kernel on a layout of 128-token clusters equal to the fixed one (same work: isolates
   the packing/gather cost from the q-padding cost);
@@ -49,7 +51,7 @@ from sparse_compile.kernels import block_select as bs
 from sparse_compile.kernels import block_select_reference as bs_ref
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse import block_sparse_attention
-from sparse_compile.kernels.tile_configs import max_shared_memory, varlen_config
+from sparse_compile.kernels.tile_configs import GLUON_VARLEN_CONFIG, max_shared_memory, varlen_config
 from sparse_compile.kernels.varlen_block_sparse import validate_varlen_inputs
 from sparse_compile.kernels.varlen_block_sparse_reference import (
     varlen_block_sparse_attention_reference,
@@ -64,14 +66,12 @@ B, H, S, D = 1, 12, 32760, 128
 NQC, NKC = 300, 1000
 FIXED_BLOCK = 128
 DENSITIES = (0.25, 0.125, 0.05)
-CONFIGS = (  # 64x64 tiles were slower than 64x128 (NOTES.md)
+CONFIGS = (  # Triton tiles; 64x64 tiles were slower than 64x128 (NOTES.md)
     vb.VarlenConfig(64, 128, 4, 3),
-    vb.VarlenConfig(128, 128, 8, 3),
     vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
-    vb.VarlenConfig(128, 128, 8, 4, tail_block_m=64),
-    vb.VarlenConfig(128, 64, 8, 3, tail_block_m=64),
     vb.VarlenConfig(128, 128, 8, 5, tail_block_m=64, tail_block_n=64),
 )
+
 DENSE_FLOP = 4 * S * S * D * H * B
 
 
@@ -226,8 +226,16 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, config=cfg, **bounds))
         rows.append(Row(f"varlen {config_name(cfg)}", f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
     default = varlen_config(S, NQC, D, DTYPE.itemsize, max_shared_memory(torch.device(DEVICE)))
+    rows.append(Row(f"varlen Triton default ({config_name(default)})", f"{NQC}q/{NKC}kv clusters", kept,
+                    graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **bounds)),
+                    fixed_ms))  # fmt: skip
+    notes = []
+    if vb.varlen_kernel_choice(q, k, v) == "gluon":
+        notes.append(gluon_check(q, k, v, layout, bounds, f"density {density}"))
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, **bounds))
+        rows.append(Row(gluon_row(), f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
     ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout, **bounds))
-    rows.append(Row(f"varlen public op (default {default.block_m}x{default.block_n})", f"{NQC}q/{NKC}kv clusters",
+    rows.append(Row(f"varlen public op ({vb.varlen_kernel_choice(q, k, v)})", f"{NQC}q/{NKC}kv clusters",
                     kept, ms, fixed_ms))  # fmt: skip
     eager_ms = bench_ms(lambda: vb.varlen_block_sparse_attention(q, k, v, *layout, **bounds))
     rows.append(Row("varlen public op, eager (with its Python launch cost)", f"{NQC}q/{NKC}kv clusters",
@@ -238,13 +246,30 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg, **same_bounds))
         rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
-    notes = [
+    if vb.varlen_kernel_choice(q, k, v) == "gluon":
+        ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_gluon(q, k, v, *same, **same_bounds))
+        rows.append(Row(gluon_row(), f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))
+    notes += [
         f"density {density}: kept {kept:.4f}; q-padding factor (computed/kept pairs) "
         f"BLOCK_M=64: {q_padding_factor(q, k, v, layout, 64):.3f}, BLOCK_M=128: {q_padding_factor(q, k, v, layout, 128):.3f}, "
         f"BLOCK_M=128 with 64-row tails: {q_padding_factor(q, k, v, layout, 128, 64):.3f}; "
         f"mean kept kv clusters per q cluster {float(layout[2].float().mean()):.1f}"
     ]
     return rows, notes
+
+
+def gluon_row() -> str:
+    return f"varlen Gluon (sm_90, {config_name(GLUON_VARLEN_CONFIG)})"
+
+
+def gluon_check(q, k, v, layout, bounds, label: str, **perms) -> str:
+    """The Gluon kernel against the Triton one on the same call (every head): a note, or an AssertionError."""
+    got = vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, **perms, **bounds)
+    want = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **perms, **bounds)
+    err = rel_l2(got[0], want[0])
+    finite = torch.isfinite(want[1])
+    assert err < 1e-2 and torch.equal(finite, torch.isfinite(got[1])), f"Gluon vs Triton ({label}): rel-L2 {err}"
+    return f"{label}: Gluon vs Triton cluster kernel, all heads: rel-L2 {err:.2e}"
 
 
 def time_graphs(q, k, v, g: torch.Generator) -> list[str]:
@@ -359,14 +384,20 @@ def time_permutation_fold(q, k, v, density: float, g: torch.Generator) -> tuple[
                                                                                 **bounds),
         "kv permutation folded": lambda: vb.varlen_block_sparse_attention_triton(cq, tk, tv, *layout, kv_perm=kv_perm,
                                                                                  **bounds),
-        "q and kv permutations folded (SVG2 now)": lambda: vb.varlen_block_sparse_attention_triton(
+        "q and kv permutations folded (Triton)": lambda: vb.varlen_block_sparse_attention_triton(
             tq, tk, tv, *layout, q_perm=q_perm, kv_perm=kv_perm, **bounds),
         "gather Q/K/V + kernel + scatter O/LSE (SVG2 before)": unfolded,
     }  # fmt: skip
+    notes = [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]
+    if vb.varlen_kernel_choice(tq, tk, tv) == "gluon":
+        perms = dict(q_perm=q_perm, kv_perm=kv_perm)
+        notes.append(gluon_check(tq, tk, tv, layout, bounds, f"permutation fold, density {density}", **perms))
+        cases["Gluon kernel, q and kv permutations folded (sm_90: the op's choice)"] = (
+            lambda: vb.varlen_block_sparse_attention_gluon(tq, tk, tv, *layout, **perms, **bounds))  # fmt: skip
     times = {name: graph_replay_ms(fn) for name, fn in cases.items()}
     base = times["cluster-order inputs, no permutation"]
     rows = [PermRow(name, kept, ms, base) for name, ms in times.items()]
-    return rows, [f"permutation fold, density {density}: folded vs cluster-order kernel rel-L2 {err:.2e}"]
+    return rows, notes
 
 
 def guarded(name: str, fn, *args):

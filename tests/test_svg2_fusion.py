@@ -21,8 +21,9 @@ import tiny_models
 from gpu_checks import structured_qkv
 from method_calls import assert_kernel_read_callers_qkv, method_call, record_kernel_calls, token_major_qkv
 from sparse_compile.kernels.common import attention_output_like, cdiv, launch_group_size
+from sparse_compile.kernels.tile_configs import GLUON_VARLEN_CONFIG
 from sparse_compile.kernels.tile_configs import varlen_config as varlen_default_config
-from sparse_compile.kernels.varlen_block_sparse import rows_budget_bytes
+from sparse_compile.kernels.varlen_block_sparse import rows_budget_bytes, varlen_kernel_choice
 from sparse_compile.methods import svg2 as svg2_module
 from sparse_compile.methods.base import TokenLayout
 from sparse_compile.methods.svg2 import Svg2Method
@@ -117,11 +118,11 @@ def test_the_code_check_sees_a_gather_in_front_of_the_op(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 ALLOWED_FULL_SIZE_KERNELS = (
-    "_varlen_fwd_kernel", "_kept_rows_kernel", "_tile_tables_kernel", "_assign_kernel", "_finalize_kernel",
+    "_varlen_fwd_kernel", "_varlen_fwd_gluon", "_kept_rows_kernel", "_tile_tables_kernel", "_assign_kernel", "_finalize_kernel",
     "_probe_kernel",
 )  # fmt: skip
-"""Triton kernels that may be launched by an op holding full-size tensors: the attention op's own
-(kept rows, tile tables and attention) and k-means' (which reads Q and K once per iteration, and a
+"""Triton and Gluon kernels that may be launched by an op holding full-size tensors: the attention op's own
+(kept rows, tile tables and attention: Triton's, or Gluon's on sm_90) and k-means' (which reads Q and K once per iteration, and a
 strided sample of them for the reuse rule's probe)."""
 FULL_SIZE_READS = ("aten::aminmax",)
 """ATen ops that may take full-size tensors: the finiteness check (``nonfinite_problem``) reduces Q, K
@@ -182,8 +183,9 @@ def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo(monkeypatch)
         result = method.attend(method_call(q, k, v, layout, cold.cache))
         torch.cuda.synchronize()
     launches = full_size_launches(prof.events(), q.numel() // 4)
-    attention = [kernel for _, kernel in launches if "_varlen_fwd_kernel" in kernel]
-    config = varlen_default_config(layout.video_tokens, 200, 128, 2)
+    attention = [kernel for _, kernel in launches if "_varlen_fwd_" in kernel]
+    gluon = varlen_kernel_choice(q, k, v) == "gluon"
+    config = GLUON_VARLEN_CONFIG if gluon else varlen_default_config(layout.video_tokens, 200, 128, 2)
     per_group = 2 if config.tail_block_m else 1
     # the attention kernel is seen (attribution works): one launch per group of heads, and one more each
     # for the 64-row tails; one group when the ragged kept rows of all heads fit the budget, else as many

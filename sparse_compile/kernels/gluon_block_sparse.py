@@ -116,14 +116,22 @@ CONSUMER_ROWS = 64
 CONSUMER_REGS = 232
 """Registers per thread of a consumer warpgroup (``setmaxnreg``); the producer warp keeps 24."""
 PRODUCER_REGS = 24
+PACKED_KEYS = gl.constexpr(0)
+"""``LAYOUT_BK`` of the cluster kernel (:mod:`~sparse_compile.kernels.gluon_varlen_block_sparse`): kv tile ``t``
+holds positions ``t * BLOCK_N ..`` of a q cluster's packed kept keys (only the last tile masks keys past their
+number), gathered by ``cp.async``, so the consumers fence each filled slot for the tensor cores' async proxy."""
 
 
 @gluon.jit
 def _tile_start(idx_row, stride_ik, t, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr):
-    """First key of kv tile ``t``: sub-tile ``t % SUB_N`` of kept block ``idx_row[t // SUB_N]``."""
-    SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
-    kv_block = gl.load(idx_row + (t // SUB_N) * stride_ik)
-    return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
+    """First key of kv tile ``t``: sub-tile ``t % SUB_N`` of kept block ``idx_row[t // SUB_N]``; with
+    ``LAYOUT_BK`` 0 (:data:`PACKED_KEYS`) position ``t * BLOCK_N`` of the packed kept keys."""
+    if LAYOUT_BK == PACKED_KEYS:
+        return t * BLOCK_N
+    else:
+        SUB_N: gl.constexpr = LAYOUT_BK // BLOCK_N
+        kv_block = gl.load(idx_row + (t // SUB_N) * stride_ik)
+        return kv_block * LAYOUT_BK + (t % SUB_N) * BLOCK_N
 
 
 @gluon.jit
@@ -135,6 +143,14 @@ def _issue_tile_load(desc, bar, smem, off_b, off_h, start, KEYS_LAST: gl.constex
         tma.async_copy_global_to_shared(desc, [off_b, off_h, 0, start], bar, smem)
     else:
         tma.async_copy_global_to_shared(desc, [off_b, off_h, start, 0], bar, smem)
+
+
+@gluon.jit
+def _fence_gathered(LAYOUT_BK: gl.constexpr):
+    """After a ready wait of a slot filled by ``cp.async`` (packed keys): make its generic-proxy writes visible to
+    the ``warpgroup_mma`` that reads it (async proxy). TMA-filled slots need no fence."""
+    if LAYOUT_BK == PACKED_KEYS:
+        fence_async_shared()
 
 
 @gluon.constexpr_function
@@ -230,6 +246,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
         mbarrier.wait(k_ready.index(0), 0)
+        _fence_gathered(LAYOUT_BK)
         k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
@@ -239,10 +256,12 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
                                            0.0)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
-    # Kept blocks ascend: only the last kept block's tiles can reach past S_K, so only they mask keys.
+    # Kept blocks ascend: only the last kept block's tiles (packed keys: the last tile) can reach past S_K,
+    # so only they mask keys.
+    MASKED_TILES: gl.constexpr = 1 if LAYOUT_BK == PACKED_KEYS else LAYOUT_BK // BLOCK_N
     unmasked = n_tiles
     if not EVEN_K:
-        unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 1)
+        unmasked = gl.maximum(n_tiles - MASKED_TILES, 1)
     acc, m_i, l_i, p_prev = _attend_tile_range(1, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
                                                k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
                                                LAYOUT_BK, True)  # fmt: skip
@@ -254,6 +273,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        _fence_gathered(LAYOUT_BK)
         acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
     return acc, m_i, l_i
@@ -279,9 +299,11 @@ def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring
         slot = t % STAGES
         prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+        _fence_gathered(LAYOUT_BK)
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+        _fence_gathered(LAYOUT_BK)
         acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])

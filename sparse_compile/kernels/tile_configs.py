@@ -200,6 +200,13 @@ def varlen_config(
     return VarlenConfig(64, 128 if fits(WIDE_FP32_TILE_SHARED_BYTES) else 64, 4, 3)
 
 
+GLUON_VARLEN_CONFIG = VarlenConfig(64, 64, 4, 3)
+"""Tiles of the Gluon cluster kernel (sm_90, 16-bit): 64-row q tiles (one consumer warpgroup; ``num_warps``
+counts its warps, besides the producer warpgroup), 64-key K/V tiles in 3 ring slots: 113 KiB of shared memory
+at D = 128, so two programs share an SM. The fastest of the tiles measured at SVG2's layouts; 128-key tiles
+spill the producer's registers (benchmarks/NOTES.md)."""
+
+
 def tile_table_warps(nqc_pad: int) -> int:
     """Warps of the tile-table program that sorts ``nqc_pad`` (padded) q clusters: 4 up to 2048, then 8."""
     return 4 if nqc_pad <= 2048 else 8

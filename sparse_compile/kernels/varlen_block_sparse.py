@@ -1,5 +1,9 @@
 """Variable-block-size (cluster) sparse attention: Triton kernel, dispatch and custom op.
 
+On sm_90 the op runs the Gluon kernel of :mod:`sparse_compile.kernels.gluon_varlen_block_sparse` on the same
+prep kernel, tile tables and kept-rows buffers (:func:`varlen_kernel_choice`); the Triton kernel below keeps
+every other CUDA device and the interpreter tests.
+
 ``varlen_block_sparse_attention(q, k, v, q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts,
 kv_cluster_indices, q_perm=None, kv_perm=None)`` is attention where the rows of q cluster ``c``
 attend only to the keys of the kv clusters it keeps. The layout format and the optional token
@@ -61,20 +65,26 @@ from sparse_compile.kernels.common import (
     SUPPORTED_HEAD_DIMS,
     attention_output_like,
     check_out_buffer,
+    cuda_capability,
     check_permutation_values,
     check_strided_out_buffer,
     default_scale,
     dot_precision,
     expand_batch_head,
     expand_permutation,
+    interpreter_active,
     launch_group_size,
     online_softmax_step,
     permutation_strides,
+    token_order,
 )
+from sparse_compile.kernels.gluon_varlen_block_sparse import gluon_varlen_ineligibility, launch_gluon_varlen
 from sparse_compile.kernels.tile_configs import (
     KEPT_ROWS_KEYS,
     KEPT_ROWS_SLOTS,
     VarlenConfig,
+    TileConfig,
+    GLUON_VARLEN_CONFIG,
     max_shared_memory,
     varlen_config,
 )
@@ -520,6 +530,45 @@ def _prepare_call(
                          rows)  # fmt: skip
 
 
+def _launches(config: VarlenConfig) -> list[tuple[bool, TileConfig]]:
+    """The main launch's tile and, when ``config`` has one, the tail launch's: ``(is_tail, tile)``."""
+    launches = [(False, TileConfig(config.block_m, config.block_n, config.num_warps, config.num_stages))]
+    if config.tail_block_m:
+        launches.append((True, TileConfig(config.tail_block_m, config.tail_block_n or config.block_n,
+                                          config.tail_num_warps, config.tail_num_stages or config.num_stages)))  # fmt: skip
+    return launches
+
+
+def _run_call(
+    q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, config: VarlenConfig, scale: float, gluon: bool
+) -> tuple[Tensor, Tensor]:
+    """Per launch group: the prep kernel, the tile tables, then the main (and tail) launches of the Gluon or the
+    Triton attention kernel."""
+    out, lse_out, layout = call.out, call.lse, call.layout
+    b, h, s_q, d = q.shape
+    nqc = layout.num_q_clusters
+    q_perm = token_order(layout.q_perm, b, h, s_q, q.device) if gluon and layout.q_perm is None else layout.q_perm
+    for bh_start, size, total, starts in call.kept_row_groups():
+        main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
+        for is_tail, tile in _launches(config):
+            tile_cluster, tile_row = tail if is_tail else main
+            num_tiles = tile_cluster.shape[1]
+            if gluon:
+                launch_gluon_varlen(q, k, v, out, lse_out, q_perm, tile_cluster, tile_row, call.q_off, total, starts,
+                                    call.rows, bh_start, size, scale, tile)  # fmt: skip
+                continue
+            _varlen_fwd_kernel[(num_tiles, size)](
+                q, k, v, out, lse_out, q_perm,
+                tile_cluster, tile_row, call.q_off, total, starts, call.rows,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(q_perm),
+                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
+                HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PERMUTE_Q=q_perm is not None,
+                DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=tile.num_warps, num_stages=tile.num_stages,
+            )  # fmt: skip
+    return out, lse_out
+
+
 def varlen_block_sparse_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -557,30 +606,63 @@ def varlen_block_sparse_attention_triton(
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
                          kept_rows_total, pair_kept_rows)  # fmt: skip
-    out, lse_out, layout = call.out, call.lse, call.layout
-    if out.numel() == 0 and lse_out.numel() == 0:
-        return out, lse_out
-    nqc = layout.num_q_clusters
+    if call.out.numel() == 0 and call.lse.numel() == 0:
+        return call.out, call.lse
+    nqc = call.layout.num_q_clusters
     config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
-    scale = default_scale(d, scale)
-    for bh_start, size, total, starts in call.kept_row_groups():
-        main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
-        launches = [(main, config.block_m, config.block_n, config.num_warps, config.num_stages)]
-        if tail is not None:
-            launches.append((tail, config.tail_block_m, config.tail_block_n or config.block_n, config.tail_num_warps,
-                             config.tail_num_stages or config.num_stages))
-        for (tile_cluster, tile_row), block_m, block_n, num_warps, num_stages in launches:
-            num_tiles = tile_cluster.shape[1]
-            _varlen_fwd_kernel[(num_tiles, size)](
-                q, k, v, out, lse_out, layout.q_perm,
-                tile_cluster, tile_row, call.q_off, total, starts, call.rows,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(layout.q_perm),
-                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
-                HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PERMUTE_Q=layout.q_perm is not None,
-                DOT_PRECISION=dot_precision(q.dtype),
-                num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-    return out, lse_out
+    return _run_call(q, k, v, call, config, default_scale(d, scale), gluon=False)
+
+
+def varlen_block_sparse_attention_gluon(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
+    scale: float | None = None,
+    config: VarlenConfig | None = None,
+    out: Tensor | None = None,
+    lse_out: Tensor | None = None,
+    max_kept_keys: int | None = None,
+    kept_keys: Tensor | None = None,
+    kept_rows_total: int | None = None,
+    pair_kept_rows: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the Gluon cluster kernel (sm_90; :mod:`~sparse_compile.kernels.gluon_varlen_block_sparse`) with the
+    Triton prep kernels; returns (O, LSE). Arguments as :func:`varlen_block_sparse_attention_triton`; ``config``
+    defaults to :data:`~sparse_compile.kernels.tile_configs.GLUON_VARLEN_CONFIG` (block_m 64 or 128 per launch).
+    Raises ``ValueError`` with the reason when the kernel cannot take the call
+    (:func:`~sparse_compile.kernels.gluon_varlen_block_sparse.gluon_varlen_ineligibility`)."""
+    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
+                         kept_rows_total, pair_kept_rows)  # fmt: skip
+    reason = gluon_varlen_ineligibility(q, k, v, cuda_capability(q), call.out)
+    if reason is not None:
+        raise ValueError(reason)
+    if call.out.numel() == 0 and call.lse.numel() == 0:
+        return call.out, call.lse
+    config = config or GLUON_VARLEN_CONFIG
+    return _run_call(q, k, v, call, config, default_scale(q.shape[-1], scale), gluon=True)
+
+
+def varlen_kernel_choice(q: Tensor, k: Tensor, v: Tensor, capability: tuple[int, int] | None = None) -> str:
+    """Which implementation the op runs for valid inputs: ``"gluon"``, ``"triton"`` or ``"reference"``.
+
+    On a CUDA device of ``capability`` (default: q's device's): the Gluon kernel when it takes the call (the
+    op's O is token-major, a unit last stride), else the Triton kernel. Off CUDA: the Triton kernel under
+    Triton's interpreter, else the reference.
+    """
+    capability = cuda_capability(q) if capability is None else capability
+    if capability is None:
+        return "triton" if interpreter_active() else "reference"
+    if gluon_varlen_ineligibility(q, k, v, capability) is None:
+        return "gluon"
+    return "triton"
 
 
 @torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
@@ -602,10 +684,11 @@ def _varlen_op(
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    if q.is_cuda:
-        return varlen_block_sparse_attention_triton(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale,
-                                                    max_kept_keys=max_kept_keys, kept_keys=kept_keys,
-                                                    kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)  # fmt: skip
+    choice = varlen_kernel_choice(q, k, v) if q.is_cuda else "reference"
+    if choice != "reference":
+        run = varlen_block_sparse_attention_gluon if choice == "gluon" else varlen_block_sparse_attention_triton
+        return run(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, max_kept_keys=max_kept_keys,
+                   kept_keys=kept_keys, kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
     kept_keys = validate_kept_rows_args(layout, kept_keys, max_kept_keys, kept_rows_total, pair_kept_rows)
     check_varlen_layout_values(layout, q.shape[2], k.shape[2])
@@ -698,5 +781,7 @@ __all__ = [
     "validate_kept_rows_args",
     "validate_varlen_inputs",
     "varlen_block_sparse_attention",
+    "varlen_block_sparse_attention_gluon",
     "varlen_block_sparse_attention_triton",
+    "varlen_kernel_choice",
 ]
