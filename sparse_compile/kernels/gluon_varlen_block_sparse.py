@@ -49,6 +49,7 @@ from sparse_compile.kernels.tile_configs import TileConfig
 PRODUCER_WARPS = gl.constexpr(4)
 """Warps of the gathering producer: one warpgroup, 128 threads issuing 16-byte ``cp.async`` copies."""
 _WG_ROWS = gl.constexpr(CONSUMER_ROWS)
+"""Query rows of one consumer warpgroup, for the kernel's shared-memory shapes."""
 GATHER_PRODUCER_REGS = 72
 """Registers per producer thread (``setmaxnreg``): a tile's token rows, the next tile's, and the gathers' pointers."""
 
@@ -71,14 +72,20 @@ def gluon_varlen_ineligibility(
     return None
 
 
+@gluon.constexpr_function
+def _gather_layout(head_dim):
+    """The producer's register layout of a ``[rows, head_dim]`` gather: 16-byte vectors (8 elements) per thread,
+    a row's vectors across adjacent threads, rows across the producer's warps."""
+    return gl.BlockedLayout([1, 8], [32 // (head_dim // 8), head_dim // 8], [PRODUCER_WARPS, 1], [1, 0])
+
+
 @gluon.jit
 def _tile_tokens(kept_rows, first, total, BLOCK_N: gl.constexpr, D: gl.constexpr):
-    """K/V token rows (int64, ``BLOCK_N``, in the gather layout's rows) of list positions ``first ..`` and which
+    """K/V token rows (int32, ``BLOCK_N``, in the gather layout's rows) of list positions ``first ..`` and which
     are below ``total`` (the rest gather zeros)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [PRODUCER_WARPS, 1], [1, 0])
-    pos = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    pos = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _gather_layout(D)))
     ok = pos < total
-    return gl.load(kept_rows + pos, mask=ok, other=0).to(gl.int64), ok
+    return gl.load(kept_rows + pos, mask=ok, other=0), ok
 
 
 @gluon.jit
@@ -86,9 +93,8 @@ def _gather_rows(ring_slot, base, stride_s, tokens, ok):
     """``cp.async`` rows ``tokens`` of one head (``base``, row stride ``stride_s``) into ``ring_slot``
     ``[BLOCK_N, D]``; rows where ``ok`` is false are zero-filled."""
     D: gl.constexpr = ring_slot.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [PRODUCER_WARPS, 1], [1, 0])
-    dims = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), 0)
-    pointers = base + gl.expand_dims(tokens * stride_s, 1) + dims
+    dims = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, _gather_layout(D))), 0)
+    pointers = base + gl.expand_dims(tokens.to(gl.int64) * stride_s, 1) + dims
     async_copy.async_copy_global_to_shared(ring_slot, pointers, mask=gl.expand_dims(ok, 1))
 
 
