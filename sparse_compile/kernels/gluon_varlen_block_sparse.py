@@ -81,11 +81,11 @@ def _gather_layout(head_dim):
 
 @gluon.jit
 def _tile_tokens(kept_rows, first, total, BLOCK_N: gl.constexpr, D: gl.constexpr):
-    """K/V token rows (int32, ``BLOCK_N``, in the gather layout's rows) of list positions ``first ..`` and which
+    """K/V token rows (int64, ``BLOCK_N``, in the gather layout's rows) of list positions ``first ..`` and which
     are below ``total`` (the rest gather zeros)."""
     pos = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _gather_layout(D)))
     ok = pos < total
-    return gl.load(kept_rows + pos, mask=ok, other=0), ok
+    return gl.load(kept_rows + pos, mask=ok, other=0).to(gl.int64), ok
 
 
 @gluon.jit
@@ -94,7 +94,7 @@ def _gather_rows(ring_slot, base, stride_s, tokens, ok):
     ``[BLOCK_N, D]``; rows where ``ok`` is false are zero-filled."""
     D: gl.constexpr = ring_slot.shape[1]
     dims = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, _gather_layout(D))), 0)
-    pointers = base + gl.expand_dims(tokens.to(gl.int64) * stride_s, 1) + dims
+    pointers = base + gl.expand_dims(tokens * stride_s, 1) + dims
     async_copy.async_copy_global_to_shared(ring_slot, pointers, mask=gl.expand_dims(ok, 1))
 
 
