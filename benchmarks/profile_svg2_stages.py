@@ -8,8 +8,10 @@ tensors only), centroid scores + top-p selection + kept key tokens (``select_top
 centroid matmul and the fused Triton kernel), the cluster kernel reading Q/K/V and writing O/LSE
 through the permutations, and the kept-density reduction. Then the whole
 ``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, the overhead
-(everything but the kernel) as a fraction of the whole call, and the selection stage as the torch
-ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
+(everything but the kernel) as a fraction of the whole call, the call as the backend makes it
+(``Svg2Method.attend``: its break-even guard reads the device once and hands the op the kept-key bounds,
+so the kernel's kept-rows buffer is ragged) with the kernel given those bounds, and the selection stage as
+the torch ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
 (GPU time: the small stages are launch-bound when timed alone, but inside a model the CPU queues
 them while the GPU runs the previous layer). Last, every GPU kernel one warm call launches, with its
 GPU time from ``torch.profiler`` (the profiler's per-kernel times add a little to each).
@@ -51,6 +53,7 @@ SELECT_STAGE = "scores + top-p + kept tokens (fused kernel)"
 UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_clusters_torch)"
 KERNEL_STAGE = "cluster kernel, permutations folded"
 CALL = "whole call (Svg2Method.video_attention)"
+ATTEND = "whole call as the backend runs it (Svg2Method.attend: the guard's host read, kept-key bounds to the op)"
 DENSE = "cuDNN dense SDPA"
 KMEANS_Q, KMEANS_K = "k-means queries", "k-means keys"
 OLD_SETTING = "svg2@kmeans_iters_step=2@kmeans_sample=1@kmeans_reuse=0"
@@ -88,9 +91,11 @@ def kmeans_calls(method: Svg2Method, q, k, cached: CachedClusters, moved: bool) 
 
 def stage_calls(
     method: Svg2Method, q, k, v, cache: SiteCache
-) -> tuple[dict[str, Callable[[], object]], Callable[[], object]]:
+) -> tuple[dict[str, Callable[[], object]], Callable[[], object], Callable[[], object]]:
     """One callable per stage of a warm ``_video_attention`` call on video-only ``(B, H, S, D)`` inputs,
-    and the selection stage as unfused torch ops.
+    the selection stage as unfused torch ops, and the cluster kernel given the kept-key bounds ``attend``
+    reads on the host and passes (the most keys one q cluster keeps, each (batch, head)'s and their sum:
+    a ragged kept-rows buffer, so fewer launch groups than ``_video_attention``'s padded one).
 
     Each stage runs on the previous stages' real outputs (computed once here), as in the call.
     """
@@ -119,20 +124,32 @@ def stage_calls(
                                                             kv_perm=k_perm, scale=scale, return_lse=True),
         "kept density": lambda: kept_pair_fraction(cq.sizes, kept_tokens, q.shape[2]),
     }  # fmt: skip
-    return stages, select_unfused
+    kept = kept_tokens.long()
+    pair_rows = kept.flatten(0, 1).sum(-1).tolist()
+    bounds = dict(max_kept_keys=int(kept.max()), kept_rows_total=sum(pair_rows), pair_kept_rows=pair_rows)
+
+    def bounded_kernel():
+        return varlen_block_sparse_attention(q, k, v, q_off, k_off, counts, indices, q_perm=q_perm, kv_perm=k_perm,
+                                             scale=scale, return_lse=True, kept_keys=kept_tokens, **bounds)
+
+    return stages, select_unfused, bounded_kernel
 
 
 def whole_calls(method: Svg2Method, q, k, v, grid, cache: SiteCache) -> dict[str, Callable[[], object]]:
-    """The whole warm SVG2 video attention, and cuDNN dense SDPA on the same inputs."""
+    """The whole warm SVG2 video attention, the same call through ``attend`` (as the backend's op makes it:
+    not capturable in a CUDA graph, its guard reads the device), and cuDNN dense SDPA on the same inputs."""
 
     def video_attention():
         return method.video_attention(q, k, v, method_call(q, k, v, grid, cache))
+
+    def attend():
+        return method.attend(method_call(q, k, v, grid, cache))
 
     def dense():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v)
 
-    return {CALL: video_attention, DENSE: dense}
+    return {CALL: video_attention, ATTEND: attend, DENSE: dense}
 
 
 @dataclass(frozen=True)
@@ -158,10 +175,12 @@ def time_both(fn: Callable[[], object]) -> Timing:
     return Timing(eager, gpu)
 
 
-def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: Timing, header: str) -> str:
+def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: Timing, bounded_kernel: Timing,
+           header: str) -> str:  # fmt: skip
     """Markdown: per-stage eager and GPU ms with the GPU share of the whole call, then the whole call,
-    dense, speedups and overhead both ways, and the selection stage unfused."""
-    call, dense = whole[CALL], whole[DENSE]
+    dense, speedups and overhead both ways, the call through ``attend`` and the kernel given its bounds, and
+    the selection stage unfused."""
+    call, attend, dense = whole[CALL], whole[ATTEND], whole[DENSE]
 
     def gpu(t: Timing) -> str:
         return f"{t.gpu:.3f}" if t.gpu is not None else t.note
@@ -181,6 +200,9 @@ def report(stages: dict[str, Timing], whole: dict[str, Timing], unfused_select: 
         + (f", {dense.gpu / call.gpu:.2f}x GPU time" if call.gpu and dense.gpu else ""),
         f"- overhead (whole call minus the kernel), eager: {1 - stages[KERNEL_STAGE].eager / call.eager:.1%} of the whole call"
         + (f"; GPU time: {1 - stages[KERNEL_STAGE].gpu / call.gpu:.1%}" if call.gpu and stages[KERNEL_STAGE].gpu else ""),
+        f"- {ATTEND}: {attend.eager:.3f} ms eager, {dense.eager / attend.eager:.2f}x cuDNN dense",
+        f"- {KERNEL_STAGE}, given the kept-key bounds attend passes: {bounded_kernel.eager:.3f} ms eager, "
+        f"GPU {gpu(bounded_kernel)}",
         f"- {UNFUSED_SELECT}: {unfused_select.eager:.3f} ms eager, {unfused_select.eager / stages[SELECT_STAGE].eager:.1f}x the fused stage",
     ]
     return "\n".join(rows)
@@ -200,7 +222,7 @@ class SettingTimes:
 def time_setting(q, k, v, grid, options: dict) -> SettingTimes:
     """:class:`SettingTimes` of SVG2 with ``options`` on these inputs."""
     method, cache = warm_method(q, k, v, grid, options)
-    stages, _ = stage_calls(method, q, k, v, cache)
+    stages, _, _ = stage_calls(method, q, k, v, cache)
     cached = cached_clusters(cache)
 
     def gpu_ms(calls: dict[str, Callable[[], object]]) -> float:
@@ -258,14 +280,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.cuda.get_device_name()}")  # fmt: skip
     side_by_side = comparison({name: time_setting(q, k, v, grid, options) for name, options in settings.items()})
     method, cache = warm_method(q, k, v, grid, {})
-    stages, select_unfused = stage_calls(method, q, k, v, cache)
+    stages, select_unfused, bounded_kernel = stage_calls(method, q, k, v, cache)
     stage_times = {name: time_both(fn) for name, fn in stages.items()}
-    unfused_select = time_both(select_unfused)
+    unfused_select, bounded_kernel_time = time_both(select_unfused), time_both(bounded_kernel)
     calls = whole_calls(method, q, k, v, grid, cache)
     whole = {name: time_both(fn) for name, fn in calls.items()}
     table = (f"{header}\n\nk-means settings, GPU ms (graph replays):\n\n{side_by_side}\n\n"
              f"Stage by stage at the defaults (a settled call where the reuse rule is on):\n\n"
-             + report(stage_times, whole, unfused_select, header) + "\n\n" + launch_table(calls[CALL]))
+             + report(stage_times, whole, unfused_select, bounded_kernel_time, header) + "\n\n"
+             + launch_table(calls[CALL]))
     print_and_save(table, "svg2_stages.md")
 
 
