@@ -71,7 +71,6 @@ CONFIGS = (  # Triton tiles; 64x64 tiles were slower than 64x128 (NOTES.md)
     vb.VarlenConfig(128, 128, 8, 3, tail_block_m=64),
     vb.VarlenConfig(128, 128, 8, 5, tail_block_m=64, tail_block_n=64),
 )
-
 DENSE_FLOP = 4 * S * S * D * H * B
 
 
@@ -230,7 +229,8 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
                     graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *layout, **bounds)),
                     fixed_ms))  # fmt: skip
     notes = []
-    if vb.varlen_kernel_choice(q, k, v) == "gluon":
+    gluon = vb.varlen_kernel_choice(q, k, v) == "gluon"
+    if gluon:
         notes.append(gluon_check(q, k, v, layout, bounds, f"density {density}"))
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_gluon(q, k, v, *layout, **bounds))
         rows.append(Row(gluon_row(), f"{NQC}q/{NKC}kv clusters", kept, ms, fixed_ms))
@@ -246,7 +246,7 @@ def time_density(q, k, v, density: float, g: torch.Generator) -> tuple[list[Row]
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_triton(q, k, v, *same, config=cfg, **same_bounds))
         rows.append(Row(f"varlen {config_name(cfg)}",
                         f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))  # fmt: skip
-    if vb.varlen_kernel_choice(q, k, v) == "gluon":
+    if gluon:
         ms = graph_replay_ms(lambda: vb.varlen_block_sparse_attention_gluon(q, k, v, *same, **same_bounds))
         rows.append(Row(gluon_row(), f"{FIXED_BLOCK}-token clusters = fixed layout", fixed_density, ms, fixed_ms))
     notes += [

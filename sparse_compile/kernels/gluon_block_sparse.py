@@ -73,16 +73,25 @@ def tma_readable(t: Tensor) -> bool:
     return all((s * elem) % _TMA_ALIGN_BYTES == 0 and s != 0 for s in t.stride()[:3])
 
 
-def gluon_config_ineligibility(q: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None) -> str | None:
-    """Why the Gluon kernel cannot take q's device ``capability`` (CUDA ``(major, minor)``, ``None`` off
-    CUDA), dtype, head dim or the layout blocks (a sentence), or ``None``. These are all a permuted call
-    on kernel-order K/V copies (contiguous, so TMA-readable; q read by pointer) must pass."""
+def gluon_device_ineligibility(q: Tensor, capability: tuple[int, int] | None, kernel: str) -> str | None:
+    """Why the sm_90 Gluon kernel named ``kernel`` cannot take q's device ``capability`` (CUDA ``(major, minor)``,
+    ``None`` off CUDA), dtype or head dim (a sentence), or ``None``: what every Gluon kernel here asks."""
     if capability != GLUON_CAPABILITY:
-        return f"the Gluon kernel is built for sm_90 only (device capability {capability})"
+        return f"the {kernel} is built for sm_90 only (device capability {capability})"
     if q.dtype not in GLUON_DTYPES:
-        return f"the Gluon kernel takes fp16/bf16 (got {q.dtype})"
+        return f"the {kernel} takes fp16/bf16 (got {q.dtype})"
     if q.shape[-1] not in GLUON_HEAD_DIMS:
-        return f"the Gluon kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
+        return f"the {kernel} takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
+    return None
+
+
+def gluon_config_ineligibility(q: Tensor, block_q: int, block_k: int, capability: tuple[int, int] | None) -> str | None:
+    """Why the Gluon kernel cannot take q's device ``capability``, dtype, head dim
+    (:func:`gluon_device_ineligibility`) or the layout blocks (a sentence), or ``None``. These are all a permuted
+    call on kernel-order K/V copies (contiguous, so TMA-readable; q read by pointer) must pass."""
+    reason = gluon_device_ineligibility(q, capability, "Gluon kernel")
+    if reason is not None:
+        return reason
     if block_q not in GLUON_LAYOUT_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
         return f"the Gluon kernel takes layout blocks {GLUON_LAYOUT_BLOCKS} (got {block_q} x {block_k})"
     return None

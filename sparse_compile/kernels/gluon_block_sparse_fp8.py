@@ -48,9 +48,6 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _TMA_ALIGN_BYTES,
     CONSUMER_REGS,
     CONSUMER_ROWS,
-    GLUON_CAPABILITY,
-    GLUON_DTYPES,
-    GLUON_HEAD_DIMS,
     GLUON_LAYOUT_BLOCKS,
     PRODUCER_REGS,
     _descriptor,
@@ -59,6 +56,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _ring_barriers,
     _softmax_step,
     _tile_start,
+    gluon_device_ineligibility,
     launch_registers,
     warpgroup_mma_layout,
 )
@@ -88,12 +86,9 @@ def fp8_gluon_ineligibility(
     q/k/v may have any strides (the kernel reads the e4m3 copies the entry makes). Shapes are assumed
     valid (:func:`~sparse_compile.kernels.block_sparse.validate_inputs`).
     """
-    if capability != GLUON_CAPABILITY:
-        return f"the Gluon FP8 kernel is built for sm_90 only (device capability {capability})"
-    if q.dtype not in GLUON_DTYPES:
-        return f"the Gluon FP8 kernel quantises fp16/bf16 (got {q.dtype})"
-    if q.shape[-1] not in GLUON_HEAD_DIMS:
-        return f"the Gluon FP8 kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
+    reason = gluon_device_ineligibility(q, capability, "Gluon FP8 kernel")
+    if reason is not None:
+        return reason
     if block_q not in GLUON_FP8_QUERY_BLOCKS or block_k not in GLUON_LAYOUT_BLOCKS:
         return (f"the Gluon FP8 kernel takes layout blocks of {GLUON_FP8_QUERY_BLOCKS} query rows (two consumer "
                 f"warpgroups) and {GLUON_LAYOUT_BLOCKS} keys (got {block_q} x {block_k})")

@@ -34,14 +34,12 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _GL_DTYPES,
     CONSUMER_REGS,
     CONSUMER_ROWS,
-    GLUON_CAPABILITY,
-    GLUON_DTYPES,
-    GLUON_HEAD_DIMS,
     PACKED_KEYS,
     _attend_kept_tiles,
     _load_permuted_q,
     _normalise,
     _store_permuted,
+    gluon_device_ineligibility,
     launch_registers,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
@@ -61,12 +59,9 @@ def gluon_varlen_ineligibility(
     device (``capability``), fp16/bf16, head dim 64 or 128, and q, k, v and ``out`` (``None``: the op's own
     token-major O) with a unit last stride (rows are read and written as 16-byte vectors where aligned).
     Shapes are assumed valid."""
-    if capability != GLUON_CAPABILITY:
-        return f"the Gluon cluster kernel is built for sm_90 only (device capability {capability})"
-    if q.dtype not in GLUON_DTYPES:
-        return f"the Gluon cluster kernel takes fp16/bf16 (got {q.dtype})"
-    if q.shape[-1] not in GLUON_HEAD_DIMS:
-        return f"the Gluon cluster kernel takes head dim {GLUON_HEAD_DIMS} (got {q.shape[-1]})"
+    reason = gluon_device_ineligibility(q, capability, "Gluon cluster kernel")
+    if reason is not None:
+        return reason
     if any(t.stride(3) != 1 for t in (q, k, v, out) if t is not None):
         return "the Gluon cluster kernel needs q, k, v and out with a unit last stride"
     return None

@@ -65,9 +65,9 @@ from sparse_compile.kernels.common import (
     SUPPORTED_HEAD_DIMS,
     attention_output_like,
     check_out_buffer,
-    cuda_capability,
     check_permutation_values,
     check_strided_out_buffer,
+    cuda_capability,
     default_scale,
     dot_precision,
     expand_batch_head,
@@ -82,9 +82,9 @@ from sparse_compile.kernels.gluon_varlen_block_sparse import gluon_varlen_inelig
 from sparse_compile.kernels.tile_configs import (
     KEPT_ROWS_KEYS,
     KEPT_ROWS_SLOTS,
-    VarlenConfig,
-    TileConfig,
     GLUON_VARLEN_CONFIG,
+    TileConfig,
+    VarlenConfig,
     max_shared_memory,
     varlen_config,
 )
@@ -543,8 +543,10 @@ def _run_call(
     q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, config: VarlenConfig, scale: float, gluon: bool
 ) -> tuple[Tensor, Tensor]:
     """Per launch group: the prep kernel, the tile tables, then the main (and tail) launches of the Gluon or the
-    Triton attention kernel."""
+    Triton attention kernel. An empty call launches nothing."""
     out, lse_out, layout = call.out, call.lse, call.layout
+    if out.numel() == 0 and lse_out.numel() == 0:
+        return out, lse_out
     b, h, s_q, d = q.shape
     nqc = layout.num_q_clusters
     q_perm = token_order(layout.q_perm, b, h, s_q, q.device) if gluon and layout.q_perm is None else layout.q_perm
@@ -606,8 +608,6 @@ def varlen_block_sparse_attention_triton(
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
                          kept_rows_total, pair_kept_rows)  # fmt: skip
-    if call.out.numel() == 0 and call.lse.numel() == 0:
-        return call.out, call.lse
     nqc = call.layout.num_q_clusters
     config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
     return _run_call(q, k, v, call, config, default_scale(d, scale), gluon=False)
@@ -644,8 +644,6 @@ def varlen_block_sparse_attention_gluon(
     reason = gluon_varlen_ineligibility(q, k, v, cuda_capability(q), call.out)
     if reason is not None:
         raise ValueError(reason)
-    if call.out.numel() == 0 and call.lse.numel() == 0:
-        return call.out, call.lse
     config = config or GLUON_VARLEN_CONFIG
     return _run_call(q, k, v, call, config, default_scale(q.shape[-1], scale), gluon=True)
 
@@ -684,9 +682,9 @@ def _varlen_op(
 ) -> tuple[Tensor, Tensor]:
     """Custom op: (O token-major (B, H, S_q, D) in q's dtype, LSE contiguous fp32 (B, H, S_q))."""
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
-    choice = varlen_kernel_choice(q, k, v) if q.is_cuda else "reference"
-    if choice != "reference":
-        run = varlen_block_sparse_attention_gluon if choice == "gluon" else varlen_block_sparse_attention_triton
+    if q.is_cuda:
+        gluon = varlen_kernel_choice(q, k, v) == "gluon"
+        run = varlen_block_sparse_attention_gluon if gluon else varlen_block_sparse_attention_triton
         return run(q, k, v, *layout_args, q_perm=q_perm, kv_perm=kv_perm, scale=scale, max_kept_keys=max_kept_keys,
                    kept_keys=kept_keys, kept_rows_total=kept_rows_total, pair_kept_rows=pair_kept_rows)
     layout = validate_varlen_inputs(q, k, v, *layout_args, q_perm, kv_perm)
