@@ -35,7 +35,8 @@ from sparse_compile.options import validate_options
 
 def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> float:
     """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
-    clusters_q, clusters_k = method._cluster(q, k, method_call(q, k, v, grid, cache))
+    clusters = method._cluster(q, k, method_call(q, k, v, grid, cache))
+    clusters_q, clusters_k = clusters.query, clusters.key
     q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
     k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
     min_blocks = method.min_kept_key_clusters(clusters_k.sizes.shape[-1])

@@ -114,3 +114,28 @@ def test_the_kept_rows_bounds_are_each_batch_element_and_heads_own(monkeypatch):
     assert per_pair[0, 0] != per_pair[0, 1] and torch.equal(per_pair[0], per_pair[1].flip(0))
     assert calls[0]["pair_kept_rows"] == per_pair.flatten().tolist()
     assert calls[0]["kept_rows_total"] == int(per_pair.sum())
+
+
+def test_with_measured_costs_the_non_finite_check_rides_on_the_guards_read(monkeypatch):
+    """The guard's one host read also says whether q, k and v are finite: no read of its own before the
+    clustering, so the next call's k-means is launched while this call's kernel runs."""
+    monkeypatch.setattr(Svg2Method, "dense_reason", lambda self, call: pytest.fail("a separate non-finite read"))
+    result, runs, _ = _run(monkeypatch, BREAK_EVEN)
+    assert result.fallback_reason is None and runs.sparse == [1, 1, 0]
+
+
+@pytest.mark.parametrize("poisoned", ["query", "key", "value"])
+def test_a_non_finite_input_runs_dense_with_its_reason_and_leaves_the_cached_clustering(monkeypatch, poisoned):
+    """NaN in q, k or v with the guard on: dense SDPA, reported, and the site keeps the clustering of the last
+    finite call (NaN centroids never become a warm start)."""
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: BREAK_EVEN)
+    method, cache = Svg2Method(validate_options(OPTIONS)), SiteCache()
+    q, k, v = synthetic_heads()
+    method.run(method_call(q, k, v, LAYOUT, cache, step=1))
+    warm_start = list(cache.entries().values())
+    inputs = {"query": q.clone(), "key": k.clone(), "value": v.clone()}
+    inputs[poisoned][0, 1, 5, 0] = float("nan")
+    result = method.run(method_call(*inputs.values(), LAYOUT, cache, step=2))
+    assert result.fallback_reason == f"{poisoned} holds NaN or Inf (dense attention defines the result)"
+    torch.testing.assert_close(result.output, F.scaled_dot_product_attention(*inputs.values()), equal_nan=True)
+    assert [id(entry) for entry in cache.entries().values()] == [id(entry) for entry in warm_start]

@@ -198,13 +198,19 @@ class AttentionMethod:
     # What a method may refine.
 
     def dense_reason(self, call: AttentionCall) -> str | None:
-        """Why this call cannot run sparse (its mask, the block kernels' limits, NaN or Inf in q, k or v),
-        or ``None``. The non-finite check is last: it is the one that reads the device."""
+        """Why this call cannot run sparse (:meth:`host_dense_reason`, or NaN or Inf in q, k or v), or
+        ``None``. The non-finite check is last: it is the one that reads the device."""
+        problem = self.host_dense_reason(call)
+        if problem is None:
+            problem = nonfinite_problem(call.query, call.key, call.value)
+        return problem
+
+    def host_dense_reason(self, call: AttentionCall) -> str | None:
+        """Why this call cannot run sparse that the host knows without reading the device (its mask, the
+        block kernels' limits), or ``None``."""
         problem = mask_problem(call.attn_mask, call.layout)
         if problem is None and self.needs_block_kernel:
             problem = block_kernel_problem(call.query, call.value)
-        if problem is None:
-            problem = nonfinite_problem(call.query, call.key, call.value)
         return problem
 
     def keeps_every_pair(self, call: AttentionCall) -> bool:

@@ -25,20 +25,32 @@ def storage_order(t: torch.Tensor) -> torch.Tensor:
     return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
 
 
+def finite_flags(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """The names of the non-empty tensors among q, k and v, and whether each holds only finite values:
+    an int64 ``(len(names),)`` of 0/1 on their device, not read (the min and max of each tensor, 0-d
+    results: no copy, NaN propagates through both)."""
+    named = [(name, t) for name, t in (("query", query), ("key", key), ("value", value)) if t.numel() > 0]
+    if not named:
+        return [], torch.zeros(0, dtype=torch.int64, device=query.device)
+    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(storage_order(t))])
+    return [name for name, _ in named], torch.isfinite(bounds).view(len(named), 2).all(-1).long()
+
+
+def nonfinite_reason(names: list[str], finite: list[int]) -> str | None:
+    """Why a call runs dense, given :func:`finite_flags` read on the host, or ``None`` when all are finite."""
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if not bad:
+        return None
+    return f"{', '.join(bad)} {'holds' if len(bad) == 1 else 'hold'} NaN or Inf (dense attention defines the result)"
+
+
 def nonfinite_problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
     """Why a call whose q, k or v hold NaN or Inf runs dense, or ``None`` when all are finite.
 
     With a non-finite key or value, dense attention's result depends on every query's score with
     that key, which a sparse pattern may not compute: such a call runs dense, so it gives exactly
-    what dense attention gives. Costs one pass over the inputs (the min and max of each tensor,
-    0-d results: no copy, NaN propagates through both) and one host read of six values.
+    what dense attention gives. Costs one pass over the inputs and one host read
+    (:func:`finite_flags`).
     """
-    named = [(name, t) for name, t in (("query", query), ("key", key), ("value", value)) if t.numel() > 0]
-    if not named:
-        return None
-    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(storage_order(t))])
-    finite = torch.isfinite(bounds).view(len(named), 2).all(-1).tolist()
-    bad = [name for (name, _), ok in zip(named, finite) if not ok]
-    if not bad:
-        return None
-    return f"{', '.join(bad)} {'holds' if len(bad) == 1 else 'hold'} NaN or Inf (dense attention defines the result)"
+    names, finite = finite_flags(query, key, value)
+    return nonfinite_reason(names, finite.tolist()) if names else None

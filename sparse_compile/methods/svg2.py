@@ -47,11 +47,13 @@ device's costs are measured (CUDA: the cluster kernel's break-even against dense
 element) run dense SDPA together, the others through the kernel
 (:func:`~sparse_compile.methods.base.attend_split_heads`). A site and CFG branch whose every head passed
 it runs dense SDPA without clustering for the next ``GUARD_RECHECK_STEPS`` steps, then clusters and
-decides again (near-uniform attention then costs no k-means). The host reads device values twice
-per call: the heads' densities for that decision (with the most keys any q cluster keeps and each
-head's kept keys of all q clusters, which size the cluster kernel's kept-rows buffer), and the check
-for NaN or Inf in q, k and v (:func:`~sparse_compile.methods.fallback.nonfinite_problem`), which also
-keeps non-finite dense-step inputs out of the cached centroids.
+decides again (near-uniform attention then costs no k-means). The host reads the device once per
+call, after the selection is launched: whether q, k and v are finite
+(:func:`~sparse_compile.methods.fallback.finite_flags`; a call with NaN or Inf runs dense SDPA and
+its clustering is not cached), the heads' densities for that decision, the most keys any q cluster
+keeps and each head's kept keys of all q clusters (which size the cluster kernel's kept-rows buffer).
+So the next call's clustering and selection are launched while this call's kernel runs. Dense-step
+inputs with NaN or Inf never reach the cached centroids either (:meth:`Svg2Method.observe_dense`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.cost_model import cluster_guard_density
+from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import (
@@ -185,7 +188,7 @@ class Svg2Method(AttentionMethod):
         """During dense steps, cluster already so the first sparse step starts from warm centroids."""
         if self.config.kmeans_during_dense and self.dense_reason(call) is None:
             video, _ = video_text_slices(call.layout)
-            self._cluster(call.query[:, :, video], call.key[:, :, video], call)
+            self.store(call, self._cluster(call.query[:, :, video], call.key[:, :, video], call))
 
     def min_kept_key_clusters(self, num_key_clusters: int) -> int:
         """The floor of key clusters each query cluster keeps: ``ceil(min_kc_ratio * num_key_clusters)``, at least 1."""
@@ -202,8 +205,9 @@ class Svg2Method(AttentionMethod):
             )  # fmt: skip
         return n_q, n_k
 
-    def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> tuple[Clustering, Clustering]:
-        """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache (step 1)."""
+    def _cluster(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> CachedClusters:
+        """k-means of the video queries and keys ``(B, H, Sv, D)``, warm-started from the cache (step 1);
+        the caller stores it once the call is known to run sparse."""
         cached = self.cached(call, CachedClusters)
         n_q, n_k = self.cluster_counts(q.shape[2], call.site_name)
         if cached is None:
@@ -213,8 +217,7 @@ class Svg2Method(AttentionMethod):
             k_clusters = kmeans(k, n_k, config.kmeans_iters_init, seed=1, sample_stride=stride)
         else:
             q_clusters, k_clusters = self.warm_clustering(q, n_q, cached.query), self.warm_clustering(k, n_k, cached.key)
-        self.store(call, CachedClusters(q_clusters, k_clusters))
-        return q_clusters, k_clusters
+        return CachedClusters(q_clusters, k_clusters)
 
     def sample_stride(self) -> int:
         """Token stride of the subsampled iterations: ``round(1 / kmeans_sample)``."""
@@ -240,18 +243,26 @@ class Svg2Method(AttentionMethod):
         all_guarded = self.cached(call, AllHeadsGuarded) if break_even is not None else None
         if all_guarded is not None and 0 <= call.step.step - all_guarded.step < GUARD_RECHECK_STEPS:
             return self._guarded_dense(call)  # before the input scan: dense SDPA whatever the inputs hold
-        if break_even is None or self.dense_reason(call) is not None:
+        if break_even is None or self.host_dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         video, _ = video_text_slices(call.layout)
         q, k = query[:, :, video], call.key[:, :, video]
-        plan = self._plan(q, k, call)
+        names, finite = finite_flags(query, call.key, call.value)
+        clusters = self._cluster(q, k, call)
+        plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
         past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > break_even
-        # one host read per call, per head: whether it passes break-even and the most keys one of its q
-        # clusters keeps (in every batch element); per (batch element, head): the keys all its q clusters keep
+        # one host read per call: whether q, k and v are finite; per head: whether it passes break-even and
+        # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
+        # keys all its q clusters keep
         kept = kept_tokens.long()
         batch, heads = kept.shape[:2]
-        read = torch.cat([past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()]).tolist()
+        read = torch.cat([finite, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()]).tolist()
+        reason = nonfinite_reason(names, read[:len(names)])
+        if reason is not None:
+            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
+        self.store(call, clusters)
+        read = read[len(names):]
         guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
         if not unguarded:
@@ -274,16 +285,18 @@ class Svg2Method(AttentionMethod):
 
         Returns out ``(B, H, Sv, D)`` token-major, its fp32 LSE ``(B, H, Sv)`` and the kept density.
         """
-        return self._attend_plan(q, k, v, self._plan(q, k, call), call)
+        clusters = self._cluster(q, k, call)
+        self.store(call, clusters)
+        return self._attend_plan(q, k, v, self._plan(q, k, clusters, call.softmax_scale), call)
 
-    def _plan(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> ClusterPlan:
-        """Steps 1-3 of the module doc on video queries and keys ``(B, H, Sv, D)``."""
-        q_clusters, k_clusters = self._cluster(q, k, call)
+    def _plan(self, q: torch.Tensor, k: torch.Tensor, clusters: CachedClusters, scale: float) -> ClusterPlan:
+        """Steps 2-3 of the module doc on video queries and keys ``(B, H, Sv, D)`` and their clusters."""
+        q_clusters, k_clusters = clusters.query, clusters.key
         q_perm, q_offsets = cluster_permutation(q_clusters.labels, q_clusters.sizes, q_clusters.ranks)
         k_perm, k_offsets = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
         min_blocks = self.min_kept_key_clusters(k_clusters.sizes.shape[-1])
         selection = select_top_p_clusters(
-            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, call.softmax_scale, self.config.top_p,
+            q_clusters.centroids, k_clusters.centroids, k_clusters.sizes, scale, self.config.top_p,
             min_blocks,
         )  # fmt: skip
         return ClusterPlan(q_perm, q_offsets, k_perm, k_offsets, selection, q_clusters.sizes)
