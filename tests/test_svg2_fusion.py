@@ -183,19 +183,22 @@ def test_gpu_warm_svg2_call_launches_no_gather_or_scatter_over_qkvo(monkeypatch)
         result = method.attend(method_call(q, k, v, layout, cold.cache))
         torch.cuda.synchronize()
     launches = full_size_launches(prof.events(), q.numel() // 4)
-    attention = [kernel for _, kernel in launches if "_varlen_fwd_" in kernel]
+    # every attention launch (as the op's, or the staged call's with no op around it)
+    attention = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA and "_varlen_fwd_" in e.name]
     gluon = varlen_kernel_choice(q, k, v) == "gluon"
     config = GLUON_VARLEN_CONFIG if gluon else varlen_default_config(layout.video_tokens, 200, 128, 2)
     per_group = 2 if config.tail_block_m else 1
-    # the attention kernel is seen (attribution works): one launch per group of heads, and one more each
-    # for the 64-row tails; one group when the ragged kept rows of all heads fit the budget, else as many
-    # groups as padded rows of the most keys a q cluster keeps need
-    bounds = kernel_calls[-1][3]
-    budget = rows_budget_bytes(q)
-    ragged_bytes = 4 * bounds["kept_rows_total"]
-    padded_pair_bytes = 200 * min(bounds["max_kept_keys"], layout.video_tokens) * 4
-    groups = 1 if ragged_bytes <= budget else cdiv(12, launch_group_size(12, padded_pair_bytes, budget))
-    assert len(attention) == per_group * groups, (ragged_bytes, budget, launches)
+    # one launch per group of heads, and one more each for the 64-row tails: one group when the call was
+    # staged before the guard's read (its kept keys fit the budget: no op call) or the op's ragged kept rows
+    # of all heads fit it, else as many groups as padded rows of the most keys a q cluster keeps need
+    groups = 1
+    if kernel_calls:
+        bounds = kernel_calls[-1][3]
+        budget = rows_budget_bytes(q)
+        ragged_bytes = 4 * bounds["kept_rows_total"]
+        padded_pair_bytes = 200 * min(bounds["max_kept_keys"], layout.video_tokens) * 4
+        groups = 1 if ragged_bytes <= budget else cdiv(12, launch_group_size(12, padded_pair_bytes, budget))
+    assert len(attention) == per_group * groups, (groups, launches)
     offenders = [(op, kernel) for op, kernel in launches
                  if op not in FULL_SIZE_READS and not any(a in kernel for a in ALLOWED_FULL_SIZE_KERNELS)]
     assert offenders == [], offenders

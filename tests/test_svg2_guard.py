@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from method_calls import method_call
+from method_calls import method_call, record_kernel_calls
 from sparse_compile.methods import svg2
 from sparse_compile.methods.base import SiteCache
 from sparse_compile.methods.cost_model import NOMINAL_COSTS, nominal_cluster_costs
@@ -139,3 +141,40 @@ def test_a_non_finite_input_runs_dense_with_its_reason_and_leaves_the_cached_clu
     assert result.fallback_reason == f"{poisoned} holds NaN or Inf (dense attention defines the result)"
     torch.testing.assert_close(result.output, F.scaled_dot_product_attention(*inputs.values()), equal_nan=True)
     assert [id(entry) for entry in cache.entries().values()] == [id(entry) for entry in warm_start]
+
+
+@pytest.mark.parametrize("break_even, capacity, staged_runs", [
+    (2.0, 10**9, True),  # no head past break-even, the kept keys fit: the staged call runs, no op call
+    (2.0, 0, False),  # the kept keys outgrow the staged buffer: the op, with the bounds read
+    (BREAK_EVEN, 10**9, False),  # the uniform head guarded: the op on the other two
+], ids=["staged", "outgrown", "a head guarded"])  # fmt: skip
+def test_the_kernels_prep_staged_before_the_read_runs_only_when_no_head_is_guarded_and_its_keys_fit(
+    monkeypatch, break_even, capacity, staged_runs
+):  # fmt: skip
+    """The prep of every head's kernel call is launched before the guard's read; after it the staged call runs
+    when no head is guarded and all kept keys fit its buffer, else the op runs as without staging. Either way
+    the output is the one without staging."""
+    monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: break_even)
+    q, k, v = synthetic_heads()
+
+    def attend() -> torch.Tensor:
+        return Svg2Method(validate_options(OPTIONS)).run(method_call(q, k, v, LAYOUT, SiteCache())).output
+
+    unstaged = attend()  # on the CPU the op runs its reference: nothing is staged
+    staged, ran = [], []
+
+    def stage(q, k, v, *layout, kept_keys, **kwargs):
+        staged.append(SimpleNamespace(capacity=capacity, layout=layout, kwargs=kwargs))
+        return staged[-1]
+
+    def run(call, q, k, v):
+        ran.append(call)
+        return svg2.varlen_block_sparse_attention(q, k, v, *call.layout, return_lse=True, **call.kwargs)
+
+    monkeypatch.setattr(svg2, "stage_varlen_call", stage)
+    monkeypatch.setattr(svg2, "run_staged_call", run)
+    op_calls = record_kernel_calls(monkeypatch, svg2, "varlen_block_sparse_attention")
+    output = attend()
+    assert len(staged) == 1 and len(ran) == staged_runs and len(op_calls) == 1
+    assert ("kept_rows_total" in op_calls[0][3]) != staged_runs, "the op with the read bounds only without staging"
+    torch.testing.assert_close(output, unstaged, rtol=0, atol=0)

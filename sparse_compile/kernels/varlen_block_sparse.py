@@ -239,7 +239,7 @@ def _kept_rows_kernel(
     stride_cb, stride_ch, stride_cq,
     stride_ib, stride_ih, stride_iq, stride_is,
     stride_kpb, stride_kph, stride_kps,
-    bh_start, num_heads, num_q_clusters, num_kv_clusters,
+    bh_start, num_heads, num_q_clusters, num_kv_clusters, capacity,
     SLOTS: tl.constexpr, KEYS: tl.constexpr, PERMUTE_KV: tl.constexpr,
 ):
     """One program per (q cluster, batch * head of the group): the k/v token row of each kept key.
@@ -249,7 +249,7 @@ def _kept_rows_kernel(
     clusters at a time: their first positions are a running exclusive cumsum of their sizes, and a
     (SLOTS, KEYS) tile writes key ``j`` of slot ``s`` (cluster-order row ``kv_start(s) + j``, through
     ``kv_perm`` with PERMUTE_KV) to position ``first position of s + j``, KEYS keys of every slot per
-    step. Also writes ``total``.
+    step. Also writes ``total``. Positions at or past ``capacity`` (the buffer's elements) are not written.
     """
     c = tl.program_id(0)
     local = tl.program_id(1)
@@ -260,7 +260,9 @@ def _kept_rows_kernel(
     idx_row = indices_ptr + b * stride_ib + h * stride_ih + c * stride_iq
     kv_off = kv_off_ptr + bh.to(tl.int64) * (num_kv_clusters + 1)
     row = local.to(tl.int64) * num_q_clusters + c
-    rows = rows_ptr + tl.load(starts_ptr + row)
+    list_start = tl.load(starts_ptr + row)
+    rows = rows_ptr + list_start
+    room = capacity - list_start
     carry = count * 0
     for start in range(0, count, SLOTS):
         slots = start + tl.arange(0, SLOTS)
@@ -276,7 +278,8 @@ def _kept_rows_kernel(
             if PERMUTE_KV:
                 token = tl.load(kv_perm_ptr + b * stride_kpb + h * stride_kph + token * stride_kps,
                                 mask=key, other=0).to(tl.int32)
-            tl.store(rows + place[:, None] + j[None, :], token, mask=key)
+            position = place[:, None] + j[None, :]
+            tl.store(rows + position, token, mask=key & (position < room))
         carry += tl.sum(size, 0)
     tl.store(total_ptr + row, carry)
 
@@ -475,14 +478,15 @@ def kept_rows_plan(
 def _kept_rows(layout: VarlenLayout, kv_off: Tensor, starts: Tensor, bh_start: int, group: int, rows: Tensor) -> Tensor:
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
     writing each (pair, q cluster) list from ``rows[starts[list]]`` (``starts`` int64 ``(group * NQC,)``,
-    each list's room at least its kept keys); returns the kept keys per q cluster, int32 ``(group, NQC)``."""
+    each list's room at least its kept keys, else the positions past ``rows`` are dropped); returns the kept
+    keys per q cluster, int32 ``(group, NQC)``."""
     _, h, nqc, _ = layout.indices.shape
     total = torch.empty((group, nqc), dtype=torch.int32, device=kv_off.device)
     if nqc > 0:
         _kept_rows_kernel[(nqc, group)](
             layout.counts, layout.indices, kv_off, layout.kv_perm, total, starts, rows,
             *layout.counts.stride(), *layout.indices.stride(), *permutation_strides(layout.kv_perm),
-            bh_start, h, nqc, layout.num_kv_clusters,
+            bh_start, h, nqc, layout.num_kv_clusters, rows.numel(),
             SLOTS=KEPT_ROWS_SLOTS, KEYS=KEPT_ROWS_KEYS, PERMUTE_KV=layout.kv_perm is not None,
         )  # fmt: skip
     return total
@@ -539,36 +543,66 @@ def _launches(config: VarlenConfig) -> list[tuple[bool, TileConfig]]:
     return launches
 
 
+@dataclass(frozen=True)
+class _GroupTables:
+    """One launch group's prep results: its first (batch, head) pair and pairs, its kept keys per q cluster
+    (int32 ``(G, NQC)``), where its lists start (int64 ``(G * NQC,)``) and its main (and tail) tile tables."""
+
+    bh_start: int
+    size: int
+    total: Tensor
+    starts: Tensor
+    main: tuple[Tensor, Tensor]
+    tail: tuple[Tensor, Tensor] | None
+
+
+def _group_tables(call: _PreparedCall, s_q: int, config: VarlenConfig) -> Iterator[_GroupTables]:
+    """Per launch group: the prep kernel, then the tile tables."""
+    for bh_start, size, total, starts in call.kept_row_groups():
+        main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
+        yield _GroupTables(bh_start, size, total, starts, main, tail)
+
+
+def _attend_group(
+    q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, group: _GroupTables, config: VarlenConfig, scale: float,
+    gluon: bool,
+) -> None:  # fmt: skip
+    """The main (and tail) launches of the Gluon or the Triton attention kernel over one launch group."""
+    out, lse_out, layout = call.out, call.lse, call.layout
+    b, h, s_q, d = q.shape
+    q_perm = token_order(layout.q_perm, b, h, s_q, q.device) if gluon and layout.q_perm is None else layout.q_perm
+    for is_tail, tile in _launches(config):
+        tile_cluster, tile_row = group.tail if is_tail else group.main
+        num_tiles = tile_cluster.shape[1]
+        if gluon:
+            launch_gluon_varlen(q, k, v, out, lse_out, q_perm, tile_cluster, tile_row, call.q_off, group.total,
+                                group.starts, call.rows, group.bh_start, group.size, scale, tile)  # fmt: skip
+            continue
+        _varlen_fwd_kernel[(num_tiles, group.size)](
+            q, k, v, out, lse_out, q_perm,
+            tile_cluster, tile_row, call.q_off, group.total, group.starts, call.rows,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(q_perm),
+            group.bh_start, h, layout.num_q_clusters, num_tiles, s_q, scale * LOG2E,
+            HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PERMUTE_Q=q_perm is not None,
+            DOT_PRECISION=dot_precision(q.dtype),
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )  # fmt: skip
+
+
+def _is_empty(call: _PreparedCall) -> bool:
+    """Whether the call has nothing to write (no output and no LSE elements)."""
+    return call.out.numel() == 0 and call.lse.numel() == 0
+
+
 def _run_call(
     q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, config: VarlenConfig, scale: float, gluon: bool
 ) -> tuple[Tensor, Tensor]:
     """Per launch group: the prep kernel, the tile tables, then the main (and tail) launches of the Gluon or the
     Triton attention kernel. An empty call launches nothing."""
-    out, lse_out, layout = call.out, call.lse, call.layout
-    if out.numel() == 0 and lse_out.numel() == 0:
-        return out, lse_out
-    b, h, s_q, d = q.shape
-    nqc = layout.num_q_clusters
-    q_perm = token_order(layout.q_perm, b, h, s_q, q.device) if gluon and layout.q_perm is None else layout.q_perm
-    for bh_start, size, total, starts in call.kept_row_groups():
-        main, tail = tile_tables(call.q_off, total, bh_start, s_q, config.block_m, config.tail_block_m)
-        for is_tail, tile in _launches(config):
-            tile_cluster, tile_row = tail if is_tail else main
-            num_tiles = tile_cluster.shape[1]
-            if gluon:
-                launch_gluon_varlen(q, k, v, out, lse_out, q_perm, tile_cluster, tile_row, call.q_off, total, starts,
-                                    call.rows, bh_start, size, scale, tile)  # fmt: skip
-                continue
-            _varlen_fwd_kernel[(num_tiles, size)](
-                q, k, v, out, lse_out, q_perm,
-                tile_cluster, tile_row, call.q_off, total, starts, call.rows,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *permutation_strides(q_perm),
-                bh_start, h, nqc, num_tiles, s_q, scale * LOG2E,
-                HEAD_DIM=d, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, PERMUTE_Q=q_perm is not None,
-                DOT_PRECISION=dot_precision(q.dtype),
-                num_warps=tile.num_warps, num_stages=tile.num_stages,
-            )  # fmt: skip
-    return out, lse_out
+    if not _is_empty(call):
+        for group in _group_tables(call, q.shape[2], config):
+            _attend_group(q, k, v, call, group, config, scale, gluon)
+    return call.out, call.lse
 
 
 def varlen_block_sparse_attention_triton(
@@ -661,6 +695,76 @@ def varlen_kernel_choice(q: Tensor, k: Tensor, v: Tensor, capability: tuple[int,
     if gluon_varlen_ineligibility(q, k, v, capability) is None:
         return "gluon"
     return "triton"
+
+
+@dataclass(frozen=True)
+class StagedVarlenCall:
+    """A cluster-kernel call whose prep kernels ran before its caller read the kept keys
+    (:func:`stage_varlen_call`); :func:`run_staged_call` launches its attention kernel. ``capacity``: the
+    kept-rows buffer's elements; the staged lists are whole only when all q clusters' kept keys fit it."""
+
+    call: _PreparedCall
+    groups: tuple[_GroupTables, ...]
+    config: VarlenConfig
+    scale: float
+    gluon: bool
+    geometry: tuple[tuple[torch.Size, tuple[int, ...]], ...]
+
+    @property
+    def capacity(self) -> int:
+        return self.call.rows.numel()
+
+
+def stage_varlen_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_cluster_offsets: Tensor,
+    kv_cluster_offsets: Tensor,
+    kv_cluster_counts: Tensor,
+    kv_cluster_indices: Tensor,
+    *,
+    kept_keys: Tensor,
+    q_perm: Tensor | None = None,
+    kv_perm: Tensor | None = None,
+    scale: float | None = None,
+) -> StagedVarlenCall | None:
+    """The first half of :func:`varlen_block_sparse_attention` (same arguments, ``return_lse``), launched
+    before the caller knows the kept-key bounds, so it needs no host read: the prep kernel writes every
+    (batch, head) pair's lists back to back (at the exclusive cumsum of ``kept_keys``) into one buffer of
+    :func:`rows_budget_bytes`, dropping positions past it, and the tile tables follow. Once the caller has
+    read that all q clusters' kept keys fit ``capacity``, :func:`run_staged_call` gives what the op gives;
+    otherwise the staged call is dropped (it holds the buffer: free it before calling the op).
+    ``None`` where the op runs its reference (off CUDA without Triton's interpreter)."""
+    kernel = varlen_kernel_choice(q, k, v)
+    if kernel == "reference":
+        return None
+    layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
+    capacity = rows_budget_bytes(q) // 4
+    call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, None, None, None, kept_keys, capacity, None)
+    gluon = kernel == "gluon"
+    config = GLUON_VARLEN_CONFIG if gluon else varlen_config(
+        q.shape[2], call.layout.num_q_clusters, q.shape[-1], q.element_size(), max_shared_memory(q.device))
+    groups = () if _is_empty(call) else tuple(_group_tables(call, q.shape[2], config))
+    return StagedVarlenCall(call, groups, config, default_scale(q.shape[-1], scale), gluon, _geometry(q, k, v))
+
+
+def _geometry(*tensors: Tensor) -> tuple[tuple[torch.Size, tuple[int, ...]], ...]:
+    """Each tensor's shape and strides."""
+    return tuple((t.shape, t.stride()) for t in tensors)
+
+
+def run_staged_call(staged: StagedVarlenCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The attention kernel of a staged call on q, k, v of the shapes and strides it was staged with (its
+    prep depends on the layout only): (O token-major ``(B, H, S_q, D)``, LSE fp32 ``(B, H, S_q)``), as
+    :func:`varlen_block_sparse_attention` gives them. Valid only when all q clusters' kept keys fit
+    ``staged.capacity``."""
+    call = staged.call
+    if _geometry(q, k, v) != staged.geometry:
+        raise ValueError("run_staged_call takes the q, k and v the call was staged with (shapes and strides)")
+    for group in staged.groups:
+        _attend_group(q, k, v, call, group, staged.config, staged.scale, staged.gluon)
+    return call.out, call.lse
 
 
 @torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
@@ -772,10 +876,13 @@ def varlen_block_sparse_attention(
 __all__ = [
     "ROWS_BUDGET_SHARE",
     "KeptRowsPlan",
+    "StagedVarlenCall",
     "check_kept_rows_values",
     "check_varlen_layout_values",
     "kept_rows_plan",
     "rows_budget_bytes",
+    "run_staged_call",
+    "stage_varlen_call",
     "validate_kept_rows_args",
     "validate_varlen_inputs",
     "varlen_block_sparse_attention",

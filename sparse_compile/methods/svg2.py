@@ -66,7 +66,12 @@ import torch
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
-from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
+from sparse_compile.kernels.varlen_block_sparse import (
+    StagedVarlenCall,
+    run_staged_call,
+    stage_varlen_call,
+    varlen_block_sparse_attention,
+)
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.cost_model import cluster_guard_density
 from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
@@ -251,6 +256,7 @@ class Svg2Method(AttentionMethod):
         clusters = self._cluster(q, k, call)
         plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
+        staged = self._stage(q, k, call.value[:, :, video], plan, call.softmax_scale)
         past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > break_even
         # one host read per call: whether q, k and v are finite; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
@@ -259,16 +265,20 @@ class Svg2Method(AttentionMethod):
         batch, heads = kept.shape[:2]
         read = torch.cat([finite, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()]).tolist()
         reason = nonfinite_reason(names, read[:len(names)])
-        if reason is not None:
-            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
-        self.store(call, clusters)
         read = read[len(names):]
         guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
+        pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
+        if reason is not None or len(unguarded) < heads or staged is None or sum(pair_rows) > staged.capacity:
+            staged = None  # its kept-rows buffer goes before another path allocates
+        if reason is not None:
+            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
+        self.store(call, clusters)
         if not unguarded:
             self.store(call, AllHeadsGuarded(call.step.step))
             return self._guarded_dense(call)
-        pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
+        if staged is not None:
+            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, staged=staged))
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
@@ -279,6 +289,16 @@ class Svg2Method(AttentionMethod):
         sparse_plan = plan.heads(sparse_heads)
         return attend_split_heads(call, sparse_heads, dense_heads,
                                   lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, *bounds))  # fmt: skip
+
+    @staticmethod
+    def _stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float):
+        """The cluster kernel's prep for every head of the plan (:func:`stage_varlen_call`), launched before the
+        guard's read; used when no head is guarded and the kept keys fit its buffer, else dropped (its GPU
+        work wasted: the prep and tile tables, a small share of the kernel's)."""
+        selection = plan.selection
+        return stage_varlen_call(q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
+                                 kept_keys=selection.kept_tokens, q_perm=plan.q_perm, kv_perm=plan.k_perm,
+                                 scale=scale)  # fmt: skip
 
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Cluster-sparse attention of video tokens ``(B, H, Sv, D)``, any strides.
@@ -304,12 +324,17 @@ class Svg2Method(AttentionMethod):
     def _attend_plan(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall,
         max_kept_keys: int | None = None, kept_rows_total: int | None = None, pair_kept_rows: list[int] | None = None,
+        staged: StagedVarlenCall | None = None,
     ):  # fmt: skip
         """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density.
         ``max_kept_keys``, ``kept_rows_total`` and ``pair_kept_rows`` (read on the host by the guard: the most
         keys one q cluster of the plan's heads keeps, the keys all of them keep, and each (batch element, head)'s)
-        size the kernel's kept-rows buffer."""
+        size the kernel's kept-rows buffer; ``staged``, the plan's prep already launched (:meth:`_stage`), leaves
+        only the attention kernel to launch."""
         selection = plan.selection
+        if staged is not None:
+            out, lse = run_staged_call(staged, q, k, v)
+            return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])
         out, lse = varlen_block_sparse_attention(
             q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
             q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from row_order import to_kernel_order, to_token_order
-from triton_interpreter_support import interp, rel_l2, run_interpreted
+from triton_interpreter_support import INTERPRETED, interp, rel_l2, run_interpreted
 from sparse_compile.kernels import varlen_block_sparse as vb
 from sparse_compile.kernels.block_sparse_reference import block_sparse_attention_reference
 from sparse_compile.kernels.common import attention_output_like, cdiv, launch_group_size
@@ -374,6 +374,55 @@ def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch
             assert int(total[bh, c]) == want.numel() == int(kept_keys[bh * 3 + c])
             start = int(starts[bh * 3 + c])
             assert torch.equal(buffer[start : start + want.numel()].long(), want)
+
+
+@interp
+def test_interp_kept_rows_past_the_buffer_are_dropped():
+    """A buffer shorter than the lists (a staged call whose kept keys outgrew it): the prep kernel writes the
+    positions that fit, as into a buffer of all of them, nothing past its end (the rest of a larger
+    allocation keeps its poison), and still counts every kept key in ``total``."""
+    q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=3, dtype=torch.float32, padding=-7)
+    expanded_layout = validate_varlen_inputs(q, k, v, *layout, None, None)
+    kv_off = vb._flat_offsets(expanded_layout.kv_offsets)
+    kept_keys = varlen_kept_keys(expanded_layout).reshape(-1)
+    starts, size = kept_keys.cumsum(0) - kept_keys, int(kept_keys.sum())
+    whole = torch.full((size,), -1, dtype=torch.int32)
+    vb._kept_rows(expanded_layout, kv_off, starts, 0, 2, whole)
+    backing = torch.full((size,), -5, dtype=torch.int32)
+    capacity = size // 2
+    total = vb._kept_rows(expanded_layout, kv_off, starts, 0, 2, backing[:capacity])
+    assert torch.equal(backing[:capacity], whole[:capacity]) and bool((backing[capacity:] == -5).all())
+    assert torch.equal(total.reshape(-1).long(), kept_keys)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interp_a_staged_call_gives_the_ops_result(dtype):
+    """Staged before its kept keys are read (every pair's lists in one buffer of the budget's size, tile
+    tables written), then run into poisoned buffers: exactly what the Triton entry gives, with folded
+    permutations; q, k, v of another geometry are refused."""
+    q, k, v, layout, perms = uneven_problem(dtype)
+    kept, total = kept_keys_of(q, k, layout)
+    staged = vb.stage_varlen_call(q, k, v, *layout, kept_keys=kept, scale=0.3, **perms)
+    assert total <= staged.capacity == vb.rows_budget_bytes(q) // 4 and len(staged.groups) == 1
+    staged.call.out.fill_(float("nan"))
+    staged.call.lse.fill_(float("nan"))
+    got = vb.run_staged_call(staged, q, k, v)
+    assert not got[0].isnan().any() and not got[1].isnan().any()
+    want = vb.varlen_block_sparse_attention_triton(q, k, v, *layout, scale=0.3, config=staged.config, **perms)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert_matches_reference(q, k, v, layout, got, **perms)
+    with pytest.raises(ValueError, match="the q, k and v the call was staged with"):
+        vb.run_staged_call(staged, q.contiguous(), k, v)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs the Triton kernels")
+def test_a_call_off_cuda_without_the_interpreter_is_not_staged():
+    """Where the op runs its reference there are no prep kernels to launch early."""
+    q, k, v, layout = random_problem(1, 2, 40, 50, 16, 3, 5, 0.5, seed=1)
+    kept, _ = kept_keys_of(q, k, layout)
+    assert vb.varlen_kernel_choice(q, k, v) == "reference"
+    assert vb.stage_varlen_call(q, k, v, *layout, kept_keys=kept) is None
 
 
 @interp
