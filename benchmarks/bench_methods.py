@@ -9,7 +9,7 @@ and the time of the whole method call in steady state (for SVG2: warm-started k-
 selection, permutation, cluster kernel, inverse permutation; for SVG: with its cached head
 profile; for radial: with its cached static layout; for AdaSpa: between searches, reusing its
 indices). For SVG2 also the cluster kernel alone on
-the same layout and the overhead share (everything but the kernel). One run prints a markdown
+the same layout as the call runs it and the overhead share (everything but the kernel). One run prints a markdown
 table and writes it to ``$OUT/methods.md`` when ``OUT`` is set.
 
     python benchmarks/bench_methods.py [--shapes NAME ...]
@@ -24,9 +24,7 @@ import triton
 from common import SHAPES, bench_ms, method_call, print_and_save, rel_l2, structured_qkv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sparse_compile.kernels.block_select import select_top_p_clusters
-from sparse_compile.kernels.kmeans import cluster_permutation
-from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
+from sparse_compile.kernels.varlen_block_sparse import run_staged_call
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.svg2 import Svg2Method
 from sparse_compile.methods.base import SiteCache
@@ -34,17 +32,14 @@ from sparse_compile.options import validate_options
 
 
 def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> float:
-    """The cluster kernel alone (permutations folded into its loads and stores), on the warm method's layout."""
-    clusters = method._cluster(q, k, method_call(q, k, v, grid, cache))
-    clusters_q, clusters_k = clusters.query, clusters.key
-    q_perm, q_off = cluster_permutation(clusters_q.labels, clusters_q.sizes, clusters_q.ranks)
-    k_perm, k_off = cluster_permutation(clusters_k.labels, clusters_k.sizes, clusters_k.ranks)
-    min_blocks = method.min_kept_key_clusters(clusters_k.sizes.shape[-1])
-    counts, indices, _ = select_top_p_clusters(clusters_q.centroids, clusters_k.centroids, clusters_k.sizes,
-                                               q.shape[-1] ** -0.5, method.config.top_p, min_blocks)  # fmt: skip
-    layout = (q_off, k_off, counts, indices)
-    return bench_ms(lambda: varlen_block_sparse_attention(q, k, v, *layout, q_perm=q_perm, kv_perm=k_perm,
-                                                          return_lse=True))
+    """The cluster kernel alone as the call runs it, on the warm method's layout: its prep (staged before the
+    guard's read) and the attention kernel, permutations folded into their loads and stores."""
+    call = method_call(q, k, v, grid, cache)
+    plan = method._plan(q, k, method._cluster(q, k, call), call.softmax_scale)
+    staged = method._stage(q, k, v, plan, call.softmax_scale)
+    kept = int(plan.selection.kept_tokens.long().sum())
+    assert kept <= staged.capacity, f"the kept keys ({kept}) outgrow the staged buffer ({staged.capacity})"
+    return bench_ms(lambda: run_staged_call(method._stage(q, k, v, plan, call.softmax_scale), q, k, v))
 
 
 SETTINGS = [
