@@ -143,6 +143,24 @@ def test_a_non_finite_input_runs_dense_with_its_reason_and_leaves_the_cached_clu
     assert [id(entry) for entry in cache.entries().values()] == [id(entry) for entry in warm_start]
 
 
+def _staging_fakes(monkeypatch, capacity: int) -> tuple[list, list, list]:
+    """On the CPU (where the op runs its reference and nothing is staged): stand-ins for the staged kernel call
+    whose buffer holds ``capacity`` kept keys; returns the calls staged, the staged calls run and the op's calls."""
+    staged, ran = [], []
+
+    def stage(q, k, v, *layout, kept_keys, **kwargs):
+        staged.append(SimpleNamespace(capacity=capacity, layout=layout, kwargs=kwargs))
+        return staged[-1]
+
+    def run(call, q, k, v):
+        ran.append(call)
+        return svg2.varlen_block_sparse_attention(q, k, v, *call.layout, return_lse=True, **call.kwargs)
+
+    monkeypatch.setattr(svg2, "stage_varlen_call", stage)
+    monkeypatch.setattr(svg2, "run_staged_call", run)
+    return staged, ran, record_kernel_calls(monkeypatch, svg2, "varlen_block_sparse_attention")
+
+
 @pytest.mark.parametrize("break_even, capacity, staged_runs", [
     (2.0, 10**9, True),  # no head past break-even, the kept keys fit: the staged call runs, no op call
     (2.0, 0, False),  # the kept keys outgrow the staged buffer: the op, with the bounds read
@@ -160,21 +178,38 @@ def test_the_kernels_prep_staged_before_the_read_runs_only_when_no_head_is_guard
     def attend() -> torch.Tensor:
         return Svg2Method(validate_options(OPTIONS)).run(method_call(q, k, v, LAYOUT, SiteCache())).output
 
-    unstaged = attend()  # on the CPU the op runs its reference: nothing is staged
-    staged, ran = [], []
-
-    def stage(q, k, v, *layout, kept_keys, **kwargs):
-        staged.append(SimpleNamespace(capacity=capacity, layout=layout, kwargs=kwargs))
-        return staged[-1]
-
-    def run(call, q, k, v):
-        ran.append(call)
-        return svg2.varlen_block_sparse_attention(q, k, v, *call.layout, return_lse=True, **call.kwargs)
-
-    monkeypatch.setattr(svg2, "stage_varlen_call", stage)
-    monkeypatch.setattr(svg2, "run_staged_call", run)
-    op_calls = record_kernel_calls(monkeypatch, svg2, "varlen_block_sparse_attention")
+    unstaged = attend()
+    staged, ran, op_calls = _staging_fakes(monkeypatch, capacity)
     output = attend()
     assert len(staged) == 1 and len(ran) == staged_runs and len(op_calls) == 1
     assert ("kept_rows_total" in op_calls[0][3]) != staged_runs, "the op with the read bounds only without staging"
     torch.testing.assert_close(output, unstaged, rtol=0, atol=0)
+
+
+def test_after_a_staged_call_the_next_launches_its_attention_before_the_read_and_drops_it_if_unfit(monkeypatch):
+    """A site whose last call ran staged launches the next call's attention kernel before the guard's read (the
+    read then waits for the selection only). When that call turns out to have a guarded head, its early output is
+    dropped for the op's, and the call after it waits for the read again. The outputs are those without staging."""
+    break_even_of_step = {1: 2.0, 2: 2.0, 3: BREAK_EVEN, 4: BREAK_EVEN}  # no head guarded, then the uniform one
+
+    def four_steps() -> list[torch.Tensor]:
+        method, cache = Svg2Method(validate_options(OPTIONS)), SiteCache()
+        q, k, v = synthetic_heads()
+        outputs = []
+        for step, break_even in break_even_of_step.items():
+            monkeypatch.setattr(svg2, "cluster_guard_density", lambda *args: break_even)
+            outputs.append(method.run(method_call(q, k, v, LAYOUT, cache, step=step)).output)
+        return outputs
+
+    unstaged = four_steps()
+    _, ran, op_calls = _staging_fakes(monkeypatch, 10**9)
+    launched_early = []
+    real_read = svg2.read_while
+    monkeypatch.setattr(svg2, "read_while",
+                        lambda values, work: launched_early.append(work is not None) or real_read(values, work))
+    staged = four_steps()
+    assert launched_early == [False, True, True, False]
+    assert len(ran) == 3, "steps 1 and 2 staged, step 3's early launch"
+    assert ["kept_rows_total" in call[3] for call in op_calls] == [False, False, False, True, True], "the op: steps 3, 4"
+    for got, want in zip(staged, unstaged):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -249,7 +249,9 @@ def _kept_rows_kernel(
     clusters at a time: their first positions are a running exclusive cumsum of their sizes, and a
     (SLOTS, KEYS) tile writes key ``j`` of slot ``s`` (cluster-order row ``kv_start(s) + j``, through
     ``kv_perm`` with PERMUTE_KV) to position ``first position of s + j``, KEYS keys of every slot per
-    step. Also writes ``total``. Positions at or past ``capacity`` (the buffer's elements) are not written.
+    step. Also writes ``total``: the list's kept keys, or where the buffer (``capacity`` elements) ends inside
+    the list, the positions that fit (none past its end are written), so the attention kernel reads only
+    written rows.
     """
     c = tl.program_id(0)
     local = tl.program_id(1)
@@ -281,7 +283,7 @@ def _kept_rows_kernel(
             position = place[:, None] + j[None, :]
             tl.store(rows + position, token, mask=key & (position < room))
         carry += tl.sum(size, 0)
-    tl.store(total_ptr + row, carry)
+    tl.store(total_ptr + row, tl.minimum(carry, tl.maximum(room, 0)))
 
 
 @triton.jit
@@ -479,7 +481,7 @@ def _kept_rows(layout: VarlenLayout, kv_off: Tensor, starts: Tensor, bh_start: i
     """Run the prep kernel over every q cluster of (batch, head) pairs ``bh_start .. bh_start + group - 1``,
     writing each (pair, q cluster) list from ``rows[starts[list]]`` (``starts`` int64 ``(group * NQC,)``,
     each list's room at least its kept keys, else the positions past ``rows`` are dropped); returns the kept
-    keys per q cluster, int32 ``(group, NQC)``."""
+    keys per q cluster (those written, where ``rows`` ends inside a list), int32 ``(group, NQC)``."""
     _, h, nqc, _ = layout.indices.shape
     total = torch.empty((group, nqc), dtype=torch.int32, device=kv_off.device)
     if nqc > 0:
@@ -734,7 +736,8 @@ def stage_varlen_call(
     (batch, head) pair's lists back to back (at the exclusive cumsum of ``kept_keys``) into one buffer of
     :func:`rows_budget_bytes`, dropping positions past it, and the tile tables follow. Once the caller has
     read that all q clusters' kept keys fit ``capacity``, :func:`run_staged_call` gives what the op gives;
-    otherwise the staged call is dropped (it holds the buffer: free it before calling the op).
+    otherwise its lists are cut short (the kernels read only what was written) and its result is not the
+    op's: drop it (it holds the buffer: free it before calling the op).
     ``None`` where the op runs its reference (off CUDA without Triton's interpreter)."""
     kernel = varlen_kernel_choice(q, k, v)
     if kernel == "reference":
@@ -757,8 +760,8 @@ def _geometry(*tensors: Tensor) -> tuple[tuple[torch.Size, tuple[int, ...]], ...
 def run_staged_call(staged: StagedVarlenCall, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """The attention kernel of a staged call on q, k, v of the shapes and strides it was staged with (its
     prep depends on the layout only): (O token-major ``(B, H, S_q, D)``, LSE fp32 ``(B, H, S_q)``), as
-    :func:`varlen_block_sparse_attention` gives them. Valid only when all q clusters' kept keys fit
-    ``staged.capacity``."""
+    :func:`varlen_block_sparse_attention` gives them when all q clusters' kept keys fit ``staged.capacity``
+    (else the lists cut at the buffer's end: safe to run before the caller knows, then dropped)."""
     call = staged.call
     if _geometry(q, k, v) != staged.geometry:
         raise ValueError("run_staged_call takes the q, k and v the call was staged with (shapes and strides)")

@@ -52,8 +52,11 @@ call, after the selection is launched: whether q, k and v are finite
 (:func:`~sparse_compile.methods.fallback.finite_flags`; a call with NaN or Inf runs dense SDPA and
 its clustering is not cached), the heads' densities for that decision, the most keys any q cluster
 keeps and each head's kept keys of all q clusters (which size the cluster kernel's kept-rows buffer).
-So the next call's clustering and selection are launched while this call's kernel runs. Dense-step
-inputs with NaN or Inf never reach the cached centroids either (:meth:`Svg2Method.observe_dense`).
+So the next call's clustering and selection are launched while this call's kernel runs. The kernel's
+prep for every head is launched before the read (:meth:`Svg2Method._stage`), and where the site's last
+call ran that staged call, its attention kernel too: the read then waits for the selection only, and the
+output is dropped for the op's if a head turns out guarded or the kept keys outgrow the staged buffer.
+Dense-step inputs with NaN or Inf never reach the cached centroids either (:meth:`Svg2Method.observe_dense`).
 """
 
 from __future__ import annotations
@@ -61,13 +64,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import (
-    StagedVarlenCall,
     run_staged_call,
     stage_varlen_call,
     varlen_block_sparse_attention,
@@ -87,6 +90,7 @@ from sparse_compile.registry import (
 )
 
 logger = logging.getLogger("sparse_compile")
+T = TypeVar("T")
 
 
 REUSE_PROBE_STRIDE = 8
@@ -100,6 +104,30 @@ class AllHeadsGuarded:
     """The step of this site and CFG branch's last call where every head passed break-even."""
 
     step: int
+
+
+@dataclass(frozen=True)
+class LastCallStaged:
+    """Whether this site and CFG branch's last call ran every head through the kernel call staged before the
+    guard's read (:meth:`Svg2Method._stage`); when it did, the next call launches its attention kernel before
+    that read too."""
+
+    staged: bool
+
+
+def read_while(values: torch.Tensor, work: Callable[[], T] | None) -> tuple[list, T | None]:
+    """``values.tolist()`` and ``work()`` (``None`` without it), launched before the host waits: on CUDA the
+    values are copied out first and the host waits for that copy only, while ``work``'s kernels run on."""
+    if work is None:
+        return values.tolist(), None
+    if not values.is_cuda:
+        return values.tolist(), work()
+    host = values.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    result = work()
+    copied.synchronize()
+    return host.tolist(), result
 
 
 @dataclass(frozen=True)
@@ -251,26 +279,32 @@ class Svg2Method(AttentionMethod):
         if break_even is None or self.host_dense_reason(call) is not None:
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         video, _ = video_text_slices(call.layout)
-        q, k = query[:, :, video], call.key[:, :, video]
+        q, k, v = query[:, :, video], call.key[:, :, video], call.value[:, :, video]
         names, finite = finite_flags(query, call.key, call.value)
         clusters = self._cluster(q, k, call)
         plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
-        staged = self._stage(q, k, call.value[:, :, video], plan, call.softmax_scale)
+        staged = self._stage(q, k, v, plan, call.softmax_scale)
         past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > break_even
         # one host read per call: whether q, k and v are finite; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
         # keys all its q clusters keep
         kept = kept_tokens.long()
         batch, heads = kept.shape[:2]
-        read = torch.cat([finite, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()]).tolist()
+        values = torch.cat([finite, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()])
+        last = self.cached(call, LastCallStaged) if staged is not None else None
+        early = (lambda: run_staged_call(staged, q, k, v)) if last is not None and last.staged else None
+        read, early_outputs = read_while(values, early)
         reason = nonfinite_reason(names, read[:len(names)])
         read = read[len(names):]
         guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
         pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
-        if reason is not None or len(unguarded) < heads or staged is None or sum(pair_rows) > staged.capacity:
-            staged = None  # its kept-rows buffer goes before another path allocates
+        fits = staged is not None and reason is None and len(unguarded) == heads and sum(pair_rows) <= staged.capacity
+        if staged is not None and reason is None:
+            self.store(call, LastCallStaged(fits))
+        if not fits:
+            staged = early_outputs = None  # its buffers go before another path allocates
         if reason is not None:
             return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
         self.store(call, clusters)
@@ -278,7 +312,9 @@ class Svg2Method(AttentionMethod):
             self.store(call, AllHeadsGuarded(call.step.step))
             return self._guarded_dense(call)
         if staged is not None:
-            return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, staged=staged))
+            outputs = run_staged_call(staged, q, k, v) if early_outputs is None else early_outputs
+            density = kept_pair_fraction(plan.q_sizes, kept_tokens, q.shape[2])
+            return attend_video_and_text(call, lambda *video_qkv: (*outputs, density))
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
@@ -294,7 +330,7 @@ class Svg2Method(AttentionMethod):
     def _stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float):
         """The cluster kernel's prep for every head of the plan (:func:`stage_varlen_call`), launched before the
         guard's read; used when no head is guarded and the kept keys fit its buffer, else dropped (its GPU
-        work wasted: the prep and tile tables, a small share of the kernel's)."""
+        work wasted: the prep and tile tables, and the attention kernel when it was launched early too)."""
         selection = plan.selection
         return stage_varlen_call(q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
                                  kept_keys=selection.kept_tokens, q_perm=plan.q_perm, kv_perm=plan.k_perm,
@@ -324,17 +360,12 @@ class Svg2Method(AttentionMethod):
     def _attend_plan(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, call: AttentionCall,
         max_kept_keys: int | None = None, kept_rows_total: int | None = None, pair_kept_rows: list[int] | None = None,
-        staged: StagedVarlenCall | None = None,
     ):  # fmt: skip
         """Step 4 on the plan's heads: out ``(B, h, Sv, D)`` token-major, LSE fp32 ``(B, h, Sv)``, kept density.
         ``max_kept_keys``, ``kept_rows_total`` and ``pair_kept_rows`` (read on the host by the guard: the most
         keys one q cluster of the plan's heads keeps, the keys all of them keep, and each (batch element, head)'s)
-        size the kernel's kept-rows buffer; ``staged``, the plan's prep already launched (:meth:`_stage`), leaves
-        only the attention kernel to launch."""
+        size the kernel's kept-rows buffer."""
         selection = plan.selection
-        if staged is not None:
-            out, lse = run_staged_call(staged, q, k, v)
-            return out, lse, kept_pair_fraction(plan.q_sizes, selection.kept_tokens, q.shape[2])
         out, lse = varlen_block_sparse_attention(
             q, k, v, plan.q_offsets, plan.k_offsets, selection.counts, selection.indices,
             q_perm=plan.q_perm, kv_perm=plan.k_perm, scale=call.softmax_scale, return_lse=True,

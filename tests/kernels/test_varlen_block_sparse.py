@@ -380,7 +380,7 @@ def test_interp_kept_rows_are_the_kept_clusters_tokens_in_slot_order(monkeypatch
 def test_interp_kept_rows_past_the_buffer_are_dropped():
     """A buffer shorter than the lists (a staged call whose kept keys outgrew it): the prep kernel writes the
     positions that fit, as into a buffer of all of them, nothing past its end (the rest of a larger
-    allocation keeps its poison), and still counts every kept key in ``total``."""
+    allocation keeps its poison), and ``total`` counts the positions written (the list cut at the end)."""
     q, k, v, layout = random_problem(1, 2, 70, 300, 16, 3, 40, 0.7, seed=3, dtype=torch.float32, padding=-7)
     expanded_layout = validate_varlen_inputs(q, k, v, *layout, None, None)
     kv_off = vb._flat_offsets(expanded_layout.kv_offsets)
@@ -392,7 +392,8 @@ def test_interp_kept_rows_past_the_buffer_are_dropped():
     capacity = size // 2
     total = vb._kept_rows(expanded_layout, kv_off, starts, 0, 2, backing[:capacity])
     assert torch.equal(backing[:capacity], whole[:capacity]) and bool((backing[capacity:] == -5).all())
-    assert torch.equal(total.reshape(-1).long(), kept_keys)
+    assert torch.equal(total.reshape(-1).long(), kept_keys.clamp(max=capacity - starts).clamp(min=0))
+    assert 0 < int(total.sum()) == capacity < size
 
 
 @interp
@@ -414,6 +415,21 @@ def test_interp_a_staged_call_gives_the_ops_result(dtype):
     assert_matches_reference(q, k, v, layout, got, **perms)
     with pytest.raises(ValueError, match="the q, k and v the call was staged with"):
         vb.run_staged_call(staged, q.contiguous(), k, v)
+
+
+@interp
+def test_interp_a_staged_call_whose_keys_outgrow_its_buffer_still_writes_every_row(monkeypatch):
+    """Run before its caller learns that the kept keys outgrow the buffer (then it drops the result): the lists
+    are cut at the buffer's end, and every output row and LSE is still written, finite."""
+    q, k, v, layout, perms = uneven_problem(torch.float32)
+    kept, total = kept_keys_of(q, k, layout)
+    monkeypatch.setattr(vb, "rows_budget_bytes", lambda q: 4 * (total // 2))
+    staged = vb.stage_varlen_call(q, k, v, *layout, kept_keys=kept, scale=0.3, **perms)
+    assert staged.capacity == total // 2
+    staged.call.out.fill_(float("nan"))
+    staged.call.lse.fill_(float("nan"))
+    out, lse = vb.run_staged_call(staged, q, k, v)
+    assert not out.isnan().any() and not lse.isnan().any()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs the Triton kernels")
