@@ -71,6 +71,7 @@ import torch
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
 from sparse_compile.kernels.varlen_block_sparse import (
+    StagedVarlenCall,
     run_staged_call,
     stage_varlen_call,
     varlen_block_sparse_attention,
@@ -122,7 +123,8 @@ def read_while(values: torch.Tensor, work: Callable[[], T] | None) -> tuple[list
         return values.tolist(), None
     if not values.is_cuda:
         return values.tolist(), work()
-    host = values.to("cpu", non_blocking=True)
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # so the copy runs asynchronously
+    host.copy_(values, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
     result = work()
@@ -327,7 +329,9 @@ class Svg2Method(AttentionMethod):
                                   lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, *bounds))  # fmt: skip
 
     @staticmethod
-    def _stage(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float):
+    def _stage(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: ClusterPlan, scale: float
+    ) -> StagedVarlenCall | None:
         """The cluster kernel's prep for every head of the plan (:func:`stage_varlen_call`), launched before the
         guard's read; used when no head is guarded and the kept keys fit its buffer, else dropped (its GPU
         work wasted: the prep and tile tables, and the attention kernel when it was launched early too)."""
