@@ -287,7 +287,8 @@ class Svg2Method(AttentionMethod):
         plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
         staged = self._stage(q, k, v, plan, call.softmax_scale)
-        past = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2]) > break_even
+        head_fraction = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2])
+        past = head_fraction > break_even
         # one host read per call: whether q, k and v are finite; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
         # keys all its q clusters keep
@@ -315,8 +316,7 @@ class Svg2Method(AttentionMethod):
             return self._guarded_dense(call)
         if staged is not None:
             outputs = run_staged_call(staged, q, k, v) if early_outputs is None else early_outputs
-            density = kept_pair_fraction(plan.q_sizes, kept_tokens, q.shape[2])
-            return attend_video_and_text(call, lambda *video_qkv: (*outputs, density))
+            return attend_video_and_text(call, lambda *video_qkv: (*outputs, head_fraction.mean()))
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
