@@ -49,6 +49,24 @@ def graph_replay_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(graph.replay, return_mode="median")
 
 
+def warm_call_kernels(call: Callable[[], object], reps: int = 10) -> list:
+    """The GPU kernels (``torch.profiler`` device events) of ``reps`` calls of ``call`` after 3 warm-up calls."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+    return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def kernel_ms(call: Callable[[], object], reps: int = 10) -> float:
+    """Milliseconds of GPU kernels per warm call of ``call``, summed: its GPU time on one stream without the
+    gaps where the GPU waits for the host (a call's time minus this is the host cost it exposes)."""
+    return sum(e.device_time for e in warm_call_kernels(call, reps)) / reps / 1000
+
+
 def profile_once(call: Callable[[], object], label: str, warmup: int = 3) -> None:
     """``warmup`` calls of ``call``, then one between ``torch.cuda.profiler.start()`` and ``stop()``: what
     Nsight Compute reads with ``--profile-from-start off``."""

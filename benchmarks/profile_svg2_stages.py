@@ -38,7 +38,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 import triton
-from common import SHAPES, bench_ms, graph_replay_ms, method_call, print_and_save, structured_qkv, token_major
+from common import (
+    SHAPES,
+    bench_ms,
+    graph_replay_ms,
+    method_call,
+    print_and_save,
+    structured_qkv,
+    token_major,
+    warm_call_kernels,
+)
 from end_to_end.variants import split_variant
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -248,14 +257,7 @@ def comparison(times: dict[str, SettingTimes]) -> str:
 def launch_table(call: Callable[[], object], reps: int = 10) -> str:
     """Markdown: each GPU kernel of one ``call`` (by name, truncated), launches and microseconds per call,
     from ``torch.profiler`` over ``reps`` calls after warm-up; with the kernel count and summed time."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            call()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = warm_call_kernels(call, reps)
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name[:80], []).append(e.device_time)
