@@ -565,14 +565,21 @@ def _group_tables(call: _PreparedCall, s_q: int, config: VarlenConfig) -> Iterat
         yield _GroupTables(bh_start, size, total, starts, main, tail)
 
 
+def _kernel_q_perm(q: Tensor, call: _PreparedCall, gluon: bool) -> Tensor | None:
+    """The q permutation the attention kernel reads: the call's, or for the Gluon kernel the identity without one."""
+    b, h, s_q, _ = q.shape
+    q_perm = call.layout.q_perm
+    return token_order(q_perm, b, h, s_q, q.device) if gluon and q_perm is None else q_perm
+
+
 def _attend_group(
     q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, group: _GroupTables, config: VarlenConfig, scale: float,
-    gluon: bool,
+    gluon: bool, q_perm: Tensor | None,
 ) -> None:  # fmt: skip
-    """The main (and tail) launches of the Gluon or the Triton attention kernel over one launch group."""
+    """The main (and tail) launches of the Gluon or the Triton attention kernel over one launch group, reading q
+    through ``q_perm`` (:func:`_kernel_q_perm`)."""
     out, lse_out, layout = call.out, call.lse, call.layout
-    b, h, s_q, d = q.shape
-    q_perm = token_order(layout.q_perm, b, h, s_q, q.device) if gluon and layout.q_perm is None else layout.q_perm
+    _, h, s_q, d = q.shape
     for is_tail, tile in _launches(config):
         tile_cluster, tile_row = group.tail if is_tail else group.main
         num_tiles = tile_cluster.shape[1]
@@ -596,14 +603,24 @@ def _is_empty(call: _PreparedCall) -> bool:
     return call.out.numel() == 0 and call.lse.numel() == 0
 
 
+def _default_config(q: Tensor, call: _PreparedCall, gluon: bool) -> VarlenConfig:
+    """The tiles a call runs without a ``config``: :data:`~sparse_compile.kernels.tile_configs.GLUON_VARLEN_CONFIG`
+    for the Gluon kernel, else :func:`~sparse_compile.kernels.tile_configs.varlen_config` of its shape and device."""
+    if gluon:
+        return GLUON_VARLEN_CONFIG
+    return varlen_config(q.shape[2], call.layout.num_q_clusters, q.shape[-1], q.element_size(),
+                         max_shared_memory(q.device))  # fmt: skip
+
+
 def _run_call(
     q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, config: VarlenConfig, scale: float, gluon: bool
 ) -> tuple[Tensor, Tensor]:
     """Per launch group: the prep kernel, the tile tables, then the main (and tail) launches of the Gluon or the
     Triton attention kernel. An empty call launches nothing."""
     if not _is_empty(call):
+        q_perm = _kernel_q_perm(q, call, gluon)
         for group in _group_tables(call, q.shape[2], config):
-            _attend_group(q, k, v, call, group, config, scale, gluon)
+            _attend_group(q, k, v, call, group, config, scale, gluon, q_perm)
     return call.out, call.lse
 
 
@@ -638,14 +655,13 @@ def varlen_block_sparse_attention_triton(
     behaviour. Layout, permutation and bound values are not checked (no host sync):
     :func:`check_varlen_layout_values` and :func:`check_kept_rows_values` do that.
     """
-    b, h, s_q, d = q.shape
+    d = q.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS} on the Triton path, got {d}")
     layout_args = (q_cluster_offsets, kv_cluster_offsets, kv_cluster_counts, kv_cluster_indices)
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, out, lse_out, max_kept_keys, kept_keys,
                          kept_rows_total, pair_kept_rows)  # fmt: skip
-    nqc = call.layout.num_q_clusters
-    config = config or varlen_config(s_q, nqc, d, q.element_size(), max_shared_memory(q.device))
+    config = config or _default_config(q, call, gluon=False)
     return _run_call(q, k, v, call, config, default_scale(d, scale), gluon=False)
 
 
@@ -680,7 +696,7 @@ def varlen_block_sparse_attention_gluon(
     reason = gluon_varlen_ineligibility(q, k, v, cuda_capability(q), call.out)
     if reason is not None:
         raise ValueError(reason)
-    config = config or GLUON_VARLEN_CONFIG
+    config = config or _default_config(q, call, gluon=True)
     return _run_call(q, k, v, call, config, default_scale(q.shape[-1], scale), gluon=True)
 
 
@@ -746,8 +762,7 @@ def stage_varlen_call(
     capacity = rows_budget_bytes(q) // 4
     call = _prepare_call(q, k, v, layout_args, q_perm, kv_perm, None, None, None, kept_keys, capacity, None)
     gluon = kernel == "gluon"
-    config = GLUON_VARLEN_CONFIG if gluon else varlen_config(
-        q.shape[2], call.layout.num_q_clusters, q.shape[-1], q.element_size(), max_shared_memory(q.device))
+    config = _default_config(q, call, gluon)
     groups = () if _is_empty(call) else tuple(_group_tables(call, q.shape[2], config))
     return StagedVarlenCall(call, groups, config, default_scale(q.shape[-1], scale), gluon, _geometry(q, k, v))
 
@@ -765,8 +780,9 @@ def run_staged_call(staged: StagedVarlenCall, q: Tensor, k: Tensor, v: Tensor) -
     call = staged.call
     if _geometry(q, k, v) != staged.geometry:
         raise ValueError("run_staged_call takes the q, k and v the call was staged with (shapes and strides)")
+    q_perm = _kernel_q_perm(q, call, staged.gluon)
     for group in staged.groups:
-        _attend_group(q, k, v, call, group, staged.config, staged.scale, staged.gluon)
+        _attend_group(q, k, v, call, group, staged.config, staged.scale, staged.gluon, q_perm)
     return call.out, call.lse
 
 
