@@ -545,12 +545,18 @@ def launch_registers(consumers: int) -> int:
     return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
 
 
+def tile_shared_layout(rows: int, columns: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared layout of a ``(1, 1, rows, columns)`` tile of ``dtype``: what TMA writes and
+    ``warpgroup_mma`` reads."""
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, columns], _GL_DTYPES[dtype])
+
+
 def _descriptor(t: Tensor, rows: int, columns: int | None = None) -> TensorDescriptor:
     """4-D TMA descriptor of a ``(B, H, S, D)`` view with ``(1, 1, rows, columns)`` blocks (``columns``
     defaults to all ``D``)."""
-    block = [1, 1, rows, t.shape[3] if columns is None else columns]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    columns = t.shape[3] if columns is None else columns
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, columns],
+                            tile_shared_layout(rows, columns, t.dtype))  # fmt: skip
 
 
 def launch_gluon_block_sparse(

@@ -31,7 +31,6 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from sparse_compile.kernels.common import LOG2E
 from sparse_compile.kernels.gluon_block_sparse import (
-    _GL_DTYPES,
     CONSUMER_REGS,
     CONSUMER_ROWS,
     PACKED_KEYS,
@@ -41,6 +40,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     _store_permuted,
     gluon_device_ineligibility,
     launch_registers,
+    tile_shared_layout,
 )
 from sparse_compile.kernels.tile_configs import TileConfig
 
@@ -237,11 +237,6 @@ def consumer_registers(consumers: int) -> int:
     return min(CONSUMER_REGS, pool // consumers // 8 * 8)
 
 
-def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The swizzled shared layout of a ``(1, 1, rows, head_dim)`` tile that ``warpgroup_mma`` reads."""
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], _GL_DTYPES[dtype])
-
-
 def launch_gluon_varlen(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_perm: Tensor, tile_cluster: Tensor,
     tile_row: Tensor, q_off: Tensor, total: Tensor, starts: Tensor, rows: Tensor, bh_start: int, group: int,
@@ -265,7 +260,8 @@ def launch_gluon_varlen(
             *q_perm.stride(), bh_start, h, q_off.shape[1] - 1, num_tiles, s_q,
             scale * LOG2E,
             HEAD_DIM=d, BLOCK_N=tile.block_n, CONSUMERS=consumers, STAGES=tile.num_stages,
-            Q_LAYOUT=_smem_layout(CONSUMER_ROWS, d, q.dtype), KV_LAYOUT=_smem_layout(tile.block_n, d, q.dtype),
+            Q_LAYOUT=tile_shared_layout(CONSUMER_ROWS, d, q.dtype),
+            KV_LAYOUT=tile_shared_layout(tile.block_n, d, q.dtype),
             CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS,
             num_warps=4, maxnreg=launch_registers(consumers),
         )  # fmt: skip
