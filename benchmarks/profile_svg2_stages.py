@@ -9,8 +9,9 @@ centroid matmul and the fused Triton kernel), the cluster kernel reading Q/K/V a
 through the permutations, and the kept-density reduction. Then the whole
 ``Svg2Method._video_attention`` call and cuDNN dense SDPA on the same inputs, the overhead
 (everything but the kernel) as a fraction of the whole call, the call as the backend makes it
-(``Svg2Method.attend``: its break-even guard reads the device once and hands the op the kept-key bounds,
-so the kernel's kept-rows buffer is ragged) with the kernel given those bounds, and the selection stage as
+(``Svg2Method.attend``: its break-even guard reads the device once; the kernel's prep, and once a site has
+run it, the attention kernel too, are launched before that read), the kernel given the kept-key bounds the
+read gives (one ragged kept-rows buffer for every head), and the selection stage as
 the torch ops it replaced (``select_top_p_clusters_torch``). Each is timed eagerly and as a CUDA-graph replay
 (GPU time: the small stages are launch-bound when timed alone, but inside a model the CPU queues
 them while the GPU runs the previous layer). Last, every GPU kernel one warm call launches, with its
@@ -62,7 +63,7 @@ SELECT_STAGE = "scores + top-p + kept tokens (fused kernel)"
 UNFUSED_SELECT = "scores + top-p + kept tokens as torch ops (select_top_p_clusters_torch)"
 KERNEL_STAGE = "cluster kernel, permutations folded"
 CALL = "whole call (Svg2Method.video_attention)"
-ATTEND = "whole call as the backend runs it (Svg2Method.attend: the guard's host read, kept-key bounds to the op)"
+ATTEND = "whole call as the backend runs it (Svg2Method.attend: the guard's host read, the kernel staged before it)"
 DENSE = "cuDNN dense SDPA"
 KMEANS_Q, KMEANS_K = "k-means queries", "k-means keys"
 OLD_SETTING = "svg2@kmeans_iters_step=2@kmeans_sample=1@kmeans_reuse=0"
