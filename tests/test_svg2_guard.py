@@ -213,16 +213,3 @@ def test_after_a_staged_call_the_next_launches_its_attention_before_the_read_and
     assert ["kept_rows_total" in call[3] for call in op_calls] == [False, False, False, True, True], "the op: steps 3, 4"
     for got, want in zip(staged, unstaged):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@pytest.mark.gpu
-def test_gpu_read_while_reads_the_values_as_they_were_before_the_work():
-    """The values are copied out before the work is launched (stream order), so the work may overwrite them."""
-    values = torch.arange(5, device="cuda")
-
-    def work() -> str:
-        values.add_(10)
-        return "launched"
-
-    assert svg2.read_while(values, work) == ([0, 1, 2, 3, 4], "launched")
-    assert values.tolist() == [10, 11, 12, 13, 14]

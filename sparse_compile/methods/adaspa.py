@@ -116,6 +116,15 @@ class AdaSpaMethod(AttentionMethod):
         n = video_blocks(call.layout.video_tokens, self.config.block)
         return block_budget(float(self.config.density), n) / n
 
+    def plans_from_inputs(self, call: AttentionCall) -> bool:
+        """When it searches: no search cached for this branch, or a search step it has not searched at."""
+        return self._search_due(self.cached(call, BranchState), call.step.step)
+
+    def _search_due(self, state: BranchState | None, step: int) -> bool:
+        if state is None or state.search is None:
+            return True
+        return self.is_search_step(step) and state.search_step != step
+
     def observe_dense(self, call: AttentionCall) -> None:
         """At the last dense step, cache the video rows' full LSE so the first search is one pass."""
         if call.step.step != self.first_sparse_step - 1:
@@ -137,9 +146,8 @@ class AdaSpaMethod(AttentionMethod):
         """This branch's cached state, searched anew when it has no layout or the step is a search step."""
         state = self.cached(call, BranchState)
         step = call.step.step
-        if state is not None and state.search is not None:
-            if not self.is_search_step(step) or state.search_step == step:
-                return state
+        if not self._search_due(state, step):
+            return state
         lse = attention_lse(q, k, call.softmax_scale) if state is None else state.lse
         search = search_layout(
             q, k, lse, block=self.config.block, density=float(self.config.density),

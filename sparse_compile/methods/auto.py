@@ -187,21 +187,32 @@ class AutoMethod(AttentionMethod):
         if cached is not None and cached.dense:  # dense until the site chooses again: no input checks, no sync
             return self._guarded_dense(call)
         start = timer.start() if timer is not None and timer.collecting_sparse else None
-        reason = self.dense_reason(call)
+        reason = self.host_dense_reason(call)
         if reason is not None:
-            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
+            return self._fallback(call, reason)
+        reason, ran = self.finite_checked(call, lambda: self._attend_choice(call, cached))
+        if reason is not None:
+            return self._fallback(call, reason)
+        choice, result = ran
+        if timer is not None and not choice.dense:
+            self._time_sparse_call(timer, choice, start)
+        return result
+
+    def plans_from_inputs(self, call: AttentionCall) -> bool:
+        """When it chooses: no choice cached for this branch, or its recall check is due."""
+        choice = self.cached(call, Choice)
+        return choice is None or self._due_for_check(choice, call.step.step)
+
+    def _attend_choice(self, call: AttentionCall, cached: Choice | None) -> tuple[Choice, AttentionResult]:
+        """This call's choice (:meth:`_current_choice` from ``cached``) and its attention."""
         video, _ = video_text_slices(call.layout)
         choice = self._current_choice(call.query[:, :, video], call.key[:, :, video], call, cached)
         if choice.dense:
-            return self._guarded_dense(call)
+            return choice, self._guarded_dense(call)
         groups = self._head_groups(choice, call)
         if len(groups) == 1 and choice.dense_heads.numel() == 0:
-            result = attend_video_and_text(call, groups[0][1])
-        else:
-            result = attend_head_groups(call, groups, choice.dense_heads)
-        if timer is not None:
-            self._time_sparse_call(timer, choice, start)
-        return result
+            return choice, attend_video_and_text(call, groups[0][1])
+        return choice, attend_head_groups(call, groups, choice.dense_heads)
 
     def is_extra_work_step(self, step: int) -> bool:
         """The step after the first sparse one, whose calls are timed against dense (and may still run sparse where

@@ -7,7 +7,9 @@ method cannot take the call (:meth:`~AttentionMethod.dense_reason`), dense when 
 pattern keeps every pair or, on CUDA, more than the device's break-even density (the guard:
 :meth:`~AttentionMethod.predicted_density` against :mod:`~sparse_compile.methods.cost_model`),
 and otherwise the method's :meth:`~AttentionMethod.video_attention`
-on the video tokens, merged with dense attention to and from the text tokens. Methods keep
+on the video tokens, merged with dense attention to and from the text tokens. Whether q, k and v
+are finite is read on the host once per call: before the call plans its pattern from them, after its
+kernels are launched when it reuses a cached pattern (:meth:`~AttentionMethod.finite_checked`). Methods keep
 state between calls as typed entries of the site's :class:`SiteCache`, keyed by
 :meth:`~AttentionMethod.cache_key`.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, replace
-from typing import ClassVar, Sequence, TypeVar
+from typing import Callable, ClassVar, Sequence, TypeVar
 
 import torch
 
@@ -25,7 +27,8 @@ from sparse_compile.methods.cache import SiteCache
 from sparse_compile.methods.call import AttentionCall, AttentionResult, StepInfo, TokenLayout
 from sparse_compile.methods.cost_model import guard_costs
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.methods.fallback import block_kernel_problem, nonfinite_problem
+from sparse_compile.methods.fallback import block_kernel_problem, finite_flags, nonfinite_problem, nonfinite_reason
+from sparse_compile.methods.host_read import read_while
 from sparse_compile.methods.text_tokens import VideoAttention, attend_video_and_text, attention_over_keys, mask_problem
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import MethodConfig
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 Entry = TypeVar("Entry")
+T = TypeVar("T")
 logger = logging.getLogger("sparse_compile")
 
 
@@ -186,14 +190,21 @@ class AttentionMethod:
     def attend(self, call: AttentionCall) -> AttentionResult:
         """Attention of one call at a sparse step: sparse video attention merged with the text tokens,
         or dense with a fallback reason, or dense when the pattern keeps every pair."""
-        reason = self.dense_reason(call)
+        reason = self.host_dense_reason(call)
         if reason is not None:
-            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
-        if self.keeps_every_pair(call):
-            return AttentionResult(self._exact(call), 1.0)
-        if self.guard_sends_dense(call):
-            return self._guarded_dense(call)
-        return attend_video_and_text(call, self._bound_video_attention(call))
+            return self._fallback(call, reason)
+        every_pair = self.keeps_every_pair(call)
+        guarded = not every_pair and self.guard_sends_dense(call)
+
+        def attention() -> AttentionResult:
+            if every_pair:
+                return AttentionResult(self._exact(call), 1.0)
+            if guarded:
+                return self._guarded_dense(call)
+            return attend_video_and_text(call, self._bound_video_attention(call))
+
+        reason, result = self.finite_checked(call, attention)
+        return result if reason is None else self._fallback(call, reason)
 
     # What a method may refine.
 
@@ -205,6 +216,19 @@ class AttentionMethod:
             problem = nonfinite_problem(call.query, call.key, call.value)
         return problem
 
+    def finite_checked(self, call: AttentionCall, work: Callable[[], T]) -> tuple[str | None, T | None]:
+        """``(None, work())`` when q, k and v are finite, else ``(why not, None)``, with one host read. It is taken
+        before ``work`` when this call plans from its inputs (:meth:`plans_from_inputs`), else after ``work`` is
+        launched, so the GPU does not idle between the read and ``work``'s kernels (a call reusing its pattern
+        stores nothing, and NaN only makes its output non-finite, which is dropped)."""
+        names, finite = finite_flags(call.query, call.key, call.value)
+        plans = self.plans_from_inputs(call)
+        read, result = read_while(finite, None if plans else work)
+        reason = nonfinite_reason(names, read)
+        if reason is not None:
+            return reason, None
+        return None, work() if plans else result
+
     def host_dense_reason(self, call: AttentionCall) -> str | None:
         """Why this call cannot run sparse that the host knows without reading the device (its mask, the
         block kernels' limits), or ``None``."""
@@ -212,6 +236,12 @@ class AttentionMethod:
         if problem is None and self.needs_block_kernel:
             problem = block_kernel_problem(call.query, call.value)
         return problem
+
+    def plans_from_inputs(self, call: AttentionCall) -> bool:
+        """Whether this call computes its pattern from q and k (a profile, a search, a choice, a clustering)
+        instead of reusing a cached one: it must know they are finite before it plans (a plan made from NaN
+        may hold any index). Methods that cache their pattern say when they reuse it."""
+        return True
 
     def keeps_every_pair(self, call: AttentionCall) -> bool:
         """Whether this call's pattern keeps every (query, key) pair (then dense SDPA runs instead)."""
@@ -270,6 +300,11 @@ class AttentionMethod:
     @staticmethod
     def _exact(call: AttentionCall) -> torch.Tensor:
         return dense_attention(call.query, call.key, call.value, call.attn_mask, call.scale)
+
+    @classmethod
+    def _fallback(cls, call: AttentionCall, reason: str) -> AttentionResult:
+        """The call as dense SDPA because of ``reason``."""
+        return AttentionResult(cls._exact(call), 1.0, fallback_reason=reason)
 
     @classmethod
     def _guarded_dense(cls, call: AttentionCall) -> AttentionResult:

@@ -61,6 +61,10 @@ class RadialMethod(AttentionMethod):
     def predicted_density(self, call: AttentionCall) -> float:
         return self.layout_for(call).kept_density
 
+    def plans_from_inputs(self, call: AttentionCall) -> bool:
+        """Never: its layout depends on the grid only."""
+        return False
+
     def video_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         """Video tokens ``(B, H, Sv, D)`` -> (out ``(B, H, Sv, D)``, LSE ``(B, H, Sv)`` fp32, density)."""
         layout = self.layout_for(call)

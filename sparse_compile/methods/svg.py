@@ -129,11 +129,18 @@ class SvgMethod(AttentionMethod):
         patterns = self.patterns_for(call)
         return max(patterns.spatial.kept, patterns.temporal.kept)
 
+    def plans_from_inputs(self, call: AttentionCall) -> bool:
+        """When it profiles the heads: no plan cached for this branch, or its profile is due."""
+        return self._profile_due(self.cached(call, HeadPlan), call.step.step)
+
+    def _profile_due(self, plan: HeadPlan | None, step: int) -> bool:
+        return plan is None or not 0 <= step - plan.step < self.config.profile_every
+
     def _plan(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> HeadPlan:
         """The cached plan of this CFG branch, or a fresh profile when it is due or there is none."""
         plan = self.cached(call, HeadPlan)
         step = call.step.step
-        if plan is None or not 0 <= step - plan.step < self.config.profile_every:
+        if self._profile_due(plan, step):
             patterns = self.patterns_for(call)
             rows = sample_rows(q.shape[2], self.config.profile_rows, q.device)
             plan = plan_heads(classify_heads(q, k, v, patterns, rows, call.softmax_scale), patterns, step)

@@ -64,7 +64,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, TypeVar
 
 import torch
 
@@ -79,6 +78,7 @@ from sparse_compile.kernels.varlen_block_sparse import (
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.cost_model import cluster_guard_density
 from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
+from sparse_compile.methods.host_read import read_while
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import SparseOptions
 from sparse_compile.registry import (
@@ -91,13 +91,12 @@ from sparse_compile.registry import (
 )
 
 logger = logging.getLogger("sparse_compile")
-T = TypeVar("T")
 
 
 REUSE_PROBE_STRIDE = 8
+"""The reuse rule probes every 8th video token: an eighth of an assignment pass per call."""
 GUARD_RECHECK_STEPS = 10
 """Steps a site runs dense SDPA, without clustering, after a call where every head passed break-even."""
-"""The reuse rule probes every 8th video token: an eighth of an assignment pass per call."""
 
 
 @dataclass(frozen=True)
@@ -114,22 +113,6 @@ class LastCallStaged:
     that read too."""
 
     staged: bool
-
-
-def read_while(values: torch.Tensor, work: Callable[[], T] | None) -> tuple[list, T | None]:
-    """``values.tolist()`` and ``work()`` (``None`` without it), launched before the host waits: on CUDA the
-    values are copied out first and the host waits for that copy only, while ``work``'s kernels run on."""
-    if work is None:
-        return values.tolist(), None
-    if not values.is_cuda:
-        return values.tolist(), work()
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)  # so the copy runs asynchronously
-    host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    result = work()
-    copied.synchronize()
-    return host.tolist(), result
 
 
 @dataclass(frozen=True)
@@ -309,7 +292,7 @@ class Svg2Method(AttentionMethod):
         if not fits:
             staged = early_outputs = None  # its buffers go before another path allocates
         if reason is not None:
-            return AttentionResult(self._exact(call), 1.0, fallback_reason=reason)
+            return self._fallback(call, reason)
         self.store(call, clusters)
         if not unguarded:
             self.store(call, AllHeadsGuarded(call.step.step))
