@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from sparse_compile.kernels.finite_check import finite_flags_of
 
 
 def block_kernel_problem(query: torch.Tensor, value: torch.Tensor) -> str | None:
@@ -18,22 +19,13 @@ def block_kernel_problem(query: torch.Tensor, value: torch.Tensor) -> str | None
     return None
 
 
-def storage_order(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s dims permuted by descending stride: a contiguous view of a dense tensor in any layout
-    (e.g. ``(B, S, H, D)`` for a ``(B, H, S, D)`` view of ``(B, S, H, D)`` storage), so a reduction over
-    every element reads it in place (``torch.aminmax`` clones a non-contiguous input)."""
-    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
-
-
 def finite_flags(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[list[str], torch.Tensor]:
     """The names of the non-empty tensors among q, k and v, and whether each holds only finite values:
-    an int64 ``(len(names),)`` of 0/1 on their device, not read (the min and max of each tensor, 0-d
-    results: no copy, NaN propagates through both)."""
+    an int64 ``(len(names),)`` of 0/1 on their device, not read (:func:`finite_flags_of`)."""
     named = [(name, t) for name, t in (("query", query), ("key", key), ("value", value)) if t.numel() > 0]
     if not named:
         return [], torch.zeros(0, dtype=torch.int64, device=query.device)
-    bounds = torch.stack([bound.float() for _, t in named for bound in torch.aminmax(storage_order(t))])
-    return [name for name, _ in named], torch.isfinite(bounds).view(len(named), 2).all(-1).long()
+    return [name for name, _ in named], finite_flags_of([t for _, t in named])
 
 
 def nonfinite_reason(names: list[str], finite: list[int]) -> str | None:
