@@ -22,7 +22,7 @@ import argparse
 
 import torch
 import triton
-from common import SHAPES, bench_ms, kernel_ms, method_call, print_and_save, rel_l2, structured_qkv
+from common import METHOD_SETTINGS, SHAPES, bench_ms, kernel_ms, method_call, print_and_save, rel_l2, structured_qkv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparse_compile.kernels.varlen_block_sparse import run_staged_call
@@ -43,18 +43,6 @@ def kernel_only_ms(method: Svg2Method, q, k, v, grid, cache) -> float:
     return bench_ms(lambda: run_staged_call(method._stage(q, k, v, plan, call.softmax_scale), q, k, v))
 
 
-SETTINGS = [
-    {"method": "svg2", "top_p": 0.8},
-    {"method": "svg2", "top_p": 0.9},
-    {"method": "svg2", "top_p": 0.95},
-    {"method": "svg", "density": 0.25},
-    {"method": "svg", "density": 0.125},
-    {"method": "radial"},
-    {"method": "adaspa", "density": 0.25},
-    {"method": "adaspa", "density": 0.125},
-    {"method": "auto"},
-]
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -71,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
             dense_ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
-        for setting in SETTINGS:
+        for setting in METHOD_SETTINGS:
             method = METHODS[setting["method"]](validate_options(setting))
             state = SiteCache()
             method.attend(method_call(q, k, v, grid, state))  # cold start: clustering, profiling, layouts

@@ -25,6 +25,19 @@ SHAPES = {
     "HunyuanVideo 720p (H=24, S=118800)": (24, (33, 45, 80)),
 }
 
+METHOD_SETTINGS = [
+    {"method": "svg2", "top_p": 0.8},
+    {"method": "svg2", "top_p": 0.9},
+    {"method": "svg2", "top_p": 0.95},
+    {"method": "svg", "density": 0.25},
+    {"method": "svg", "density": 0.125},
+    {"method": "radial"},
+    {"method": "adaspa", "density": 0.25},
+    {"method": "adaspa", "density": 0.125},
+    {"method": "auto"},
+]
+"""The method settings the method benchmarks run, each the options of one ``validate_options`` call."""
+
 
 # --------------------------------------------------------------------------------------------
 # Timing (GPU)
