@@ -24,6 +24,7 @@ from sparse_compile.kernels.common import interpreter_active
 BLOCK = 8192
 """Elements one program checks (16 KiB of bf16)."""
 MAX_TENSORS = 3
+"""Most tensors one launch checks (q, k and v)."""
 
 __all__ = ["finite_flags_of", "finite_flags_reference", "storage_order"]
 
