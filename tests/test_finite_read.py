@@ -1,6 +1,7 @@
-"""Every sparse call checks that q, k and v are finite with one host read, taken after its sparse work is
-launched (so the GPU never waits on the host between the read and the kernels); a call that is not finite
-runs dense with its reason and leaves the site's cache as it was before it."""
+"""Every sparse call checks that q, k and v are finite with one host read: after its kernels are launched when
+it reuses its cached pattern (so the GPU does not wait on the host between the read and the kernels), before it
+plans when it computes its pattern from them. A call that is not finite runs dense with its reason and leaves
+the site's cache as it was before it."""
 
 from __future__ import annotations
 
