@@ -205,9 +205,29 @@ def test_a_site_that_chose_dense_skips_the_input_checks_until_it_chooses_again(m
         raise AssertionError("the finiteness check reads the device")
 
     monkeypatch.setattr(base, "nonfinite_problem", no_check)
+    monkeypatch.setattr(base, "finite_flags", no_check)
     result = method.attend(method_call(q, q, v, LAYOUT, state, step=1))
     assert result.guarded_heads == (0, 1)
     torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, q, v))
+
+
+class UnreadableHeads(torch.Tensor):
+    """Head indices whose values the host must not read (on a GPU that waits for every queued kernel)."""
+
+    def tolist(self):
+        raise AssertionError("the head indices were read back from the device")
+
+
+def test_a_call_split_into_sparse_and_dense_heads_reports_its_dense_heads_from_the_host():
+    q, k, v = synthetic_heads()
+    sparse, dense = (torch.tensor(ids).as_subclass(UnreadableHeads) for ids in ([1, 2], [0]))  # 3 heads
+
+    def exact(q, k, v):
+        return (*base.attention_over_keys(q, k, v, None, q.shape[-1] ** -0.5), 1.0)
+
+    result = base.attend_split_heads(method_call(q, k, v, LAYOUT), sparse, dense, (0,), exact)
+    assert result.guarded_heads == (0,) and float(result.kept_density) == 1.0
+    torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
 def test_a_choice_is_reused_until_its_recall_check_fails():

@@ -105,6 +105,7 @@ class Choice:
         step: the step it was chosen at.
         block_heads, cluster_heads, dense_heads: int64 ``(Hb,)`` / ``(Hc,)`` / ``(Hd,)`` head indices
             on the call's device: a partition of the heads.
+        dense_head_ids: the dense heads on the host.
         counts, indices: the block heads' kernel layout, int32 ``(B, Hb, N)`` and ``(B, Hb, N, MAXK)``
             (``None`` without block heads).
         clusters: the cluster heads' layout (``None`` without cluster heads).
@@ -120,6 +121,7 @@ class Choice:
     block_heads: Tensor
     cluster_heads: Tensor
     dense_heads: Tensor
+    dense_head_ids: tuple[int, ...]
     counts: Tensor | None
     indices: Tensor | None
     clusters: ClusterLayout | None
@@ -210,9 +212,9 @@ class AutoMethod(AttentionMethod):
         if choice.dense:
             return choice, self._guarded_dense(call)
         groups = self._head_groups(choice, call)
-        if len(groups) == 1 and choice.dense_heads.numel() == 0:
+        if len(groups) == 1 and not choice.dense_head_ids:
             return choice, attend_video_and_text(call, groups[0][1])
-        return choice, attend_head_groups(call, groups, choice.dense_heads)
+        return choice, attend_head_groups(call, groups, choice.dense_heads, choice.dense_head_ids)
 
     def is_extra_work_step(self, step: int) -> bool:
         """The step after the first sparse one, whose calls are timed against dense (and may still run sparse where
@@ -346,6 +348,7 @@ class AutoMethod(AttentionMethod):
             block_heads=block_heads,
             cluster_heads=cluster_heads,
             dense_heads=dense_heads,
+            dense_head_ids=tuple(h for h, dense in enumerate(dense_flags) if dense),
             counts=counts,
             indices=indices,
             clusters=clusters,

@@ -97,11 +97,12 @@ HeadGroup = tuple[torch.Tensor, VideoAttention]
 
 
 def attend_head_groups(
-    call: AttentionCall, groups: Sequence[HeadGroup], dense_heads: torch.Tensor
+    call: AttentionCall, groups: Sequence[HeadGroup], dense_heads: torch.Tensor, dense_head_ids: tuple[int, ...]
 ) -> AttentionResult:
     """Each group's heads through its video attention (merged with the text tokens), ``dense_heads``
     through one dense SDPA, stitched by head (the groups non-empty and, with ``dense_heads``, a
-    partition of the heads; ``dense_heads`` may be empty).
+    partition of the heads; ``dense_heads`` may be empty). ``dense_head_ids``: the same heads on the host
+    (the result reports them without reading the device, which would wait for every kernel of the call).
 
     A video attention takes its heads' video tokens. The dense heads' video rows report the LSE
     ``+inf`` (recall 1) and count as guarded; the kept density is the mean over heads.
@@ -109,7 +110,7 @@ def attend_head_groups(
     batch, heads = call.query.shape[:2]
     output = call.query.new_empty(call.query.shape[:-1] + (call.value.shape[-1],))
     video_lse = None
-    kept: float | torch.Tensor = float(dense_heads.numel())
+    kept: float | torch.Tensor = float(len(dense_head_ids))
     for group_heads, video_attention in groups:
         part = attend_video_and_text(heads_of(call, group_heads), video_attention)
         output[:, group_heads] = part.output
@@ -117,18 +118,18 @@ def attend_head_groups(
             video_lse = part.video_lse.new_full((batch, heads, part.video_lse.shape[-1]), torch.inf)
         video_lse[:, group_heads] = part.video_lse
         kept = kept + part.kept_density * group_heads.numel()
-    if dense_heads.numel():
+    if dense_head_ids:
         output[:, dense_heads] = AttentionMethod._exact(heads_of(call, dense_heads))
-    return AttentionResult(output=output, kept_density=kept / heads, video_lse=video_lse,
-                           guarded_heads=tuple(dense_heads.tolist()))
+    return AttentionResult(output=output, kept_density=kept / heads, video_lse=video_lse, guarded_heads=dense_head_ids)
 
 
 def attend_split_heads(
-    call: AttentionCall, sparse_heads: torch.Tensor, dense_heads: torch.Tensor, video_attention: VideoAttention
-) -> AttentionResult:
-    """``sparse_heads`` through ``video_attention``, ``dense_heads`` through one dense SDPA
-    (:func:`attend_head_groups` with one group)."""
-    return attend_head_groups(call, ((sparse_heads, video_attention),), dense_heads)
+    call: AttentionCall, sparse_heads: torch.Tensor, dense_heads: torch.Tensor, dense_head_ids: tuple[int, ...],
+    video_attention: VideoAttention,
+) -> AttentionResult:  # fmt: skip
+    """``sparse_heads`` through ``video_attention``, ``dense_heads`` (on the host: ``dense_head_ids``) through
+    one dense SDPA (:func:`attend_head_groups` with one group)."""
+    return attend_head_groups(call, ((sparse_heads, video_attention),), dense_heads, dense_head_ids)
 
 
 class AttentionMethod:

@@ -303,12 +303,11 @@ class Svg2Method(AttentionMethod):
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))
-        sparse_heads, dense_heads = (
-            torch.tensor([h for h, g in enumerate(guarded) if g == want], dtype=torch.int64, device=query.device)
-            for want in (False, True)
-        )
+        dense_ids = tuple(h for h, g in enumerate(guarded) if g)
+        sparse_heads, dense_heads = (torch.tensor(ids, dtype=torch.int64, device=query.device)
+                                     for ids in (unguarded, dense_ids))  # fmt: skip
         sparse_plan = plan.heads(sparse_heads)
-        return attend_split_heads(call, sparse_heads, dense_heads,
+        return attend_split_heads(call, sparse_heads, dense_heads, dense_ids,
                                   lambda q, k, v: self._attend_plan(q, k, v, sparse_plan, call, *bounds))  # fmt: skip
 
     @staticmethod
