@@ -204,8 +204,7 @@ def test_a_site_that_chose_dense_skips_the_input_checks_until_it_chooses_again(m
     def no_check(*args):
         raise AssertionError("the finiteness check reads the device")
 
-    monkeypatch.setattr(base, "nonfinite_problem", no_check)
-    monkeypatch.setattr(base, "finite_flags", no_check)
+    monkeypatch.setattr(base, "input_checks", no_check)
     result = method.attend(method_call(q, q, v, LAYOUT, state, step=1))
     assert result.guarded_heads == (0, 1)
     torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, q, v))

@@ -13,6 +13,7 @@ from sparse_compile.methods import METHODS, base
 from sparse_compile.methods.adaspa import BranchState
 from sparse_compile.methods.base import SiteCache, TokenLayout
 from sparse_compile.methods.host_read import read_while
+from sparse_compile.methods.text_tokens import MASKED_VIDEO_KEYS
 from sparse_compile.options import validate_options
 
 LAYOUT = TokenLayout(16, 2, 4, 0, False)
@@ -86,6 +87,18 @@ def test_a_call_holding_nan_runs_dense_with_its_reason_and_leaves_the_cache_as_i
     if name != "radial" and not warm:  # radial's layout depends on the grid only: nothing per site
         sparse.attend(method_call(*qkv(1), LAYOUT, cache))
         assert len(cache) > 0, "a finite call would have cached its plan"
+
+
+@pytest.mark.parametrize("name", ["radial", "svg"])
+def test_a_reusing_call_whose_mask_drops_a_video_key_runs_dense_with_its_reason(monkeypatch, name):
+    sparse, cache = method(name), SiteCache()
+    sparse.attend(method_call(*qkv(0), LAYOUT, cache))
+    q, k, v = qkv(1)
+    keep = torch.ones(1, 1, 1, LAYOUT.video_tokens, dtype=torch.bool)
+    keep[..., 7] = False
+    result, reads = attend_recording_reads(monkeypatch, sparse, method_call(q, k, v, LAYOUT, cache, mask=keep))
+    assert reads == [True] and result.fallback_reason == MASKED_VIDEO_KEYS
+    torch.testing.assert_close(result.output, torch.nn.functional.scaled_dot_product_attention(q, k, v, keep))
 
 
 def test_a_call_holding_nan_at_a_search_step_keeps_the_last_search():

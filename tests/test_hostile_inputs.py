@@ -36,7 +36,7 @@ from sparse_compile.methods import METHODS, auto, base, svg2
 from sparse_compile.methods.base import AttentionResult, TokenLayout
 from sparse_compile.methods.cost_model import NOMINAL_COSTS, nominal_cluster_costs
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.methods.fallback import nonfinite_problem
+from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
 from sparse_compile.options import validate_options
 
 SMALL = {
@@ -294,5 +294,6 @@ def test_calls_with_nan_or_inf_run_dense_with_a_reason_naming_the_tensors():
         result = run_method(name, call)
         assert result.fallback_reason == "key, value hold NaN or Inf (dense attention defines the result)", name
         assert_gives_what_dense_gives(name, call, result)
-    assert nonfinite_problem(q, k, v[:, :, :2]) == "key holds NaN or Inf (dense attention defines the result)"
-    assert nonfinite_problem(q[:, :, :0], k[:, :, :0], v[:, :, :0]) is None  # no tokens: nothing to check
+    names, flags = finite_flags(q, k, v[:, :, :2])
+    assert nonfinite_reason(names, flags.tolist()) == "key holds NaN or Inf (dense attention defines the result)"
+    assert finite_flags(q[:, :, :0], k[:, :, :0], v[:, :, :0])[0] == []  # no tokens: nothing to check

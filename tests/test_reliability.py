@@ -16,7 +16,7 @@ import tiny_models
 from method_calls import method_call
 from sparse_compile.methods import METHODS
 from sparse_compile.methods.base import TokenLayout
-from sparse_compile.methods.fallback import nonfinite_problem
+from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
 from sparse_compile.options import validate_options
 
 SMALL = {
@@ -123,7 +123,8 @@ def test_the_finiteness_check_reads_diffusers_layout_inputs_in_place():
     q, k, v = (torch.randn(1, 64, 3, 16).transpose(1, 2) for _ in range(3))
     k[0, 1, 5, 2] = float("nan")
     with torch.profiler.profile(record_shapes=True) as prof:
-        reason = nonfinite_problem(q, k, v)
+        names, flags = finite_flags(q, k, v)
+        reason = nonfinite_reason(names, flags.tolist())
     copies = [e.input_shapes for e in prof.events() if e.name in ("aten::clone", "aten::copy_", "aten::contiguous")]
     assert all(math.prod(shapes[0]) < q.numel() for shapes in copies), copies
     assert reason is not None and reason.startswith("key holds NaN or Inf")

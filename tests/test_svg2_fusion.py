@@ -119,14 +119,14 @@ def test_the_code_check_sees_a_gather_in_front_of_the_op(monkeypatch):
 
 ALLOWED_FULL_SIZE_KERNELS = (
     "_varlen_fwd_kernel", "_varlen_fwd_gluon", "_kept_rows_kernel", "_tile_tables_kernel", "_assign_kernel", "_finalize_kernel",
-    "_probe_kernel",
+    "_probe_kernel", "_finite_flags_kernel",
 )  # fmt: skip
 """Triton and Gluon kernels that may be launched by an op holding full-size tensors: the attention op's own
-(kept rows, tile tables and attention: Triton's, or Gluon's on sm_90) and k-means' (which reads Q and K once per iteration, and a
-strided sample of them for the reuse rule's probe)."""
+(kept rows, tile tables and attention: Triton's, or Gluon's on sm_90), k-means' (which reads Q and K once per iteration, and a
+strided sample of them for the reuse rule's probe) and the finiteness check's (one read of Q, K and V)."""
 FULL_SIZE_READS = ("aten::aminmax",)
-"""ATen ops that may take full-size tensors: the finiteness check (``nonfinite_problem``) reduces Q, K
-and V to their 0-d minimum and maximum: one read, nothing written at their size."""
+"""ATen ops that may take full-size tensors: the finiteness check's PyTorch path (tensors not dense in memory)
+reduces Q, K and V to their 0-d minimum and maximum: one read, nothing written at their size."""
 
 
 def _numel(shape) -> int:

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from method_calls import method_call
 from sparse_compile.methods.base import TokenLayout
-from sparse_compile.methods.text_tokens import attend_video_and_text, attention_over_keys, mask_problem
+from sparse_compile.methods.fallback import input_checks, input_problem
+from sparse_compile.methods.text_tokens import (
+    MASKED_VIDEO_KEYS,
+    attend_video_and_text,
+    attention_over_keys,
+    mask_problem,
+    video_keys_kept,
+)
 
 
 def _call(q, k, v, mask, layout):
@@ -49,10 +56,22 @@ def test_kept_density_counts_text_rows_and_columns():
 
 def test_only_key_padding_masks_of_text_keys_are_supported():
     layout = TokenLayout(frames=1, height=2, width=2, text_tokens=2, text_first=False)
+    text_masked, video_masked = (torch.tensor(keep).view(1, 1, 1, 6) for keep in ([True] * 5 + [False], [False] + [True] * 5))
     assert mask_problem(None, layout) is None
-    assert mask_problem(torch.tensor([True] * 5 + [False]).view(1, 1, 1, 6), layout) is None
-    assert "masks video keys" in mask_problem(torch.tensor([False] + [True] * 5).view(1, 1, 1, 6), layout)
+    assert mask_problem(text_masked, layout) is None and mask_problem(video_masked, layout) is None  # values: on the device
+    assert int(video_keys_kept(text_masked, layout)) == 1 and int(video_keys_kept(video_masked, layout)) == 0
     assert "not a key-padding mask" in mask_problem(torch.ones(1, 1, 6, 6, dtype=torch.bool), layout)
+    q, k, v = (torch.randn(1, 1, 6, 4) for _ in range(3))
+    assert input_problem(*_read(input_checks(_call(q, k, v, text_masked, layout)))) is None
+    assert input_problem(*_read(input_checks(_call(q, k, v, video_masked, layout)))) == MASKED_VIDEO_KEYS
+    k[0, 0, 5, 0] = float("nan")  # a masked video key outranks a non-finite input
+    assert input_problem(*_read(input_checks(_call(q, k, v, video_masked, layout)))) == MASKED_VIDEO_KEYS
+    assert input_problem(*_read(input_checks(_call(q, k, v, text_masked, layout)))).startswith("key holds NaN")
+
+
+def _read(checks: tuple[list[str], torch.Tensor]) -> tuple[list[str], list[int]]:
+    names, flags = checks
+    return names, flags.tolist()
 
 
 @pytest.mark.parametrize("text_first", [True, False])

@@ -192,7 +192,7 @@ class AutoMethod(AttentionMethod):
         reason = self.host_dense_reason(call)
         if reason is not None:
             return self._fallback(call, reason)
-        reason, ran = self.finite_checked(call, lambda: self._attend_choice(call, cached))
+        reason, ran = self.input_checked(call, lambda: self._attend_choice(call, cached))
         if reason is not None:
             return self._fallback(call, reason)
         choice, result = ran

@@ -8,8 +8,9 @@ pattern keeps every pair or, on CUDA, more than the device's break-even density 
 :meth:`~AttentionMethod.predicted_density` against :mod:`~sparse_compile.methods.cost_model`),
 and otherwise the method's :meth:`~AttentionMethod.video_attention`
 on the video tokens, merged with dense attention to and from the text tokens. Whether q, k and v
-are finite is read on the host once per call: before the call plans its pattern from them, after its
-kernels are launched when it reuses a cached pattern (:meth:`~AttentionMethod.finite_checked`). Methods keep
+are finite (and a key-padding mask keeps every video key) is read on the host once per call: before the call
+plans its pattern from them, after its kernels are launched when it reuses a cached pattern
+(:meth:`~AttentionMethod.input_checked`). Methods keep
 state between calls as typed entries of the site's :class:`SiteCache`, keyed by
 :meth:`~AttentionMethod.cache_key`.
 """
@@ -27,7 +28,7 @@ from sparse_compile.methods.cache import SiteCache
 from sparse_compile.methods.call import AttentionCall, AttentionResult, StepInfo, TokenLayout
 from sparse_compile.methods.cost_model import guard_costs
 from sparse_compile.methods.exact import dense_attention
-from sparse_compile.methods.fallback import block_kernel_problem, finite_flags, nonfinite_problem, nonfinite_reason
+from sparse_compile.methods.fallback import block_kernel_problem, input_checks, input_problem
 from sparse_compile.methods.host_read import read_while
 from sparse_compile.methods.text_tokens import VideoAttention, attend_video_and_text, attention_over_keys, mask_problem
 from sparse_compile.options import SparseOptions
@@ -204,34 +205,36 @@ class AttentionMethod:
                 return self._guarded_dense(call)
             return attend_video_and_text(call, self._bound_video_attention(call))
 
-        reason, result = self.finite_checked(call, attention)
+        reason, result = self.input_checked(call, attention)
         return result if reason is None else self._fallback(call, reason)
 
     # What a method may refine.
 
     def dense_reason(self, call: AttentionCall) -> str | None:
-        """Why this call cannot run sparse (:meth:`host_dense_reason`, or NaN or Inf in q, k or v), or
-        ``None``. The non-finite check is last: it is the one that reads the device."""
+        """Why this call cannot run sparse (:meth:`host_dense_reason`, or :func:`input_checks`: NaN or Inf in q, k
+        or v, a video key masked), or ``None``. The input checks are last: they read the device."""
         problem = self.host_dense_reason(call)
         if problem is None:
-            problem = nonfinite_problem(call.query, call.key, call.value)
+            names, flags = input_checks(call)
+            problem = input_problem(names, flags.tolist())
         return problem
 
-    def finite_checked(self, call: AttentionCall, work: Callable[[], T]) -> tuple[str | None, T | None]:
-        """``(None, work())`` when q, k and v are finite, else ``(why not, None)``, with one host read. It is taken
-        before ``work`` when this call plans from its inputs (:meth:`plans_from_inputs`), else after ``work`` is
-        launched, so the GPU does not idle between the read and ``work``'s kernels (a call reusing its pattern
-        stores nothing, and NaN only makes its output non-finite, which is dropped)."""
-        names, finite = finite_flags(call.query, call.key, call.value)
+    def input_checked(self, call: AttentionCall, work: Callable[[], T]) -> tuple[str | None, T | None]:
+        """``(None, work())`` when the call passes :func:`input_checks` (q, k, v finite, no video key masked), else
+        ``(why not, None)``, with one host read. It is taken before ``work`` when this call plans from its inputs
+        (:meth:`plans_from_inputs`), else after ``work`` is launched, so the GPU does not idle between the read and
+        ``work``'s kernels (a call reusing its pattern stores nothing, and a failed check only makes its output
+        wrong, and it is dropped)."""
+        names, flags = input_checks(call)
         plans = self.plans_from_inputs(call)
-        read, result = read_while(finite, None if plans else work)
-        reason = nonfinite_reason(names, read)
+        read, result = read_while(flags, None if plans else work)
+        reason = input_problem(names, read)
         if reason is not None:
             return reason, None
         return None, work() if plans else result
 
     def host_dense_reason(self, call: AttentionCall) -> str | None:
-        """Why this call cannot run sparse that the host knows without reading the device (its mask, the
+        """Why this call cannot run sparse that the host knows without reading the device (its mask's shape, the
         block kernels' limits), or ``None``."""
         problem = mask_problem(call.attn_mask, call.layout)
         if problem is None and self.needs_block_kernel:

@@ -6,6 +6,8 @@ import torch
 
 from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from sparse_compile.kernels.finite_check import finite_flags_of
+from sparse_compile.methods.call import AttentionCall
+from sparse_compile.methods.text_tokens import MASKED_VIDEO_KEYS, video_keys_kept
 
 
 def block_kernel_problem(query: torch.Tensor, value: torch.Tensor) -> str | None:
@@ -36,13 +38,24 @@ def nonfinite_reason(names: list[str], finite: list[int]) -> str | None:
     return f"{', '.join(bad)} {'holds' if len(bad) == 1 else 'hold'} NaN or Inf (dense attention defines the result)"
 
 
-def nonfinite_problem(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why a call whose q, k or v hold NaN or Inf runs dense, or ``None`` when all are finite.
+def input_checks(call: AttentionCall) -> tuple[list[str], torch.Tensor]:
+    """What a call's one host read checks, not read yet: the names of the non-empty tensors among q, k and v, then
+    ``"attn_mask"`` for a key-padding mask, and an int64 0/1 flag each on their device: the tensor holds only
+    finite values (:func:`finite_flags`), the mask keeps every video key (:func:`video_keys_kept`).
 
-    With a non-finite key or value, dense attention's result depends on every query's score with
-    that key, which a sparse pattern may not compute: such a call runs dense, so it gives exactly
-    what dense attention gives. Costs one pass over the inputs and one host read
-    (:func:`finite_flags`).
+    With a non-finite key or value, dense attention's result depends on every query's score with that key,
+    which a sparse pattern may not compute: such a call runs dense, so it gives exactly what dense gives.
     """
-    names, finite = finite_flags(query, key, value)
-    return nonfinite_reason(names, finite.tolist()) if names else None
+    names, flags = finite_flags(call.query, call.key, call.value)
+    if call.attn_mask is not None:
+        names, flags = names + ["attn_mask"], torch.cat([flags, video_keys_kept(call.attn_mask, call.layout).view(1)])
+    return names, flags
+
+
+def input_problem(names: list[str], read: list[int]) -> str | None:
+    """Why a call runs dense given :func:`input_checks`' flags read on the host (the mask's reason first), or
+    ``None``."""
+    flags = dict(zip(names, read))
+    if not flags.pop("attn_mask", 1):
+        return MASKED_VIDEO_KEYS
+    return nonfinite_reason(list(flags), list(flags.values()))

@@ -48,8 +48,8 @@ element) run dense SDPA together, the others through the kernel
 (:func:`~sparse_compile.methods.base.attend_split_heads`). A site and CFG branch whose every head passed
 it runs dense SDPA without clustering for the next ``GUARD_RECHECK_STEPS`` steps, then clusters and
 decides again (near-uniform attention then costs no k-means). The host reads the device once per
-call, after the selection is launched: whether q, k and v are finite
-(:func:`~sparse_compile.methods.fallback.finite_flags`; a call with NaN or Inf runs dense SDPA and
+call, after the selection is launched: whether q, k and v are finite and a key-padding mask keeps every
+video key (:func:`~sparse_compile.methods.fallback.input_checks`; a call failing them runs dense SDPA and
 its clustering is not cached), the heads' densities for that decision, the most keys any q cluster
 keeps and each head's kept keys of all q clusters (which size the cluster kernel's kept-rows buffer).
 So the next call's clustering and selection are launched while this call's kernel runs. The kernel's
@@ -77,7 +77,7 @@ from sparse_compile.kernels.varlen_block_sparse import (
 )
 from sparse_compile.methods.base import AttentionCall, AttentionMethod, AttentionResult, attend_split_heads
 from sparse_compile.methods.cost_model import cluster_guard_density
-from sparse_compile.methods.fallback import finite_flags, nonfinite_reason
+from sparse_compile.methods.fallback import input_checks, input_problem
 from sparse_compile.methods.host_read import read_while
 from sparse_compile.methods.text_tokens import attend_video_and_text, video_text_slices
 from sparse_compile.options import SparseOptions
@@ -265,23 +265,23 @@ class Svg2Method(AttentionMethod):
             return super().attend(call)  # the base recipe (its dense reason: a call it runs dense anyway)
         video, _ = video_text_slices(call.layout)
         q, k, v = query[:, :, video], call.key[:, :, video], call.value[:, :, video]
-        names, finite = finite_flags(query, call.key, call.value)
+        names, checks = input_checks(call)
         clusters = self._cluster(q, k, call)
         plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
         staged = self._stage(q, k, v, plan, call.softmax_scale)
         head_fraction = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2])
         past = head_fraction > break_even
-        # one host read per call: whether q, k and v are finite; per head: whether it passes break-even and
+        # one host read per call: the input checks; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
         # keys all its q clusters keep
         kept = kept_tokens.long()
         batch, heads = kept.shape[:2]
-        values = torch.cat([finite, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()])
+        values = torch.cat([checks, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()])
         last = self.cached(call, LastCallStaged) if staged is not None else None
         early = (lambda: run_staged_call(staged, q, k, v)) if last is not None and last.staged else None
         read, early_outputs = read_while(values, early)
-        reason = nonfinite_reason(names, read[:len(names)])
+        reason = input_problem(names, read[:len(names)])
         read = read[len(names):]
         guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]

@@ -41,20 +41,25 @@ def context_part(x: torch.Tensor, context: tuple[slice, ...], dim: int) -> torch
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def mask_problem(mask: torch.Tensor | None, layout: TokenLayout) -> str | None:
-    """Why a sparse method cannot honour this mask, or ``None`` if it can.
+MASKED_VIDEO_KEYS = "attn_mask masks video keys"
+"""Why a call whose key-padding mask drops a video key runs dense (sparse kernels drop keys by block, not by token)."""
 
-    Supported: no mask, or a key-padding mask (query dim 1) — checked to leave every video
-    key unmasked, since sparse kernels drop keys by block, not by token.
+
+def mask_problem(mask: torch.Tensor | None, layout: TokenLayout) -> str | None:
+    """Why a sparse method cannot honour this mask whatever it holds, or ``None`` if it may.
+
+    Supported: no mask, or a key-padding mask (query dim 1) that keeps every video key; that is read on
+    the device with the call's other input checks (:func:`video_keys_kept`).
     """
-    if mask is None:
+    if mask is None or (mask.dim() == 4 and mask.shape[2] == 1):
         return None
-    if mask.dim() != 4 or mask.shape[2] != 1:
-        return f"attn_mask of shape {tuple(mask.shape)} is not a key-padding mask (B, H, 1, S)"
+    return f"attn_mask of shape {tuple(mask.shape)} is not a key-padding mask (B, H, 1, S)"
+
+
+def video_keys_kept(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """int64 0-d on the key-padding ``mask``'s device: 1 when it keeps every video key, else 0; not read."""
     video, _ = video_text_slices(layout)
-    if not bool(mask[..., video].all()):
-        return "attn_mask masks video keys"
-    return None
+    return mask[..., video].all().long()
 
 
 def _merge(
