@@ -52,7 +52,7 @@ Kernel design (CUDA):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import triton
@@ -598,6 +598,18 @@ def _attend_group(
         )  # fmt: skip
 
 
+def _attend_groups(
+    q: Tensor, k: Tensor, v: Tensor, call: _PreparedCall, groups: Iterable[_GroupTables], config: VarlenConfig,
+    scale: float, gluon: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The attention kernel over each launch group of ``groups`` in turn (:func:`_attend_group`); returns the
+    call's (O, LSE)."""
+    q_perm = _kernel_q_perm(q, call, gluon)
+    for group in groups:
+        _attend_group(q, k, v, call, group, config, scale, gluon, q_perm)
+    return call.out, call.lse
+
+
 def _is_empty(call: _PreparedCall) -> bool:
     """Whether the call has nothing to write (no output and no LSE elements)."""
     return call.out.numel() == 0 and call.lse.numel() == 0
@@ -617,11 +629,9 @@ def _run_call(
 ) -> tuple[Tensor, Tensor]:
     """Per launch group: the prep kernel, the tile tables, then the main (and tail) launches of the Gluon or the
     Triton attention kernel. An empty call launches nothing."""
-    if not _is_empty(call):
-        q_perm = _kernel_q_perm(q, call, gluon)
-        for group in _group_tables(call, q.shape[2], config):
-            _attend_group(q, k, v, call, group, config, scale, gluon, q_perm)
-    return call.out, call.lse
+    if _is_empty(call):
+        return call.out, call.lse
+    return _attend_groups(q, k, v, call, _group_tables(call, q.shape[2], config), config, scale, gluon)
 
 
 def varlen_block_sparse_attention_triton(
@@ -777,13 +787,9 @@ def run_staged_call(staged: StagedVarlenCall, q: Tensor, k: Tensor, v: Tensor) -
     prep depends on the layout only): (O token-major ``(B, H, S_q, D)``, LSE fp32 ``(B, H, S_q)``), as
     :func:`varlen_block_sparse_attention` gives them when all q clusters' kept keys fit ``staged.capacity``
     (else the lists cut at the buffer's end: safe to run before the caller knows, then dropped)."""
-    call = staged.call
     if _geometry(q, k, v) != staged.geometry:
         raise ValueError("run_staged_call takes the q, k and v the call was staged with (shapes and strides)")
-    q_perm = _kernel_q_perm(q, call, staged.gluon)
-    for group in staged.groups:
-        _attend_group(q, k, v, call, group, staged.config, staged.scale, staged.gluon, q_perm)
-    return call.out, call.lse
+    return _attend_groups(q, k, v, staged.call, staged.groups, staged.config, staged.scale, staged.gluon)
 
 
 @torch.library.custom_op("sparse_compile::varlen_block_sparse_attention", mutates_args=())
