@@ -11,6 +11,9 @@ Two parts, one command:
    on a procedural video; each method setting (SVG2 at top_p 0.8/0.9/0.95, the block methods at
    ~25% and ~12.5%) runs on them directly: relative L2 error vs dense SDPA, recall, density.
 
+``--methods`` picks among svg2, svg, radial, adaspa (the default) and radial-fp8, adaspa-fp8 (the same
+settings with ``precision="fp8"``: on GPUs with e4m3 tensor cores, the FP8 block kernel).
+
 Writes ``quality.json``, ``quality.md``, a frame strip (``frames.png``: rows dense, then each
 method) and per-layer plots (``layers.png``, when matplotlib is installed) to ``--out``.
 
@@ -48,6 +51,8 @@ GENERATION_METHODS = {
     "svg": {"method": "svg", "density": 0.25},
     "radial": {"method": "radial"},
     "adaspa": {"method": "adaspa", "density": 0.25},
+    "adaspa-fp8": {"method": "adaspa", "density": 0.25, "precision": "fp8"},
+    "radial-fp8": {"method": "radial", "precision": "fp8"},
 }
 ATTENTION_SETTINGS = {
     "svg2 top_p=0.8": {"method": "svg2", "top_p": 0.8},
@@ -58,9 +63,16 @@ ATTENTION_SETTINGS = {
     "radial": {"method": "radial"},
     "adaspa 25%": {"method": "adaspa", "density": 0.25},
     "adaspa 12.5%": {"method": "adaspa", "density": 0.125},
+    "adaspa 25% fp8": {"method": "adaspa", "density": 0.25, "precision": "fp8"},
+    "radial fp8": {"method": "radial", "precision": "fp8"},
 }
 TINY_OPTIONS = {"svg2": {"q_clusters": 8, "k_clusters": 16, "kmeans_iters_init": 3}, "svg": {"block": 16},
                 "radial": {"block": 16}, "adaspa": {"block": 16}}
+
+
+def method_group(setting: dict) -> str:
+    """The ``--methods`` name that selects ``setting``: its method, with ``-fp8`` for ``precision="fp8"``."""
+    return f"{setting['method']}-fp8" if setting.get("precision") == "fp8" else setting["method"]
 
 
 def _with_tiny(setting: dict, tiny: bool) -> dict:
@@ -126,7 +138,7 @@ def attention_quality(args, calls: list, grid: tuple[int, int, int]) -> dict:
     """Each attention setting on every captured layer: error, recall and density (mean and per layer)."""
     results = {}
     for name, setting in ATTENTION_SETTINGS.items():
-        if setting["method"] not in args.methods:
+        if method_group(setting) not in args.methods:
             continue
         options = validate_options({**_with_tiny(setting, args.tiny), "min_seq_len": 256})
         per_layer = []
