@@ -9,7 +9,8 @@ program runs, its prep kernel has written every q cluster's kept keys as one pac
 One program computes 64 or 128 cluster-order query rows of one q cluster of one (batch, head), warp-specialized:
 
 - a producer warpgroup gathers the K and V rows of the kept keys, ``BLOCK_N`` list positions per tile, with
-  ``cp.async`` into a ``STAGES``-deep shared-memory ring (16-byte vectors, rows past the list zero-filled);
+  ``cp.async`` into a ``STAGES``-deep shared-memory ring (16-byte vectors, unpredicated: positions past the list
+  repeat its last row, which the consumers mask; int32 row offsets where a head's rows allow);
   each producer thread's copies arrive on the slot's ready barrier as they land (``.noinc``: the barrier
   counts the 128 producer threads), so the producer never waits on its own copies;
 - the consumer warpgroups (one per 64 rows) are the fixed-block kernel's
@@ -70,51 +71,62 @@ def gluon_varlen_ineligibility(
 @gluon.constexpr_function
 def _gather_layout(head_dim):
     """The producer's register layout of a ``[rows, head_dim]`` gather: 16-byte vectors (8 elements) per thread,
-    a row's vectors across adjacent threads, rows across the producer's warps."""
-    return gl.BlockedLayout([1, 8], [32 // (head_dim // 8), head_dim // 8], [PRODUCER_WARPS, 1], [1, 0])
+    a row's first 128 bytes across 8 adjacent threads (at D = 128 each thread's second vector of the row lies
+    128 bytes on, one address apart), rows across the producer's warps."""
+    return gl.BlockedLayout([1, 8], [4, 8], [PRODUCER_WARPS, 1], [1, 0])
 
 
 @gluon.jit
-def _tile_tokens(kept_rows, first, total, BLOCK_N: gl.constexpr, D: gl.constexpr):
-    """K/V token rows (int64, ``BLOCK_N``, in the gather layout's rows) of list positions ``first ..`` and which
-    are below ``total`` (the rest gather zeros)."""
-    pos = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _gather_layout(D)))
-    ok = pos < total
-    return gl.load(kept_rows + pos, mask=ok, other=0).to(gl.int64), ok
+def _tile_row_offsets(kept_rows, first, total, stride_ks, stride_vs, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                      WIDE_OFFSETS: gl.constexpr):  # fmt: skip
+    """Element offsets in K and V (``BLOCK_N``, in the gather layout's rows) of the token rows at list positions
+    ``first ..``; positions at or past ``total`` repeat the last kept row (the consumers mask those keys), so no
+    load or copy is predicated. Offsets are int32 unless ``WIDE_OFFSETS``."""
+    pos = gl.minimum(first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, _gather_layout(D))), total - 1)
+    tokens = gl.load(kept_rows + pos)
+    if WIDE_OFFSETS:
+        tokens = tokens.to(gl.int64)
+    return tokens * stride_ks, tokens * stride_vs
 
 
 @gluon.jit
-def _gather_rows(ring_slot, base, stride_s, tokens, ok):
-    """``cp.async`` rows ``tokens`` of one head (``base``, row stride ``stride_s``) into ``ring_slot``
-    ``[BLOCK_N, D]``; rows where ``ok`` is false are zero-filled."""
-    D: gl.constexpr = ring_slot.shape[1]
-    dims = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, _gather_layout(D))), 0)
-    pointers = base + gl.expand_dims(tokens * stride_s, 1) + dims
-    async_copy.async_copy_global_to_shared(ring_slot, pointers, mask=gl.expand_dims(ok, 1))
+def _gather_rows(ring_slot, base_dims, row_offsets):
+    """``cp.async`` the rows at ``row_offsets`` (elements) from ``base_dims`` (a head's base pointer plus each
+    thread's columns, ``[1, D]``) into ``ring_slot`` ``[BLOCK_N, D]``."""
+    async_copy.async_copy_global_to_shared(ring_slot, base_dims + gl.expand_dims(row_offsets, 1))
 
 
 @gluon.jit
 def _gather_producer(k_base, v_base, stride_ks, stride_vs, kept_rows, total, n_tiles, k_ring, v_ring,
-                     k_ready, k_empty, v_ready, v_empty):  # fmt: skip
+                     k_ready, k_empty, v_ready, v_empty, WIDE_OFFSETS: gl.constexpr):  # fmt: skip
     """The producer warpgroup: per kv tile ``t``, list positions ``t * BLOCK_N ..`` of ``kept_rows`` (``total``
     of them) gathered from K and V into ring slot ``t % STAGES`` once every consumer has released it. The list
     entries of tile ``t + 1`` are loaded before waiting for tile ``t``'s slot, so no copy waits on them."""
     STAGES: gl.constexpr = k_ring.shape[0]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     D: gl.constexpr = k_ring.shape[4]
-    tokens, ok = _tile_tokens(kept_rows, 0, total, BLOCK_N, D)
-    for t in range(n_tiles):
-        slot = t % STAGES
-        free_phase = ((t // STAGES) & 1) ^ 1  # a fresh barrier counts as released
-        next_tokens, next_ok = _tile_tokens(kept_rows, (t + 1) * BLOCK_N, total, BLOCK_N, D)
-        mbarrier.wait(k_empty.index(slot), free_phase)
-        _gather_rows(k_ring.index(slot).reshape([BLOCK_N, D]), k_base, stride_ks, tokens, ok)
-        async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
-        mbarrier.wait(v_empty.index(slot), free_phase)
-        _gather_rows(v_ring.index(slot).reshape([BLOCK_N, D]), v_base, stride_vs, tokens, ok)
-        async_copy.mbarrier_arrive(v_ready.index(slot), increment_count=False)
-        tokens = next_tokens
-        ok = next_ok
+    dims = gl.expand_dims(gl.arange(0, D, layout=gl.SliceLayout(0, _gather_layout(D))), 0)
+    k_dims = k_base + dims
+    v_dims = v_base + dims
+    if n_tiles > 0:  # a list with no entries has none to read
+        k_rows, v_rows = _tile_row_offsets(kept_rows, 0, total, stride_ks, stride_vs, BLOCK_N, D, WIDE_OFFSETS)
+        slot = 0
+        free_phase = 1  # a fresh barrier counts as released
+        for t in range(n_tiles):
+            next_k_rows, next_v_rows = _tile_row_offsets(kept_rows, (t + 1) * BLOCK_N, total, stride_ks, stride_vs,
+                                                         BLOCK_N, D, WIDE_OFFSETS)  # fmt: skip
+            mbarrier.wait(k_empty.index(slot), free_phase)
+            _gather_rows(k_ring.index(slot).reshape([BLOCK_N, D]), k_dims, k_rows)
+            async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
+            mbarrier.wait(v_empty.index(slot), free_phase)
+            _gather_rows(v_ring.index(slot).reshape([BLOCK_N, D]), v_dims, v_rows)
+            async_copy.mbarrier_arrive(v_ready.index(slot), increment_count=False)
+            k_rows = next_k_rows
+            v_rows = next_v_rows
+            slot += 1
+            if slot == STAGES:
+                slot = 0
+                free_phase ^= 1
 
 
 @gluon.jit
@@ -169,6 +181,7 @@ def _varlen_fwd_gluon(
     KV_LAYOUT: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
+    WIDE_OFFSETS: gl.constexpr,
 ):  # fmt: skip
     """One program per (tile slot, batch * head of the launch group): ``CONSUMERS * 64`` rows of one q cluster.
 
@@ -217,7 +230,7 @@ def _varlen_fwd_gluon(
                                  stride_qs, o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end,
                                  qk_scale, 1)),
             (_gather_producer, (k_base, v_base, stride_ks, stride_vs, kept_rows, total, n_tiles, k_ring, v_ring,
-                                k_ready, k_empty, v_ready, v_empty)),
+                                k_ready, k_empty, v_ready, v_empty, WIDE_OFFSETS)),
         ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
     else:
         gl.warp_specialize([
@@ -225,8 +238,13 @@ def _varlen_fwd_gluon(
                                  stride_qs, o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end,
                                  qk_scale, 0)),
             (_gather_producer, (k_base, v_base, stride_ks, stride_vs, kept_rows, total, n_tiles, k_ring, v_ring,
-                                k_ready, k_empty, v_ready, v_empty)),
+                                k_ready, k_empty, v_ready, v_empty, WIDE_OFFSETS)),
         ], [PRODUCER_WARPS], [PRODUCER_REGS])  # fmt: skip
+
+
+def int32_row_offsets(t: Tensor) -> bool:
+    """Whether every element offset of a row within one head of ``t`` ``(B, H, S, D)`` fits in int32."""
+    return (t.shape[2] - 1) * t.stride(2) + t.shape[3] <= torch.iinfo(torch.int32).max
 
 
 def consumer_registers(consumers: int) -> int:
@@ -263,5 +281,6 @@ def launch_gluon_varlen(
             Q_LAYOUT=tile_shared_layout(CONSUMER_ROWS, d, q.dtype),
             KV_LAYOUT=tile_shared_layout(tile.block_n, d, q.dtype),
             CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS,
+            WIDE_OFFSETS=not (int32_row_offsets(k) and int32_row_offsets(v)),
             num_warps=4, maxnreg=launch_registers(consumers),
         )  # fmt: skip

@@ -200,11 +200,11 @@ def varlen_config(
     return VarlenConfig(64, 128 if fits(WIDE_FP32_TILE_SHARED_BYTES) else 64, 4, 3)
 
 
-GLUON_VARLEN_CONFIG = VarlenConfig(64, 64, 4, 3)
-"""Tiles of the Gluon cluster kernel (sm_90, 16-bit): 64-row q tiles (one consumer warpgroup; ``num_warps``
-counts its warps, besides the producer warpgroup), 64-key K/V tiles in 3 ring slots: 113 KiB of shared memory
-at D = 128, so two programs share an SM. The fastest of the tiles measured at SVG2's layouts; 128-key tiles
-spill the producer's registers (benchmarks/NOTES.md)."""
+GLUON_VARLEN_CONFIG = VarlenConfig(128, 128, 8, 2)
+"""Tiles of the Gluon cluster kernel (sm_90, 16-bit): 128-row q tiles (two consumer warpgroups; ``num_warps``
+counts their warps, besides the producer warpgroup), 128-key K/V tiles in 2 ring slots: 160 KiB of shared memory
+at D = 128, one program per SM. Of the tiles measured at SVG2's layouts (64x64 and 128x64 at 3 slots, 128x128 at
+3 slots and with 64-row tails) the fastest or within noise of it, and one launch per group (benchmarks/NOTES.md)."""
 
 
 def tile_table_warps(nqc_pad: int) -> int:

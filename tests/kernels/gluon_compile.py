@@ -38,10 +38,9 @@ def resource_usage(compiled, tmp_path: Path) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
 
 
-def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
-    """Opcode counts of the shortest loop of a compiled attention kernel's SASS (``cuobjdump -sass``) that
-    issues both a ``wgmma`` (HGMMA, QGMMA or IGMMA) and a tile's exponentials (at least 32 MUFU per thread,
-    which no epilogue has): one trip of a consumer's main loop, i.e. its instructions per kept tile."""
+def _loops(compiled, tmp_path: Path) -> list[list[str]]:
+    """The instructions of each loop (a backward branch and the code it jumps back over) of a compiled kernel's
+    SASS (``cuobjdump -sass``)."""
     cubin = tmp_path / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
@@ -51,10 +50,30 @@ def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
     for at, text in code:
         branch = re.search(r"\bBRA\s+`?\(?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < at:
-            body = [t for a, t in code if int(branch.group(1), 16) <= a <= at]
-            ops = Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for t in body)
-            if ops["HGMMA"] + ops["QGMMA"] + ops["IGMMA"] and ops["MUFU"] >= 32:
-                loops.append(ops)
+            loops.append([t for a, t in code if int(branch.group(1), 16) <= a <= at])
+    return loops
+
+
+def opcode_mix(instructions: list[str]) -> Counter:
+    """Opcode counts of SASS instructions (a predicated one under its opcode)."""
+    return Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for t in instructions)
+
+
+def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
+    """Opcode counts of the shortest loop of a compiled attention kernel's SASS that issues both a ``wgmma``
+    (HGMMA, QGMMA or IGMMA) and a tile's exponentials (at least 32 MUFU per thread, which no epilogue has): one
+    trip of a consumer's main loop, i.e. its instructions per kept tile."""
+    mixes = [opcode_mix(body) for body in _loops(compiled, tmp_path)]
+    loops = [ops for ops in mixes if ops["HGMMA"] + ops["QGMMA"] + ops["IGMMA"] and ops["MUFU"] >= 32]
     if not loops:
         raise AssertionError("no loop issuing a wgmma and exponentials in the kernel's SASS")
     return min(loops, key=lambda ops: sum(ops.values()))
+
+
+def gather_loop(compiled, tmp_path: Path) -> list[str]:
+    """The instructions of the shortest loop of a compiled kernel's SASS issuing at least 8 ``cp.async`` copies
+    (LDGSTS): one trip of a gathering producer's loop, i.e. its instructions per kv tile."""
+    loops = [body for body in _loops(compiled, tmp_path) if opcode_mix(body)["LDGSTS"] >= 8]
+    if not loops:
+        raise AssertionError("no loop issuing cp.async copies in the kernel's SASS")
+    return min(loops, key=len)

@@ -11,10 +11,20 @@ keeping nothing, tails in a second launch, both dtypes and head dims, and a dens
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
-from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, attention_loop_mix, compile_sm90a, resource_usage
+from gluon_compile import (
+    HOPPER_SHARED_BYTES,
+    TRITON_BIN,
+    attention_loop_mix,
+    compile_sm90a,
+    gather_loop,
+    opcode_mix,
+    resource_usage,
+)
 from test_varlen_block_sparse import (
     assert_matches_reference,
     random_permutations,
@@ -32,6 +42,7 @@ from sparse_compile.kernels.gluon_varlen_block_sparse import (
     PRODUCER_WARPS,
     consumer_registers,
     gluon_varlen_ineligibility,
+    int32_row_offsets,
 )
 from sparse_compile.kernels.tile_configs import GLUON_VARLEN_CONFIG, VarlenConfig
 from sparse_compile.kernels.varlen_block_sparse import varlen_kernel_choice
@@ -91,8 +102,8 @@ def test_gluon_entry_checks_the_output_buffer_stride() -> None:
 # ---------------------------------------------------------------- tiles and registers (CPU)
 
 
-def test_gluon_default_tile_is_64_by_64_with_three_slots_and_no_tail_launch() -> None:
-    assert GLUON_VARLEN_CONFIG == VarlenConfig(64, 64, 4, 3)
+def test_gluon_default_tile_is_128_by_128_with_two_slots_and_no_tail_launch() -> None:
+    assert GLUON_VARLEN_CONFIG == VarlenConfig(128, 128, 8, 2)
 
 
 @pytest.mark.parametrize("consumers", [1, 2])
@@ -104,7 +115,8 @@ def test_consumer_registers_fit_what_the_producer_frees(consumers) -> None:
     assert consumers * regs + GATHER_PRODUCER_REGS <= (consumers + 1) * launch_registers(consumers)
 
 
-def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype_name: str, perm: str = "i32"):
+def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype_name: str, perm: str = "i32",
+                  wide_offsets: bool = False):  # fmt: skip
     """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
     from triton.experimental.gluon import language as gl
 
@@ -117,7 +129,7 @@ def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype
         HEAD_DIM=head_dim, BLOCK_N=block_n, CONSUMERS=consumers, STAGES=stages,
         Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([1, 1, 64, head_dim], dtype),
         KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], dtype),
-        CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS,
+        CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS, WIDE_OFFSETS=wide_offsets,
     )  # fmt: skip
     pointers = {**{n: f"*{name}" for n in ("Q", "K", "V", "O")}, "LSE": "*fp32", "Q_PERM": f"*{perm}",
                 **{n: "*i32" for n in ("TILE_CLUSTER", "TILE_ROW", "Q_OFF", "TOTAL")}, "STARTS": "*i64",
@@ -130,13 +142,22 @@ def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype
     return compile_sm90a(_varlen_fwd_gluon, signature, constants, options, aligned)
 
 
+def test_row_offsets_are_int32_while_a_heads_rows_fit() -> None:
+    wan = torch.empty(1, 32760, 12, 128, device="meta").transpose(1, 2)  # token-major Wan 480p
+    assert int32_row_offsets(wan)
+    huge_rows = torch.empty_strided((1, 1, 2**17, 128), (1, 1, 2**15, 1), device="meta")  # 2^32 elements
+    assert not int32_row_offsets(huge_rows)
+
+
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
 @pytest.mark.parametrize(
-    "block_m,block_n,stages,head_dim,dtype_name",
-    [(128, 64, 3, 128, "bfloat16"), (64, 64, 3, 128, "bfloat16"), (128, 128, 2, 64, "float16")],
-)
-def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_m, block_n, stages, head_dim, dtype_name) -> None:
-    kernel = _compile_sm90a(block_m, block_n, stages, head_dim, dtype_name)
+    "block_m,block_n,stages,head_dim,dtype_name,wide_offsets",
+    [(128, 64, 3, 128, "bfloat16", False), (64, 64, 3, 128, "bfloat16", False), (128, 128, 2, 64, "float16", False),
+     (128, 128, 3, 128, "bfloat16", False), (64, 64, 3, 128, "bfloat16", True)],
+)  # fmt: skip
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_m, block_n, stages, head_dim, dtype_name,
+                                                  wide_offsets) -> None:  # fmt: skip
+    kernel = _compile_sm90a(block_m, block_n, stages, head_dim, dtype_name, wide_offsets=wide_offsets)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx and "setmaxnreg" in ptx
     assert "cp.async.cg.shared.global" in ptx and "cp.async.bulk.tensor" not in ptx  # gathers, no TMA
@@ -148,12 +169,26 @@ def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_m, block_n, st
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
-def test_default_tile_leaves_room_for_two_programs_per_sm(tmp_path) -> None:
-    """The default 64-row tile (one consumer, 128 registers per thread at launch) needs at most half an SM's
-    shared memory (228 KiB, 1 KiB reserved per program), so two programs share an SM."""
-    kernel = _compile_sm90a(64, 64, 3, 128, "bfloat16")
-    assert 2 * (kernel.metadata.shared + 1024) <= 228 * 1024
+def test_default_tile_fits_one_program_per_sm(tmp_path) -> None:
+    """The default tile (two consumers and the producer: 384 threads at 168 registers) needs at most an SM's
+    shared memory per block (227 KiB) and its register file."""
+    cfg = GLUON_VARLEN_CONFIG
+    kernel = _compile_sm90a(cfg.block_m, cfg.block_n, cfg.num_stages, 128, "bfloat16")
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    assert (cfg.block_m // 64 + 1) * 128 * launch_registers(cfg.block_m // 64) <= 65536
     assert PRODUCER_WARPS == 4
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+def test_producer_loop_issues_unpredicated_copies_at_under_six_instructions_each(tmp_path) -> None:
+    """Per 64-key tile, each of the 4 producer warps copies 64 rows of K and of V (256 bytes each) in 16-byte
+    ``cp.async`` vectors: 16 per thread. A row's address is computed once for both of its vectors, in 32 bits,
+    and no copy is predicated (positions past the list repeat its last row), so the loop stays near the copies."""
+    loop = gather_loop(_compile_sm90a(64, 64, 3, 128, "bfloat16"), tmp_path)
+    mix = opcode_mix(loop)
+    assert mix["LDGSTS"] == 16, mix
+    assert not [t for t in loop if re.match(r"@!?P[0-6]\s+LDGSTS", t)], loop
+    assert len(loop) <= 6 * mix["LDGSTS"], mix
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
