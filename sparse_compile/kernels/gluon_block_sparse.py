@@ -29,6 +29,8 @@ by TMA, so they must already be in kernel order).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 from triton.experimental import gluon
@@ -545,6 +547,7 @@ def launch_registers(consumers: int) -> int:
     return min(255, _REGISTERS_PER_SM // (threads * programs_per_sm)) // 8 * 8
 
 
+@cache  # built once per tile shape: a launch needs two to four
 def tile_shared_layout(rows: int, columns: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
     """The swizzled shared layout of a ``(1, 1, rows, columns)`` tile of ``dtype``: what TMA writes and
     ``warpgroup_mma`` reads."""
