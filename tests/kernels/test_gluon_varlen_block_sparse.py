@@ -231,8 +231,22 @@ def test_gpu_gluon_matches_reference_with_permutations_and_empty_clusters(s_q, s
 
 
 @pytest.mark.gpu
+def test_gpu_gluon_with_int64_row_offsets_matches_reference(monkeypatch):
+    """The producer's int64 row offsets (taken where a head's rows reach past int32) give the same result."""
+    from sparse_compile.kernels import gluon_varlen_block_sparse
+
+    monkeypatch.setattr(gluon_varlen_block_sparse, "int32_row_offsets", lambda t: False)
+    q, k, v, layout = random_problem(1, 2, 1000, 900, 128, 5, 40, 0.3, seed=11, dtype=torch.bfloat16, device="cuda")
+    q, k, v = token_major(q), token_major(k), token_major(v)
+    got = _run_gluon_poisoned(q, k, v, layout)
+    assert_matches_reference(q, k, v, layout, got, tol=1e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", [None, VarlenConfig(64, 64, 4, 3), VarlenConfig(128, 64, 8, 3),
-                                    VarlenConfig(128, 64, 8, 4, tail_block_m=64, tail_block_n=64)])  # fmt: skip
+                                    VarlenConfig(128, 64, 8, 4, tail_block_m=64, tail_block_n=64),
+                                    VarlenConfig(128, 128, 8, 3, tail_block_m=64, tail_block_n=64,
+                                                 tail_num_stages=3)])  # fmt: skip
 def test_gpu_gluon_wan_480p_matches_reference_and_triton(config):
     """Wan 480p, 4 heads, cluster order (no permutation): every tile config matches the reference on two heads
     and the Triton kernel on all four."""
