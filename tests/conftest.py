@@ -36,3 +36,15 @@ def no_default_timestep_warmup(monkeypatch):
 def default_timestep_warmup(monkeypatch):
     """The backend's default timestep warm-up, as users get it."""
     monkeypatch.setattr(options, "DEFAULT_DENSE_TIMESTEP_FRACTION", DEFAULT_DENSE_TIMESTEP_FRACTION)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` returns NaN-filled float and -7-filled integer tensors: unwritten outputs show."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(torch, "empty", empty)

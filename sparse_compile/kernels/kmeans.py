@@ -27,11 +27,13 @@ float dtype, into the fp32 buffer and zeroes the counts and sums, then the itera
 ``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
 is written by a kernel before it is read, none is filled by a separate memset or copy. Subsampled
 iterations (``sample_stride``) are the same kernels on a strided view of x, with their own label
-buffers. The reuse rule adds, after the first finalize, a memset and one *probe* launch
+buffers. The reuse rule adds, after the first finalize, one *probe* launch
 (``_probe_kernel``: the assignment of every ``probe_stride``-th token, counting per (b, h) the tokens
 whose label changes against the previous labels); every later assignment and finalize reads that
-count and leaves a settled (b, h) alone (no loads, no dots, no stores), and four ``torch.where``
-take the settled heads' outputs from the previous clustering (:func:`keep_settled`).
+count and leaves a settled (b, h) alone (no dots, no updates): the first finalize zeroes the count (no
+memset) and has already copied the previous centroids, and the last assignment's programs of a settled
+(b, h) copy the previous labels, ranks and sizes (the reference's
+:func:`~sparse_compile.kernels.kmeans_reference.keep_settled`, with no launch of its own).
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
 per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomics spread over
@@ -65,7 +67,6 @@ from sparse_compile.kernels.kmeans_reference import (
     cluster_permutation_reference,
     cluster_ranks_reference,
     initial_centroids,
-    keep_settled,
     kmeans_objective,
     kmeans_reference,
     sample_stride_for,
@@ -186,12 +187,30 @@ def _nearest(
 
 
 @triton.jit
+def _copy_settled(
+    prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr, labels_ptr, ranks_ptr, counts_ptr, bh, rows, rows_kept,
+    sizes_kept, seq_len, num_clusters, BLOCK_S: tl.constexpr,
+):
+    """A settled (b, h)'s previous labels and ranks of ``rows`` (where ``rows_kept``) and, where ``sizes_kept``,
+    its previous sizes into the counts, ``BLOCK_S`` clusters at a time."""
+    token = bh * seq_len + rows
+    tl.store(labels_ptr + token, tl.load(prev_labels_ptr + token, mask=rows_kept, other=0), mask=rows_kept)
+    tl.store(ranks_ptr + token, tl.load(prev_ranks_ptr + token, mask=rows_kept, other=0), mask=rows_kept)
+    lanes = tl.arange(0, BLOCK_S)
+    for k0 in range(0, tl.where(sizes_kept, num_clusters, 0), BLOCK_S):
+        cluster = bh * num_clusters + k0 + lanes
+        ok = k0 + lanes < num_clusters
+        tl.store(counts_ptr + cluster, tl.load(prev_sizes_ptr + cluster, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
 def _assign_kernel(
     x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr, changes_ptr, change_limit,
+    prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr,
     stride_xb, stride_xh, stride_xs,
     num_heads, seq_len, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr, SKIP_SETTLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, SKIP_SETTLED: tl.constexpr, KEEP_SETTLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (BLOCK_S tokens, batch * head): labels, ranks, counts and (ACCUMULATE) member sums.
 
@@ -199,19 +218,25 @@ def _assign_kernel(
     ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32
     ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are added to (``sums_ptr`` is not touched unless
     ACCUMULATE). With SKIP_SETTLED a (b, h) whose probe count ``changes[bh]`` is below ``change_limit``
-    (settled) reads, computes and writes nothing.
+    (settled) reads, computes and adds nothing; with KEEP_SETTLED too its programs copy the previous labels and
+    ranks (contiguous ``(B*H, S)``) of their tokens, and its first program the previous sizes (``(B*H, K)``)
+    into the counts.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_heads
     h = bh % num_heads
     rows = pid.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    row_ok = rows < seq_len
+    in_range = rows < seq_len
+    row_ok = in_range
     k_end = num_clusters
     if SKIP_SETTLED:
         active = tl.load(changes_ptr + bh) >= change_limit
-        row_ok = row_ok & active
+        row_ok = in_range & active
         k_end = tl.where(active, num_clusters, 0)
+        if KEEP_SETTLED:
+            _copy_settled(prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr, labels_ptr, ranks_ptr, counts_ptr, bh,
+                          rows, in_range & ~active, (pid == 0) & ~active, seq_len, num_clusters, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -256,7 +281,7 @@ def _probe_kernel(
 def _finalize_kernel(
     src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, changes_ptr, change_limit, total_rows, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, ZERO_COUNTS: tl.constexpr,
-    ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr, SKIP_SETTLED: tl.constexpr,
+    ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr, SKIP_SETTLED: tl.constexpr, ZERO_CHANGES: tl.constexpr,
 ):
     """One program per BLOCK_R centroid rows of the flat ``(B*H*K, D)`` buffers.
 
@@ -265,10 +290,13 @@ def _finalize_kernel(
     the counts / sums for the next assignment (after reading them). Always: ``low = c`` in the dot dtype
     (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
     With SKIP_SETTLED the rows of a settled (b, h) (``changes[row // num_clusters] < change_limit``)
-    are left as they are.
+    are left as they are; ZERO_CHANGES zeroes ``changes`` (int32 ``(B*H,)``) for the probe that follows.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < total_rows
+    if ZERO_CHANGES:
+        head_first = row_ok & (rows % num_clusters == 0)
+        tl.store(changes_ptr + rows // num_clusters, tl.zeros([BLOCK_R], tl.int32), mask=head_first)
     if SKIP_SETTLED:
         row_ok = row_ok & (tl.load(changes_ptr + rows // num_clusters, mask=row_ok, other=0) >= change_limit)
     dims = tl.arange(0, HEAD_DIM)
@@ -332,25 +360,31 @@ def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
 
 @dataclass(frozen=True)
 class _Settled:
-    """The reuse probe's device state: int32 ``changes`` ``(B*H,)`` (probe tokens that changed cluster)
-    and the host int ``limit``: a (b, h) with ``changes < limit`` is settled."""
+    """The reuse probe's device state: int32 ``changes`` ``(B*H,)`` (probe tokens that changed cluster,
+    zeroed by the first finalize), the host int ``limit`` (a (b, h) with ``changes < limit`` is settled) and
+    the ``previous`` clustering, labels, ranks and sizes contiguous, that a settled (b, h) keeps."""
 
     changes: Tensor
     limit: int
+    previous: Clustering
 
 
-def _finalize(ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool, settled: _Settled | None = None) -> None:
+def _finalize(
+    ws: _Workspace, src: Tensor, from_sums: bool, zero_sums: bool, settled: _Settled | None = None,
+    zero_changes: Tensor | None = None,
+) -> None:  # fmt: skip
     """Launch ``_finalize_kernel`` over every centroid row: centroids from ``src`` (contiguous
     ``(B, H, K, D)``, ``ws.centroids`` itself after an iteration) or the sums, counts zeroed unless this
     is the last finalize (``from_sums`` without ``zero_sums``), sums zeroed with ``zero_sums``; the rows
-    of ``settled`` heads untouched."""
+    of ``settled`` heads untouched; ``zero_changes`` (the probe's counts, ``(B*H,)``) zeroed."""
     b, h, k, d = ws.centroids.shape
     block_r = KMEANS_FINALIZE_ELEMENTS // d
+    changes = settled.changes if settled is not None else zero_changes if zero_changes is not None else ws.counts
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
-        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts,
-        ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
+        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, changes, 0 if settled is None else settled.limit,
         b * h * k, k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
         ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids, SKIP_SETTLED=settled is not None,
+        ZERO_CHANGES=zero_changes is not None,
     )  # fmt: skip
 
 
@@ -363,31 +397,32 @@ def _tail_chunk(num_clusters: int, block_k: int) -> int:
 
 def _assign(
     x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: TileConfig, accumulate: bool,
-    settled: _Settled | None = None,
+    settled: _Settled | None = None, keep_settled: bool = False,
 ) -> None:  # fmt: skip
     """Launch ``_assign_kernel`` over every (token tile, batch * head) of ``x`` (any ``(B, H, S', D)``
     view; labels and ranks ``(B, H, S')``): ``config.block_m`` tokens x ``config.block_n`` centroids per
-    step; ``settled`` heads skipped."""
+    step; ``settled`` heads skipped, or with ``keep_settled`` given their previous labels, ranks and sizes."""
     b, h, s, d = x.shape
+    previous = settled.previous if keep_settled and settled is not None else None
     _assign_kernel[(triton.cdiv(s, config.block_m), b * h)](
         x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
         ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
+        *((labels, ranks, ws.counts) if previous is None else (previous.labels, previous.ranks, previous.sizes)),
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2],
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n,
         TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_n), ACCUMULATE=accumulate,
-        SKIP_SETTLED=settled is not None, DOT_PRECISION=dot_precision(x.dtype),
+        SKIP_SETTLED=settled is not None, KEEP_SETTLED=previous is not None, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
-def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, config: TileConfig) -> _Settled:
+def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, changes: Tensor, config: TileConfig) -> _Settled:
     """Launch ``_probe_kernel`` on every ``reuse.probe_stride``-th token against the centroids in ``ws``
-    (the previous ones): the per-head count of changed labels, and the settled limit."""
+    (the previous ones), adding to ``changes`` (zeroed int32 ``(B*H,)``) the per-head count of changed labels."""
     b, h, _, d = x.shape
     probe = x[:, :, :: reuse.probe_stride]
     previous = reuse.previous.labels[:, :, :: reuse.probe_stride]
-    changes = torch.zeros((b * h,), dtype=torch.int32, device=x.device)
     num_clusters = ws.centroids.shape[2]
     _probe_kernel[(triton.cdiv(probe.shape[2], config.block_m), b * h)](
         probe, ws.low, ws.half_norms, previous, changes,
@@ -396,7 +431,9 @@ def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, config: TileConfig) -> _Sett
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n, TAIL_K=_tail_chunk(num_clusters, config.block_n),
         DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return _Settled(changes, change_limit(reuse.tolerance, probe.shape[2]))
+    kept = Clustering(reuse.previous.centroids, *(t.contiguous() for t in
+                      (reuse.previous.labels, reuse.previous.sizes, reuse.previous.ranks)))  # fmt: skip
+    return _Settled(changes, change_limit(reuse.tolerance, probe.shape[2]), kept)
 
 
 def _lloyd(
@@ -404,14 +441,15 @@ def _lloyd(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``iters`` iterations on ``x`` (a ``(B, H, S', D)`` view) from the centroids in ``ws`` (counts and
     sums zeroed): labels and ranks int32 ``(B, H, S')``. ``last``: the final finalize keeps the counts
-    (the sizes of the labels); otherwise they and the sums are zeroed for the next pass."""
+    (the sizes of the labels) and the last assignment gives ``settled`` heads their previous labels, ranks
+    and sizes; otherwise the counts and sums are zeroed for the next pass."""
     b, h, s, _ = x.shape
     labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     if iters == 0:
-        _assign(x, ws, labels, ranks, config, accumulate=False, settled=settled)
+        _assign(x, ws, labels, ranks, config, accumulate=False, settled=settled, keep_settled=last)
     for i in range(iters):
-        _assign(x, ws, labels, ranks, config, accumulate=True, settled=settled)
+        _assign(x, ws, labels, ranks, config, accumulate=True, settled=settled, keep_settled=last and i == iters - 1)
         _finalize(ws, ws.centroids, from_sums=True, zero_sums=i < iters - 1 or not last, settled=settled)
     return labels, ranks
 
@@ -433,7 +471,7 @@ def kmeans_triton(
     fixes the assignment tile (``block_m`` tokens x ``block_n`` centroids; default
     :data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`). ``init_centroids`` is not modified.
     With ``reuse`` the probe runs first and every later kernel skips the settled heads, whose outputs
-    are then the previous ones (selected by ``torch.where``, no sync).
+    are then the previous ones (copied by the last assignment, no sync).
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids, sample_stride, reuse)
     b, h, s, d = x.shape
@@ -453,17 +491,17 @@ def kmeans_triton(
         src = init_centroids.contiguous()
         centroids = torch.empty((b, h, num_clusters, d), dtype=torch.float32, device=x.device)
     ws = _workspace(x, centroids, iters)
-    _finalize(ws, src, from_sums=False, zero_sums=iters > 0)
-    settled = None if reuse is None else _probe(x, ws, reuse, config)
+    changes = None if reuse is None else torch.empty((b * h,), dtype=torch.int32, device=x.device)
+    _finalize(ws, src, from_sums=False, zero_sums=iters > 0, zero_changes=changes)
+    settled = None if reuse is None else _probe(x, ws, reuse, changes, config)
     if stride > 1:
         _lloyd(x[:, :, ::stride], ws, iters - 1, config, settled, last=False)
         labels, ranks = _lloyd(x, ws, 1, config, settled, last=True)
     else:
         labels, ranks = _lloyd(x, ws, iters, config, settled, last=True)
-    clustering = Clustering(ws.centroids, labels, ws.counts, ranks)
     if reuse is None:
-        return clustering
-    return keep_settled(clustering, reuse.previous, (settled.changes < settled.limit).view(b, h))
+        return Clustering(ws.centroids, labels, ws.counts, ranks)
+    return Clustering(ws.centroids, labels, ws.counts, ranks, (settled.changes < settled.limit).view(b, h))
 
 
 def kmeans(

@@ -69,6 +69,7 @@ import torch
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
+from sparse_compile.kernels.selection_summary import head_kept_fraction, selection_summary
 from sparse_compile.kernels.varlen_block_sparse import (
     StagedVarlenCall,
     run_staged_call,
@@ -122,15 +123,6 @@ class CachedClusters:
 
     query: Clustering
     key: Clustering
-
-
-def head_kept_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
-    """Fraction of the ``seq x seq`` pairs a cluster layout keeps per (batch, head): fp32 ``(B, H)``.
-
-    ``q_sizes`` ``(B, H, Kq)`` integer; ``kept_tokens`` ``(B, H, Kq)`` integer, the key tokens each
-    query cluster keeps (:attr:`ClusterSelection.kept_tokens`). Sums in int64.
-    """
-    return (kept_tokens.long() * q_sizes).sum(-1).float() / (seq * seq)
 
 
 def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
@@ -270,14 +262,11 @@ class Svg2Method(AttentionMethod):
         plan = self._plan(q, k, clusters, call.softmax_scale)
         kept_tokens = plan.selection.kept_tokens
         staged = self._stage(q, k, v, plan, call.softmax_scale)
-        head_fraction = head_kept_fraction(plan.q_sizes, kept_tokens, q.shape[2])
-        past = head_fraction > break_even
         # one host read per call: the input checks; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
         # keys all its q clusters keep
-        kept = kept_tokens.long()
-        batch, heads = kept.shape[:2]
-        values = torch.cat([checks, past.any(dim=0).long(), kept.amax(dim=(0, 2)), kept.sum(dim=2).flatten()])
+        values, head_fraction = selection_summary(plan.q_sizes, kept_tokens, q.shape[2], break_even, checks)
+        batch, heads = kept_tokens.shape[:2]
         last = self.cached(call, LastCallStaged) if staged is not None else None
         early = (lambda: run_staged_call(staged, q, k, v)) if last is not None and last.staged else None
         read, early_outputs = read_while(values, early)

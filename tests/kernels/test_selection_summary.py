@@ -1,0 +1,114 @@
+"""Tests of SVG2's read summary (:mod:`sparse_compile.kernels.selection_summary`).
+
+The reference is checked on a hand-computed selection; the Triton kernel must equal it (integers exactly, kept
+fractions to fp32 rounding) on random selections with several batch elements, more q clusters than one
+program sums at a time and 0 or 4 flags, its buffers poisoned first: under Triton's interpreter
+(``test_interp_*``, in a child process) and on CUDA (``@pytest.mark.gpu``). Off both, the reference runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from triton_interpreter_support import interp, run_interpreted
+
+from sparse_compile.kernels import selection_summary as summary_module
+from sparse_compile.kernels.common import interpreter_active
+from sparse_compile.kernels.selection_summary import BLOCK, selection_summary, selection_summary_reference
+
+
+def random_selection(b: int, h: int, nqc: int, seq: int, seed: int, device="cpu"):
+    """int32 ``(B, H, Kq)`` q cluster sizes and kept key tokens (each at most ``seq``)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 40, (b, h, nqc), generator=g, dtype=torch.int32)
+    kept = torch.randint(0, seq + 1, (b, h, nqc), generator=g, dtype=torch.int32)
+    return sizes.to(device), kept.to(device)
+
+
+def reference_is_off(*args) -> None:
+    raise AssertionError("the reference ran instead of the kernel")
+
+
+def assert_kernel_matches_reference(monkeypatch, sizes, kept, seq: int, break_even: float, flags) -> None:
+    """The kernel (the reference unreachable from :func:`selection_summary`) gives the reference's summary."""
+    want_values, want_fraction = selection_summary_reference(sizes, kept, seq, break_even, flags)
+    monkeypatch.setattr(summary_module, "selection_summary_reference", reference_is_off)
+    got_values, got_fraction = selection_summary(sizes, kept, seq, break_even, flags)
+    assert got_values.dtype == torch.int64 and got_fraction.dtype == torch.float32
+    assert torch.equal(got_values.cpu(), want_values.cpu())
+    torch.testing.assert_close(got_fraction.cpu(), want_fraction.cpu(), rtol=1e-6, atol=0)
+
+
+def threshold_between_heads(sizes, kept, seq: int) -> float:
+    """A break-even halfway between two of the selection's kept fractions: some heads pass it, others not."""
+    fractions = selection_summary_reference(sizes, kept, seq, 0.0, torch.zeros(0, dtype=torch.int64))[1]
+    distinct = fractions.flatten().unique().tolist()
+    middle = len(distinct) // 2
+    return (distinct[middle - 1] + distinct[middle]) / 2
+
+
+# ---------------------------------------------------------------- the specification
+
+
+def test_reference_on_a_hand_computed_selection() -> None:
+    """B=2, H=2, Kq=2, S=10: per (b, h) the kept pairs are sum(size * kept); head 1 passes 0.3 in batch element 1."""
+    sizes = torch.tensor([[[4, 6], [5, 5]], [[3, 7], [2, 8]]], dtype=torch.int32)
+    kept = torch.tensor([[[2, 1], [3, 3]], [[1, 2], [5, 4]]], dtype=torch.int32)
+    flags = torch.tensor([1, 0, 1], dtype=torch.int64)
+    values, fraction = selection_summary_reference(sizes, kept, 10, 0.3, flags)
+    torch.testing.assert_close(fraction, torch.tensor([[0.14, 0.30], [0.17, 0.42]]))
+    assert values.tolist() == [1, 0, 1] + [0, 1] + [2, 5] + [3, 6, 3, 9]
+
+
+def test_shapes_and_dtypes_are_checked_naming_the_argument() -> None:
+    sizes, kept = random_selection(1, 2, 3, 10, 0)
+    flags = torch.ones(3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="kept_tokens must be int32"):
+        selection_summary(sizes, kept.long(), 10, 0.5, flags)
+    with pytest.raises(ValueError, match=r"q_sizes and kept_tokens must both be \(B, H, Kq\)"):
+        selection_summary(sizes, kept[:, :, :2], 10, 0.5, flags)
+    with pytest.raises(ValueError, match="flags must be a 1-D int64"):
+        selection_summary(sizes, kept, 10, 0.5, flags.int())
+
+
+def test_cpu_tensors_take_the_reference(monkeypatch) -> None:
+    if interpreter_active():
+        pytest.skip("the interpreter runs the kernel on CPU tensors")
+
+    def kernel_is_off(*args, **kwargs) -> None:
+        raise AssertionError("the kernel ran on CPU tensors")
+
+    monkeypatch.setattr(summary_module, "_summary_kernel", kernel_is_off)
+    sizes, kept = random_selection(2, 3, 5, 20, 1)
+    flags = torch.ones(2, dtype=torch.int64)
+    got, want = selection_summary(sizes, kept, 20, 0.25, flags), selection_summary_reference(sizes, kept, 20, 0.25, flags)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ---------------------------------------------------------------- Triton interpreter (child process)
+
+
+def test_interpreter_suite() -> None:
+    """Run the ``test_interp_*`` cases in a fresh process with TRITON_INTERPRET=1 set before triton loads."""
+    run_interpreted(__file__, "test_interp_")
+
+
+@interp
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize(("b", "h", "nqc", "num_flags"), [(1, 3, 7, 4), (3, 2, BLOCK + 37, 0), (2, 5, 200, 3)])
+def test_interp_the_kernel_matches_the_reference(monkeypatch, b: int, h: int, nqc: int, num_flags: int) -> None:
+    sizes, kept = random_selection(b, h, nqc, 50, seed=b * 100 + nqc)
+    flags = torch.tensor([1, 0, 1, 1][:num_flags], dtype=torch.int64)
+    assert_kernel_matches_reference(monkeypatch, sizes, kept, 50, threshold_between_heads(sizes, kept, 50), flags)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("poisoned_empty")
+def test_gpu_the_kernel_matches_the_reference_at_wan_480p(monkeypatch) -> None:
+    """SVG2's defaults at Wan 480p: 200 q clusters, 12 heads, 32760 video tokens, CFG's batch of 2."""
+    sizes, kept = random_selection(2, 12, 200, 32760, seed=3, device="cuda")
+    flags = torch.tensor([1, 1, 0], dtype=torch.int64, device="cuda")
+    assert_kernel_matches_reference(monkeypatch, sizes, kept, 32760, threshold_between_heads(sizes, kept, 32760), flags)
