@@ -41,7 +41,7 @@ per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomi
 :data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`.
 
 The cluster permutation is then a counting sort: a token's place is its cluster's offset plus its
-rank, computed as the offsets' cumsum and one Triton scatter.
+rank, in one Triton scatter whose programs each sum their head's cluster sizes into the offsets.
 
 Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
 run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
@@ -320,19 +320,33 @@ def _finalize_kernel(
 
 
 @triton.jit
-def _permutation_kernel(labels_ptr, ranks_ptr, offsets_ptr, perm_ptr, seq_len, num_clusters, BLOCK: tl.constexpr):
+def _permutation_kernel(
+    labels_ptr, ranks_ptr, sizes_ptr, offsets_ptr, perm_ptr, seq_len, num_clusters, BLOCK: tl.constexpr,
+    CLUSTERS_PAD: tl.constexpr,
+):
     """One program per (BLOCK tokens, batch * head): ``perm[offsets[label] + rank] = token``.
 
     labels, ranks contiguous ``(B*H, S)`` (any integer dtype), offsets int32 ``(B*H, K + 1)``, perm
-    int64 ``(B*H, S)``.
+    int64 ``(B*H, S)``. With ``CLUSTERS_PAD`` >= K each program sums its head's sizes (contiguous ``(B*H, K)``)
+    into the offsets itself and the first one writes them; with 0 the offsets are read (written before).
     """
     bh = tl.program_id(1).to(tl.int64)
     tokens = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = tokens < seq_len
     label = tl.load(labels_ptr + bh * seq_len + tokens, mask=ok, other=0)
     rank = tl.load(ranks_ptr + bh * seq_len + tokens, mask=ok, other=0)
-    place = tl.load(offsets_ptr + bh * (num_clusters + 1) + label, mask=ok, other=0) + rank
-    tl.store(perm_ptr + bh * seq_len + place, tokens.to(tl.int64), mask=ok)
+    offsets = offsets_ptr + bh * (num_clusters + 1)
+    if CLUSTERS_PAD > 0:
+        clusters = tl.arange(0, CLUSTERS_PAD)
+        sizes = tl.load(sizes_ptr + bh * num_clusters + clusters, mask=clusters < num_clusters, other=0).to(tl.int32)
+        ends = tl.cumsum(sizes, 0)
+        first = tl.gather(ends - sizes, label.to(tl.int32), 0)
+        if tl.program_id(0) == 0:
+            tl.store(offsets + clusters + 1, ends, mask=clusters < num_clusters)
+            tl.store(offsets, 0)
+    else:
+        first = tl.load(offsets + label, mask=ok, other=0)
+    tl.store(perm_ptr + bh * seq_len + first + rank, tokens.to(tl.int64), mask=ok)
 
 
 @dataclass(frozen=True)
@@ -347,6 +361,10 @@ class _Workspace:
     half_norms: Tensor
     counts: Tensor
     sums: Tensor
+
+
+MAX_SUMMED_CLUSTERS = 4096
+"""Most clusters whose offsets each program of the permutation scatter sums itself (one register vector)."""
 
 
 def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
@@ -536,17 +554,21 @@ def kmeans(
 
 
 def cluster_permutation_triton(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`cluster_permutation` as the offsets' cumsum and one Triton scatter (CUDA, or CPU tensors
-    under ``TRITON_INTERPRET=1``); ``S < 2**31``."""
+    """:func:`cluster_permutation` as one Triton scatter whose programs also sum the offsets, up to
+    :data:`MAX_SUMMED_CLUSTERS` clusters (more: the offsets' cumsum first), on CUDA or CPU tensors under
+    ``TRITON_INTERPRET=1``; ``S < 2**31``."""
     check_permutation_inputs(labels, sizes, ranks)
-    offsets = cluster_offsets(sizes)
     b, h, s = labels.shape
+    k = sizes.shape[-1]
     perm = torch.empty((b, h, s), dtype=torch.int64, device=labels.device)
-    if perm.numel():
-        labels, ranks = labels.contiguous(), ranks.contiguous()
-        _permutation_kernel[(triton.cdiv(s, PERMUTATION_TOKENS), b * h)](
-            labels, ranks, offsets, perm, s, sizes.shape[-1], BLOCK=PERMUTATION_TOKENS
-        )
+    if not perm.numel():
+        return perm, cluster_offsets(sizes)
+    summed = k <= MAX_SUMMED_CLUSTERS
+    offsets = torch.empty((b, h, k + 1), dtype=torch.int32, device=labels.device) if summed else cluster_offsets(sizes)
+    _permutation_kernel[(triton.cdiv(s, PERMUTATION_TOKENS), b * h)](
+        labels.contiguous(), ranks.contiguous(), sizes.contiguous(), offsets, perm, s, k, BLOCK=PERMUTATION_TOKENS,
+        CLUSTERS_PAD=triton.next_power_of_2(k) if summed else 0,
+    )  # fmt: skip
     return perm, offsets
 
 

@@ -460,8 +460,8 @@ def kept_rows_plan(
     b, h, nqc, _ = layout.indices.shape
     pairs, device = b * h, layout.indices.device
     if kept_rows_total is not None and 4 * kept_rows_total <= budget_bytes:
-        kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(-1).long()
-        return KeptRowsPlan(((0, pairs),), kept.cumsum(0) - kept, kept_rows_total, shared=False)
+        kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(-1)
+        return KeptRowsPlan(((0, pairs),), kept.cumsum(0, dtype=torch.int64) - kept, kept_rows_total, shared=False)
     if pair_kept_rows is not None:
         groups = ragged_groups(pair_kept_rows, budget_bytes // 4)
         kept = (varlen_kept_keys(layout) if kept_keys is None else kept_keys).reshape(pairs, nqc).long()

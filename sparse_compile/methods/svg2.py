@@ -69,7 +69,7 @@ import torch
 
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p_clusters
 from sparse_compile.kernels.kmeans import Clustering, Reuse, cluster_permutation, kmeans
-from sparse_compile.kernels.selection_summary import head_kept_fraction, selection_summary
+from sparse_compile.kernels.selection_summary import selection_summary
 from sparse_compile.kernels.varlen_block_sparse import (
     StagedVarlenCall,
     run_staged_call,
@@ -123,6 +123,15 @@ class CachedClusters:
 
     query: Clustering
     key: Clustering
+
+
+def head_kept_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
+    """Fraction of the ``seq x seq`` pairs a cluster layout keeps per (batch, head): fp32 ``(B, H)``.
+
+    ``q_sizes`` ``(B, H, Kq)`` integer; ``kept_tokens`` ``(B, H, Kq)`` integer, the key tokens each
+    query cluster keeps (:attr:`ClusterSelection.kept_tokens`). Sums in int64.
+    """
+    return (kept_tokens.long() * q_sizes).sum(-1).float() / (seq * seq)
 
 
 def kept_pair_fraction(q_sizes: torch.Tensor, kept_tokens: torch.Tensor, seq: int) -> torch.Tensor:
@@ -264,15 +273,16 @@ class Svg2Method(AttentionMethod):
         staged = self._stage(q, k, v, plan, call.softmax_scale)
         # one host read per call: the input checks; per head: whether it passes break-even and
         # the most keys one of its q clusters keeps (in every batch element); per (batch element, head): the
-        # keys all its q clusters keep
-        values, head_fraction = selection_summary(plan.q_sizes, kept_tokens, q.shape[2], break_even, checks)
+        # keys all its q clusters keep, and the pairs it keeps
+        values = selection_summary(plan.q_sizes, kept_tokens, q.shape[2], break_even, checks)
         batch, heads = kept_tokens.shape[:2]
         last = self.cached(call, LastCallStaged) if staged is not None else None
         early = (lambda: run_staged_call(staged, q, k, v)) if last is not None and last.staged else None
         read, early_outputs = read_while(values, early)
         reason = input_problem(names, read[:len(names)])
         read = read[len(names):]
-        guarded, head_max_kept, pair_kept = read[:heads], read[heads:2 * heads], read[2 * heads:]
+        guarded, head_max_kept = read[:heads], read[heads:2 * heads]
+        pair_kept, pair_pairs = read[2 * heads:2 * heads + batch * heads], read[2 * heads + batch * heads:]
         unguarded = [h for h, g in enumerate(guarded) if not g]
         pair_rows = [pair_kept[b * heads + h] for b in range(batch) for h in unguarded]
         fits = staged is not None and reason is None and len(unguarded) == heads and sum(pair_rows) <= staged.capacity
@@ -288,7 +298,8 @@ class Svg2Method(AttentionMethod):
             return self._guarded_dense(call)
         if staged is not None:
             outputs = run_staged_call(staged, q, k, v) if early_outputs is None else early_outputs
-            return attend_video_and_text(call, lambda *video_qkv: (*outputs, head_fraction.mean()))
+            density = sum(pair_pairs) / (len(pair_pairs) * q.shape[2] ** 2)
+            return attend_video_and_text(call, lambda *video_qkv: (*outputs, density))
         bounds = max(head_max_kept[h] for h in unguarded), sum(pair_rows), pair_rows
         if len(unguarded) == len(guarded):
             return attend_video_and_text(call, lambda q, k, v: self._attend_plan(q, k, v, plan, call, *bounds))

@@ -462,10 +462,14 @@ def test_interp_iters_zero_ties_and_edge_shapes():
 
 @interp
 @pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("offsets", ["summed by the scatter", "cumsum first"])
 @pytest.mark.parametrize("s, k", [(80, 20), (1500, 7), (3, 5)], ids=["small", "two programs", "empty clusters"])
-def test_interp_triton_permutation_equals_the_reference(s, k):
+def test_interp_triton_permutation_equals_the_reference(monkeypatch, s, k, offsets):
     """Same permutation and offsets as the torch specification, with stable and with reversed ranks,
-    int32 and int64 labels, over more tokens than one program handles."""
+    int32 and int64 labels, over more tokens than one program handles; offsets summed by the scatter's
+    programs and, past :data:`MAX_SUMMED_CLUSTERS`, by a cumsum first."""
+    if offsets == "cumsum first":
+        monkeypatch.setattr(km, "MAX_SUMMED_CLUSTERS", k - 1)
     g = torch.Generator().manual_seed(s)
     labels = torch.randint(0, k, (2, 3, s), generator=g, dtype=torch.int32)
     sizes = cluster_sizes(labels, k)
