@@ -327,7 +327,7 @@ def _permutation_kernel(
     """One program per (BLOCK tokens, batch * head): ``perm[offsets[label] + rank] = token``.
 
     labels, ranks contiguous ``(B*H, S)`` (any integer dtype), offsets int32 ``(B*H, K + 1)``, perm
-    int64 ``(B*H, S)``. With ``CLUSTERS_PAD`` >= K each program sums its head's sizes (contiguous ``(B*H, K)``)
+    int64 ``(B*H, S)``. With ``CLUSTERS_PAD`` >= K (a power of two) each program sums its head's sizes (contiguous ``(B*H, K)``)
     into the offsets itself and the first one writes them; with 0 the offsets are read (written before).
     """
     bh = tl.program_id(1).to(tl.int64)
@@ -567,7 +567,7 @@ def cluster_permutation_triton(labels: Tensor, sizes: Tensor, ranks: Tensor) -> 
     offsets = torch.empty((b, h, k + 1), dtype=torch.int32, device=labels.device) if summed else cluster_offsets(sizes)
     _permutation_kernel[(triton.cdiv(s, PERMUTATION_TOKENS), b * h)](
         labels.contiguous(), ranks.contiguous(), sizes.contiguous(), offsets, perm, s, k, BLOCK=PERMUTATION_TOKENS,
-        CLUSTERS_PAD=triton.next_power_of_2(k) if summed else 0,
+        CLUSTERS_PAD=max(triton.next_power_of_2(k), 16) if summed else 0,
     )  # fmt: skip
     return perm, offsets
 

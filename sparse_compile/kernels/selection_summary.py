@@ -40,7 +40,9 @@ def _check(q_sizes: Tensor, kept_tokens: Tensor, flags: Tensor) -> None:
         raise ValueError("q_sizes, kept_tokens and flags must share a device")
 
 
-def selection_summary_reference(q_sizes: Tensor, kept_tokens: Tensor, seq: int, break_even: float, flags: Tensor) -> Tensor:
+def selection_summary_reference(
+    q_sizes: Tensor, kept_tokens: Tensor, seq: int, break_even: float, flags: Tensor
+) -> Tensor:
     """:func:`selection_summary` in torch ops (the specification)."""
     _check(q_sizes, kept_tokens, flags)
     kept = kept_tokens.long()
@@ -87,19 +89,18 @@ def _summary_kernel(
 def selection_summary(q_sizes: Tensor, kept_tokens: Tensor, seq: int, break_even: float, flags: Tensor) -> Tensor:
     """The read vector of a cluster selection (see the module doc); no host sync.
 
-    ``q_sizes`` and ``kept_tokens`` int32 ``(B, H, Kq)``, ``Kq >= 1``; ``flags`` int64 ``(n,)``, ``n <= BLOCK``;
-    ``seq`` the video tokens; ``break_even`` a kept fraction. CUDA, or CPU tensors under ``TRITON_INTERPRET=1``:
-    one Triton launch; else :func:`selection_summary_reference`.
+    ``q_sizes`` and ``kept_tokens`` int32 ``(B, H, Kq)``, ``Kq >= 1``; ``flags`` int64 ``(n,)``; ``seq`` the video
+    tokens; ``break_even`` a kept fraction. CUDA, or CPU tensors under ``TRITON_INTERPRET=1``: one Triton launch
+    (up to ``BLOCK`` flags, one head or more); else :func:`selection_summary_reference`.
     """
     _check(q_sizes, kept_tokens, flags)
-    device = q_sizes.device
-    if not (device.type == "cuda" or interpreter_active()) or flags.numel() > BLOCK:
-        return selection_summary_reference(q_sizes, kept_tokens, seq, break_even, flags)
     b, h, nqc = q_sizes.shape
+    device = q_sizes.device
+    if not (device.type == "cuda" or interpreter_active()) or flags.numel() > BLOCK or h == 0:
+        return selection_summary_reference(q_sizes, kept_tokens, seq, break_even, flags)
     values = torch.empty(flags.numel() + 2 * h + 2 * b * h, dtype=torch.int64, device=device)
-    if h > 0:
-        _summary_kernel[(h,)](
-            q_sizes.contiguous(), kept_tokens.contiguous(), flags, values, b, h, nqc, flags.numel(), float(seq * seq),
-            float(break_even), BLOCK=BLOCK,
-        )  # fmt: skip
+    _summary_kernel[(h,)](
+        q_sizes.contiguous(), kept_tokens.contiguous(), flags, values, b, h, nqc, flags.numel(), float(seq * seq),
+        float(break_even), BLOCK=BLOCK,
+    )  # fmt: skip
     return values

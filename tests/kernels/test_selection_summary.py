@@ -1,8 +1,9 @@
 """Tests of SVG2's read summary (:mod:`sparse_compile.kernels.selection_summary`).
 
-The reference is checked on a hand-computed selection; the Triton kernel must equal it exactly on random selections with several batch elements, more q clusters than one
-program sums at a time and 0 or 4 flags, its buffers poisoned first: under Triton's interpreter
-(``test_interp_*``, in a child process) and on CUDA (``@pytest.mark.gpu``). Off both, the reference runs.
+The reference is checked on a hand-computed selection; the Triton kernel must equal it exactly on random
+selections with several batch elements, more q clusters than one program sums at a time and 0 to 4 flags, its
+buffers poisoned first: under Triton's interpreter (``test_interp_*``, in a child process) and on CUDA
+(``@pytest.mark.gpu``). Off both, the reference runs.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def test_shapes_and_dtypes_are_checked_naming_the_argument() -> None:
         selection_summary(sizes, kept[:, :, :2], 10, 0.5, flags)
     with pytest.raises(ValueError, match="flags must be a 1-D int64"):
         selection_summary(sizes, kept, 10, 0.5, flags.int())
+
+
+def test_no_heads_leave_the_flags_alone() -> None:
+    empty = torch.zeros((2, 0, 3), dtype=torch.int32)
+    assert selection_summary(empty, empty, 10, 0.5, torch.tensor([1, 0], dtype=torch.int64)).tolist() == [1, 0]
 
 
 def test_cpu_tensors_take_the_reference(monkeypatch) -> None:
