@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gluon_compile import compile_sm90a, resource_usage
 from triton_interpreter_support import interp, rel_l2, run_interpreted
 from sparse_compile.kernels import kmeans as km
 from sparse_compile.kernels.kmeans_reference import (
@@ -22,7 +23,7 @@ from sparse_compile.kernels.kmeans_reference import (
     lloyd_reference,
     sample_stride_for,
 )
-from sparse_compile.kernels.tile_configs import TileConfig
+from sparse_compile.kernels.tile_configs import PERMUTATION_TOKENS, TileConfig
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -514,6 +515,21 @@ def test_interp_reuse_skips_settled_heads_and_matches_the_reference(iters, sampl
     assert_same_clustering(got, want, torch.float32)
     for field in ("centroids", "labels", "sizes", "ranks"):
         assert torch.equal(getattr(got, field)[:, [0, 2]], getattr(previous, field)[:, [0, 2]])
+
+
+# ------------------------------------------------------------------------------------------------
+# sm_90a code (CPU, ahead of time)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_permutation_scatter_sums_the_most_clusters_it_takes_without_spilling_on_sm90a(tmp_path):
+    """At :data:`MAX_SUMMED_CLUSTERS` every program holds its head's cluster sizes in registers: no local memory."""
+    signature = dict(labels_ptr="*i32", ranks_ptr="*i32", sizes_ptr="*i32", offsets_ptr="*i32", perm_ptr="*i64",
+                     seq_len="i32", num_clusters="i32", BLOCK="constexpr", CLUSTERS_PAD="constexpr")  # fmt: skip
+    compiled = compile_sm90a(km._permutation_kernel, signature,
+                             dict(BLOCK=PERMUTATION_TOKENS, CLUSTERS_PAD=km.MAX_SUMMED_CLUSTERS), dict(num_warps=4),
+                             ("labels_ptr", "ranks_ptr", "sizes_ptr", "offsets_ptr", "perm_ptr"))  # fmt: skip
+    assert resource_usage(compiled, tmp_path)["LOCAL"] == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 The reference is checked on a hand-computed selection; the Triton kernel must equal it exactly on random
 selections with several batch elements, more q clusters than one program sums at a time and 0 to 4 flags, its
 buffers poisoned first: under Triton's interpreter (``test_interp_*``, in a child process) and on CUDA
-(``@pytest.mark.gpu``). Off both, the reference runs.
+(``@pytest.mark.gpu``). Off both, the reference runs. Compiled for sm_90a on any machine, the kernel does not spill.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from gluon_compile import compile_sm90a, resource_usage
 from triton_interpreter_support import interp, run_interpreted
 
 from sparse_compile.kernels import selection_summary as summary_module
@@ -103,6 +104,18 @@ def test_interp_the_kernel_matches_the_reference(monkeypatch, b: int, h: int, nq
     sizes, kept = random_selection(b, h, nqc, 50, seed=b * 100 + nqc)
     flags = torch.tensor([1, 0, 1, 1][:num_flags], dtype=torch.int64)
     assert_kernel_matches_reference(monkeypatch, sizes, kept, 50, threshold_between_heads(sizes, kept, 50), flags)
+
+
+# ---------------------------------------------------------------- sm_90a code (CPU, ahead of time)
+
+
+def test_the_kernel_compiles_for_sm90a_without_spilling(tmp_path) -> None:
+    signature = dict(sizes_ptr="*i32", kept_ptr="*i32", flags_ptr="*i64", values_ptr="*i64", batch="i32",
+                     num_heads="i32", num_q_clusters="i32", num_flags="i32", all_pairs="fp32", break_even="fp32",
+                     BLOCK="constexpr")  # fmt: skip
+    compiled = compile_sm90a(summary_module._summary_kernel, signature, dict(BLOCK=BLOCK), dict(num_warps=4),
+                             ("sizes_ptr", "kept_ptr", "flags_ptr", "values_ptr"))  # fmt: skip
+    assert resource_usage(compiled, tmp_path)["LOCAL"] == 0
 
 
 # ---------------------------------------------------------------- GPU
