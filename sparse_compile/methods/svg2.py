@@ -50,8 +50,10 @@ it runs dense SDPA without clustering for the next ``GUARD_RECHECK_STEPS`` steps
 decides again (near-uniform attention then costs no k-means). The host reads the device once per
 call, after the selection is launched: whether q, k and v are finite and a key-padding mask keeps every
 video key (:func:`~sparse_compile.methods.fallback.input_checks`; a call failing them runs dense SDPA and
-its clustering is not cached), the heads' densities for that decision, the most keys any q cluster
-keeps and each head's kept keys of all q clusters (which size the cluster kernel's kept-rows buffer).
+its clustering is not cached), which heads pass break-even, the most keys any q cluster keeps and each
+head's kept keys of all q clusters (which size the cluster kernel's kept-rows buffer) and kept pairs (the
+call's density): one vector, gathered in one launch
+(:func:`~sparse_compile.kernels.selection_summary.selection_summary`).
 So the next call's clustering and selection are launched while this call's kernel runs. The kernel's
 prep for every head is launched before the read (:meth:`Svg2Method._stage`), and where the site's last
 call ran that staged call, its attention kernel too: the read then waits for the selection only, and the
