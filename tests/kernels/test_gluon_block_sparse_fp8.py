@@ -7,7 +7,8 @@ off sm_90; the tile for each layout and the launcher's argument checks; the V qu
 asks for (channels first, keys padded to 16: the same bytes, TMA-readable; under Triton's interpreter,
 ``test_interp_*`` in a child process); and an ahead-of-time compile of the kernel for sm_90a with the
 ptxas in Triton's wheel (e4m3 ``wgmma``, TMA, register hand-over, no register spills, shared memory
-within Hopper's limit, P·V with P from registers) for D 64/128, query blocks 128/256 and key blocks 64/128/256.
+within Hopper's limit, both GEMMs from shared memory, one fresh accumulator per GEMM) for D 64/128, query
+blocks 128/256 and key blocks 64/128/256.
 
 GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) run the kernel into NaN-poisoned O and LSE:
 O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` (1e-2 at scale 0.3) and finite LSEs
@@ -49,11 +50,11 @@ from sparse_compile.kernels.gluon_block_sparse import (
     GLUON_LAYOUT_BLOCKS,
     PRODUCER_REGS,
     launch_registers,
+    tile_shared_layout,
     tma_readable,
 )
 from sparse_compile.kernels.gluon_block_sparse_fp8 import (
     GLUON_FP8_QUERY_BLOCKS,
-    MMA_CHUNK,
     V_KEY_MULTIPLE,
     fp8_gluon_ineligibility,
     launch_gluon_block_sparse_fp8,
@@ -228,8 +229,7 @@ def test_interp_entry_quantisation_is_the_triton_entrys_with_v_transposed_tma_re
 # ---------------------------------------------------------------- sm_90a compile (CPU, ahead of time)
 
 
-def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, pingpong: bool = False,
-                   chunk: int = MMA_CHUNK):
+def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool):
     """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
     from triton.experimental.gluon import language as gl
 
@@ -242,8 +242,9 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, ping
         layout = gl.NVMMASharedLayout.get_default_for(block, gl.float8e4nv)
         return f"tensordesc<fp8e4nv[{', '.join(map(str, block))}],{layout!r}>"
 
-    constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, STAGES=tile.num_stages, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-                     PINGPONG=pingpong, CHUNK=chunk)  # fmt: skip
+    constants = dict(LAYOUT_BQ=block_q, LAYOUT_BK=block_k, EVEN_K=even_k, STAGES=tile.num_stages,
+                     CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+                     P_LAYOUT=tile_shared_layout(CONSUMER_ROWS, tile.block_n, torch.float8_e4m3fn))  # fmt: skip
     signature = {
         "q_desc": descriptor(CONSUMER_ROWS, head_dim), "k_desc": descriptor(tile.block_n, head_dim),
         "vt_desc": descriptor(head_dim, tile.block_n),
@@ -259,23 +260,29 @@ def _compile_sm90a(block_q: int, block_k: int, head_dim: int, even_k: bool, ping
     return compile_sm90a(_block_sparse_fp8_fwd_gluon, signature, constants, options)
 
 
+_COMPILED_CASES = [(128, 128, 128, False), (128, 128, 64, True), (128, 64, 128, False), (256, 64, 64, True),
+                   (256, 256, 128, False)]  # fmt: skip
+"""(block_q, block_k, head_dim, even_k) of the ahead-of-time compile tests."""
+
+
+def _gemm_sites(even_k: bool) -> int:
+    """Places in one consumer's code that issue each GEMM: tile 0's ``S`` or the last tile's ``P V``, and the main
+    loop's, plus the masked last block's loop when the keys are not a multiple of the block."""
+    return 2 if even_k else 3
+
+
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
-@pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize(
-    "block_q,block_k,head_dim,even_k",
-    [(128, 128, 128, False), (128, 128, 64, True), (128, 64, 128, False), (256, 64, 64, True), (256, 256, 128, False)],
-)
-def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, head_dim, even_k, pingpong) -> None:
-    kernel = _compile_sm90a(block_q, block_k, head_dim, even_k, pingpong)
+@pytest.mark.parametrize("block_q,block_k,head_dim,even_k", _COMPILED_CASES)
+def test_kernel_compiles_for_sm90a_without_spills(tmp_path, block_q, block_k, head_dim, even_k) -> None:
+    kernel = _compile_sm90a(block_q, block_k, head_dim, even_k)
     ptx = kernel.asm["ptx"]
     assert ".target sm_90a" in ptx and "cp.async.bulk.tensor.4d" in ptx
-    assert "wgmma.mma_async.sync.aligned" in ptx
     wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
-    assert all(".f32.e4m3.e4m3" in w for w in wgmmas)
-    # P V takes A (P) from registers, in BLOCK_N / 32 instructions per tile; S = Q K^T in D / 32 from shared memory
-    pv = len([w for w in wgmmas if re.search(r"\},\s*\{%r", w)])
+    assert wgmmas and all(".f32.e4m3.e4m3" in w for w in wgmmas)
+    # both GEMMs read their operands from shared memory (P is stored there), D / 32 + BLOCK_N / 32 instructions
+    assert not [w for w in wgmmas if re.search(r"\},\s*\{%r", w)]
     block_n = gluon_fp8_block_sparse_tile(block_k).block_n
-    assert pv > 0 and pv * head_dim == (len(wgmmas) - pv) * block_n
+    assert len(wgmmas) == 2 * _gemm_sites(even_k) * (head_dim + block_n) // 32  # two consumers
     assert "setmaxnreg" in ptx  # the producer hands its registers to the consumers
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES
     usage = resource_usage(kernel, tmp_path)
@@ -287,33 +294,26 @@ def _wgmma_scale_d(ptx: str) -> list[str]:
     return re.findall(r"wgmma\.mma_async[^;]*,\s*([^,\s]+),\s*1,\s*1;", ptx)
 
 
-@pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("head_dim,chunk", [(128, 32), (128, 64), (64, 32)])
-def test_kernel_chunks_each_e4m3_wgmma_chain(head_dim, chunk, pingpong) -> None:
-    """With ``CHUNK`` every e4m3 chain is ``chunk / 32`` instructions long: a fresh accumulator (scale-d 0)
-    every ``chunk / 32`` wgmmas and nowhere else; the 128x128 tile's count of wgmmas does not change. (Keys not
-    a multiple of the block: each consumer has the unmasked loop and the last block's masked one.)"""
-    ptx = _compile_sm90a(128, 128, head_dim, False, pingpong, chunk).asm["ptx"]
-    scale_d = _wgmma_scale_d(ptx)
-    wgmmas = re.findall(r"wgmma\.mma_async[^;]*;", ptx)
-    assert len(scale_d) == len(wgmmas) and all(".f32.e4m3.e4m3" in w for w in wgmmas)
-    per_chain = chunk // 32
-    assert len(wgmmas) == 2 * 2 * (head_dim + 128) // 32  # two consumers, two loops; S and P V once in each
-    assert scale_d.count("0") == len(wgmmas) // per_chain
+@pytest.mark.parametrize("block_q,block_k,head_dim,even_k", _COMPILED_CASES)
+def test_each_e4m3_gemm_is_one_whole_tile_chain_into_a_fresh_accumulator(block_q, block_k, head_dim, even_k) -> None:
+    """Every ``S`` and every ``P V`` starts a fresh accumulator (scale-d 0) once and accumulates the rest of its
+    tile in the same chain; ``P V`` is added to the fp32 running output in registers."""
+    scale_d = _wgmma_scale_d(_compile_sm90a(block_q, block_k, head_dim, even_k).asm["ptx"])
+    assert scale_d.count("0") == 2 * 2 * _gemm_sites(even_k)  # two consumers, two GEMMs
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
 def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_path) -> None:
-    """Both GEMMs run at twice the bf16 rate only if the consumer's softmax and P packing issue no more than the
+    """Both GEMMs run at twice the bf16 rate only if the consumer's softmax and P store issue about as much as the
     bf16 kernel's: the score scale and 448 ride in the exponent's FMA, the rescale in the P V add, and P is
-    packed once (two e4m3 pairs per register), never carried across the loop as bytes."""
+    converted once (two e4m3 per conversion) and stored to shared memory, never shuffled into operand order."""
     from test_gluon_block_sparse import _compile_sm90a as compile_bf16
     from triton.experimental.gluon import language as gl
 
     fp8 = attention_loop_mix(_compile_sm90a(128, 128, 128, False), tmp_path)
     bf16 = attention_loop_mix(compile_bf16(128, 128, 128, gl.bfloat16, False), tmp_path)
     assert sum(fp8.values()) <= 1.1 * sum(bf16.values())
-    assert fp8["F2FP"] == 32 and fp8["PRMT"] <= 16  # 64 probabilities per thread, 4 per register
+    assert fp8["F2FP"] == 32 and fp8["PRMT"] == 0 and fp8["STS"] <= 32  # 64 probabilities per thread
     assert fp8["FMUL"] <= 4  # no per-score multiply left
 
 
