@@ -16,9 +16,9 @@ One program computes 128 query rows of one (batch, head) (grid ``(cdiv(S_q, 128)
   :func:`~sparse_compile.kernels.fp8_quant.channels_first_fp8`) so its tiles are K-major for ``P V``;
 - each of two consumer warpgroups (64 query rows each) issues, per kept tile ``t``, ``S = Q K_t^T`` and the
   ``P V`` of tile ``t - 1`` back to back (asynchronous ``warpgroup_mma``, both operands in shared memory), runs
-  the softmax of ``t`` while ``P V`` is on the tensor cores, and writes ``e4m3(P_t)`` into the second of its
-  two shared P buffers for the next trip (the bf16 kernel's overlap: there P stays in registers, but an fp8
-  register tensor carried across the loop is unpacked to one byte per register).
+  the softmax of ``t`` while ``P V`` is on the tensor cores, and writes ``e4m3(P_t)`` into its shared P buffer
+  ``t % 2`` for the next trip (the bf16 kernel's overlap: there P stays in registers, but an fp8 register
+  tensor carried across the loop is unpacked to one byte per register).
 
 The softmax is the Triton kernel's (``_softmax_step`` with ``INTEGER_MAX``): scores times the q block's and kv
 block's scales (softmax scale and log2(e) folded into the q scale), the running row max an integer (base 2,

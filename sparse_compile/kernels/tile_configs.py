@@ -153,7 +153,8 @@ def gluon_block_sparse_tile(block_q: int, block_k: int) -> TileConfig:
 def gluon_fp8_block_sparse_tile(block_k: int) -> TileConfig:
     """Tile of the Gluon FP8 fixed-block kernel (sm_90), for query blocks of 128 or 256 and key blocks of
     64, 128 or 256: 128 rows (two consumer warpgroups), ``block_n`` = min(block_k, 128) keys, 3 K/V ring
-    slots (e4m3 tiles take half the shared memory of 16-bit ones: at most 112 KiB at D = 128).
+    slots (e4m3 tiles take half the shared memory of 16-bit ones: at most 112 KiB at D = 128, with 32 KiB
+    of P buffers beside them).
     """
     return TileConfig(128, min(block_k, 128), 8, 3)
 
