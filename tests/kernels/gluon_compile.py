@@ -59,15 +59,22 @@ def opcode_mix(instructions: list[str]) -> Counter:
     return Counter(re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(1) for t in instructions)
 
 
-def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
-    """Opcode counts of the shortest loop of a compiled attention kernel's SASS that issues both a ``wgmma``
+def attention_loop(compiled, tmp_path: Path) -> list[str]:
+    """The instructions of the shortest loop of a compiled attention kernel's SASS that issues both a ``wgmma``
     (HGMMA, QGMMA or IGMMA) and a tile's exponentials (at least 32 MUFU per thread, which no epilogue has): one
     trip of a consumer's main loop, i.e. its instructions per kept tile."""
-    mixes = [opcode_mix(body) for body in _loops(compiled, tmp_path)]
-    loops = [ops for ops in mixes if ops["HGMMA"] + ops["QGMMA"] + ops["IGMMA"] and ops["MUFU"] >= 32]
+    def is_attention(ops: Counter) -> bool:
+        return bool(ops["HGMMA"] + ops["QGMMA"] + ops["IGMMA"]) and ops["MUFU"] >= 32
+
+    loops = [body for body in _loops(compiled, tmp_path) if is_attention(opcode_mix(body))]
     if not loops:
         raise AssertionError("no loop issuing a wgmma and exponentials in the kernel's SASS")
-    return min(loops, key=lambda ops: sum(ops.values()))
+    return min(loops, key=len)
+
+
+def attention_loop_mix(compiled, tmp_path: Path) -> Counter:
+    """Opcode counts of :func:`attention_loop`."""
+    return opcode_mix(attention_loop(compiled, tmp_path))
 
 
 def gather_loop(compiled, tmp_path: Path) -> list[str]:

@@ -7,8 +7,8 @@ off sm_90; the tile for each layout and the launcher's argument checks; the V qu
 asks for (channels first, keys padded to 16: the same bytes, TMA-readable; under Triton's interpreter,
 ``test_interp_*`` in a child process); and an ahead-of-time compile of the kernel for sm_90a with the
 ptxas in Triton's wheel (e4m3 ``wgmma``, TMA, register hand-over, no register spills, shared memory
-within Hopper's limit, both GEMMs from shared memory, one fresh accumulator per GEMM) for D 64/128, query
-blocks 128/256 and key blocks 64/128/256.
+within Hopper's limit, both GEMMs from shared memory, one fresh accumulator per GEMM, the previous tile's P V in
+flight under the softmax) for D 64/128, query blocks 128/256 and key blocks 64/128/256.
 
 GPU cases (``@pytest.mark.gpu``, run on an sm_90 device) run the kernel into NaN-poisoned O and LSE:
 O within rel L2 3e-3 of :func:`block_sparse_attention_fp8_reference` (1e-2 at scale 0.3) and finite LSEs
@@ -26,7 +26,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from gluon_compile import HOPPER_SHARED_BYTES, TRITON_BIN, compile_sm90a, attention_loop_mix, resource_usage
+from gluon_compile import (
+    HOPPER_SHARED_BYTES,
+    TRITON_BIN,
+    attention_loop,
+    attention_loop_mix,
+    compile_sm90a,
+    resource_usage,
+)
 from test_block_sparse import dense_block_layout, random_layout, run_poisoned
 from test_block_sparse_fp8 import (
     FP8_LSE_TOL,
@@ -315,6 +322,21 @@ def test_fp8_consumer_issues_about_as_many_instructions_per_tile_as_bf16(tmp_pat
     assert sum(fp8.values()) <= 1.1 * sum(bf16.values())
     assert fp8["F2FP"] == 32 and fp8["PRMT"] == 0 and fp8["STS"] <= 32  # 64 probabilities per thread
     assert fp8["FMUL"] <= 4  # no per-score multiply left
+
+
+@pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
+def test_fp8_main_loop_runs_the_previous_tiles_p_v_under_the_softmax(tmp_path) -> None:
+    """One trip issues S of its tile and P V of the previous one before any exponential, waits for S alone (one
+    group left in flight), and waits for P V only once this tile's P is in shared memory."""
+    trip = attention_loop(_compile_sm90a(128, 128, 128, False), tmp_path)
+    gemms = [i for i, text in enumerate(trip) if text.startswith("QGMMA")]
+    exps = [i for i, text in enumerate(trip) if text.startswith("MUFU.EX2")]
+    p_stores = [i for i, text in enumerate(trip) if text.startswith("STS")]
+    wait_s = [i for i, text in enumerate(trip) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in text]
+    wait_pv = [i for i, text in enumerate(trip) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in text]
+    assert len(gemms) == 2 * 128 // 32 and max(gemms) < min(exps)
+    assert len(wait_s) == 1 and max(gemms) < wait_s[0] < min(exps)
+    assert len(wait_pv) == 1 and max(p_stores) < wait_pv[0]
 
 
 @pytest.mark.skipif(not (TRITON_BIN / "cuobjdump").exists(), reason="Triton's wheel carries no cuobjdump")
