@@ -106,12 +106,46 @@ def fp8_gluon_ineligibility(
 
 
 @gluon.jit
-def _store_p(p_buf, p):
-    """``e4m3(p)`` (``p`` already times 448) into the warpgroup's shared P buffer ``(ROWS, BLOCK_N)``, fenced for
-    the tensor cores and with every warp's rows written."""
-    p_buf.store(p.to(gl.float8e4nv))
+def _kv_start_and_scale(t, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK: gl.constexpr, BLOCK_N: gl.constexpr):
+    """First key of kv tile ``t`` and its scores' scale (the q scale times its kv block's), loaded before the
+    tile's scores are waited for."""
+    k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
+    return k_start, q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
+
+
+@gluon.jit
+def _softmax_into_shared(s, m_i, l_i, s_scale, k_start, p_buf, S_K, EVEN_K: gl.constexpr):
+    """The softmax of a tile's raw scores ``s`` (``_softmax_step`` with ``INTEGER_MAX`` and 448 folded in), ``e4m3(P)``
+    stored into the warpgroup's shared P buffer ``p_buf``, fenced for the tensor cores and with every warp's rows
+    written. Returns the tile's rescale factor and the new row max and row sum."""
+    ROWS: gl.constexpr = s.shape[0]
+    BLOCK_N: gl.constexpr = s.shape[1]
+    s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 32)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
+                                       _P_LOG2)  # fmt: skip
+    p_buf.reshape([ROWS, BLOCK_N]).store(p.to(gl.float8e4nv))
     fence_async_shared()
     gl.thread_barrier()
+    return alpha, m_i, l_i
+
+
+@gluon.jit
+def _issue_pv(p_bufs, p_first, t, v_ring, pv_zero):
+    """Issue (asynchronously) ``P V`` of tile ``t`` into a fresh accumulator: P from ``p_bufs[p_first + t % 2]``, V^T
+    from ring slot ``t % STAGES``."""
+    ROWS: gl.constexpr = pv_zero.shape[0]
+    HEAD_DIM: gl.constexpr = pv_zero.shape[1]
+    BLOCK_N: gl.constexpr = v_ring.shape[4]
+    STAGES: gl.constexpr = v_ring.shape[0]
+    return warpgroup_mma(p_bufs.index(p_first + t % 2).reshape([ROWS, BLOCK_N]),
+                         v_ring.index(t % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), pv_zero, use_acc=False,
+                         is_async=True)  # fmt: skip
+
+
+@gluon.jit
+def _add_rescaled(acc, alpha, pv):
+    """``acc * alpha + pv``: the running output rescaled by a tile's factor ``alpha`` ``(ROWS,)`` plus its ``P V``."""
+    return acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1) + pv
 
 
 @gluon.jit
@@ -146,11 +180,9 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, p_bufs, p_first, k_ready, k_e
                           use_acc=False, is_async=True)  # fmt: skip
         s = warpgroup_mma_wait(0, deps=[s])
         mbarrier.arrive(k_empty.index(0), count=1)
-        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
-        s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
-        p, alpha_prev, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
-                                                _P_LOG2)  # fmt: skip
-        _store_p(p_bufs.index(p_first).reshape([ROWS, BLOCK_N]), p)
+        k_start, s_scale = _kv_start_and_scale(0, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK, BLOCK_N)
+        alpha_prev, m_i, l_i = _softmax_into_shared(s, m_i, l_i, s_scale, k_start, p_bufs.index(p_first), S_K,
+                                                    EVEN_K)  # fmt: skip
     unmasked = n_tiles
     if not EVEN_K:
         unmasked = gl.maximum(n_tiles - LAYOUT_BK // BLOCK_N, 1)
@@ -165,12 +197,11 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, p_bufs, p_first, k_ready, k_e
     if n_tiles > 0:
         last = (n_tiles - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        pv = warpgroup_mma(p_bufs.index(p_first + (n_tiles - 1) % 2).reshape([ROWS, BLOCK_N]),
-                           v_ring.index(last).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)),
-                           gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout), use_acc=False, is_async=True)
+        pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        pv = _issue_pv(p_bufs, p_first, n_tiles - 1, v_ring, pv_zero)
         pv = warpgroup_mma_wait(0, deps=[pv])
         mbarrier.arrive(v_empty.index(last), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout)), 1) + pv
+        acc = _add_rescaled(acc, alpha_prev, pv)
     return acc, m_i, l_i
 
 
@@ -197,19 +228,15 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, alpha_prev, q_tile, k_ring
         s = warpgroup_mma(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)  # fmt: skip
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        pv = warpgroup_mma(p_bufs.index(p_first + (t - 1) % 2).reshape([ROWS, BLOCK_N]),
-                           v_ring.index(prev).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), pv_zero, use_acc=False,
-                           is_async=True)  # fmt: skip
-        k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
-        s_scale = q_scale * gl.load(k_scales + k_start // LAYOUT_BK)
+        pv = _issue_pv(p_bufs, p_first, t - 1, v_ring, pv_zero)
+        k_start, s_scale = _kv_start_and_scale(t, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, s_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, True,
-                                           _P_LOG2)  # fmt: skip
-        _store_p(p_bufs.index(p_first + t % 2).reshape([ROWS, BLOCK_N]), p)
+        alpha, m_i, l_i = _softmax_into_shared(s, m_i, l_i, s_scale, k_start, p_bufs.index(p_first + t % 2), S_K,
+                                               EVEN_K)  # fmt: skip
         pv = warpgroup_mma_wait(0, deps=[pv])
         mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha_prev, gl.SliceLayout(1, o_layout)), 1) + pv
+        acc = _add_rescaled(acc, alpha_prev, pv)
         alpha_prev = alpha
     return acc, m_i, l_i, alpha_prev
 
