@@ -230,15 +230,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
 
 @gluon.jit
 def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
-                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr, FIRST: gl.constexpr = 0,
-                       STEP: gl.constexpr = 1):  # fmt: skip
-    """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against the kept tiles
-    ``FIRST, FIRST + STEP, ..`` below ``n_tiles`` (every tile by default).
+                       S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
 
-    Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of its previous tile back to back, runs the
+    Per tile ``t`` it issues ``S = Q K_t^T`` and the ``P V`` of tile ``t - 1`` back to back, runs the
     softmax of tile ``t`` while ``P V`` is on the tensor cores (:func:`_attend_tile_range`), and releases
-    each ring slot once its GEMM has finished, arriving ``STEP`` times (with ``STEP`` consumers splitting the
-    tiles, each slot's use is one consumer's). Returns the unnormalised output, the row max and the row sum
+    each ring slot once its GEMM has finished. Returns the unnormalised output, the row max and the row sum
     (base 2).
     """
     ROWS: gl.constexpr = q_tile.shape[0]
@@ -257,40 +254,36 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     p_prev = gl.zeros([ROWS, BLOCK_N], dtype, layout=p_layout)
 
-    if n_tiles > FIRST:
-        # The first tile: scores and softmax; its P V is issued with the scores of the next.
-        mbarrier.wait(k_ready.index(FIRST % STAGES), (FIRST // STAGES) & 1)
+    if n_tiles > 0:
+        # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
+        mbarrier.wait(k_ready.index(0), 0)
         _fence_gathered(LAYOUT_BK)
-        k_tile = k_ring.index(FIRST % STAGES).reshape([BLOCK_N, HEAD_DIM])
+        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=[s])
-        mbarrier.arrive(k_empty.index(FIRST % STAGES), count=STEP)
-        k_start = _tile_start(idx_row, stride_ik, FIRST, LAYOUT_BK, BLOCK_N)
+        mbarrier.arrive(k_empty.index(0), count=1)
+        k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
                                            0.0)
         p_prev = gl.convert_layout(p.to(dtype), p_layout)
 
     # Kept blocks ascend: only the last kept block's tiles (packed keys: the last tile) can reach past S_K,
-    # so only they mask keys. The unmasked run ends on this consumer's first tile at or past them.
+    # so only they mask keys.
     MASKED_TILES: gl.constexpr = 1 if LAYOUT_BK == PACKED_KEYS else LAYOUT_BK // BLOCK_N
     unmasked = n_tiles
     if not EVEN_K:
-        if STEP == 1:
-            unmasked = gl.maximum(n_tiles - MASKED_TILES, FIRST + 1)
-        else:
-            unmasked = FIRST + STEP * gl.maximum(gl.cdiv(n_tiles - MASKED_TILES - FIRST, STEP), 1)
-    acc, m_i, l_i, p_prev = _attend_tile_range(FIRST + STEP, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring,
-                                               k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
-                                               LAYOUT_BK, True, STEP)  # fmt: skip
+        unmasked = gl.maximum(n_tiles - MASKED_TILES, 1)
+    acc, m_i, l_i, p_prev = _attend_tile_range(1, unmasked, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready,
+                                               k_empty, v_ready, v_empty, idx_row, stride_ik, S_K, qk_scale,
+                                               LAYOUT_BK, True)  # fmt: skip
     if not EVEN_K:
         acc, m_i, l_i, p_prev = _attend_tile_range(unmasked, n_tiles, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring,
                                                    k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, S_K,
-                                                   qk_scale, LAYOUT_BK, False, STEP)  # fmt: skip
+                                                   qk_scale, LAYOUT_BK, False)  # fmt: skip
 
-    if n_tiles > FIRST:
-        final = n_tiles - 1 if STEP == 1 else FIRST + (n_tiles - 1 - FIRST) // STEP * STEP
-        last = final % STAGES
-        mbarrier.wait(v_ready.index(last), (final // STAGES) & 1)
+    if n_tiles > 0:
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
         _fence_gathered(LAYOUT_BK)
         acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[acc])
@@ -299,12 +292,11 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
 
 @gluon.jit
 def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty,
-                       idx_row, stride_ik, S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr,
-                       STEP: gl.constexpr = 1):  # fmt: skip
-    """Tiles ``first, first + STEP, ..`` below ``end`` of :func:`_attend_kept_tiles`' loop (``first >= STEP``): per
-    tile ``t``, ``S`` of ``t`` and the ``P V`` of ``t - STEP`` (``p_prev``) issued back to back, the softmax of
-    ``t`` (keys at or past ``S_K`` masked unless ``EVEN_K``) while ``P V`` runs; each slot released by ``STEP``
-    arrivals. Returns the running output, row max and row sum, and the last tile's P."""
+                       idx_row, stride_ik, S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
+    """Tiles ``first`` .. ``end - 1`` of :func:`_attend_kept_tiles`' loop (``first >= 1``): per tile ``t``, ``S`` of
+    ``t`` and the ``P V`` of ``t - 1`` (``p_prev``) issued back to back, the softmax of ``t`` (keys at or past
+    ``S_K`` masked unless ``EVEN_K``) while ``P V`` runs. Returns the running output, row max and row sum, and
+    the last tile's P."""
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
@@ -314,24 +306,24 @@ def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring
     o_layout: gl.constexpr = acc.type.layout
     p_layout: gl.constexpr = p_prev.type.layout
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
-    for t in range(first, end, STEP):
+    for t in range(first, end):
         slot = t % STAGES
-        prev = (t - STEP) % STAGES
+        prev = (t - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
         _fence_gathered(LAYOUT_BK)
         k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
         s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((t - STEP) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
         _fence_gathered(LAYOUT_BK)
         acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
-        mbarrier.arrive(k_empty.index(slot), count=STEP)
+        mbarrier.arrive(k_empty.index(slot), count=1)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
                                            0.0)
         p_next = gl.convert_layout(p.to(dtype), p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(prev), count=STEP)
+        mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_prev = p_next
     return acc, m_i, l_i, p_prev

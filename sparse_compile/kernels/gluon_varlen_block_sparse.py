@@ -18,10 +18,7 @@ One program computes 64 or 128 cluster-order query rows of one q cluster of one 
   :data:`~sparse_compile.kernels.gluon_block_sparse.PACKED_KEYS`): both GEMMs as asynchronous
   ``warpgroup_mma``, the softmax of a tile under the ``P V`` of the previous one, only the last tile masking
   positions past the list. Each gathers its Q rows through the q permutation and stores O and LSE to their
-  tokens (:func:`~sparse_compile.kernels.gluon_block_sparse._load_permuted_q`, ``_store_permuted``);
-- a tile of at most 64 rows (a cluster's last rows, or a small cluster) would leave the second consumer idle:
-  both take its rows and split its kept tiles, and the second hands its partial output over through shared
-  memory (where the tile's shared memory leaves room: :func:`splits_short_tiles`).
+  tokens (:func:`~sparse_compile.kernels.gluon_block_sparse._load_permuted_q`, ``_store_permuted``).
 """
 
 from __future__ import annotations
@@ -46,16 +43,12 @@ from sparse_compile.kernels.gluon_block_sparse import (
     launch_registers,
     tile_shared_layout,
 )
-from sparse_compile.kernels.tile_configs import HOPPER_SHARED_BYTES, TileConfig
+from sparse_compile.kernels.tile_configs import TileConfig
 
 PRODUCER_WARPS = gl.constexpr(4)
 """Warps of the gathering producer: one warpgroup, 128 threads issuing 16-byte ``cp.async`` copies."""
 _WG_ROWS = gl.constexpr(CONSUMER_ROWS)
 """Query rows of one consumer warpgroup, for the kernel's shared-memory shapes."""
-_PARTIAL_TILE_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-"""Shared layout of the fp32 partial output one consumer hands the other (unswizzled: written once per tile)."""
-_PARTIAL_ROWS_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(1, 1, 1, [0]))
-"""Shared layout of the partial output's row max and row sum."""
 GATHER_PRODUCER_REGS = 72
 """Registers per producer thread (``setmaxnreg``): a tile's token rows, the next tile's, and the gathers' pointers."""
 
@@ -155,56 +148,6 @@ def _cluster_consumer(q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
-def _split_cluster_consumer(q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, partial_acc, partial_max,
-                            partial_sum, partial_bar, total, n_tiles, q_base, stride_qs, o_base, stride_os, lse_base,
-                            perm_row, stride_ps, first_row, row_end, qk_scale, WG: gl.constexpr):  # fmt: skip
-    """Consumer warpgroup ``WG`` of a two-consumer program. A tile whose rows all fit one warpgroup (a cluster's
-    last 64 rows or fewer) is not left half idle: both warpgroups take its rows and split its kept tiles, even
-    ones to warpgroup 0 and odd ones to 1; warpgroup 1 hands its partial output, row max and row sum over through
-    shared memory (``partial_*``, signalled on ``partial_bar``) and warpgroup 0 merges and stores them. Any other
-    tile: :func:`_cluster_consumer`."""
-    ROWS: gl.constexpr = q_smem.shape[3]
-    D: gl.constexpr = q_smem.shape[4]
-    if row_end - first_row <= ROWS:
-        q_tile = q_smem.index(WG).reshape([ROWS, D])
-        if n_tiles > WG:
-            _load_permuted_q(q_tile, q_base, stride_qs, perm_row, stride_ps, first_row, row_end)
-        acc, m_i, l_i = _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, 0, 0, n_tiles,
-                                           total, qk_scale, PACKED_KEYS, False, WG, 2)  # fmt: skip
-        if WG == 1:
-            partial_acc.store(acc)
-            partial_max.store(m_i)
-            partial_sum.store(l_i)
-            gl.thread_barrier()  # every warp's partials are in shared memory before the arrive
-            mbarrier.arrive(partial_bar, count=1)
-        else:
-            mbarrier.wait(partial_bar, 0)
-            acc, m_i, l_i = _merge_partials(acc, m_i, l_i, partial_acc.load(acc.type.layout),
-                                            partial_max.load(m_i.type.layout),
-                                            partial_sum.load(l_i.type.layout))  # fmt: skip
-            out, lse = _normalise(acc, m_i, l_i)
-            _store_permuted(out, lse, q_tile, o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end)
-    else:
-        _cluster_consumer(q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, total, n_tiles, q_base,
-                          stride_qs, o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end, qk_scale,
-                          WG)  # fmt: skip
-
-
-@gluon.jit
-def _merge_partials(acc, m_i, l_i, acc_other, m_other, l_other):
-    """Unnormalised output, row max and row sum (base 2) of the same rows over two disjoint sets of keys, merged
-    into those over both. Rows with no keys on either side keep ``-inf`` and 0."""
-    m_new = gl.maximum(m_i, m_other)
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = gl.exp2(m_i - m_safe)
-    alpha_other = gl.exp2(m_other - m_safe)
-    row_layout: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-    acc = (acc * gl.expand_dims(gl.convert_layout(alpha, row_layout), 1)
-           + acc_other * gl.expand_dims(gl.convert_layout(alpha_other, row_layout), 1))  # fmt: skip
-    return acc, m_new, l_i * alpha + l_other * alpha_other
-
-
-@gluon.jit
 def _gather_ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
     """Per ring slot the K and V ready barriers (one arrival per producer thread, on its copies' landing) and
     empty barriers (one arrival per consumer warpgroup), initialised and fenced."""
@@ -219,19 +162,6 @@ def _gather_ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         mbarrier.init(v_empty.index(i), count=CONSUMERS)
     fence_async_shared()
     return k_ready, k_empty, v_ready, v_empty
-
-
-@gluon.jit
-def _partials_buffers(HEAD_DIM: gl.constexpr):
-    """Shared memory for :func:`_split_cluster_consumer`'s hand-over: a 64-row fp32 output tile, its row max and
-    row sum, and the barrier (one arrival) saying they are written."""
-    partial_acc = gl.allocate_shared_memory(gl.float32, [_WG_ROWS, HEAD_DIM], _PARTIAL_TILE_LAYOUT)
-    partial_max = gl.allocate_shared_memory(gl.float32, [_WG_ROWS], _PARTIAL_ROWS_LAYOUT)
-    partial_sum = gl.allocate_shared_memory(gl.float32, [_WG_ROWS], _PARTIAL_ROWS_LAYOUT)
-    partial_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(partial_bar, count=1)
-    fence_async_shared()
-    return partial_acc, partial_max, partial_sum, partial_bar
 
 
 @gluon.jit
@@ -252,7 +182,6 @@ def _varlen_fwd_gluon(
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     WIDE_OFFSETS: gl.constexpr,
-    SPLIT_SHORT_TILES: gl.constexpr,
 ):  # fmt: skip
     """One program per (tile slot, batch * head of the launch group): ``CONSUMERS * 64`` rows of one q cluster.
 
@@ -262,8 +191,6 @@ def _varlen_fwd_gluon(
     is token ``Q_PERM[b, h, r]``. The tile tables, the flat q cluster offsets ``(BH, NQC + 1)`` and the kept-rows
     buffers (``TOTAL`` and ``STARTS`` per (pair of the group, q cluster), the int32 lists in ``ROWS``) are the
     Triton kernel's. Slots whose table entry is ``NQC`` (the upper-bound grid's surplus) return at once.
-    ``SPLIT_SHORT_TILES`` (two consumers only): a tile of at most 64 rows runs on both consumers, each taking
-    half of its kept tiles (:func:`_split_cluster_consumer`).
     """
     tile = gl.program_id(0)
     local = gl.program_id(1)
@@ -294,21 +221,7 @@ def _varlen_fwd_gluon(
     v_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], KV_LAYOUT)
     k_ready, k_empty, v_ready, v_empty = _gather_ring_barriers(STAGES, CONSUMERS)
 
-    if SPLIT_SHORT_TILES:
-        partial_acc, partial_max, partial_sum, partial_bar = _partials_buffers(HEAD_DIM)
-        gl.warp_specialize([
-            (_split_cluster_consumer, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, partial_acc,
-                                       partial_max, partial_sum, partial_bar, total, n_tiles, q_base, stride_qs,
-                                       o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end, qk_scale,
-                                       0)),
-            (_split_cluster_consumer, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, partial_acc,
-                                       partial_max, partial_sum, partial_bar, total, n_tiles, q_base, stride_qs,
-                                       o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end, qk_scale,
-                                       1)),
-            (_gather_producer, (k_base, v_base, stride_ks, stride_vs, kept_rows, total, n_tiles, k_ring, v_ring,
-                                k_ready, k_empty, v_ready, v_empty, WIDE_OFFSETS)),
-        ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])  # fmt: skip
-    elif CONSUMERS == 2:
+    if CONSUMERS == 2:
         gl.warp_specialize([
             (_cluster_consumer, (q_smem, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, total, n_tiles, q_base,
                                  stride_qs, o_base, stride_os, lse_base, perm_row, stride_ps, first_row, row_end,
@@ -342,16 +255,6 @@ def consumer_registers(consumers: int) -> int:
     return min(CONSUMER_REGS, pool // consumers // 8 * 8)
 
 
-def splits_short_tiles(tile: TileConfig, head_dim: int, itemsize: int) -> bool:
-    """Whether the kernel at ``tile`` runs tiles of at most 64 rows on both consumers (``SPLIT_SHORT_TILES``): two
-    consumers, and their Q rows, the K/V ring and the fp32 hand-over buffers within :data:`HOPPER_SHARED_BYTES`
-    (the margin covers barriers and layout-conversion scratch)."""
-    q_rows = tile.block_m * head_dim * itemsize
-    ring = 2 * tile.num_stages * tile.block_n * head_dim * itemsize
-    partials = (CONSUMER_ROWS * head_dim + 2 * CONSUMER_ROWS) * 4
-    return tile.block_m == 2 * CONSUMER_ROWS and q_rows + ring + partials + 2048 <= HOPPER_SHARED_BYTES
-
-
 def launch_gluon_varlen(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_perm: Tensor, tile_cluster: Tensor,
     tile_row: Tensor, q_off: Tensor, total: Tensor, starts: Tensor, rows: Tensor, bh_start: int, group: int,
@@ -379,6 +282,5 @@ def launch_gluon_varlen(
             KV_LAYOUT=tile_shared_layout(tile.block_n, d, q.dtype),
             CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS,
             WIDE_OFFSETS=not (int32_row_offsets(k) and int32_row_offsets(v)),
-            SPLIT_SHORT_TILES=splits_short_tiles(tile, d, q.element_size()),
             num_warps=4, maxnreg=launch_registers(consumers),
         )  # fmt: skip

@@ -163,8 +163,6 @@ def gluon_fp8_block_sparse_tile(block_k: int) -> TileConfig:
 # Cluster attention (sparse_compile.kernels.varlen_block_sparse)
 # ------------------------------------------------------------------------------------------------
 
-HOPPER_SHARED_BYTES = 232448
-"""Shared memory one block may use on Hopper (227 KiB)."""
 DEEP_PIPELINE_SHARED_BYTES = 230400
 """Shared memory of the 5-stage 128x128 tile at D = 128, 16-bit: Hopper's 227 KiB per block holds it,
 an A100's 163 KiB does not."""

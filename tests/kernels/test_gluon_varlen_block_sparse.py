@@ -43,9 +43,8 @@ from sparse_compile.kernels.gluon_varlen_block_sparse import (
     consumer_registers,
     gluon_varlen_ineligibility,
     int32_row_offsets,
-    splits_short_tiles,
 )
-from sparse_compile.kernels.tile_configs import GLUON_VARLEN_CONFIG, TileConfig, VarlenConfig
+from sparse_compile.kernels.tile_configs import GLUON_VARLEN_CONFIG, VarlenConfig
 from sparse_compile.kernels.varlen_block_sparse import varlen_kernel_choice
 
 HOPPER = (9, 0)
@@ -116,20 +115,9 @@ def test_consumer_registers_fit_what_the_producer_frees(consumers) -> None:
     assert consumers * regs + GATHER_PRODUCER_REGS <= (consumers + 1) * launch_registers(consumers)
 
 
-def test_short_tiles_split_between_both_consumers_where_the_hand_over_fits() -> None:
-    """The default tile hands a short tile's partial output over in shared memory; one consumer has no one to hand
-    over to, and three 128-key slots at D = 128 leave no room for the 32 KiB fp32 tile."""
-    assert splits_short_tiles(GLUON_VARLEN_CONFIG, 128, 2)
-    assert splits_short_tiles(TileConfig(128, 64, 8, 3), 128, 2)
-    assert splits_short_tiles(TileConfig(128, 128, 8, 3), 64, 2)
-    assert not splits_short_tiles(TileConfig(64, 64, 4, 3), 128, 2)
-    assert not splits_short_tiles(TileConfig(128, 128, 8, 3), 128, 2)
-
-
 def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype_name: str, perm: str = "i32",
                   wide_offsets: bool = False):  # fmt: skip
-    """The kernel compiled ahead of time for sm_90a (no GPU needed), as its launcher configures it: Triton's
-    compiled-kernel object."""
+    """The kernel compiled ahead of time for sm_90a (no GPU needed): Triton's compiled-kernel object."""
     from triton.experimental.gluon import language as gl
 
     from sparse_compile.kernels.gluon_varlen_block_sparse import _varlen_fwd_gluon
@@ -142,7 +130,6 @@ def _compile_sm90a(block_m: int, block_n: int, stages: int, head_dim: int, dtype
         Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([1, 1, 64, head_dim], dtype),
         KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([1, 1, block_n, head_dim], dtype),
         CONSUMER_REGS=consumer_registers(consumers), PRODUCER_REGS=GATHER_PRODUCER_REGS, WIDE_OFFSETS=wide_offsets,
-        SPLIT_SHORT_TILES=splits_short_tiles(TileConfig(block_m, block_n, 4 * consumers, stages), head_dim, 2),
     )  # fmt: skip
     pointers = {**{n: f"*{name}" for n in ("Q", "K", "V", "O")}, "LSE": "*fp32", "Q_PERM": f"*{perm}",
                 **{n: "*i32" for n in ("TILE_CLUSTER", "TILE_ROW", "Q_OFF", "TOTAL")}, "STARTS": "*i64",
@@ -272,29 +259,6 @@ def test_gpu_gluon_wan_480p_matches_reference_and_triton(config):
         sl = slice(head, head + 1)
         assert_matches_reference(q[:, sl], k[:, sl], v[:, sl], [t[:, sl] for t in layout],
                                  (got[0][:, sl], got[1][:, sl]), tol=1e-2)  # fmt: skip
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, VarlenConfig(128, 64, 8, 3), VarlenConfig(128, 128, 8, 3)])
-def test_gpu_gluon_short_tiles_split_between_consumers_match_reference(config):
-    """Tiles of at most 64 rows (clusters of 1, 40 and 64 rows, the last 1 and 64 rows of 129- and 192-row ones),
-    with 0 to 9 kept 100-key clusters (0 to 8 kept tiles, odd and even): both consumers splitting the kept tiles
-    give the reference's O and LSE, as do the 65- and 128-row tiles beside them (and every tile of a config with
-    no room for the hand-over)."""
-    q_sizes = [1, 64, 65, 128, 129, 192, 40, 20, 64, 1]
-    kept = [0, 1, 2, 3, 4, 5, 7, 9, 8, 6]
-    q_off = torch.tensor([0, *torch.tensor(q_sizes).cumsum(0).tolist()], dtype=torch.int32)
-    nkc, s_k = 10, 1000
-    kv_off = torch.arange(0, s_k + 1, s_k // nkc, dtype=torch.int32)
-    g = torch.Generator().manual_seed(3)
-    indices = torch.stack([torch.cat([torch.randperm(nkc, generator=g)[:n].sort().values, torch.zeros(nkc - n)])
-                           for n in kept])  # fmt: skip
-    layout = [t.view(1, 1, *t.shape).expand(1, 2, *t.shape).contiguous().cuda()
-              for t in (q_off, kv_off, torch.tensor(kept, dtype=torch.int32), indices.int())]  # fmt: skip
-    q, k, v, _ = random_problem(1, 2, int(q_off[-1]), s_k, 128, 1, 1, 1.0, seed=5, dtype=torch.bfloat16,
-                                device="cuda")  # fmt: skip
-    got = _run_gluon_poisoned(q, k, v, layout, config=config)
-    assert_matches_reference(q, k, v, layout, got, tol=1e-2)
 
 
 @pytest.mark.gpu
