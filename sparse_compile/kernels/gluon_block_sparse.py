@@ -229,6 +229,39 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_ring, v_ring, q_bar, k_ready, k_
 
 
 @gluon.jit
+def _issue_scores(q_tile, k_ring, k_ready, t, s_zero, LAYOUT_BK: gl.constexpr):
+    """Once K of tile ``t`` is in ring slot ``t % STAGES``: issue (asynchronously) ``S = Q K_t^T`` into a fresh
+    accumulator."""
+    STAGES: gl.constexpr = k_ring.shape[0]
+    slot = t % STAGES
+    mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+    _fence_gathered(LAYOUT_BK)
+    k_tile = k_ring.index(slot).reshape([k_ring.shape[3], k_ring.shape[4]])
+    return warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _issue_register_pv(p, v_ring, v_ready, t, acc, LAYOUT_BK: gl.constexpr):
+    """Once V of tile ``t`` is in ring slot ``t % STAGES``: issue (asynchronously) ``acc += P V_t``, P in registers."""
+    STAGES: gl.constexpr = v_ring.shape[0]
+    slot = t % STAGES
+    mbarrier.wait(v_ready.index(slot), (t // STAGES) & 1)
+    _fence_gathered(LAYOUT_BK)
+    return warpgroup_mma(p, v_ring.index(slot).reshape([v_ring.shape[3], v_ring.shape[4]]), acc, is_async=True)
+
+
+@gluon.jit
+def _softmax_operand(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K: gl.constexpr, dtype: gl.constexpr,
+                     p_layout: gl.constexpr):  # fmt: skip
+    """:func:`_softmax_step` of a tile's scores ``s``, its P as the ``P V`` GEMM's register operand (``dtype`` in
+    ``p_layout``): returns P, the rescale factor, and the new row max and row sum."""
+    BLOCK_N: gl.constexpr = s.shape[1]
+    s_layout: gl.constexpr = s.type.layout
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False, 0.0)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_i, l_i
+
+
+@gluon.jit
 def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empty, idx_row, stride_ik, n_tiles,
                        S_K, qk_scale, LAYOUT_BK: gl.constexpr, EVEN_K: gl.constexpr):  # fmt: skip
     """One consumer warpgroup's main loop: its 64 query rows ``q_tile`` (shared memory) against every kept tile.
@@ -241,7 +274,6 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
     ROWS: gl.constexpr = q_tile.shape[0]
     HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
-    STAGES: gl.constexpr = k_ring.shape[0]
     dtype: gl.constexpr = k_ring.dtype
     s_layout: gl.constexpr = warpgroup_mma_layout(BLOCK_N, 16)
     o_layout: gl.constexpr = warpgroup_mma_layout(HEAD_DIM, 16)
@@ -256,16 +288,10 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
 
     if n_tiles > 0:
         # Tile 0: scores and softmax; its P V is issued with the scores of tile 1.
-        mbarrier.wait(k_ready.index(0), 0)
-        _fence_gathered(LAYOUT_BK)
-        k_tile = k_ring.index(0).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=[s])
+        s = warpgroup_mma_wait(0, deps=[_issue_scores(q_tile, k_ring, k_ready, 0, s_zero, LAYOUT_BK)])
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start = _tile_start(idx_row, stride_ik, 0, LAYOUT_BK, BLOCK_N)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
-                                           0.0)
-        p_prev = gl.convert_layout(p.to(dtype), p_layout)
+        p_prev, alpha, m_i, l_i = _softmax_operand(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, dtype, p_layout)
 
     # Kept blocks ascend: only the last kept block's tiles (packed keys: the last tile) can reach past S_K,
     # so only they mask keys.
@@ -282,10 +308,7 @@ def _attend_kept_tiles(q_tile, k_ring, v_ring, k_ready, k_empty, v_ready, v_empt
                                                    qk_scale, LAYOUT_BK, False)  # fmt: skip
 
     if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        _fence_gathered(LAYOUT_BK)
-        acc = warpgroup_mma(p_prev, v_ring.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = _issue_register_pv(p_prev, v_ring, v_ready, n_tiles - 1, acc, LAYOUT_BK)
         acc = warpgroup_mma_wait(0, deps=[acc])
     return acc, m_i, l_i
 
@@ -298,7 +321,6 @@ def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring
     ``S_K`` masked unless ``EVEN_K``) while ``P V`` runs. Returns the running output, row max and row sum, and
     the last tile's P."""
     ROWS: gl.constexpr = q_tile.shape[0]
-    HEAD_DIM: gl.constexpr = q_tile.shape[1]
     BLOCK_N: gl.constexpr = k_ring.shape[3]
     STAGES: gl.constexpr = k_ring.shape[0]
     dtype: gl.constexpr = k_ring.dtype
@@ -307,23 +329,14 @@ def _attend_tile_range(first, end, acc, m_i, l_i, p_prev, q_tile, k_ring, v_ring
     p_layout: gl.constexpr = p_prev.type.layout
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     for t in range(first, end):
-        slot = t % STAGES
-        prev = (t - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
-        _fence_gathered(LAYOUT_BK)
-        k_tile = k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM])
-        s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        _fence_gathered(LAYOUT_BK)
-        acc = warpgroup_mma(p_prev, v_ring.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        s = _issue_scores(q_tile, k_ring, k_ready, t, s_zero, LAYOUT_BK)
+        acc = _issue_register_pv(p_prev, v_ring, v_ready, t - 1, acc, LAYOUT_BK)
         k_start = _tile_start(idx_row, stride_ik, t, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
-        mbarrier.arrive(k_empty.index(slot), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, BLOCK_N, s_layout, False,
-                                           0.0)
-        p_next = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.arrive(k_empty.index(t % STAGES), count=1)
+        p_next, alpha, m_i, l_i = _softmax_operand(s, m_i, l_i, qk_scale, k_start, S_K, EVEN_K, dtype, p_layout)
         acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(v_empty.index(prev), count=1)
+        mbarrier.arrive(v_empty.index((t - 1) % STAGES), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p_prev = p_next
     return acc, m_i, l_i, p_prev

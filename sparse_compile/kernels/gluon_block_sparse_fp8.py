@@ -59,6 +59,7 @@ from sparse_compile.kernels.gluon_block_sparse import (
     GLUON_LAYOUT_BLOCKS,
     PRODUCER_REGS,
     _descriptor,
+    _issue_scores,
     _normalise,
     _producer,
     _ring_barriers,
@@ -175,10 +176,7 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, p_bufs, p_first, k_ready, k_e
     alpha_prev = gl.full([ROWS], 1.0, gl.float32, layout=row_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
     if n_tiles > 0:
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q_tile, k_ring.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                          use_acc=False, is_async=True)  # fmt: skip
-        s = warpgroup_mma_wait(0, deps=[s])
+        s = warpgroup_mma_wait(0, deps=[_issue_scores(q_tile, k_ring, k_ready, 0, s_zero, LAYOUT_BK)])
         mbarrier.arrive(k_empty.index(0), count=1)
         k_start, s_scale = _kv_start_and_scale(0, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK, BLOCK_N)
         alpha_prev, m_i, l_i = _softmax_into_shared(s, m_i, l_i, s_scale, k_start, p_bufs.index(p_first), S_K,
@@ -224,9 +222,7 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, alpha_prev, q_tile, k_ring
     for t in range(first, end):
         slot = t % STAGES
         prev = (t - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
-        s = warpgroup_mma(q_tile, k_ring.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
-                          use_acc=False, is_async=True)  # fmt: skip
+        s = _issue_scores(q_tile, k_ring, k_ready, t, s_zero, LAYOUT_BK)
         mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
         pv = _issue_pv(p_bufs, p_first, t - 1, v_ring, pv_zero)
         k_start, s_scale = _kv_start_and_scale(t, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK, BLOCK_N)
