@@ -131,13 +131,14 @@ def _softmax_into_shared(s, m_i, l_i, s_scale, k_start, p_buf, S_K, EVEN_K: gl.c
 
 
 @gluon.jit
-def _issue_pv(p_bufs, p_first, t, v_ring, pv_zero):
-    """Issue (asynchronously) ``P V`` of tile ``t`` into a fresh accumulator: P from ``p_bufs[p_first + t % 2]``, V^T
-    from ring slot ``t % STAGES``."""
+def _issue_pv(p_bufs, p_first, t, v_ring, v_ready, pv_zero):
+    """Once V^T of tile ``t`` is in ring slot ``t % STAGES``: issue (asynchronously) ``P V`` of the tile into a fresh
+    accumulator, P from ``p_bufs[p_first + t % 2]``."""
     ROWS: gl.constexpr = pv_zero.shape[0]
     HEAD_DIM: gl.constexpr = pv_zero.shape[1]
     BLOCK_N: gl.constexpr = v_ring.shape[4]
     STAGES: gl.constexpr = v_ring.shape[0]
+    mbarrier.wait(v_ready.index(t % STAGES), (t // STAGES) & 1)
     return warpgroup_mma(p_bufs.index(p_first + t % 2).reshape([ROWS, BLOCK_N]),
                          v_ring.index(t % STAGES).reshape([HEAD_DIM, BLOCK_N]).permute((1, 0)), pv_zero, use_acc=False,
                          is_async=True)  # fmt: skip
@@ -193,12 +194,10 @@ def _attend_kept_tiles_fp8(q_tile, k_ring, v_ring, p_bufs, p_first, k_ready, k_e
                                                            v_empty, idx_row, stride_ik, k_scales, q_scale, S_K,
                                                            LAYOUT_BK, False)  # fmt: skip
     if n_tiles > 0:
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
         pv_zero = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-        pv = _issue_pv(p_bufs, p_first, n_tiles - 1, v_ring, pv_zero)
+        pv = _issue_pv(p_bufs, p_first, n_tiles - 1, v_ring, v_ready, pv_zero)
         pv = warpgroup_mma_wait(0, deps=[pv])
-        mbarrier.arrive(v_empty.index(last), count=1)
+        mbarrier.arrive(v_empty.index((n_tiles - 1) % STAGES), count=1)
         acc = _add_rescaled(acc, alpha_prev, pv)
     return acc, m_i, l_i
 
@@ -223,8 +222,7 @@ def _attend_tile_range_fp8(first, end, acc, m_i, l_i, alpha_prev, q_tile, k_ring
         slot = t % STAGES
         prev = (t - 1) % STAGES
         s = _issue_scores(q_tile, k_ring, k_ready, t, s_zero, LAYOUT_BK)
-        mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
-        pv = _issue_pv(p_bufs, p_first, t - 1, v_ring, pv_zero)
+        pv = _issue_pv(p_bufs, p_first, t - 1, v_ring, v_ready, pv_zero)
         k_start, s_scale = _kv_start_and_scale(t, idx_row, stride_ik, k_scales, q_scale, LAYOUT_BK, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=[s])
         mbarrier.arrive(k_empty.index(slot), count=1)
