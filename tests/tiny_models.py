@@ -20,11 +20,11 @@ class Expected:
     cross_sites: int
 
 
-def wan(frames: int = 3, height: int = 8, width: int = 10, batch: int = 1, layers: int = 2):
+def wan(frames: int = 3, height: int = 8, width: int = 10, batch: int = 1, layers: int = 2, head_dim: int = 16):
     from diffusers import WanTransformer3DModel
 
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=16, ffn_dim=64, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
     inputs = dict(

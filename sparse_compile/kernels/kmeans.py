@@ -14,39 +14,45 @@ Kernel design (CUDA), per iteration two launches:
   (b, h): the x tile stays in registers while the centroids stream through in ``BLOCK_K``
   chunks, ``score = x . c^T - ||c||^2 / 2`` on the tensor cores (centroids pre-cast to x's dtype,
   fp32 accumulation; fp32 inputs use exact fp32 dots) with a running max / argmax. The epilogue
-  writes the labels and, still holding the tile, adds each token into its cluster's fp32 sum and
-  count with relaxed ``atomic_add``; the count's old value is the token's rank in its cluster.
+  writes the labels and, still holding the tile, adds each token into its cluster's count and its
+  two fixed-point parts (:func:`~sparse_compile.kernels.kmeans_reference.fixed_point_terms`, at the
+  head's scale from its largest magnitude, ``_head_amax_kernel`` once per call) with relaxed fp32
+  ``atomic_add``: integer-valued sums below 2**23, exact in any order.
 - *Finalize* (``_finalize_kernel``) over the ``B*H*K`` centroid rows: mean where the count is
-  positive, else the old centroid; writes the fp32 centroid, its copy in x's dtype for the next
-  dot and ``||c||^2 / 2`` (of that copy, so the argmax is exact for the centroids the dot sees),
-  and, before another iteration, zeroes the sums and counts; after the last
-  one the counts stay: they are the sizes of the returned labels.
+  positive (in fp64, as :func:`~sparse_compile.kernels.kmeans_reference.centroids_from_sums`), else the
+  old centroid; writes the fp32 centroid, its copy in x's dtype for the next dot and ``||c||^2 / 2``
+  (of that copy, so the argmax is exact for the centroids the dot sees), and, before another
+  iteration, zeroes the sums and counts; after the last one the counts stay: they are the sizes of
+  the returned labels.
 
 A call is ``2 * iters + 1`` launches (a first finalize that copies the initial centroids, in any
 float dtype, into the fp32 buffer and zeroes the counts and sums, then the iterations;
-``iters=0``: one assignment that only counts) plus the seeding gather on a cold start: every buffer
-is written by a kernel before it is read, none is filled by a separate memset or copy. Subsampled
+``iters=0``: one assignment that only counts), the seeding gather on a cold start, with iterations
+the scale pass (a zeroed max, one launch, the scales in torch ops) and the ranks (a zeroed count
+buffer, two launches and a cumsum): the centroid, count and sum buffers are written by a kernel
+before they are read. Subsampled
 iterations (``sample_stride``) are the same kernels on a strided view of x, with their own label
 buffers. The reuse rule adds, after the first finalize, one *probe* launch
 (``_probe_kernel``: the assignment of every ``probe_stride``-th token, counting per (b, h) the tokens
 whose label changes against the previous labels); every later assignment and finalize reads that
 count and leaves a settled (b, h) alone (no dots, no updates): the first finalize zeroes the count (no
 memset) and has already copied the previous centroids, and the last assignment's programs of a settled
-(b, h) copy the previous labels, ranks and sizes (the reference's
+(b, h) copy the previous labels and sizes (the reference's
 :func:`~sparse_compile.kernels.kmeans_reference.keep_settled`, with no launch of its own).
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
-per-iteration sort of the labels; its cost is ``B*H * S * D`` relaxed fp32 atomics spread over
+per-iteration sort of the labels; its cost is ``2 * B*H * S * D`` relaxed fp32 atomics spread over
 ``K * D`` addresses per head. The assignment tile is
-:data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`.
+:data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`. The ranks (token order within a cluster, the
+reference's :func:`~sparse_compile.kernels.kmeans_reference.cluster_ranks_reference`) come from the last
+labels by :func:`stable_ranks_triton` (integer counts per tile of tokens, their cumsum, then each tile
+sorted by label), so a call's outputs do not depend on the order programs run in.
 
 The cluster permutation is then a counting sort: a token's place is its cluster's offset plus its
 rank, in one Triton scatter whose programs each sum their head's cluster sizes into the offsets.
 
-Trade-offs: the atomics make the centroid sums' order, hence their last bits, vary from run to
-run; with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
-may differ from the fp32 reference); the order of tokens within a cluster (their ranks) also varies
-from run to run.
+Trade-off: with 16-bit x, labels are exact argmins for the centroids *rounded to x's dtype* (near-ties
+may differ from the fp32 reference).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot_precision
+from sparse_compile.kernels.common import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, dot_precision, interpreter_active
 from sparse_compile.kernels.kmeans_reference import (
     Clustering,
     Reuse,
@@ -66,17 +72,25 @@ from sparse_compile.kernels.kmeans_reference import (
     cluster_offsets,
     cluster_permutation_reference,
     cluster_ranks_reference,
+    fine_factor,
     initial_centroids,
     kmeans_objective,
     kmeans_reference,
     sample_stride_for,
+    scales_for,
 )
 from sparse_compile.kernels.tile_configs import (
+    AMAX_TOKENS,
+    INTERPRETER_RANK_TOKENS,
     KMEANS_FINALIZE_ELEMENTS,
     KMEANS_TILE,
     PERMUTATION_TOKENS,
+    RANK_TOKENS,
     TileConfig,
 )
+
+_ROUNDING = tl.constexpr(12582912.0)
+"""1.5 * 2**23: added to and taken from an fp32 below 2**22 in magnitude, rounds it to an integer, half to even."""
 
 
 def check_kmeans_inputs(
@@ -188,14 +202,13 @@ def _nearest(
 
 @triton.jit
 def _copy_settled(
-    prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr, labels_ptr, ranks_ptr, counts_ptr, bh, rows, rows_kept,
-    sizes_kept, seq_len, num_clusters, BLOCK_S: tl.constexpr,
+    prev_labels_ptr, prev_sizes_ptr, labels_ptr, counts_ptr, bh, rows, rows_kept, sizes_kept, seq_len, num_clusters,
+    BLOCK_S: tl.constexpr,
 ):
-    """A settled (b, h)'s previous labels and ranks of ``rows`` (where ``rows_kept``) and, where ``sizes_kept``,
-    its previous sizes into the counts, ``BLOCK_S`` clusters at a time."""
+    """A settled (b, h)'s previous labels of ``rows`` (where ``rows_kept``) and, where ``sizes_kept``, its
+    previous sizes into the counts, ``BLOCK_S`` clusters at a time."""
     token = bh * seq_len + rows
     tl.store(labels_ptr + token, tl.load(prev_labels_ptr + token, mask=rows_kept, other=0), mask=rows_kept)
-    tl.store(ranks_ptr + token, tl.load(prev_ranks_ptr + token, mask=rows_kept, other=0), mask=rows_kept)
     lanes = tl.arange(0, BLOCK_S)
     for k0 in range(0, tl.where(sizes_kept, num_clusters, 0), BLOCK_S):
         cluster = bh * num_clusters + k0 + lanes
@@ -205,22 +218,22 @@ def _copy_settled(
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, hn_ptr, labels_ptr, ranks_ptr, counts_ptr, sums_ptr, changes_ptr, change_limit,
-    prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr,
+    x_ptr, c_ptr, hn_ptr, labels_ptr, counts_ptr, sums_ptr, changes_ptr, change_limit,
+    prev_labels_ptr, prev_sizes_ptr,
     stride_xb, stride_xh, stride_xs,
-    num_heads, seq_len, num_clusters,
+    num_heads, seq_len, num_clusters, scales_ptr, fine,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, TAIL_K: tl.constexpr,
     ACCUMULATE: tl.constexpr, SKIP_SETTLED: tl.constexpr, KEEP_SETTLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (BLOCK_S tokens, batch * head): labels, ranks, counts and (ACCUMULATE) member sums.
+    """One program per (BLOCK_S tokens, batch * head): labels, counts and (ACCUMULATE) member sums.
 
-    Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels and
-    ranks (each token's count before its own increment) int32 ``(B*H, S)`` are written, counts int32
-    ``(B*H, K)`` and sums fp32 ``(B*H, K, D)`` are added to (``sums_ptr`` is not touched unless
-    ACCUMULATE). With SKIP_SETTLED a (b, h) whose probe count ``changes[bh]`` is below ``change_limit``
-    (settled) reads, computes and adds nothing; with KEEP_SETTLED too its programs copy the previous labels and
-    ranks (contiguous ``(B*H, S)``) of their tokens, and its first program the previous sizes (``(B*H, K)``)
-    into the counts.
+    Centroids ``c`` (in x's dtype) contiguous ``(B*H, K, D)``, ``hn`` fp32 ``(B*H, K)``; labels int32
+    ``(B*H, S)`` are written, counts int32 ``(B*H, K)`` and sums fp32 ``(B*H, K, 2, D)`` (each coordinate times
+    its head's ``scales[bh]``, fp32 ``(B*H,)``, rounded half to even, and the remainder times ``fine`` rounded
+    likewise) are added to (``sums_ptr`` and ``scales_ptr`` are not touched unless ACCUMULATE). With
+    SKIP_SETTLED a (b, h) whose probe count ``changes[bh]`` is below ``change_limit`` (settled) reads, computes
+    and adds nothing; with KEEP_SETTLED too its programs copy the previous labels (contiguous ``(B*H, S)``) of
+    their tokens, and its first program the previous sizes (``(B*H, K)``) into the counts.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -235,8 +248,8 @@ def _assign_kernel(
         row_ok = in_range & active
         k_end = tl.where(active, num_clusters, 0)
         if KEEP_SETTLED:
-            _copy_settled(prev_labels_ptr, prev_ranks_ptr, prev_sizes_ptr, labels_ptr, ranks_ptr, counts_ptr, bh,
-                          rows, in_range & ~active, (pid == 0) & ~active, seq_len, num_clusters, BLOCK_S)
+            _copy_settled(prev_labels_ptr, prev_sizes_ptr, labels_ptr, counts_ptr, bh, rows, in_range & ~active,
+                          (pid == 0) & ~active, seq_len, num_clusters, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + b * stride_xb + h * stride_xh + rows[:, None] * stride_xs + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -244,11 +257,15 @@ def _assign_kernel(
                         dims, BLOCK_S, HEAD_DIM, BLOCK_K, TAIL_K, DOT_PRECISION)
     tl.store(labels_ptr + bh * seq_len + rows, best_idx, mask=row_ok)
     cluster = bh * num_clusters + best_idx
-    rank = tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
-    tl.store(ranks_ptr + bh * seq_len + rows, rank, mask=row_ok)
+    tl.atomic_add(counts_ptr + cluster, tl.full([BLOCK_S], 1, tl.int32), mask=row_ok, sem="relaxed")
     if ACCUMULATE:
-        tl.atomic_add(sums_ptr + cluster[:, None] * HEAD_DIM + dims[None, :], x.to(tl.float32),
-                      mask=tl.broadcast_to(row_ok[:, None], (BLOCK_S, HEAD_DIM)), sem="relaxed")
+        scaled = x.to(tl.float32) * tl.load(scales_ptr + bh)
+        whole = (scaled + _ROUNDING) - _ROUNDING  # |scaled| < 2**22: rounded half to even
+        remainder = ((scaled - whole) * fine + _ROUNDING) - _ROUNDING
+        parts = sums_ptr + (cluster[:, None] * 2) * HEAD_DIM + dims[None, :]
+        tile_ok = tl.broadcast_to(row_ok[:, None], (BLOCK_S, HEAD_DIM))
+        tl.atomic_add(parts, whole, mask=tile_ok, sem="relaxed")
+        tl.atomic_add(parts + HEAD_DIM, remainder, mask=tile_ok, sem="relaxed")
 
 
 @triton.jit
@@ -279,16 +296,19 @@ def _probe_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, changes_ptr, change_limit, total_rows, num_clusters,
+    src_ptr, c_ptr, low_ptr, hn_ptr, sums_ptr, counts_ptr, units_ptr, inv_fine, changes_ptr, change_limit,
+    total_rows, num_clusters,
     HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, FROM_SUMS: tl.constexpr, ZERO_COUNTS: tl.constexpr,
     ZERO_SUMS: tl.constexpr, WRITE_LOW: tl.constexpr, SKIP_SETTLED: tl.constexpr, ZERO_CHANGES: tl.constexpr,
 ):
     """One program per BLOCK_R centroid rows of the flat ``(B*H*K, D)`` buffers.
 
     ``c = src`` (the initial centroids, any float dtype, or ``c`` itself), then with FROM_SUMS
-    ``c = sums / count`` where count > 0; written to ``c`` in fp32. ZERO_COUNTS / ZERO_SUMS then zero
-    the counts / sums for the next assignment (after reading them). Always: ``low = c`` in the dot dtype
-    (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and ``hn = ||low||^2 / 2`` in fp32.
+    ``c = (whole + fine * inv_fine) / count * units[row // K]`` (the two parts of the fp32 sums
+    ``(B*H*K, 2, D)``, fp32 ``units`` ``(B*H,)`` the inverse scales; in fp64) where count > 0; written to ``c``
+    in fp32. ZERO_COUNTS / ZERO_SUMS then zero the counts / sums for the next assignment (after reading them).
+    Always: ``low = c`` in the dot dtype (stored if WRITE_LOW, i.e. when it is not ``c`` itself) and
+    ``hn = ||low||^2 / 2`` in fp32.
     With SKIP_SETTLED the rows of a settled (b, h) (``changes[row // num_clusters] < change_limit``)
     are left as they are; ZERO_CHANGES zeroes ``changes`` (int32 ``(B*H,)``) for the probe that follows.
     """
@@ -305,13 +325,19 @@ def _finalize_kernel(
     c = tl.load(src_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32)
     if FROM_SUMS:
         count = tl.load(counts_ptr + rows, mask=row_ok, other=0)
-        sums = tl.load(sums_ptr + offs, mask=tile_ok, other=0.0)
-        c = tl.where((count > 0)[:, None], sums / tl.maximum(count, 1).to(tl.float32)[:, None], c)
+        parts = sums_ptr + (rows[:, None] * 2) * HEAD_DIM + dims[None, :]
+        whole = tl.load(parts, mask=tile_ok, other=0.0).to(tl.float64)
+        total = whole + tl.load(parts + HEAD_DIM, mask=tile_ok, other=0.0).to(tl.float64) * inv_fine  # a power of 2
+        unit = tl.load(units_ptr + rows // num_clusters, mask=row_ok, other=1.0).to(tl.float64)
+        means = total / tl.maximum(count, 1).to(tl.float64)[:, None] * unit[:, None]  # div.rn.f64
+        c = tl.where((count > 0)[:, None], means.to(tl.float32), c)
     tl.store(c_ptr + offs, c, mask=tile_ok)
     if ZERO_COUNTS:
         tl.store(counts_ptr + rows, tl.zeros([BLOCK_R], tl.int32), mask=row_ok)
     if ZERO_SUMS:
-        tl.store(sums_ptr + offs, tl.zeros([BLOCK_R, HEAD_DIM], tl.float32), mask=tile_ok)
+        parts = sums_ptr + (rows[:, None] * 2) * HEAD_DIM + dims[None, :]
+        tl.store(parts, tl.zeros([BLOCK_R, HEAD_DIM], tl.float32), mask=tile_ok)
+        tl.store(parts + HEAD_DIM, tl.zeros([BLOCK_R, HEAD_DIM], tl.float32), mask=tile_ok)
     low = c.to(low_ptr.dtype.element_ty)
     if WRITE_LOW:
         tl.store(low_ptr + offs, low, mask=tile_ok)
@@ -349,18 +375,109 @@ def _permutation_kernel(
     tl.store(perm_ptr + bh * seq_len + first + rank, tokens.to(tl.int64), mask=ok)
 
 
+@triton.jit
+def _tile_counts_kernel(labels_ptr, counts_ptr, seq_len, num_clusters, num_tiles, TOKENS: tl.constexpr):
+    """One program per (TOKENS tokens, batch * head): adds to ``counts`` (int32 ``(B*H, num_tiles, K)``, zeros
+    before) how many of its tokens carry each label (labels int32 contiguous ``(B*H, S)``)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    tokens = tile * TOKENS + tl.arange(0, TOKENS)
+    ok = tokens < seq_len
+    label = tl.load(labels_ptr + bh * seq_len + tokens, mask=ok, other=0)
+    tl.atomic_add(counts_ptr + (bh * num_tiles + tile) * num_clusters + label, tl.full([TOKENS], 1, tl.int32),
+                  mask=ok, sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _max_of(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _stable_rank_kernel(labels_ptr, before_ptr, ranks_ptr, seq_len, num_clusters, num_tiles, TOKENS: tl.constexpr):
+    """One program per (TOKENS tokens, batch * head): each token's rank, the tokens of its label in earlier tiles
+    (``before`` int32 ``(B*H, num_tiles, K)``) plus those earlier in its own tile: the tile sorted by (label,
+    token), a token's place after the first of its label. Labels and ranks int32 contiguous ``(B*H, S)``."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    place = tl.arange(0, TOKENS)
+    # tokens past S get label K: they sort after every token of the tile
+    label = tl.load(labels_ptr + bh * seq_len + tile * TOKENS + place, mask=tile * TOKENS + place < seq_len,
+                    other=num_clusters)  # fmt: skip
+    order = tl.sort(label * TOKENS + place)
+    sorted_label = order // TOKENS
+    previous = tl.gather(sorted_label, tl.maximum(place - 1, 0), 0)
+    first = tl.associative_scan(tl.where((place == 0) | (sorted_label != previous), place, 0), 0, _max_of)
+    token = tile * TOKENS + order % TOKENS
+    ok = token < seq_len
+    before = tl.load(before_ptr + (bh * num_tiles + tile) * num_clusters + sorted_label, mask=ok, other=0)
+    tl.store(ranks_ptr + bh * seq_len + token, before + place - first, mask=ok)
+
+
+MAX_RANKED_CLUSTERS = 4096
+"""Most clusters :func:`stable_ranks_triton` counts per tile of tokens; more: the reference (a sort)."""
+
+
+def stable_ranks_triton(labels: Tensor, sizes: Tensor) -> Tensor:
+    """:func:`~sparse_compile.kernels.kmeans_reference.cluster_ranks_reference` (each token's rank: the earlier
+    tokens with its label) in two Triton launches and a cumsum, on CUDA or under ``TRITON_INTERPRET=1``.
+
+    ``labels`` int32 contiguous ``(B, H, S)``, ``sizes`` ``(B, H, K)`` their counts. Integer counts only: the
+    same ranks on every run. More than :data:`MAX_RANKED_CLUSTERS` clusters take the reference. Holds
+    ``B*H * cdiv(S, RANK_TOKENS) * K`` int32 tile counts (11 MB at K = 1000 and HunyuanVideo 720p's 24 heads).
+    """
+    b, h, s = labels.shape
+    k = sizes.shape[-1]
+    if k > MAX_RANKED_CLUSTERS or labels.numel() == 0:
+        return cluster_ranks_reference(labels, sizes)
+    tokens = INTERPRETER_RANK_TOKENS if interpreter_active() else RANK_TOKENS
+    num_tiles = triton.cdiv(s, tokens)
+    counts = torch.zeros((b * h, num_tiles, k), dtype=torch.int32, device=labels.device)
+    _tile_counts_kernel[(num_tiles, b * h)](labels, counts, s, k, num_tiles, TOKENS=tokens)
+    before = counts.cumsum(1, dtype=torch.int32).sub_(counts)
+    ranks = torch.empty((b, h, s), dtype=torch.int32, device=labels.device)
+    _stable_rank_kernel[(num_tiles, b * h)](labels, before, ranks, s, k, num_tiles, TOKENS=tokens)
+    return ranks
+
+
+@triton.jit
+def _head_amax_kernel(x_ptr, amax_ptr, stride_xb, stride_xh, stride_xs, num_heads, seq_len,
+                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """One program per (BLOCK_S tokens, batch * head): their largest magnitude, maxed into ``amax[bh]`` (fp32
+    ``(B*H,)``, zeros before; a max, so the same in any order)."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, HEAD_DIM)
+    x = tl.load(x_ptr + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh + rows[:, None] * stride_xs
+                + dims[None, :], mask=(rows < seq_len)[:, None], other=0.0)  # fmt: skip
+    tl.atomic_max(amax_ptr + bh, tl.max(tl.max(tl.abs(x.to(tl.float32)), 1), 0), sem="relaxed")
+
+
+def _head_amax(x: Tensor) -> Tensor:
+    """fp32 ``(B, H)``: each head's largest magnitude of ``x`` ``(B, H, S, D)`` (unit last stride), one launch."""
+    b, h, s, d = x.shape
+    amax = torch.zeros((b, h), dtype=torch.float32, device=x.device)
+    _head_amax_kernel[(triton.cdiv(s, AMAX_TOKENS), b * h)](x, amax, x.stride(0), x.stride(1), x.stride(2), h, s,
+                                                            HEAD_DIM=d, BLOCK_S=AMAX_TOKENS)  # fmt: skip
+    return amax
+
+
 @dataclass(frozen=True)
 class _Workspace:
     """Device buffers of one call, all written before they are read: fp32 ``centroids``, ``low``
     (their copy in x's dtype, or the same tensor for fp32 x) ``(B, H, K, D)``, ``half_norms`` fp32 and
-    ``counts`` int32 ``(B, H, K)``, ``sums`` fp32 ``(B, H, K, D)`` (``counts`` itself when no iteration
-    accumulates: then never read or written)."""
+    ``counts`` int32 ``(B, H, K)``, ``sums`` fp32 ``(B, H, K, 2, D)`` (two fixed-point parts), the heads'
+    ``scales`` and their inverses ``units`` fp32 ``(B, H)`` (``counts`` itself, all three, when no iteration
+    accumulates: then never read or written) and the fine parts' weight ``fine`` for x's length."""
 
     centroids: Tensor
     low: Tensor
     half_norms: Tensor
     counts: Tensor
     sums: Tensor
+    scales: Tensor
+    units: Tensor
+    fine: float
 
 
 MAX_SUMMED_CLUSTERS = 4096
@@ -371,16 +488,20 @@ def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
     b, h, k, d = centroids.shape
     low = centroids if x.dtype == torch.float32 else torch.empty((b, h, k, d), dtype=x.dtype, device=x.device)
     counts = torch.empty((b, h, k), dtype=torch.int32, device=x.device)
-    sums = torch.empty((b, h, k, d), dtype=torch.float32, device=x.device) if iters > 0 else counts
     half_norms = torch.empty((b, h, k), dtype=torch.float32, device=x.device)
-    return _Workspace(centroids, low, half_norms, counts, sums)
+    fine = fine_factor(x.shape[2])
+    if iters == 0:
+        return _Workspace(centroids, low, half_norms, counts, counts, counts, counts, fine)
+    scales = scales_for(_head_amax(x), x.shape[2])
+    sums = torch.empty((b, h, k, 2, d), dtype=torch.float32, device=x.device)
+    return _Workspace(centroids, low, half_norms, counts, sums, scales, 1.0 / scales, fine)
 
 
 @dataclass(frozen=True)
 class _Settled:
     """The reuse probe's device state: int32 ``changes`` ``(B*H,)`` (probe tokens that changed cluster,
     zeroed by the first finalize), the host int ``limit`` (a (b, h) with ``changes < limit`` is settled) and
-    the ``previous`` clustering, labels, ranks and sizes contiguous, that a settled (b, h) keeps."""
+    the ``previous`` clustering, labels and sizes contiguous, that a settled (b, h) keeps."""
 
     changes: Tensor
     limit: int
@@ -399,7 +520,8 @@ def _finalize(
     block_r = KMEANS_FINALIZE_ELEMENTS // d
     changes = settled.changes if settled is not None else zero_changes if zero_changes is not None else ws.counts
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
-        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, changes, 0 if settled is None else settled.limit,
+        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, ws.units, 1.0 / ws.fine, changes,
+        0 if settled is None else settled.limit,
         b * h * k, k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
         ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids, SKIP_SETTLED=settled is not None,
         ZERO_CHANGES=zero_changes is not None,
@@ -414,20 +536,20 @@ def _tail_chunk(num_clusters: int, block_k: int) -> int:
 
 
 def _assign(
-    x: Tensor, ws: _Workspace, labels: Tensor, ranks: Tensor, config: TileConfig, accumulate: bool,
-    settled: _Settled | None = None, keep_settled: bool = False,
+    x: Tensor, ws: _Workspace, labels: Tensor, config: TileConfig, accumulate: bool, settled: _Settled | None = None,
+    keep_settled: bool = False,
 ) -> None:  # fmt: skip
     """Launch ``_assign_kernel`` over every (token tile, batch * head) of ``x`` (any ``(B, H, S', D)``
-    view; labels and ranks ``(B, H, S')``): ``config.block_m`` tokens x ``config.block_n`` centroids per
-    step; ``settled`` heads skipped, or with ``keep_settled`` given their previous labels, ranks and sizes."""
+    view; labels ``(B, H, S')``): ``config.block_m`` tokens x ``config.block_n`` centroids per step;
+    ``settled`` heads skipped, or with ``keep_settled`` given their previous labels and sizes."""
     b, h, s, d = x.shape
     previous = settled.previous if keep_settled and settled is not None else None
     _assign_kernel[(triton.cdiv(s, config.block_m), b * h)](
-        x, ws.low, ws.half_norms, labels, ranks, ws.counts, ws.sums,
+        x, ws.low, ws.half_norms, labels, ws.counts, ws.sums,
         ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
-        *((labels, ranks, ws.counts) if previous is None else (previous.labels, previous.ranks, previous.sizes)),
+        *((labels, ws.counts) if previous is None else (previous.labels, previous.sizes)),
         x.stride(0), x.stride(1), x.stride(2),
-        h, s, ws.centroids.shape[2],
+        h, s, ws.centroids.shape[2], ws.scales, ws.fine,
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n,
         TAIL_K=_tail_chunk(ws.centroids.shape[2], config.block_n), ACCUMULATE=accumulate,
         SKIP_SETTLED=settled is not None, KEEP_SETTLED=previous is not None, DOT_PRECISION=dot_precision(x.dtype),
@@ -449,27 +571,24 @@ def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, changes: Tensor, config: Til
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n, TAIL_K=_tail_chunk(num_clusters, config.block_n),
         DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    kept = Clustering(reuse.previous.centroids, *(t.contiguous() for t in
-                      (reuse.previous.labels, reuse.previous.sizes, reuse.previous.ranks)))  # fmt: skip
+    kept = Clustering(reuse.previous.centroids, reuse.previous.labels.contiguous(), reuse.previous.sizes.contiguous(),
+                      reuse.previous.ranks)  # fmt: skip
     return _Settled(changes, change_limit(reuse.tolerance, probe.shape[2]), kept)
 
 
-def _lloyd(
-    x: Tensor, ws: _Workspace, iters: int, config: TileConfig, settled: _Settled | None, last: bool,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _lloyd(x: Tensor, ws: _Workspace, iters: int, config: TileConfig, settled: _Settled | None, last: bool) -> Tensor:
     """``iters`` iterations on ``x`` (a ``(B, H, S', D)`` view) from the centroids in ``ws`` (counts and
-    sums zeroed): labels and ranks int32 ``(B, H, S')``. ``last``: the final finalize keeps the counts
-    (the sizes of the labels) and the last assignment gives ``settled`` heads their previous labels, ranks
-    and sizes; otherwise the counts and sums are zeroed for the next pass."""
+    sums zeroed): labels int32 ``(B, H, S')``. ``last``: the final finalize keeps the counts (the sizes of
+    the labels) and the last assignment gives ``settled`` heads their previous labels and sizes; otherwise
+    the counts and sums are zeroed for the next pass."""
     b, h, s, _ = x.shape
     labels = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
-    ranks = torch.empty((b, h, s), dtype=torch.int32, device=x.device)
     if iters == 0:
-        _assign(x, ws, labels, ranks, config, accumulate=False, settled=settled, keep_settled=last)
+        _assign(x, ws, labels, config, accumulate=False, settled=settled, keep_settled=last)
     for i in range(iters):
-        _assign(x, ws, labels, ranks, config, accumulate=True, settled=settled, keep_settled=last and i == iters - 1)
+        _assign(x, ws, labels, config, accumulate=True, settled=settled, keep_settled=last and i == iters - 1)
         _finalize(ws, ws.centroids, from_sums=True, zero_sums=i < iters - 1 or not last, settled=settled)
-    return labels, ranks
+    return labels
 
 
 def kmeans_triton(
@@ -489,7 +608,7 @@ def kmeans_triton(
     fixes the assignment tile (``block_m`` tokens x ``block_n`` centroids; default
     :data:`~sparse_compile.kernels.tile_configs.KMEANS_TILE`). ``init_centroids`` is not modified.
     With ``reuse`` the probe runs first and every later kernel skips the settled heads, whose outputs
-    are then the previous ones (copied by the last assignment, no sync).
+    are then the previous ones (copied by the last assignment, no sync). Every output is the same on every run.
     """
     check_kmeans_inputs(x, num_clusters, iters, init_centroids, sample_stride, reuse)
     b, h, s, d = x.shape
@@ -514,9 +633,10 @@ def kmeans_triton(
     settled = None if reuse is None else _probe(x, ws, reuse, changes, config)
     if stride > 1:
         _lloyd(x[:, :, ::stride], ws, iters - 1, config, settled, last=False)
-        labels, ranks = _lloyd(x, ws, 1, config, settled, last=True)
+        labels = _lloyd(x, ws, 1, config, settled, last=True)
     else:
-        labels, ranks = _lloyd(x, ws, iters, config, settled, last=True)
+        labels = _lloyd(x, ws, iters, config, settled, last=True)
+    ranks = stable_ranks_triton(labels, ws.counts)
     if reuse is None:
         return Clustering(ws.centroids, labels, ws.counts, ranks)
     return Clustering(ws.centroids, labels, ws.counts, ranks, (settled.changes < settled.limit).view(b, h))
@@ -577,7 +697,7 @@ def cluster_permutation(labels: Tensor, sizes: Tensor, ranks: Tensor) -> tuple[T
 
     ``labels`` ``(B, H, S)``, ``sizes`` ``(B, H, K)`` and ``ranks`` ``(B, H, S)`` integer, as returned by
     :func:`kmeans` (a cluster's ranks are ``0 .. size - 1``). Returns ``perm`` int64 ``(B, H, S)``,
-    token ``t`` at place ``offsets[labels[t]] + ranks[t]`` (so with the reference's stable ranks the
+    token ``t`` at place ``offsets[labels[t]] + ranks[t]`` (with :func:`kmeans`'s stable ranks the
     tokens of a cluster ascend), and ``offsets`` int32 ``(B, H, K + 1)`` (:func:`cluster_offsets`).
     CUDA tensors take :func:`cluster_permutation_triton`, others :func:`cluster_permutation_reference`.
     """
@@ -601,4 +721,5 @@ __all__ = [
     "kmeans_objective",
     "kmeans_reference",
     "kmeans_triton",
+    "stable_ranks_triton",
 ]

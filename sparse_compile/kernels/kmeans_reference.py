@@ -9,7 +9,11 @@ Definitions (shared with the Triton path):
   is ``argmin_k ||x - c_k||^2``, computed with fp32 accumulation. **Ties go to the lowest cluster
   index** (identical centroids: the first one takes every token, the others stay empty).
 - One iteration = assignment, then update (centroid = mean of its members). An **empty cluster
-  keeps its previous centroid** and has size 0, so no NaN ever appears. The result is the last
+  keeps its previous centroid** and has size 0, so no NaN ever appears. **Member sums are exact in
+  any order** (:func:`fixed_point_terms`: each coordinate times its head's power-of-two scale, split into a
+  rounded whole part and a rounded fine part, each an integer-valued fp32 small enough that ``S`` of them
+  sum exactly), so every run and device gives the same centroids: the members' means to within
+  ``2**-(2 * (23 - log2 S))`` of the head's largest coordinate. The result is the last
   iteration's labels and sizes with the centroids updated from them, so every returned centroid
   is the mean of exactly the tokens labelled with it (what SVG2's cluster-pair scores need), and
   ``iters`` iterations cost ``iters`` passes over the tokens (there is no extra assignment pass:
@@ -21,8 +25,7 @@ Definitions (shared with the Triton path):
   CPU and CUDA draw different tokens). Distinct segments give distinct tokens, and in video token
   order (frame-major) they spread over space and time.
 - Each token also gets a **rank** within its cluster (``Clustering.ranks``), its place in the cluster
-  order. The reference ranks in token order (stable); the Triton path takes them from the atomic
-  counter that counts the cluster's size, so within a cluster the order varies from run to run.
+  order: the number of earlier tokens (in token order) with the same label (:func:`cluster_ranks_reference`).
 - **Subsampled iterations** (``sample_stride`` r > 1): the first ``iters - 1`` iterations run on the
   tokens ``0, r, 2r, ...`` only (:func:`sample_stride_for`: r is lowered so the sample keeps at least
   ``num_clusters`` tokens; a cold start draws its initial centroids from the sample), the last one on
@@ -51,6 +54,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_ROWS = 4096  # token rows (summed over all heads) per assignment chunk of the reference
+PART_BITS = 23
+"""A fixed-point part of a coordinate is an integer of magnitude at most ``2**(PART_BITS - ceil(log2 S))``, so any
+sum of ``S`` of them stays within ``2**PART_BITS``: exact in fp32 (24-bit significands) whatever the order."""
 
 
 def sample_stride_for(seq_len: int, num_clusters: int, sample_stride: int) -> int:
@@ -76,9 +82,8 @@ class Clustering:
     ``centroids`` fp32 ``(B, H, K, D)``, the mean of each cluster's tokens (an empty cluster's
     previous centroid); ``labels`` int32 ``(B, H, S)``, the cluster of each token (its argmin for
     the centroids of the last assignment); ``sizes`` int32 ``(B, H, K)``, tokens per cluster (0 = empty);
-    ``ranks`` int32 ``(B, H, S)``, each token's place within its cluster (a cluster's ranks are
-    ``0 .. size - 1`` in some order: token order in the reference, :func:`cluster_ranks_reference`;
-    arrival order on the Triton path), which :func:`sparse_compile.kernels.kmeans.cluster_permutation` uses;
+    ``ranks`` int32 ``(B, H, S)``, each token's place within its cluster (``0 .. size - 1`` in token order,
+    :func:`cluster_ranks_reference`), which :func:`sparse_compile.kernels.kmeans.cluster_permutation` uses;
     ``settled`` bool ``(B, H)`` with :class:`Reuse`: the heads that kept the previous clustering (else None).
     """
 
@@ -146,27 +151,77 @@ def cluster_sizes(labels: Tensor, num_clusters: int) -> Tensor:
     return sizes.scatter_add_(2, labels.long(), torch.ones_like(labels, dtype=torch.int32))
 
 
-def update_reference(x: Tensor, labels: Tensor, centroids: Tensor) -> Tensor:
-    """New centroids, fp32 ``(B, H, K, D)``: the mean of each cluster's members (fp32 sums).
+def _seq_bits(seq_len: int) -> int:
+    """``ceil(log2 seq_len)``, at least 1."""
+    return max(seq_len - 1, 1).bit_length()
+
+
+def fine_factor(seq_len: int) -> float:
+    """The weight of a fine part against its whole part, ``2**(PART_BITS - ceil(log2 S))``."""
+    return 2.0 ** (PART_BITS - _seq_bits(seq_len))
+
+
+def scales_for(largest: Tensor, seq_len: int) -> Tensor:
+    """fp32 powers of two ``2**(PART_BITS - ceil(log2 S) - e)``, ``largest < 2**e`` (any shape; exponents clamped
+    so each is a normal fp32; an all-zero head's ``e`` is 0): a coordinate times its scale is below the parts' bound."""
+    _, e = torch.frexp(largest.float())
+    exponent = (PART_BITS - _seq_bits(seq_len) - e.clamp(-100, 100)).clamp(-126, 126)
+    return torch.ldexp(torch.ones_like(largest, dtype=torch.float32), exponent)
+
+
+def fixed_point_scales(x: Tensor) -> Tensor:
+    """fp32 ``(B, H)``: :func:`scales_for` each head's largest magnitude of ``x`` ``(B, H, S, D)``."""
+    return scales_for(torch.linalg.vector_norm(x, ord=float("inf"), dim=(2, 3)), x.shape[2])
+
+
+def fixed_point_terms(x: Tensor, scales: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """fp32 ``(B, H, S', D)`` each: every coordinate of ``x`` ``(B, H, S', D)`` times its head's ``scales``
+    ``(B, H)`` rounded to an integer (half to even), and the remainder times :func:`fine_factor` of ``seq_len``
+    (the tokens the scales bound, ``>= S'``) rounded likewise."""
+    scaled = x.float() * scales[:, :, None, None]
+    whole = torch.round(scaled)
+    return whole, scaled.sub_(whole).mul_(fine_factor(seq_len)).round_()
+
+
+def centroids_from_sums(sums: Tensor, counts: Tensor, scales: Tensor, seq_len: int, previous: Tensor) -> Tensor:
+    """fp32 means ``(whole + fine / fine_factor) / counts / scales`` (in fp64), ``previous`` where a count is 0.
+
+    ``sums`` fp32 ``(B, H, K, 2, D)`` (whole and fine parts), ``counts`` integer ``(B, H, K, 1)``, ``scales``
+    ``(B, H)``, ``previous`` ``(B, H, K, D)``.
+    """
+    total = sums[..., 0, :].double() + sums[..., 1, :].double() * (1.0 / fine_factor(seq_len))
+    unit = (1.0 / scales).double()[:, :, None, None]
+    means = (total / counts.clamp_min(1).double() * unit).float()
+    return torch.where(counts > 0, means, previous.float())
+
+
+def update_reference(
+    x: Tensor, labels: Tensor, centroids: Tensor, scales: tuple[Tensor, int] | None = None
+) -> Tensor:  # fmt: skip
+    """New centroids, fp32 ``(B, H, K, D)``: the mean of each cluster's members (exact fixed-point sums).
 
     ``x`` ``(B, H, S, D)``, ``labels`` ``(B, H, S)``, ``centroids`` ``(B, H, K, D)`` the previous
-    ones, kept for empty clusters.
+    ones, kept for empty clusters; ``scales``: the heads' scales ``(B, H)`` and the tokens they bound (default
+    :func:`fixed_point_scales` of ``x`` and its ``S``).
     """
     b, h, k, d = centroids.shape
+    scales, seq_len = (fixed_point_scales(x), x.shape[2]) if scales is None else scales
     index = labels.long().unsqueeze(-1).expand(*labels.shape, d)
-    sums = torch.zeros((b, h, k, d), dtype=torch.float32, device=x.device).scatter_add_(2, index, x.float())
-    counts = cluster_sizes(labels, k).unsqueeze(-1)
-    return torch.where(counts > 0, sums / counts.clamp_min(1), centroids.float())
+    sums = torch.zeros((b, h, k, 2, d), dtype=torch.float32, device=x.device)
+    for part, terms in enumerate(fixed_point_terms(x, scales, seq_len)):
+        sums[:, :, :, part].scatter_add_(2, index, terms)
+    return centroids_from_sums(sums, cluster_sizes(labels, k).unsqueeze(-1), scales, seq_len, centroids)
 
 
-def lloyd_reference(x: Tensor, centroids: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """``iters`` Lloyd iterations from fp32 ``centroids`` ``(B, H, K, D)``: the centroids after the last
-    update and the labels of the last assignment (``iters = 0``: the centroids and one assignment)."""
+def lloyd_reference(x: Tensor, centroids: Tensor, iters: int, scales: tuple[Tensor, int]) -> tuple[Tensor, Tensor]:
+    """``iters`` Lloyd iterations from fp32 ``centroids`` ``(B, H, K, D)``, member sums at ``scales`` (as
+    :func:`update_reference` takes them): the centroids after the last update and the labels of the last
+    assignment (``iters = 0``: the centroids and one assignment)."""
     labels = assign_reference(x, centroids)
     for i in range(iters):
         if i > 0:
             labels = assign_reference(x, centroids)
-        centroids = update_reference(x, labels, centroids)
+        centroids = update_reference(x, labels, centroids, scales)
     return centroids, labels
 
 
@@ -203,11 +258,12 @@ def kmeans_reference(
         centroids = initial_centroids(sample, num_clusters, seed)
     else:
         centroids = init_centroids.float().clone(memory_format=torch.contiguous_format)
+    scales = (fixed_point_scales(x), x.shape[2])  # of every token: a sample's sums use them too
     if stride > 1:
-        centroids, _ = lloyd_reference(sample, centroids, iters - 1)
-        centroids, labels = lloyd_reference(x, centroids, 1)
+        centroids, _ = lloyd_reference(sample, centroids, iters - 1, scales)
+        centroids, labels = lloyd_reference(x, centroids, 1, scales)
     else:
-        centroids, labels = lloyd_reference(x, centroids, iters)
+        centroids, labels = lloyd_reference(x, centroids, iters, scales)
     sizes = cluster_sizes(labels, num_clusters)
     ranks = cluster_ranks_reference(labels, sizes)
     if reuse is None:

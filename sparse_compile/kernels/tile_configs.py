@@ -276,3 +276,9 @@ KMEANS_FINALIZE_ELEMENTS = 4096
 """Centroid elements per program of the k-means finalize kernel (``4096 // D`` rows)."""
 PERMUTATION_TOKENS = 1024
 """Tokens per program of the cluster-permutation scatter."""
+RANK_TOKENS = 1024
+"""Tokens per program of the k-means stable-rank passes (a tile's label counts, then its tokens sorted by label)."""
+INTERPRETER_RANK_TOKENS = 64
+""":data:`RANK_TOKENS` under Triton's interpreter, whose sort of 1024 elements is slow."""
+AMAX_TOKENS = 64
+"""Tokens per program of the k-means scale pass (each head's largest magnitude)."""
