@@ -15,6 +15,7 @@ from sparse_compile.methods import auto, auto_clusters
 from sparse_compile.methods.auto import AutoMethod, Choice, block_kept_keys, check_rows, sampled_recall
 from sparse_compile.methods.auto_choice import CLUSTERS, GUARD
 from sparse_compile.methods.auto_clusters import (
+    MassRows,
     cluster_candidate,
     cluster_mass,
     every_row,
@@ -120,6 +121,26 @@ def test_cluster_pair_masses_do_not_depend_on_the_chunking(monkeypatch):
     whole = cluster_mass(q, k, lse, every_row(q_clusters), *k_order, 0.3)
     monkeypatch.setattr(auto_clusters, "_MASS_CHUNK_ENTRIES", 96 * 40)  # one head, 40 rows per chunk
     torch.testing.assert_close(cluster_mass(q, k, lse, every_row(q_clusters), *k_order, 0.3), whole)
+
+
+def _row_masses(device: str = "cpu") -> tuple:
+    """Masses' inputs for 2 heads of 600 tokens: q, k, LSE, every row, the keys in cluster order."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 600, 16, generator=gen).to(device) for _ in range(2))
+    q_clusters, k_clusters = kmeans(q, 12, 2, seed=0), kmeans(k, 20, 2, seed=1)
+    k_order = cluster_permutation(k_clusters.labels, k_clusters.sizes, k_clusters.ranks)
+    return q, k, attention_lse(q, k, 0.25), every_row(q_clusters), k_order
+
+
+def test_cluster_pair_masses_do_not_depend_on_the_order_of_the_rows():
+    """The rows' masses are summed as exact fixed-point parts: rows in any order give the same bits (fp32 sums in
+    another order would not)."""
+    q, k, lse, rows, k_order = _row_masses()
+    want = cluster_mass(q, k, lse, rows, *k_order, 0.25)
+    for seed in range(3):
+        order = torch.randperm(600, generator=torch.Generator().manual_seed(seed)).expand(1, 2, 600)
+        shuffled = MassRows(rows.tokens.gather(-1, order), rows.labels.gather(-1, order), rows.per_cluster)
+        assert torch.equal(cluster_mass(q, k, lse, shuffled, *k_order, 0.25), want)
 
 
 def test_sampled_cluster_masses_average_the_dense_softmax_over_evenly_spaced_rows_of_each_cluster():
@@ -310,6 +331,13 @@ def test_cluster_heads_on_the_gpu_match_masked_sdpa_in_bf16(monkeypatch):
     expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=token_mask)
     error = (result.output.float() - expected).norm() / expected.norm()
     assert torch.isfinite(result.output).all() and float(error) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_cluster_pair_masses_on_the_gpu_repeat_bit_for_bit():
+    q, k, lse, rows, k_order = _row_masses("cuda")
+    first, second = (cluster_mass(q, k, lse, rows, *k_order, 0.25) for _ in range(2))
+    assert torch.equal(first, second)
 
 
 @pytest.mark.gpu

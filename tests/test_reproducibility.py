@@ -16,6 +16,7 @@ OPTIONS = {
     "svg": {"block": 16, "density": 0.3},
     "radial": {"block": 16},
     "adaspa": {"block": 16, "density": 0.5, "dense_steps": 1},
+    "auto": {"dense_steps": 1},
 }
 TIMESTEPS = (900, 600, 300)
 
@@ -67,8 +68,8 @@ def test_two_generations_with_the_same_inputs_are_bit_identical(method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", list(OPTIONS))
 def test_two_generations_on_the_gpu_are_bit_identical(method):
-    """The same on CUDA, where kernels add in whatever order their programs run: svg2's k-means sums integers and
-    ranks by a sort, so its clusters, hence its output, repeat bit for bit."""
+    """The same on CUDA, where kernels add in whatever order their programs run: k-means (svg2, auto's clusters)
+    and auto's cluster masses sum exact fixed-point parts and k-means ranks by a sort, so they repeat bit for bit."""
     compiled, inputs = _compiled(method, "cuda")
     for cfg in (False, True):
         first = _generate(compiled, inputs, cfg)

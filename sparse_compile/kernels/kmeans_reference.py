@@ -183,14 +183,19 @@ def fixed_point_terms(x: Tensor, scales: Tensor, seq_len: int) -> tuple[Tensor, 
     return whole, scaled.sub_(whole).mul_(fine_factor(seq_len)).round_()
 
 
+def parts_total(whole: Tensor, fine: Tensor, seq_len: int) -> Tensor:
+    """fp64 ``whole + fine / fine_factor(seq_len)``: summed fixed-point parts (any shape) as one scaled value."""
+    return whole.double() + fine.double() * (1.0 / fine_factor(seq_len))
+
+
 def centroids_from_sums(sums: Tensor, counts: Tensor, scales: Tensor, seq_len: int, previous: Tensor) -> Tensor:
     """fp32 means ``(whole + fine / fine_factor) / counts / scales`` (in fp64), ``previous`` where a count is 0.
 
     ``sums`` fp32 ``(B, H, K, 2, D)`` (whole and fine parts), ``counts`` integer ``(B, H, K, 1)``, ``scales``
     ``(B, H)``, ``previous`` ``(B, H, K, D)``.
     """
-    total = sums[..., 0, :].double() + sums[..., 1, :].double() * (1.0 / fine_factor(seq_len))
     unit = (1.0 / scales).double()[:, :, None, None]
+    total = parts_total(sums[..., 0, :], sums[..., 1, :], seq_len)
     means = (total / counts.clamp_min(1).double() * unit).float()
     return torch.where(counts > 0, means, previous.float())
 

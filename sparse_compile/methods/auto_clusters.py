@@ -36,6 +36,7 @@ from torch import Tensor
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p
 from sparse_compile.kernels.block_select_reference import masked_row_lse
 from sparse_compile.kernels.kmeans import Clustering, cluster_permutation, kmeans
+from sparse_compile.kernels.kmeans_reference import fixed_point_terms, parts_total, scales_for
 from sparse_compile.kernels.masked_reference import gather_rows, keep_matrix
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
@@ -103,12 +104,16 @@ def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, rows: MassRows, k_perm: Tens
     contribute nothing); ``k_perm`` int64 ``(B, h, Sv)`` and ``k_offsets`` int32 ``(B, h, Kk + 1)`` the
     keys in cluster order (:func:`~sparse_compile.kernels.kmeans.cluster_permutation`). A row's mass on
     each key cluster is a difference of its running sum over the keys in cluster order (fp32); the rows'
-    masses are then averaged into their query cluster's row (zero for a cluster without rows).
+    masses are then averaged into their query cluster's row (zero for a cluster without rows), summed as exact
+    fixed-point parts (:func:`~sparse_compile.kernels.kmeans_reference.fixed_point_terms`): the same bits on
+    every run.
     """
     batch, heads, num_video, _ = q.shape
     n_q, n_k = rows.per_cluster.shape[-1], k_offsets.shape[-1] - 1
     num_rows = rows.tokens.shape[-1]
-    mass = torch.zeros(batch, heads, n_q, n_k, dtype=torch.float32, device=q.device)
+    # Row masses (at most 1 each) summed as exact fixed-point parts: the same bits in any order of addition.
+    scales = scales_for(torch.ones(batch, heads, device=q.device), num_rows)
+    parts = torch.zeros(2, batch, heads, n_q, n_k, dtype=torch.float32, device=q.device)
     per_head = max(1, _MASS_CHUNK_ENTRIES // (batch * num_video * _MIN_CHUNK_ROWS))
     for first in range(0, heads, per_head):
         hs = slice(first, min(first + per_head, heads))
@@ -124,7 +129,11 @@ def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, rows: MassRows, k_perm: Tens
             running = torch.exp(qh[:, :, r] @ k_sorted * scale - row_lse[:, :, r, None]).cumsum_(dim=-1)
             running = F.pad(running, (1, 0))
             to_key_cluster = running.gather(-1, bounds.expand(-1, -1, running.shape[2], -1)).diff(dim=-1)
-            mass[:, hs].scatter_add_(2, row_labels[:, :, r, None].expand_as(to_key_cluster), to_key_cluster)
+            index = row_labels[:, :, r, None].expand_as(to_key_cluster)
+            for part, terms in zip(parts, fixed_point_terms(to_key_cluster, scales[:, hs], num_rows)):
+                part[:, hs].scatter_add_(2, index, terms)
+    unit = (1.0 / scales).double()[:, :, None, None]
+    mass = (parts_total(parts[0], parts[1], num_rows) * unit).float()
     mass.mul_((rows.per_cluster > 0).unsqueeze(-1)).div_(rows.per_cluster.clamp_min(1).unsqueeze(-1))
     return mass.div_(mass.sum(dim=-1, keepdim=True).clamp_min(_TINY))
 
