@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gluon_compile import compile_sm90a, resource_usage
-from triton_interpreter_support import interp, rel_l2, run_interpreted
+from triton_interpreter_support import interp, run_interpreted
 from sparse_compile.kernels import kmeans as km
 from sparse_compile.kernels.kmeans_reference import (
     Clustering,
