@@ -28,8 +28,8 @@ FP8 quantisation            :func:`fp8_quant_warps`           Q/K: one run of ro
                                                               by the tile's elements
 ==========================  ================================  ===========================================
 
-The helper kernels' fixed block sizes (kept-rows prep, k-means finalize and permutation, tile-table
-fill) are the constants at the end. Shared-memory needs are those of sm_90 compiles at D = 128.
+The helper kernels' fixed block sizes (kept-rows prep, k-means finalize, permutation, ranks and scale
+pass, tile-table fill) are the constants at the end. Shared-memory needs are those of sm_90 compiles at D = 128.
 """
 
 from __future__ import annotations
