@@ -19,7 +19,7 @@ Kernel design (CUDA), per iteration two launches:
   head's scale from its largest magnitude, ``_head_amax_kernel`` once per call) with relaxed fp32
   ``atomic_add``: integer-valued sums below 2**23, exact in any order.
 - *Finalize* (``_finalize_kernel``) over the ``B*H*K`` centroid rows: mean where the count is
-  positive (in fp64, as :func:`~sparse_compile.kernels.kmeans_reference.centroids_from_sums`), else the
+  positive (in fp64, as :func:`~sparse_compile.kernels.kmeans_reference.update_reference`), else the
   old centroid; writes the fp32 centroid, its copy in x's dtype for the next dot and ``||c||^2 / 2``
   (of that copy, so the argmax is exact for the centroids the dot sees), and, before another
   iteration, zeroes the sums and counts; after the last one the counts stay: they are the sizes of

@@ -183,27 +183,25 @@ def fixed_point_terms(x: Tensor, scales: Tensor, seq_len: int) -> tuple[Tensor, 
     return whole, scaled.sub_(whole).mul_(fine_factor(seq_len)).round_()
 
 
-def parts_total(whole: Tensor, fine: Tensor, seq_len: int) -> Tensor:
-    """fp64 ``whole + fine / fine_factor(seq_len)``: summed fixed-point parts (any shape) as one scaled value."""
-    return whole.double() + fine.double() * (1.0 / fine_factor(seq_len))
+def add_fixed_point(parts: Tensor, index: Tensor, values: Tensor, scales: Tensor, seq_len: int) -> None:
+    """Scatter-add (along dim 2) the fixed-point parts (:func:`fixed_point_terms`) of ``values`` ``(B, H, S', D)``
+    into ``parts`` fp32 ``(2, B, H, K, D)`` at ``index`` ``(B, H, S', D)``: exact, so in any order the same bits."""
+    for part, terms in zip(parts, fixed_point_terms(values, scales, seq_len)):
+        part.scatter_add_(2, index, terms)
 
 
-def centroids_from_sums(sums: Tensor, counts: Tensor, scales: Tensor, seq_len: int, previous: Tensor) -> Tensor:
-    """fp32 means ``(whole + fine / fine_factor) / counts / scales`` (in fp64), ``previous`` where a count is 0.
-
-    ``sums`` fp32 ``(B, H, K, 2, D)`` (whole and fine parts), ``counts`` integer ``(B, H, K, 1)``, ``scales``
-    ``(B, H)``, ``previous`` ``(B, H, K, D)``.
-    """
-    unit = (1.0 / scales).double()[:, :, None, None]
-    total = parts_total(sums[..., 0, :], sums[..., 1, :], seq_len)
-    means = (total / counts.clamp_min(1).double() * unit).float()
-    return torch.where(counts > 0, means, previous.float())
+def fixed_point_sums(parts: Tensor, scales: Tensor, seq_len: int) -> Tensor:
+    """fp64 ``(B, H, K, D)``: the sums that ``parts`` ``(2, B, H, K, D)`` (from :func:`add_fixed_point`) hold,
+    ``(whole + fine / fine_factor) / scales``."""
+    total = parts[0].double() + parts[1].double() * (1.0 / fine_factor(seq_len))
+    return total * (1.0 / scales).double()[:, :, None, None]
 
 
 def update_reference(
     x: Tensor, labels: Tensor, centroids: Tensor, scales: tuple[Tensor, int] | None = None
 ) -> Tensor:  # fmt: skip
-    """New centroids, fp32 ``(B, H, K, D)``: the mean of each cluster's members (exact fixed-point sums).
+    """New centroids, fp32 ``(B, H, K, D)``: the mean of each cluster's members (exact fixed-point sums, divided in
+    fp64).
 
     ``x`` ``(B, H, S, D)``, ``labels`` ``(B, H, S)``, ``centroids`` ``(B, H, K, D)`` the previous
     ones, kept for empty clusters; ``scales``: the heads' scales ``(B, H)`` and the tokens they bound (default
@@ -211,11 +209,11 @@ def update_reference(
     """
     b, h, k, d = centroids.shape
     scales, seq_len = (fixed_point_scales(x), x.shape[2]) if scales is None else scales
-    index = labels.long().unsqueeze(-1).expand(*labels.shape, d)
-    sums = torch.zeros((b, h, k, 2, d), dtype=torch.float32, device=x.device)
-    for part, terms in enumerate(fixed_point_terms(x, scales, seq_len)):
-        sums[:, :, :, part].scatter_add_(2, index, terms)
-    return centroids_from_sums(sums, cluster_sizes(labels, k).unsqueeze(-1), scales, seq_len, centroids)
+    parts = torch.zeros((2, b, h, k, d), dtype=torch.float32, device=x.device)
+    add_fixed_point(parts, labels.long().unsqueeze(-1).expand(*labels.shape, d), x, scales, seq_len)
+    counts = cluster_sizes(labels, k).unsqueeze(-1)
+    means = (fixed_point_sums(parts, scales, seq_len) / counts.clamp_min(1).double()).float()
+    return torch.where(counts > 0, means, centroids.float())
 
 
 def lloyd_reference(x: Tensor, centroids: Tensor, iters: int, scales: tuple[Tensor, int]) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ from torch import Tensor
 from sparse_compile.kernels.block_select import ClusterSelection, select_top_p
 from sparse_compile.kernels.block_select_reference import masked_row_lse
 from sparse_compile.kernels.kmeans import Clustering, cluster_permutation, kmeans
-from sparse_compile.kernels.kmeans_reference import fixed_point_terms, parts_total, scales_for
+from sparse_compile.kernels.kmeans_reference import add_fixed_point, fixed_point_sums, scales_for
 from sparse_compile.kernels.masked_reference import gather_rows, keep_matrix
 from sparse_compile.kernels.varlen_block_sparse import varlen_block_sparse_attention
 from sparse_compile.kernels.varlen_block_sparse_reference import kept_kv_tokens
@@ -105,7 +105,7 @@ def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, rows: MassRows, k_perm: Tens
     keys in cluster order (:func:`~sparse_compile.kernels.kmeans.cluster_permutation`). A row's mass on
     each key cluster is a difference of its running sum over the keys in cluster order (fp32); the rows'
     masses are then averaged into their query cluster's row (zero for a cluster without rows), summed as exact
-    fixed-point parts (:func:`~sparse_compile.kernels.kmeans_reference.fixed_point_terms`): the same bits on
+    fixed-point parts (:func:`~sparse_compile.kernels.kmeans_reference.add_fixed_point`): the same bits on
     every run.
     """
     batch, heads, num_video, _ = q.shape
@@ -129,11 +129,9 @@ def cluster_mass(q: Tensor, k: Tensor, lse: Tensor, rows: MassRows, k_perm: Tens
             running = torch.exp(qh[:, :, r] @ k_sorted * scale - row_lse[:, :, r, None]).cumsum_(dim=-1)
             running = F.pad(running, (1, 0))
             to_key_cluster = running.gather(-1, bounds.expand(-1, -1, running.shape[2], -1)).diff(dim=-1)
-            index = row_labels[:, :, r, None].expand_as(to_key_cluster)
-            for part, terms in zip(parts, fixed_point_terms(to_key_cluster, scales[:, hs], num_rows)):
-                part[:, hs].scatter_add_(2, index, terms)
-    unit = (1.0 / scales).double()[:, :, None, None]
-    mass = (parts_total(parts[0], parts[1], num_rows) * unit).float()
+            add_fixed_point(parts[:, :, hs], row_labels[:, :, r, None].expand_as(to_key_cluster), to_key_cluster,
+                            scales[:, hs], num_rows)  # fmt: skip
+    mass = fixed_point_sums(parts, scales, num_rows).float()
     mass.mul_((rows.per_cluster > 0).unsqueeze(-1)).div_(rows.per_cluster.clamp_min(1).unsqueeze(-1))
     return mass.div_(mass.sum(dim=-1, keepdim=True).clamp_min(_TINY))
 
