@@ -35,10 +35,11 @@ iterations (``sample_stride``) are the same kernels on a strided view of x, with
 buffers. The reuse rule adds, after the first finalize, one *probe* launch
 (``_probe_kernel``: the assignment of every ``probe_stride``-th token, counting per (b, h) the tokens
 whose label changes against the previous labels); every later assignment and finalize reads that
-count and leaves a settled (b, h) alone (no dots, no updates): the first finalize zeroes the count (no
-memset) and has already copied the previous centroids, and the last assignment's programs of a settled
-(b, h) copy the previous labels and sizes (the reference's
-:func:`~sparse_compile.kernels.kmeans_reference.keep_settled`, with no launch of its own).
+count and leaves a settled (b, h) alone (no dots, no updates, no scale pass reading its tokens): the first
+finalize zeroes the count (no memset) and has already copied the previous centroids, the last assignment's
+programs of a settled (b, h) copy the previous labels and sizes (the reference's
+:func:`~sparse_compile.kernels.kmeans_reference.keep_settled`, with no launch of its own) and the rank pass
+its previous ranks.
 There is no assignment after the last update (the reference's definition): each iteration is one
 pass over x. Fusing the update into the assignment's epilogue saves a second read of x and a
 per-iteration sort of the labels; its cost is ``2 * B*H * S * D`` relaxed fp32 atomics spread over
@@ -57,7 +58,7 @@ may differ from the fp32 reference).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -376,13 +377,17 @@ def _permutation_kernel(
 
 
 @triton.jit
-def _tile_counts_kernel(labels_ptr, counts_ptr, seq_len, num_clusters, num_tiles, TOKENS: tl.constexpr):
+def _tile_counts_kernel(labels_ptr, counts_ptr, changes_ptr, change_limit, seq_len, num_clusters, num_tiles,
+                        TOKENS: tl.constexpr, SKIP_SETTLED: tl.constexpr):  # fmt: skip
     """One program per (TOKENS tokens, batch * head): adds to ``counts`` (int32 ``(B*H, num_tiles, K)``, zeros
-    before) how many of its tokens carry each label (labels int32 contiguous ``(B*H, S)``)."""
+    before) how many of its tokens carry each label (labels int32 contiguous ``(B*H, S)``); with SKIP_SETTLED
+    a settled (b, h) (``changes[bh] < change_limit``) reads and adds nothing."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     tokens = tile * TOKENS + tl.arange(0, TOKENS)
     ok = tokens < seq_len
+    if SKIP_SETTLED:
+        ok = ok & (tl.load(changes_ptr + bh) >= change_limit)
     label = tl.load(labels_ptr + bh * seq_len + tokens, mask=ok, other=0)
     tl.atomic_add(counts_ptr + (bh * num_tiles + tile) * num_clusters + label, tl.full([TOKENS], 1, tl.int32),
                   mask=ok, sem="relaxed")  # fmt: skip
@@ -394,16 +399,24 @@ def _max_of(a, b):
 
 
 @triton.jit
-def _stable_rank_kernel(labels_ptr, before_ptr, ranks_ptr, seq_len, num_clusters, num_tiles, TOKENS: tl.constexpr):
+def _stable_rank_kernel(labels_ptr, before_ptr, ranks_ptr, changes_ptr, change_limit, prev_ranks_ptr, seq_len,
+                        num_clusters, num_tiles, TOKENS: tl.constexpr, SKIP_SETTLED: tl.constexpr):  # fmt: skip
     """One program per (TOKENS tokens, batch * head): each token's rank, the tokens of its label in earlier tiles
     (``before`` int32 ``(B*H, num_tiles, K)``) plus those earlier in its own tile: the tile sorted by (label,
-    token), a token's place after the first of its label. Labels and ranks int32 contiguous ``(B*H, S)``."""
+    token), a token's place after the first of its label. Labels and ranks int32 contiguous ``(B*H, S)``. With
+    SKIP_SETTLED a settled (b, h) (``changes[bh] < change_limit``) copies its tokens' previous ranks
+    (``prev_ranks``, contiguous ``(B*H, S)``): its labels are the previous ones."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     place = tl.arange(0, TOKENS)
+    in_range = tile * TOKENS + place < seq_len
+    if SKIP_SETTLED:
+        if tl.load(changes_ptr + bh) < change_limit:
+            slots = bh * seq_len + tile * TOKENS + place
+            tl.store(ranks_ptr + slots, tl.load(prev_ranks_ptr + slots, mask=in_range, other=0), mask=in_range)
+            return
     # tokens past S get label K: they sort after every token of the tile
-    label = tl.load(labels_ptr + bh * seq_len + tile * TOKENS + place, mask=tile * TOKENS + place < seq_len,
-                    other=num_clusters)  # fmt: skip
+    label = tl.load(labels_ptr + bh * seq_len + tile * TOKENS + place, mask=in_range, other=num_clusters)
     order = tl.sort(label * TOKENS + place)
     sorted_label = order // TOKENS
     previous = tl.gather(sorted_label, tl.maximum(place - 1, 0), 0)
@@ -418,12 +431,13 @@ MAX_RANKED_CLUSTERS = 4096
 """Most clusters :func:`stable_ranks_triton` counts per tile of tokens; more: the reference (a sort)."""
 
 
-def stable_ranks_triton(labels: Tensor, sizes: Tensor) -> Tensor:
+def stable_ranks_triton(labels: Tensor, sizes: Tensor, settled: _Settled | None = None) -> Tensor:
     """:func:`~sparse_compile.kernels.kmeans_reference.cluster_ranks_reference` (each token's rank: the earlier
     tokens with its label) in two Triton launches and a cumsum, on CUDA or under ``TRITON_INTERPRET=1``.
 
     ``labels`` int32 contiguous ``(B, H, S)``, ``sizes`` ``(B, H, K)`` their counts. Integer counts only: the
-    same ranks on every run. More than :data:`MAX_RANKED_CLUSTERS` clusters take the reference. Holds
+    same ranks on every run. ``settled`` heads, whose labels are the previous clustering's, get its ranks
+    copied. More than :data:`MAX_RANKED_CLUSTERS` clusters take the reference. Holds
     ``B*H * cdiv(S, RANK_TOKENS) * K`` int32 tile counts (11 MB at K = 1000 and HunyuanVideo 720p's 24 heads).
     """
     b, h, s = labels.shape
@@ -433,19 +447,28 @@ def stable_ranks_triton(labels: Tensor, sizes: Tensor) -> Tensor:
     tokens = INTERPRETER_RANK_TOKENS if interpreter_active() else RANK_TOKENS
     num_tiles = triton.cdiv(s, tokens)
     counts = torch.zeros((b * h, num_tiles, k), dtype=torch.int32, device=labels.device)
-    _tile_counts_kernel[(num_tiles, b * h)](labels, counts, s, k, num_tiles, TOKENS=tokens)
+    changes, limit, previous = (counts, 0, labels) if settled is None else (
+        settled.changes, settled.limit, settled.previous.ranks)  # fmt: skip
+    skip = settled is not None
+    _tile_counts_kernel[(num_tiles, b * h)](labels, counts, changes, limit, s, k, num_tiles, TOKENS=tokens,
+                                            SKIP_SETTLED=skip)  # fmt: skip
     before = counts.cumsum(1, dtype=torch.int32).sub_(counts)
     ranks = torch.empty((b, h, s), dtype=torch.int32, device=labels.device)
-    _stable_rank_kernel[(num_tiles, b * h)](labels, before, ranks, s, k, num_tiles, TOKENS=tokens)
+    _stable_rank_kernel[(num_tiles, b * h)](labels, before, ranks, changes, limit, previous, s, k, num_tiles,
+                                            TOKENS=tokens, SKIP_SETTLED=skip)  # fmt: skip
     return ranks
 
 
 @triton.jit
-def _head_amax_kernel(x_ptr, amax_ptr, stride_xb, stride_xh, stride_xs, num_heads, seq_len,
-                      HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+def _head_amax_kernel(x_ptr, amax_ptr, changes_ptr, change_limit, stride_xb, stride_xh, stride_xs, num_heads,
+                      seq_len, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, SKIP_SETTLED: tl.constexpr):  # fmt: skip
     """One program per (BLOCK_S tokens, batch * head): their largest magnitude, maxed into ``amax[bh]`` (fp32
-    ``(B*H,)``, zeros before; a max, so the same in any order)."""
+    ``(B*H,)``, zeros before; a max, so the same in any order). With SKIP_SETTLED a settled (b, h)
+    (``changes[bh] < change_limit``) reads nothing and keeps 0."""
     bh = tl.program_id(1).to(tl.int64)
+    if SKIP_SETTLED:
+        if tl.load(changes_ptr + bh) < change_limit:
+            return
     rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
     x = tl.load(x_ptr + (bh // num_heads) * stride_xb + (bh % num_heads) * stride_xh + rows[:, None] * stride_xs
@@ -453,12 +476,16 @@ def _head_amax_kernel(x_ptr, amax_ptr, stride_xb, stride_xh, stride_xs, num_head
     tl.atomic_max(amax_ptr + bh, tl.max(tl.max(tl.abs(x.to(tl.float32)), 1), 0), sem="relaxed")
 
 
-def _head_amax(x: Tensor) -> Tensor:
-    """fp32 ``(B, H)``: each head's largest magnitude of ``x`` ``(B, H, S, D)`` (unit last stride), one launch."""
+def _head_amax(x: Tensor, settled: _Settled | None) -> Tensor:
+    """fp32 ``(B, H)``: each head's largest magnitude of ``x`` ``(B, H, S, D)`` (unit last stride), one launch;
+    0 for the ``settled`` heads (which accumulate nothing)."""
     b, h, s, d = x.shape
     amax = torch.zeros((b, h), dtype=torch.float32, device=x.device)
-    _head_amax_kernel[(triton.cdiv(s, AMAX_TOKENS), b * h)](x, amax, x.stride(0), x.stride(1), x.stride(2), h, s,
-                                                            HEAD_DIM=d, BLOCK_S=AMAX_TOKENS)  # fmt: skip
+    changes, limit = (amax, 0) if settled is None else (settled.changes, settled.limit)
+    _head_amax_kernel[(triton.cdiv(s, AMAX_TOKENS), b * h)](
+        x, amax, changes, limit, x.stride(0), x.stride(1), x.stride(2), h, s, HEAD_DIM=d, BLOCK_S=AMAX_TOKENS,
+        SKIP_SETTLED=settled is not None,
+    )  # fmt: skip
     return amax
 
 
@@ -467,8 +494,9 @@ class _Workspace:
     """Device buffers of one call, all written before they are read: fp32 ``centroids``, ``low``
     (their copy in x's dtype, or the same tensor for fp32 x) ``(B, H, K, D)``, ``half_norms`` fp32 and
     ``counts`` int32 ``(B, H, K)``, ``sums`` fp32 ``(B, H, K, 2, D)`` (two fixed-point parts), the heads'
-    ``scales`` and their inverses ``units`` fp32 ``(B, H)`` (``counts`` itself, all three, when no iteration
-    accumulates: then never read or written) and the fine parts' weight ``fine`` for x's length."""
+    ``scales`` and their inverses ``units`` fp32 ``(B, H)`` (``counts`` itself until :func:`_with_scales`
+    sets them; all three when no iteration accumulates: then never read or written) and the fine parts'
+    weight ``fine`` for x's length."""
 
     centroids: Tensor
     low: Tensor
@@ -490,11 +518,15 @@ def _workspace(x: Tensor, centroids: Tensor, iters: int) -> _Workspace:
     counts = torch.empty((b, h, k), dtype=torch.int32, device=x.device)
     half_norms = torch.empty((b, h, k), dtype=torch.float32, device=x.device)
     fine = fine_factor(x.shape[2])
-    if iters == 0:
-        return _Workspace(centroids, low, half_norms, counts, counts, counts, counts, fine)
-    scales = scales_for(_head_amax(x), x.shape[2])
-    sums = torch.empty((b, h, k, 2, d), dtype=torch.float32, device=x.device)
-    return _Workspace(centroids, low, half_norms, counts, sums, scales, 1.0 / scales, fine)
+    sums = counts if iters == 0 else torch.empty((b, h, k, 2, d), dtype=torch.float32, device=x.device)
+    return _Workspace(centroids, low, half_norms, counts, sums, counts, counts, fine)
+
+
+def _with_scales(ws: _Workspace, x: Tensor, settled: _Settled | None) -> _Workspace:
+    """``ws`` with the heads' fixed-point scales for the sums of ``x`` (:func:`scales_for` of each head's largest
+    magnitude; after the probe, so the ``settled`` heads, which accumulate nothing, are not read)."""
+    scales = scales_for(_head_amax(x, settled), x.shape[2])
+    return replace(ws, scales=scales, units=1.0 / scales)
 
 
 @dataclass(frozen=True)
@@ -571,8 +603,8 @@ def _probe(x: Tensor, ws: _Workspace, reuse: Reuse, changes: Tensor, config: Til
         HEAD_DIM=d, BLOCK_S=config.block_m, BLOCK_K=config.block_n, TAIL_K=_tail_chunk(num_clusters, config.block_n),
         DOT_PRECISION=dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    kept = Clustering(reuse.previous.centroids, reuse.previous.labels.contiguous(), reuse.previous.sizes.contiguous(),
-                      reuse.previous.ranks)  # fmt: skip
+    last = reuse.previous
+    kept = Clustering(last.centroids, *(t.contiguous() for t in (last.labels, last.sizes, last.ranks)))
     return _Settled(changes, change_limit(reuse.tolerance, probe.shape[2]), kept)
 
 
@@ -631,12 +663,14 @@ def kmeans_triton(
     changes = None if reuse is None else torch.empty((b * h,), dtype=torch.int32, device=x.device)
     _finalize(ws, src, from_sums=False, zero_sums=iters > 0, zero_changes=changes)
     settled = None if reuse is None else _probe(x, ws, reuse, changes, config)
+    if iters > 0:
+        ws = _with_scales(ws, x, settled)
     if stride > 1:
         _lloyd(x[:, :, ::stride], ws, iters - 1, config, settled, last=False)
         labels = _lloyd(x, ws, 1, config, settled, last=True)
     else:
         labels = _lloyd(x, ws, iters, config, settled, last=True)
-    ranks = stable_ranks_triton(labels, ws.counts)
+    ranks = stable_ranks_triton(labels, ws.counts, settled)
     if reuse is None:
         return Clustering(ws.centroids, labels, ws.counts, ranks)
     return Clustering(ws.centroids, labels, ws.counts, ranks, (settled.changes < settled.limit).view(b, h))
