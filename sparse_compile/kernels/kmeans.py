@@ -447,8 +447,8 @@ def stable_ranks_triton(labels: Tensor, sizes: Tensor, settled: _Settled | None 
     tokens = INTERPRETER_RANK_TOKENS if interpreter_active() else RANK_TOKENS
     num_tiles = triton.cdiv(s, tokens)
     counts = torch.zeros((b * h, num_tiles, k), dtype=torch.int32, device=labels.device)
-    changes, limit, previous = (counts, 0, labels) if settled is None else (
-        settled.changes, settled.limit, settled.previous.ranks)  # fmt: skip
+    changes, limit = _skip_args(settled, counts)
+    previous = labels if settled is None else settled.previous.ranks
     skip = settled is not None
     _tile_counts_kernel[(num_tiles, b * h)](labels, counts, changes, limit, s, k, num_tiles, TOKENS=tokens,
                                             SKIP_SETTLED=skip)  # fmt: skip
@@ -481,7 +481,7 @@ def _head_amax(x: Tensor, settled: _Settled | None) -> Tensor:
     0 for the ``settled`` heads (which accumulate nothing)."""
     b, h, s, d = x.shape
     amax = torch.zeros((b, h), dtype=torch.float32, device=x.device)
-    changes, limit = (amax, 0) if settled is None else (settled.changes, settled.limit)
+    changes, limit = _skip_args(settled, amax)
     _head_amax_kernel[(triton.cdiv(s, AMAX_TOKENS), b * h)](
         x, amax, changes, limit, x.stride(0), x.stride(1), x.stride(2), h, s, HEAD_DIM=d, BLOCK_S=AMAX_TOKENS,
         SKIP_SETTLED=settled is not None,
@@ -533,11 +533,17 @@ def _with_scales(ws: _Workspace, x: Tensor, settled: _Settled | None) -> _Worksp
 class _Settled:
     """The reuse probe's device state: int32 ``changes`` ``(B*H,)`` (probe tokens that changed cluster,
     zeroed by the first finalize), the host int ``limit`` (a (b, h) with ``changes < limit`` is settled) and
-    the ``previous`` clustering, labels and sizes contiguous, that a settled (b, h) keeps."""
+    the ``previous`` clustering, labels, sizes and ranks contiguous, that a settled (b, h) keeps."""
 
     changes: Tensor
     limit: int
     previous: Clustering
+
+
+def _skip_args(settled: _Settled | None, unused: Tensor) -> tuple[Tensor, int]:
+    """The ``(changes, change_limit)`` kernel arguments of ``settled``; without it ``unused`` (a tensor their
+    ``SKIP_SETTLED=False`` variant never reads) and 0."""
+    return (unused, 0) if settled is None else (settled.changes, settled.limit)
 
 
 def _finalize(
@@ -550,10 +556,9 @@ def _finalize(
     of ``settled`` heads untouched; ``zero_changes`` (the probe's counts, ``(B*H,)``) zeroed."""
     b, h, k, d = ws.centroids.shape
     block_r = KMEANS_FINALIZE_ELEMENTS // d
-    changes = settled.changes if settled is not None else zero_changes if zero_changes is not None else ws.counts
+    changes, limit = _skip_args(settled, zero_changes if zero_changes is not None else ws.counts)
     _finalize_kernel[(triton.cdiv(b * h * k, block_r),)](
-        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, ws.units, 1.0 / ws.fine, changes,
-        0 if settled is None else settled.limit,
+        src, ws.centroids, ws.low, ws.half_norms, ws.sums, ws.counts, ws.units, 1.0 / ws.fine, changes, limit,
         b * h * k, k, HEAD_DIM=d, BLOCK_R=block_r, FROM_SUMS=from_sums, ZERO_COUNTS=zero_sums or not from_sums,
         ZERO_SUMS=zero_sums, WRITE_LOW=ws.low is not ws.centroids, SKIP_SETTLED=settled is not None,
         ZERO_CHANGES=zero_changes is not None,
@@ -577,8 +582,7 @@ def _assign(
     b, h, s, d = x.shape
     previous = settled.previous if keep_settled and settled is not None else None
     _assign_kernel[(triton.cdiv(s, config.block_m), b * h)](
-        x, ws.low, ws.half_norms, labels, ws.counts, ws.sums,
-        ws.counts if settled is None else settled.changes, 0 if settled is None else settled.limit,
+        x, ws.low, ws.half_norms, labels, ws.counts, ws.sums, *_skip_args(settled, ws.counts),
         *((labels, ws.counts) if previous is None else (previous.labels, previous.sizes)),
         x.stride(0), x.stride(1), x.stride(2),
         h, s, ws.centroids.shape[2], ws.scales, ws.fine,
